@@ -1,0 +1,73 @@
+//! Command line and environment: every flag has an `ACTIVATOR_*` variable. Must not act on the
+//! values; `main` wires them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "activator",
+    version,
+    about = "affinity-activator: Knative's activator with revision and session affinity",
+    long_about = "Buffers requests while a revision scales from zero, routes by revision affinity, then \
+                  session affinity, then the weighted traffic split, and forwards to a ready pod."
+)]
+pub struct Config {
+    /// Where the world view comes from. `local` reads a topology file.
+    #[arg(long, env = "ACTIVATOR_MODE", value_enum, default_value_t = Mode::Local)]
+    pub mode: Mode,
+
+    /// Topology file (local mode). Re-read when it changes; a broken file is rejected and the
+    /// last good topology keeps serving.
+    #[arg(long, env = "ACTIVATOR_TOPOLOGY", required_if_eq("mode", "local"))]
+    pub topology: Option<PathBuf>,
+
+    /// How often the topology file is checked for changes.
+    #[arg(long, env = "ACTIVATOR_TOPOLOGY_POLL_INTERVAL", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub topology_poll_interval: Duration,
+
+    /// Data-plane listener (HTTP/1.1 and h2c). Port 0 picks a free port; the bound address is
+    /// printed on stdout as `listening proxy <addr>`.
+    #[arg(long, env = "ACTIVATOR_LISTEN", default_value = "127.0.0.1:8012")]
+    pub listen: SocketAddr,
+
+    /// Admin listener (/metrics, /readyz, /livez), printed as `listening admin <addr>`.
+    #[arg(long, env = "ACTIVATOR_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+
+    /// After SIGTERM: how long to keep serving new requests while readiness reports unready,
+    /// so load balancers stop sending (upstream waits 45 s).
+    #[arg(long, env = "ACTIVATOR_DRAIN_PERIOD", default_value = "45s", value_parser = humantime::parse_duration)]
+    pub drain_period: Duration,
+
+    /// After the drain period: how long open requests may take to finish before exiting.
+    #[arg(long, env = "ACTIVATOR_GRACE_TIMEOUT", default_value = "600s", value_parser = humantime::parse_duration)]
+    pub grace_timeout: Duration,
+
+    /// Requests that may wait for capacity in one revision; beyond it, 503 with Retry-After.
+    #[arg(long, env = "ACTIVATOR_MAX_QUEUE", default_value_t = 10_000)]
+    pub max_queue: usize,
+
+    /// Runtime worker threads; defaults to the number of CPUs. Set it to the pod's CPU limit.
+    #[arg(long, env = "ACTIVATOR_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+
+    /// Log format: `auto` is JSON lines unless stderr is a terminal.
+    #[arg(long, env = "ACTIVATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    Local,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Auto,
+    Json,
+    Text,
+}

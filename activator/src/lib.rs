@@ -1,0 +1,13 @@
+//! affinity-activator's data plane. `main.rs` wires these modules; each module's doc says what it
+//! owns.
+
+pub mod admin;
+pub mod config;
+pub mod handler;
+pub mod local;
+pub mod probes;
+pub mod proxy;
+pub mod server;
+pub mod stats;
+pub mod throttle;
+pub mod topology;

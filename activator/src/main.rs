@@ -1,0 +1,84 @@
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use activator::config::{Config, LogFormat};
+use activator::handler::Handler;
+use activator::local::LocalSource;
+use activator::probes::Health;
+use activator::stats::Stats;
+use activator::throttle::QueueLimits;
+use activator::{admin, server};
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let config = Config::parse();
+    init_logging(config.log_format);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.worker_threads {
+        runtime.worker_threads(n);
+    }
+    let result = runtime
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+        .and_then(|rt| rt.block_on(run(config)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+    };
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json { logs.json().init() } else { logs.init() }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let stats = Stats::new();
+    let health = Arc::new(Health::default());
+    let queue = QueueLimits { max_waiting: config.max_queue };
+    let topology_path = config.topology.as_deref().context("--topology is required in local mode")?;
+    let source = LocalSource::open(topology_path, stats.clone(), queue)?;
+    let topology = source.snapshot();
+    tokio::spawn(source.watch(config.topology_poll_interval));
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding {}", config.admin_listen))?;
+    println!("listening proxy {}", listener.local_addr()?);
+    println!("listening admin {}", admin_listener.local_addr()?);
+    tokio::spawn(admin::serve(admin_listener, health.clone(), stats.clone()));
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let drain_period = config.drain_period;
+    let draining = health.clone();
+    let stop_accepting = async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        draining.start_draining();
+        tracing::info!(?drain_period, "draining: unready now, still serving until the drain period ends");
+        tokio::time::sleep(drain_period).await;
+    };
+    let handler = Arc::new(Handler { topology, health, stats });
+    server::serve(listener, handler, stop_accepting, config.grace_timeout).await;
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! Prometheus metrics: what is counted, under which names and labels, and the registry the admin
+//! port exposes.
+//!
+//! Per-revision handles are resolved once and kept with the revision, so recording a request
+//! touches only atomics and never formats or hashes label strings. Must not decide anything.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Status codes common enough to keep pre-resolved handles for; others take the label lookup.
+const COMMON_CODES: [u16; 16] = [200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 429, 500, 502, 503, 504];
+
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+#[derive(Clone)]
+pub struct Stats {
+    registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    in_flight: IntGaugeVec,
+    topology_reloads: IntCounterVec,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Stats {
+    pub fn new() -> Self {
+        let labels = ["namespace", "service", "revision", "code"];
+        let requests = IntCounterVec::new(
+            Opts::new("activator_requests_total", "Requests answered, by revision and status code"),
+            &labels,
+        )
+        .expect("static metric definition");
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "activator_request_duration_seconds",
+                "Time from receiving a request to sending its response headers, queueing included",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &labels,
+        )
+        .expect("static metric definition");
+        let in_flight = IntGaugeVec::new(
+            Opts::new("activator_in_flight_requests", "Requests being proxied or queued, by revision"),
+            &labels[..3],
+        )
+        .expect("static metric definition");
+        let topology_reloads = IntCounterVec::new(
+            Opts::new("activator_topology_reloads_total", "Topology reloads, by result (applied, rejected)"),
+            &["result"],
+        )
+        .expect("static metric definition");
+        let registry = Registry::new();
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(latency.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(topology_reloads.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Stats { registry, requests, latency, in_flight, topology_reloads }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn revision(&self, namespace: &str, service: &str, revision: &str) -> RevisionStats {
+        RevisionStats {
+            labels: [namespace.to_owned(), service.to_owned(), revision.to_owned()],
+            common: Default::default(),
+            in_flight: self.in_flight.with_label_values(&[namespace, service, revision]),
+            stats: self.clone(),
+        }
+    }
+
+    /// A request that never reached a revision (unknown host, bad request).
+    pub fn unrouted(&self, code: u16, elapsed: Duration) {
+        self.record(["", "", ""], code, elapsed);
+    }
+
+    pub fn topology_reload(&self, applied: bool) {
+        let result = if applied { "applied" } else { "rejected" };
+        self.topology_reloads.with_label_values(&[result]).inc();
+    }
+
+    fn record(&self, labels: [&str; 3], code: u16, elapsed: Duration) {
+        let code = code_label(code);
+        let labels = [labels[0], labels[1], labels[2], code.as_str()];
+        self.requests.with_label_values(&labels).inc();
+        self.latency.with_label_values(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    /// The text exposition format served on `/metrics`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding into a Vec cannot fail");
+        out
+    }
+}
+
+fn code_label(code: u16) -> String {
+    code.to_string()
+}
+
+pub struct RevisionStats {
+    labels: [String; 3],
+    common: [OnceLock<(IntCounter, Histogram)>; COMMON_CODES.len()],
+    pub in_flight: IntGauge,
+    stats: Stats,
+}
+
+impl RevisionStats {
+    pub fn record(&self, code: u16, elapsed: Duration) {
+        let Some(slot) = COMMON_CODES.iter().position(|&c| c == code) else {
+            let [ns, svc, rev] = &self.labels;
+            return self.stats.record([ns, svc, rev], code, elapsed);
+        };
+        let (count, latency) = self.common[slot].get_or_init(|| {
+            let code = code_label(code);
+            let [ns, svc, rev] = &self.labels;
+            let labels = [ns.as_str(), svc, rev, &code];
+            (self.stats.requests.with_label_values(&labels), self.stats.latency.with_label_values(&labels))
+        });
+        count.inc();
+        latency.observe(elapsed.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_common_and_rare_codes_under_the_same_names() {
+        let stats = Stats::new();
+        let rev = stats.revision("ns", "svc", "svc-1");
+        rev.record(200, Duration::from_millis(3));
+        rev.record(200, Duration::from_millis(3));
+        rev.record(418, Duration::from_millis(3));
+        stats.unrouted(404, Duration::from_millis(1));
+        let text = String::from_utf8(stats.encode()).unwrap();
+        assert!(
+            text.contains(r#"activator_requests_total{code="200",namespace="ns",revision="svc-1",service="svc"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"activator_requests_total{code="418",namespace="ns",revision="svc-1",service="svc"} 1"#));
+        assert!(text.contains(r#"activator_requests_total{code="404",namespace="",revision="",service=""} 1"#));
+        assert!(text.contains("activator_request_duration_seconds_bucket"));
+    }
+}

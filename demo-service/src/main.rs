@@ -1,0 +1,228 @@
+//! demo-service: a stateful per-session counter that stands in for a user's revision pod.
+//!
+//! It owns nothing but its own counters: each process counts requests per session id, so a test
+//! or a person can see from `session=abc, count=N` whether a session kept reaching the same pod.
+//! Every response names the pod and revision that answered (`X-Demo-Pod`, `X-Demo-Revision`) and
+//! the HTTP version it was reached with (`X-Demo-Http-Version`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use bytes::Bytes;
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt, stream};
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Stateful per-session counter used by the affinity-activator demo and tests")]
+struct Args {
+    /// Address to listen on; port 0 picks a free port. The bound address is printed on stdout
+    /// as `listening http <ip:port>`.
+    #[arg(long, env = "DEMO_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Pod name reported in `X-Demo-Pod`.
+    #[arg(long, env = "DEMO_POD", default_value = "demo-pod")]
+    pod: String,
+    /// Revision name reported in `X-Demo-Revision`.
+    #[arg(long, env = "DEMO_REVISION", default_value = "demo-00001")]
+    revision: String,
+    /// How long after start `/healthz` and the queue probe keep answering 503 (a cold start).
+    #[arg(long, env = "DEMO_STARTUP_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    startup_delay: Duration,
+}
+
+struct Demo {
+    pod: HeaderValue,
+    revision: HeaderValue,
+    ready: AtomicBool,
+    counts: Mutex<HashMap<String, u64>>,
+}
+
+type Shared = Arc<Demo>;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    let args = Args::parse();
+    let demo = Arc::new(Demo {
+        pod: HeaderValue::from_str(&args.pod).context("--pod must be a valid header value")?,
+        revision: HeaderValue::from_str(&args.revision).context("--revision must be a valid header value")?,
+        ready: AtomicBool::new(args.startup_delay.is_zero()),
+        counts: Mutex::new(HashMap::new()),
+    });
+    if !args.startup_delay.is_zero() {
+        let demo = demo.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(args.startup_delay).await;
+            demo.ready.store(true, Ordering::SeqCst);
+            tracing::info!("ready");
+        });
+    }
+
+    let app = Router::new()
+        .route("/incr", get(incr_query))
+        .route("/incr/{id}", get(incr_path))
+        .route("/healthz", get(healthz))
+        .route("/stream", get(stream_chunks))
+        .route("/slow", get(slow))
+        .route("/echo", any(echo))
+        .route("/ws", get(websocket_echo))
+        .layer(middleware::from_fn_with_state(demo.clone(), queue_probe_and_identity))
+        .with_state(demo);
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    println!("listening http {}", listener.local_addr()?);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler cannot fail on unix");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Answers Knative's queue-proxy readiness probe and stamps every response with where it landed.
+async fn queue_probe_and_identity(State(demo): State<Shared>, req: Request, next: Next) -> Response {
+    let version = format!("{:?}", req.version());
+    let mut resp = match req.headers().get("k-network-probe") {
+        Some(v) if v == "queue" => {
+            if demo.ready.load(Ordering::SeqCst) {
+                (StatusCode::OK, "queue").into_response()
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+            }
+        }
+        _ => next.run(req).await,
+    };
+    let headers = resp.headers_mut();
+    headers.insert("x-demo-pod", demo.pod.clone());
+    headers.insert("x-demo-revision", demo.revision.clone());
+    if let Ok(v) = HeaderValue::from_str(&version) {
+        headers.insert("x-demo-http-version", v);
+    }
+    resp
+}
+
+fn count(demo: &Demo, id: String) -> String {
+    let mut counts = demo.counts.lock().unwrap_or_else(|e| e.into_inner());
+    let n = counts.entry(id.clone()).or_insert(0);
+    *n += 1;
+    format!("session={id}, count={n}\n")
+}
+
+#[derive(serde::Deserialize)]
+struct SessionQuery {
+    session_id: Option<String>,
+}
+
+async fn incr_query(State(demo): State<Shared>, Query(q): Query<SessionQuery>) -> String {
+    count(&demo, q.session_id.unwrap_or_default())
+}
+
+async fn incr_path(State(demo): State<Shared>, Path(id): Path<String>) -> String {
+    count(&demo, id)
+}
+
+async fn healthz(State(demo): State<Shared>) -> Response {
+    if demo.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct StreamQuery {
+    chunks: Option<u32>,
+    interval: Option<String>,
+}
+
+/// A chunked response of `chunks` lines, one every `interval`, so a test can tell whether a proxy
+/// forwards each chunk as it comes or holds the body back.
+async fn stream_chunks(Query(q): Query<StreamQuery>) -> Response {
+    let chunks = q.chunks.unwrap_or(5);
+    let interval = match q.interval.as_deref().map(humantime::parse_duration).transpose() {
+        Ok(d) => d.unwrap_or(Duration::from_millis(100)),
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("bad interval: {e}\n")).into_response(),
+    };
+    let body = stream::unfold(0u32, move |i| async move {
+        if i >= chunks {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(interval).await;
+        }
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(format!("chunk {i}\n"))), i + 1))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from_stream(body))
+        .expect("static response parts are valid")
+}
+
+#[derive(serde::Deserialize)]
+struct SlowQuery {
+    delay: Option<String>,
+}
+
+/// Waits before sending headers: a backend that is slower than a revision's timeout.
+async fn slow(Query(q): Query<SlowQuery>) -> Response {
+    match q.delay.as_deref().map(humantime::parse_duration).transpose() {
+        Ok(d) => {
+            tokio::time::sleep(d.unwrap_or(Duration::from_secs(1))).await;
+            "slow done\n".into_response()
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, format!("bad delay: {e}\n")).into_response(),
+    }
+}
+
+/// Streams the request body back as it arrives.
+async fn echo(req: Request) -> Response {
+    Response::new(req.into_body())
+}
+
+async fn websocket_echo(req: Request) -> Response {
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return (StatusCode::BAD_REQUEST, "not a websocket handshake\n").into_response();
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .expect("static response parts are valid")
+}
