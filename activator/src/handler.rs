@@ -89,8 +89,7 @@ async fn forward(req: Request<Incoming>, revision: &Revision, client: SocketAddr
         Err(AcquireError::QueueFull) => {
             let message = format!("request queue of revision {}/{} is full", revision.namespace, revision.name);
             let mut resp = reply(StatusCode::SERVICE_UNAVAILABLE, &message);
-            resp.headers_mut()
-                .insert(http::header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+            resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
             return resp;
         }
     };

@@ -54,7 +54,9 @@ impl LocalSource {
             match tokio::fs::read_to_string(&self.path).await {
                 Ok(text) if text != self.last_text => self.apply(text),
                 Ok(_) => {}
-                Err(e) => tracing::debug!(path = %self.path.display(), error = %e, "topology file unreadable; keeping the last one"),
+                Err(e) => {
+                    tracing::debug!(path = %self.path.display(), error = %e, "topology file unreadable; keeping the last one")
+                }
             }
         }
     }

@@ -22,11 +22,7 @@ fn main() -> ExitCode {
     if let Some(n) = config.worker_threads {
         runtime.worker_threads(n);
     }
-    let result = runtime
-        .enable_all()
-        .build()
-        .context("starting the runtime")
-        .and_then(|rt| rt.block_on(run(config)));
+    let result = runtime.enable_all().build().context("starting the runtime").and_then(|rt| rt.block_on(run(config)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -56,12 +52,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let topology = source.snapshot();
     tokio::spawn(source.watch(config.topology_poll_interval));
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
-    let admin_listener = TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("binding {}", config.admin_listen))?;
+    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let admin_listener =
+        TcpListener::bind(config.admin_listen).await.with_context(|| format!("binding {}", config.admin_listen))?;
     println!("listening proxy {}", listener.local_addr()?);
     println!("listening admin {}", admin_listener.local_addr()?);
     tokio::spawn(admin::serve(admin_listener, health.clone(), stats.clone()));

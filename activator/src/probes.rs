@@ -40,9 +40,7 @@ impl Health {
 /// `K-Network-Hash` from requests that pass through, as upstream does.
 pub fn answer<B>(req: &mut Request<B>, health: &Health) -> Option<Response<ResponseBody>> {
     let headers = req.headers();
-    let is_kubelet = headers
-        .get(http::header::USER_AGENT)
-        .is_some_and(|ua| ua.as_bytes().starts_with(b"kube-probe/"))
+    let is_kubelet = headers.get(http::header::USER_AGENT).is_some_and(|ua| ua.as_bytes().starts_with(b"kube-probe/"))
         || headers.get(KUBELET_PROBE).is_some_and(|v| !v.is_empty());
     if is_kubelet {
         return Some(match health.check() {
@@ -61,10 +59,9 @@ pub fn answer<B>(req: &mut Request<B>, health: &Health) -> Option<Response<Respo
                 resp.headers_mut().insert(NETWORK_HASH, hash.clone());
                 resp
             }
-            None => reply(
-                StatusCode::BAD_REQUEST,
-                "a probe request must contain a non-empty \"K-Network-Hash\" header",
-            ),
+            None => {
+                reply(StatusCode::BAD_REQUEST, "a probe request must contain a non-empty \"K-Network-Hash\" header")
+            }
         }),
         Some(b"activator") => Some(reply(StatusCode::OK, "activator")),
         Some(other) => Some(reply(
@@ -79,8 +76,7 @@ pub fn reply(status: StatusCode, message: &str) -> Response<ResponseBody> {
     let body = if message.is_empty() { ResponseBody::empty() } else { ResponseBody::text(format!("{message}\n")) };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     resp
 }
 

@@ -162,18 +162,12 @@ fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
         return None;
     }
-    let wants_upgrade = req
-        .headers()
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| has_token(v, "upgrade"));
+    let wants_upgrade = req.headers().get_all(header::CONNECTION).iter().any(|v| has_token(v, "upgrade"));
     wants_upgrade.then(|| req.headers().get(header::UPGRADE).cloned()).flatten()
 }
 
 fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .to_str()
-        .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    value.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -214,7 +208,9 @@ fn prepare_request<B>(req: &mut Request<B>, upgrade: Option<HeaderValue>, client
             .headers()
             .get(header::HOST)
             .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
-            .unwrap_or_else(|| http::uri::Authority::try_from(pod.to_string()).expect("socket address is an authority"));
+            .unwrap_or_else(|| {
+                http::uri::Authority::try_from(pod.to_string()).expect("socket address is an authority")
+            });
         let mut parts = req.uri().clone().into_parts();
         parts.scheme = Some(http::uri::Scheme::HTTP);
         parts.authority = Some(authority);
@@ -324,7 +320,9 @@ mod tests {
         ]);
         prepare_request(&mut req, None, CLIENT, POD);
         let h = req.headers();
-        for gone in ["connection", "x-secret", "keep-alive", "proxy-authorization", "upgrade", "knative-serving-revision"] {
+        for gone in
+            ["connection", "x-secret", "keep-alive", "proxy-authorization", "upgrade", "knative-serving-revision"]
+        {
             assert!(!h.contains_key(gone), "{gone} should be removed");
         }
         assert_eq!(h["te"], "trailers");

@@ -23,12 +23,14 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Serves until `stop_accepting` completes, then lets open connections finish their requests
 /// for at most `grace`.
-pub async fn serve(listener: TcpListener, handler: Arc<Handler>, stop_accepting: impl Future<Output = ()>, grace: Duration) {
+pub async fn serve(
+    listener: TcpListener,
+    handler: Arc<Handler>,
+    stop_accepting: impl Future<Output = ()>,
+    grace: Duration,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().timer(TokioTimer::new()).keep_alive_interval(Duration::from_secs(20));
     let graceful = GracefulShutdown::new();
     tokio::pin!(stop_accepting);

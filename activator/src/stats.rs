@@ -15,9 +15,8 @@ use prometheus::{
 /// Status codes common enough to keep pre-resolved handles for; others take the label lookup.
 const COMMON_CODES: [u16; 16] = [200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 429, 500, 502, 503, 504];
 
-const LATENCY_BUCKETS: [f64; 16] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-];
+const LATENCY_BUCKETS: [f64; 16] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 #[derive(Clone)]
 pub struct Stats {
@@ -97,7 +96,7 @@ impl Stats {
     }
 
     fn record(&self, labels: [&str; 3], code: u16, elapsed: Duration) {
-        let code = code_label(code);
+        let code = code.to_string();
         let labels = [labels[0], labels[1], labels[2], code.as_str()];
         self.requests.with_label_values(&labels).inc();
         self.latency.with_label_values(&labels).observe(elapsed.as_secs_f64());
@@ -106,15 +105,9 @@ impl Stats {
     /// The text exposition format served on `/metrics`.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("encoding into a Vec cannot fail");
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("encoding into a Vec cannot fail");
         out
     }
-}
-
-fn code_label(code: u16) -> String {
-    code.to_string()
 }
 
 pub struct RevisionStats {
@@ -131,7 +124,7 @@ impl RevisionStats {
             return self.stats.record([ns, svc, rev], code, elapsed);
         };
         let (count, latency) = self.common[slot].get_or_init(|| {
-            let code = code_label(code);
+            let code = code.to_string();
             let [ns, svc, rev] = &self.labels;
             let labels = [ns.as_str(), svc, rev, &code];
             (self.stats.requests.with_label_values(&labels), self.stats.latency.with_label_values(&labels))
@@ -158,7 +151,9 @@ mod tests {
             text.contains(r#"activator_requests_total{code="200",namespace="ns",revision="svc-1",service="svc"} 2"#),
             "{text}"
         );
-        assert!(text.contains(r#"activator_requests_total{code="418",namespace="ns",revision="svc-1",service="svc"} 1"#));
+        assert!(
+            text.contains(r#"activator_requests_total{code="418",namespace="ns",revision="svc-1",service="svc"} 1"#)
+        );
         assert!(text.contains(r#"activator_requests_total{code="404",namespace="",revision="",service=""} 1"#));
         assert!(text.contains("activator_request_duration_seconds_bucket"));
     }

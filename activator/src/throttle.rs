@@ -75,10 +75,9 @@ impl Pod {
                 self.in_flight.fetch_add(1, Ordering::SeqCst);
                 true
             }
-            Some(cap) => self
-                .in_flight
-                .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |n| (n < cap).then_some(n + 1))
-                .is_ok(),
+            Some(cap) => {
+                self.in_flight.fetch_update(Ordering::SeqCst, Ordering::Relaxed, |n| (n < cap).then_some(n + 1)).is_ok()
+            }
         }
     }
 }

@@ -88,8 +88,10 @@ pub struct TopologyError {
 impl fmt::Display for TopologyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.location {
-            Some((line, column)) => write!(f, "line {line} column {column}: {}", self.message),
-            None => f.write_str(&self.message),
+            Some((line, column)) if !self.message.contains(&format!("line {line} column {column}")) => {
+                write!(f, "line {line} column {column}: {}", self.message)
+            }
+            _ => f.write_str(&self.message),
         }
     }
 }
@@ -98,9 +100,8 @@ impl std::error::Error for TopologyError {}
 
 impl TopologyError {
     fn semantic(service: &ServiceSpec, message: impl fmt::Display) -> Self {
-        let location = None;
         let message = format!("service {}/{}: {message}", service.namespace, service.name);
-        TopologyError { location, message }
+        TopologyError { location: None, message }
     }
 }
 
@@ -148,7 +149,10 @@ fn validate(file: &TopologyFile) -> Result<(), TopologyError> {
             }
             let unique: HashSet<_> = rev.endpoints.iter().collect();
             if unique.len() != rev.endpoints.len() {
-                return Err(TopologyError::semantic(svc, format!("revision {}: an endpoint is listed twice", rev.name)));
+                return Err(TopologyError::semantic(
+                    svc,
+                    format!("revision {}: an endpoint is listed twice", rev.name),
+                ));
             }
         }
         if svc.traffic.is_empty() {
@@ -288,9 +292,7 @@ impl Snapshot {
                 snapshot.by_host.insert(host, service.clone());
             }
             for (name, revision) in revisions {
-                snapshot
-                    .by_revision
-                    .insert((spec.namespace.clone(), name.to_owned()), (service.clone(), revision));
+                snapshot.by_revision.insert((spec.namespace.clone(), name.to_owned()), (service.clone(), revision));
             }
         }
         snapshot

@@ -1,0 +1,313 @@
+//! Test harness: starts the workspace's binaries as real processes on free loopback ports,
+//! writes topology files the way an operator would (atomically), and waits on conditions with
+//! deadlines instead of sleeping.
+//!
+//! Binaries are taken from the target directory this test was built into (run `cargo build
+//! --bins` first; `just test` does), or from `AA_BIN_DIR`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+pub mod topology;
+
+/// How long a process may take to print its listening addresses.
+const START_DEADLINE: Duration = Duration::from_secs(30);
+
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("AA_BIN_DIR") {
+        return dir.into();
+    }
+    // Test binaries live in target/<profile>/deps, the demo binary in target/<profile>.
+    let exe = std::env::current_exe().expect("own executable path");
+    let dir = exe.parent().expect("executable has a directory");
+    if dir.ends_with("deps") { dir.parent().unwrap_or(dir).to_owned() } else { dir.to_owned() }
+}
+
+/// Polls `condition` until it holds, failing with `what` after `within`.
+pub async fn wait_until<F, Fut>(within: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A running process of one of our binaries; killed when dropped.
+pub struct Process {
+    name: String,
+    child: Child,
+    addrs: HashMap<String, SocketAddr>,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr_path: PathBuf,
+}
+
+impl Process {
+    /// Starts `bin` and waits until it has printed `listening <name> <addr>` for each of
+    /// `listeners`.
+    pub async fn start(dir: &Path, bin: &str, args: &[String], listeners: &[&str]) -> anyhow::Result<Process> {
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{bin}-{seq}");
+        let stderr_path = dir.join(format!("{name}.log"));
+        let stderr = std::fs::File::create(&stderr_path)?;
+        let mut child = Command::new(bin_dir().join(bin))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {bin} from {}", bin_dir().display()))?;
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let printed = Arc::new(Notify::new());
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+        {
+            let (stdout, printed) = (stdout.clone(), printed.clone());
+            tokio::spawn(async move {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    stdout.lock().unwrap().push(line);
+                    printed.notify_waiters();
+                }
+                printed.notify_waiters();
+            });
+        }
+        let mut process = Process { name, child, addrs: HashMap::new(), stdout, stderr_path };
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            let notified = printed.notified();
+            process.addrs = parse_listening(&process.stdout.lock().unwrap());
+            if listeners.iter().all(|l| process.addrs.contains_key(*l)) {
+                return Ok(process);
+            }
+            if let Some(status) = process.child.try_wait()? {
+                bail!("{} exited with {status} before listening:\n{}", process.name, process.logs());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                bail!("{} did not print its listeners in time:\n{}", process.name, process.logs());
+            }
+        }
+    }
+
+    pub fn addr(&self, listener: &str) -> SocketAddr {
+        self.addrs[listener]
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("process is running")
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), signal).expect("signalling our own child");
+    }
+
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        match tokio::time::timeout(within, self.child.wait()).await {
+            Ok(status) => status.expect("waiting for our own child"),
+            Err(_) => panic!("{} did not exit within {within:?}:\n{}", self.name, self.logs()),
+        }
+    }
+
+    /// Everything the process has written to stderr so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Resident memory now and at its peak, in KiB.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("reading /proc");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+fn parse_listening(lines: &[String]) -> HashMap<String, SocketAddr> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("listening")).then_some(())?;
+            Some((words.next()?.to_owned(), words.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A scratch directory with the processes of one test.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Env {
+    pub fn new() -> Self {
+        Env { dir: tempfile::tempdir().expect("creating a temp dir") }
+    }
+
+    pub fn topology_path(&self) -> PathBuf {
+        self.dir.path().join("topology.yaml")
+    }
+
+    /// Replaces the topology file in one rename, as an operator's tooling would.
+    pub fn write_topology(&self, yaml: &str) {
+        let tmp = self.dir.path().join(".topology.yaml.tmp");
+        std::fs::write(&tmp, yaml).expect("writing topology");
+        std::fs::rename(&tmp, self.topology_path()).expect("renaming topology");
+    }
+
+    pub async fn demo(&self, pod: &str, revision: &str) -> Process {
+        self.demo_with(pod, revision, &[]).await
+    }
+
+    pub async fn demo_with(&self, pod: &str, revision: &str, extra: &[&str]) -> Process {
+        let mut args = strings(&["--listen", "127.0.0.1:0", "--pod", pod, "--revision", revision]);
+        args.extend(strings(extra));
+        Process::start(self.dir.path(), "demo-service", &args, &["http"]).await.expect("demo-service starts")
+    }
+
+    /// An activator in local mode on the topology file, with a short drain for tests. Flags in
+    /// `extra` replace the defaults of the same name.
+    pub async fn activator(&self, extra: &[&str]) -> Process {
+        let topology = self.topology_path().display().to_string();
+        let defaults = [
+            ("--mode", "local"),
+            ("--listen", "127.0.0.1:0"),
+            ("--admin-listen", "127.0.0.1:0"),
+            ("--drain-period", "1s"),
+            ("--log-format", "json"),
+            ("--topology", topology.as_str()),
+        ];
+        let mut args = strings(extra);
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                args.extend(strings(&[flag, value]));
+            }
+        }
+        Process::start(self.dir.path(), "activator", &args, &["proxy", "admin"]).await.expect("activator starts")
+    }
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// A reply as the tests look at it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+
+    pub fn pod(&self) -> &str {
+        self.header("x-demo-pod")
+    }
+
+    pub fn revision(&self) -> &str {
+        self.header("x-demo-revision")
+    }
+}
+
+/// HTTP/1.1 client that sends requests to an activator with a chosen `Host`.
+#[derive(Clone)]
+pub struct Client {
+    proxy: SocketAddr,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(proxy: SocketAddr) -> Self {
+        let http = reqwest::Client::builder()
+            .http1_only()
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("building the test client");
+        Client { proxy, http }
+    }
+
+    pub fn request(&self, method: reqwest::Method, host: &str, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("http://{}{path}", self.proxy)).header(reqwest::header::HOST, host)
+    }
+
+    pub async fn get(&self, host: &str, path: &str) -> Reply {
+        self.send(self.request(reqwest::Method::GET, host, path)).await
+    }
+
+    pub async fn get_with(&self, host: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut req = self.request(reqwest::Method::GET, host, path);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.send(req).await
+    }
+
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Reply {
+        self.try_send(req).await.expect("request reaches the activator")
+    }
+
+    pub async fn try_send(&self, req: reqwest::RequestBuilder) -> reqwest::Result<Reply> {
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.text().await?;
+        Ok(Reply { status, headers, body })
+    }
+}
+
+/// Plain GET of an admin endpoint, returning status and body.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+        .get(format!("http://{admin}{path}"))
+        .send()
+        .await
+        .expect("admin port answers");
+    (resp.status().as_u16(), resp.text().await.unwrap_or_default())
+}
+
+/// The value of one sample in a Prometheus text exposition, matched by name and label pairs.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

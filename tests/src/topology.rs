@@ -1,0 +1,97 @@
+//! Builds topology files for tests, so each test states only what it varies.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+
+pub struct Service {
+    pub name: String,
+    pub host: String,
+    pub traffic: Vec<(String, u32)>,
+    pub revisions: Vec<Revision>,
+    pub annotations: Vec<(String, String)>,
+}
+
+pub struct Revision {
+    pub name: String,
+    pub endpoints: Vec<SocketAddr>,
+    pub container_concurrency: u32,
+    pub timeout_seconds: u64,
+    pub annotations: Vec<(String, String)>,
+}
+
+impl Service {
+    /// A service reached at `<name>.test`.
+    pub fn new(name: &str) -> Self {
+        Service {
+            name: name.to_owned(),
+            host: format!("{name}.test"),
+            traffic: Vec::new(),
+            revisions: Vec::new(),
+            annotations: Vec::new(),
+        }
+    }
+
+    /// Adds a revision that receives `percent` of the split.
+    pub fn revision(mut self, name: &str, percent: u32, endpoints: &[SocketAddr]) -> Self {
+        self.traffic.push((name.to_owned(), percent));
+        self.revisions.push(Revision {
+            name: name.to_owned(),
+            endpoints: endpoints.to_vec(),
+            container_concurrency: 0,
+            timeout_seconds: 300,
+            annotations: Vec::new(),
+        });
+        self
+    }
+
+    /// Changes the last added revision.
+    pub fn with(mut self, change: impl FnOnce(&mut Revision)) -> Self {
+        change(self.revisions.last_mut().expect("a revision was added"));
+        self
+    }
+
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        self.annotations.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    fn write(&self, out: &mut String) {
+        let _ = writeln!(out, "  - name: {}\n    hosts: [{}]", self.name, self.host);
+        write_annotations(out, "    ", &self.annotations);
+        out.push_str("    traffic:\n");
+        for (rev, percent) in &self.traffic {
+            let _ = writeln!(out, "      - {{revision: {rev}, percent: {percent}}}");
+        }
+        out.push_str("    revisions:\n");
+        for rev in &self.revisions {
+            let endpoints: Vec<String> = rev.endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+            let _ = writeln!(
+                out,
+                "      - name: {}\n        containerConcurrency: {}\n        timeoutSeconds: {}\n        endpoints: [{}]",
+                rev.name,
+                rev.container_concurrency,
+                rev.timeout_seconds,
+                endpoints.join(", ")
+            );
+            write_annotations(out, "        ", &rev.annotations);
+        }
+    }
+}
+
+fn write_annotations(out: &mut String, indent: &str, annotations: &[(String, String)]) {
+    if annotations.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "{indent}annotations:");
+    for (k, v) in annotations {
+        let _ = writeln!(out, "{indent}  {k}: \"{v}\"");
+    }
+}
+
+pub fn yaml(services: &[Service]) -> String {
+    let mut out = String::from("services:\n");
+    for svc in services {
+        svc.write(&mut out);
+    }
+    out
+}

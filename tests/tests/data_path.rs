@@ -1,0 +1,297 @@
+//! The activator's local-mode data path, end to end with real demo-service processes.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use integration_tests::topology::{Service, yaml};
+use integration_tests::{Client, Env, admin_get, metric, wait_until};
+use nix::sys::signal::Signal;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_keys_reach_every_replica() {
+    let env = Env::new();
+    let pods = [
+        env.demo("pod-a", "counter-1").await,
+        env.demo("pod-b", "counter-1").await,
+        env.demo("pod-c", "counter-1").await,
+    ];
+    let endpoints: Vec<SocketAddr> = pods.iter().map(|p| p.addr("http")).collect();
+    env.write_topology(&yaml(&[Service::new("counter").revision("counter-1", 100, &endpoints)]));
+    let activator = env.activator(&[]).await;
+    let client = Client::new(activator.addr("proxy"));
+
+    let mut seen = HashSet::new();
+    for _ in 0..30 {
+        let reply = client.get("counter.test", "/incr").await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert!(reply.body.starts_with("session=, count="), "{reply:?}");
+        seen.insert(reply.pod().to_owned());
+    }
+    assert_eq!(seen, HashSet::from(["pod-a".into(), "pod-b".into(), "pod-c".into()]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_split_is_honoured() {
+    let env = Env::new();
+    let (one, two) = (env.demo("pod-1", "split-1").await, env.demo("pod-2", "split-2").await);
+    env.write_topology(&yaml(&[Service::new("split").revision("split-1", 50, &[one.addr("http")]).revision(
+        "split-2",
+        50,
+        &[two.addr("http")],
+    )]));
+    let activator = env.activator(&[]).await;
+    let client = Client::new(activator.addr("proxy"));
+
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let replies = futures_util::stream::iter(0..1000)
+        .map(|_| {
+            let client = client.clone();
+            async move { client.get("split.test", "/incr").await }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    for reply in replies {
+        assert_eq!(reply.status, 200, "{reply:?}");
+        *counts.entry(reply.revision().to_owned()).or_default() += 1;
+    }
+    for rev in ["split-1", "split-2"] {
+        let n = counts.get(rev).copied().unwrap_or(0);
+        assert!((400..=600).contains(&n), "{rev} got {n} of 1000: {counts:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_responses_stream_chunk_by_chunk() {
+    let env = Env::new();
+    let pod = env.demo("pod", "stream-1").await;
+    env.write_topology(&yaml(&[Service::new("stream").revision("stream-1", 100, &[pod.addr("http")])]));
+    let activator = env.activator(&[]).await;
+    let client = Client::new(activator.addr("proxy"));
+
+    // The backend needs a minute to finish; the first chunk must arrive long before that.
+    let resp =
+        client.request(reqwest::Method::GET, "stream.test", "/stream?chunks=3&interval=30s").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let first = tokio::time::timeout(Duration::from_secs(10), body.next())
+        .await
+        .expect("first chunk arrives while the backend is still streaming")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&first[..], b"chunk 0\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_through_without_buffering() {
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 1024; // 64 MiB
+    let env = Env::new();
+    let pod = env.demo("pod", "echo-1").await;
+    env.write_topology(&yaml(&[Service::new("echo").revision("echo-1", 100, &[pod.addr("http")])]));
+    let activator = env.activator(&[]).await;
+    let client = Client::new(activator.addr("proxy"));
+    assert_eq!(client.get("echo.test", "/incr").await.status, 200);
+    let (_, peak_before) = activator.memory_kib();
+
+    let chunk = |i: usize| Bytes::from(vec![(i % 251) as u8; CHUNK]);
+    let upload = futures_util::stream::iter((0..CHUNKS).map(move |i| Ok::<_, std::io::Error>(chunk(i))));
+    let resp = client
+        .request(reqwest::Method::POST, "echo.test", "/echo")
+        .body(reqwest::Body::wrap_stream(upload))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut received = 0usize;
+    let mut body = resp.bytes_stream();
+    while let Some(piece) = body.next().await {
+        let piece = piece.expect("echo body streams back intact");
+        for (offset, byte) in piece.iter().enumerate() {
+            let expected = ((received + offset) / CHUNK % 251) as u8;
+            assert_eq!(*byte, expected, "byte {} differs", received + offset);
+        }
+        received += piece.len();
+    }
+    assert_eq!(received, CHUNK * CHUNKS);
+    let (_, peak_after) = activator.memory_kib();
+    let growth_mib = (peak_after.saturating_sub(peak_before)) as f64 / 1024.0;
+    eprintln!("activator peak RSS grew by {growth_mib:.1} MiB while echoing 64 MiB");
+    assert!(growth_mib < 16.0, "activator peak RSS grew by {growth_mib:.1} MiB for a 64 MiB body");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge_is_kept_towards_the_backend() {
+    let env = Env::new();
+    let pod = env.demo("pod", "h2-1").await;
+    env.write_topology(&yaml(&[Service::new("h2").revision("h2-1", 100, &[pod.addr("http")])]));
+    let activator = env.activator(&[]).await;
+    let proxy = activator.addr("proxy");
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().no_proxy().resolve("h2.test", proxy).build().unwrap();
+    let resp = h2.get(format!("http://h2.test:{}/incr/abc", proxy.port())).send().await.unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-demo-http-version"], "HTTP/2.0");
+    assert_eq!(resp.text().await.unwrap(), "session=abc, count=1\n");
+
+    let http1 = Client::new(proxy).get("h2.test", "/incr/abc").await;
+    assert_eq!(http1.header("x-demo-http-version"), "HTTP/1.1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_messages_round_trip() {
+    let env = Env::new();
+    let pod = env.demo("pod", "ws-1").await;
+    env.write_topology(&yaml(&[Service::new("ws").revision("ws-1", 100, &[pod.addr("http")])]));
+    let activator = env.activator(&[]).await;
+
+    let mut request = format!("ws://{}/ws", activator.addr("proxy")).into_client_request().unwrap();
+    request.headers_mut().insert("host", "ws.test".parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(request).await.expect("upgrade through the activator");
+    assert_eq!(resp.headers()["x-demo-pod"], "pod");
+    for text in ["hello", "second message"] {
+        ws.send(Message::text(text)).await.unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(echoed, Message::text(text));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activator_answers_for_itself_with_clear_status_codes() {
+    let env = Env::new();
+    let pod = env.demo("pod", "ok-1").await;
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    env.write_topology(&yaml(&[
+        Service::new("empty").revision("empty-1", 100, &[]),
+        Service::new("dead").revision("dead-1", 100, &[closed_port]),
+        Service::new("slow").revision("slow-1", 100, &[pod.addr("http")]).with(|r| r.timeout_seconds = 1),
+    ]));
+    let activator = env.activator(&[]).await;
+    let client = Client::new(activator.addr("proxy"));
+
+    let unknown = client.get("nobody.test", "/").await;
+    assert_eq!((unknown.status, unknown.body.as_str()), (404, "no service for host \"nobody.test\"\n"));
+    let empty = client.get("empty.test", "/").await;
+    assert_eq!(empty.status, 503);
+    assert!(empty.body.contains("no ready endpoint for revision default/empty-1"), "{empty:?}");
+    let dead = client.get("dead.test", "/").await;
+    assert_eq!(dead.status, 502);
+    assert!(dead.body.contains(&closed_port.to_string()), "{dead:?}");
+    let slow = client.get("slow.test", "/slow?delay=20s").await;
+    assert_eq!((slow.status, slow.body.as_str()), (504, "activator request timeout\n"));
+
+    let (_, metrics) = admin_get(activator.addr("admin"), "/metrics").await;
+    let count =
+        |rev: &str, code: &str| metric(&metrics, "activator_requests_total", &[("revision", rev), ("code", code)]);
+    assert_eq!(count("empty-1", "503"), Some(1.0), "{metrics}");
+    assert_eq!(count("dead-1", "502"), Some(1.0));
+    assert_eq!(count("slow-1", "504"), Some(1.0));
+    assert_eq!(count("", "404"), Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_reloads_while_serving_and_broken_files_are_rejected() {
+    let env = Env::new();
+    let (blue, green) = (env.demo("blue", "app-1").await, env.demo("green", "app-2").await);
+    let split = |a: u32, b: u32| {
+        yaml(&[Service::new("app").revision("app-1", a, &[blue.addr("http")]).revision(
+            "app-2",
+            b,
+            &[green.addr("http")],
+        )])
+    };
+    env.write_topology(&split(100, 0));
+    let activator = env.activator(&[]).await;
+    let client = Client::new(activator.addr("proxy"));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load = {
+        let (client, stop, sent, failed) = (client.clone(), stop.clone(), sent.clone(), failed.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let ok = client
+                    .try_send(client.request(reqwest::Method::GET, "app.test", "/incr"))
+                    .await
+                    .is_ok_and(|r| r.status == 200);
+                sent.fetch_add(1, Ordering::Relaxed);
+                if !ok {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    wait_until(Duration::from_secs(5), "load is flowing", || async { sent.load(Ordering::Relaxed) > 20 }).await;
+    assert_eq!(client.get("app.test", "/incr").await.revision(), "app-1");
+
+    env.write_topology(&split(0, 100));
+    wait_until(Duration::from_secs(1), "the new split applies", || async {
+        client.get("app.test", "/incr").await.revision() == "app-2"
+    })
+    .await;
+    for _ in 0..20 {
+        assert_eq!(client.get("app.test", "/incr").await.revision(), "app-2");
+    }
+
+    env.write_topology("services:\n  - name: app\n    traffic: [\n");
+    wait_until(Duration::from_secs(5), "the broken file is rejected", || async {
+        activator.logs().contains("topology rejected")
+    })
+    .await;
+    let logs = activator.logs();
+    let rejection = logs.lines().find(|l| l.contains("topology rejected")).unwrap();
+    assert!(rejection.contains("line 4 column 1"), "the log names the place: {rejection}");
+    let (_, metrics) = admin_get(activator.addr("admin"), "/metrics").await;
+    assert_eq!(metric(&metrics, "activator_topology_reloads_total", &[("result", "rejected")]), Some(1.0));
+    for _ in 0..20 {
+        assert_eq!(client.get("app.test", "/incr").await.revision(), "app-2", "the last good topology serves");
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "of {} requests during reloads", sent.load(Ordering::Relaxed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_and_new_requests_then_exits_zero() {
+    let env = Env::new();
+    let pod = env.demo("pod", "drain-1").await;
+    env.write_topology(&yaml(&[Service::new("drain").revision("drain-1", 100, &[pod.addr("http")])]));
+    let mut activator = env.activator(&["--drain-period", "3s", "--grace-timeout", "30s"]).await;
+    let (client, admin) = (Client::new(activator.addr("proxy")), activator.addr("admin"));
+    assert_eq!(admin_get(admin, "/readyz").await.0, 200);
+
+    // Outlives the drain period, so the exit has to wait for it.
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move { client.get("drain.test", "/slow?delay=4s").await })
+    };
+    wait_until(Duration::from_secs(10), "the slow request is in flight", || async {
+        let (_, metrics) = admin_get(admin, "/metrics").await;
+        metric(&metrics, "activator_in_flight_requests", &[("revision", "drain-1")]) == Some(1.0)
+    })
+    .await;
+
+    activator.signal(Signal::SIGTERM);
+    wait_until(Duration::from_secs(1), "readiness fails", || async { admin_get(admin, "/readyz").await.0 == 503 })
+        .await;
+    let kubelet = client.get_with("drain.test", "/", &[("user-agent", "kube-probe/1.33")]).await;
+    assert_eq!(kubelet.status, 500, "{kubelet:?}");
+    let during_drain = Client::new(activator.addr("proxy")).get("drain.test", "/incr").await;
+    assert_eq!(during_drain.status, 200, "new requests are served during the drain period");
+
+    let slow = slow.await.unwrap();
+    assert_eq!((slow.status, slow.body.as_str()), (200, "slow done\n"));
+    let status = activator.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "exit status {status}");
+}
