@@ -51,6 +51,14 @@ pub struct Config {
     #[arg(long, env = "ACTIVATOR_MAX_QUEUE", default_value_t = 10_000)]
     pub max_queue: usize,
 
+    /// Most pins this replica keeps in memory; the least recently used go first.
+    #[arg(long, env = "ACTIVATOR_MAX_PINS", default_value_t = 1_000_000)]
+    pub max_pins: u64,
+
+    /// Add `X-Activator-Decision: session-pin | revision-pin | split | new-pin` to responses.
+    #[arg(long, env = "ACTIVATOR_DEBUG_HEADERS")]
+    pub debug_headers: bool,
+
     /// Runtime worker threads; defaults to the number of CPUs. Set it to the pod's CPU limit.
     #[arg(long, env = "ACTIVATOR_WORKER_THREADS")]
     pub worker_threads: Option<usize>,

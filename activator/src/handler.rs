@@ -1,5 +1,6 @@
 //! The request path, from a parsed request to a response: probes, resolving the target service,
-//! choosing the revision, admission by the revision's throttler, forwarding, accounting.
+//! extracting affinity ids, looking up their pins, the decision, admission by the revision's
+//! throttler, pinning the session to its pod, forwarding, accounting.
 //!
 //! Owns the status codes the activator answers by itself. Reads the topology through one
 //! snapshot load per request and never blocks on a topology update.
@@ -13,14 +14,17 @@ use http::header::HeaderName;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::affinity::{Decision, Keys, Lookup, PinWrite, decide};
+use crate::pins::{Pin, Pins};
 use crate::probes::{self, Health, reply};
 use crate::proxy::{self, ResponseBody};
 use crate::stats::Stats;
 use crate::throttle::{AcquireError, Want};
-use crate::topology::{Revision, Snapshot};
+use crate::topology::{Revision, Service, Snapshot};
 
 const KNATIVE_REVISION: HeaderName = HeaderName::from_static("knative-serving-revision");
 const KNATIVE_NAMESPACE: HeaderName = HeaderName::from_static("knative-serving-namespace");
+const DECISION_HEADER: HeaderName = HeaderName::from_static("x-activator-decision");
 
 /// Seconds a client is asked to wait after a 503 for a full queue.
 const RETRY_AFTER_SECONDS: &str = "1";
@@ -29,6 +33,16 @@ pub struct Handler {
     pub topology: Arc<ArcSwap<Snapshot>>,
     pub health: Arc<Health>,
     pub stats: Stats,
+    pub pins: Pins,
+    /// Adds `X-Activator-Decision` to responses.
+    pub debug_headers: bool,
+}
+
+/// A request resolved to its service, with its ids and what the pin table says about them.
+struct Routed {
+    service: Arc<Service>,
+    keys: Keys,
+    lookup: Lookup,
 }
 
 impl Handler {
@@ -37,33 +51,116 @@ impl Handler {
         if let Some(resp) = probes::answer(&mut req, &self.health) {
             return resp;
         }
-        let revision = match resolve(&self.topology.load(), &req) {
-            Ok(revision) => revision,
-            Err(message) => {
-                self.stats.unrouted(StatusCode::NOT_FOUND.as_u16(), started.elapsed());
-                return reply(StatusCode::NOT_FOUND, &message);
-            }
+        let (service, ingress_pick) = match resolve(&self.topology.load(), &req) {
+            Ok(target) => target,
+            Err(message) => return self.unrouted(StatusCode::NOT_FOUND, &message, started),
         };
-        let stats = &revision.stats;
-        stats.in_flight.inc();
-        let resp = match tokio::time::timeout(revision.timeout, forward(req, &revision, client)).await {
+        let keys = match service.affinity.extract(&req) {
+            Ok(keys) => keys,
+            Err(e) => return self.unrouted(StatusCode::BAD_REQUEST, &e.to_string(), started),
+        };
+        let lookup = Lookup {
+            has_session: keys.session.is_some(),
+            has_flow: keys.flow.is_some(),
+            session: keys.session.as_ref().and_then(|k| self.pins.get(k)),
+            flow: keys.flow.as_ref().and_then(|k| self.pins.get(k)),
+        };
+        let mut decision = decide(&service, ingress_pick.as_ref(), &lookup, fastrand::u32(..100));
+        if let (Some(key), Some(write)) = (&keys.flow, &decision.flow_write) {
+            let ours = Pin::flow(&decision.revision.name);
+            let winner = self.pins.write(key, write.expected(), ours, decision.revision.affinity.lifetime());
+            // Another replica or request pinned the flow first: follow it, unless a session pin
+            // already chose the revision.
+            if lookup.session.is_none()
+                && let Some(revision) = service.routes_to(&winner.revision)
+            {
+                decision.revision = revision.clone();
+            }
+        }
+
+        let revision = decision.revision.clone();
+        let origin = decision.origin;
+        let routed = Routed { service, keys, lookup };
+        revision.stats.in_flight.inc();
+        let mut resp = match tokio::time::timeout(revision.timeout, self.forward(req, &routed, decision, client)).await
+        {
             Ok(resp) => resp,
             Err(_) => reply(StatusCode::GATEWAY_TIMEOUT, "activator request timeout"),
         };
-        stats.in_flight.dec();
-        stats.record(resp.status().as_u16(), started.elapsed());
+        revision.stats.in_flight.dec();
+        revision.stats.record(resp.status().as_u16(), started.elapsed());
+        let headers = resp.headers_mut();
+        if let Some(cookie) = &routed.keys.new_cookie
+            && let Ok(value) = HeaderValue::try_from(cookie.header_value(revision.affinity.lifetime()))
+        {
+            headers.append(http::header::SET_COOKIE, value);
+        }
+        if self.debug_headers {
+            headers.insert(DECISION_HEADER, HeaderValue::from_static(origin.as_str()));
+        }
         resp
+    }
+
+    fn unrouted(&self, status: StatusCode, message: &str, started: Instant) -> Response<ResponseBody> {
+        self.stats.unrouted(status.as_u16(), started.elapsed());
+        reply(status, message)
+    }
+
+    /// Takes a slot on the decided pod, pins the session to it, and forwards.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        routed: &Routed,
+        decision: Decision,
+        client: SocketAddr,
+    ) -> Response<ResponseBody> {
+        let mut revision = decision.revision;
+        let mut lease = match revision.throttler.acquire(decision.want).await {
+            Ok(lease) => lease,
+            Err(e) => return refused(&revision, e),
+        };
+        if let Some(key) = &routed.keys.session {
+            let ours = Pin::session(&revision.name, lease.pod().addr);
+            // Also re-pin when the pinned pod left between the decision and the acquire.
+            let write = decision.session_write.or_else(|| match &routed.lookup.session {
+                Some(current) if *current != ours => Some(PinWrite::Replace(current.clone())),
+                _ => None,
+            });
+            if let Some(write) = write {
+                let winner = self.pins.write(key, write.expected(), ours.clone(), revision.affinity.lifetime());
+                // Lost a race for a new session: use the winner's pod, as every replica will.
+                if winner != ours
+                    && let Some(pod) = winner.pod
+                    && let Some(pinned) = routed.service.routes_to(&winner.revision)
+                    && pinned.throttler.is_ready(pod)
+                {
+                    drop(lease);
+                    revision = pinned.clone();
+                    lease = match revision.throttler.acquire(Want::Pod(pod)).await {
+                        Ok(lease) => lease,
+                        Err(e) => return refused(&revision, e),
+                    };
+                }
+            }
+        }
+        match proxy::forward(req, lease, client.ip()).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::warn!(revision = %revision.name, error = %e, "proxy error");
+                reply(StatusCode::BAD_GATEWAY, &e.to_string())
+            }
+        }
     }
 }
 
-/// Which revision serves the request: the one the ingress named, or the weighted split of the
-/// service the `Host` reaches. The `Host` chooses a service, never an address.
-fn resolve<B>(snapshot: &Snapshot, req: &Request<B>) -> Result<Arc<Revision>, String> {
+/// Which service the request is for, and the revision the ingress named if it did. The `Host`
+/// chooses a service, never an address.
+fn resolve<B>(snapshot: &Snapshot, req: &Request<B>) -> Result<(Arc<Service>, Option<Arc<Revision>>), String> {
     let headers = req.headers();
     if let (Some(ns), Some(name)) = (headers.get(KNATIVE_NAMESPACE), headers.get(KNATIVE_REVISION)) {
         let (ns, name) = (String::from_utf8_lossy(ns.as_bytes()), String::from_utf8_lossy(name.as_bytes()));
         return match snapshot.revision(&ns, &name) {
-            Some((_, revision)) => Ok(revision.clone()),
+            Some((service, revision)) => Ok((service.clone(), Some(revision.clone()))),
             None => Err(format!("revision {ns}/{name} not found")),
         };
     }
@@ -74,30 +171,22 @@ fn resolve<B>(snapshot: &Snapshot, req: &Request<B>) -> Result<Arc<Revision>, St
         .or_else(|| headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
         .unwrap_or_default();
     match snapshot.service_for_host(host) {
-        Some(service) => Ok(service.split(fastrand::u32(..100)).clone()),
+        Some(service) => Ok((service.clone(), None)),
         None => Err(format!("no service for host {host:?}")),
     }
 }
 
-async fn forward(req: Request<Incoming>, revision: &Revision, client: SocketAddr) -> Response<ResponseBody> {
-    let lease = match revision.throttler.acquire(Want::Any).await {
-        Ok(lease) => lease,
-        Err(AcquireError::NoReadyPods) => {
-            let message = format!("no ready endpoint for revision {}/{}", revision.namespace, revision.name);
-            return reply(StatusCode::SERVICE_UNAVAILABLE, &message);
+fn refused(revision: &Revision, error: AcquireError) -> Response<ResponseBody> {
+    let (ns, name) = (&revision.namespace, &revision.name);
+    match error {
+        AcquireError::NoReadyPods => {
+            reply(StatusCode::SERVICE_UNAVAILABLE, &format!("no ready endpoint for revision {ns}/{name}"))
         }
-        Err(AcquireError::QueueFull) => {
-            let message = format!("request queue of revision {}/{} is full", revision.namespace, revision.name);
-            let mut resp = reply(StatusCode::SERVICE_UNAVAILABLE, &message);
+        AcquireError::QueueFull => {
+            let mut resp =
+                reply(StatusCode::SERVICE_UNAVAILABLE, &format!("request queue of revision {ns}/{name} is full"));
             resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
-            return resp;
-        }
-    };
-    match proxy::forward(req, lease, client.ip()).await {
-        Ok(resp) => resp,
-        Err(e) => {
-            tracing::warn!(revision = %revision.name, error = %e, "proxy error");
-            reply(StatusCode::BAD_GATEWAY, &e.to_string())
+            resp
         }
     }
 }

@@ -2,9 +2,11 @@
 //! owns.
 
 pub mod admin;
+pub mod affinity;
 pub mod config;
 pub mod handler;
 pub mod local;
+pub mod pins;
 pub mod probes;
 pub mod proxy;
 pub mod server;

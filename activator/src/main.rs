@@ -1,10 +1,12 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use activator::config::{Config, LogFormat};
 use activator::handler::Handler;
 use activator::local::LocalSource;
+use activator::pins::Pins;
 use activator::probes::Health;
 use activator::stats::Stats;
 use activator::throttle::QueueLimits;
@@ -71,7 +73,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(?drain_period, "draining: unready now, still serving until the drain period ends");
         tokio::time::sleep(drain_period).await;
     };
-    let handler = Arc::new(Handler { topology, health, stats });
+    let pins = Pins::new(config.max_pins, &stats);
+    let handler = Arc::new(Handler { topology, health, stats, pins, debug_headers: config.debug_headers });
+    tokio::spawn(maintain_pins(handler.clone()));
     server::serve(listener, handler, stop_accepting, config.grace_timeout).await;
     Ok(())
+}
+
+/// Applies the pin store's pending evictions and publishes its size once a second.
+async fn maintain_pins(handler: Arc<Handler>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        handler.pins.maintain();
+    }
 }

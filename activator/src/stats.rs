@@ -25,6 +25,10 @@ pub struct Stats {
     latency: HistogramVec,
     in_flight: IntGaugeVec,
     topology_reloads: IntCounterVec,
+    annotation_errors: IntCounterVec,
+    pub pin_lookups: IntCounterVec,
+    pub pin_writes: IntCounterVec,
+    pub pin_entries: IntGauge,
 }
 
 impl Default for Stats {
@@ -60,16 +64,50 @@ impl Stats {
             &["result"],
         )
         .expect("static metric definition");
+        let annotation_errors = IntCounterVec::new(
+            Opts::new("activator_annotation_errors_total", "Malformed or unknown activator annotations ignored"),
+            &["annotation"],
+        )
+        .expect("static metric definition");
+        let pin_lookups = IntCounterVec::new(
+            Opts::new("activator_pin_lookups_total", "Pin lookups by kind (session, flow) and result (hit, miss)"),
+            &["kind", "result"],
+        )
+        .expect("static metric definition");
+        let pin_writes = IntCounterVec::new(
+            Opts::new(
+                "activator_pin_writes_total",
+                "Pin writes by kind and result: new, repin (pod or revision gone), conflict (another writer won)",
+            ),
+            &["kind", "result"],
+        )
+        .expect("static metric definition");
+        let pin_entries = IntGauge::new("activator_pin_entries", "Pins held in this replica's memory store")
+            .expect("static metric definition");
         let registry = Registry::new();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
             Box::new(in_flight.clone()),
             Box::new(topology_reloads.clone()),
+            Box::new(annotation_errors.clone()),
+            Box::new(pin_lookups.clone()),
+            Box::new(pin_writes.clone()),
+            Box::new(pin_entries.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
-        Stats { registry, requests, latency, in_flight, topology_reloads }
+        Stats {
+            registry,
+            requests,
+            latency,
+            in_flight,
+            topology_reloads,
+            annotation_errors,
+            pin_lookups,
+            pin_writes,
+            pin_entries,
+        }
     }
 
     pub fn registry(&self) -> &Registry {
@@ -93,6 +131,10 @@ impl Stats {
     pub fn topology_reload(&self, applied: bool) {
         let result = if applied { "applied" } else { "rejected" };
         self.topology_reloads.with_label_values(&[result]).inc();
+    }
+
+    pub fn annotation_error(&self, annotation: &str) {
+        self.annotation_errors.with_label_values(&[annotation]).inc();
     }
 
     fn record(&self, labels: [&str; 3], code: u16, elapsed: Duration) {

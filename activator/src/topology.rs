@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::affinity::{Annotated, Policy};
 use crate::proxy::PodClient;
 use crate::stats::{RevisionStats, Stats};
 use crate::throttle::{QueueLimits, Throttler};
@@ -190,8 +191,8 @@ pub struct Revision {
     pub name: String,
     pub container_concurrency: u32,
     pub timeout: Duration,
-    /// Service annotations overlaid with the revision's own.
-    pub annotations: BTreeMap<String, String>,
+    /// The activator's annotations of the revision over those of its service.
+    pub affinity: Annotated,
     pub throttler: Arc<Throttler>,
     pub stats: Arc<RevisionStats>,
 }
@@ -206,6 +207,8 @@ pub struct Service {
     pub namespace: String,
     pub name: String,
     pub traffic: Vec<TrafficTarget>,
+    /// How requests to this service carry session and flow ids.
+    pub affinity: Policy,
 }
 
 impl Service {
@@ -248,6 +251,14 @@ impl Snapshot {
     pub fn build(file: &TopologyFile, previous: &Snapshot, with: &Builder<'_>) -> Snapshot {
         let mut snapshot = Snapshot::default();
         for spec in &file.services {
+            let rejected = |scope: String| {
+                move |key: &str, reason: String| {
+                    with.stats.annotation_error(key);
+                    tracing::warn!(%scope, annotation = key, %reason, "ignoring annotation");
+                }
+            };
+            let service_scope = format!("service {}/{}", spec.namespace, spec.name);
+            let service_affinity = Annotated::parse(&spec.annotations, &mut rejected(service_scope));
             let mut revisions = HashMap::new();
             for rev in &spec.revisions {
                 let key = (spec.namespace.clone(), rev.name.clone());
@@ -264,21 +275,22 @@ impl Snapshot {
                     ),
                 };
                 throttler.set_endpoints(&rev.endpoints, with.new_client);
-                let mut annotations = spec.annotations.clone();
-                annotations.extend(rev.annotations.iter().map(|(k, v)| (k.clone(), v.clone())));
+                let revision_scope = format!("revision {}/{}", spec.namespace, rev.name);
+                let affinity =
+                    Annotated::parse(&rev.annotations, &mut rejected(revision_scope)).over(&service_affinity);
                 let revision = Arc::new(Revision {
                     namespace: spec.namespace.clone(),
                     service: spec.name.clone(),
                     name: rev.name.clone(),
                     container_concurrency: rev.container_concurrency,
                     timeout: Duration::from_secs(rev.timeout_seconds),
-                    annotations,
+                    affinity,
                     throttler,
                     stats,
                 });
                 revisions.insert(rev.name.as_str(), revision);
             }
-            let traffic = spec
+            let traffic: Vec<TrafficTarget> = spec
                 .traffic
                 .iter()
                 .map(|t| TrafficTarget {
@@ -287,7 +299,9 @@ impl Snapshot {
                     tag: t.tag.clone(),
                 })
                 .collect();
-            let service = Arc::new(Service { namespace: spec.namespace.clone(), name: spec.name.clone(), traffic });
+            let affinity = Policy::new(&spec.namespace, &spec.name, traffic.iter().map(|t| &t.revision.affinity));
+            let service =
+                Arc::new(Service { namespace: spec.namespace.clone(), name: spec.name.clone(), traffic, affinity });
             for host in service_hosts(spec) {
                 snapshot.by_host.insert(host, service.clone());
             }
@@ -434,12 +448,14 @@ services:
     }
 
     #[test]
-    fn annotations_overlay_service_then_revision() {
-        let text = TWO_REVISIONS.replace("    hosts:", "    annotations: {a: svc, s: 1}\n    hosts:");
+    fn revision_annotations_override_the_service() {
+        let text = TWO_REVISIONS
+            .replace("    hosts:", "    annotations: {activator.knative.dev/sticky-ttl: 60s}\n    hosts:")
+            .replace("annotations: {a: b}", "annotations: {activator.knative.dev/sticky-ttl: 5s, x: y}");
         let s = snapshot(&text);
-        let (_, rev) = s.revision("default", "counter-2").unwrap();
-        assert_eq!(rev.annotations.get("a").map(String::as_str), Some("b"));
-        assert_eq!(rev.annotations.get("s").map(String::as_str), Some("1"));
+        let ttl = |rev: &str| s.revision("default", rev).unwrap().1.affinity.lifetime().ttl;
+        assert_eq!(ttl("counter-2"), Duration::from_secs(5));
+        assert_eq!(ttl("counter-1"), Duration::from_secs(60));
     }
 
     #[test]

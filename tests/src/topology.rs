@@ -31,6 +31,11 @@ impl Service {
         }
     }
 
+    /// Two revisions of one pod each, split 50/50.
+    pub fn halves(name: &str, a: (&str, SocketAddr), b: (&str, SocketAddr)) -> Self {
+        Service::new(name).revision(a.0, 50, &[a.1]).revision(b.0, 50, &[b.1])
+    }
+
     /// Adds a revision that receives `percent` of the split.
     pub fn revision(mut self, name: &str, percent: u32, endpoints: &[SocketAddr]) -> Self {
         self.traffic.push((name.to_owned(), percent));

@@ -41,10 +41,10 @@ async fn requests_without_keys_reach_every_replica() {
 async fn weighted_split_is_honoured() {
     let env = Env::new();
     let (one, two) = (env.demo("pod-1", "split-1").await, env.demo("pod-2", "split-2").await);
-    env.write_topology(&yaml(&[Service::new("split").revision("split-1", 50, &[one.addr("http")]).revision(
-        "split-2",
-        50,
-        &[two.addr("http")],
+    env.write_topology(&yaml(&[Service::halves(
+        "split",
+        ("split-1", one.addr("http")),
+        ("split-2", two.addr("http")),
     )]));
     let activator = env.activator(&[]).await;
     let client = Client::new(activator.addr("proxy"));

@@ -1,34 +1,65 @@
 //! `just demo`: a walk-through of the activator in local mode for a person at a terminal. It
 //! starts demo-service replicas and an activator on free loopback ports, prints each request as
-//! the curl command that would send it together with the answer, and stops everything it
-//! started when done (the processes are killed when their handles drop).
+//! the curl command that would send it together with the answer and why it landed there, and
+//! stops everything it started when done (the processes are killed when their handles drop).
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use integration_tests::topology::{Service, yaml};
-use integration_tests::{Client, Env, Process};
+use integration_tests::{Client, Env, Process, admin_get, metric, wait_until};
+
+const P: &str = "activator.knative.dev/";
 
 struct Demo {
-    proxy: SocketAddr,
+    env: Env,
+    activator: Process,
     client: Client,
 }
 
 impl Demo {
-    async fn show(&self, host: &str, path: &str, headers: &[(&str, &str)]) {
-        let flags: String = headers.iter().map(|(k, v)| format!(" -H '{k}: {v}'")).collect();
-        println!("$ curl -H 'Host: {host}'{flags} 'http://{}{path}'", self.proxy);
+    async fn show(&self, path: &str, headers: &[(&str, &str)]) {
+        let host = "counter.localhost";
+        let flags: String = (headers.iter())
+            .map(|(k, v)| match v.len() {
+                // Long ids are all 'x' here; print a command that builds one rather than a kilobyte of x.
+                n if n > 64 => format!(" -H \"{k}: $(head -c {n} /dev/zero | tr '\\0' x)\""),
+                _ => format!(" -H '{k}: {v}'"),
+            })
+            .collect();
+        println!("$ curl -H 'Host: {host}'{flags} 'http://{}{path}'", self.activator.addr("proxy"));
         let reply = self.client.get_with(host, path, headers).await;
         let landed = if reply.pod().is_empty() {
             "the activator itself".to_owned()
         } else {
-            format!("pod {} of {}", reply.pod(), reply.revision())
+            format!("{} ({})", reply.pod(), reply.header("x-activator-decision"))
         };
-        println!("  {} from {landed}: {}", reply.status, reply.body.trim_end());
+        let body = if reply.body.len() > 60 { format!("{}…", &reply.body[..60]) } else { reply.body.clone() };
+        println!("  {} from {landed}: {}", reply.status, body.trim_end());
+    }
+
+    async fn reload(&self, topology: &str) {
+        let admin = self.activator.addr("admin");
+        let applied = || async {
+            let (_, text) = admin_get(admin, "/metrics").await;
+            metric(&text, "activator_topology_reloads_total", &[("result", "applied")]).unwrap_or(0.0)
+        };
+        let before = applied().await;
+        self.env.write_topology(topology);
+        wait_until(Duration::from_secs(5), "the topology is applied", || async { applied().await > before }).await;
     }
 }
 
 fn step(title: &str) {
     println!("\n== {title}");
+}
+
+fn topology(pods: &[SocketAddr], old_percent: u32) -> String {
+    yaml(&[Service::new("counter")
+        .annotation(&format!("{P}sticky-session-query-parameter"), "session_id")
+        .revision("counter-00001", old_percent, &pods[..3])
+        .revision("counter-00002", 100 - old_percent, &pods[3..])])
+    .replace("counter.test", "counter.localhost")
 }
 
 #[tokio::main]
@@ -47,28 +78,49 @@ async fn main() {
         pods.push(process);
     }
     let addrs: Vec<SocketAddr> = pods.iter().map(|p| p.addr("http")).collect();
-    let topology = yaml(&[Service::new("counter").revision("counter-00001", 50, &addrs[..3]).revision(
-        "counter-00002",
-        50,
-        &addrs[3..],
-    )]);
-    env.write_topology(&topology);
-    step(&format!("Topology file {}", env.topology_path().display()));
-    print!("{topology}");
+    env.write_topology(&topology(&addrs, 50));
+    step(&format!("Topology file {} (re-read when it changes)", env.topology_path().display()));
+    print!("{}", std::fs::read_to_string(env.topology_path()).unwrap_or_default());
 
-    let activator = env.activator(&[]).await;
-    let proxy = activator.addr("proxy");
-    println!("\nactivator: proxy on {proxy}, admin on {}", activator.addr("admin"));
-    let demo = Demo { proxy, client: Client::new(proxy) };
+    let activator = env.activator(&["--debug-headers"]).await;
+    println!("\nactivator: proxy on {}, admin on {}", activator.addr("proxy"), activator.addr("admin"));
+    println!("(--debug-headers: each answer says why it landed where it did)");
+    let demo = Demo { client: Client::new(activator.addr("proxy")), env, activator };
 
-    step("No affinity key: the 50/50 split picks a revision, the load balancer a pod");
-    for _ in 0..6 {
-        demo.show("counter.test", "/incr?session_id=abc", &[]).await;
+    step("No affinity id: the 50/50 split picks a revision, the load balancer a pod");
+    for _ in 0..4 {
+        demo.show("/incr", &[]).await;
+    }
+
+    step("Session affinity with the default header K-Session: one session, one pod, counting 1, 2, 3");
+    for _ in 0..3 {
+        demo.show("/incr?session_id=abc", &[("K-Session", "abc")]).await;
+    }
+
+    step("The service's annotation sticky-session-query-parameter: session_id does the same without a header");
+    for _ in 0..3 {
+        demo.show("/incr?session_id=xyz", &[]).await;
+    }
+
+    step("Revision affinity with K-Revision: a flow stays on one revision; the balancer still picks the pod in it");
+    for _ in 0..4 {
+        demo.show("/incr", &[("K-Revision", "flow-1")]).await;
+    }
+
+    step("Draining counter-00001: set to 0 %, its pinned sessions stay, new sessions go to counter-00002");
+    demo.reload(&topology(&addrs, 0)).await;
+    demo.show("/incr?session_id=abc", &[("K-Session", "abc")]).await;
+    demo.show("/incr?session_id=xyz", &[]).await;
+    for id in ["new-1", "new-2"] {
+        demo.show(&format!("/incr?session_id={id}"), &[]).await;
     }
 
     step("What the activator answers by itself");
-    demo.show("unknown.test", "/incr", &[]).await;
-    demo.show("counter.test", "/", &[("K-Network-Probe", "activator")]).await;
+    demo.show("/incr", &[("K-Session", &"x".repeat(1025))]).await;
+    demo.show("/", &[("K-Network-Probe", "activator")]).await;
+    let unknown = demo.client.get("unknown.localhost", "/").await;
+    println!("$ curl -H 'Host: unknown.localhost' 'http://{}/'", demo.activator.addr("proxy"));
+    println!("  {} from the activator itself: {}", unknown.status, unknown.body.trim_end());
 
     step("Done: stopping the activator and the demo-service replicas");
 }

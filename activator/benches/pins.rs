@@ -1,0 +1,72 @@
+//! Pin-store lookup cost on the request path: the sharded memory store against a
+//! single `Mutex<HashMap>` baseline measured in the same run, with one and two threads hitting
+//! known pins. Prints ns per lookup and the ratio; asserts nothing.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use activator::pins::{Lifetime, MemoryPins, Pin, PinKey, PinKind};
+
+const KEYS: usize = 10_000;
+const LOOKUPS_PER_THREAD: usize = 2_000_000;
+
+fn main() {
+    let scope: Arc<str> = Arc::from("default/counter");
+    let keys: Arc<Vec<PinKey>> =
+        Arc::new((0..KEYS).map(|i| PinKey::new(&scope, PinKind::Session, i.to_string().as_bytes())).collect());
+    let pod = SocketAddr::from(([127, 0, 0, 1], 8080));
+    let lifetime = Lifetime { ttl: Duration::from_secs(600), max_age: None };
+
+    let store = Arc::new(MemoryPins::new(1_000_000));
+    let locked = Arc::new(Mutex::new(HashMap::new()));
+    for key in keys.iter() {
+        store.create(key, Pin::session("counter-00001", pod), lifetime);
+        locked.lock().unwrap().insert(key.clone(), Pin::session("counter-00001", pod));
+    }
+
+    println!("{:<28} {:>8} {:>14}", "lookup of a known pin", "threads", "ns/lookup");
+    for threads in [1, 2] {
+        let memory = per_lookup(threads, &keys, {
+            let store = store.clone();
+            move |k| store.get(k).is_some()
+        });
+        let mutex = per_lookup(threads, &keys, {
+            let locked = locked.clone();
+            move |k| locked.lock().unwrap().get(k).cloned().is_some()
+        });
+        println!("{:<28} {threads:>8} {memory:>14.1}", "memory store (sharded LRU)");
+        println!("{:<28} {threads:>8} {mutex:>14.1}", "Mutex<HashMap> baseline");
+        println!("bench pins_get_ns_{threads}t {memory:.1} ns");
+        println!("bench ratio_pins_get_vs_mutex_{threads}t {:.2} x", memory / mutex);
+    }
+}
+
+/// Wall time per lookup with `threads` threads each doing `LOOKUPS_PER_THREAD` lookups, after
+/// one untimed pass to warm caches.
+fn per_lookup(threads: usize, keys: &Arc<Vec<PinKey>>, get: impl Fn(&PinKey) -> bool + Clone + Send + 'static) -> f64 {
+    run(threads, keys, get.clone());
+    let start = Instant::now();
+    run(threads, keys, get);
+    start.elapsed().as_nanos() as f64 / LOOKUPS_PER_THREAD as f64
+}
+
+fn run(threads: usize, keys: &Arc<Vec<PinKey>>, get: impl Fn(&PinKey) -> bool + Clone + Send + 'static) {
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (keys, get) = (keys.clone(), get.clone());
+            std::thread::spawn(move || {
+                let mut hits = 0usize;
+                for i in 0..LOOKUPS_PER_THREAD {
+                    hits += usize::from(get(black_box(&keys[(i * 7 + t) % keys.len()])));
+                }
+                assert_eq!(hits, LOOKUPS_PER_THREAD);
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("bench thread");
+    }
+}

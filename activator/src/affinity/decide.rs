@@ -1,0 +1,357 @@
+//! The routing decision as a pure function of the request's ids, the service as the snapshot
+//! has it, and the pins found for those ids: which revision, whether a particular pod, and
+//! which pins to write. No I/O; the handler performs the writes.
+//!
+//! Order (DESIGN §4.2): a session pin whose revision is still a valid target (listed in the
+//! traffic at any percent) wins, on its pod if that pod is ready; then a flow pin to a valid
+//! revision; then the ingress's pick or the weighted split. Pins to revisions that left the
+//! traffic are replaced; missing pins are created first-writer-wins.
+
+use std::sync::Arc;
+
+use crate::pins::Pin;
+use crate::throttle::Want;
+use crate::topology::{Revision, Service};
+
+/// Why the request goes where it goes (`X-Activator-Decision` with `--debug-headers`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The session's pinned pod.
+    SessionPin,
+    /// The revision pinned for the flow.
+    RevisionPin,
+    /// No id: the split (or the ingress's pick).
+    Split,
+    /// An id without a usable pin: the split, then a new pin.
+    NewPin,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::SessionPin => "session-pin",
+            Origin::RevisionPin => "revision-pin",
+            Origin::Split => "split",
+            Origin::NewPin => "new-pin",
+        }
+    }
+}
+
+/// A pin to write once the pod is known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PinWrite {
+    /// No pin yet: first writer wins.
+    Create,
+    /// Replace this (stale) pin, unless another writer replaced it first.
+    Replace(Pin),
+}
+
+impl PinWrite {
+    pub fn expected(&self) -> Option<&Pin> {
+        match self {
+            PinWrite::Create => None,
+            PinWrite::Replace(pin) => Some(pin),
+        }
+    }
+
+    fn for_missing_or_stale(current: Option<&Pin>) -> Self {
+        current.cloned().map_or(PinWrite::Create, PinWrite::Replace)
+    }
+}
+
+/// What the request carries and what the pin table says about it.
+#[derive(Clone, Debug, Default)]
+pub struct Lookup {
+    pub has_session: bool,
+    pub has_flow: bool,
+    pub session: Option<Pin>,
+    pub flow: Option<Pin>,
+}
+
+pub struct Decision {
+    pub revision: Arc<Revision>,
+    pub want: Want,
+    pub origin: Origin,
+    pub session_write: Option<PinWrite>,
+    pub flow_write: Option<PinWrite>,
+}
+
+/// Decides where a request goes. `ingress_pick` is the revision Knative's ingress named, used
+/// in place of the split; `roll` is uniform in `0..100` and picks from the split.
+pub fn decide(service: &Service, ingress_pick: Option<&Arc<Revision>>, lookup: &Lookup, roll: u32) -> Decision {
+    let valid = |pin: &Pin| service.routes_to(&pin.revision).cloned();
+    // A flow keeps a pin to a valid revision even when a session pin wins this request.
+    let flow_write = (lookup.has_flow && lookup.flow.as_ref().is_none_or(|pin| valid(pin).is_none()))
+        .then(|| PinWrite::for_missing_or_stale(lookup.flow.as_ref()));
+
+    if lookup.has_session
+        && let Some(pin) = &lookup.session
+        && let Some(revision) = valid(pin)
+    {
+        return match pin.pod.filter(|pod| revision.throttler.is_ready(*pod)) {
+            Some(pod) => {
+                Decision { want: Want::Pod(pod), origin: Origin::SessionPin, session_write: None, flow_write, revision }
+            }
+            // The pod left: the session stays in its revision on a new pod.
+            None => Decision {
+                want: Want::Any,
+                origin: Origin::NewPin,
+                session_write: Some(PinWrite::Replace(pin.clone())),
+                flow_write,
+                revision,
+            },
+        };
+    }
+
+    let session_write = lookup.has_session.then(|| PinWrite::for_missing_or_stale(lookup.session.as_ref()));
+    if lookup.has_flow
+        && let Some(revision) = lookup.flow.as_ref().and_then(valid)
+    {
+        return Decision { want: Want::Any, origin: Origin::RevisionPin, session_write, flow_write, revision };
+    }
+
+    let revision = ingress_pick.cloned().unwrap_or_else(|| service.split(roll).clone());
+    let origin = if lookup.has_session || lookup.has_flow { Origin::NewPin } else { Origin::Split };
+    Decision { want: Want::Any, origin, session_write, flow_write, revision }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    use proptest::prelude::*;
+
+    use crate::proxy::PodClient;
+    use crate::stats::Stats;
+    use crate::throttle::QueueLimits;
+    use crate::topology::{self, Builder, Snapshot};
+
+    fn pod(n: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9000 + n))
+    }
+
+    /// A service with revisions `r0..` at the given percents; revision `i` has pods
+    /// `pod(10 * i + j)` for each `j` in `pods[i]`.
+    fn service(percents: &[u32], pods: &[Vec<u16>]) -> Arc<Service> {
+        let mut yaml = String::from("services:\n  - name: svc\n    traffic:\n");
+        for (i, p) in percents.iter().enumerate() {
+            yaml += &format!("      - {{revision: r{i}, percent: {p}}}\n");
+        }
+        yaml += "    revisions:\n";
+        for (i, pods) in pods.iter().enumerate() {
+            let endpoints: Vec<String> = pods.iter().map(|j| format!("\"{}\"", pod(10 * i as u16 + j))).collect();
+            yaml += &format!("      - {{name: r{i}, endpoints: [{}]}}\n", endpoints.join(", "));
+        }
+        let stats = Stats::new();
+        let with = Builder { stats: &stats, queue: QueueLimits::default(), new_client: &PodClient::new };
+        let snapshot = Snapshot::build(&topology::parse(&yaml).unwrap(), &Snapshot::default(), &with);
+        snapshot.services().next().unwrap().clone()
+    }
+
+    fn lookup(session: Option<Option<Pin>>, flow: Option<Option<Pin>>) -> Lookup {
+        Lookup {
+            has_session: session.is_some(),
+            has_flow: flow.is_some(),
+            session: session.flatten(),
+            flow: flow.flatten(),
+        }
+    }
+
+    struct Case {
+        name: &'static str,
+        lookup: Lookup,
+        revision: &'static str,
+        want: Want,
+        origin: Origin,
+        session_write: Option<PinWrite>,
+        flow_write: Option<PinWrite>,
+    }
+
+    #[test]
+    fn decision_table() {
+        use Origin::*;
+        use PinWrite::{Create, Replace};
+        // r0 at 100 % with pods 1 and 2; r1 at 0 % with pod 11; r9 is not in the traffic.
+        let svc = service(&[100, 0], &[vec![1, 2], vec![1]]);
+        let case = |name, lookup, revision, want, origin, session_write, flow_write| Case {
+            name,
+            lookup,
+            revision,
+            want,
+            origin,
+            session_write,
+            flow_write,
+        };
+        let any = Want::Any;
+        let cases = [
+            case("no ids → split", lookup(None, None), "r0", any, Split, None, None),
+            case("new session → split and create", lookup(Some(None), None), "r0", any, NewPin, Some(Create), None),
+            case(
+                "pinned session on a ready pod, even at 0 %",
+                lookup(Some(Some(Pin::session("r1", pod(11)))), None),
+                "r1",
+                Want::Pod(pod(11)),
+                SessionPin,
+                None,
+                None,
+            ),
+            case(
+                "pinned pod gone → same revision, re-pin",
+                lookup(Some(Some(Pin::session("r0", pod(7)))), None),
+                "r0",
+                any,
+                NewPin,
+                Some(Replace(Pin::session("r0", pod(7)))),
+                None,
+            ),
+            case(
+                "pinned revision gone → split, replace",
+                lookup(Some(Some(Pin::session("r9", pod(1)))), None),
+                "r0",
+                any,
+                NewPin,
+                Some(Replace(Pin::session("r9", pod(1)))),
+                None,
+            ),
+            case(
+                "flow pinned to a 0 % revision",
+                lookup(None, Some(Some(Pin::flow("r1")))),
+                "r1",
+                any,
+                RevisionPin,
+                None,
+                None,
+            ),
+            case("new flow → split and create", lookup(None, Some(None)), "r0", any, NewPin, None, Some(Create)),
+            case(
+                "flow pinned to a removed revision → split, replace",
+                lookup(None, Some(Some(Pin::flow("r9")))),
+                "r0",
+                any,
+                NewPin,
+                None,
+                Some(Replace(Pin::flow("r9"))),
+            ),
+            case(
+                "unpinned session follows its flow's pin",
+                lookup(Some(None), Some(Some(Pin::flow("r1")))),
+                "r1",
+                any,
+                RevisionPin,
+                Some(Create),
+                None,
+            ),
+            case(
+                "session pin beats flow pin; the flow keeps its own valid pin",
+                lookup(Some(Some(Pin::session("r0", pod(1)))), Some(Some(Pin::flow("r1")))),
+                "r0",
+                Want::Pod(pod(1)),
+                SessionPin,
+                None,
+                None,
+            ),
+            case(
+                "session pin seeds a new flow pin",
+                lookup(Some(Some(Pin::session("r1", pod(11)))), Some(None)),
+                "r1",
+                Want::Pod(pod(11)),
+                SessionPin,
+                None,
+                Some(Create),
+            ),
+        ];
+        for c in cases {
+            let d = decide(&svc, None, &c.lookup, 42);
+            assert_eq!(&*d.revision.name, c.revision, "{}", c.name);
+            assert_eq!(d.want, c.want, "{}", c.name);
+            assert_eq!(d.origin, c.origin, "{}", c.name);
+            assert_eq!(d.session_write, c.session_write, "{}", c.name);
+            assert_eq!(d.flow_write, c.flow_write, "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn ingress_pick_replaces_the_split_but_not_pins() {
+        let svc = service(&[50, 50], &[vec![1], vec![1]]);
+        let r1 = svc.routes_to("r1").unwrap().clone();
+        for roll in [0, 99] {
+            assert_eq!(&*decide(&svc, Some(&r1), &Lookup::default(), roll).revision.name, "r1");
+        }
+        let pinned = lookup(None, Some(Some(Pin::flow("r0"))));
+        assert_eq!(&*decide(&svc, Some(&r1), &pinned, 0).revision.name, "r0");
+    }
+
+    fn arb_pin(revisions: usize) -> impl Strategy<Value = Pin> {
+        // Revision indexes past the service's count stand for revisions that left the traffic.
+        (0..revisions + 1, 0u16..40, any::<bool>()).prop_map(|(r, p, session)| {
+            let name = format!("r{r}");
+            if session { Pin::session(&name, pod(p)) } else { Pin::flow(&name) }
+        })
+    }
+
+    fn arb_case() -> impl Strategy<Value = (Vec<u32>, Vec<Vec<u16>>, Lookup, u32)> {
+        (1usize..4)
+            .prop_flat_map(|n| {
+                let percents =
+                    proptest::collection::vec(0u32..=100, n).prop_filter_map("needs a positive percent", |mut p| {
+                        let total: u32 = p.iter().sum();
+                        if total == 0 {
+                            return None;
+                        }
+                        let mut scaled: Vec<u32> = p.iter().map(|x| x * 100 / total).collect();
+                        let rest = 100 - scaled.iter().sum::<u32>();
+                        let first = scaled.iter().position(|x| *x > 0).unwrap_or(0);
+                        scaled[first] += rest;
+                        p.clone_from(&scaled);
+                        Some(p)
+                    });
+                let pods = proptest::collection::vec(proptest::collection::btree_set(0u16..4, 0..4), n)
+                    .prop_map(|sets| sets.into_iter().map(|s| s.into_iter().collect()).collect());
+                let pin = || proptest::option::of(arb_pin(n));
+                let lookup = (any::<bool>(), any::<bool>(), pin(), pin()).prop_map(|(hs, hf, s, f)| Lookup {
+                    has_session: hs,
+                    has_flow: hf,
+                    session: s.filter(|_| hs),
+                    flow: f.filter(|_| hf),
+                });
+                (percents, pods, lookup, 0u32..100)
+            })
+            .boxed()
+    }
+
+    proptest! {
+        #[test]
+        fn decisions_respect_the_snapshot((percents, pods, lookup, roll) in arb_case()) {
+            let svc = service(&percents, &pods);
+            let d = decide(&svc, None, &lookup, roll);
+            prop_assert!(svc.routes_to(&d.revision.name).is_some(), "always a valid target");
+            if let Want::Pod(p) = d.want {
+                prop_assert!(d.revision.throttler.is_ready(p), "never a pod that is not ready");
+            }
+            if !lookup.has_session && !lookup.has_flow {
+                prop_assert_eq!(d.origin, Origin::Split);
+                prop_assert_eq!(&d.revision.name, &svc.split(roll).name);
+                prop_assert!(d.session_write.is_none() && d.flow_write.is_none());
+            }
+            if let Some(pin) = lookup.session.as_ref().filter(|_| lookup.has_session)
+                && let (Some(rev), Some(p)) = (svc.routes_to(&pin.revision), pin.pod)
+                && rev.throttler.is_ready(p)
+            {
+                prop_assert_eq!(d.want, Want::Pod(p), "a pinned session keeps its pod");
+                prop_assert!(d.session_write.is_none());
+            }
+            if lookup.has_session && lookup.session.is_none() {
+                prop_assert_eq!(d.session_write, Some(PinWrite::Create));
+            }
+            let valid_session_pin = lookup.has_session
+                && lookup.session.as_ref().is_some_and(|p| svc.routes_to(&p.revision).is_some());
+            if !valid_session_pin
+                && let Some(flow) = lookup.flow.as_ref().filter(|_| lookup.has_flow)
+                && svc.routes_to(&flow.revision).is_some()
+            {
+                prop_assert_eq!(&*d.revision.name, &*flow.revision, "a valid flow pin holds");
+            }
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! Affinity: which ids a request carries under its service's policy (`keys`), and where those
+//! ids and their pins send it (`decide`, a pure function). Must not do I/O: pins are looked up
+//! and written by the handler through `pins`.
+
+mod decide;
+mod keys;
+
+pub use decide::{Decision, Lookup, Origin, PinWrite, decide};
+pub use keys::{ANNOTATION_PREFIX, Annotated, DEFAULT_TTL, KeyError, Keys, MAX_ID_BYTES, NewCookie, Policy};
