@@ -23,7 +23,7 @@ fn main() {
     let store = Arc::new(MemoryPins::new(1_000_000));
     let locked = Arc::new(Mutex::new(HashMap::new()));
     for key in keys.iter() {
-        store.create(key, Pin::session("counter-00001", pod), lifetime);
+        store.write(key, None, Pin::session("counter-00001", pod), lifetime);
         locked.lock().unwrap().insert(key.clone(), Pin::session("counter-00001", pod));
     }
 

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -15,6 +15,57 @@ use clap::{Parser, ValueEnum};
     long_about = "Buffers requests while a revision scales from zero, routes by revision affinity, then \
                   session affinity, then the weighted traffic split, and forwards to a ready pod."
 )]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: Config,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Inspect or delete pins in the shared Redis pin table (keys are hashed, so `redis-cli`
+    /// cannot find them by id).
+    Pins {
+        #[command(subcommand)]
+        action: PinsAction,
+        /// The Redis the activators share.
+        #[arg(long, env = "REDIS_URL", global = true)]
+        redis_url: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PinsAction {
+    /// Print the key, value and remaining TTL of one session's or flow's pin.
+    Get(PinSelector),
+    /// Print every pin of one service.
+    List {
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        #[arg(long)]
+        service: String,
+    },
+    /// Delete one pin; its session or flow is balanced anew on its next request.
+    Delete(PinSelector),
+}
+
+#[derive(Args, Debug)]
+pub struct PinSelector {
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    #[arg(long)]
+    pub service: String,
+    /// The session id, as the client sends it.
+    #[arg(long, required_unless_present = "flow", conflicts_with = "flow")]
+    pub session: Option<String>,
+    /// The flow id, as the client sends it.
+    #[arg(long)]
+    pub flow: Option<String>,
+}
+
+#[derive(Args, Debug)]
 pub struct Config {
     /// Where the world view comes from. `local` reads a topology file.
     #[arg(long, env = "ACTIVATOR_MODE", value_enum, default_value_t = Mode::Local)]
@@ -22,7 +73,7 @@ pub struct Config {
 
     /// Topology file (local mode). Re-read when it changes; a broken file is rejected and the
     /// last good topology keeps serving.
-    #[arg(long, env = "ACTIVATOR_TOPOLOGY", required_if_eq("mode", "local"))]
+    #[arg(long, env = "ACTIVATOR_TOPOLOGY")]
     pub topology: Option<PathBuf>,
 
     /// How often the topology file is checked for changes.
@@ -55,6 +106,29 @@ pub struct Config {
     #[arg(long, env = "ACTIVATOR_MAX_PINS", default_value_t = 1_000_000)]
     pub max_pins: u64,
 
+    /// Where pins live: `memory` (this replica only) or `redis` (shared by every replica).
+    #[arg(long, env = "ACTIVATOR_PIN_STORE", value_enum, default_value_t = PinStore::Memory)]
+    pub pin_store: PinStore,
+
+    /// Redis for `--pin-store redis`: `redis://[user:password@]host:port[/db]`, or `rediss://`
+    /// for TLS.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Budget for one Redis answer on the request path; slower answers count as failures and the
+    /// request routes with this replica's pins.
+    #[arg(long, env = "ACTIVATOR_REDIS_TIMEOUT", default_value = "25ms", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// How long a pin confirmed by Redis is used without asking Redis again.
+    #[arg(long, env = "ACTIVATOR_PIN_REVALIDATE_AFTER", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub pin_revalidate_after: Duration,
+
+    /// How often pins in use get their idle TTL slid in Redis (one pipelined batch), which also
+    /// revalidates them.
+    #[arg(long, env = "ACTIVATOR_PIN_REFRESH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub pin_refresh_interval: Duration,
+
     /// Add `X-Activator-Decision: session-pin | revision-pin | split | new-pin` to responses.
     #[arg(long, env = "ACTIVATOR_DEBUG_HEADERS")]
     pub debug_headers: bool,
@@ -74,8 +148,30 @@ pub enum Mode {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PinStore {
+    Memory,
+    Redis,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Auto,
     Json,
     Text,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["activator", "pins", "get", "--service", "s", "--session", "abc"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Pins { action: PinsAction::Get(_), .. })));
+        assert!(Cli::try_parse_from(["activator", "pins", "get", "--service", "s"]).is_err(), "needs an id");
+        let serve = Cli::try_parse_from(["activator", "--topology", "t.yaml", "--pin-store", "redis"]).unwrap();
+        assert_eq!(serve.serve.pin_store, PinStore::Redis);
+    }
 }

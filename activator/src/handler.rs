@@ -14,8 +14,8 @@ use http::header::HeaderName;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::affinity::{Decision, Keys, Lookup, PinWrite, decide};
-use crate::pins::{Pin, Pins};
+use crate::affinity::{DEFAULT_TTL, Decision, Keys, Lookup, PinWrite, decide};
+use crate::pins::{Lifetime, Pin, Pins};
 use crate::probes::{self, Health, reply};
 use crate::proxy::{self, ResponseBody};
 use crate::stats::Stats;
@@ -25,6 +25,9 @@ use crate::topology::{Revision, Service, Snapshot};
 const KNATIVE_REVISION: HeaderName = HeaderName::from_static("knative-serving-revision");
 const KNATIVE_NAMESPACE: HeaderName = HeaderName::from_static("knative-serving-namespace");
 const DECISION_HEADER: HeaderName = HeaderName::from_static("x-activator-decision");
+
+/// Lifetime of pins read for a revision that left the traffic (they are replaced anyway).
+const DEFAULT_LIFETIME: Lifetime = Lifetime { ttl: DEFAULT_TTL, max_age: None };
 
 /// Seconds a client is asked to wait after a 503 for a full queue.
 const RETRY_AFTER_SECONDS: &str = "1";
@@ -59,16 +62,24 @@ impl Handler {
             Ok(keys) => keys,
             Err(e) => return self.unrouted(StatusCode::BAD_REQUEST, &e.to_string(), started),
         };
+        let lifetime_of =
+            |revision: &str| service.routes_to(revision).map_or(DEFAULT_LIFETIME, |r| r.affinity.lifetime());
         let lookup = Lookup {
             has_session: keys.session.is_some(),
             has_flow: keys.flow.is_some(),
-            session: keys.session.as_ref().and_then(|k| self.pins.get(k)),
-            flow: keys.flow.as_ref().and_then(|k| self.pins.get(k)),
+            session: match &keys.session {
+                Some(key) => self.pins.get(key, &lifetime_of).await,
+                None => None,
+            },
+            flow: match &keys.flow {
+                Some(key) => self.pins.get(key, &lifetime_of).await,
+                None => None,
+            },
         };
         let mut decision = decide(&service, ingress_pick.as_ref(), &lookup, fastrand::u32(..100));
         if let (Some(key), Some(write)) = (&keys.flow, &decision.flow_write) {
             let ours = Pin::flow(&decision.revision.name);
-            let winner = self.pins.write(key, write.expected(), ours, decision.revision.affinity.lifetime());
+            let winner = self.pins.write(key, write.expected(), ours, decision.revision.affinity.lifetime()).await;
             // Another replica or request pinned the flow first: follow it, unless a session pin
             // already chose the revision.
             if lookup.session.is_none()
@@ -127,7 +138,7 @@ impl Handler {
                 _ => None,
             });
             if let Some(write) = write {
-                let winner = self.pins.write(key, write.expected(), ours.clone(), revision.affinity.lifetime());
+                let winner = self.pins.write(key, write.expected(), ours.clone(), revision.affinity.lifetime()).await;
                 // Lost a race for a new session: use the winner's pod, as every replica will.
                 if winner != ours
                     && let Some(pod) = winner.pod

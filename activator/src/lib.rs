@@ -5,6 +5,7 @@ pub mod admin;
 pub mod affinity;
 pub mod config;
 pub mod handler;
+pub mod inspect;
 pub mod local;
 pub mod pins;
 pub mod probes;

@@ -3,14 +3,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use activator::config::{Config, LogFormat};
+use activator::config::{Cli, Command, Config, LogFormat, PinStore};
 use activator::handler::Handler;
 use activator::local::LocalSource;
-use activator::pins::Pins;
+use activator::pins::{Pins, SharedConfig};
 use activator::probes::Health;
 use activator::stats::Stats;
 use activator::throttle::QueueLimits;
-use activator::{admin, server};
+use activator::{admin, inspect, server};
 use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
@@ -18,20 +18,26 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let config = Config::parse();
+    let Cli { command, serve: config } = Cli::parse();
     init_logging(config.log_format);
+    // rediss:// needs a TLS crypto provider; ring is the one compiled in.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = config.worker_threads {
         runtime.worker_threads(n);
     }
-    let result = runtime.enable_all().build().context("starting the runtime").and_then(|rt| rt.block_on(run(config)));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let result = runtime.enable_all().build().context("starting the runtime").and_then(|rt| {
+        rt.block_on(async {
+            match command {
+                Some(Command::Pins { action, redis_url }) => inspect::run(action, redis_url).await,
+                None => run(config).await.map(|()| ExitCode::SUCCESS),
+            }
+        })
+    });
+    result.unwrap_or_else(|e| {
+        tracing::error!("{e:#}");
+        ExitCode::FAILURE
+    })
 }
 
 fn init_logging(format: LogFormat) {
@@ -73,7 +79,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(?drain_period, "draining: unready now, still serving until the drain period ends");
         tokio::time::sleep(drain_period).await;
     };
-    let pins = Pins::new(config.max_pins, &stats);
+    let pins = match config.pin_store {
+        PinStore::Memory => Pins::local(config.max_pins, &stats),
+        PinStore::Redis => {
+            let shared = SharedConfig {
+                url: config.redis_url.clone().context("--pin-store redis needs --redis-url (or REDIS_URL)")?,
+                timeout: config.redis_timeout,
+                revalidate_after: config.pin_revalidate_after,
+                refresh_interval: config.pin_refresh_interval,
+            };
+            Pins::shared(config.max_pins, shared, &stats)?
+        }
+    };
     let handler = Arc::new(Handler { topology, health, stats, pins, debug_headers: config.debug_headers });
     tokio::spawn(maintain_pins(handler.clone()));
     server::serve(listener, handler, stop_accepting, config.grace_timeout).await;

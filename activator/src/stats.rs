@@ -29,6 +29,9 @@ pub struct Stats {
     pub pin_lookups: IntCounterVec,
     pub pin_writes: IntCounterVec,
     pub pin_entries: IntGauge,
+    pub pin_store_errors: IntCounterVec,
+    pub pin_store_latency: HistogramVec,
+    pub pin_store_up: IntGauge,
 }
 
 impl Default for Stats {
@@ -84,6 +87,25 @@ impl Stats {
         .expect("static metric definition");
         let pin_entries = IntGauge::new("activator_pin_entries", "Pins held in this replica's memory store")
             .expect("static metric definition");
+        let pin_store_errors = IntCounterVec::new(
+            Opts::new(
+                "activator_pin_store_errors_total",
+                "Redis pin-store failures and malformed values, by operation; each one fell back to local pins",
+            ),
+            &["op"],
+        )
+        .expect("static metric definition");
+        let pin_store_latency = HistogramVec::new(
+            HistogramOpts::new("activator_pin_store_duration_seconds", "Redis pin-store call latency, by operation")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["op"],
+        )
+        .expect("static metric definition");
+        let pin_store_up = IntGauge::new(
+            "activator_pin_store_up",
+            "1 while the shared pin store answers, 0 while this replica routes with its own pins",
+        )
+        .expect("static metric definition");
         let registry = Registry::new();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -94,6 +116,9 @@ impl Stats {
             Box::new(pin_lookups.clone()),
             Box::new(pin_writes.clone()),
             Box::new(pin_entries.clone()),
+            Box::new(pin_store_errors.clone()),
+            Box::new(pin_store_latency.clone()),
+            Box::new(pin_store_up.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -107,6 +132,9 @@ impl Stats {
             pin_lookups,
             pin_writes,
             pin_entries,
+            pin_store_errors,
+            pin_store_latency,
+            pin_store_up,
         }
     }
 

@@ -21,6 +21,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+pub mod redis;
 pub mod topology;
 
 /// How long a process may take to print its listening addresses.
@@ -195,6 +196,14 @@ impl Env {
         Process::start(self.dir.path(), "demo-service", &args, &["http"]).await.expect("demo-service starts")
     }
 
+    /// An activator sharing pins through `redis`, with `--debug-headers`, once it is connected.
+    pub async fn shared_activator(&self, redis: &redis::Redis) -> Process {
+        let url = redis.url();
+        let activator = self.activator(&["--pin-store", "redis", "--redis-url", &url, "--debug-headers"]).await;
+        wait_pin_store_up(activator.addr("admin")).await;
+        activator
+    }
+
     /// An activator in local mode on the topology file, with a short drain for tests. Flags in
     /// `extra` replace the defaults of the same name.
     pub async fn activator(&self, extra: &[&str]) -> Process {
@@ -310,4 +319,21 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .find(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Waits until an activator reports its shared pin store answering.
+pub async fn wait_pin_store_up(admin: SocketAddr) {
+    wait_until(Duration::from_secs(30), "the activator shares pins through Redis", || async {
+        let (_, text) = admin_get(admin, "/metrics").await;
+        metric(&text, "activator_pin_store_up", &[]) == Some(1.0)
+    })
+    .await;
+}
+
+/// The sum of every sample of one metric, whatever its labels.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 pub struct Service {
     pub name: String,
+    pub namespace: String,
     pub host: String,
     pub traffic: Vec<(String, u32)>,
     pub revisions: Vec<Revision>,
@@ -24,6 +25,7 @@ impl Service {
     pub fn new(name: &str) -> Self {
         Service {
             name: name.to_owned(),
+            namespace: "default".to_owned(),
             host: format!("{name}.test"),
             traffic: Vec::new(),
             revisions: Vec::new(),
@@ -34,6 +36,13 @@ impl Service {
     /// Two revisions of one pod each, split 50/50.
     pub fn halves(name: &str, a: (&str, SocketAddr), b: (&str, SocketAddr)) -> Self {
         Service::new(name).revision(a.0, 50, &[a.1]).revision(b.0, 50, &[b.1])
+    }
+
+    /// Moves the service to `namespace`, reached at `<name>.<namespace>.test`.
+    pub fn in_namespace(mut self, namespace: &str) -> Self {
+        self.namespace = namespace.to_owned();
+        self.host = format!("{}.{namespace}.test", self.name);
+        self
     }
 
     /// Adds a revision that receives `percent` of the split.
@@ -61,7 +70,7 @@ impl Service {
     }
 
     fn write(&self, out: &mut String) {
-        let _ = writeln!(out, "  - name: {}\n    hosts: [{}]", self.name, self.host);
+        let _ = writeln!(out, "  - name: {}\n    namespace: {}\n    hosts: [{}]", self.name, self.namespace, self.host);
         write_annotations(out, "    ", &self.annotations);
         out.push_str("    traffic:\n");
         for (rev, percent) in &self.traffic {

@@ -1,0 +1,173 @@
+//! Round trips per pin operation, counted by Redis itself (`INFO commandstats`) on a
+//! `redis-server` this bench starts on a free loopback port:
+//!
+//! * a new pin written through deadpool-redis (the pool named for this project) and through
+//!   redis-rs's `ConnectionManager` (what the activator uses);
+//! * lookups of a known pin through the activator's shared pin store, whose near cache should
+//!   keep them off the network.
+//!
+//! Prints commands per operation; asserts nothing.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use activator::pins::{Lifetime, Pin, PinKey, PinKind, Pins, SharedConfig};
+use activator::stats::Stats;
+
+const WRITES: u64 = 1000;
+const LOOKUPS: u64 = 10_000;
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let _server = Server(
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed"),
+    );
+    let url = format!("redis://127.0.0.1:{port}");
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut admin = loop {
+        if let Ok(conn) = client.get_multiplexed_async_connection().await {
+            break conn;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    let pool = deadpool_redis::Config::from_url(&url).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+    let before = stats(&mut admin).await;
+    for i in 0..WRITES {
+        let mut conn = pool.get().await.unwrap();
+        let _: Option<String> = set_nx_get(format!("deadpool:{i}")).query_async(&mut conn).await.unwrap();
+    }
+    let deadpool = stats(&mut admin).await - before;
+
+    let mut manager = redis::aio::ConnectionManager::new(client.clone()).await.unwrap();
+    let before = stats(&mut admin).await;
+    for i in 0..WRITES {
+        let _: Option<String> = set_nx_get(format!("manager:{i}")).query_async(&mut manager).await.unwrap();
+    }
+    let managed = stats(&mut admin).await - before;
+
+    let known = known_pin_lookups(&url, &mut admin).await;
+
+    // deadpool's recycle check (UNWATCH + PING) is one pipelined round trip before the command.
+    println!("{:<44} {:>10} {:>10}", "commands Redis ran per operation", "all", "pin data");
+    println!(
+        "{:<44} {:>10.2} {:>10.2}",
+        "new pin via deadpool-redis (get + SET)",
+        deadpool.total(WRITES),
+        deadpool.data(WRITES)
+    );
+    println!(
+        "{:<44} {:>10.2} {:>10.2}",
+        "new pin via ConnectionManager (SET)",
+        managed.total(WRITES),
+        managed.data(WRITES)
+    );
+    println!(
+        "{:<44} {:>10.4} {:>10.4}",
+        "known pin lookup via the activator's store",
+        known.total(LOOKUPS),
+        known.data(LOOKUPS)
+    );
+    println!("bench redis_commands_per_new_pin_deadpool {:.2} commands", deadpool.total(WRITES));
+    println!("bench redis_commands_per_new_pin_connection_manager {:.2} commands", managed.total(WRITES));
+    println!("bench redis_commands_per_known_pin_lookup {:.4} commands", known.total(LOOKUPS));
+}
+
+fn set_nx_get(key: String) -> redis::Cmd {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(key).arg("rev 127.0.0.1:1 0").arg("NX").arg("PX").arg(600_000).arg("GET");
+    cmd
+}
+
+/// Pins one session through the shared store, then looks it up `LOOKUPS` times.
+async fn known_pin_lookups(url: &str, admin: &mut redis::aio::MultiplexedConnection) -> Calls {
+    let stats = Stats::new();
+    let config = SharedConfig {
+        url: url.to_owned(),
+        timeout: Duration::from_millis(25),
+        revalidate_after: Duration::from_secs(5),
+        refresh_interval: Duration::from_secs(1),
+    };
+    let pins = Pins::shared(1_000_000, config, &stats).unwrap();
+    let lifetime = Lifetime { ttl: Duration::from_secs(600), max_age: None };
+    let key = PinKey::new(&Arc::from("default/counter"), PinKind::Session, b"known");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // The store connects in the background; until then writes stay local.
+    while pins.get(&key, &|_| lifetime).await.is_none() || stats.pin_store_up.get() != 1 {
+        assert!(Instant::now() < deadline, "the shared store did not connect");
+        pins.write(&key, None, Pin::session("counter-00001", "127.0.0.1:8080".parse().unwrap()), lifetime).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = self::stats(admin).await;
+    let started = Instant::now();
+    for _ in 0..LOOKUPS {
+        assert!(pins.get(&key, &|_| lifetime).await.is_some());
+    }
+    let mut calls = self::stats(admin).await - before;
+    // The once-a-second refresh batch is the only traffic a pin in use causes; it is not per request.
+    calls.refresh_batches = started.elapsed().as_secs() + 1;
+    calls
+}
+
+#[derive(Clone, Copy, Default)]
+struct Calls {
+    ping: u64,
+    unwatch: u64,
+    data: u64,
+    refresh_batches: u64,
+}
+
+impl Calls {
+    fn total(&self, ops: u64) -> f64 {
+        (self.ping + self.unwatch + self.data).saturating_sub(self.refresh_batches) as f64 / ops as f64
+    }
+
+    fn data(&self, ops: u64) -> f64 {
+        self.data.saturating_sub(self.refresh_batches) as f64 / ops as f64
+    }
+}
+
+impl std::ops::Sub for Calls {
+    type Output = Calls;
+    fn sub(self, o: Calls) -> Calls {
+        Calls {
+            ping: self.ping - o.ping,
+            unwatch: self.unwatch - o.unwatch,
+            data: self.data - o.data,
+            refresh_batches: 0,
+        }
+    }
+}
+
+/// Cumulative calls of the commands a pin operation may cause (the INFO call itself is not one).
+async fn stats(admin: &mut redis::aio::MultiplexedConnection) -> Calls {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(admin).await.unwrap();
+    let calls = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+            .and_then(|r| r.split(',').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Calls {
+        ping: calls("ping"),
+        unwatch: calls("unwatch"),
+        data: calls("set") + calls("get") + calls("getex") + calls("evalsha"),
+        refresh_batches: 0,
+    }
+}

@@ -1,0 +1,79 @@
+//! `activator pins get|list|delete`: lets an operator read and delete pins in the shared Redis
+//! table, where keys are hashes of the ids and cannot be found by eye. Must not route anything.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use redis::AsyncCommands;
+
+use crate::config::{PinSelector, PinsAction};
+use crate::pins::{INVALIDATIONS, PinKey, PinKind, key_report};
+
+pub async fn run(action: PinsAction, redis_url: Option<String>) -> anyhow::Result<ExitCode> {
+    let url = redis_url.context("--redis-url (or REDIS_URL) names the Redis the activators share")?;
+    let client = redis::Client::open(url.as_str()).context("--redis-url is not a valid Redis URL")?;
+    let mut conn = client.get_multiplexed_async_connection().await.context("connecting to Redis")?;
+    match action {
+        PinsAction::Get(selector) => {
+            let key = selector.key().to_string();
+            match key_report(&mut conn, &key).await? {
+                Some(report) => {
+                    println!("{report}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => {
+                    println!("key    {key}\nno pin");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        PinsAction::List { namespace, service } => {
+            let pattern = PinKey::service_pattern(&namespace, &service);
+            let mut keys: Vec<String> = {
+                let mut scan = conn.scan_match::<_, String>(&pattern).await?;
+                let mut keys = Vec::new();
+                while let Some(key) = futures_util::StreamExt::next(&mut scan).await {
+                    keys.push(key?);
+                }
+                keys
+            };
+            keys.sort();
+            for key in &keys {
+                if let Some(report) = key_report(&mut conn, key).await? {
+                    println!("{report}\n");
+                }
+            }
+            println!("{} pins for {namespace}/{service}", keys.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        PinsAction::Delete(selector) => {
+            let key = selector.key().to_string();
+            let (deleted, _): (u32, u32) = redis::pipe()
+                .cmd("DEL")
+                .arg(&key)
+                .cmd("PUBLISH")
+                .arg(INVALIDATIONS)
+                .arg(format!("{key} operator"))
+                .query_async(&mut conn)
+                .await?;
+            if deleted == 0 {
+                println!("no pin at {key}");
+                return Ok(ExitCode::from(1));
+            }
+            println!("deleted {key}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+impl PinSelector {
+    fn key(&self) -> PinKey {
+        let scope: Arc<str> = format!("{}/{}", self.namespace, self.service).into();
+        match (&self.session, &self.flow) {
+            (Some(session), _) => PinKey::new(&scope, PinKind::Session, session.as_bytes()),
+            (None, Some(flow)) => PinKey::new(&scope, PinKind::Flow, flow.as_bytes()),
+            (None, None) => unreachable!("clap requires --session or --flow"),
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! This replica's pins: a bounded store with LRU eviction, sliding idle lifetimes and an
+//! optional absolute cap. With a shared store it is also the near cache: it remembers when the
+//! shared store last confirmed each pin and which pins were used since the last batched refresh.
+//!
+//! No global lock: the table is split into shards by the id hash, each an LRU behind its own
+//! mutex, held for one map operation.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use lru::LruCache;
+
+use super::{Lifetime, Pin, PinKey, Written};
+
+/// Shards at the default bound; small bounds get fewer so the bound stays close to exact.
+const MAX_SHARDS: usize = 64;
+const MIN_ENTRIES_PER_SHARD: u64 = 1024;
+/// Expired entries one maintenance pass may drop from one shard, so the shard's lock is held
+/// briefly.
+const SWEEP_PER_SHARD: usize = 4096;
+
+struct Entry {
+    pin: Pin,
+    lifetime: Lifetime,
+    /// Wall-clock time of the first write, shared with other replicas for `max_age`.
+    written: SystemTime,
+    /// The same moment on this process's monotonic clock.
+    born: Instant,
+    expires: Instant,
+    /// When the shared store last confirmed this pin, in which epoch; `None` for a pin written
+    /// here while the shared store was out of reach.
+    verified: Option<(u64, Instant)>,
+    touched: bool,
+}
+
+impl Entry {
+    fn new(pin: Pin, lifetime: Lifetime, written: SystemTime, now: Instant) -> Self {
+        let age = SystemTime::now().duration_since(written).unwrap_or_default();
+        let born = now.checked_sub(age).unwrap_or(now);
+        let mut entry = Entry { pin, lifetime, written, born, expires: now, verified: None, touched: false };
+        entry.extend(now);
+        entry
+    }
+
+    /// Extends the idle lifetime from `now`, within the absolute cap.
+    fn extend(&mut self, now: Instant) {
+        self.expires = now + self.lifetime.remaining(now.saturating_duration_since(self.born));
+    }
+
+    fn is_live(&self, now: Instant) -> bool {
+        now < self.expires
+    }
+}
+
+/// A pin used since the last refresh, for the shared store's batched TTL refresh.
+pub struct Touched {
+    pub key: PinKey,
+    pub pin: Pin,
+    pub lifetime: Lifetime,
+    pub written: SystemTime,
+    /// How long the pin may still live, counted from now.
+    pub remaining: Duration,
+    /// Whether the shared store holds it; `false` for pins written during an outage.
+    pub synced: bool,
+}
+
+struct Table {
+    map: LruCache<PinKey, Entry>,
+    touched: Vec<PinKey>,
+}
+
+/// One shard on cache lines of its own, so threads working on neighbouring shards do not slow
+/// each other down (128 bytes: adjacent-line prefetch pairs lines on x86).
+#[repr(align(128))]
+struct Shard(Mutex<Table>);
+
+pub struct MemoryPins {
+    shards: Box<[Shard]>,
+    per_shard: usize,
+    /// Remember which pins were used, for a shared store's refresh.
+    track_use: bool,
+    /// Bumped when near-cache entries can no longer be trusted (missed invalidations).
+    epoch: AtomicU64,
+}
+
+impl MemoryPins {
+    /// A store holding at most `max_entries` pins.
+    pub fn new(max_entries: u64) -> Self {
+        Self::build(max_entries, false)
+    }
+
+    /// A store that is also the near cache of a shared store.
+    pub fn near_cache(max_entries: u64) -> Self {
+        Self::build(max_entries, true)
+    }
+
+    fn build(max_entries: u64, track_use: bool) -> Self {
+        let shards = (max_entries / MIN_ENTRIES_PER_SHARD).clamp(1, MAX_SHARDS as u64);
+        let per_shard = usize::try_from(max_entries / shards).unwrap_or(usize::MAX).max(1);
+        // Unbounded maps that grow with use: a bounded `LruCache` allocates its whole capacity up
+        // front, which costs memory at idle and cache misses on every lookup. The bound is kept
+        // on insert instead.
+        let table = || Shard(Mutex::new(Table { map: LruCache::unbounded(), touched: Vec::new() }));
+        MemoryPins { shards: (0..shards).map(|_| table()).collect(), per_shard, track_use, epoch: AtomicU64::new(0) }
+    }
+
+    fn shard(&self, key: &PinKey) -> MutexGuard<'_, Table> {
+        // The low 64 bits of the hash are as uniform as all 128, and dividing them is a machine
+        // instruction rather than a 128-bit software division.
+        let shard = &self.shards[(key.id_hash as u64 % self.shards.len() as u64) as usize];
+        lock(shard)
+    }
+
+    /// The pin for `key`, extending its idle lifetime.
+    pub fn get(&self, key: &PinKey) -> Option<Pin> {
+        self.lookup(key, |_| true)
+    }
+
+    /// The pin for `key` if the shared store confirmed it less than `max_staleness` ago and
+    /// nothing invalidated the near cache since.
+    pub fn get_verified(&self, key: &PinKey, max_staleness: Duration) -> Option<Pin> {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let now = Instant::now();
+        self.lookup(key, |entry| {
+            entry.verified.is_some_and(|(e, at)| e == epoch && now.saturating_duration_since(at) < max_staleness)
+        })
+    }
+
+    fn lookup(&self, key: &PinKey, usable: impl Fn(&Entry) -> bool) -> Option<Pin> {
+        let now = Instant::now();
+        let mut table = self.shard(key);
+        let Table { map, touched } = &mut *table;
+        match map.get_mut(key) {
+            Some(entry) if entry.is_live(now) => {
+                if !usable(entry) {
+                    return None;
+                }
+                entry.extend(now);
+                if self.track_use && !entry.touched {
+                    entry.touched = true;
+                    touched.push(key.clone());
+                }
+                Some(entry.pin.clone())
+            }
+            Some(_) => {
+                map.pop(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Pins `key` unless it holds a live pin other than `expected` (`None`: unless it holds
+    /// any): first writer wins, and re-pins are compare-and-set.
+    pub fn write(&self, key: &PinKey, expected: Option<&Pin>, pin: Pin, lifetime: Lifetime) -> Written {
+        let now = Instant::now();
+        let mut table = self.shard(key);
+        if let Some(current) = table.map.get(key).filter(|e| e.is_live(now))
+            && Some(&current.pin) != expected
+        {
+            return Written { pin: current.pin.clone(), won: false };
+        }
+        let mut entry = Entry::new(pin.clone(), lifetime, SystemTime::now(), now);
+        if self.track_use {
+            entry.touched = true;
+            table.touched.push(key.clone());
+        }
+        self.insert(&mut table, key, entry);
+        Written { pin, won: true }
+    }
+
+    /// Stores a pin the shared store just confirmed.
+    pub fn put_verified(&self, key: &PinKey, pin: Pin, lifetime: Lifetime, written: SystemTime) {
+        let now = Instant::now();
+        let mut entry = Entry::new(pin, lifetime, written, now);
+        entry.verified = Some((self.epoch.load(Ordering::Acquire), now));
+        let mut table = self.shard(key);
+        self.insert(&mut table, key, entry);
+    }
+
+    fn insert(&self, table: &mut Table, key: &PinKey, entry: Entry) {
+        table.map.put(key.clone(), entry);
+        if table.map.len() > self.per_shard {
+            table.map.pop_lru();
+        }
+    }
+
+    pub fn remove(&self, key: &PinKey) {
+        self.shard(key).map.pop(key);
+    }
+
+    /// Makes every entry unverified, so each is re-read from the shared store on next use.
+    pub fn distrust_all(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The live pins used since the last call.
+    pub fn take_touched(&self) -> Vec<Touched> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let mut table = lock(shard);
+            let Table { map, touched } = &mut *table;
+            for key in touched.drain(..) {
+                if let Some(entry) = map.peek_mut(&key) {
+                    entry.touched = false;
+                    if entry.is_live(now) {
+                        let remaining = entry.expires.saturating_duration_since(now);
+                        let (pin, lifetime, written, synced) =
+                            (entry.pin.clone(), entry.lifetime, entry.written, entry.verified.is_some());
+                        out.push(Touched { key, pin, lifetime, written, remaining, synced });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Drops expired pins from the cold end of each shard and returns the entries held.
+    /// Pins that expired behind a live one are dropped when next looked up, or evicted.
+    pub fn sweep(&self) -> u64 {
+        let now = Instant::now();
+        let mut held = 0;
+        for shard in self.shards.iter() {
+            let mut table = lock(shard);
+            for _ in 0..SWEEP_PER_SHARD {
+                match table.map.peek_lru() {
+                    Some((_, entry)) if !entry.is_live(now) => table.map.pop_lru(),
+                    _ => break,
+                };
+            }
+            held += table.map.len() as u64;
+        }
+        held
+    }
+}
+
+fn lock(shard: &Shard) -> MutexGuard<'_, Table> {
+    shard.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use crate::pins::PinKind;
+
+    fn key(scope: &str, id: &str) -> PinKey {
+        PinKey::new(&Arc::from(scope), PinKind::Session, id.as_bytes())
+    }
+
+    const LONG: Lifetime = Lifetime { ttl: Duration::from_secs(600), max_age: None };
+    const POD_A: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
+    const POD_B: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 2);
+
+    #[test]
+    fn first_writer_wins_and_replace_is_compare_and_set() {
+        let pins = MemoryPins::new(100);
+        let k = key("ns/svc", "abc");
+        assert!(pins.write(&k, None, Pin::session("r1", POD_A), LONG).won);
+        let second = pins.write(&k, None, Pin::session("r1", POD_B), LONG);
+        assert_eq!(second, Written { pin: Pin::session("r1", POD_A), won: false });
+
+        let stale = pins.write(&k, Some(&Pin::session("r1", POD_B)), Pin::session("r2", POD_B), LONG);
+        assert_eq!(stale, Written { pin: Pin::session("r1", POD_A), won: false });
+        let fresh = pins.write(&k, Some(&Pin::session("r1", POD_A)), Pin::session("r1", POD_B), LONG);
+        assert!(fresh.won);
+        assert_eq!(pins.get(&k), Some(Pin::session("r1", POD_B)));
+    }
+
+    #[test]
+    fn idle_pins_expire_and_use_extends_them() {
+        let pins = MemoryPins::new(100);
+        let short = Lifetime { ttl: Duration::from_millis(200), max_age: None };
+        let (used, idle) = (key("ns/svc", "used"), key("ns/svc", "idle"));
+        pins.write(&used, None, Pin::flow("r1"), short);
+        pins.write(&idle, None, Pin::flow("r1"), short);
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            assert!(pins.get(&used).is_some(), "a pin in use stays");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(pins.get(&idle).is_none(), "an idle pin expires");
+        assert_eq!(pins.sweep(), 1);
+    }
+
+    #[test]
+    fn sweep_drops_expired_pins_nobody_asks_for() {
+        let pins = MemoryPins::new(100);
+        let short = Lifetime { ttl: Duration::from_millis(50), max_age: None };
+        for i in 0..10 {
+            pins.write(&key("ns/svc", &i.to_string()), None, Pin::flow("r1"), short);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pins.sweep() > 0 {
+            assert!(Instant::now() < deadline, "expired pins were never swept");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn max_age_caps_a_pin_in_use() {
+        let pins = MemoryPins::new(100);
+        let capped = Lifetime { ttl: Duration::from_secs(60), max_age: Some(Duration::from_millis(150)) };
+        let k = key("ns/svc", "capped");
+        pins.write(&k, None, Pin::flow("r1"), capped);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pins.get(&k).is_some() {
+            assert!(Instant::now() < deadline, "max-age never expired the pin");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn entry_count_stays_at_the_bound() {
+        let pins = MemoryPins::new(50);
+        for i in 0..1000 {
+            pins.write(&key("ns/svc", &i.to_string()), None, Pin::flow("r1"), LONG);
+        }
+        assert_eq!(pins.sweep(), 50);
+        let big = MemoryPins::new(1_000_000);
+        for i in 0..10_000 {
+            big.write(&key("ns/svc", &i.to_string()), None, Pin::flow("r1"), LONG);
+        }
+        assert_eq!(big.shards.len(), MAX_SHARDS);
+        assert_eq!(big.sweep(), 10_000);
+    }
+
+    #[test]
+    fn near_cache_trusts_only_recent_verifications_of_this_epoch() {
+        let pins = MemoryPins::near_cache(100);
+        let k = key("ns/svc", "abc");
+        pins.write(&k, None, Pin::flow("r1"), LONG);
+        assert!(pins.get_verified(&k, Duration::from_secs(5)).is_none(), "a local write is not verified");
+        pins.put_verified(&k, Pin::flow("r1"), LONG, SystemTime::now());
+        assert_eq!(pins.get_verified(&k, Duration::from_secs(5)), Some(Pin::flow("r1")));
+        assert!(pins.get_verified(&k, Duration::ZERO).is_none(), "too old");
+        pins.distrust_all();
+        assert!(pins.get_verified(&k, Duration::from_secs(5)).is_none(), "distrusted");
+        assert_eq!(pins.get(&k), Some(Pin::flow("r1")), "still usable as a local pin");
+    }
+
+    #[test]
+    fn used_pins_are_reported_once_per_refresh() {
+        let pins = MemoryPins::near_cache(100);
+        let (a, b) = (key("ns/svc", "a"), key("ns/svc", "b"));
+        pins.write(&a, None, Pin::flow("r1"), LONG);
+        pins.put_verified(&b, Pin::flow("r2"), LONG, SystemTime::now());
+        for _ in 0..3 {
+            pins.get(&b);
+        }
+        let mut touched = pins.take_touched();
+        touched.sort_by_key(|t| t.pin.revision.clone());
+        let summary: Vec<_> = touched.iter().map(|t| (&*t.pin.revision, t.synced)).collect();
+        assert_eq!(summary, [("r1", false), ("r2", true)]);
+        assert!(pins.take_touched().is_empty());
+        assert!(MemoryPins::new(100).take_touched().is_empty(), "a local store tracks nothing");
+    }
+}

@@ -1,0 +1,301 @@
+//! The pin table: which revision a flow is pinned to, and which revision and pod a session is
+//! pinned to, with idle and absolute lifetimes.
+//!
+//! Owns pin keys (scoped by namespace and service, ids hashed, never stored raw), the value
+//! format, and the first-writer-wins and compare-and-set rules, over two stores: `memory` (this
+//! replica's pins; with Redis, also the near cache that keeps known pins off the network) and
+//! `shared` (Redis, so every replica routes a session the same way). Must not decide where a
+//! request goes; `affinity::decide` does.
+
+mod memory;
+mod shared;
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::{IntCounter, IntGauge};
+
+pub use memory::MemoryPins;
+pub use shared::{INVALIDATIONS, SharedConfig, SharedPins, key_report};
+
+use crate::stats::Stats;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PinKind {
+    /// A session id: pins a revision and a pod.
+    Session,
+    /// A flow id: pins a revision.
+    Flow,
+}
+
+impl PinKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinKind::Session => "session",
+            PinKind::Flow => "flow",
+        }
+    }
+
+    fn tag(self) -> char {
+        match self {
+            PinKind::Session => 's',
+            PinKind::Flow => 'r',
+        }
+    }
+}
+
+/// Where one id of one service is pinned. The service scope is part of the key, so one
+/// tenant's ids can never read or write another tenant's pins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinKey {
+    /// `<namespace>/<service>`.
+    scope: Arc<str>,
+    kind: PinKind,
+    id_hash: u128,
+}
+
+impl PinKey {
+    pub fn new(scope: &Arc<str>, kind: PinKind, id: &[u8]) -> Self {
+        // xxh3-128 is stable across processes and versions, so every replica derives the same
+        // key for the same id.
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        hasher.update(scope.as_bytes());
+        hasher.update(&[0]);
+        hasher.update(id);
+        PinKey { scope: scope.clone(), kind, id_hash: hasher.digest128() }
+    }
+
+    pub fn kind(&self) -> PinKind {
+        self.kind
+    }
+
+    /// The Redis pattern matching every pin of one service.
+    pub fn service_pattern(namespace: &str, service: &str) -> String {
+        format!("aa:{{{namespace}/{service}}}:*")
+    }
+}
+
+impl Hash for PinKey {
+    /// The id hash is already uniform and covers the scope; equality still compares the scope.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u128(self.id_hash);
+    }
+}
+
+impl fmt::Display for PinKey {
+    /// The shared-store key: `aa:{<ns>/<svc>}:<s|r>:<hash>`; the braces are a Redis Cluster hash
+    /// tag that keeps one service's pins in one slot.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "aa:{{{}}}:{}:{:032x}", self.scope, self.kind.tag(), self.id_hash)
+    }
+}
+
+impl FromStr for PinKey {
+    type Err = ();
+
+    fn from_str(key: &str) -> Result<Self, ()> {
+        let rest = key.strip_prefix("aa:{").ok_or(())?;
+        let (scope, rest) = rest.split_once("}:").ok_or(())?;
+        let (tag, hash) = rest.split_once(':').ok_or(())?;
+        let kind = match tag {
+            "s" => PinKind::Session,
+            "r" => PinKind::Flow,
+            _ => return Err(()),
+        };
+        if hash.len() != 32 {
+            return Err(());
+        }
+        let id_hash = u128::from_str_radix(hash, 16).map_err(|_| ())?;
+        Ok(PinKey { scope: scope.into(), kind, id_hash })
+    }
+}
+
+/// What a key is pinned to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pin {
+    pub revision: Arc<str>,
+    /// Set for sessions: the pod inside `revision`.
+    pub pod: Option<SocketAddr>,
+}
+
+impl Pin {
+    pub fn flow(revision: &str) -> Self {
+        Pin { revision: revision.into(), pod: None }
+    }
+
+    pub fn session(revision: &str, pod: SocketAddr) -> Self {
+        Pin { revision: revision.into(), pod: Some(pod) }
+    }
+
+    /// `<revision> <ip:port>` (`-` for a flow): the part of the stored value that names the target.
+    fn target(&self) -> String {
+        match self.pod {
+            Some(pod) => format!("{} {pod}", self.revision),
+            None => format!("{} -", self.revision),
+        }
+    }
+
+    /// The stored value: the target and when the pin was first written (Unix milliseconds), which
+    /// every replica needs to honour `sticky-max-age`.
+    fn encode(&self, written: SystemTime) -> String {
+        format!("{} {}", self.target(), unix_millis(written))
+    }
+
+    /// Reads a stored value; anything else is garbage and reads as no pin.
+    fn decode(value: &[u8]) -> Option<(Pin, SystemTime)> {
+        let text = std::str::from_utf8(value).ok()?;
+        let mut fields = text.split(' ');
+        let revision = fields.next().filter(|r| !r.is_empty() && r.len() <= 253)?;
+        let pod = match fields.next()? {
+            "-" => None,
+            pod => Some(pod.parse().ok()?),
+        };
+        let written = UNIX_EPOCH + Duration::from_millis(fields.next()?.parse().ok()?);
+        fields.next().is_none().then(|| (Pin { revision: revision.into(), pod }, written))
+    }
+}
+
+fn unix_millis(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// How long a pin lives: `ttl` after its last use, and never longer than `max_age` after it
+/// was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifetime {
+    pub ttl: Duration,
+    pub max_age: Option<Duration>,
+}
+
+impl Lifetime {
+    /// How long a pin written at `written` may live from `now` on.
+    fn remaining(&self, age: Duration) -> Duration {
+        match self.max_age {
+            Some(max) => self.ttl.min(max.saturating_sub(age)),
+            None => self.ttl,
+        }
+    }
+}
+
+/// The outcome of a conditional write: the pin that holds now, and whether it is ours.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Written {
+    pub pin: Pin,
+    pub won: bool,
+}
+
+/// The pin table the request path talks to, with its accounting.
+pub struct Pins {
+    memory: Arc<MemoryPins>,
+    shared: Option<Arc<SharedPins>>,
+    /// `[kind][hit, miss]`, resolved once so a lookup never hashes label strings.
+    lookups: [[IntCounter; 2]; 2],
+    /// `[kind][new, repin, conflict]`.
+    writes: [[IntCounter; 3]; 2],
+    entries: IntGauge,
+}
+
+const KINDS: [PinKind; 2] = [PinKind::Session, PinKind::Flow];
+
+impl Pins {
+    /// Pins kept in this replica only.
+    pub fn local(max_entries: u64, stats: &Stats) -> Self {
+        Self::with_memory(Arc::new(MemoryPins::new(max_entries)), None, stats)
+    }
+
+    /// Pins shared through Redis, with this replica's pins as near cache and fallback.
+    pub fn shared(max_entries: u64, config: SharedConfig, stats: &Stats) -> anyhow::Result<Self> {
+        let memory = Arc::new(MemoryPins::near_cache(max_entries));
+        let shared = SharedPins::start(config, memory.clone(), stats)?;
+        Ok(Self::with_memory(memory, Some(shared), stats))
+    }
+
+    fn with_memory(memory: Arc<MemoryPins>, shared: Option<Arc<SharedPins>>, stats: &Stats) -> Self {
+        let lookups = KINDS.map(|k| ["hit", "miss"].map(|r| stats.pin_lookups.with_label_values(&[k.as_str(), r])));
+        let writes =
+            KINDS.map(|k| ["new", "repin", "conflict"].map(|r| stats.pin_writes.with_label_values(&[k.as_str(), r])));
+        Pins { memory, shared, lookups, writes, entries: stats.pin_entries.clone() }
+    }
+
+    /// The pin for `key`. `lifetime_of` gives the lifetime of pins into a revision, for pins
+    /// read from the shared store.
+    pub async fn get(&self, key: &PinKey, lifetime_of: &(dyn Fn(&str) -> Lifetime + Sync)) -> Option<Pin> {
+        let pin = match &self.shared {
+            Some(shared) => shared.get(key, lifetime_of).await,
+            None => self.memory.get(key),
+        };
+        self.lookups[key.kind as usize][usize::from(pin.is_none())].inc();
+        pin
+    }
+
+    /// Writes `pin` for `key`: created if `expected` is `None`, else compare-and-set against
+    /// `expected`. Returns the pin that holds afterwards, which is another writer's on a lost race.
+    pub async fn write(&self, key: &PinKey, expected: Option<&Pin>, pin: Pin, lifetime: Lifetime) -> Pin {
+        let written = match &self.shared {
+            Some(shared) => shared.write(key, expected, pin, lifetime).await,
+            None => self.memory.write(key, expected, pin, lifetime),
+        };
+        let outcome = match (written.won, expected) {
+            (true, None) => 0,
+            (true, Some(_)) => 1,
+            (false, _) => 2,
+        };
+        self.writes[key.kind as usize][outcome].inc();
+        written.pin
+    }
+
+    /// Drops expired pins and publishes the entry count; run periodically.
+    pub fn maintain(&self) {
+        self.entries.set(i64::try_from(self.memory.sweep()).unwrap_or(i64::MAX));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_scoped_hashed_stable_and_parse_back() {
+        let scope: Arc<str> = Arc::from("ns/svc");
+        let a = PinKey::new(&scope, PinKind::Session, b"abc");
+        assert_eq!(a, PinKey::new(&scope, PinKind::Session, b"abc"));
+        assert_ne!(a, PinKey::new(&Arc::from("ns/other"), PinKind::Session, b"abc"));
+        assert_ne!(a, PinKey::new(&scope, PinKind::Session, b"abd"));
+        let text = a.to_string();
+        assert!(text.starts_with("aa:{ns/svc}:s:"), "{text}");
+        assert!(!text.contains("abc"), "ids are never stored raw: {text}");
+        assert_eq!(text.len(), "aa:{ns/svc}:s:".len() + 32);
+        assert_eq!(text.parse::<PinKey>(), Ok(a));
+        let flow = PinKey::new(&scope, PinKind::Flow, b"abc");
+        assert_eq!(flow.to_string().parse::<PinKey>(), Ok(flow));
+        for bad in ["", "aa:{ns/svc}:x:00", "aa:ns/svc:s:00", "aa:{ns/svc}:s:zz", "bogus"] {
+            assert!(bad.parse::<PinKey>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn values_round_trip_and_garbage_is_refused() {
+        let written = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let pod: SocketAddr = "10.0.0.7:8012".parse().unwrap();
+        let session = Pin::session("counter-00001", pod);
+        assert_eq!(session.encode(written), "counter-00001 10.0.0.7:8012 1700000000123");
+        assert_eq!(Pin::decode(session.encode(written).as_bytes()), Some((session, written)));
+        let flow = Pin::flow("counter-00002");
+        assert_eq!(Pin::decode(flow.encode(written).as_bytes()), Some((flow, written)));
+        for garbage in [&b""[..], b"rev", b"rev notapod 1", b"rev - x", b"rev - 1 extra", b"\xff\xfe - 1", b" - 1"] {
+            assert_eq!(Pin::decode(garbage), None, "{:?}", String::from_utf8_lossy(garbage));
+        }
+    }
+
+    #[test]
+    fn max_age_shortens_the_remaining_lifetime() {
+        let capped = Lifetime { ttl: Duration::from_secs(600), max_age: Some(Duration::from_secs(700)) };
+        assert_eq!(capped.remaining(Duration::from_secs(0)), Duration::from_secs(600));
+        assert_eq!(capped.remaining(Duration::from_secs(500)), Duration::from_secs(200));
+        assert_eq!(capped.remaining(Duration::from_secs(800)), Duration::ZERO);
+    }
+}

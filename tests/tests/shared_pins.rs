@@ -1,0 +1,306 @@
+//! The shared pin table: several activator replicas, one real `redis-server`, real demo pods.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use integration_tests::redis::Redis;
+use integration_tests::topology::{Service, yaml};
+use integration_tests::{Client, Env, Process, admin_get, bin_dir, metric, metric_sum, wait_until};
+
+/// Three pods of one revision behind two activators sharing one Redis.
+struct Cluster {
+    _env: Env,
+    redis: Redis,
+    _pods: Vec<Process>,
+    a: Process,
+    b: Process,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let env = Env::new();
+        let redis = Redis::start(env.dir.path()).await;
+        let mut pods = Vec::new();
+        for i in 0..3 {
+            pods.push(env.demo(&format!("pod-{i}"), "counter-1").await);
+        }
+        let addrs: Vec<SocketAddr> = pods.iter().map(|p| p.addr("http")).collect();
+        env.write_topology(&yaml(&[Service::new("counter").revision("counter-1", 100, &addrs)]));
+        let a = env.shared_activator(&redis).await;
+        let b = env.shared_activator(&redis).await;
+        Cluster { _env: env, redis, _pods: pods, a, b }
+    }
+
+    fn clients(&self) -> (Client, Client) {
+        (Client::new(self.a.addr("proxy")), Client::new(self.b.addr("proxy")))
+    }
+
+    async fn pins(&self, args: &[&str]) -> (bool, String) {
+        let out = tokio::process::Command::new(bin_dir().join("activator"))
+            .args(["pins"])
+            .args(args)
+            .args(["--redis-url", &self.redis.url()])
+            .output()
+            .await
+            .expect("running activator pins");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+async fn session(client: &Client, id: &str) -> integration_tests::Reply {
+    let reply = client.get_with("counter.test", &format!("/incr?session_id={id}"), &[("K-Session", id)]).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    reply
+}
+
+/// A new session pinned through one activator is honoured through the other.
+async fn shares_new_pins(from: &Client, to: &Client, id: &str) -> bool {
+    let first = from.get_with("counter.test", "/incr", &[("K-Session", id)]).await;
+    let second = to.get_with("counter.test", "/incr", &[("K-Session", id)]).await;
+    first.status == 200 && second.status == 200 && first.pod() == second.pod()
+}
+
+/// Both replicas report the store up and three new sessions in a row are shared (one could agree
+/// by chance: three pods).
+async fn sharing_resumed(cluster: &Cluster, tag: String) -> bool {
+    let (a, b) = cluster.clients();
+    for admin in [cluster.a.addr("admin"), cluster.b.addr("admin")] {
+        let (_, text) = admin_get(admin, "/metrics").await;
+        if metric(&text, "activator_pin_store_up", &[]) != Some(1.0) {
+            return false;
+        }
+    }
+    for i in 0..3 {
+        if !shares_new_pins(&a, &b, &format!("{tag}-{i}")).await {
+            return false;
+        }
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_routes_a_session_to_the_same_pod() {
+    let cluster = Cluster::start().await;
+    let (a, b) = cluster.clients();
+    for id in ["s1", "s2", "s3", "s4", "s5", "s6"] {
+        let mut pod = None;
+        for (round, via) in [&a, &b, &a, &b].into_iter().enumerate() {
+            let reply = session(via, id).await;
+            assert_eq!(reply.body, format!("session={id}, count={}\n", round + 1), "round {} of {id}", round + 1);
+            assert_eq!(pod.get_or_insert_with(|| reply.pod().to_owned()), reply.pod(), "round {} of {id}", round + 1);
+        }
+    }
+
+    let (found, report) = cluster.pins(&["get", "--service", "counter", "--session", "s1"]).await;
+    assert!(found, "{report}");
+    assert!(
+        report.contains("aa:{default/counter}:s:") && report.contains("revision counter-1 pod 127.0.0.1:"),
+        "{report}"
+    );
+    let (listed, list) = cluster.pins(&["list", "--service", "counter"]).await;
+    assert!(listed && list.contains("6 pins for default/counter"), "{list}");
+    let (deleted, _) = cluster.pins(&["delete", "--service", "counter", "--session", "s1"]).await;
+    assert!(deleted);
+    let (found, report) = cluster.pins(&["get", "--service", "counter", "--session", "s1"]).await;
+    assert!(!found && report.contains("no pin"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_first_requests_through_two_replicas_agree() {
+    let cluster = Cluster::start().await;
+    let (a, b) = cluster.clients();
+    for i in 0..100 {
+        let id = format!("race-{i}");
+        let headers = [("K-Session", id.as_str())];
+        let (x, y) =
+            tokio::join!(a.get_with("counter.test", "/incr", &headers), b.get_with("counter.test", "/incr", &headers));
+        assert_eq!((x.status, y.status), (200, 200));
+        assert_eq!(x.pod(), y.pod(), "session {id}");
+    }
+    let (_, text) = admin_get(cluster.a.addr("admin"), "/metrics").await;
+    let lost = metric(&text, "activator_pin_writes_total", &[("kind", "session"), ("result", "conflict")]);
+    let (_, text) = admin_get(cluster.b.addr("admin"), "/metrics").await;
+    let lost_b = metric(&text, "activator_pin_writes_total", &[("kind", "session"), ("result", "conflict")]);
+    eprintln!("lost races: A {lost:?}, B {lost_b:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_fails_no_request_and_sharing_resumes() {
+    let mut cluster = Cluster::start().await;
+    let (a, b) = cluster.clients();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load: Vec<_> = [a.clone(), b.clone()]
+        .into_iter()
+        .enumerate()
+        .map(|(n, client)| {
+            let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+            tokio::spawn(async move {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = format!("load-{n}-{}", i % 20);
+                    let req = client.request(reqwest::Method::GET, "counter.test", "/incr").header("K-Session", id);
+                    if !client.try_send(req).await.is_ok_and(|r| r.status == 200) {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    wait_until(Duration::from_secs(10), "load flows", || async { sent.load(Ordering::Relaxed) > 100 }).await;
+
+    cluster.redis.kill().await;
+    let admin = cluster.a.addr("admin");
+    wait_until(Duration::from_secs(10), "A notices the outage", || async {
+        let (_, text) = admin_get(admin, "/metrics").await;
+        metric(&text, "activator_pin_store_up", &[]) == Some(0.0)
+    })
+    .await;
+    // Sessions stay on one pod per replica while Redis is away.
+    for (via, id) in [(&a, "outage-a"), (&b, "outage-b")] {
+        let pod = session(via, id).await.pod().to_owned();
+        for _ in 0..5 {
+            assert_eq!(session(via, id).await.pod(), pod, "{id} during the outage");
+        }
+    }
+    let during = sent.load(Ordering::Relaxed);
+    wait_until(Duration::from_secs(10), "load goes on during the outage", || async {
+        sent.load(Ordering::Relaxed) > during + 100
+    })
+    .await;
+
+    cluster.redis.restart().await;
+    let mut n = 0;
+    wait_until(Duration::from_secs(30), "new sessions pinned via A are honoured via B", || {
+        n += 1;
+        sharing_resumed(&cluster, format!("after-{n}"))
+    })
+    .await;
+    // A session pinned during the outage is pushed to Redis once it is used again, so the other
+    // replica follows it.
+    let pinned_during = session(&a, "outage-a").await.pod().to_owned();
+    let (pushed, _) = cluster.pins(&["get", "--service", "counter", "--session", "outage-a"]).await;
+    if !pushed {
+        wait_until(Duration::from_secs(10), "the outage pin reaches Redis", || async {
+            session(&a, "outage-a").await;
+            cluster.pins(&["get", "--service", "counter", "--session", "outage-a"]).await.0
+        })
+        .await;
+    }
+    assert_eq!(session(&b, "outage-a").await.pod(), pinned_during);
+    for i in 0..10 {
+        let shared = shares_new_pins(&a, &b, &format!("shared-again-{i}")).await;
+        assert!(shared, "round {i}\nA:\n{}\nB:\n{}", cluster.a.logs(), cluster.b.logs());
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "failed of {} requests", sent.load(Ordering::Relaxed));
+    let (_, text) = admin_get(admin, "/metrics").await;
+    assert!(metric_sum(&text, "activator_pin_store_errors_total") >= 1.0, "errors are counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_redis_connections_recover_without_a_restart() {
+    let cluster = Cluster::start().await;
+    let (a, b) = cluster.clients();
+    assert!(shares_new_pins(&a, &b, "before").await);
+    let killed = cluster.redis.cli(&["CLIENT", "KILL", "TYPE", "normal"]).await;
+    assert!(killed.trim().parse::<u32>().unwrap_or(0) >= 2, "killed {killed}");
+    let mut n = 0;
+    wait_until(Duration::from_secs(30), "sharing works again", || {
+        n += 1;
+        sharing_resumed(&cluster, format!("after-kill-{n}"))
+    })
+    .await;
+    for i in 0..10 {
+        assert!(shares_new_pins(&a, &b, &format!("still-shared-{i}")).await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_ids_never_steer_another() {
+    let env = Env::new();
+    let redis = Redis::start(env.dir.path()).await;
+    let mut pods = Vec::new();
+    for i in 0..3 {
+        pods.push(env.demo(&format!("pod-{i}"), "counter-1").await);
+    }
+    let addrs: Vec<SocketAddr> = pods.iter().map(|p| p.addr("http")).collect();
+    // Same service and revision names, same pods: only the namespace tells them apart.
+    env.write_topology(&yaml(&[
+        Service::new("counter").in_namespace("tenant-a").revision("counter-1", 100, &addrs),
+        Service::new("counter").in_namespace("tenant-b").revision("counter-1", 100, &addrs),
+    ]));
+    let activator = env.shared_activator(&redis).await;
+    let client = Client::new(activator.addr("proxy"));
+    let mut same = 0;
+    for i in 0..20 {
+        let id = format!("user-{i}");
+        let in_a = client.get_with("counter.tenant-a.test", "/incr", &[("K-Session", &id)]).await;
+        let in_b = client.get_with("counter.tenant-b.test", "/incr", &[("K-Session", &id)]).await;
+        assert_eq!(in_b.header("x-activator-decision"), "new-pin", "tenant-b's {id} is not pinned by tenant-a's");
+        same += usize::from(in_a.pod() == in_b.pod());
+    }
+    assert!(same < 20, "tenant-b's sessions follow tenant-a's pins");
+    let keys = redis.cli(&["--scan", "--pattern", "aa:*"]).await;
+    assert_eq!(keys.lines().filter(|k| k.starts_with("aa:{tenant-a/counter}:s:")).count(), 20, "{keys}");
+    assert_eq!(keys.lines().filter(|k| k.starts_with("aa:{tenant-b/counter}:s:")).count(), 20, "{keys}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_in_a_pin_key_is_a_miss_and_gets_overwritten() {
+    let cluster = Cluster::start().await;
+    let (a, _) = cluster.clients();
+    // A fresh id each round, so no near cache holds it and the request has to read Redis.
+    for (i, garbage) in ["not a pin", "counter-1 999.1.1.1:80 1", "\u{1}\u{2}binary"].into_iter().enumerate() {
+        let id = format!("victim-{i}");
+        let (_, report) = cluster.pins(&["get", "--service", "counter", "--session", &id]).await;
+        let key = report.lines().find_map(|l| l.strip_prefix("key")).expect("the key is printed").trim().to_owned();
+        cluster.redis.cli(&["SET", &key, garbage]).await;
+        let reply = a.get_with("counter.test", "/incr", &[("K-Session", &id)]).await;
+        assert_eq!(reply.status, 200, "{garbage:?}: {reply:?}");
+        let (found, report) = cluster.pins(&["get", "--service", "counter", "--session", &id]).await;
+        assert!(found && report.contains(&format!("revision counter-1 pod {}", "127.0.0.1:")), "overwritten: {report}");
+    }
+    assert!(cluster.a.logs().contains("ignoring a malformed pin in Redis"));
+    let (_, text) = admin_get(cluster.a.addr("admin"), "/metrics").await;
+    assert!(metric(&text, "activator_pin_store_errors_total", &[("op", "decode")]).unwrap_or(0.0) >= 3.0, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_fails_no_request() {
+    let cluster = Cluster::start().await;
+    let (a, b) = cluster.clients();
+    // Requests keep going for as long as Redis is frozen.
+    let freeze = cluster.redis.cli(&["DEBUG", "SLEEP", "2"]);
+    tokio::pin!(freeze);
+    let mut sent = 0;
+    loop {
+        let id = format!("frozen-{sent}");
+        let session = [("K-Session", id.as_str())];
+        let via = if sent % 2 == 0 { &a } else { &b };
+        tokio::select! {
+            _ = &mut freeze => break,
+            reply = via.get_with("counter.test", "/incr", &session) => {
+                assert_eq!(reply.status, 200, "{reply:?}");
+                sent += 1;
+            }
+        }
+    }
+    let (_, text) = admin_get(cluster.a.addr("admin"), "/metrics").await;
+    assert!(metric_sum(&text, "activator_pin_store_errors_total") >= 1.0, "timeouts are counted:\n{text}");
+    assert!(sent > 10, "only {sent} requests while Redis was frozen");
+    let mut n = 0;
+    wait_until(Duration::from_secs(30), "sharing resumes after the freeze", || {
+        n += 1;
+        sharing_resumed(&cluster, format!("thawed-{n}"))
+    })
+    .await;
+}
