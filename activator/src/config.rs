@@ -76,6 +76,11 @@ pub struct Config {
     #[arg(long, env = "ACTIVATOR_TOPOLOGY")]
     pub topology: Option<PathBuf>,
 
+    /// Endpoints published by `autoscaler-shim --backend process` (local mode), added to the
+    /// topology's; watched like the topology.
+    #[arg(long, env = "ACTIVATOR_ENDPOINTS_FILE")]
+    pub endpoints_file: Option<PathBuf>,
+
     /// How often the topology file is checked for changes.
     #[arg(long, env = "ACTIVATOR_TOPOLOGY_POLL_INTERVAL", default_value = "200ms", value_parser = humantime::parse_duration)]
     pub topology_poll_interval: Duration,
@@ -98,9 +103,33 @@ pub struct Config {
     #[arg(long, env = "ACTIVATOR_GRACE_TIMEOUT", default_value = "600s", value_parser = humantime::parse_duration)]
     pub grace_timeout: Duration,
 
-    /// Requests that may wait for capacity in one revision; beyond it, 503 with Retry-After.
+    /// Requests that may wait for capacity (or for a first pod) in one revision; beyond it, 503
+    /// with Retry-After.
     #[arg(long, env = "ACTIVATOR_MAX_QUEUE", default_value_t = 10_000)]
     pub max_queue: usize,
+
+    /// Body bytes the requests waiting in one revision may hold (Content-Length, or 64 KiB for a
+    /// body of unknown length).
+    #[arg(long, env = "ACTIVATOR_MAX_QUEUE_BYTES", default_value_t = 64 << 20)]
+    pub max_queue_bytes: u64,
+
+    /// Requests that may wait across all revisions.
+    #[arg(long, env = "ACTIVATOR_MAX_QUEUE_TOTAL", default_value_t = 100_000)]
+    pub max_queue_total: u64,
+
+    /// Body bytes the waiting requests of all revisions may hold.
+    #[arg(long, env = "ACTIVATOR_MAX_QUEUE_BYTES_TOTAL", default_value_t = 512 << 20)]
+    pub max_queue_bytes_total: u64,
+
+    /// The autoscaler's stat websocket, e.g. `ws://autoscaler.knative-serving.svc.cluster.local:8080`
+    /// or an `autoscaler-shim`. Unset: nobody is told about demand (and readiness does not
+    /// depend on it).
+    #[arg(long, env = "ACTIVATOR_AUTOSCALER_URL")]
+    pub autoscaler_url: Option<String>,
+
+    /// This activator's pod name in its stat reports.
+    #[arg(long, env = "POD_NAME", default_value = "activator")]
+    pub pod_name: String,
 
     /// Most pins this replica keeps in memory; the least recently used go first.
     #[arg(long, env = "ACTIVATOR_MAX_PINS", default_value_t = 1_000_000)]

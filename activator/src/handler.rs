@@ -15,9 +15,10 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::affinity::{DEFAULT_TTL, Decision, Keys, Lookup, PinWrite, decide};
+use crate::autoscaler::{InFlight, Reporter};
 use crate::pins::{Lifetime, Pin, Pins};
 use crate::probes::{self, Health, reply};
-use crate::proxy::{self, ResponseBody};
+use crate::proxy::{self, Held, ResponseBody};
 use crate::stats::Stats;
 use crate::throttle::{AcquireError, Want};
 use crate::topology::{Revision, Service, Snapshot};
@@ -29,6 +30,10 @@ const DECISION_HEADER: HeaderName = HeaderName::from_static("x-activator-decisio
 /// Lifetime of pins read for a revision that left the traffic (they are replaced anyway).
 const DEFAULT_LIFETIME: Lifetime = Lifetime { ttl: DEFAULT_TTL, max_age: None };
 
+/// What a waiting request's body may occupy when its length is unknown: about what the
+/// connection buffers before backpressure stops the client.
+const UNKNOWN_BODY_BYTES: u64 = 64 * 1024;
+
 /// Seconds a client is asked to wait after a 503 for a full queue.
 const RETRY_AFTER_SECONDS: &str = "1";
 
@@ -37,6 +42,7 @@ pub struct Handler {
     pub health: Arc<Health>,
     pub stats: Stats,
     pub pins: Pins,
+    pub reporter: Reporter,
     /// Adds `X-Activator-Decision` to responses.
     pub debug_headers: bool,
 }
@@ -92,13 +98,12 @@ impl Handler {
         let revision = decision.revision.clone();
         let origin = decision.origin;
         let routed = Routed { service, keys, lookup };
-        revision.stats.in_flight.inc();
-        let mut resp = match tokio::time::timeout(revision.timeout, self.forward(req, &routed, decision, client)).await
-        {
+        let in_flight = self.reporter.arrive(&revision.concurrency);
+        let forwarded = self.forward(req, &routed, decision, client, in_flight);
+        let mut resp = match tokio::time::timeout(revision.timeout, forwarded).await {
             Ok(resp) => resp,
             Err(_) => reply(StatusCode::GATEWAY_TIMEOUT, "activator request timeout"),
         };
-        revision.stats.in_flight.dec();
         revision.stats.record(resp.status().as_u16(), started.elapsed());
         let headers = resp.headers_mut();
         if let Some(cookie) = &routed.keys.new_cookie
@@ -124,9 +129,14 @@ impl Handler {
         routed: &Routed,
         decision: Decision,
         client: SocketAddr,
+        in_flight: InFlight,
     ) -> Response<ResponseBody> {
+        let body_bytes = {
+            let hint = http_body::Body::size_hint(req.body());
+            hint.exact().unwrap_or_else(|| hint.upper().unwrap_or(UNKNOWN_BODY_BYTES).min(UNKNOWN_BODY_BYTES))
+        };
         let mut revision = decision.revision;
-        let mut lease = match revision.throttler.acquire(decision.want).await {
+        let mut lease = match revision.throttler.acquire(decision.want, body_bytes).await {
             Ok(lease) => lease,
             Err(e) => return refused(&revision, e),
         };
@@ -147,14 +157,14 @@ impl Handler {
                 {
                     drop(lease);
                     revision = pinned.clone();
-                    lease = match revision.throttler.acquire(Want::Pod(pod)).await {
+                    lease = match revision.throttler.acquire(Want::Pod(pod), body_bytes).await {
                         Ok(lease) => lease,
                         Err(e) => return refused(&revision, e),
                     };
                 }
             }
         }
-        match proxy::forward(req, lease, client.ip()).await {
+        match proxy::forward(req, Held { lease, in_flight }, client.ip()).await {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::warn!(revision = %revision.name, error = %e, "proxy error");
@@ -190,9 +200,6 @@ fn resolve<B>(snapshot: &Snapshot, req: &Request<B>) -> Result<(Arc<Service>, Op
 fn refused(revision: &Revision, error: AcquireError) -> Response<ResponseBody> {
     let (ns, name) = (&revision.namespace, &revision.name);
     match error {
-        AcquireError::NoReadyPods => {
-            reply(StatusCode::SERVICE_UNAVAILABLE, &format!("no ready endpoint for revision {ns}/{name}"))
-        }
         AcquireError::QueueFull => {
             let mut resp =
                 reply(StatusCode::SERVICE_UNAVAILABLE, &format!("request queue of revision {ns}/{name} is full"));

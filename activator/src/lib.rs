@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod affinity;
+pub mod autoscaler;
 pub mod config;
 pub mod handler;
 pub mod inspect;
@@ -10,6 +11,7 @@ pub mod local;
 pub mod pins;
 pub mod probes;
 pub mod proxy;
+pub mod readiness;
 pub mod server;
 pub mod stats;
 pub mod throttle;

@@ -1,10 +1,11 @@
-//! Local mode's source of the world view: a topology file, re-read and re-applied whenever its
-//! content changes. A broken file is logged with its location and counted, and the last good
-//! snapshot keeps serving.
+//! Local mode's source of the world view: a topology file, plus optionally an endpoints file
+//! that `autoscaler-shim` rewrites as it starts and stops pods. Both are re-read and re-applied
+//! whenever their content changes. A broken file is logged with its location and counted, and
+//! the last good snapshot keeps serving.
 //!
-//! The file is polled rather than watched with inotify: editors and Kubernetes ConfigMap mounts
-//! replace files by rename or symlink swap, which inotify watches on the file itself miss, and
-//! re-reading a few kilobytes a few times a second costs nothing measurable.
+//! The files are polled rather than watched with inotify: editors and Kubernetes ConfigMap
+//! mounts replace files by rename or symlink swap, which inotify watches on the file itself
+//! miss, and re-reading a few kilobytes a few times a second costs nothing measurable.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,70 +15,133 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 
 use crate::proxy::PodClient;
+use crate::readiness::Prober;
 use crate::stats::Stats;
 use crate::throttle::QueueLimits;
-use crate::topology::{self, Builder, Snapshot};
+use crate::topology::{self, Builder, EndpointsFile, Snapshot, TopologyFile};
+
+/// A watched file and the content last seen in it.
+struct Watched {
+    path: PathBuf,
+    seen: String,
+}
+
+impl Watched {
+    /// The file's content if it changed since last seen. A file that cannot be read (not
+    /// written yet, or mid-replacement) counts as unchanged.
+    async fn changed(&mut self) -> Option<String> {
+        match tokio::fs::read_to_string(&self.path).await {
+            Ok(text) if text != self.seen => {
+                self.seen.clone_from(&text);
+                Some(text)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(path = %self.path.display(), error = %e, "file unreadable; keeping the last one");
+                None
+            }
+        }
+    }
+}
 
 pub struct LocalSource {
-    path: PathBuf,
+    topology: Watched,
+    endpoints: Option<Watched>,
+    file: TopologyFile,
+    published: EndpointsFile,
     stats: Stats,
     queue: QueueLimits,
+    prober: Prober,
     current: Arc<ArcSwap<Snapshot>>,
-    last_text: String,
 }
 
 impl LocalSource {
-    /// Loads the file once; a broken file at start is an error, not an empty topology.
-    pub fn open(path: &Path, stats: Stats, queue: QueueLimits) -> anyhow::Result<Self> {
+    /// Loads the topology once; a broken file at start is an error, not an empty topology. The
+    /// endpoints file may not exist yet.
+    pub fn open(
+        path: &Path,
+        endpoints: Option<&Path>,
+        stats: Stats,
+        queue: QueueLimits,
+        prober: Prober,
+    ) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading topology {}", path.display()))?;
         let file = topology::parse(&text).with_context(|| format!("topology {}", path.display()))?;
-        let snapshot = Snapshot::build(&file, &Snapshot::default(), &builder(&stats, queue));
-        Ok(LocalSource {
-            path: path.to_owned(),
+        let mut source = LocalSource {
+            topology: Watched { path: path.to_owned(), seen: text },
+            endpoints: endpoints.map(|p| Watched { path: p.to_owned(), seen: String::new() }),
+            file,
+            published: EndpointsFile::new(),
             stats,
             queue,
-            current: Arc::new(ArcSwap::from_pointee(snapshot)),
-            last_text: text,
-        })
+            prober,
+            current: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
+        };
+        if let Some(path) = endpoints
+            && let Ok(text) = std::fs::read_to_string(path)
+        {
+            source.published =
+                topology::parse_endpoints(&text).with_context(|| format!("endpoints {}", path.display()))?;
+            source.endpoints = Some(Watched { path: path.to_owned(), seen: text });
+        }
+        source.rebuild();
+        Ok(source)
     }
 
     pub fn snapshot(&self) -> Arc<ArcSwap<Snapshot>> {
         self.current.clone()
     }
 
-    /// Polls the file forever.
+    /// Polls the files forever.
     pub async fn watch(mut self, interval: Duration) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            match tokio::fs::read_to_string(&self.path).await {
-                Ok(text) if text != self.last_text => self.apply(text),
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(path = %self.path.display(), error = %e, "topology file unreadable; keeping the last one")
-                }
+            let mut changed = false;
+            if let Some(text) = self.topology.changed().await {
+                changed |=
+                    self.accept("topology", &self.topology.path.clone(), topology::parse(&text), |s, f| s.file = f);
+            }
+            if let Some(watched) = &mut self.endpoints
+                && let Some(text) = watched.changed().await
+            {
+                let path = watched.path.clone();
+                changed |= self.accept("endpoints", &path, topology::parse_endpoints(&text), |s, e| s.published = e);
+            }
+            if changed {
+                self.rebuild();
             }
         }
     }
 
-    fn apply(&mut self, text: String) {
-        match topology::parse(&text) {
-            Ok(file) => {
-                let snapshot = Snapshot::build(&file, &self.current.load(), &builder(&self.stats, self.queue));
-                self.current.store(Arc::new(snapshot));
+    /// Takes a parsed file, or logs and counts why it was rejected.
+    fn accept<T>(
+        &mut self,
+        what: &str,
+        path: &Path,
+        parsed: Result<T, topology::TopologyError>,
+        store: impl FnOnce(&mut Self, T),
+    ) -> bool {
+        match parsed {
+            Ok(value) => {
+                store(self, value);
                 self.stats.topology_reload(true);
-                tracing::info!(path = %self.path.display(), services = file.services.len(), "topology reloaded");
+                tracing::info!(path = %path.display(), "{what} file reloaded");
+                true
             }
             Err(e) => {
                 self.stats.topology_reload(false);
-                tracing::error!(path = %self.path.display(), error = %e, "topology rejected; the previous one keeps serving");
+                tracing::error!(path = %path.display(), error = %e, "{what} file rejected; the previous one keeps serving");
+                false
             }
         }
-        self.last_text = text;
     }
-}
 
-fn builder(stats: &Stats, queue: QueueLimits) -> Builder<'_> {
-    Builder { stats, queue, new_client: &PodClient::new }
+    fn rebuild(&mut self) {
+        let with =
+            Builder { stats: &self.stats, queue: self.queue.clone(), new_client: PodClient::new, prober: &self.prober };
+        let snapshot = Snapshot::build(&self.file, &self.published, &self.current.load(), &with);
+        self.current.store(Arc::new(snapshot));
+    }
 }

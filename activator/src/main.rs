@@ -3,13 +3,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use activator::autoscaler::{Reporter, ReporterConfig, ReporterMetrics};
 use activator::config::{Cli, Command, Config, LogFormat, PinStore};
 use activator::handler::Handler;
 use activator::local::LocalSource;
 use activator::pins::{Pins, SharedConfig};
 use activator::probes::Health;
+use activator::readiness::Prober;
 use activator::stats::Stats;
-use activator::throttle::QueueLimits;
+use activator::throttle::{QueueBudget, QueueLimits};
 use activator::{admin, inspect, server};
 use anyhow::Context;
 use clap::Parser;
@@ -54,9 +56,28 @@ fn init_logging(format: LogFormat) {
 async fn run(config: Config) -> anyhow::Result<()> {
     let stats = Stats::new();
     let health = Arc::new(Health::default());
-    let queue = QueueLimits { max_waiting: config.max_queue };
+    raise_open_files_limit();
+    let queue = QueueLimits {
+        max_waiting: config.max_queue,
+        max_bytes: config.max_queue_bytes,
+        total: Arc::new(QueueBudget::new(config.max_queue_total, config.max_queue_bytes_total)),
+    };
+    let reporter = match &config.autoscaler_url {
+        Some(url) => {
+            let metrics = ReporterMetrics {
+                connected: stats.autoscaler_connected.clone(),
+                dropped: stats.autoscaler_dropped.clone(),
+                pokes: stats.autoscaler_pokes.clone(),
+                frames: stats.autoscaler_frames.clone(),
+            };
+            let config = ReporterConfig { url: url.clone(), pod_name: config.pod_name.clone() };
+            Reporter::start(config, health.clone(), metrics)
+        }
+        None => Reporter::disabled(),
+    };
     let topology_path = config.topology.as_deref().context("--topology is required in local mode")?;
-    let source = LocalSource::open(topology_path, stats.clone(), queue)?;
+    let source =
+        LocalSource::open(topology_path, config.endpoints_file.as_deref(), stats.clone(), queue, Prober::start())?;
     let topology = source.snapshot();
     tokio::spawn(source.watch(config.topology_poll_interval));
 
@@ -91,7 +112,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             Pins::shared(config.max_pins, shared, &stats)?
         }
     };
-    let handler = Arc::new(Handler { topology, health, stats, pins, debug_headers: config.debug_headers });
+    let handler = Arc::new(Handler { topology, health, stats, pins, reporter, debug_headers: config.debug_headers });
     tokio::spawn(maintain_pins(handler.clone()));
     server::serve(listener, handler, stop_accepting, config.grace_timeout).await;
     Ok(())
@@ -103,5 +124,17 @@ async fn maintain_pins(handler: Arc<Handler>) {
     loop {
         tick.tick().await;
         handler.pins.maintain();
+    }
+}
+
+/// A proxy holds two sockets per request; the usual soft limit of 1024 open files is too few.
+/// Raise it to the hard limit, as Go's runtime does for upstream's activator.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(soft, hard, error = %e, "could not raise the open-files limit");
     }
 }

@@ -15,10 +15,13 @@ const NETWORK_PROBE: HeaderName = HeaderName::from_static("k-network-probe");
 const NETWORK_HASH: HeaderName = HeaderName::from_static("k-network-hash");
 const KUBELET_PROBE: HeaderName = HeaderName::from_static("k-kubelet-probe");
 
-/// Readiness of this replica; fails at once on SIGTERM so load balancers stop sending.
+/// Readiness of this replica: fails at once on SIGTERM so load balancers stop sending, and,
+/// when an autoscaler is configured, while its connection is down (as upstream).
 #[derive(Default)]
 pub struct Health {
     draining: AtomicBool,
+    needs_autoscaler: AtomicBool,
+    autoscaler_connected: AtomicBool,
 }
 
 impl Health {
@@ -30,9 +33,23 @@ impl Health {
         self.draining.load(Ordering::SeqCst)
     }
 
+    pub fn require_autoscaler(&self) {
+        self.needs_autoscaler.store(true, Ordering::SeqCst);
+    }
+
+    pub fn set_autoscaler_connected(&self, connected: bool) {
+        self.autoscaler_connected.store(connected, Ordering::SeqCst);
+    }
+
     /// `Ok` when this replica should receive traffic, else the reason.
     pub fn check(&self) -> Result<(), &'static str> {
-        if self.is_draining() { Err("received SIGTERM from kubelet") } else { Ok(()) }
+        if self.is_draining() {
+            Err("received SIGTERM from kubelet")
+        } else if self.needs_autoscaler.load(Ordering::SeqCst) && !self.autoscaler_connected.load(Ordering::SeqCst) {
+            Err("connection has not yet been established")
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -98,6 +115,16 @@ mod tests {
         assert_eq!(probe(&[("user-agent", "kube-probe/1.33")], &health).unwrap().status(), 200);
         health.start_draining();
         assert_eq!(probe(&[("k-kubelet-probe", "1")], &health).unwrap().status(), 500);
+    }
+
+    #[test]
+    fn readiness_follows_the_autoscaler_connection_when_required() {
+        let health = Health::default();
+        assert!(health.check().is_ok(), "no autoscaler configured");
+        health.require_autoscaler();
+        assert_eq!(health.check(), Err("connection has not yet been established"));
+        health.set_autoscaler_connected(true);
+        assert!(health.check().is_ok());
     }
 
     #[test]

@@ -22,6 +22,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::autoscaler::InFlight;
 use crate::throttle::Lease;
 
 /// Knative's `MAX_IDLE_PROXY_CONNS_PER_HOST` default.
@@ -116,13 +117,20 @@ pub struct ForwardError {
     source: hyper_util::client::legacy::Error,
 }
 
-/// Sends `req` to the pod `lease` holds a slot on. The slot stays taken until the response body
-/// ends, or the upgraded connection closes.
+/// What a response holds until its body ends (or its upgraded connection closes): the pod's
+/// slot, and the request's place in its revision's concurrency.
+pub struct Held {
+    pub lease: Lease,
+    pub in_flight: InFlight,
+}
+
+/// Sends `req` to the pod `held.lease` holds a slot on.
 pub async fn forward(
     mut req: Request<Incoming>,
-    lease: Lease,
+    held: Held,
     client_ip: IpAddr,
 ) -> Result<Response<ResponseBody>, ForwardError> {
+    let lease = &held.lease;
     let upgrade = upgrade_protocol(&req);
     prepare_request(&mut req, upgrade.clone(), client_ip, lease.pod().addr);
     let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
@@ -139,13 +147,14 @@ pub async fn forward(
         let headers = resp.headers_mut();
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol);
-        tokio::spawn(splice_upgraded(client_side, pod_side, lease));
+        tokio::spawn(splice_upgraded(client_side, pod_side, held));
         return Ok(resp.map(|_| ResponseBody::empty()));
     }
-    Ok(resp.map(|body| ResponseBody::upstream(body, lease)))
+    Ok(resp.map(|body| ResponseBody::upstream(body, held)))
 }
 
-async fn splice_upgraded(client: hyper::upgrade::OnUpgrade, pod: hyper::upgrade::OnUpgrade, lease: Lease) {
+async fn splice_upgraded(client: hyper::upgrade::OnUpgrade, pod: hyper::upgrade::OnUpgrade, held: Held) {
+    let lease = &held.lease;
     match tokio::try_join!(client, pod) {
         Ok((client, pod)) => {
             let (mut client, mut pod) = (TokioIo::new(client), TokioIo::new(pod));
@@ -240,13 +249,13 @@ pub struct ResponseBody {
 }
 
 enum Kind {
-    Upstream { body: Incoming, lease: Option<Lease> },
+    Upstream { body: Incoming, held: Option<Held> },
     Local(Full<Bytes>),
 }
 
 impl ResponseBody {
-    fn upstream(body: Incoming, lease: Lease) -> Self {
-        ResponseBody { kind: Kind::Upstream { body, lease: Some(lease) } }
+    fn upstream(body: Incoming, held: Held) -> Self {
+        ResponseBody { kind: Kind::Upstream { body, held: Some(held) } }
     }
 
     pub fn text(text: impl Into<Bytes>) -> Self {
@@ -264,10 +273,10 @@ impl Body for ResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match &mut self.get_mut().kind {
-            Kind::Upstream { body, lease } => {
+            Kind::Upstream { body, held } => {
                 let polled = Pin::new(body).poll_frame(cx);
                 if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-                    lease.take();
+                    held.take();
                 }
                 polled
             }

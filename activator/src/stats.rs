@@ -24,6 +24,7 @@ pub struct Stats {
     requests: IntCounterVec,
     latency: HistogramVec,
     in_flight: IntGaugeVec,
+    queued: IntGaugeVec,
     topology_reloads: IntCounterVec,
     annotation_errors: IntCounterVec,
     pub pin_lookups: IntCounterVec,
@@ -32,6 +33,10 @@ pub struct Stats {
     pub pin_store_errors: IntCounterVec,
     pub pin_store_latency: HistogramVec,
     pub pin_store_up: IntGauge,
+    pub autoscaler_connected: IntGauge,
+    pub autoscaler_dropped: IntCounter,
+    pub autoscaler_pokes: IntCounter,
+    pub autoscaler_frames: IntCounter,
 }
 
 impl Default for Stats {
@@ -58,10 +63,34 @@ impl Stats {
         )
         .expect("static metric definition");
         let in_flight = IntGaugeVec::new(
-            Opts::new("activator_in_flight_requests", "Requests being proxied or queued, by revision"),
+            Opts::new(
+                "activator_in_flight_requests",
+                "Requests from arrival to the end of their response (queued ones included), by revision",
+            ),
             &labels[..3],
         )
         .expect("static metric definition");
+        let queued = IntGaugeVec::new(
+            Opts::new("activator_queued_requests", "Requests waiting for a ready pod or a free slot, by revision"),
+            &labels[..3],
+        )
+        .expect("static metric definition");
+        let autoscaler_connected =
+            IntGauge::new("activator_autoscaler_connected", "1 while the stat websocket to the autoscaler is up")
+                .expect("static metric definition");
+        let autoscaler_dropped = IntCounter::new(
+            "activator_autoscaler_stats_dropped_total",
+            "Stat frames dropped because the autoscaler was unreachable or the frame went stale",
+        )
+        .expect("static metric definition");
+        let autoscaler_pokes = IntCounter::new(
+            "activator_autoscaler_pokes_total",
+            "Immediate stats sent for the first request of an untracked revision",
+        )
+        .expect("static metric definition");
+        let autoscaler_frames =
+            IntCounter::new("activator_autoscaler_frames_total", "Stat frames sent to the autoscaler")
+                .expect("static metric definition");
         let topology_reloads = IntCounterVec::new(
             Opts::new("activator_topology_reloads_total", "Topology reloads, by result (applied, rejected)"),
             &["result"],
@@ -111,6 +140,7 @@ impl Stats {
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
             Box::new(in_flight.clone()),
+            Box::new(queued.clone()),
             Box::new(topology_reloads.clone()),
             Box::new(annotation_errors.clone()),
             Box::new(pin_lookups.clone()),
@@ -119,6 +149,10 @@ impl Stats {
             Box::new(pin_store_errors.clone()),
             Box::new(pin_store_latency.clone()),
             Box::new(pin_store_up.clone()),
+            Box::new(autoscaler_connected.clone()),
+            Box::new(autoscaler_dropped.clone()),
+            Box::new(autoscaler_pokes.clone()),
+            Box::new(autoscaler_frames.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -127,6 +161,7 @@ impl Stats {
             requests,
             latency,
             in_flight,
+            queued,
             topology_reloads,
             annotation_errors,
             pin_lookups,
@@ -135,6 +170,10 @@ impl Stats {
             pin_store_errors,
             pin_store_latency,
             pin_store_up,
+            autoscaler_connected,
+            autoscaler_dropped,
+            autoscaler_pokes,
+            autoscaler_frames,
         }
     }
 
@@ -147,6 +186,7 @@ impl Stats {
             labels: [namespace.to_owned(), service.to_owned(), revision.to_owned()],
             common: Default::default(),
             in_flight: self.in_flight.with_label_values(&[namespace, service, revision]),
+            queued: self.queued.with_label_values(&[namespace, service, revision]),
             stats: self.clone(),
         }
     }
@@ -184,6 +224,7 @@ pub struct RevisionStats {
     labels: [String; 3],
     common: [OnceLock<(IntCounter, Histogram)>; COMMON_CODES.len()],
     pub in_flight: IntGauge,
+    pub queued: IntGauge,
     stats: Stats,
 }
 

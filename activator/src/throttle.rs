@@ -1,6 +1,8 @@
 //! Per-revision admission: which pods may take traffic, how many requests each may hold
 //! (`containerConcurrency`), which pod the next request goes to, and the FIFO queue of requests
-//! waiting for a slot.
+//! waiting for a slot, including while the revision has no ready pod at all (scale from zero).
+//! The queue is bounded by requests and by the body bytes they may hold, per revision and in
+//! total.
 //!
 //! Owns in-flight counts. A request that finds a free slot touches only atomics; the queue's
 //! mutex is taken only when a request has to wait or a slot is freed while someone waits. Must
@@ -8,27 +10,71 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
+use prometheus::IntGauge;
 use tokio::sync::oneshot;
 
 use crate::proxy::PodClient;
+use crate::readiness::Probe;
 
 /// Above this `containerConcurrency`, round robin spreads better than first-available
 /// (the same cut-over as Knative's activator).
 const FIRST_AVAILABLE_MAX_CC: u32 = 3;
 
-#[derive(Clone, Copy, Debug)]
+/// Bounds of the wait queues.
+#[derive(Clone, Debug)]
 pub struct QueueLimits {
-    /// Requests that may wait for a slot in one revision.
+    /// Requests that may wait in one revision.
     pub max_waiting: usize,
+    /// Body bytes the requests waiting in one revision may hold.
+    pub max_bytes: u64,
+    /// What all revisions' queues share.
+    pub total: Arc<QueueBudget>,
 }
 
 impl Default for QueueLimits {
     fn default() -> Self {
-        QueueLimits { max_waiting: 10_000 }
+        QueueLimits { max_waiting: 10_000, max_bytes: 64 << 20, total: Arc::new(QueueBudget::new(100_000, 512 << 20)) }
+    }
+}
+
+/// The queue capacity all revisions share, so many revisions at zero cannot add up to
+/// unbounded memory.
+#[derive(Debug)]
+pub struct QueueBudget {
+    max_waiting: u64,
+    max_bytes: u64,
+    waiting: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl QueueBudget {
+    pub fn new(max_waiting: u64, max_bytes: u64) -> Self {
+        QueueBudget { max_waiting, max_bytes, waiting: AtomicU64::new(0), bytes: AtomicU64::new(0) }
+    }
+
+    fn take(&self, bytes: u64) -> bool {
+        let within = |counter: &AtomicU64, amount: u64, max: u64| {
+            counter
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_add(amount).filter(|t| *t <= max))
+                .is_ok()
+        };
+        if !within(&self.waiting, 1, self.max_waiting) {
+            return false;
+        }
+        if !within(&self.bytes, bytes, self.max_bytes) {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    fn give_back(&self, bytes: u64) {
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
     }
 }
 
@@ -52,8 +98,6 @@ pub enum Want {
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AcquireError {
-    #[error("no ready endpoint")]
-    NoReadyPods,
     #[error("the request queue is full")]
     QueueFull,
 }
@@ -82,9 +126,21 @@ impl Pod {
     }
 }
 
+struct Pending {
+    probe: Probe,
+    endpoints: Vec<SocketAddr>,
+    new_client: fn(SocketAddr) -> PodClient,
+}
+
+fn new_pod(addr: SocketAddr, new_client: fn(SocketAddr) -> PodClient) -> Arc<Pod> {
+    Arc::new(Pod { addr, client: new_client(addr), in_flight: AtomicUsize::new(0) })
+}
+
 struct Waiter {
     id: u64,
     want: Want,
+    /// Body bytes this request may hold while it waits.
+    bytes: u64,
     grant: oneshot::Sender<Arc<Pod>>,
 }
 
@@ -92,25 +148,19 @@ struct Waiter {
 struct Queue {
     waiters: VecDeque<Waiter>,
     pinned: usize,
+    bytes: u64,
     next_id: u64,
-}
-
-impl Queue {
-    fn remove(&mut self, index: usize) -> Option<Waiter> {
-        let waiter = self.waiters.remove(index)?;
-        if matches!(waiter.want, Want::Pod(_)) {
-            self.pinned -= 1;
-        }
-        Some(waiter)
-    }
 }
 
 pub struct Throttler {
     capacity: Option<usize>,
     policy: Policy,
     limits: QueueLimits,
+    queued: IntGauge,
     /// Pods that may take traffic, sorted by address.
     pods: ArcSwap<Vec<Arc<Pod>>>,
+    /// Endpoints waiting for their first successful readiness probe.
+    pending: Mutex<Pending>,
     cursor: AtomicUsize,
     /// Mirrors `queue.waiters.len()` so a release can skip the mutex when nobody waits.
     waiting: AtomicUsize,
@@ -137,7 +187,8 @@ impl Drop for Lease {
 }
 
 impl Throttler {
-    pub fn new(container_concurrency: u32, limits: QueueLimits) -> Self {
+    /// `queued` is kept at the number of waiting requests.
+    pub fn new(container_concurrency: u32, limits: QueueLimits, queued: IntGauge) -> Self {
         let (capacity, policy) = match container_concurrency {
             0 => (None, Policy::PowerOfTwo),
             cc if cc <= FIRST_AVAILABLE_MAX_CC => (Some(cc as usize), Policy::FirstAvailable),
@@ -147,7 +198,9 @@ impl Throttler {
             capacity,
             policy,
             limits,
+            queued,
             pods: ArcSwap::default(),
+            pending: Mutex::new(Pending { probe: Probe::None, endpoints: Vec::new(), new_client: PodClient::new }),
             cursor: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             queue: Mutex::new(Queue::default()),
@@ -167,26 +220,66 @@ impl Throttler {
         self.waiting.load(Ordering::Relaxed)
     }
 
-    /// Replaces the set of pods that may take traffic. Pods that stay keep their in-flight count
-    /// and connection pool; waiters are served from pods that appear.
-    pub fn set_endpoints(&self, endpoints: &[SocketAddr], new_client: &dyn Fn(SocketAddr) -> PodClient) {
+    /// Replaces the revision's endpoints. Endpoints already ready stay so, keeping their in-flight
+    /// count and connection pool; new ones take traffic once `probe` succeeds against them (see
+    /// `readiness`), or at once without a probe. Returns whether any endpoint awaits its probe.
+    pub fn set_candidates(
+        &self,
+        endpoints: &[SocketAddr],
+        probe: Probe,
+        new_client: fn(SocketAddr) -> PodClient,
+    ) -> bool {
         let current = self.pods.load();
-        let mut pods: Vec<Arc<Pod>> = endpoints
-            .iter()
-            .map(|&addr| match current.binary_search_by_key(&addr, |p| p.addr) {
-                Ok(i) => current[i].clone(),
-                Err(_) => Arc::new(Pod { addr, client: new_client(addr), in_flight: AtomicUsize::new(0) }),
-            })
-            .collect();
-        pods.sort_by_key(|p| p.addr);
+        let mut ready = Vec::new();
+        let mut waiting_for_probe = Vec::new();
+        for &addr in endpoints {
+            match current.binary_search_by_key(&addr, |p| p.addr) {
+                Ok(i) => ready.push(current[i].clone()),
+                Err(_) if probe == Probe::None => ready.push(new_pod(addr, new_client)),
+                Err(_) => waiting_for_probe.push(addr),
+            }
+        }
+        ready.sort_by_key(|p| p.addr);
+        let has_pending = !waiting_for_probe.is_empty();
+        *self.lock_pending() = Pending { probe, endpoints: waiting_for_probe, new_client };
+        self.pods.store(Arc::new(ready));
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.dispatch();
+        }
+        has_pending
+    }
+
+    /// The probe and the endpoints still waiting for it.
+    pub fn pending(&self) -> (Probe, Vec<SocketAddr>) {
+        let pending = self.lock_pending();
+        (pending.probe.clone(), pending.endpoints.clone())
+    }
+
+    /// An endpoint passed its readiness probe: it takes traffic now, waiters first.
+    pub fn mark_ready(&self, addr: SocketAddr) {
+        let new_client = {
+            let mut pending = self.lock_pending();
+            let Some(i) = pending.endpoints.iter().position(|a| *a == addr) else { return };
+            pending.endpoints.swap_remove(i);
+            pending.new_client
+        };
+        let mut pods: Vec<Arc<Pod>> = self.pods.load().iter().cloned().collect();
+        if let Err(i) = pods.binary_search_by_key(&addr, |p| p.addr) {
+            pods.insert(i, new_pod(addr, new_client));
+        }
         self.pods.store(Arc::new(pods));
         if self.waiting.load(Ordering::SeqCst) > 0 {
             self.dispatch();
         }
     }
 
-    /// Takes a slot on a pod, waiting in FIFO order when every eligible pod is full.
-    pub async fn acquire(self: &Arc<Self>, want: Want) -> Result<Lease, AcquireError> {
+    fn lock_pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Takes a slot on a pod, waiting in FIFO order while every eligible pod is full or no pod
+    /// is ready. `body_bytes` is what the request's body may occupy while it waits.
+    pub async fn acquire(self: &Arc<Self>, want: Want, body_bytes: u64) -> Result<Lease, AcquireError> {
         if let Some(pod) = self.try_reserve(want) {
             return Ok(self.lease(pod));
         }
@@ -195,18 +288,16 @@ impl Throttler {
             // Counted before the retry so a release that races with us either frees the slot we
             // retry for, or sees us waiting and dispatches.
             self.waiting.fetch_add(1, Ordering::SeqCst);
-            let refused = if let Some(pod) = self.try_reserve(want) {
-                Some(Ok(pod))
-            } else if self.pods.load().is_empty() {
-                Some(Err(AcquireError::NoReadyPods))
-            } else if queue.waiters.len() >= self.limits.max_waiting {
-                Some(Err(AcquireError::QueueFull))
-            } else {
-                None
-            };
-            if let Some(result) = refused {
+            if let Some(pod) = self.try_reserve(want) {
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
-                return result.map(|pod| self.lease(pod));
+                return Ok(self.lease(pod));
+            }
+            let fits = queue.waiters.len() < self.limits.max_waiting
+                && queue.bytes.saturating_add(body_bytes) <= self.limits.max_bytes
+                && self.limits.total.take(body_bytes);
+            if !fits {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                return Err(AcquireError::QueueFull);
             }
             let (tx, rx) = oneshot::channel();
             let id = queue.next_id;
@@ -214,14 +305,28 @@ impl Throttler {
             if matches!(want, Want::Pod(_)) {
                 queue.pinned += 1;
             }
-            queue.waiters.push_back(Waiter { id, want, grant: tx });
+            queue.bytes += body_bytes;
+            queue.waiters.push_back(Waiter { id, want, bytes: body_bytes, grant: tx });
+            self.queued.set(queue.waiters.len() as i64);
             (id, rx)
         };
         let mut waiting = Waiting { throttler: self, id, grant };
-        match (&mut waiting.grant).await {
-            Ok(pod) => Ok(self.lease(pod)),
-            Err(_) => Err(AcquireError::NoReadyPods),
+        // The sender lives in the queue until it grants, so this cannot fail while we wait.
+        let pod = (&mut waiting.grant).await.map_err(|_| AcquireError::QueueFull)?;
+        Ok(self.lease(pod))
+    }
+
+    /// Takes waiter `index` out of the queue and gives back its share of the bounds.
+    fn dequeue(&self, queue: &mut Queue, index: usize) -> Option<Waiter> {
+        let waiter = queue.waiters.remove(index)?;
+        if matches!(waiter.want, Want::Pod(_)) {
+            queue.pinned -= 1;
         }
+        queue.bytes -= waiter.bytes;
+        self.limits.total.give_back(waiter.bytes);
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.queued.set(queue.waiters.len() as i64);
+        Some(waiter)
     }
 
     fn lease(self: &Arc<Self>, pod: Arc<Pod>) -> Lease {
@@ -299,8 +404,7 @@ impl Throttler {
                 i += 1;
                 continue;
             };
-            let waiter = queue.remove(i).expect("index is in bounds");
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            let waiter = self.dequeue(&mut queue, i).expect("index is in bounds");
             if let Err(pod) = waiter.grant.send(pod) {
                 // The waiter gave up before we got to it: the slot goes to the next one.
                 pod.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -322,8 +426,7 @@ impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         let mut queue = self.throttler.lock_queue();
         if let Some(i) = queue.waiters.iter().position(|w| w.id == self.id) {
-            queue.remove(i);
-            self.throttler.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.throttler.dequeue(&mut queue, i);
             return;
         }
         drop(queue);
@@ -342,9 +445,17 @@ mod tests {
         (0..n).map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i))).collect()
     }
 
+    fn limits(max_waiting: usize, max_bytes: u64, total: u64) -> QueueLimits {
+        QueueLimits { max_waiting, max_bytes, total: Arc::new(QueueBudget::new(total, 1 << 30)) }
+    }
+
+    fn gauge() -> IntGauge {
+        IntGauge::new("queued", "test").unwrap()
+    }
+
     fn throttler(cc: u32, pods: u16) -> Arc<Throttler> {
-        let t = Arc::new(Throttler::new(cc, QueueLimits { max_waiting: 4 }));
-        t.set_endpoints(&addrs(pods), &PodClient::new);
+        let t = Arc::new(Throttler::new(cc, limits(4, 1 << 20, 1000), gauge()));
+        t.set_candidates(&addrs(pods), Probe::None, PodClient::new);
         t
     }
 
@@ -357,7 +468,7 @@ mod tests {
         let t = throttler(2, 3);
         let mut leases = Vec::new();
         for _ in 0..5 {
-            leases.push(t.acquire(Want::Any).await.unwrap());
+            leases.push(t.acquire(Want::Any, 0).await.unwrap());
         }
         assert_eq!(in_flight(&t), vec![2, 2, 1]);
         drop(leases);
@@ -375,7 +486,7 @@ mod tests {
     async fn futures_join(t: &Arc<Throttler>, n: usize) -> Vec<Lease> {
         let mut out = Vec::new();
         for _ in 0..n {
-            out.push(t.acquire(Want::Any).await.unwrap());
+            out.push(t.acquire(Want::Any, 0).await.unwrap());
         }
         out
     }
@@ -385,7 +496,7 @@ mod tests {
         let t = throttler(0, 2);
         let busy: Vec<_> = (0..10).map(|_| t.try_reserve(Want::Pod(addrs(2)[0])).unwrap()).collect();
         for _ in 0..20 {
-            let lease = t.acquire(Want::Any).await.unwrap();
+            let lease = t.acquire(Want::Any, 0).await.unwrap();
             assert_eq!(lease.pod().addr, addrs(2)[1]);
         }
         for pod in busy {
@@ -396,11 +507,11 @@ mod tests {
     #[tokio::test]
     async fn waiters_are_served_in_order_when_slots_free() {
         let t = throttler(1, 1);
-        let first = t.acquire(Want::Any).await.unwrap();
+        let first = t.acquire(Want::Any, 0).await.unwrap();
         let (a, b) = (t.clone(), t.clone());
-        let second = tokio::spawn(async move { a.acquire(Want::Any).await.map(|l| l.pod().addr) });
+        let second = tokio::spawn(async move { a.acquire(Want::Any, 0).await.map(|l| l.pod().addr) });
         wait_for(|| t.waiting() == 1).await;
-        let third = tokio::spawn(async move { b.acquire(Want::Any).await.map(|l| l.pod().addr) });
+        let third = tokio::spawn(async move { b.acquire(Want::Any, 0).await.map(|l| l.pod().addr) });
         wait_for(|| t.waiting() == 2).await;
         drop(first);
         assert!(second.await.unwrap().is_ok());
@@ -413,16 +524,16 @@ mod tests {
     async fn pinned_waiter_gets_its_pod_and_does_not_block_others() {
         let t = throttler(1, 2);
         let [p0, p1] = [addrs(2)[0], addrs(2)[1]];
-        let hold0 = t.acquire(Want::Pod(p0)).await.unwrap();
-        let hold1 = t.acquire(Want::Pod(p1)).await.unwrap();
+        let hold0 = t.acquire(Want::Pod(p0), 0).await.unwrap();
+        let hold1 = t.acquire(Want::Pod(p1), 0).await.unwrap();
         let pinned = {
             let t = t.clone();
-            tokio::spawn(async move { t.acquire(Want::Pod(p0)).await.map(|l| l.pod().addr) })
+            tokio::spawn(async move { t.acquire(Want::Pod(p0), 0).await.map(|l| l.pod().addr) })
         };
         wait_for(|| t.waiting() == 1).await;
         let any = {
             let t = t.clone();
-            tokio::spawn(async move { t.acquire(Want::Any).await.map(|l| l.pod().addr) })
+            tokio::spawn(async move { t.acquire(Want::Any, 0).await.map(|l| l.pod().addr) })
         };
         wait_for(|| t.waiting() == 2).await;
         drop(hold1);
@@ -434,22 +545,22 @@ mod tests {
     #[tokio::test]
     async fn pinned_to_a_gone_pod_falls_back_to_any() {
         let t = throttler(0, 2);
-        let lease = t.acquire(Want::Pod(SocketAddr::from(([10, 0, 0, 1], 1)))).await.unwrap();
+        let lease = t.acquire(Want::Pod(SocketAddr::from(([10, 0, 0, 1], 1))), 0).await.unwrap();
         assert!(addrs(2).contains(&lease.pod().addr));
     }
 
     #[tokio::test]
     async fn queue_is_bounded_and_cancelled_waiters_leave_it() {
         let t = throttler(1, 1);
-        let _busy = t.acquire(Want::Any).await.unwrap();
+        let _busy = t.acquire(Want::Any, 0).await.unwrap();
         let mut waiters = Vec::new();
         for _ in 0..4 {
             let t = t.clone();
-            waiters.push(tokio::spawn(async move { t.acquire(Want::Any).await.map(|_| ()) }));
+            waiters.push(tokio::spawn(async move { t.acquire(Want::Any, 0).await.map(|_| ()) }));
         }
         wait_for(|| t.waiting() == 4).await;
-        assert_eq!(t.acquire(Want::Any).await.err(), Some(AcquireError::QueueFull));
-        let timed_out = tokio::time::timeout(Duration::from_millis(10), t.acquire(Want::Any)).await;
+        assert_eq!(t.acquire(Want::Any, 0).await.err(), Some(AcquireError::QueueFull));
+        let timed_out = tokio::time::timeout(Duration::from_millis(10), t.acquire(Want::Any, 0)).await;
         assert!(timed_out.is_err() || timed_out.unwrap().is_err());
         for w in &waiters {
             w.abort();
@@ -458,17 +569,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn no_pods_is_an_error_and_new_pods_serve_waiters() {
+    async fn requests_wait_for_the_first_pod_and_new_pods_serve_waiters() {
         let t = throttler(1, 0);
-        assert_eq!(t.acquire(Want::Any).await.err(), Some(AcquireError::NoReadyPods));
-        t.set_endpoints(&addrs(1), &PodClient::new);
-        let busy = t.acquire(Want::Any).await.unwrap();
-        let waiter = {
+        let first = {
             let t = t.clone();
-            tokio::spawn(async move { t.acquire(Want::Any).await.map(|l| l.pod().addr) })
+            tokio::spawn(async move { t.acquire(Want::Any, 0).await.map(|l| l.pod().addr) })
         };
         wait_for(|| t.waiting() == 1).await;
-        t.set_endpoints(&addrs(2), &PodClient::new);
+        t.set_candidates(&addrs(1), Probe::None, PodClient::new);
+        assert_eq!(first.await.unwrap(), Ok(addrs(1)[0]));
+        let busy = t.acquire(Want::Any, 0).await.unwrap();
+        let waiter = {
+            let t = t.clone();
+            tokio::spawn(async move { t.acquire(Want::Any, 0).await.map(|l| l.pod().addr) })
+        };
+        wait_for(|| t.waiting() == 1).await;
+        t.set_candidates(&addrs(2), Probe::None, PodClient::new);
         assert_eq!(waiter.await.unwrap(), Ok(addrs(2)[1]));
         drop(busy);
     }
@@ -476,12 +592,53 @@ mod tests {
     #[tokio::test]
     async fn endpoint_updates_keep_in_flight_counts() {
         let t = throttler(0, 2);
-        let lease = t.acquire(Want::Pod(addrs(2)[1])).await.unwrap();
-        t.set_endpoints(&addrs(3), &PodClient::new);
+        let lease = t.acquire(Want::Pod(addrs(2)[1]), 0).await.unwrap();
+        t.set_candidates(&addrs(3), Probe::None, PodClient::new);
         assert_eq!(in_flight(&t), vec![0, 1, 0]);
-        t.set_endpoints(&addrs(1), &PodClient::new);
+        t.set_candidates(&addrs(1), Probe::None, PodClient::new);
         drop(lease);
         assert_eq!(in_flight(&t), vec![0]);
+    }
+
+    #[tokio::test]
+    async fn probed_endpoints_take_traffic_once_ready() {
+        let t = throttler(0, 0);
+        let probe = Probe::Http { path: "/healthz".into() };
+        assert!(t.set_candidates(&addrs(2), probe.clone(), PodClient::new));
+        assert!(t.ready().is_empty());
+        let waiter = {
+            let t = t.clone();
+            tokio::spawn(async move { t.acquire(Want::Any, 0).await.map(|l| l.pod().addr) })
+        };
+        wait_for(|| t.waiting() == 1).await;
+        t.mark_ready(addrs(2)[1]);
+        assert_eq!(waiter.await.unwrap(), Ok(addrs(2)[1]));
+        assert_eq!(t.pending().1, vec![addrs(2)[0]]);
+        assert!(!t.set_candidates(&addrs(2)[1..], probe, PodClient::new), "a ready endpoint stays ready");
+        t.mark_ready(addrs(2)[0]);
+        assert_eq!(in_flight(&t).len(), 1, "a removed endpoint cannot come back through a late probe");
+    }
+
+    #[tokio::test]
+    async fn body_bytes_bound_the_queue_per_revision_and_in_total() {
+        let total = Arc::new(QueueBudget::new(3, 1 << 30));
+        let shared = |max_bytes| QueueLimits { max_waiting: 100, max_bytes, total: total.clone() };
+        let (a, b) =
+            (Arc::new(Throttler::new(1, shared(1000), gauge())), Arc::new(Throttler::new(1, shared(1000), gauge())));
+        let mut waiters = Vec::new();
+        for (t, bytes) in [(&a, 600), (&b, 10), (&b, 10)] {
+            let t = t.clone();
+            waiters.push(tokio::spawn(async move { t.acquire(Want::Any, bytes).await.map(|_| ()) }));
+        }
+        wait_for(|| a.waiting() == 1 && b.waiting() == 2).await;
+        assert_eq!(a.acquire(Want::Any, 500).await.err(), Some(AcquireError::QueueFull), "revision bytes");
+        assert_eq!(a.acquire(Want::Any, 1).await.err(), Some(AcquireError::QueueFull), "total count");
+        for w in &waiters {
+            w.abort();
+        }
+        wait_for(|| a.waiting() == 0 && b.waiting() == 0).await;
+        assert_eq!(total.waiting.load(Ordering::Relaxed), 0);
+        assert_eq!(total.bytes.load(Ordering::Relaxed), 0);
     }
 
     async fn wait_for(cond: impl Fn() -> bool) {

@@ -15,7 +15,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::affinity::{Annotated, Policy};
+use crate::autoscaler::Concurrency;
 use crate::proxy::PodClient;
+use crate::readiness::{Probe, Prober};
 use crate::stats::{RevisionStats, Stats};
 use crate::throttle::{QueueLimits, Throttler};
 
@@ -68,6 +70,48 @@ pub struct RevisionSpec {
     pub annotations: BTreeMap<String, String>,
     #[serde(default)]
     pub endpoints: Vec<SocketAddr>,
+    /// How a new endpoint proves it is ready: `http` (GET `probePath` answers 2xx), `queue`
+    /// (Knative's queue-proxy probe on `probePath`) or `none` (trusted at once).
+    #[serde(default)]
+    pub probe: ProbeKind,
+    #[serde(default = "default_probe_path")]
+    pub probe_path: String,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeKind {
+    #[default]
+    Http,
+    Queue,
+    None,
+}
+
+impl RevisionSpec {
+    fn probe(&self) -> Probe {
+        match self.probe {
+            ProbeKind::Http => Probe::Http { path: self.probe_path.clone() },
+            ProbeKind::Queue => Probe::Queue { path: self.probe_path.clone() },
+            ProbeKind::None => Probe::None,
+        }
+    }
+}
+
+/// Endpoints published apart from the topology (by `autoscaler-shim`'s process backend):
+/// `<namespace>/<revision>: [ip:port, …]`, added to the revision's own.
+pub type EndpointsFile = BTreeMap<String, Vec<SocketAddr>>;
+
+/// Parses an endpoints file; an empty file means no extra endpoints.
+pub fn parse_endpoints(text: &str) -> Result<EndpointsFile, TopologyError> {
+    if text.trim().is_empty() {
+        return Ok(EndpointsFile::new());
+    }
+    serde_yaml_ng::from_str(text)
+        .map_err(|e| TopologyError { location: e.location().map(|l| (l.line(), l.column())), message: e.to_string() })
+}
+
+fn default_probe_path() -> String {
+    "/healthz".to_owned()
 }
 
 fn default_namespace() -> String {
@@ -148,6 +192,12 @@ fn validate(file: &TopologyFile) -> Result<(), TopologyError> {
             if rev.timeout_seconds == 0 {
                 return Err(TopologyError::semantic(svc, format!("revision {}: timeoutSeconds must be > 0", rev.name)));
             }
+            if !rev.probe_path.starts_with('/') {
+                return Err(TopologyError::semantic(
+                    svc,
+                    format!("revision {}: probePath must start with /", rev.name),
+                ));
+            }
             let unique: HashSet<_> = rev.endpoints.iter().collect();
             if unique.len() != rev.endpoints.len() {
                 return Err(TopologyError::semantic(
@@ -195,6 +245,7 @@ pub struct Revision {
     pub affinity: Annotated,
     pub throttler: Arc<Throttler>,
     pub stats: Arc<RevisionStats>,
+    pub concurrency: Arc<Concurrency>,
 }
 
 pub struct TrafficTarget {
@@ -235,7 +286,8 @@ impl Service {
 pub struct Builder<'a> {
     pub stats: &'a Stats,
     pub queue: QueueLimits,
-    pub new_client: &'a dyn Fn(SocketAddr) -> PodClient,
+    pub new_client: fn(SocketAddr) -> PodClient,
+    pub prober: &'a Prober,
 }
 
 /// One immutable view of the world, swapped whole on every change.
@@ -248,7 +300,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// Builds a snapshot, keeping each surviving revision's throttler and metrics from `previous`
     /// so in-flight counts and queues outlive the reload.
-    pub fn build(file: &TopologyFile, previous: &Snapshot, with: &Builder<'_>) -> Snapshot {
+    pub fn build(file: &TopologyFile, endpoints: &EndpointsFile, previous: &Snapshot, with: &Builder<'_>) -> Snapshot {
         let mut snapshot = Snapshot::default();
         for spec in &file.services {
             let rejected = |scope: String| {
@@ -267,14 +319,22 @@ impl Snapshot {
                     .get(&key)
                     .map(|(_, r)| r)
                     .filter(|r| r.container_concurrency == rev.container_concurrency && r.service == spec.name);
-                let (throttler, stats) = match reused {
-                    Some(r) => (r.throttler.clone(), r.stats.clone()),
-                    None => (
-                        Arc::new(Throttler::new(rev.container_concurrency, with.queue)),
-                        Arc::new(with.stats.revision(&spec.namespace, &spec.name, &rev.name)),
-                    ),
+                let (throttler, stats, concurrency) = match reused {
+                    Some(r) => (r.throttler.clone(), r.stats.clone(), r.concurrency.clone()),
+                    None => {
+                        let stats = with.stats.revision(&spec.namespace, &spec.name, &rev.name);
+                        let throttler =
+                            Throttler::new(rev.container_concurrency, with.queue.clone(), stats.queued.clone());
+                        let concurrency = Concurrency::new(&spec.namespace, &rev.name, stats.in_flight.clone());
+                        (Arc::new(throttler), Arc::new(stats), Arc::new(concurrency))
+                    }
                 };
-                throttler.set_endpoints(&rev.endpoints, with.new_client);
+                let mut candidates = rev.endpoints.clone();
+                let published = endpoints.get(&format!("{}/{}", spec.namespace, rev.name));
+                candidates.extend(published.into_iter().flatten().filter(|a| !rev.endpoints.contains(a)));
+                if throttler.set_candidates(&candidates, rev.probe(), with.new_client) {
+                    with.prober.watch(throttler.clone());
+                }
                 let revision_scope = format!("revision {}/{}", spec.namespace, rev.name);
                 let affinity =
                     Annotated::parse(&rev.annotations, &mut rejected(revision_scope)).over(&service_affinity);
@@ -287,6 +347,7 @@ impl Snapshot {
                     affinity,
                     throttler,
                     stats,
+                    concurrency,
                 });
                 revisions.insert(rev.name.as_str(), revision);
             }
@@ -369,8 +430,10 @@ services:
 
     fn snapshot(text: &str) -> Snapshot {
         let stats = Stats::new();
-        let with = Builder { stats: &stats, queue: QueueLimits::default(), new_client: &PodClient::new };
-        Snapshot::build(&parse(text).unwrap(), &Snapshot::default(), &with)
+        let prober = Prober::idle();
+        let with =
+            Builder { stats: &stats, queue: QueueLimits::default(), new_client: PodClient::new, prober: &prober };
+        Snapshot::build(&parse(text).unwrap(), &EndpointsFile::new(), &Snapshot::default(), &with)
     }
 
     #[test]
@@ -448,6 +511,25 @@ services:
     }
 
     #[test]
+    fn published_endpoints_join_the_revisions_own() {
+        let stats = Stats::new();
+        let prober = Prober::idle();
+        let with =
+            Builder { stats: &stats, queue: QueueLimits::default(), new_client: PodClient::new, prober: &prober };
+        let text = TWO_REVISIONS.replace("      - name: counter-1\n", "      - name: counter-1\n        probe: none\n");
+        let published = parse_endpoints("default/counter-1: [\"127.0.0.1:9005\", \"127.0.0.1:9001\"]\n").unwrap();
+        let s = Snapshot::build(&parse(&text).unwrap(), &published, &Snapshot::default(), &with);
+        let ready: Vec<_> =
+            s.revision("default", "counter-1").unwrap().1.throttler.ready().iter().map(|p| p.addr).collect();
+        assert_eq!(ready, ["127.0.0.1:9001".parse().unwrap(), "127.0.0.1:9005".parse().unwrap()]);
+        let probed = &s.revision("default", "counter-2").unwrap().1.throttler;
+        assert!(probed.ready().is_empty(), "endpoints wait for their probe by default");
+        assert_eq!(probed.pending().1.len(), 2);
+        assert!(parse_endpoints("").unwrap().is_empty());
+        assert!(parse_endpoints("x: [nope]").unwrap_err().location.is_some());
+    }
+
+    #[test]
     fn revision_annotations_override_the_service() {
         let text = TWO_REVISIONS
             .replace("    hosts:", "    annotations: {activator.knative.dev/sticky-ttl: 60s}\n    hosts:")
@@ -461,14 +543,17 @@ services:
     #[test]
     fn reload_keeps_revision_state() {
         let stats = Stats::new();
-        let with = Builder { stats: &stats, queue: QueueLimits::default(), new_client: &PodClient::new };
-        let first = Snapshot::build(&parse(TWO_REVISIONS).unwrap(), &Snapshot::default(), &with);
-        let second = Snapshot::build(&parse(TWO_REVISIONS).unwrap(), &first, &with);
+        let prober = Prober::idle();
+        let with =
+            Builder { stats: &stats, queue: QueueLimits::default(), new_client: PodClient::new, prober: &prober };
+        let none = EndpointsFile::new();
+        let first = Snapshot::build(&parse(TWO_REVISIONS).unwrap(), &none, &Snapshot::default(), &with);
+        let second = Snapshot::build(&parse(TWO_REVISIONS).unwrap(), &none, &first, &with);
         let a = &first.revision("default", "counter-2").unwrap().1;
         let b = &second.revision("default", "counter-2").unwrap().1;
         assert!(Arc::ptr_eq(&a.throttler, &b.throttler));
         let changed = TWO_REVISIONS.replace("containerConcurrency: 2", "containerConcurrency: 3");
-        let third = Snapshot::build(&parse(&changed).unwrap(), &second, &with);
+        let third = Snapshot::build(&parse(&changed).unwrap(), &none, &second, &with);
         let c = &third.revision("default", "counter-2").unwrap().1;
         assert!(!Arc::ptr_eq(&b.throttler, &c.throttler));
     }

@@ -14,6 +14,8 @@ pub struct Service {
 
 pub struct Revision {
     pub name: String,
+    /// `http` (default), `queue` or `none`.
+    pub probe: &'static str,
     pub endpoints: Vec<SocketAddr>,
     pub container_concurrency: u32,
     pub timeout_seconds: u64,
@@ -50,6 +52,7 @@ impl Service {
         self.traffic.push((name.to_owned(), percent));
         self.revisions.push(Revision {
             name: name.to_owned(),
+            probe: "http",
             endpoints: endpoints.to_vec(),
             container_concurrency: 0,
             timeout_seconds: 300,
@@ -81,8 +84,9 @@ impl Service {
             let endpoints: Vec<String> = rev.endpoints.iter().map(|e| format!("\"{e}\"")).collect();
             let _ = writeln!(
                 out,
-                "      - name: {}\n        containerConcurrency: {}\n        timeoutSeconds: {}\n        endpoints: [{}]",
+                "      - name: {}\n        probe: {}\n        containerConcurrency: {}\n        timeoutSeconds: {}\n        endpoints: [{}]",
                 rev.name,
+                rev.probe,
                 rev.container_concurrency,
                 rev.timeout_seconds,
                 endpoints.join(", ")

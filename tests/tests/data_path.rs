@@ -172,8 +172,8 @@ async fn activator_answers_for_itself_with_clear_status_codes() {
         listener.local_addr().unwrap()
     };
     env.write_topology(&yaml(&[
-        Service::new("empty").revision("empty-1", 100, &[]),
-        Service::new("dead").revision("dead-1", 100, &[closed_port]),
+        Service::new("empty").revision("empty-1", 100, &[]).with(|r| r.timeout_seconds = 1),
+        Service::new("dead").revision("dead-1", 100, &[closed_port]).with(|r| r.probe = "none"),
         Service::new("slow").revision("slow-1", 100, &[pod.addr("http")]).with(|r| r.timeout_seconds = 1),
     ]));
     let activator = env.activator(&[]).await;
@@ -182,8 +182,11 @@ async fn activator_answers_for_itself_with_clear_status_codes() {
     let unknown = client.get("nobody.test", "/").await;
     assert_eq!((unknown.status, unknown.body.as_str()), (404, "no service for host \"nobody.test\"\n"));
     let empty = client.get("empty.test", "/").await;
-    assert_eq!(empty.status, 503);
-    assert!(empty.body.contains("no ready endpoint for revision default/empty-1"), "{empty:?}");
+    assert_eq!(
+        (empty.status, empty.body.as_str()),
+        (504, "activator request timeout\n"),
+        "waits for a pod, then times out"
+    );
     let dead = client.get("dead.test", "/").await;
     assert_eq!(dead.status, 502);
     assert!(dead.body.contains(&closed_port.to_string()), "{dead:?}");
@@ -193,7 +196,7 @@ async fn activator_answers_for_itself_with_clear_status_codes() {
     let (_, metrics) = admin_get(activator.addr("admin"), "/metrics").await;
     let count =
         |rev: &str, code: &str| metric(&metrics, "activator_requests_total", &[("revision", rev), ("code", code)]);
-    assert_eq!(count("empty-1", "503"), Some(1.0), "{metrics}");
+    assert_eq!(count("empty-1", "504"), Some(1.0), "{metrics}");
     assert_eq!(count("dead-1", "502"), Some(1.0));
     assert_eq!(count("slow-1", "504"), Some(1.0));
     assert_eq!(count("", "404"), Some(1.0));
@@ -245,11 +248,11 @@ async fn topology_reloads_while_serving_and_broken_files_are_rejected() {
 
     env.write_topology("services:\n  - name: app\n    traffic: [\n");
     wait_until(Duration::from_secs(5), "the broken file is rejected", || async {
-        activator.logs().contains("topology rejected")
+        activator.logs().contains("topology file rejected")
     })
     .await;
     let logs = activator.logs();
-    let rejection = logs.lines().find(|l| l.contains("topology rejected")).unwrap();
+    let rejection = logs.lines().find(|l| l.contains("topology file rejected")).unwrap();
     assert!(rejection.contains("line 4 column 1"), "the log names the place: {rejection}");
     let (_, metrics) = admin_get(activator.addr("admin"), "/metrics").await;
     assert_eq!(metric(&metrics, "activator_topology_reloads_total", &[("result", "rejected")]), Some(1.0));

@@ -123,6 +123,7 @@ mod tests {
     use proptest::prelude::*;
 
     use crate::proxy::PodClient;
+    use crate::readiness::Prober;
     use crate::stats::Stats;
     use crate::throttle::QueueLimits;
     use crate::topology::{self, Builder, Snapshot};
@@ -141,11 +142,18 @@ mod tests {
         yaml += "    revisions:\n";
         for (i, pods) in pods.iter().enumerate() {
             let endpoints: Vec<String> = pods.iter().map(|j| format!("\"{}\"", pod(10 * i as u16 + j))).collect();
-            yaml += &format!("      - {{name: r{i}, endpoints: [{}]}}\n", endpoints.join(", "));
+            yaml += &format!("      - {{name: r{i}, probe: none, endpoints: [{}]}}\n", endpoints.join(", "));
         }
         let stats = Stats::new();
-        let with = Builder { stats: &stats, queue: QueueLimits::default(), new_client: &PodClient::new };
-        let snapshot = Snapshot::build(&topology::parse(&yaml).unwrap(), &Snapshot::default(), &with);
+        let prober = Prober::idle();
+        let with =
+            Builder { stats: &stats, queue: QueueLimits::default(), new_client: PodClient::new, prober: &prober };
+        let snapshot = Snapshot::build(
+            &topology::parse(&yaml).unwrap(),
+            &topology::EndpointsFile::new(),
+            &Snapshot::default(),
+            &with,
+        );
         snapshot.services().next().unwrap().clone()
     }
 
