@@ -1,41 +1,191 @@
-//! autoscaler-shim: stands in for Knative's autoscaler where there is none. It will serve
-//! Knative's stat websocket protocol, keep per-revision concurrency windows, decide a scale and
-//! actuate it through a backend (local processes or a Deployment's scale subresource). Until the
-//! scale-from-zero work lands it only describes itself.
+//! autoscaler-shim: stands in for Knative's autoscaler where there is none. It serves Knative's
+//! stat websocket protocol (so the activator needs no second code path), keeps per-revision
+//! concurrency windows, decides each revision's scale, and actuates it through a backend.
+
+mod process;
+mod scaler;
+mod statserver;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
+use activator::topology;
+use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+use crate::process::ProcessBackend;
+use crate::scaler::{Policy, Scaler, desired};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "autoscaler-shim",
     version,
     about = "Stat server and scaler standing in for Knative's autoscaler (clusters or laptops without Knative)",
-    long_about = "Receives the activator's concurrency reports over Knative's websocket protocol \
-                  (binary protobuf WireStatMessages), decides each revision's scale, and actuates it: \
-                  `process` starts and stops demo-service processes and publishes their endpoints to \
-                  the activator; `kubernetes` patches the scale subresource of the revision's Deployment.\n\n\
-                  Not implemented yet: the scaler arrives with the scale-from-zero work."
+    long_about = "Receives the activators' concurrency reports over Knative's websocket protocol (binary \
+                  protobuf WireStatMessages), keeps a window of each revision's concurrency, decides its \
+                  scale (target concurrency per pod, an immediate scale-up on a poke from zero, scale to \
+                  zero after an idle grace period, min/max scale) and actuates it. The `process` backend \
+                  starts and stops local processes (demo-service by default) and publishes their endpoints \
+                  to the activator through --endpoints-file."
 )]
 struct Args {
-    /// Address of the stat websocket server.
+    /// Stat websocket listener; the bound address is printed as `listening stats <addr>`. Point
+    /// the activator's --autoscaler-url at ws://<addr>.
     #[arg(long, env = "SHIM_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// How the decided scale is actuated.
     #[arg(long, env = "SHIM_BACKEND", value_enum, default_value_t = Backend::Process)]
     backend: Backend,
+    /// Where the process backend publishes endpoints (the activator's --endpoints-file).
+    #[arg(long, env = "SHIM_ENDPOINTS_FILE")]
+    endpoints_file: Option<PathBuf>,
+    /// Command that starts one pod. `{listen}`, `{pod}`, `{revision}` and `{namespace}` are
+    /// replaced; words are split on spaces. The pod must print `listening http <addr>`.
+    /// Default: the demo-service next to this binary.
+    #[arg(long, env = "SHIM_COMMAND")]
+    command: Option<String>,
+    /// Topology file. With it, the shim manages only the revisions listed there without
+    /// endpoints of their own, and their annotations `autoscaling.knative.dev/min-scale`,
+    /// `max-scale` and `target` override the defaults below. Without it, every revision the
+    /// activators report is managed.
+    #[arg(long, env = "SHIM_TOPOLOGY")]
+    topology: Option<PathBuf>,
+    /// Concurrent requests per pod.
+    #[arg(long, env = "SHIM_TARGET", default_value_t = 10.0)]
+    target: f64,
+    #[arg(long, env = "SHIM_MIN_SCALE", default_value_t = 0)]
+    min_scale: u32,
+    /// 0 means no upper bound.
+    #[arg(long, env = "SHIM_MAX_SCALE", default_value_t = 10)]
+    max_scale: u32,
+    /// Idle time before a revision scales to zero.
+    #[arg(long, env = "SHIM_SCALE_TO_ZERO_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    scale_to_zero_grace: Duration,
+    /// Window over which reported concurrency is averaged.
+    #[arg(long, env = "SHIM_WINDOW", default_value = "6s", value_parser = humantime::parse_duration)]
+    window: Duration,
+    /// Print every decoded stat on stdout (`stat <ns>/<revision> pod=… concurrency=… requests=…`).
+    #[arg(long, env = "SHIM_PRINT_STATS")]
+    print_stats: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Backend {
+    /// Local processes.
     Process,
-    Kubernetes,
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
-    eprintln!("autoscaler-shim: the {:?} backend on {} is not implemented yet; see --help", args.backend, args.listen);
-    ExitCode::from(2)
+/// How often scales are re-decided (a poke from zero acts at once).
+const TICK: Duration = Duration::from_secs(1);
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    match run(Args::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let command = match &args.command {
+        Some(command) => command.split_whitespace().map(str::to_owned).collect(),
+        None => {
+            let exe = std::env::current_exe().context("locating this binary")?;
+            let demo = exe.with_file_name("demo-service").display().to_string();
+            [demo.as_str(), "--listen", "{listen}", "--pod", "{pod}", "--revision", "{revision}"]
+                .map(str::to_owned)
+                .to_vec()
+        }
+    };
+    let Backend::Process = args.backend;
+    let endpoints_file = args.endpoints_file.clone().context("the process backend needs --endpoints-file")?;
+    let mut backend = ProcessBackend::new(command, endpoints_file)?;
+
+    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    println!("listening stats {}", listener.local_addr()?);
+    let (reports, mut incoming) = mpsc::channel(1024);
+    tokio::spawn(statserver::serve(listener, reports, args.print_stats));
+
+    let mut scaler = Scaler::new(args.window);
+    let mut tick = tokio::time::interval(TICK);
+    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    loop {
+        let woken: Vec<(String, String)> = tokio::select! {
+            report = incoming.recv() => {
+                let Some(report) = report else { break };
+                let demand = scaler.record(&report, Instant::now());
+                // A poke (or any demand) for a revision at zero scales it up at once.
+                if demand && backend.current(&report.namespace, &report.revision) == 0 {
+                    vec![(report.namespace, report.revision)]
+                } else {
+                    continue;
+                }
+            }
+            _ = tick.tick() => scaler.revisions(),
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let managed = args.topology.as_deref().map(read_managed);
+        for (namespace, revision) in woken {
+            let key = (namespace.clone(), revision.clone());
+            let annotations = match &managed {
+                Some(managed) => match managed.get(&key) {
+                    Some(annotations) => Some(annotations),
+                    None => continue,
+                },
+                None => None,
+            };
+            let policy = policy(&args, annotations);
+            let (average, idle_for) = scaler.observe(&namespace, &revision, Instant::now());
+            let current = backend.current(&namespace, &revision);
+            let want = desired(&policy, current, average, idle_for);
+            if want != current {
+                tracing::info!(%namespace, %revision, current, want, average, "scaling");
+                if let Err(e) = backend.scale(&namespace, &revision, want).await {
+                    tracing::error!(%namespace, %revision, error = format!("{e:#}"), "scaling failed");
+                }
+            }
+        }
+    }
+    backend.shutdown().await;
+    Ok(())
+}
+
+type Annotations = std::collections::HashMap<(String, String), std::collections::BTreeMap<String, String>>;
+
+/// The revisions the topology leaves to the shim (listed without endpoints), with their
+/// annotations (the service's overlaid by the revision's own). An unreadable file manages none.
+fn read_managed(path: &std::path::Path) -> Annotations {
+    let Some(file) = std::fs::read_to_string(path).ok().and_then(|text| topology::parse(&text).ok()) else {
+        tracing::warn!(path = %path.display(), "cannot read the topology; managing no revision");
+        return Annotations::new();
+    };
+    let mut out = Annotations::new();
+    for service in file.services {
+        for revision in service.revisions.into_iter().filter(|r| r.endpoints.is_empty()) {
+            let mut annotations = service.annotations.clone();
+            annotations.extend(revision.annotations);
+            out.insert((service.namespace.clone(), revision.name), annotations);
+        }
+    }
+    out
+}
+
+fn policy(args: &Args, annotations: Option<&std::collections::BTreeMap<String, String>>) -> Policy {
+    let get = |key: &str| annotations.and_then(|a| a.get(&format!("autoscaling.knative.dev/{key}")));
+    Policy {
+        target: get("target").and_then(|v| v.parse().ok()).filter(|t: &f64| *t > 0.0).unwrap_or(args.target),
+        min_scale: get("min-scale").and_then(|v| v.parse().ok()).unwrap_or(args.min_scale),
+        max_scale: get("max-scale").and_then(|v| v.parse().ok()).unwrap_or(args.max_scale),
+        idle_grace: args.scale_to_zero_grace,
+    }
 }

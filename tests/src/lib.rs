@@ -53,10 +53,12 @@ where
     }
 }
 
-/// A running process of one of our binaries; killed when dropped.
+/// A running process of one of our binaries; killed when dropped (after a SIGTERM and a
+/// moment to exit when `graceful`).
 pub struct Process {
     name: String,
     child: Child,
+    graceful: bool,
     addrs: HashMap<String, SocketAddr>,
     stdout: Arc<Mutex<Vec<String>>>,
     stderr_path: PathBuf,
@@ -92,7 +94,7 @@ impl Process {
                 printed.notify_waiters();
             });
         }
-        let mut process = Process { name, child, addrs: HashMap::new(), stdout, stderr_path };
+        let mut process = Process { name, child, graceful: false, addrs: HashMap::new(), stdout, stderr_path };
         let deadline = Instant::now() + START_DEADLINE;
         loop {
             let notified = printed.notified();
@@ -107,6 +109,11 @@ impl Process {
                 bail!("{} did not print its listeners in time:\n{}", process.name, process.logs());
             }
         }
+    }
+
+    /// Everything the process has printed on stdout so far.
+    pub fn stdout(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
     }
 
     pub fn addr(&self, listener: &str) -> SocketAddr {
@@ -145,6 +152,23 @@ impl Process {
                 .unwrap_or(0)
         };
         (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if !self.graceful {
+            return;
+        }
+        if let Some(pid) = self.child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            for _ in 0..100 {
+                if self.child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 }
 
@@ -194,6 +218,33 @@ impl Env {
         let mut args = strings(&["--listen", "127.0.0.1:0", "--pod", pod, "--revision", revision]);
         args.extend(strings(extra));
         Process::start(self.dir.path(), "demo-service", &args, &["http"]).await.expect("demo-service starts")
+    }
+
+    pub fn endpoints_path(&self) -> PathBuf {
+        self.dir.path().join("endpoints.yaml")
+    }
+
+    /// An autoscaler-shim with the process backend publishing to `endpoints_path`, stopped
+    /// gracefully (with its pods) when dropped.
+    pub async fn shim(&self, extra: &[&str]) -> Process {
+        let mut args = strings(extra);
+        if !extra.contains(&"--listen") {
+            args.extend(strings(&["--listen", "127.0.0.1:0"]));
+        }
+        args.extend(strings(&["--endpoints-file", &self.endpoints_path().display().to_string()]));
+        let mut shim =
+            Process::start(self.dir.path(), "autoscaler-shim", &args, &["stats"]).await.expect("shim starts");
+        shim.graceful = true;
+        shim
+    }
+
+    /// An activator reporting to `shim` and taking the endpoints it publishes.
+    pub async fn activator_with_shim(&self, shim: &Process, extra: &[&str]) -> Process {
+        let url = format!("ws://{}", shim.addr("stats"));
+        let endpoints = self.endpoints_path().display().to_string();
+        let mut args = vec!["--autoscaler-url", url.as_str(), "--endpoints-file", endpoints.as_str()];
+        args.extend_from_slice(extra);
+        self.activator(&args).await
     }
 
     /// An activator sharing pins through `redis`, with `--debug-headers`, once it is connected.
@@ -336,4 +387,14 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Lets this process (and the processes it starts) hold as many sockets as the hard limit allows.
+pub fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
 }

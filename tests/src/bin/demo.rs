@@ -4,7 +4,7 @@
 //! stops everything it started when done (the processes are killed when their handles drop).
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use integration_tests::topology::{Service, yaml};
 use integration_tests::{Client, Env, Process, admin_get, metric, wait_until};
@@ -19,7 +19,10 @@ struct Demo {
 
 impl Demo {
     async fn show(&self, path: &str, headers: &[(&str, &str)]) {
-        let host = "counter.localhost";
+        self.show_at("counter.localhost", path, headers).await;
+    }
+
+    async fn show_at(&self, host: &str, path: &str, headers: &[(&str, &str)]) {
         let flags: String = (headers.iter())
             .map(|(k, v)| match v.len() {
                 // Long ids are all 'x' here; print a command that builds one rather than a kilobyte of x.
@@ -55,11 +58,14 @@ fn step(title: &str) {
 }
 
 fn topology(pods: &[SocketAddr], old_percent: u32) -> String {
-    yaml(&[Service::new("counter")
-        .annotation(&format!("{P}sticky-session-query-parameter"), "session_id")
-        .revision("counter-00001", old_percent, &pods[..3])
-        .revision("counter-00002", 100 - old_percent, &pods[3..])])
-    .replace("counter.test", "counter.localhost")
+    yaml(&[
+        Service::new("counter")
+            .annotation(&format!("{P}sticky-session-query-parameter"), "session_id")
+            .revision("counter-00001", old_percent, &pods[..3])
+            .revision("counter-00002", 100 - old_percent, &pods[3..]),
+        Service::new("sleepy").revision("sleepy-00001", 100, &[]),
+    ])
+    .replace(".test]", ".localhost]")
 }
 
 #[tokio::main]
@@ -82,7 +88,15 @@ async fn main() {
     step(&format!("Topology file {} (re-read when it changes)", env.topology_path().display()));
     print!("{}", std::fs::read_to_string(env.topology_path()).unwrap_or_default());
 
-    let activator = env.activator(&["--debug-headers"]).await;
+    let demo_service = integration_tests::bin_dir().join("demo-service").display().to_string();
+    let command =
+        format!("{demo_service} --listen {{listen}} --pod {{pod}} --revision {{revision}} --startup-delay 1s");
+    let topology_path = env.topology_path().display().to_string();
+    let shim_flags =
+        ["--command", &command, "--topology", &topology_path, "--scale-to-zero-grace", "3s", "--window", "2s"];
+    let shim = env.shim(&shim_flags).await;
+    println!("\nautoscaler-shim: stats on {}, starts pods with: {command}", shim.addr("stats"));
+    let activator = env.activator_with_shim(&shim, &["--debug-headers"]).await;
     println!("\nactivator: proxy on {}, admin on {}", activator.addr("proxy"), activator.addr("admin"));
     println!("(--debug-headers: each answer says why it landed where it did)");
     let demo = Demo { client: Client::new(activator.addr("proxy")), env, activator };
@@ -115,6 +129,24 @@ async fn main() {
         demo.show(&format!("/incr?session_id={id}"), &[]).await;
     }
 
+    step("Scale from zero: sleepy-00001 has no pod; the shim starts one (1 s to become ready) on the first request");
+    let started = Instant::now();
+    demo.show_at("sleepy.localhost", "/incr?session_id=zzz", &[]).await;
+    println!(
+        "  (answered after {:.1} s: held until the new pod passed its readiness probe)",
+        started.elapsed().as_secs_f64()
+    );
+    demo.show_at("sleepy.localhost", "/incr?session_id=zzz", &[]).await;
+    let endpoints = demo.env.endpoints_path();
+    println!("  {} now lists: {}", endpoints.display(), std::fs::read_to_string(&endpoints).unwrap_or_default().trim());
+    println!("  … no requests for 3 s: the shim scales sleepy-00001 back to zero");
+    let stopped = Instant::now();
+    wait_until(Duration::from_secs(30), "the idle pod is stopped", || async {
+        !std::fs::read_to_string(&endpoints).unwrap_or_default().contains("sleepy")
+    })
+    .await;
+    println!("  pod stopped {:.1} s later; sleepy-00001 is at zero again", stopped.elapsed().as_secs_f64());
+
     step("What the activator answers by itself");
     demo.show("/incr", &[("K-Session", &"x".repeat(1025))]).await;
     demo.show("/", &[("K-Network-Probe", "activator")]).await;
@@ -122,5 +154,6 @@ async fn main() {
     println!("$ curl -H 'Host: unknown.localhost' 'http://{}/'", demo.activator.addr("proxy"));
     println!("  {} from the activator itself: {}", unknown.status, unknown.body.trim_end());
 
-    step("Done: stopping the activator and the demo-service replicas");
+    step("Done: stopping the activator, autoscaler-shim and the demo-service replicas");
+    drop((demo, shim));
 }
