@@ -2,6 +2,7 @@
 //! stat websocket protocol (so the activator needs no second code path), keeps per-revision
 //! concurrency windows, decides each revision's scale, and actuates it through a backend.
 
+mod kubernetes;
 mod process;
 mod scaler;
 mod statserver;
@@ -18,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
+use crate::kubernetes::{KubernetesBackend, deployment_name};
 use crate::process::ProcessBackend;
 use crate::scaler::{Policy, Scaler, desired};
 
@@ -31,7 +33,8 @@ use crate::scaler::{Policy, Scaler, desired};
                   scale (target concurrency per pod, an immediate scale-up on a poke from zero, scale to \
                   zero after an idle grace period, min/max scale) and actuates it. The `process` backend \
                   starts and stops local processes (demo-service by default) and publishes their endpoints \
-                  to the activator through --endpoints-file."
+                  to the activator through --endpoints-file; the `kubernetes` backend patches the scale \
+                  subresource of the Deployment behind each revision."
 )]
 struct Args {
     /// Stat websocket listener; the bound address is printed as `listening stats <addr>`. Point
@@ -78,7 +81,47 @@ struct Args {
 enum Backend {
     /// Local processes.
     Process,
+    /// The scale subresource of the Deployment behind each revision.
+    Kubernetes,
 }
+
+/// Where decided scales go.
+enum Actuator {
+    Process(ProcessBackend),
+    Kubernetes(KubernetesBackend),
+}
+
+impl Actuator {
+    fn current(&self, namespace: &str, revision: &str) -> u32 {
+        match self {
+            Actuator::Process(b) => b.current(namespace, revision),
+            Actuator::Kubernetes(b) => b.current(namespace, revision),
+        }
+    }
+
+    async fn scale(
+        &mut self,
+        namespace: &str,
+        revision: &str,
+        annotations: Option<&RevisionAnnotations>,
+        replicas: u32,
+    ) -> anyhow::Result<()> {
+        match self {
+            Actuator::Process(b) => b.scale(namespace, revision, replicas).await,
+            Actuator::Kubernetes(b) => {
+                b.scale(namespace, revision, &deployment_name(revision, annotations), replicas).await
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        if let Actuator::Process(b) = self {
+            b.shutdown().await;
+        }
+    }
+}
+
+type RevisionAnnotations = std::collections::BTreeMap<String, String>;
 
 /// How often scales are re-decided (a poke from zero acts at once).
 const TICK: Duration = Duration::from_secs(1);
@@ -106,9 +149,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .to_vec()
         }
     };
-    let Backend::Process = args.backend;
-    let endpoints_file = args.endpoints_file.clone().context("the process backend needs --endpoints-file")?;
-    let mut backend = ProcessBackend::new(command, endpoints_file)?;
+    let mut backend = match args.backend {
+        Backend::Process => {
+            let endpoints_file = args.endpoints_file.clone().context("the process backend needs --endpoints-file")?;
+            Actuator::Process(ProcessBackend::new(command, endpoints_file)?)
+        }
+        Backend::Kubernetes => Actuator::Kubernetes(KubernetesBackend::connect().await?),
+    };
 
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     println!("listening stats {}", listener.local_addr()?);
@@ -150,7 +197,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let want = desired(&policy, current, average, idle_for);
             if want != current {
                 tracing::info!(%namespace, %revision, current, want, average, "scaling");
-                if let Err(e) = backend.scale(&namespace, &revision, want).await {
+                if let Err(e) = backend.scale(&namespace, &revision, annotations, want).await {
                     tracing::error!(%namespace, %revision, error = format!("{e:#}"), "scaling failed");
                 }
             }
@@ -160,7 +207,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-type Annotations = std::collections::HashMap<(String, String), std::collections::BTreeMap<String, String>>;
+type Annotations = std::collections::HashMap<(String, String), RevisionAnnotations>;
 
 /// The revisions the topology leaves to the shim (listed without endpoints), with their
 /// annotations (the service's overlaid by the revision's own). An unreadable file manages none.
@@ -180,7 +227,7 @@ fn read_managed(path: &std::path::Path) -> Annotations {
     out
 }
 
-fn policy(args: &Args, annotations: Option<&std::collections::BTreeMap<String, String>>) -> Policy {
+fn policy(args: &Args, annotations: Option<&RevisionAnnotations>) -> Policy {
     let get = |key: &str| annotations.and_then(|a| a.get(&format!("autoscaling.knative.dev/{key}")));
     Policy {
         target: get("target").and_then(|v| v.parse().ok()).filter(|t: &f64| *t > 0.0).unwrap_or(args.target),
