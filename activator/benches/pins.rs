@@ -1,6 +1,6 @@
-//! Pin-store lookup cost on the request path: the sharded memory store against a
-//! single `Mutex<HashMap>` baseline measured in the same run, with one and two threads hitting
-//! known pins. Prints ns per lookup and the ratio; asserts nothing.
+//! Pin-store cost: lookups of known pins in the sharded memory store against a single
+//! `Mutex<HashMap>` baseline measured in the same run, with one and two threads; and this
+//! process's resident memory growth for 1 000 000 pins. Prints figures; asserts nothing.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -42,6 +42,28 @@ fn main() {
         println!("bench pins_get_ns_{threads}t {memory:.1} ns");
         println!("bench ratio_pins_get_vs_mutex_{threads}t {:.2} x", memory / mutex);
     }
+    drop((store, locked));
+
+    let before = resident_kib();
+    // The bound is per shard (1/64 each), so hold a million with room for uneven shards.
+    let million = MemoryPins::new(1_100_000);
+    for i in 0..1_000_000u32 {
+        let key = PinKey::new(&scope, PinKind::Session, &i.to_le_bytes());
+        million.write(&key, None, Pin::session("counter-00001", pod), lifetime);
+    }
+    let held = million.sweep();
+    let grown = resident_kib().saturating_sub(before) as f64 / 1024.0;
+    println!("bench pins_held {held} pins");
+    println!("bench rss_growth_1000000_pins {grown:.1} MiB");
+}
+
+fn resident_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Wall time per lookup with `threads` threads each doing `LOOKUPS_PER_THREAD` lookups, after

@@ -148,19 +148,31 @@ impl Handler {
                 _ => None,
             });
             if let Some(write) = write {
-                let winner = self.pins.write(key, write.expected(), ours.clone(), revision.affinity.lifetime()).await;
-                // Lost a race for a new session: use the winner's pod, as every replica will.
-                if winner != ours
-                    && let Some(pod) = winner.pod
-                    && let Some(pinned) = routed.service.routes_to(&winner.revision)
-                    && pinned.throttler.is_ready(pod)
-                {
-                    drop(lease);
-                    revision = pinned.clone();
-                    lease = match revision.throttler.acquire(Want::Pod(pod), body_bytes).await {
-                        Ok(lease) => lease,
-                        Err(e) => return refused(&revision, e),
-                    };
+                let lifetime = revision.affinity.lifetime();
+                let winner = self.pins.write(key, write.expected(), ours.clone(), lifetime).await;
+                if winner != ours {
+                    match routed
+                        .service
+                        .routes_to(&winner.revision)
+                        .filter(|r| winner.pod.is_some_and(|p| r.throttler.is_ready(p)))
+                    {
+                        // Another request or replica pinned the session first: use its pod, as
+                        // every replica will.
+                        Some(pinned) => {
+                            drop(lease);
+                            revision = pinned.clone();
+                            let pod = winner.pod.expect("checked above");
+                            lease = match revision.throttler.acquire(Want::Pod(pod), body_bytes).await {
+                                Ok(lease) => lease,
+                                Err(e) => return refused(&revision, e),
+                            };
+                        }
+                        // The pin already there points at a pod or revision that is gone: ours
+                        // replaces it now, so the session does not move on its next request.
+                        None => {
+                            self.pins.write(key, Some(&winner), ours, lifetime).await;
+                        }
+                    }
                 }
             }
         }

@@ -304,3 +304,26 @@ async fn a_frozen_redis_fails_no_request() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_session_costs_one_redis_round_trip_and_a_known_one_none() {
+    let cluster = Cluster::start().await;
+    let (a, b) = cluster.clients();
+    // GETEX is the once-a-second TTL refresh, not per request, so it is left out.
+    let calls = || async {
+        let mut n = 0;
+        for command in ["get", "set", "evalsha"] {
+            n += cluster.redis.calls(command).await;
+        }
+        n
+    };
+    let start = calls().await;
+    let pod = session(&a, "counted").await.pod().to_owned();
+    assert_eq!(calls().await - start, 1, "a new session: one SET NX GET");
+    for _ in 0..5 {
+        session(&a, "counted").await;
+    }
+    assert_eq!(calls().await - start, 1, "a known session: no round trip");
+    assert_eq!(session(&b, "counted").await.pod(), pod);
+    assert_eq!(calls().await - start, 2, "new to B: its SET NX GET returns A's pin");
+}

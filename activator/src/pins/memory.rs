@@ -53,6 +53,15 @@ impl Entry {
     }
 }
 
+/// What the near cache knows of a key.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Near {
+    Fresh(Pin),
+    /// Held, but not confirmed recently enough to use without asking.
+    Stale,
+    Absent,
+}
+
 /// A pin used since the last refresh, for the shared store's batched TTL refresh.
 pub struct Touched {
     pub key: PinKey,
@@ -117,17 +126,27 @@ impl MemoryPins {
         self.lookup(key, |_| true)
     }
 
-    /// The pin for `key` if the shared store confirmed it less than `max_staleness` ago and
-    /// nothing invalidated the near cache since.
-    pub fn get_verified(&self, key: &PinKey, max_staleness: Duration) -> Option<Pin> {
+    /// What the near cache knows of `key`: a pin the shared store confirmed less than
+    /// `max_staleness` ago (and nothing invalidated since), a pin it holds without such a recent
+    /// confirmation, or nothing.
+    pub fn near(&self, key: &PinKey, max_staleness: Duration) -> Near {
         let epoch = self.epoch.load(Ordering::Acquire);
         let now = Instant::now();
-        self.lookup(key, |entry| {
-            entry.verified.is_some_and(|(e, at)| e == epoch && now.saturating_duration_since(at) < max_staleness)
-        })
+        let mut stale = false;
+        let fresh = self.lookup(key, |entry| {
+            let usable =
+                entry.verified.is_some_and(|(e, at)| e == epoch && now.saturating_duration_since(at) < max_staleness);
+            stale = !usable;
+            usable
+        });
+        match fresh {
+            Some(pin) => Near::Fresh(pin),
+            None if stale => Near::Stale,
+            None => Near::Absent,
+        }
     }
 
-    fn lookup(&self, key: &PinKey, usable: impl Fn(&Entry) -> bool) -> Option<Pin> {
+    fn lookup(&self, key: &PinKey, mut usable: impl FnMut(&Entry) -> bool) -> Option<Pin> {
         let now = Instant::now();
         let mut table = self.shard(key);
         let Table { map, touched } = &mut *table;
@@ -334,12 +353,14 @@ mod tests {
         let pins = MemoryPins::near_cache(100);
         let k = key("ns/svc", "abc");
         pins.write(&k, None, Pin::flow("r1"), LONG);
-        assert!(pins.get_verified(&k, Duration::from_secs(5)).is_none(), "a local write is not verified");
+        let other = key("ns/svc", "other");
+        assert_eq!(pins.near(&other, Duration::from_secs(5)), Near::Absent);
+        assert_eq!(pins.near(&k, Duration::from_secs(5)), Near::Stale, "a local write is not verified");
         pins.put_verified(&k, Pin::flow("r1"), LONG, SystemTime::now());
-        assert_eq!(pins.get_verified(&k, Duration::from_secs(5)), Some(Pin::flow("r1")));
-        assert!(pins.get_verified(&k, Duration::ZERO).is_none(), "too old");
+        assert_eq!(pins.near(&k, Duration::from_secs(5)), Near::Fresh(Pin::flow("r1")));
+        assert_eq!(pins.near(&k, Duration::ZERO), Near::Stale, "too old");
         pins.distrust_all();
-        assert!(pins.get_verified(&k, Duration::from_secs(5)).is_none(), "distrusted");
+        assert_eq!(pins.near(&k, Duration::from_secs(5)), Near::Stale, "distrusted");
         assert_eq!(pins.get(&k), Some(Pin::flow("r1")), "still usable as a local pin");
     }
 

@@ -1,9 +1,11 @@
 //! The shared pin table in Redis, so every activator replica routes a session the same way.
 //!
 //! A known pin costs no round trip: this replica's `MemoryPins` is the near cache, trusted for
-//! `revalidate_after` after Redis last confirmed an entry. New pins take one round trip
-//! (`SET … NX PX … GET`, first writer wins); re-pins are a Lua compare-and-set that publishes an
-//! invalidation in the same round trip. Pins in use get their idle TTL slid, and are revalidated,
+//! `revalidate_after` after Redis last confirmed an entry; an entry older than that is re-read.
+//! A key the near cache has never seen is not looked up at all: the request is routed as new and
+//! its pin written with `SET … NX PX … GET`, which returns the pin another replica already holds
+//! if there is one, so a new session costs one round trip, and a session new to this replica too.
+//! Re-pins are a Lua compare-and-set that publishes an invalidation in the same round trip. Pins in use get their idle TTL slid, and are revalidated,
 //! by one pipelined batch every `refresh_interval`. Redis failing or slowing down never fails a
 //! request: after an error the store backs off and this replica routes with its own pins.
 //!
@@ -22,7 +24,7 @@ use prometheus::{Histogram, IntCounter, IntGauge};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Client, RedisResult};
 
-use super::memory::{MemoryPins, Touched};
+use super::memory::{MemoryPins, Near, Touched};
 use super::{Lifetime, Pin, PinKey, Written};
 use crate::stats::Stats;
 
@@ -151,8 +153,11 @@ impl SharedPins {
     }
 
     pub async fn get(&self, key: &PinKey, lifetime_of: &(dyn Fn(&str) -> Lifetime + Sync)) -> Option<Pin> {
-        if let Some(pin) = self.memory.get_verified(key, self.config.revalidate_after) {
-            return Some(pin);
+        match self.memory.near(key, self.config.revalidate_after) {
+            Near::Fresh(pin) => return Some(pin),
+            // Routed as new: the first-writer-wins write returns any pin Redis already holds.
+            Near::Absent => return None,
+            Near::Stale => {}
         }
         let Some(mut conn) = self.available() else { return self.memory.get(key) };
         let read = self.call(Op::Get, async move { conn.get::<_, Option<Vec<u8>>>(key.to_string()).await });

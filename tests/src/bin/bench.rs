@@ -1,0 +1,440 @@
+//! `just bench`: the activator's figures against baselines measured in the same run (a direct
+//! connection to the backend, nginx as a proxy), because these machines are noisy. Prints a table
+//! with each figure's target and one `bench <name> <value> <unit>` line per figure. Never fails
+//! on a missed target; a missing tool skips its figures with a note.
+//!
+//! Placement: the backend, nginx (1 worker) and the activator (1 worker thread) share CPU 1; the
+//! load generators (wrk, h2load, the cold-start client) run on CPU 0.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use integration_tests::redis::Redis;
+use integration_tests::topology::{Service, yaml};
+use integration_tests::{Client, Env, Process, admin_get, metric, raise_open_files_limit, wait_until};
+
+/// Linux reports process CPU time in USER_HZ ticks, 100 per second.
+const TICKS_PER_SECOND: f64 = 100.0;
+const MODERATE: u32 = 4;
+const SATURATING: u32 = 64;
+const SECONDS: u32 = 5;
+
+struct Figure {
+    name: String,
+    value: f64,
+    unit: &'static str,
+    target: &'static str,
+}
+
+#[derive(Default)]
+struct Figures(Vec<Figure>);
+
+impl Figures {
+    fn add(&mut self, name: &str, value: f64, unit: &'static str, target: &'static str) {
+        println!("bench {name} {value:.4} {unit}");
+        self.0.push(Figure { name: name.to_owned(), value, unit, target });
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Load {
+    requests: f64,
+    per_second: f64,
+    median_us: f64,
+    p99_us: f64,
+}
+
+#[tokio::main]
+async fn main() {
+    raise_open_files_limit();
+    let mut figures = Figures::default();
+    let env = Env::new();
+    let backend = env.demo("bench-pod", "bench-1").await;
+    pin_to_cpu(&backend, 1);
+    let topology = |cold: &[(&str, &[SocketAddr])]| {
+        let mut services = vec![Service::new("bench").revision("bench-1", 100, &[backend.addr("http")])];
+        for (name, endpoints) in cold {
+            services.push(Service::new(name).revision(&format!("{name}-1"), 100, endpoints));
+        }
+        let text = yaml(&services).replace("probe: http", "probe: none");
+        text.replace("hosts: [bench.test]", "hosts: [bench.test, 127.0.0.1]")
+    };
+    env.write_topology(&topology(&[]));
+
+    let tools = ["wrk", "h2load", "nginx", "redis-server"].map(|t| (t, which(t)));
+    for (tool, found) in tools {
+        if !found {
+            println!("note: {tool} is not installed; its figures are skipped (`just bench` installs it)");
+        }
+    }
+    let have = |tool: &str| tools.iter().any(|(t, found)| *t == tool && *found);
+
+    let activator = env.activator(&["--worker-threads", "1", "--topology-poll-interval", "2ms"]).await;
+    pin_to_cpu(&activator, 1);
+    let (idle_rss, _) = activator.memory_kib();
+    figures.add("idle_rss", idle_rss as f64 / 1024.0, "MiB", "<= 15 MiB");
+
+    if have("wrk") {
+        proxy_overhead(&env, &backend, &activator, have("nginx"), &mut figures).await;
+        affinity_overhead(&env, &activator, have("redis-server"), &mut figures).await;
+    }
+    cold_start(&env, &activator, &backend, &topology, &mut figures).await;
+    buffered_memory(&env, &activator, &backend, &topology, &mut figures).await;
+    if have("h2load") {
+        let direct = h2load(backend.addr("http"));
+        let proxied = h2load(activator.addr("proxy"));
+        figures.add("h2c_direct_rps", direct, "req/s", "");
+        figures.add("h2c_activator_rps", proxied, "req/s", "");
+        figures.add("ratio_h2c_rps_activator_vs_direct", proxied / direct, "x", "");
+    }
+    print_table(&figures);
+}
+
+/// Figure 1: latency at moderate load and CPU per request at saturation, direct, nginx and
+/// activator.
+async fn proxy_overhead(env: &Env, backend: &Process, activator: &Process, nginx: bool, figures: &mut Figures) {
+    let direct = measure(backend.addr("http"), &[], &[]);
+    let proxy = activator.addr("proxy");
+    let ours = measure(proxy, &[], &[activator.pid()]);
+    figures.add("direct_median_latency", direct.0.median_us, "us", "");
+    figures.add("direct_p99_latency", direct.0.p99_us, "us", "");
+    figures.add("direct_saturation_rps", direct.1.per_second, "req/s", "");
+    figures.add("activator_median_latency", ours.0.median_us, "us", "");
+    figures.add("activator_p99_latency", ours.0.p99_us, "us", "");
+    figures.add("activator_saturation_rps", ours.1.per_second, "req/s", "");
+    figures.add("activator_cpu_per_request", ours.2 * 1e6, "us", "");
+    if !nginx {
+        return;
+    }
+    let nginx = Nginx::start(env.dir.path(), backend.addr("http"));
+    let theirs = measure(nginx.addr, &[], &nginx.pids());
+    figures.add("nginx_median_latency", theirs.0.median_us, "us", "");
+    figures.add("nginx_p99_latency", theirs.0.p99_us, "us", "");
+    figures.add("nginx_saturation_rps", theirs.1.per_second, "req/s", "");
+    figures.add("nginx_cpu_per_request", theirs.2 * 1e6, "us", "");
+    let added = |p: &(Load, Load, f64)| (p.0.median_us - direct.0.median_us).max(0.1);
+    figures.add("ratio_added_median_vs_nginx", added(&ours) / added(&theirs), "x", "<= 1.0");
+    figures.add("ratio_cpu_per_request_vs_nginx", ours.2 / theirs.2, "x", "<= 1.0");
+}
+
+/// Moderate-load latency, saturation throughput, and CPU seconds per request of `pids`.
+fn measure(addr: SocketAddr, headers: &[(&str, &str)], pids: &[u32]) -> (Load, Load, f64) {
+    let moderate = wrk(addr, MODERATE, headers, None);
+    let before = cpu_ticks(pids);
+    let saturated = wrk(addr, SATURATING, headers, None);
+    let cpu = (cpu_ticks(pids) - before) as f64 / TICKS_PER_SECOND / saturated.requests.max(1.0);
+    (moderate, saturated, cpu)
+}
+
+/// Figures 2 and 3: a known session pin against no key, with the memory and the Redis store;
+/// round trips and added latency of new sessions with Redis.
+async fn affinity_overhead(env: &Env, activator: &Process, redis: bool, figures: &mut Figures) {
+    let pinned = [("K-Session", "bench-session")];
+    let unpinned = wrk(activator.addr("proxy"), MODERATE, &[], None);
+    let known = wrk(activator.addr("proxy"), MODERATE, &pinned, None);
+    figures.add("ratio_pinned_vs_unpinned_memory", known.median_us / unpinned.median_us, "x", "<= 1.05");
+    if !redis {
+        return;
+    }
+    let server = Redis::start(env.dir.path()).await;
+    let shared = env.shared_activator(&server).await;
+    pin_to_cpu(&shared, 1);
+    let proxy = shared.addr("proxy");
+    let unpinned = wrk(proxy, MODERATE, &[], None);
+    wrk_once(proxy, &pinned);
+    let data = ["get", "getex", "set", "evalsha"];
+    let calls = |stats: &std::collections::HashMap<String, u64>| {
+        data.iter().map(|c| stats.get(*c).copied().unwrap_or(0)).sum::<u64>()
+    };
+    let before = command_stats(&server).await;
+    let known = wrk(proxy, MODERATE, &pinned, None);
+    let known_calls = calls(&command_stats(&server).await) - calls(&before);
+    figures.add("ratio_pinned_vs_unpinned_redis", known.median_us / unpinned.median_us, "x", "<= 1.05");
+    // The once-a-second TTL refresh is the only traffic a pin in use causes.
+    let refreshes = f64::from(SECONDS) + 1.0;
+    figures.add("redis_round_trips_known_pin", (known_calls as f64 - refreshes).max(0.0) / known.requests, "rtt", "0");
+
+    let script = env.dir.path().join("new-sessions.lua");
+    std::fs::write(
+        &script,
+        "local n = 0\nrequest = function()\n  n = n + 1\n  return wrk.format(nil, nil, {[\"K-Session\"] = \"new-\" .. n .. \"-\" .. math.random(1000000000)})\nend\n",
+    )
+    .expect("writing the wrk script");
+    let before = command_stats(&server).await;
+    let fresh = wrk(proxy, MODERATE, &[], Some(&script));
+    let fresh_calls = calls(&command_stats(&server).await) - calls(&before);
+    figures.add("redis_round_trips_new_session", fresh_calls as f64 / fresh.requests, "rtt", "1");
+    figures.add("redis_new_session_added_median", fresh.median_us - unpinned.median_us, "us", "");
+}
+
+/// The bench topology plus services (name, endpoints) of one revision each.
+type TopologyWith<'a> = &'a dyn Fn(&[(&str, &[SocketAddr])]) -> String;
+
+/// Figure 4: from the moment a pod is published to the first and the last held response.
+async fn cold_start(
+    env: &Env,
+    activator: &Process,
+    backend: &Process,
+    topology: TopologyWith<'_>,
+    figures: &mut Figures,
+) {
+    let client = Client::new(activator.addr("proxy"));
+    let admin = activator.addr("admin");
+    for waiters in [1usize, 100, 1000] {
+        let name = format!("cold{waiters}");
+        reload(env, admin, &topology(&[(&name, &[])])).await;
+        let host = format!("{name}.test");
+        let requests: Vec<_> = (0..waiters)
+            .map(|_| {
+                let (client, host) = (client.clone(), host.clone());
+                tokio::spawn(async move {
+                    let reply = client.get(&host, "/incr").await;
+                    (reply.status, Instant::now())
+                })
+            })
+            .collect();
+        let revision = format!("{name}-1");
+        wait_until(Duration::from_secs(60), "the requests wait", || async {
+            queued(admin, &revision).await == Some(waiters as f64)
+        })
+        .await;
+        let published = Instant::now();
+        env.write_topology(&topology(&[(&name, &[backend.addr("http")])]));
+        let mut answered = Vec::with_capacity(waiters);
+        for request in requests {
+            let (status, at) = request.await.expect("request task");
+            assert_eq!(status, 200, "a held request failed");
+            answered.push(at.duration_since(published));
+        }
+        answered.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        figures.add(
+            &format!("cold_start_first_response_{waiters}_waiters"),
+            ms(answered[0]),
+            "ms",
+            "<= 5 ms (+ <= 2 ms poll)",
+        );
+        figures.add(&format!("cold_start_last_response_{waiters}_waiters"), ms(answered[waiters - 1]), "ms", "");
+    }
+    reload(env, admin, &topology(&[])).await;
+}
+
+/// Figure 5: the activator's resident memory with 10 000 requests held for a revision at zero.
+async fn buffered_memory(
+    env: &Env,
+    activator: &Process,
+    backend: &Process,
+    topology: TopologyWith<'_>,
+    figures: &mut Figures,
+) {
+    const HELD: usize = 10_000;
+    let admin = activator.addr("admin");
+    reload(env, admin, &topology(&[("held", &[])])).await;
+    let (before, _) = activator.memory_kib();
+    let client = Client::new(activator.addr("proxy"));
+    let burst = tokio::spawn(async move {
+        futures_util::stream::iter(0..HELD)
+            .map(|_| {
+                let client = client.clone();
+                async move { client.try_send(client.request(reqwest::Method::GET, "held.test", "/incr")).await.is_ok() }
+            })
+            .buffer_unordered(HELD)
+            .filter(|ok| std::future::ready(*ok))
+            .count()
+            .await
+    });
+    wait_until(Duration::from_secs(120), "10 000 requests are held", || async {
+        queued(admin, "held-1").await == Some(HELD as f64)
+    })
+    .await;
+    let (held, _) = activator.memory_kib();
+    figures.add("rss_growth_10000_buffered", held.saturating_sub(before) as f64 / 1024.0, "MiB", "<= +50 MiB");
+    env.write_topology(&topology(&[("held", &[backend.addr("http")])]));
+    let answered = burst.await.expect("burst task");
+    figures.add("buffered_requests_answered", answered as f64, "requests", "10000");
+}
+
+async fn reload(env: &Env, admin: SocketAddr, text: &str) {
+    let applied = || async {
+        let (_, metrics) = admin_get(admin, "/metrics").await;
+        metric(&metrics, "activator_topology_reloads_total", &[("result", "applied")]).unwrap_or(0.0)
+    };
+    let before = applied().await;
+    env.write_topology(text);
+    wait_until(Duration::from_secs(10), "the topology is applied", || async { applied().await > before }).await;
+}
+
+async fn queued(admin: SocketAddr, revision: &str) -> Option<f64> {
+    let (_, text) = admin_get(admin, "/metrics").await;
+    metric(&text, "activator_queued_requests", &[("revision", revision)])
+}
+
+fn which(tool: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success())
+}
+
+fn pin_to_cpu(process: &Process, cpu: u32) {
+    let _ = Command::new("taskset").args(["-a", "-p", "-c", &cpu.to_string(), &process.pid().to_string()]).output();
+}
+
+/// User plus system CPU ticks of processes (all their threads).
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
+}
+
+fn wrk(addr: SocketAddr, connections: u32, headers: &[(&str, &str)], script: Option<&Path>) -> Load {
+    let mut args = vec![
+        "-c".to_owned(),
+        "0".to_owned(),
+        "wrk".to_owned(),
+        "-t1".to_owned(),
+        format!("-c{connections}"),
+        format!("-d{SECONDS}s"),
+        "--latency".to_owned(),
+    ];
+    for (k, v) in headers {
+        args.extend(["-H".to_owned(), format!("{k}: {v}")]);
+    }
+    if let Some(script) = script {
+        args.extend(["-s".to_owned(), script.display().to_string()]);
+    }
+    args.push(format!("http://{addr}/incr"));
+    let out = Command::new("taskset").args(&args).output().expect("running wrk");
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn wrk_once(addr: SocketAddr, headers: &[(&str, &str)]) {
+    let mut curl = Command::new("curl");
+    curl.args(["-s", "-o", "/dev/null"]);
+    for (k, v) in headers {
+        curl.args(["-H", &format!("{k}: {v}")]);
+    }
+    let _ = curl.arg(format!("http://{addr}/incr")).output();
+}
+
+fn parse_wrk(out: &str) -> Load {
+    let duration_us = |text: &str| {
+        let split = text.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let value: f64 = number.parse().unwrap_or(f64::NAN);
+        value
+            * match unit {
+                "us" => 1.0,
+                "ms" => 1e3,
+                "s" => 1e6,
+                _ => f64::NAN,
+            }
+    };
+    let mut load = Load::default();
+    for line in out.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["50%", value] => load.median_us = duration_us(value),
+            ["99%", value] => load.p99_us = duration_us(value),
+            ["Requests/sec:", value] => load.per_second = value.parse().unwrap_or(f64::NAN),
+            [count, "requests", "in", ..] => load.requests = count.parse().unwrap_or(f64::NAN),
+            _ => {}
+        }
+    }
+    load
+}
+
+/// h2c prior-knowledge throughput: requests per second.
+fn h2load(addr: SocketAddr) -> f64 {
+    let url = format!("http://{addr}/incr");
+    let out = Command::new("taskset")
+        .args(["-c", "0", "h2load", "-n", "50000", "-c", "4", "-m", "16", "-t", "1", &url])
+        .output()
+        .expect("running h2load");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("finished in"))
+        .and_then(|l| l.split(',').nth(1))
+        .and_then(|rps| rps.trim().strip_suffix("req/s"))
+        .and_then(|rps| rps.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+async fn command_stats(redis: &Redis) -> std::collections::HashMap<String, u64> {
+    redis
+        .cli(&["INFO", "commandstats"])
+        .await
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(":calls=")?;
+            Some((name.to_owned(), rest.split(',').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// nginx as a reverse proxy with one worker and keep-alive to the backend, on CPU 1.
+struct Nginx {
+    addr: SocketAddr,
+    child: std::process::Child,
+}
+
+impl Nginx {
+    fn start(dir: &Path, backend: SocketAddr) -> Nginx {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let mut conf = String::new();
+        let _ = write!(
+            conf,
+            "worker_processes 1;\nworker_cpu_affinity 10;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  upstream backend {{ server {backend}; keepalive 128; }}\n\
+             server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://backend;\n\
+             proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+            dir = dir.display()
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, conf).expect("writing nginx.conf");
+        let child = Command::new("taskset")
+            .args(["-c", "1", "nginx", "-c", &path.display().to_string(), "-g", "daemon off;"])
+            .spawn()
+            .expect("starting nginx");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nginx { addr, child }
+    }
+
+    /// The master and its worker.
+    fn pids(&self) -> Vec<u32> {
+        let master = self.child.id();
+        let workers =
+            Command::new("pgrep").args(["-P", &master.to_string()]).output().map(|o| o.stdout).unwrap_or_default();
+        std::iter::once(master)
+            .chain(String::from_utf8_lossy(&workers).lines().filter_map(|l| l.trim().parse().ok()))
+            .collect()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = Command::new("pkill").args(["-P", &self.child.id().to_string()]).output();
+        let _ = self.child.wait();
+    }
+}
+
+fn print_table(figures: &Figures) {
+    println!("\n{:<52} {:>14} {:<8} target", "figure", "value", "unit");
+    for f in &figures.0 {
+        println!("{:<52} {:>14.3} {:<8} {}", f.name, f.value, f.unit, f.target);
+    }
+}
