@@ -214,6 +214,15 @@ impl Env {
         self.demo_with(pod, revision, &[]).await
     }
 
+    /// `n` pods of one revision, named `<revision>-pod-<i>`.
+    pub async fn pods(&self, revision: &str, n: usize) -> Vec<Process> {
+        let mut pods = Vec::with_capacity(n);
+        for i in 0..n {
+            pods.push(self.demo(&format!("{revision}-pod-{i}"), revision).await);
+        }
+        pods
+    }
+
     pub async fn demo_with(&self, pod: &str, revision: &str, extra: &[&str]) -> Process {
         let mut args = strings(&["--listen", "127.0.0.1:0", "--pod", pod, "--revision", revision]);
         args.extend(strings(extra));
@@ -397,4 +406,9 @@ pub fn raise_open_files_limit() {
     {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
+}
+
+/// The addresses demo pods listen on.
+pub fn addrs(pods: &[Process]) -> Vec<SocketAddr> {
+    pods.iter().map(|p| p.addr("http")).collect()
 }

@@ -6,21 +6,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use integration_tests::topology::{Service, yaml};
-use integration_tests::{Client, Env, Process, admin_get, metric, wait_until};
+use integration_tests::{Client, Env, Process, addrs, admin_get, metric, wait_until};
 
 const P: &str = "activator.knative.dev/";
-
-async fn replicas(env: &Env, revision: &str, n: usize) -> Vec<Process> {
-    let mut pods = Vec::new();
-    for i in 0..n {
-        pods.push(env.demo(&format!("{revision}-pod-{i}"), revision).await);
-    }
-    pods
-}
-
-fn addrs(pods: &[Process]) -> Vec<SocketAddr> {
-    pods.iter().map(|p| p.addr("http")).collect()
-}
 
 /// Sends `requests` and asserts the counter reads 1, 2, 3, … on one pod.
 async fn assert_counts_up(client: &Client, requests: &[(&str, Vec<(&str, &str)>)], session: &str) -> String {
@@ -56,7 +44,7 @@ async fn reload(env: &Env, activator: &Process, topology: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_header_keeps_a_session_on_one_pod() {
     let env = Env::new();
-    let pods = replicas(&env, "counter-1", 3).await;
+    let pods = env.pods("counter-1", 3).await;
     env.write_topology(&yaml(&[Service::new("counter").revision("counter-1", 100, &addrs(&pods))]));
     let activator = env.activator(&["--debug-headers"]).await;
     let client = Client::new(activator.addr("proxy"));
@@ -77,7 +65,7 @@ async fn session_header_keeps_a_session_on_one_pod() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_ids_from_query_path_and_cookie_annotations() {
     let env = Env::new();
-    let pods = replicas(&env, "counter-1", 3).await;
+    let pods = env.pods("counter-1", 3).await;
     let by = |annotation: &str, value: &str| {
         yaml(&[Service::new("counter")
             .revision("counter-1", 100, &addrs(&pods))
@@ -182,7 +170,7 @@ async fn zero_percent_drains_pinned_sessions_and_removal_moves_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_moves_inside_its_revision_when_its_pod_leaves() {
     let env = Env::new();
-    let pods = replicas(&env, "counter-1", 3).await;
+    let pods = env.pods("counter-1", 3).await;
     let with_pods = |pods: &[SocketAddr]| yaml(&[Service::new("counter").revision("counter-1", 100, pods)]);
     env.write_topology(&with_pods(&addrs(&pods)));
     let activator = env.activator(&[]).await;
@@ -204,7 +192,7 @@ async fn a_session_moves_inside_its_revision_when_its_pod_leaves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_pins_are_balanced_anew() {
     let env = Env::new();
-    let pods = replicas(&env, "counter-1", 2).await;
+    let pods = env.pods("counter-1", 2).await;
     env.write_topology(&yaml(&[Service::new("counter").annotation(&format!("{P}sticky-ttl"), "1s").revision(
         "counter-1",
         100,
@@ -281,7 +269,7 @@ async fn bad_ids_and_annotations_get_clear_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pinned_requests_wait_for_their_pods_capacity() {
     let env = Env::new();
-    let pods = replicas(&env, "counter-1", 2).await;
+    let pods = env.pods("counter-1", 2).await;
     env.write_topology(&yaml(&[Service::new("counter")
         .revision("counter-1", 100, &addrs(&pods))
         .with(|r| r.container_concurrency = 1)]));
@@ -307,7 +295,7 @@ async fn pinned_requests_wait_for_their_pods_capacity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_first_requests_of_a_session_share_one_pod() {
     let env = Env::new();
-    let pods = replicas(&env, "counter-1", 3).await;
+    let pods = env.pods("counter-1", 3).await;
     env.write_topology(&yaml(&[Service::new("counter").revision("counter-1", 100, &addrs(&pods))]));
     let activator = env.activator(&[]).await;
     let client = Client::new(activator.addr("proxy"));

@@ -1,13 +1,12 @@
 //! The shared pin table: several activator replicas, one real `redis-server`, real demo pods.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use integration_tests::redis::Redis;
 use integration_tests::topology::{Service, yaml};
-use integration_tests::{Client, Env, Process, admin_get, bin_dir, metric, metric_sum, wait_until};
+use integration_tests::{Client, Env, Process, addrs, admin_get, bin_dir, metric, metric_sum, wait_until};
 
 /// Three pods of one revision behind two activators sharing one Redis.
 struct Cluster {
@@ -22,12 +21,8 @@ impl Cluster {
     async fn start() -> Cluster {
         let env = Env::new();
         let redis = Redis::start(env.dir.path()).await;
-        let mut pods = Vec::new();
-        for i in 0..3 {
-            pods.push(env.demo(&format!("pod-{i}"), "counter-1").await);
-        }
-        let addrs: Vec<SocketAddr> = pods.iter().map(|p| p.addr("http")).collect();
-        env.write_topology(&yaml(&[Service::new("counter").revision("counter-1", 100, &addrs)]));
+        let pods = env.pods("counter-1", 3).await;
+        env.write_topology(&yaml(&[Service::new("counter").revision("counter-1", 100, &addrs(&pods))]));
         let a = env.shared_activator(&redis).await;
         let b = env.shared_activator(&redis).await;
         Cluster { _env: env, redis, _pods: pods, a, b }
@@ -228,11 +223,8 @@ async fn killed_redis_connections_recover_without_a_restart() {
 async fn one_tenants_ids_never_steer_another() {
     let env = Env::new();
     let redis = Redis::start(env.dir.path()).await;
-    let mut pods = Vec::new();
-    for i in 0..3 {
-        pods.push(env.demo(&format!("pod-{i}"), "counter-1").await);
-    }
-    let addrs: Vec<SocketAddr> = pods.iter().map(|p| p.addr("http")).collect();
+    let pods = env.pods("counter-1", 3).await;
+    let addrs = addrs(&pods);
     // Same service and revision names, same pods: only the namespace tells them apart.
     env.write_topology(&yaml(&[
         Service::new("counter").in_namespace("tenant-a").revision("counter-1", 100, &addrs),
