@@ -387,10 +387,6 @@ impl Snapshot {
     pub fn revision(&self, namespace: &str, name: &str) -> Option<&(Arc<Service>, Arc<Revision>)> {
         self.by_revision.get(&(namespace.to_owned(), name.to_owned()))
     }
-
-    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
-        self.by_revision.values().map(|(s, _)| s)
-    }
 }
 
 fn strip_port(host: &str) -> &str {

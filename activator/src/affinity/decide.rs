@@ -154,7 +154,7 @@ mod tests {
             &Snapshot::default(),
             &with,
         );
-        snapshot.services().next().unwrap().clone()
+        snapshot.service_for_host("svc.default.svc.cluster.local").unwrap().clone()
     }
 
     fn lookup(session: Option<Option<Pin>>, flow: Option<Option<Pin>>) -> Lookup {

@@ -69,10 +69,6 @@ impl PinKey {
         PinKey { scope: scope.clone(), kind, id_hash: hasher.digest128() }
     }
 
-    pub fn kind(&self) -> PinKind {
-        self.kind
-    }
-
     /// The Redis pattern matching every pin of one service.
     pub fn service_pattern(namespace: &str, service: &str) -> String {
         format!("aa:{{{namespace}/{service}}}:*")
