@@ -31,7 +31,7 @@ fn main() {
     for threads in [1, 2] {
         let memory = per_lookup(threads, &keys, {
             let store = store.clone();
-            move |k| store.get(k).is_some()
+            move |k| store.get(k, &|_| lifetime).is_some()
         });
         let mutex = per_lookup(threads, &keys, {
             let locked = locked.clone();

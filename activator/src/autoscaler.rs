@@ -106,6 +106,15 @@ impl Reporter {
         Reporter { pokes: Some(pokes) }
     }
 
+    /// Moves a request counted for one revision to `to` (it lost a pin race and goes to the
+    /// winner's revision): the first no longer counts it, neither in flight nor as an arrival
+    /// not yet reported.
+    pub fn redirect(&self, in_flight: InFlight, to: &Arc<Concurrency>) -> InFlight {
+        let _ = in_flight.0.arrivals.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        drop(in_flight);
+        self.arrive(to)
+    }
+
     /// Counts a request that just arrived for `revision`; keep the guard until its response ends.
     pub fn arrive(&self, revision: &Arc<Concurrency>) -> InFlight {
         revision.in_flight.fetch_add(1, Ordering::Relaxed);

@@ -14,9 +14,9 @@ use http::header::HeaderName;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::affinity::{DEFAULT_TTL, Decision, Keys, Lookup, PinWrite, decide};
+use crate::affinity::{Decision, Keys, Lookup, Origin, PinWrite, decide};
 use crate::autoscaler::{InFlight, Reporter};
-use crate::pins::{Lifetime, Pin, Pins};
+use crate::pins::{Pin, Pins};
 use crate::probes::{self, Health, reply};
 use crate::proxy::{self, Held, ResponseBody};
 use crate::stats::Stats;
@@ -26,9 +26,6 @@ use crate::topology::{Revision, Service, Snapshot};
 const KNATIVE_REVISION: HeaderName = HeaderName::from_static("knative-serving-revision");
 const KNATIVE_NAMESPACE: HeaderName = HeaderName::from_static("knative-serving-namespace");
 const DECISION_HEADER: HeaderName = HeaderName::from_static("x-activator-decision");
-
-/// Lifetime of pins read for a revision that left the traffic (they are replaced anyway).
-const DEFAULT_LIFETIME: Lifetime = Lifetime { ttl: DEFAULT_TTL, max_age: None };
 
 /// What a waiting request's body may occupy when its length is unknown: about what the
 /// connection buffers before backpressure stops the client.
@@ -68,29 +65,19 @@ impl Handler {
             Ok(keys) => keys,
             Err(e) => return self.unrouted(StatusCode::BAD_REQUEST, &e.to_string(), started),
         };
-        let lifetime_of =
-            |revision: &str| service.routes_to(revision).map_or(DEFAULT_LIFETIME, |r| r.affinity.lifetime());
-        let lookup = Lookup {
-            has_session: keys.session.is_some(),
-            has_flow: keys.flow.is_some(),
-            session: match &keys.session {
-                Some(key) => self.pins.get(key, &lifetime_of).await,
-                None => None,
-            },
-            flow: match &keys.flow {
-                Some(key) => self.pins.get(key, &lifetime_of).await,
-                None => None,
-            },
-        };
+        let lifetime_of = |revision: &str| service.lifetime_of(revision);
+        let (session, flow) = self.pins.lookup(keys.session.as_ref(), keys.flow.as_ref(), &lifetime_of).await;
+        let lookup = Lookup { has_session: keys.session.is_some(), has_flow: keys.flow.is_some(), session, flow };
         let mut decision = decide(&service, ingress_pick.as_ref(), &lookup, fastrand::u32(..100));
         if let (Some(key), Some(write)) = (&keys.flow, &decision.flow_write) {
             let ours = Pin::flow(&decision.revision.name);
-            let winner = self.pins.write(key, write.expected(), ours, decision.revision.affinity.lifetime()).await;
-            // Another replica or request pinned the flow first: follow it, unless a session pin
-            // already chose the revision.
-            if lookup.session.is_none()
-                && let Some(revision) = service.routes_to(&winner.revision)
-            {
+            let lifetime = decision.revision.affinity.lifetime();
+            let winner = self.pins.write(key, write.expected(), ours, lifetime, &lifetime_of).await;
+            // Another replica or request pinned the flow first: follow it, unless the session's
+            // own pin chose the revision.
+            let session_chose = decision.origin == Origin::SessionPin
+                || lookup.session.as_ref().is_some_and(|pin| service.routes_to(&pin.revision).is_some());
+            if !session_chose && let Some(revision) = service.routes_to(&winner.revision) {
                 decision.revision = revision.clone();
             }
         }
@@ -107,7 +94,7 @@ impl Handler {
         revision.stats.record(resp.status().as_u16(), started.elapsed());
         let headers = resp.headers_mut();
         if let Some(cookie) = &routed.keys.new_cookie
-            && let Ok(value) = HeaderValue::try_from(cookie.header_value(revision.affinity.lifetime()))
+            && let Ok(value) = HeaderValue::try_from(cookie.header_value(revision.affinity.lifetime().max_age))
         {
             headers.append(http::header::SET_COOKIE, value);
         }
@@ -129,7 +116,7 @@ impl Handler {
         routed: &Routed,
         decision: Decision,
         client: SocketAddr,
-        in_flight: InFlight,
+        mut in_flight: InFlight,
     ) -> Response<ResponseBody> {
         let body_bytes = {
             let hint = http_body::Body::size_hint(req.body());
@@ -149,7 +136,12 @@ impl Handler {
             });
             if let Some(write) = write {
                 let lifetime = revision.affinity.lifetime();
-                let winner = self.pins.write(key, write.expected(), ours.clone(), lifetime).await;
+                // An id the activator made up for a client without its cookie is pinned only
+                // briefly until the client shows it keeps cookies, so clients that never send
+                // cookies back (bots, health checks) do not fill the pin table.
+                let lifetime = if routed.keys.new_cookie.is_some() { lifetime.provisional() } else { lifetime };
+                let lifetime_of = |revision: &str| routed.service.lifetime_of(revision);
+                let winner = self.pins.write(key, write.expected(), ours.clone(), lifetime, &lifetime_of).await;
                 if winner != ours {
                     match routed
                         .service
@@ -160,6 +152,9 @@ impl Handler {
                         // every replica will.
                         Some(pinned) => {
                             drop(lease);
+                            if !Arc::ptr_eq(pinned, &revision) {
+                                in_flight = self.reporter.redirect(in_flight, &pinned.concurrency);
+                            }
                             revision = pinned.clone();
                             let pod = winner.pod.expect("checked above");
                             lease = match revision.throttler.acquire(Want::Pod(pod), body_bytes).await {
@@ -170,7 +165,7 @@ impl Handler {
                         // The pin already there points at a pod or revision that is gone: ours
                         // replaces it now, so the session does not move on its next request.
                         None => {
-                            self.pins.write(key, Some(&winner), ours, lifetime).await;
+                            self.pins.write(key, Some(&winner), ours, lifetime, &lifetime_of).await;
                         }
                     }
                 }

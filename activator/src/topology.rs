@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use crate::affinity::{Annotated, Policy};
 use crate::autoscaler::Concurrency;
+use crate::pins::Lifetime;
 use crate::proxy::PodClient;
 use crate::readiness::{Probe, Prober};
 use crate::stats::{RevisionStats, Stats};
@@ -279,6 +280,12 @@ impl Service {
     /// Whether `revision` is listed in the traffic at any percent (a valid affinity target).
     pub fn routes_to(&self, revision: &str) -> Option<&Arc<Revision>> {
         self.traffic.iter().find(|t| t.revision.name == revision).map(|t| &t.revision)
+    }
+
+    /// How long pins into `revision` live; pins into a revision that left the traffic are
+    /// replaced on their next use, so the default serves them.
+    pub fn lifetime_of(&self, revision: &str) -> Lifetime {
+        self.routes_to(revision).map_or_else(|| Annotated::default().lifetime(), |r| r.affinity.lifetime())
     }
 }
 

@@ -83,9 +83,10 @@ async fn session_ids_from_query_path_and_cookie_annotations() {
     let first = client.get("counter.test", "/incr?session_id=c1").await;
     assert_eq!(first.body, "session=c1, count=1\n");
     let set_cookie = first.header("set-cookie").to_owned();
-    for attribute in ["HttpOnly", "SameSite=Lax", "Path=/", "Max-Age=600"] {
+    for attribute in ["HttpOnly", "SameSite=Lax", "Path=/"] {
         assert!(set_cookie.contains(attribute), "{set_cookie}");
     }
+    assert!(!set_cookie.contains("Max-Age"), "a session cookie, which an active session cannot outlive: {set_cookie}");
     let cookie = set_cookie.split(';').next().unwrap().to_owned();
     assert!(cookie.starts_with("sid=") && cookie.len() == "sid=".len() + 32, "{cookie}");
     for n in 2..=3 {
@@ -307,5 +308,23 @@ async fn concurrent_first_requests_of_a_session_share_one_pod() {
             client.get_with("counter.test", "/incr", &session)
         );
         assert_eq!(a.pod(), b.pod(), "session {id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_pin_lifetimes_are_clamped_not_a_crash() {
+    let env = Env::new();
+    let pods = env.pods("counter-1", 3).await;
+    env.write_topology(&yaml(&[Service::new("counter")
+        .annotation(&format!("{P}sticky-ttl"), "200000000000000d")
+        .annotation(&format!("{P}sticky-max-age"), "200000000000000d")
+        .revision("counter-1", 100, &addrs(&pods))]));
+    let activator = env.activator(&[]).await;
+    let client = Client::new(activator.addr("proxy"));
+    assert_counts_up(&client, &repeat("/incr?session_id=forever", &[("K-Session", "forever")], 3), "forever").await;
+    let (_, text) = admin_get(activator.addr("admin"), "/metrics").await;
+    for annotation in ["sticky-ttl", "sticky-max-age"] {
+        let errors = metric(&text, "activator_annotation_errors_total", &[("annotation", &format!("{P}{annotation}"))]);
+        assert_eq!(errors, Some(1.0), "{annotation}:\n{text}");
     }
 }

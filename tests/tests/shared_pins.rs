@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use integration_tests::redis::Redis;
 use integration_tests::topology::{Service, yaml};
 use integration_tests::{Client, Env, Process, addrs, admin_get, bin_dir, metric, metric_sum, wait_until};
@@ -298,7 +299,7 @@ async fn a_frozen_redis_fails_no_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_session_costs_one_redis_round_trip_and_a_known_one_none() {
+async fn redis_round_trips_per_session_new_new_here_and_known() {
     let cluster = Cluster::start().await;
     let (a, b) = cluster.clients();
     // GETEX is the once-a-second TTL refresh, not per request, so it is left out.
@@ -311,11 +312,223 @@ async fn a_new_session_costs_one_redis_round_trip_and_a_known_one_none() {
     };
     let start = calls().await;
     let pod = session(&a, "counted").await.pod().to_owned();
-    assert_eq!(calls().await - start, 1, "a new session: one SET NX GET");
+    assert_eq!(calls().await - start, 2, "a new session: a GET to look for it, then one SET NX GET");
     for _ in 0..5 {
         session(&a, "counted").await;
     }
-    assert_eq!(calls().await - start, 1, "a known session: no round trip");
+    assert_eq!(calls().await - start, 2, "a known session: no round trip");
     assert_eq!(session(&b, "counted").await.pod(), pod);
-    assert_eq!(calls().await - start, 2, "new to B: its SET NX GET returns A's pin");
+    assert_eq!(calls().await - start, 3, "new to B: one GET finds A's pin");
+    for _ in 0..5 {
+        assert_eq!(session(&b, "counted").await.pod(), pod);
+    }
+    assert_eq!(calls().await - start, 3, "known to B now");
+}
+
+/// Headers that name the revision as Knative's ingress does, so a test chooses where a new pin goes.
+fn ingress(revision: &str) -> [(&'static str, &str); 2] {
+    [("Knative-Serving-Namespace", "default"), ("Knative-Serving-Revision", revision)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_made_elsewhere_decides_the_first_request_here() {
+    let env = Env::new();
+    let redis = Redis::start(env.dir.path()).await;
+    let stable = env.pods("stable", 3).await;
+    // The canary is at zero and nobody will start it: a request sent there waits until it times out.
+    env.write_topology(&yaml(&[Service::new("counter")
+        .revision("stable", 90, &addrs(&stable))
+        .revision("canary", 10, &[])
+        .with(|r| r.timeout_seconds = 3)]));
+    let url = redis.url();
+    let a = env.shared_activator(&redis).await;
+    let shim = env.shim(&["--print-stats", "--command", "false"]).await;
+    let b = env
+        .activator_with_shim(
+            &shim,
+            &["--pin-store", "redis", "--redis-url", &url, "--debug-headers", "--pod-name", "b"],
+        )
+        .await;
+    integration_tests::wait_pin_store_up(b.addr("admin")).await;
+    let (via_a, via_b) = (Client::new(a.addr("proxy")), Client::new(b.addr("proxy")));
+
+    let mut pinned = Vec::new();
+    for i in 0..100 {
+        let (session, flow) = (format!("s{i}"), format!("f{i}"));
+        let mut headers = ingress("stable").to_vec();
+        headers.extend([("K-Session", session.as_str())]);
+        let by_session = via_a.get_with("counter.test", "/incr", &headers).await;
+        let mut headers = ingress("stable").to_vec();
+        headers.extend([("K-Revision", flow.as_str())]);
+        let by_flow = via_a.get_with("counter.test", "/incr", &headers).await;
+        assert_eq!((by_session.status, by_flow.status), (200, 200));
+        pinned.push((session, by_session.pod().to_owned(), flow));
+    }
+    let replies = futures_util::future::join_all(pinned.iter().map(|(session, _, flow)| {
+        let via_b = via_b.clone();
+        async move {
+            let by_session = via_b.get_with("counter.test", "/incr", &[("K-Session", session)]).await;
+            let by_flow = via_b.get_with("counter.test", "/incr", &[("K-Revision", flow)]).await;
+            (by_session, by_flow)
+        }
+    }))
+    .await;
+    for ((session, pod, flow), (by_session, by_flow)) in pinned.iter().zip(&replies) {
+        assert_eq!((by_session.status, by_session.pod()), (200, pod.as_str()), "session {session}: {by_session:?}");
+        assert_eq!(by_session.header("x-activator-decision"), "session-pin", "{session}");
+        assert_eq!((by_flow.status, by_flow.revision()), (200, "stable"), "flow {flow}: {by_flow:?}");
+        assert_eq!(by_flow.header("x-activator-decision"), "revision-pin", "{flow}");
+    }
+    // B reports the stable revision every second while it is busy; by then any poke for the
+    // canary would have arrived first.
+    let stats = || shim.stdout().into_iter().filter(|l| l.starts_with("stat ")).collect::<Vec<_>>();
+    wait_until(Duration::from_secs(10), "B has reported the stable revision", || async {
+        stats().iter().any(|l| l.starts_with("stat default/stable pod=b"))
+    })
+    .await;
+    let canary: Vec<_> = stats().into_iter().filter(|l| l.contains("/canary ")).collect();
+    assert!(canary.is_empty(), "the canary was poked for requests pinned to stable: {canary:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_won_elsewhere_ends_at_its_own_revisions_max_age() {
+    let env = Env::new();
+    let redis = Redis::start(env.dir.path()).await;
+    let (capped, open) = (env.pods("capped", 1).await, env.pods("open", 1).await);
+    env.write_topology(&yaml(&[Service::new("counter")
+        .revision("capped", 50, &addrs(&capped))
+        .with(|r| r.annotations.push(("activator.knative.dev/sticky-max-age".into(), "3s".into())))
+        .revision("open", 50, &addrs(&open))]));
+    let (a, b) = (env.shared_activator(&redis).await, env.shared_activator(&redis).await);
+    let (via_a, via_b) = (Client::new(a.addr("proxy")), Client::new(b.addr("proxy")));
+
+    let mut headers = ingress("capped").to_vec();
+    headers.push(("K-Session", "capped-session"));
+    assert_eq!(via_a.get_with("counter.test", "/incr", &headers).await.revision(), "capped");
+    let pinned_at = tokio::time::Instant::now();
+    // B's first request for the session has the ingress naming the other revision: the pin made
+    // through A wins, with A's revision's max-age.
+    let mut headers = ingress("open").to_vec();
+    headers.push(("K-Session", "capped-session"));
+    let first = via_b.get_with("counter.test", "/incr", &headers).await;
+    assert_eq!(first.revision(), "capped", "{first:?}");
+    // Kept in use through B, the session must still be re-pinned once its max-age has passed.
+    wait_until(Duration::from_secs(15), "the session is pinned anew after its max-age", || async {
+        let reply = via_b.get_with("counter.test", "/incr", &headers).await;
+        assert_eq!(reply.status, 200);
+        let renewed = reply.header("x-activator-decision") == "new-pin";
+        assert!(!renewed || pinned_at.elapsed() >= Duration::from_secs(3), "re-pinned before the max-age");
+        renewed
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_made_up_cookie_is_pinned_provisionally_until_the_client_returns_it() {
+    let env = Env::new();
+    let redis = Redis::start(env.dir.path()).await;
+    let pods = env.pods("counter-1", 3).await;
+    env.write_topology(&yaml(&[Service::new("counter")
+        .annotation("activator.knative.dev/sticky-session-cookie-name", "sid")
+        .revision("counter-1", 100, &addrs(&pods))]));
+    let activator = env.shared_activator(&redis).await;
+    let client = Client::new(activator.addr("proxy"));
+    let pin_ttl = |id: String| {
+        let url = redis.url();
+        async move {
+            let out = tokio::process::Command::new(bin_dir().join("activator"))
+                .args(["pins", "get", "--service", "counter", "--session", &id, "--redis-url", &url])
+                .output()
+                .await
+                .expect("running activator pins");
+            let report = String::from_utf8_lossy(&out.stdout).into_owned();
+            let ttl = report.lines().find_map(|l| l.strip_prefix("ttl")).and_then(|t| t.trim().strip_suffix('s'));
+            ttl.and_then(|t| t.parse::<f64>().ok()).unwrap_or_else(|| panic!("no pin for {id}: {report}"))
+        }
+    };
+
+    let first = client.get("counter.test", "/incr?session_id=browser").await;
+    let cookie = first.header("set-cookie").split(';').next().unwrap().to_owned();
+    let id = cookie.strip_prefix("sid=").unwrap().to_owned();
+    assert!(pin_ttl(id.clone()).await <= 60.0, "a cookie the client has not sent back yet is pinned for a minute");
+    let again = client.get_with("counter.test", "/incr?session_id=browser", &[("Cookie", &cookie)]).await;
+    assert_eq!((again.body.as_str(), again.pod()), ("session=browser, count=2\n", first.pod()));
+    wait_until(Duration::from_secs(10), "the returned cookie's pin takes the full TTL", || async {
+        pin_ttl(id.clone()).await > 500.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_thousand_live_sessions_outlive_their_ttl_without_moving() {
+    const SESSIONS: usize = 20_000;
+    const TTL: Duration = Duration::from_secs(12);
+    integration_tests::raise_open_files_limit();
+    let env = Env::new();
+    let redis = Redis::start(env.dir.path()).await;
+    let pods = env.pods("counter-1", 3).await;
+    env.write_topology(&yaml(&[Service::new("counter")
+        .annotation("activator.knative.dev/sticky-ttl", "12s")
+        .revision("counter-1", 100, &addrs(&pods))]));
+    let url = redis.url();
+    // A long refresh interval makes each batch large, as ten thousand pins in use per second do.
+    let flags = ["--pin-store", "redis", "--redis-url", &url, "--pin-refresh-interval", "3s"];
+    let (a, b) = (env.activator(&flags).await, env.activator(&flags).await);
+    integration_tests::wait_pin_store_up(a.addr("admin")).await;
+    integration_tests::wait_pin_store_up(b.addr("admin")).await;
+    let replicas = [Client::new(a.addr("proxy")), Client::new(b.addr("proxy"))];
+
+    // Each session lives on one replica; `via` picks the replica for a round.
+    let round = |flip: bool| {
+        let replicas = replicas.clone();
+        async move {
+            futures_util::stream::iter(0..SESSIONS)
+                .map(|i| {
+                    let client = replicas[(i % 2) ^ usize::from(flip)].clone();
+                    async move {
+                        let id = format!("live-{i}");
+                        let req = client.request(reqwest::Method::GET, "counter.test", "/incr").header("K-Session", id);
+                        client.try_send(req).await.map(|r| (r.status, r.pod().to_owned()))
+                    }
+                })
+                .buffered(64)
+                .collect::<Vec<_>>()
+                .await
+        }
+    };
+    let pinned = round(false).await;
+    let started = tokio::time::Instant::now();
+    let mut rounds = 0;
+    while started.elapsed() < TTL * 2 {
+        let replies = round(false).await;
+        for (i, (reply, first)) in replies.iter().zip(&pinned).enumerate() {
+            assert_eq!(reply.as_ref().ok(), first.as_ref().ok(), "session live-{i} in round {rounds}");
+        }
+        rounds += 1;
+    }
+    let crossed = round(true).await;
+    let moved = crossed.iter().zip(&pinned).filter(|(now, first)| now.as_ref().ok() != first.as_ref().ok()).count();
+    eprintln!("{rounds} rounds of {SESSIONS} sessions over {:?}", started.elapsed());
+    assert_eq!(moved, 0, "sessions that moved when asked through the other replica");
+    assert!(pinned.iter().all(|r| r.as_ref().is_ok_and(|(status, _)| *status == 200)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_sticky_ttl_is_clamped_and_pins_stay_shared() {
+    let env = Env::new();
+    let redis = Redis::start(env.dir.path()).await;
+    let pods = env.pods("counter-1", 3).await;
+    env.write_topology(&yaml(&[Service::new("counter")
+        .annotation("activator.knative.dev/sticky-ttl", "200000000000000d")
+        .revision("counter-1", 100, &addrs(&pods))]));
+    let (a, b) = (env.shared_activator(&redis).await, env.shared_activator(&redis).await);
+    let (via_a, via_b) = (Client::new(a.addr("proxy")), Client::new(b.addr("proxy")));
+    for i in 0..10 {
+        assert!(shares_new_pins(&via_a, &via_b, &format!("forever-{i}")).await, "session forever-{i}");
+    }
+    let (_, text) = admin_get(a.addr("admin"), "/metrics").await;
+    assert_eq!(metric_sum(&text, "activator_pin_store_errors_total"), 0.0, "Redis took every pin:\n{text}");
+    let clamped =
+        metric(&text, "activator_annotation_errors_total", &[("annotation", "activator.knative.dev/sticky-ttl")]);
+    assert_eq!(clamped, Some(1.0), "the clamp is reported once per topology change");
 }

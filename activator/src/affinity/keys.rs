@@ -13,7 +13,7 @@ use std::time::Duration;
 use http::Request;
 use http::header::{self, HeaderName};
 
-use crate::pins::{Lifetime, PinKey, PinKind};
+use crate::pins::{Lifetime, MAX_LIFETIME, PinKey, PinKind};
 
 pub const ANNOTATION_PREFIX: &str = "activator.knative.dev/";
 /// Longest id accepted, in bytes.
@@ -40,6 +40,8 @@ pub struct Annotated {
     flow: Vec<Source>,
     ttl: Option<Duration>,
     max_age: Option<Duration>,
+    /// `sticky-session-cookie-secure`: the session cookie is sent over HTTPS only.
+    cookie_secure: Option<bool>,
 }
 
 impl Annotated {
@@ -71,10 +73,27 @@ impl Annotated {
                 }
                 (Some(PinKind::Session), "cookie-name") => Err("not a valid cookie name"),
                 (None, "sticky-ttl" | "sticky-max-age") => {
-                    match humantime::parse_duration(value).ok().filter(|d| !d.is_zero()) {
-                        Some(d) if what == "sticky-ttl" => out.ttl = Some(d),
-                        Some(d) => out.max_age = Some(d),
-                        None => rejected(key, format!("{value:?} is not a positive duration such as 600s")),
+                    let Some(mut d) = humantime::parse_duration(value).ok().filter(|d| !d.is_zero()) else {
+                        rejected(key, format!("{value:?} is not a positive duration such as 600s"));
+                        continue;
+                    };
+                    if d > MAX_LIFETIME {
+                        let max = humantime::format_duration(MAX_LIFETIME);
+                        rejected(key, format!("{value:?} is longer than the longest pin lifetime, {max}; using {max}"));
+                        d = MAX_LIFETIME;
+                    }
+                    if what == "sticky-ttl" {
+                        out.ttl = Some(d)
+                    } else {
+                        out.max_age = Some(d)
+                    }
+                    continue;
+                }
+                (Some(PinKind::Session), "cookie-secure") => {
+                    match value.to_ascii_lowercase().as_str() {
+                        "true" => out.cookie_secure = Some(true),
+                        "false" => out.cookie_secure = Some(false),
+                        _ => rejected(key, format!("{value:?} is neither true nor false")),
                     }
                     continue;
                 }
@@ -96,6 +115,7 @@ impl Annotated {
         extend_unique(&mut self.flow, &base.flow);
         self.ttl = self.ttl.or(base.ttl);
         self.max_age = self.max_age.or(base.max_age);
+        self.cookie_secure = self.cookie_secure.or(base.cookie_secure);
         self
     }
 
@@ -118,20 +138,22 @@ pub struct Policy {
     scope: Arc<str>,
     session: Vec<Source>,
     flow: Vec<Source>,
-    /// Cookie created for clients that send no session id.
-    cookie: Option<String>,
+    /// Cookie created for clients that send no session id, and whether it is `Secure`.
+    cookie: Option<(String, bool)>,
 }
 
 impl Policy {
     pub fn new<'a>(namespace: &str, service: &str, annotated: impl IntoIterator<Item = &'a Annotated>) -> Self {
         let mut session = Vec::new();
         let mut flow = Vec::new();
+        let mut secure = false;
         for a in annotated {
             extend_unique(&mut session, &a.session);
             extend_unique(&mut flow, &a.flow);
+            secure |= a.cookie_secure.unwrap_or(false);
         }
         let cookie = session.iter().find_map(|s| match s {
-            Source::Cookie(name) => Some(name.clone()),
+            Source::Cookie(name) => Some((name.clone(), secure)),
             _ => None,
         });
         extend_unique(&mut session, &[Source::Header(DEFAULT_SESSION_HEADER)]);
@@ -149,11 +171,11 @@ impl Policy {
             new_cookie: None,
         };
         if keys.session.is_none()
-            && let Some(name) = &self.cookie
+            && let Some((name, secure)) = &self.cookie
         {
             let id = new_session_id();
             keys.session = Some(PinKey::new(&self.scope, PinKind::Session, id.as_bytes()));
-            keys.new_cookie = Some(NewCookie { name: name.clone(), id });
+            keys.new_cookie = Some(NewCookie { name: name.clone(), id, secure: *secure });
         }
         Ok(keys)
     }
@@ -180,12 +202,23 @@ pub struct Keys {
 pub struct NewCookie {
     pub name: String,
     pub id: String,
+    pub secure: bool,
 }
 
 impl NewCookie {
-    /// The `Set-Cookie` value that hands the id to the client.
-    pub fn header_value(&self, lifetime: Lifetime) -> String {
-        format!("{}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax", self.name, self.id, lifetime.ttl.as_secs())
+    /// The `Set-Cookie` value that hands the id to the client. The cookie outlives any idle
+    /// period: it is a browser-session cookie, or lives `max_age` when the pins have that
+    /// absolute cap. Its pin slides on use; a client coming back after its pin expired keeps its
+    /// id and is pinned anew.
+    pub fn header_value(&self, max_age: Option<Duration>) -> String {
+        let mut value = format!("{}={}; Path=/; HttpOnly; SameSite=Lax", self.name, self.id);
+        if let Some(max_age) = max_age {
+            value.push_str(&format!("; Max-Age={}", max_age.as_secs()));
+        }
+        if self.secure {
+            value.push_str("; Secure");
+        }
+        value
     }
 }
 
@@ -203,9 +236,13 @@ fn first_id<B>(sources: &[Source], req: &Request<B>, kind: PinKind) -> Result<Op
             Source::Query(param) => req.uri().query().and_then(|q| {
                 form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == param).map(|(_, v)| v.into_owned().into_bytes())
             }),
-            Source::PathSegment(n) => {
-                req.uri().path().trim_start_matches('/').split('/').nth(n.get() - 1).map(|s| s.as_bytes().to_vec())
-            }
+            Source::PathSegment(n) => req
+                .uri()
+                .path()
+                .trim_start_matches('/')
+                .split('/')
+                .nth(n.get() - 1)
+                .map(|s| percent_encoding::percent_decode_str(s).collect()),
             Source::Cookie(name) => cookie(req, name).map(|v| v.as_bytes().to_vec()),
         };
         match id {
@@ -281,12 +318,13 @@ mod tests {
     #[test]
     fn each_source_kind_extracts() {
         type Annotations<'a> = &'a [(&'a str, &'a str)];
-        let cases: [(Annotations, Request<()>); 5] = [
+        let cases: [(Annotations, Request<()>); 6] = [
             (&[("sticky-session-header-name", "X-User")], req("/", &[("x-user", "abc")])),
             (&[("sticky-session-query-parameter", "session_id")], req("/incr?x=1&session_id=abc", &[])),
             (&[("sticky-session-path-segment", "2")], req("/incr/abc/more", &[])),
             (&[("sticky-session-cookie-name", "sid")], req("/", &[("cookie", "a=1; sid=abc; b=2")])),
             (&[("sticky-session-query-parameter", "s")], req("/?s=ab%63", &[])),
+            (&[("sticky-session-path-segment", "2")], req("/incr/a%62c", &[])),
         ];
         for (annotations, request) in cases {
             let keys = policy(annotations).extract(&request).unwrap();
@@ -315,11 +353,19 @@ mod tests {
         assert_eq!(keys.session, session_key(&cookie.id));
         let other = p.extract(&req("/", &[])).unwrap().new_cookie.unwrap();
         assert_ne!(cookie.id, other.id);
-        let lifetime = Lifetime { ttl: Duration::from_secs(90), max_age: None };
         assert_eq!(
-            cookie.header_value(lifetime),
-            format!("sid={}; Path=/; Max-Age=90; HttpOnly; SameSite=Lax", cookie.id)
+            cookie.header_value(None),
+            format!("sid={}; Path=/; HttpOnly; SameSite=Lax", cookie.id),
+            "a browser-session cookie: it must not end while its session is in use"
         );
+        assert_eq!(
+            cookie.header_value(Some(Duration::from_secs(3600))),
+            format!("sid={}; Path=/; HttpOnly; SameSite=Lax; Max-Age=3600", cookie.id),
+            "sticky-max-age caps the session anyway"
+        );
+        let secure = policy(&[("sticky-session-cookie-name", "sid"), ("sticky-session-cookie-secure", "true")]);
+        let cookie = secure.extract(&req("/", &[])).unwrap().new_cookie.unwrap();
+        assert!(cookie.header_value(None).ends_with("; Secure"), "{}", cookie.header_value(None));
     }
 
     #[test]
@@ -347,6 +393,11 @@ mod tests {
         assert_eq!(errors.len(), 1);
         let (_, errors) = annotated(&[("sticky-ttl", "0s")]);
         assert_eq!(errors.len(), 1, "a zero TTL is refused");
+        let (huge, errors) = annotated(&[("sticky-ttl", "100000000years"), ("sticky-max-age", "10000d")]);
+        assert_eq!(huge.lifetime(), Lifetime { ttl: MAX_LIFETIME, max_age: Some(MAX_LIFETIME) }, "clamped");
+        assert_eq!(errors.len(), 2, "each clamp is reported: {errors:?}");
+        let (_, errors) = annotated(&[("sticky-session-cookie-secure", "yes")]);
+        assert_eq!(errors.len(), 1);
     }
 
     #[test]

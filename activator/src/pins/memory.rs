@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use lru::LruCache;
 
-use super::{Lifetime, Pin, PinKey, Written};
+use super::{Lifetime, LifetimeOf, Pin, PinKey, Written};
 
 /// Shards at the default bound; small bounds get fewer so the bound stays close to exact.
 const MAX_SHARDS: usize = 64;
@@ -45,11 +45,22 @@ impl Entry {
 
     /// Extends the idle lifetime from `now`, within the absolute cap.
     fn extend(&mut self, now: Instant) {
-        self.expires = now + self.lifetime.remaining(now.saturating_duration_since(self.born));
+        self.expires = later(now, self.lifetime.remaining(now.saturating_duration_since(self.born)));
     }
 
     fn is_live(&self, now: Instant) -> bool {
         now < self.expires
+    }
+
+    fn touched(&self, key: PinKey, now: Instant) -> Touched {
+        Touched {
+            key,
+            pin: self.pin.clone(),
+            lifetime: self.lifetime,
+            written: self.written,
+            remaining: self.expires.saturating_duration_since(now),
+            synced: self.verified.is_some(),
+        }
     }
 }
 
@@ -59,10 +70,14 @@ pub enum Near {
     Fresh(Pin),
     /// Held, but not confirmed recently enough to use without asking.
     Stale,
+    /// Written here while the shared store was out of reach, so never confirmed: it goes to the
+    /// shared store first-writer-wins when next used.
+    Local(Touched),
     Absent,
 }
 
 /// A pin used since the last refresh, for the shared store's batched TTL refresh.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Touched {
     pub key: PinKey,
     pub pin: Pin,
@@ -121,32 +136,42 @@ impl MemoryPins {
         lock(shard)
     }
 
-    /// The pin for `key`, extending its idle lifetime.
-    pub fn get(&self, key: &PinKey) -> Option<Pin> {
-        self.lookup(key, |_| true)
+    /// The pin for `key`, extending its idle lifetime. The lifetime is that of pins into the
+    /// pinned revision as `lifetime_of` says now, whoever wrote the pin and with which lifetime:
+    /// a provisional pin is promoted, and a pin won by another writer keeps its own revision's cap.
+    pub fn get(&self, key: &PinKey, lifetime_of: LifetimeOf<'_>) -> Option<Pin> {
+        self.lookup(key, lifetime_of, |_| true)
     }
 
     /// What the near cache knows of `key`: a pin the shared store confirmed less than
     /// `max_staleness` ago (and nothing invalidated since), a pin it holds without such a recent
     /// confirmation, or nothing.
-    pub fn near(&self, key: &PinKey, max_staleness: Duration) -> Near {
+    pub fn near(&self, key: &PinKey, max_staleness: Duration, lifetime_of: LifetimeOf<'_>) -> Near {
         let epoch = self.epoch.load(Ordering::Acquire);
         let now = Instant::now();
-        let mut stale = false;
-        let fresh = self.lookup(key, |entry| {
+        let (mut stale, mut local) = (false, false);
+        let fresh = self.lookup(key, lifetime_of, |entry| {
             let usable =
                 entry.verified.is_some_and(|(e, at)| e == epoch && now.saturating_duration_since(at) < max_staleness);
             stale = !usable;
-            usable
+            local = entry.verified.is_none();
+            usable || local
         });
         match fresh {
+            Some(pin) if local => {
+                let table = self.shard(key);
+                match table.map.peek(key) {
+                    Some(entry) => Near::Local(entry.touched(key.clone(), now)),
+                    None => Near::Fresh(pin),
+                }
+            }
             Some(pin) => Near::Fresh(pin),
             None if stale => Near::Stale,
             None => Near::Absent,
         }
     }
 
-    fn lookup(&self, key: &PinKey, mut usable: impl FnMut(&Entry) -> bool) -> Option<Pin> {
+    fn lookup(&self, key: &PinKey, lifetime_of: LifetimeOf<'_>, mut usable: impl FnMut(&Entry) -> bool) -> Option<Pin> {
         let now = Instant::now();
         let mut table = self.shard(key);
         let Table { map, touched } = &mut *table;
@@ -155,6 +180,7 @@ impl MemoryPins {
                 if !usable(entry) {
                     return None;
                 }
+                entry.lifetime = lifetime_of(&entry.pin.revision);
                 entry.extend(now);
                 if self.track_use && !entry.touched {
                     entry.touched = true;
@@ -214,6 +240,21 @@ impl MemoryPins {
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Marks `keys` as used again, so the next `take_touched` reports them: a refresh that
+    /// failed puts its keys back rather than letting their pins expire in the shared store.
+    pub fn retouch(&self, keys: impl IntoIterator<Item = PinKey>) {
+        for key in keys {
+            let mut table = self.shard(&key);
+            let Table { map, touched } = &mut *table;
+            if let Some(entry) = map.peek_mut(&key)
+                && !entry.touched
+            {
+                entry.touched = true;
+                touched.push(key);
+            }
+        }
+    }
+
     /// The live pins used since the last call.
     pub fn take_touched(&self) -> Vec<Touched> {
         let now = Instant::now();
@@ -225,10 +266,7 @@ impl MemoryPins {
                 if let Some(entry) = map.peek_mut(&key) {
                     entry.touched = false;
                     if entry.is_live(now) {
-                        let remaining = entry.expires.saturating_duration_since(now);
-                        let (pin, lifetime, written, synced) =
-                            (entry.pin.clone(), entry.lifetime, entry.written, entry.verified.is_some());
-                        out.push(Touched { key, pin, lifetime, written, remaining, synced });
+                        out.push(entry.touched(key, now));
                     }
                 }
             }
@@ -255,6 +293,11 @@ impl MemoryPins {
     }
 }
 
+/// `now + after`, saturating far in the future rather than overflowing the clock.
+fn later(now: Instant, after: Duration) -> Instant {
+    now.checked_add(after).unwrap_or_else(|| now + super::MAX_LIFETIME)
+}
+
 fn lock(shard: &Shard) -> MutexGuard<'_, Table> {
     shard.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -272,6 +315,11 @@ mod tests {
     }
 
     const LONG: Lifetime = Lifetime { ttl: Duration::from_secs(600), max_age: None };
+
+    /// Every revision's pins live `lifetime`.
+    fn all(lifetime: Lifetime) -> impl Fn(&str) -> Lifetime + Sync {
+        move |_| lifetime
+    }
     const POD_A: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
     const POD_B: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 2);
 
@@ -287,7 +335,7 @@ mod tests {
         assert_eq!(stale, Written { pin: Pin::session("r1", POD_A), won: false });
         let fresh = pins.write(&k, Some(&Pin::session("r1", POD_A)), Pin::session("r1", POD_B), LONG);
         assert!(fresh.won);
-        assert_eq!(pins.get(&k), Some(Pin::session("r1", POD_B)));
+        assert_eq!(pins.get(&k, &all(LONG)), Some(Pin::session("r1", POD_B)));
     }
 
     #[test]
@@ -299,10 +347,10 @@ mod tests {
         pins.write(&idle, None, Pin::flow("r1"), short);
         let until = Instant::now() + Duration::from_millis(500);
         while Instant::now() < until {
-            assert!(pins.get(&used).is_some(), "a pin in use stays");
+            assert!(pins.get(&used, &all(short)).is_some(), "a pin in use stays");
             std::thread::sleep(Duration::from_millis(50));
         }
-        assert!(pins.get(&idle).is_none(), "an idle pin expires");
+        assert!(pins.get(&idle, &all(short)).is_none(), "an idle pin expires");
         assert_eq!(pins.sweep(), 1);
     }
 
@@ -327,7 +375,7 @@ mod tests {
         let k = key("ns/svc", "capped");
         pins.write(&k, None, Pin::flow("r1"), capped);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while pins.get(&k).is_some() {
+        while pins.get(&k, &all(capped)).is_some() {
             assert!(Instant::now() < deadline, "max-age never expired the pin");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -354,14 +402,17 @@ mod tests {
         let k = key("ns/svc", "abc");
         pins.write(&k, None, Pin::flow("r1"), LONG);
         let other = key("ns/svc", "other");
-        assert_eq!(pins.near(&other, Duration::from_secs(5)), Near::Absent);
-        assert_eq!(pins.near(&k, Duration::from_secs(5)), Near::Stale, "a local write is not verified");
+        assert_eq!(pins.near(&other, Duration::from_secs(5), &all(LONG)), Near::Absent);
+        let Near::Local(local) = pins.near(&k, Duration::from_secs(5), &all(LONG)) else {
+            panic!("a local write is not verified")
+        };
+        assert_eq!((local.pin, local.synced), (Pin::flow("r1"), false));
         pins.put_verified(&k, Pin::flow("r1"), LONG, SystemTime::now());
-        assert_eq!(pins.near(&k, Duration::from_secs(5)), Near::Fresh(Pin::flow("r1")));
-        assert_eq!(pins.near(&k, Duration::ZERO), Near::Stale, "too old");
+        assert_eq!(pins.near(&k, Duration::from_secs(5), &all(LONG)), Near::Fresh(Pin::flow("r1")));
+        assert_eq!(pins.near(&k, Duration::ZERO, &all(LONG)), Near::Stale, "too old");
         pins.distrust_all();
-        assert_eq!(pins.near(&k, Duration::from_secs(5)), Near::Stale, "distrusted");
-        assert_eq!(pins.get(&k), Some(Pin::flow("r1")), "still usable as a local pin");
+        assert_eq!(pins.near(&k, Duration::from_secs(5), &all(LONG)), Near::Stale, "distrusted");
+        assert_eq!(pins.get(&k, &all(LONG)), Some(Pin::flow("r1")), "still usable as a local pin");
     }
 
     #[test]
@@ -371,7 +422,7 @@ mod tests {
         pins.write(&a, None, Pin::flow("r1"), LONG);
         pins.put_verified(&b, Pin::flow("r2"), LONG, SystemTime::now());
         for _ in 0..3 {
-            pins.get(&b);
+            pins.get(&b, &all(LONG));
         }
         let mut touched = pins.take_touched();
         touched.sort_by_key(|t| t.pin.revision.clone());
@@ -379,5 +430,42 @@ mod tests {
         assert_eq!(summary, [("r1", false), ("r2", true)]);
         assert!(pins.take_touched().is_empty());
         assert!(MemoryPins::new(100).take_touched().is_empty(), "a local store tracks nothing");
+    }
+
+    #[test]
+    fn a_failed_refresh_puts_its_keys_back() {
+        let pins = MemoryPins::near_cache(100);
+        let (a, b) = (key("ns/svc", "a"), key("ns/svc", "b"));
+        pins.write(&a, None, Pin::flow("r1"), LONG);
+        pins.write(&b, None, Pin::flow("r1"), LONG);
+        let taken: Vec<PinKey> = pins.take_touched().into_iter().map(|t| t.key).collect();
+        assert_eq!(taken.len(), 2);
+        pins.retouch(taken.clone());
+        pins.retouch(taken);
+        assert_eq!(pins.take_touched().len(), 2, "each key once, however often it is put back");
+    }
+
+    #[test]
+    fn use_applies_the_pinned_revisions_current_lifetime() {
+        let pins = MemoryPins::new(100);
+        let provisional = Lifetime { ttl: Duration::from_millis(100), max_age: None };
+        let (promoted, left) = (key("ns/svc", "promoted"), key("ns/svc", "left"));
+        pins.write(&promoted, None, Pin::flow("r1"), provisional);
+        pins.write(&left, None, Pin::flow("r1"), provisional);
+        assert!(pins.get(&promoted, &all(LONG)).is_some(), "used once with the revision's real lifetime");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(pins.get(&left, &all(LONG)).is_none(), "an unused provisional pin expired");
+        assert!(pins.get(&promoted, &all(LONG)).is_some(), "a used pin took the revision's lifetime");
+    }
+
+    #[test]
+    fn huge_lifetimes_do_not_overflow_the_clock() {
+        let pins = MemoryPins::new(100);
+        let forever = Lifetime { ttl: Duration::MAX, max_age: Some(Duration::MAX) };
+        let k = key("ns/svc", "forever");
+        assert!(pins.write(&k, None, Pin::flow("r1"), forever).won);
+        assert!(pins.get(&k, &all(forever)).is_some());
+        pins.put_verified(&k, Pin::flow("r1"), forever, SystemTime::UNIX_EPOCH);
+        assert_eq!(pins.sweep(), 1);
     }
 }

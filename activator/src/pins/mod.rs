@@ -159,6 +159,13 @@ fn unix_millis(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// The longest `sticky-ttl` or `sticky-max-age` honoured; longer annotations are clamped to it, so
+/// no tenant's annotation can push an expiry past what Redis or the clock can represent.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The lifetime of pins into a revision, as the current topology says.
+pub type LifetimeOf<'a> = &'a (dyn Fn(&str) -> Lifetime + Sync);
+
 /// How long a pin lives: `ttl` after its last use, and never longer than `max_age` after it
 /// was written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,7 +174,17 @@ pub struct Lifetime {
     pub max_age: Option<Duration>,
 }
 
+/// The idle lifetime of a pin for an id the activator made up (a new session cookie) until the
+/// client sends the id back: long enough for a browser's next request, short enough that clients
+/// that never return the cookie cannot fill the pin table.
+pub const PROVISIONAL_TTL: Duration = Duration::from_secs(60);
+
 impl Lifetime {
+    /// This lifetime for a pin on probation: at most `PROVISIONAL_TTL` idle.
+    pub fn provisional(self) -> Self {
+        Lifetime { ttl: self.ttl.min(PROVISIONAL_TTL), max_age: self.max_age }
+    }
+
     /// How long a pin written at `written` may live from `now` on.
     fn remaining(&self, age: Duration) -> Duration {
         match self.max_age {
@@ -217,22 +234,41 @@ impl Pins {
         Pins { memory, shared, lookups, writes, entries: stats.pin_entries.clone() }
     }
 
-    /// The pin for `key`. `lifetime_of` gives the lifetime of pins into a revision, for pins
-    /// read from the shared store.
-    pub async fn get(&self, key: &PinKey, lifetime_of: &(dyn Fn(&str) -> Lifetime + Sync)) -> Option<Pin> {
-        let pin = match &self.shared {
-            Some(shared) => shared.get(key, lifetime_of).await,
-            None => self.memory.get(key),
+    /// The pins of a request's session and flow keys, found in one go: with the shared store, keys
+    /// this replica cannot vouch for are read in one pipelined round trip, so the decision is made
+    /// with every replica's pins. `lifetime_of` gives the lifetime of pins into a revision.
+    pub async fn lookup(
+        &self,
+        session: Option<&PinKey>,
+        flow: Option<&PinKey>,
+        lifetime_of: LifetimeOf<'_>,
+    ) -> (Option<Pin>, Option<Pin>) {
+        let found = match &self.shared {
+            Some(shared) => shared.lookup([session, flow], lifetime_of).await,
+            None => [session, flow].map(|key| key.and_then(|key| self.memory.get(key, lifetime_of))),
         };
-        self.lookups[key.kind as usize][usize::from(pin.is_none())].inc();
-        pin
+        for (key, pin) in [session, flow].into_iter().zip(&found) {
+            if let Some(key) = key {
+                self.lookups[key.kind as usize][usize::from(pin.is_none())].inc();
+            }
+        }
+        let [session, flow] = found;
+        (session, flow)
     }
 
-    /// Writes `pin` for `key`: created if `expected` is `None`, else compare-and-set against
-    /// `expected`. Returns the pin that holds afterwards, which is another writer's on a lost race.
-    pub async fn write(&self, key: &PinKey, expected: Option<&Pin>, pin: Pin, lifetime: Lifetime) -> Pin {
+    /// Writes `pin` for `key` with `lifetime`: created if `expected` is `None`, else
+    /// compare-and-set against `expected`. Returns the pin that holds afterwards, which is another
+    /// writer's on a lost race; that one lives as `lifetime_of` says for its own revision.
+    pub async fn write(
+        &self,
+        key: &PinKey,
+        expected: Option<&Pin>,
+        pin: Pin,
+        lifetime: Lifetime,
+        lifetime_of: LifetimeOf<'_>,
+    ) -> Pin {
         let written = match &self.shared {
-            Some(shared) => shared.write(key, expected, pin, lifetime).await,
+            Some(shared) => shared.write(key, expected, pin, lifetime, lifetime_of).await,
             None => self.memory.write(key, expected, pin, lifetime),
         };
         let outcome = match (written.won, expected) {

@@ -1,20 +1,26 @@
 //! The shared pin table in Redis, so every activator replica routes a session the same way.
 //!
 //! A known pin costs no round trip: this replica's `MemoryPins` is the near cache, trusted for
-//! `revalidate_after` after Redis last confirmed an entry; an entry older than that is re-read.
-//! A key the near cache has never seen is not looked up at all: the request is routed as new and
-//! its pin written with `SET … NX PX … GET`, which returns the pin another replica already holds
-//! if there is one, so a new session costs one round trip, and a session new to this replica too.
-//! Re-pins are a Lua compare-and-set that publishes an invalidation in the same round trip. Pins in use get their idle TTL slid, and are revalidated,
-//! by one pipelined batch every `refresh_interval`. Redis failing or slowing down never fails a
-//! request: after an error the store backs off and this replica routes with its own pins.
+//! `revalidate_after` after Redis last confirmed an entry. The keys of a request that the near
+//! cache cannot vouch for (never seen here, or not confirmed recently) are read in one pipelined
+//! round trip before the request is decided, so a session pinned through another replica goes to
+//! its pod from its first request here. A missing pin is written with `SET … NX PX … GET`, which
+//! returns the pin another replica wrote meanwhile if there is one. Re-pins are a Lua
+//! compare-and-set that publishes an invalidation in the same round trip.
+//!
+//! Pins in use get their idle TTL slid, and are revalidated, by a batch every `refresh_interval`,
+//! sent in bounded pipelines on a connection of its own with a budget of its own: however many
+//! pins are in use, the refresh never delays a request's Redis call nor trips the request path's
+//! breaker, and keys of a failed batch are put back for the next one. Redis failing or slowing
+//! down never fails a request: the request path's breaker stops asking for a back-off and this
+//! replica routes with its own pins meanwhile.
 //!
 //! A re-pin reaches other replicas through pub/sub within milliseconds; if that message is lost,
 //! a pin in use is corrected by the next refresh, and after a resubscribe every near-cache entry
 //! is re-read on its next use.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -25,7 +31,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Client, RedisResult};
 
 use super::memory::{MemoryPins, Near, Touched};
-use super::{Lifetime, Pin, PinKey, Written};
+use super::{Lifetime, LifetimeOf, Pin, PinKey, Written};
 use crate::stats::Stats;
 
 /// Pub/sub channel carrying `<key> <replica>` for every re-pin or delete.
@@ -37,6 +43,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// sharing takes to resume after Redis returns.
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Pins refreshed per pipeline: a batch Redis answers in about a millisecond, so one pipeline
+/// never holds the background connection long.
+const REFRESH_CHUNK: usize = 500;
+/// Budget for one refresh pipeline; off the request path, so it can afford to be generous.
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Compare-and-set on the target part (`<revision> <pod>`) of the stored value. Returns nothing
 /// when it wrote, else the value that won.
@@ -76,36 +87,124 @@ enum Op {
 
 const OPS: [&str; 7] = ["get", "create", "replace", "refresh", "decode", "connect", "ping"];
 
-/// Stops asking Redis for a while after a failure, doubling the pause while failures go on.
+/// Whether the request path may ask Redis now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Permit {
+    /// Closed: every call may go.
+    Call,
+    /// The one call allowed after a back-off: its outcome closes or reopens the breaker.
+    Probe,
+}
+
+/// Stops the request path asking Redis after a failure. Failures are counted per back-off
+/// window: however many calls in flight fail together, the back-off grows once, and when it ends
+/// a single call probes Redis while the others keep routing with local pins.
 struct Breaker {
     origin: Instant,
+    /// 0 while closed, else the end of the back-off in milliseconds since `origin`.
     open_until_ms: AtomicU64,
+    /// Back-off windows in a row that ended in a failure.
     failures: AtomicU32,
+    /// Set while the half-open probe is out.
+    probing: AtomicBool,
 }
 
 impl Breaker {
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    fn new() -> Self {
+        Breaker {
+            origin: Instant::now(),
+            open_until_ms: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
+            probing: AtomicBool::new(false),
+        }
     }
 
-    fn allows(&self) -> bool {
-        self.now_ms() >= self.open_until_ms.load(Ordering::Relaxed)
+    fn now_ms(&self) -> u64 {
+        // Never 0, which means closed.
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
+    }
+
+    fn permit(&self) -> Option<Permit> {
+        let until = self.open_until_ms.load(Ordering::Acquire);
+        if until == 0 {
+            return Some(Permit::Call);
+        }
+        if self.now_ms() < until {
+            return None;
+        }
+        let claimed = self.probing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed).is_ok();
+        claimed.then_some(Permit::Probe)
     }
 
     /// Returns whether this success ended an outage.
-    fn success(&self) -> bool {
-        // Read first: on the happy path nobody writes the shared cache line.
-        self.failures.load(Ordering::Relaxed) != 0 && self.failures.swap(0, Ordering::Relaxed) != 0
+    fn success(&self, permit: Permit) -> bool {
+        if permit != Permit::Probe {
+            // Read only: on the happy path nobody writes the shared cache line.
+            return false;
+        }
+        self.failures.store(0, Ordering::Relaxed);
+        self.open_until_ms.store(0, Ordering::Release);
+        self.probing.store(false, Ordering::Release);
+        true
     }
 
-    /// Opens the breaker; returns the back-off and whether this failure started an outage.
-    fn failure(&self) -> (Duration, bool) {
-        let failures = self.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
-        let backoff = MIN_BACKOFF.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(MAX_BACKOFF);
-        let until = self.now_ms().saturating_add(u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX));
-        self.open_until_ms.store(until, Ordering::Relaxed);
-        (backoff, failures == 1)
+    /// Opens the breaker unless a failure of this window already did; returns the back-off and
+    /// whether this failure started an outage.
+    fn failure(&self, permit: Permit) -> Option<(Duration, bool)> {
+        match permit {
+            Permit::Probe => {
+                let failures = self.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+                let backoff = backoff(failures);
+                self.open_until_ms.store(self.now_ms().saturating_add(millis(backoff)), Ordering::Release);
+                self.probing.store(false, Ordering::Release);
+                Some((backoff, false))
+            }
+            Permit::Call => {
+                let backoff = backoff(1);
+                let until = self.now_ms().saturating_add(millis(backoff));
+                // Only the first failure of a closed breaker opens it; calls that were already in
+                // flight and fail afterwards belong to the same window.
+                let opened = self.open_until_ms.compare_exchange(0, until, Ordering::AcqRel, Ordering::Relaxed).is_ok();
+                opened.then(|| {
+                    self.failures.store(1, Ordering::Relaxed);
+                    (backoff, true)
+                })
+            }
+        }
     }
+}
+
+/// A permit to call Redis. A probe whose call never completes (its request went away) hands the
+/// probe on to the next caller instead of leaving the breaker waiting for it.
+struct Granted<'a> {
+    breaker: &'a Breaker,
+    permit: Permit,
+    settled: bool,
+}
+
+impl Granted<'_> {
+    /// Records the outcome; returns whether a success ended an outage, or the back-off a failure
+    /// started and whether it started an outage.
+    fn settle<T, E>(mut self, result: &Result<T, E>) -> Result<bool, Option<(Duration, bool)>> {
+        self.settled = true;
+        match result {
+            Ok(_) => Ok(self.breaker.success(self.permit)),
+            Err(_) => Err(self.breaker.failure(self.permit)),
+        }
+    }
+}
+
+impl Drop for Granted<'_> {
+    fn drop(&mut self) {
+        if !self.settled && self.permit == Permit::Probe {
+            self.breaker.probing.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// The back-off after `failures` windows in a row ended in a failure.
+fn backoff(failures: u32) -> Duration {
+    MIN_BACKOFF.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(MAX_BACKOFF)
 }
 
 struct StoreMetrics {
@@ -114,9 +213,16 @@ struct StoreMetrics {
     up: IntGauge,
 }
 
+/// The two connections to Redis: one for the request path, one for the batched refresh, so a
+/// large batch never queues a request's call behind it.
+struct Connections {
+    requests: ConnectionManager,
+    background: ConnectionManager,
+}
+
 pub struct SharedPins {
     memory: Arc<MemoryPins>,
-    conn: OnceLock<ConnectionManager>,
+    conn: OnceLock<Connections>,
     breaker: Breaker,
     config: SharedConfig,
     /// Tags this replica's invalidations so it does not drop its own fresh entries.
@@ -140,7 +246,7 @@ impl SharedPins {
         let shared = Arc::new(SharedPins {
             memory,
             conn: OnceLock::new(),
-            breaker: Breaker { origin: Instant::now(), open_until_ms: AtomicU64::new(0), failures: AtomicU32::new(0) },
+            breaker: Breaker::new(),
             replica: format!("{:016x}", u64::from_ne_bytes(id)),
             repin: redis::Script::new(REPIN_SCRIPT),
             config,
@@ -152,31 +258,79 @@ impl SharedPins {
         Ok(shared)
     }
 
-    pub async fn get(&self, key: &PinKey, lifetime_of: &(dyn Fn(&str) -> Lifetime + Sync)) -> Option<Pin> {
-        match self.memory.near(key, self.config.revalidate_after) {
-            Near::Fresh(pin) => return Some(pin),
-            // Routed as new: the first-writer-wins write returns any pin Redis already holds.
-            Near::Absent => return None,
-            Near::Stale => {}
+    /// The pins of `keys`: fresh near-cache entries as they are, the others read from Redis in
+    /// one pipelined round trip. Without Redis, this replica's own pins.
+    pub async fn lookup<const N: usize>(
+        &self,
+        keys: [Option<&PinKey>; N],
+        lifetime_of: LifetimeOf<'_>,
+    ) -> [Option<Pin>; N] {
+        let mut found: [Option<Pin>; N] = std::array::from_fn(|_| None);
+        let mut ask = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let Some(key) = key else { continue };
+            match self.memory.near(key, self.config.revalidate_after, lifetime_of) {
+                Near::Fresh(pin) => found[i] = Some(pin),
+                Near::Stale | Near::Absent => ask.push((i, *key, None)),
+                Near::Local(local) => ask.push((i, *key, Some(local))),
+            }
         }
-        let Some(mut conn) = self.available() else { return self.memory.get(key) };
-        let read = self.call(Op::Get, async move { conn.get::<_, Option<Vec<u8>>>(key.to_string()).await });
-        match read.await {
-            Some(Some(value)) => match self.decode(key, &value) {
-                Some((pin, written)) => {
-                    self.memory.put_verified(key, pin.clone(), lifetime_of(&pin.revision), written);
-                    Some(pin)
+        if ask.is_empty() {
+            return found;
+        }
+        let replies = match self.available() {
+            Some((mut conn, granted)) => {
+                let mut pipe = redis::pipe();
+                for (_, key, local) in &ask {
+                    match local {
+                        // Ours goes in unless another replica's is there; either way the reply
+                        // says which holds, in this one round trip.
+                        Some(local) => push_cmd(&mut pipe, local, true),
+                        None => {
+                            pipe.get(key.to_string());
+                        }
+                    }
                 }
-                None => None,
-            },
-            // Not in Redis (or Redis failed): a pin this replica made during an outage still
-            // holds here; the refresh pushes it to Redis.
-            Some(None) | None => self.memory.get(key),
+                let read = async move { pipe.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await };
+                self.call(Op::Get, granted, read).await.filter(|replies| replies.len() == ask.len())
+            }
+            None => None,
+        };
+        let Some(replies) = replies else {
+            for (i, key, _) in ask {
+                found[i] = self.memory.get(key, lifetime_of);
+            }
+            return found;
+        };
+        for ((i, key, local), reply) in ask.into_iter().zip(replies) {
+            found[i] = match (reply, local) {
+                (Some(value), _) => self.decode(key, &value).map(|(pin, written)| {
+                    self.memory.put_verified(key, pin.clone(), lifetime_of(&pin.revision), written);
+                    pin
+                }),
+                (None, Some(local)) => {
+                    self.memory.put_verified(key, local.pin.clone(), local.lifetime, local.written);
+                    Some(local.pin)
+                }
+                // Not in Redis: a pin this replica made during an outage, which this lookup
+                // could not see yet, still holds here.
+                (None, None) => self.memory.get(key, lifetime_of),
+            };
         }
+        found
     }
 
-    pub async fn write(&self, key: &PinKey, expected: Option<&Pin>, pin: Pin, lifetime: Lifetime) -> Written {
-        let Some(mut conn) = self.available() else { return self.memory.write(key, expected, pin, lifetime) };
+    pub async fn write(
+        &self,
+        key: &PinKey,
+        expected: Option<&Pin>,
+        pin: Pin,
+        lifetime: Lifetime,
+        lifetime_of: LifetimeOf<'_>,
+    ) -> Written {
+        let Some((mut conn, granted)) = self.available() else {
+            return self.memory.write(key, expected, pin, lifetime);
+        };
         let written = SystemTime::now();
         let value = pin.encode(written);
         let ttl_ms = millis(lifetime.remaining(Duration::ZERO));
@@ -184,13 +338,14 @@ impl SharedPins {
             None => {
                 let mut set = redis::cmd("SET");
                 set.arg(key.to_string()).arg(&value).arg("NX").arg("PX").arg(ttl_ms).arg("GET");
-                self.call(Op::Create, async move { set.query_async::<Option<Vec<u8>>>(&mut conn).await }).await
+                self.call(Op::Create, granted, async move { set.query_async::<Option<Vec<u8>>>(&mut conn).await }).await
             }
             Some(expected) => {
                 let mut repin = self.repin.prepare_invoke();
                 repin.key(key.to_string()).arg(expected.target()).arg(&value).arg(ttl_ms);
                 repin.arg(INVALIDATIONS).arg(&self.replica);
-                self.call(Op::Replace, async move { repin.invoke_async::<Option<Vec<u8>>>(&mut conn).await }).await
+                self.call(Op::Replace, granted, async move { repin.invoke_async::<Option<Vec<u8>>>(&mut conn).await })
+                    .await
             }
         };
         let Some(current) = reply else { return self.memory.write(key, expected, pin, lifetime) };
@@ -200,14 +355,19 @@ impl SharedPins {
                 Written { pin, won: true }
             }
             Some(Some((winner, winner_written))) => {
-                self.memory.put_verified(key, winner.clone(), lifetime, winner_written);
+                self.memory.put_verified(key, winner.clone(), lifetime_of(&winner.revision), winner_written);
                 Written { pin: winner, won: false }
             }
             // Garbage under the key: ours replaces it.
             Some(None) => {
-                let mut overwrite = self.conn.get().cloned().expect("connected above");
-                let set = async move { overwrite.set_options::<_, _, ()>(key.to_string(), value, px(ttl_ms)).await };
-                if self.call(Op::Create, set).await.is_some() {
+                let overwritten = match self.available() {
+                    Some((mut conn, granted)) => {
+                        let set = async move { conn.set_options::<_, _, ()>(key.to_string(), value, px(ttl_ms)).await };
+                        self.call(Op::Create, granted, set).await.is_some()
+                    }
+                    None => false,
+                };
+                if overwritten {
                     self.memory.put_verified(key, pin.clone(), lifetime, written);
                     Written { pin, won: true }
                 } else {
@@ -217,8 +377,11 @@ impl SharedPins {
         }
     }
 
-    fn available(&self) -> Option<ConnectionManager> {
-        self.conn.get().filter(|_| self.breaker.allows()).cloned()
+    /// The request path's connection, if the breaker lets a call through.
+    fn available(&self) -> Option<(ConnectionManager, Granted<'_>)> {
+        let conn = self.conn.get()?;
+        let permit = self.breaker.permit()?;
+        Some((conn.requests.clone(), Granted { breaker: &self.breaker, permit, settled: false }))
     }
 
     fn decode(&self, key: &PinKey, value: &[u8]) -> Option<(Pin, SystemTime)> {
@@ -230,45 +393,60 @@ impl SharedPins {
         decoded
     }
 
-    /// Runs one Redis call within the budget; on failure counts it, backs off, and returns `None`
-    /// so the caller falls back to this replica's pins.
-    async fn call<T>(&self, op: Op, call: impl Future<Output = RedisResult<T>>) -> Option<T> {
-        let started = Instant::now();
-        let result = tokio::time::timeout(self.config.timeout, call).await;
-        self.metrics.latency[op as usize].observe(started.elapsed().as_secs_f64());
-        let error = match result {
-            Ok(Ok(value)) => {
-                // Set on every answer rather than on transitions, which concurrent calls race.
-                self.metrics.up.set(1);
-                if self.breaker.success() {
+    /// Runs one request-path Redis call within the budget; on failure counts it, opens the
+    /// breaker, and returns `None` so the caller falls back to this replica's pins.
+    async fn call<T>(&self, op: Op, granted: Granted<'_>, call: impl Future<Output = RedisResult<T>>) -> Option<T> {
+        let result = self.timed(op, self.config.timeout, call).await;
+        // Set on every answer rather than on transitions, which concurrent calls race.
+        self.metrics.up.set(i64::from(result.is_ok()));
+        match (granted.settle(&result), result) {
+            (Ok(outage_ended), Ok(value)) => {
+                if outage_ended {
                     tracing::info!("Redis answers again; pins are shared");
                 }
-                return Some(value);
+                Some(value)
             }
+            (Err(Some((backoff, true))), Err(error)) => {
+                tracing::warn!(op = OPS[op as usize], %error, ?backoff, "Redis unavailable; routing with this replica's pins");
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Runs one Redis call within `budget`, recording its latency, and its failure if it fails.
+    async fn timed<T>(
+        &self,
+        op: Op,
+        budget: Duration,
+        call: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, String> {
+        let started = Instant::now();
+        let result = tokio::time::timeout(budget, call).await;
+        self.metrics.latency[op as usize].observe(started.elapsed().as_secs_f64());
+        let error = match result {
+            Ok(Ok(value)) => return Ok(value),
             Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {:?}", self.config.timeout),
+            Err(_) => format!("no answer within {budget:?}"),
         };
         self.metrics.errors[op as usize].inc();
-        self.metrics.up.set(0);
-        let (backoff, outage_started) = self.breaker.failure();
-        if outage_started {
-            tracing::warn!(op = OPS[op as usize], %error, ?backoff, "Redis unavailable; routing with this replica's pins");
-        }
-        None
+        Err(error)
     }
 
     async fn connect(self: Arc<Self>, client: Client) {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(self.config.timeout))
             .set_number_of_retries(1)
             .set_max_delay(MAX_BACKOFF);
         let mut backoff = MIN_BACKOFF;
         loop {
             let connected = async {
-                let mut conn = ConnectionManager::new_with_config(client.clone(), config.clone()).await?;
-                let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await?;
-                Ok::<_, redis::RedisError>((conn, info))
+                let requests = config.clone().set_response_timeout(Some(self.config.timeout));
+                let mut requests = ConnectionManager::new_with_config(client.clone(), requests).await?;
+                let background = config.clone().set_response_timeout(Some(REFRESH_TIMEOUT));
+                let background = ConnectionManager::new_with_config(client.clone(), background).await?;
+                let info: String = redis::cmd("INFO").arg("server").query_async(&mut requests).await?;
+                Ok::<_, redis::RedisError>((Connections { requests, background }, info))
             };
             match connected.await {
                 Ok((conn, info)) => {
@@ -333,22 +511,47 @@ impl SharedPins {
         loop {
             tick.tick().await;
             let touched = self.memory.take_touched();
-            if !touched.is_empty() {
+            let idle = touched.is_empty();
+            if !idle {
                 self.refresh(touched).await;
-            } else if let Some(mut conn) = self.available() {
-                // With nothing to refresh, a ping keeps `up` true to the facts and ends a
-                // back-off without waiting for request traffic.
-                self.call(Op::Ping, async move { redis::cmd("PING").query_async::<()>(&mut conn).await }).await;
+            }
+            // With no request traffic to Redis, a ping keeps `up` true to the facts and ends a
+            // back-off (as the half-open probe) without waiting for a request.
+            if let Some((mut conn, granted)) = self.available()
+                && (idle || granted.permit == Permit::Probe)
+            {
+                self.call(Op::Ping, granted, async move { redis::cmd("PING").query_async::<()>(&mut conn).await })
+                    .await;
             }
         }
     }
 
-    /// Slides the TTL of pins in use and revalidates them in one pipelined round trip; pushes pins
-    /// made during an outage (first writer wins, so replicas converge on one answer).
+    /// Slides the TTL of pins in use and revalidates them, in pipelines of `REFRESH_CHUNK` on the
+    /// background connection; pushes pins made during an outage (first writer wins, so replicas
+    /// converge on one answer). Keys whose refresh failed are put back for the next tick.
     async fn refresh(&self, touched: Vec<Touched>) {
-        let Some(mut conn) = self.available() else { return };
-        let touched: Vec<Touched> = touched.into_iter().filter(|t| millis(t.remaining) > 0).collect();
+        let Some(conn) = self.conn.get().map(|c| c.background.clone()) else {
+            self.memory.retouch(touched.into_iter().map(|t| t.key));
+            return;
+        };
+        let mut touched: Vec<Touched> = touched.into_iter().filter(|t| millis(t.remaining) > 0).collect();
+        while !touched.is_empty() {
+            let rest = touched.split_off(touched.len().min(REFRESH_CHUNK));
+            let chunk = std::mem::replace(&mut touched, rest);
+            let failed = self.refresh_chunk(conn.clone(), chunk).await;
+            if !failed.is_empty() {
+                // Redis is failing: keep every key not yet refreshed for the next tick.
+                self.memory.retouch(failed.into_iter().chain(touched).map(|t| t.key));
+                return;
+            }
+        }
+    }
+
+    /// Refreshes one chunk; returns the pins that must be tried again (all of them if the
+    /// pipeline failed, else those whose own command failed).
+    async fn refresh_chunk(&self, mut conn: ConnectionManager, touched: Vec<Touched>) -> Vec<Touched> {
         let mut batch = redis::pipe();
+        batch.ignore_errors();
         for t in &touched {
             if t.synced {
                 batch.cmd("GETEX").arg(t.key.to_string()).arg("PX").arg(millis(t.remaining));
@@ -356,43 +559,64 @@ impl SharedPins {
                 push_cmd(&mut batch, t, true);
             }
         }
-        let Some(replies) =
-            self.call(Op::Refresh, async { batch.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await }).await
-        else {
-            return;
+        let sent = batch.query_async::<Vec<RedisResult<Option<Vec<u8>>>>>(&mut conn);
+        let replies = match self.timed(Op::Refresh, REFRESH_TIMEOUT, sent).await {
+            Ok(replies) if replies.len() == touched.len() => replies,
+            Ok(_) | Err(_) => return touched,
         };
+        let mut retry = Vec::new();
         let mut pushes = redis::pipe();
+        pushes.ignore_errors();
         let mut pushed = Vec::new();
-        for (t, reply) in touched.iter().zip(replies) {
+        for (t, reply) in touched.into_iter().zip(replies) {
+            let reply = match reply {
+                Ok(reply) => reply,
+                Err(e) => {
+                    self.metrics.errors[Op::Refresh as usize].inc();
+                    tracing::debug!(key = %t.key, error = %e, "refreshing one pin failed; retried next tick");
+                    retry.push(t);
+                    continue;
+                }
+            };
             match reply.map(|value| self.decode(&t.key, &value)) {
                 Some(Some((pin, written))) => self.memory.put_verified(&t.key, pin, t.lifetime, written),
                 // Written by us just now, or gone from Redis (expired there, or Redis restarted
                 // empty): ours goes back in, first writer wins.
                 None if !t.synced => self.memory.put_verified(&t.key, t.pin.clone(), t.lifetime, t.written),
                 None => {
-                    push_cmd(&mut pushes, t, true);
+                    push_cmd(&mut pushes, &t, true);
                     pushed.push(t);
                 }
                 Some(None) => {
-                    push_cmd(&mut pushes, t, false);
+                    push_cmd(&mut pushes, &t, false);
                     pushed.push(t);
                 }
             }
         }
         if pushed.is_empty() {
-            return;
+            return retry;
         }
-        let Some(replies) =
-            self.call(Op::Refresh, async { pushes.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await }).await
-        else {
-            return;
+        let sent = pushes.query_async::<Vec<RedisResult<Option<Vec<u8>>>>>(&mut conn);
+        let replies = match self.timed(Op::Refresh, REFRESH_TIMEOUT, sent).await {
+            Ok(replies) if replies.len() == pushed.len() => replies,
+            Ok(_) | Err(_) => {
+                retry.extend(pushed);
+                return retry;
+            }
         };
         for (t, reply) in pushed.into_iter().zip(replies) {
-            match reply.and_then(|value| Pin::decode(&value)) {
-                Some((pin, written)) => self.memory.put_verified(&t.key, pin, t.lifetime, written),
-                None => self.memory.put_verified(&t.key, t.pin.clone(), t.lifetime, t.written),
+            match reply {
+                Ok(reply) => match reply.and_then(|value| Pin::decode(&value)) {
+                    Some((pin, written)) => self.memory.put_verified(&t.key, pin, t.lifetime, written),
+                    None => self.memory.put_verified(&t.key, t.pin.clone(), t.lifetime, t.written),
+                },
+                Err(_) => {
+                    self.metrics.errors[Op::Refresh as usize].inc();
+                    retry.push(t);
+                }
             }
         }
+        retry
     }
 }
 
@@ -452,17 +676,29 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_and_resets() {
-        let breaker = Breaker { origin: Instant::now(), open_until_ms: AtomicU64::new(0), failures: AtomicU32::new(0) };
-        assert!(breaker.allows());
-        assert_eq!(breaker.failure(), (MIN_BACKOFF, true));
-        assert!(!breaker.allows());
-        assert_eq!(breaker.failure(), (MIN_BACKOFF * 2, false));
-        for _ in 0..20 {
-            breaker.failure();
+    fn failures_count_once_per_window_and_one_probe_ends_it() {
+        let breaker = Breaker::new();
+        assert_eq!(breaker.permit(), Some(Permit::Call));
+        // 200 calls in flight fail together: one window, the shortest back-off.
+        let opened: Vec<_> = (0..200).filter_map(|_| breaker.failure(Permit::Call)).collect();
+        assert_eq!(opened, [(MIN_BACKOFF, true)]);
+        assert_eq!(breaker.permit(), None, "open");
+        breaker.open_until_ms.store(1, Ordering::Release);
+        assert_eq!(breaker.permit(), Some(Permit::Probe), "the back-off is over: one probe");
+        assert_eq!(breaker.permit(), None, "everyone else waits for the probe");
+        assert!(!breaker.success(Permit::Call), "a call from before the outage does not close it");
+        assert_eq!(breaker.failure(Permit::Probe), Some((MIN_BACKOFF * 2, false)), "a failed probe doubles");
+        for expected in [MIN_BACKOFF * 4, MIN_BACKOFF * 8, MIN_BACKOFF * 16, MAX_BACKOFF, MAX_BACKOFF] {
+            breaker.open_until_ms.store(1, Ordering::Release);
+            assert_eq!(breaker.permit(), Some(Permit::Probe));
+            assert_eq!(breaker.failure(Permit::Probe), Some((expected, false)));
         }
-        assert_eq!(breaker.failure().0, MAX_BACKOFF);
-        assert!(breaker.success());
-        assert!(!breaker.success());
+        breaker.open_until_ms.store(1, Ordering::Release);
+        let abandoned = Granted { breaker: &breaker, permit: breaker.permit().unwrap(), settled: false };
+        drop(abandoned);
+        assert_eq!(breaker.permit(), Some(Permit::Probe), "an abandoned probe passes the probe on");
+        assert!(breaker.success(Permit::Probe), "the probe closes it");
+        assert_eq!(breaker.permit(), Some(Permit::Call));
+        assert_eq!(breaker.failure(Permit::Call), Some((MIN_BACKOFF, true)), "a new outage starts short");
     }
 }
