@@ -103,13 +103,28 @@ pub struct Config {
     #[arg(long, env = "ACTIVATOR_GRACE_TIMEOUT", default_value = "600s", value_parser = humantime::parse_duration)]
     pub grace_timeout: Duration,
 
+    /// Client connections served at once; beyond it new connections wait in the listen backlog.
+    /// Default: half the open-files limit (each connection may need a pod connection too).
+    #[arg(long, env = "ACTIVATOR_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// How long a client may accept no byte of a response (a full socket buffer) before its
+    /// connection is closed and the pod's slot freed, as nginx's `send_timeout`.
+    #[arg(long, env = "ACTIVATOR_SEND_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub send_timeout: Duration,
+
+    /// A client connection on which no request starts for this long is closed gracefully.
+    #[arg(long, env = "ACTIVATOR_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
     /// Requests that may wait for capacity (or for a first pod) in one revision; beyond it, 503
     /// with Retry-After.
     #[arg(long, env = "ACTIVATOR_MAX_QUEUE", default_value_t = 10_000)]
     pub max_queue: usize,
 
-    /// Body bytes the requests waiting in one revision may hold (Content-Length, or 64 KiB for a
-    /// body of unknown length).
+    /// Body bytes the requests waiting in one revision may make the activator hold (what each
+    /// connection reads ahead of a waiting request: at most 64 KiB for HTTP/1.1, the 1 MiB
+    /// stream window for HTTP/2).
     #[arg(long, env = "ACTIVATOR_MAX_QUEUE_BYTES", default_value_t = 64 << 20)]
     pub max_queue_bytes: u64,
 

@@ -7,18 +7,21 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use http::header::HeaderName;
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
-use crate::affinity::{Decision, Keys, Lookup, Origin, PinWrite, decide};
+use crate::affinity::{Decision, Keys, Lookup, PinWrite, decide, follow_flow_winner};
 use crate::autoscaler::{InFlight, Reporter};
+use crate::body::ResponseBody;
 use crate::pins::{Pin, Pins};
 use crate::probes::{self, Health, reply};
-use crate::proxy::{self, Held, ResponseBody};
+use crate::proxy::{self, Exchange};
+use crate::server::H2_STREAM_WINDOW;
 use crate::stats::Stats;
 use crate::throttle::{AcquireError, Want};
 use crate::topology::{Revision, Service, Snapshot};
@@ -27,9 +30,9 @@ const KNATIVE_REVISION: HeaderName = HeaderName::from_static("knative-serving-re
 const KNATIVE_NAMESPACE: HeaderName = HeaderName::from_static("knative-serving-namespace");
 const DECISION_HEADER: HeaderName = HeaderName::from_static("x-activator-decision");
 
-/// What a waiting request's body may occupy when its length is unknown: about what the
-/// connection buffers before backpressure stops the client.
-const UNKNOWN_BODY_BYTES: u64 = 64 * 1024;
+/// The most of an HTTP/1.1 request body a waiting request can make the activator hold: what
+/// arrived with the headers in hyper's read buffer. The rest waits in the client's socket.
+const HTTP1_READ_AHEAD: u64 = 64 * 1024;
 
 /// Seconds a client is asked to wait after a 503 for a full queue.
 const RETRY_AFTER_SECONDS: &str = "1";
@@ -42,6 +45,9 @@ pub struct Handler {
     pub reporter: Reporter,
     /// Adds `X-Activator-Decision` to responses.
     pub debug_headers: bool,
+    /// Upgraded connections (websockets), which outlive their requests and the HTTP connections
+    /// they came on; shutdown waits for them too.
+    pub tunnels: TaskTracker,
 }
 
 /// A request resolved to its service, with its ids and what the pin table says about them.
@@ -73,24 +79,20 @@ impl Handler {
             let ours = Pin::flow(&decision.revision.name);
             let lifetime = decision.revision.affinity.lifetime();
             let winner = self.pins.write(key, write.expected(), ours, lifetime, &lifetime_of).await;
-            // Another replica or request pinned the flow first: follow it, unless the session's
-            // own pin chose the revision.
-            let session_chose = decision.origin == Origin::SessionPin
-                || lookup.session.as_ref().is_some_and(|pin| service.routes_to(&pin.revision).is_some());
-            if !session_chose && let Some(revision) = service.routes_to(&winner.revision) {
-                decision.revision = revision.clone();
-            }
+            follow_flow_winner(&mut decision, &service, &lookup, &winner);
         }
 
         let revision = decision.revision.clone();
         let origin = decision.origin;
         let routed = Routed { service, keys, lookup };
         let in_flight = self.reporter.arrive(&revision.concurrency);
-        let forwarded = self.forward(req, &routed, decision, client, in_flight);
-        let mut resp = match tokio::time::timeout(revision.timeout, forwarded).await {
-            Ok(resp) => resp,
-            Err(_) => reply(StatusCode::GATEWAY_TIMEOUT, "activator request timeout"),
+        // The revision's timeout runs from arrival: queueing, the pod's answer and its body.
+        let mut deadline = Box::pin(tokio::time::sleep_until(started + revision.timeout));
+        let mut resp = tokio::select! {
+            resp = self.forward(req, &routed, decision, client, in_flight) => resp,
+            () = deadline.as_mut() => reply(StatusCode::GATEWAY_TIMEOUT, "activator request timeout"),
         };
+        resp.body_mut().cut_at(deadline);
         revision.stats.record(resp.status().as_u16(), started.elapsed());
         let headers = resp.headers_mut();
         if let Some(cookie) = &routed.keys.new_cookie
@@ -118,9 +120,14 @@ impl Handler {
         client: SocketAddr,
         mut in_flight: InFlight,
     ) -> Response<ResponseBody> {
+        // What the request may make the activator buffer while it waits: its body, but no more
+        // than the connection reads ahead before the client has to wait.
         let body_bytes = {
             let hint = http_body::Body::size_hint(req.body());
-            hint.exact().unwrap_or_else(|| hint.upper().unwrap_or(UNKNOWN_BODY_BYTES).min(UNKNOWN_BODY_BYTES))
+            let declared = hint.exact().or(hint.upper()).unwrap_or(u64::MAX);
+            let read_ahead =
+                if req.version() == Version::HTTP_2 { u64::from(H2_STREAM_WINDOW) } else { HTTP1_READ_AHEAD };
+            declared.min(read_ahead)
         };
         let mut revision = decision.revision;
         let mut lease = match revision.throttler.acquire(decision.want, body_bytes).await {
@@ -171,7 +178,8 @@ impl Handler {
                 }
             }
         }
-        match proxy::forward(req, Held { lease, in_flight }, client.ip()).await {
+        let exchange = Exchange { lease, in_flight, client_ip: client.ip(), tunnels: &self.tunnels };
+        match proxy::forward(req, exchange).await {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::warn!(revision = %revision.name, error = %e, "proxy error");

@@ -14,7 +14,6 @@ use std::time::Duration;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 
-use crate::proxy::PodClient;
 use crate::readiness::Prober;
 use crate::stats::Stats;
 use crate::throttle::QueueLimits;
@@ -139,8 +138,7 @@ impl LocalSource {
     }
 
     fn rebuild(&mut self) {
-        let with =
-            Builder { stats: &self.stats, queue: self.queue.clone(), new_client: PodClient::new, prober: &self.prober };
+        let with = Builder { stats: &self.stats, queue: self.queue.clone(), prober: &self.prober };
         let snapshot = Snapshot::build(&self.file, &self.published, &self.current.load(), &with);
         self.current.store(Arc::new(snapshot));
     }

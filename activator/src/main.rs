@@ -10,6 +10,7 @@ use activator::local::LocalSource;
 use activator::pins::{Pins, SharedConfig};
 use activator::probes::Health;
 use activator::readiness::Prober;
+use activator::server::Limits;
 use activator::stats::Stats;
 use activator::throttle::{QueueBudget, QueueLimits};
 use activator::{admin, inspect, server};
@@ -17,6 +18,7 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::task::TaskTracker;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -56,7 +58,14 @@ fn init_logging(format: LogFormat) {
 async fn run(config: Config) -> anyhow::Result<()> {
     let stats = Stats::new();
     let health = Arc::new(Health::default());
-    raise_open_files_limit();
+    let open_files = raise_open_files_limit();
+    let limits = Limits {
+        max_connections: config
+            .max_connections
+            .unwrap_or_else(|| usize::try_from(open_files / 2).unwrap_or(usize::MAX).max(1024)),
+        send_timeout: config.send_timeout,
+        idle_timeout: config.idle_timeout,
+    };
     let queue = QueueLimits {
         max_waiting: config.max_queue,
         max_bytes: config.max_queue_bytes,
@@ -112,9 +121,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
             Pins::shared(config.max_pins, shared, &stats)?
         }
     };
-    let handler = Arc::new(Handler { topology, health, stats, pins, reporter, debug_headers: config.debug_headers });
+    let handler = Arc::new(Handler {
+        topology,
+        health,
+        stats,
+        pins,
+        reporter,
+        debug_headers: config.debug_headers,
+        tunnels: TaskTracker::new(),
+    });
     tokio::spawn(maintain_pins(handler.clone()));
-    server::serve(listener, handler, stop_accepting, config.grace_timeout).await;
+    server::serve(listener, handler, stop_accepting, config.grace_timeout, limits).await;
     Ok(())
 }
 
@@ -128,13 +145,17 @@ async fn maintain_pins(handler: Arc<Handler>) {
 }
 
 /// A proxy holds two sockets per request; the usual soft limit of 1024 open files is too few.
-/// Raise it to the hard limit, as Go's runtime does for upstream's activator.
-fn raise_open_files_limit() {
+/// Raise it to the hard limit, as Go's runtime does for upstream's activator. Returns the limit
+/// in force.
+fn raise_open_files_limit() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
-    {
-        tracing::warn!(soft, hard, error = %e, "could not raise the open-files limit");
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return 1024 };
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!(soft, hard, error = %e, "could not raise the open-files limit");
+            return soft;
+        }
+        return hard;
     }
+    soft
 }

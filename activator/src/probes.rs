@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use http::header::HeaderName;
 use http::{HeaderValue, Request, Response, StatusCode};
 
-use crate::proxy::ResponseBody;
+use crate::body::ResponseBody;
 
 const NETWORK_PROBE: HeaderName = HeaderName::from_static("k-network-probe");
 const NETWORK_HASH: HeaderName = HeaderName::from_static("k-network-hash");

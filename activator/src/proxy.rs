@@ -1,45 +1,35 @@
-//! Forwarding one request to one chosen pod: the per-pod pooled clients, header hygiene
-//! (hop-by-hop removal, `X-Forwarded-For`, Knative's proxy headers), HTTP/1.1 upgrades, and the
-//! response body that keeps the pod's slot until the body is done.
+//! Forwarding one request to one chosen pod: header hygiene (hop-by-hop removal,
+//! `X-Forwarded-For`, Knative's proxy headers), the request target each HTTP version needs,
+//! HTTP/1.1 upgrades spliced both ways, and the response handed back with what it holds.
 //!
 //! Bodies stream in both directions; nothing here buffers or retries. Must not choose the pod:
-//! it is handed a [`Lease`] from `throttle`.
+//! it is handed a [`Lease`] from `throttle`, and the pod's connections from `pool`.
 
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use hyper_util::rt::TokioIo;
+use tokio_util::task::TaskTracker;
 
 use crate::autoscaler::InFlight;
+use crate::body::{Held, ResponseBody};
+use crate::pool::SendError;
 use crate::throttle::Lease;
 
-/// Knative's `MAX_IDLE_PROXY_CONNS_PER_HOST` default.
-const MAX_IDLE_PER_POD: usize = 100;
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the legacy
-/// `Proxy-Connection`. `TE` is handled apart: `te: trailers` must reach gRPC backends.
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1, RFC 9113 §8.2.2),
+/// plus the legacy `Proxy-Connection`. `TE` is handled apart: `te: trailers` must reach gRPC
+/// backends. `Trailer` is not among them: it announces the trailers, which HTTP/1.1 needs to send.
 const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// The ingress names the revision with these; the pod must not see them (as upstream).
@@ -50,107 +40,56 @@ const KNATIVE_NAMESPACE: HeaderName = HeaderName::from_static("knative-serving-n
 const PROXY_REQUEST: HeaderName = HeaderName::from_static("k-proxy-request");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// Dials one pod whatever the request URI says, so the URI and `Host` keep the client's
-/// authority while the connection goes where the throttler decided.
-#[derive(Clone)]
-struct PodConnector {
-    http: HttpConnector,
-    pod: Uri,
-}
-
-type ConnectFuture = Pin<Box<dyn Future<Output = Result<TokioIo<TcpStream>, BoxError>> + Send>>;
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl tower_service::Service<Uri> for PodConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = BoxError;
-    type Future = ConnectFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        tower_service::Service::<Uri>::poll_ready(&mut self.http, cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, _requested: Uri) -> Self::Future {
-        let connecting = tower_service::Service::call(&mut self.http, self.pod.clone());
-        Box::pin(async move { connecting.await.map_err(Into::into) })
-    }
-}
-
-/// Keep-alive connection pools to one pod: HTTP/1.1, and h2c with prior knowledge. The inbound
-/// request's version picks the pool, as Knative's activator does.
-#[derive(Clone)]
-pub struct PodClient {
-    http1: Client<PodConnector, Incoming>,
-    h2c: Client<PodConnector, Incoming>,
-}
-
-impl PodClient {
-    pub fn new(pod: SocketAddr) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        http.set_keepalive(Some(Duration::from_secs(30)));
-        let pod = Uri::try_from(format!("http://{pod}")).expect("a socket address is a valid authority");
-        let connector = PodConnector { http, pod };
-        let http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(MAX_IDLE_PER_POD)
-            .pool_timer(TokioTimer::new())
-            .build(connector.clone());
-        let h2c = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .http2_keep_alive_while_idle(true)
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
-        PodClient { http1, h2c }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 #[error("forwarding to pod {pod} failed: {source}")]
 pub struct ForwardError {
     pod: SocketAddr,
     #[source]
-    source: hyper_util::client::legacy::Error,
+    source: SendError,
 }
 
-/// What a response holds until its body ends (or its upgraded connection closes): the pod's
-/// slot, and the request's place in its revision's concurrency.
-pub struct Held {
+/// What an exchange needs besides the request: where it came from and what it holds.
+pub struct Exchange<'a> {
     pub lease: Lease,
     pub in_flight: InFlight,
+    pub client_ip: IpAddr,
+    /// Upgraded connections outlive their request; they are tracked so shutdown can wait for them.
+    pub tunnels: &'a TaskTracker,
 }
 
-/// Sends `req` to the pod `held.lease` holds a slot on.
+/// Sends `req` to the pod `exchange.lease` holds a slot on.
 pub async fn forward(
     mut req: Request<Incoming>,
-    held: Held,
-    client_ip: IpAddr,
+    exchange: Exchange<'_>,
 ) -> Result<Response<ResponseBody>, ForwardError> {
-    let lease = &held.lease;
-    let upgrade = upgrade_protocol(&req);
-    prepare_request(&mut req, upgrade.clone(), client_ip, lease.pod().addr);
-    let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let Exchange { lease, in_flight, client_ip, tunnels } = exchange;
     let pod = lease.pod().clone();
-    let sent = match req.version() {
-        Version::HTTP_2 => pod.client.h2c.request(req).await,
-        _ => pod.client.http1.request(req).await,
+    let upgrade = upgrade_protocol(&req);
+    prepare_request(&mut req, upgrade.as_ref(), client_ip, pod.addr);
+    let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let fail = |failed: crate::pool::Failed| ForwardError { pod: pod.addr, source: failed.error };
+    let (mut resp, lent) = match req.version() {
+        Version::HTTP_2 => (pod.client.send_http2(req).await.map_err(fail)?, None),
+        _ => {
+            let (resp, lent) = pod.client.send_http1(req).await.map_err(fail)?;
+            (resp, Some(lent))
+        }
     };
-    let mut resp = sent.map_err(|source| ForwardError { pod: pod.addr, source })?;
+    // The protocol the pod switched to, not the list the client offered.
+    let switched_to = resp.headers().get(header::UPGRADE).cloned();
     strip_hop_by_hop(resp.headers_mut());
-    if let (StatusCode::SWITCHING_PROTOCOLS, Some(client_side), Some(protocol)) = (resp.status(), client_side, upgrade)
-    {
+    if let (StatusCode::SWITCHING_PROTOCOLS, Some(client_side)) = (resp.status(), client_side) {
         let pod_side = hyper::upgrade::on(&mut resp);
         let headers = resp.headers_mut();
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, protocol);
-        tokio::spawn(splice_upgraded(client_side, pod_side, held));
+        if let Some(protocol) = switched_to {
+            headers.insert(header::UPGRADE, protocol);
+        }
+        // The upgraded connection is spent: it does not go back to the pool.
+        tunnels.spawn(splice_upgraded(client_side, pod_side, Held { lease, in_flight, lent: None }));
         return Ok(resp.map(|_| ResponseBody::empty()));
     }
-    Ok(resp.map(|body| ResponseBody::upstream(body, held)))
+    Ok(resp.map(|body| ResponseBody::upstream(body, Held { lease, in_flight, lent })))
 }
 
 async fn splice_upgraded(client: hyper::upgrade::OnUpgrade, pod: hyper::upgrade::OnUpgrade, held: Held) {
@@ -166,13 +105,21 @@ async fn splice_upgraded(client: hyper::upgrade::OnUpgrade, pod: hyper::upgrade:
     }
 }
 
-/// The protocol an HTTP/1.1 request asks to switch to, if it asks.
+/// The protocols an HTTP/1.1 request asks to switch to, if it asks for any but `h2c`: upgrading
+/// to h2c is a matter between the client and the activator, which serves HTTP/2 with prior
+/// knowledge only, so such a request goes on as plain HTTP/1.1.
 fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
         return None;
     }
     let wants_upgrade = req.headers().get_all(header::CONNECTION).iter().any(|v| has_token(v, "upgrade"));
-    wants_upgrade.then(|| req.headers().get(header::UPGRADE).cloned()).flatten()
+    let offered = req.headers().get(header::UPGRADE).filter(|_| wants_upgrade)?.to_str().ok()?;
+    let protocols: Vec<&str> =
+        offered.split(',').map(str::trim).filter(|p| !p.is_empty() && !p.eq_ignore_ascii_case("h2c")).collect();
+    if protocols.is_empty() {
+        return None;
+    }
+    HeaderValue::try_from(protocols.join(", ")).ok()
 }
 
 fn has_token(value: &HeaderValue, token: &str) -> bool {
@@ -198,104 +145,59 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn prepare_request<B>(req: &mut Request<B>, upgrade: Option<HeaderValue>, client_ip: IpAddr, pod: SocketAddr) {
+fn prepare_request<B>(req: &mut Request<B>, upgrade: Option<&HeaderValue>, client_ip: IpAddr, pod: SocketAddr) {
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
     if let Some(protocol) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, protocol);
+        headers.insert(header::UPGRADE, protocol.clone());
     }
     append_forwarded_for(headers, client_ip);
     headers.remove(KNATIVE_REVISION);
     headers.remove(KNATIVE_NAMESPACE);
     headers.insert(PROXY_REQUEST, HeaderValue::from_static("activator"));
 
-    // The pooled client wants an absolute URI; keep the client's authority so HTTP/2's
-    // `:authority` is preserved. The connector dials the pod regardless.
-    if req.uri().authority().is_none() {
-        let authority = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
-            .unwrap_or_else(|| {
-                http::uri::Authority::try_from(pod.to_string()).expect("socket address is an authority")
-            });
-        let mut parts = req.uri().clone().into_parts();
-        parts.scheme = Some(http::uri::Scheme::HTTP);
+    // The authority the client addressed: the URI's (HTTP/2, or an absolute-form HTTP/1.1
+    // target), else its Host, else the pod.
+    let authority = req
+        .uri()
+        .authority()
+        .cloned()
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| Authority::try_from(h.as_bytes()).ok()))
+        .unwrap_or_else(|| Authority::try_from(pod.to_string()).expect("a socket address is an authority"));
+    let path = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if req.version() == Version::HTTP_2 {
+        // HTTP/2 carries the authority in `:authority`, built from an absolute URI.
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
         parts.authority = Some(authority);
-        if parts.path_and_query.is_none() {
-            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-        }
+        parts.path_and_query = Some(path);
         if let Ok(uri) = Uri::from_parts(parts) {
             *req.uri_mut() = uri;
         }
+    } else {
+        // HTTP/1.1 sends the origin form and the authority in `Host`.
+        if let Ok(host) = HeaderValue::try_from(authority.as_str()) {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        *req.uri_mut() = Uri::from(path);
     }
 }
 
+/// Appends the client to `X-Forwarded-For`, keeping every hop already listed on any of the
+/// header's lines.
 fn append_forwarded_for(headers: &mut HeaderMap, client_ip: IpAddr) {
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {client_ip}"),
-        _ => client_ip.to_string(),
-    };
+    let mut value = String::new();
+    for prior in headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()) {
+        let prior = prior.trim();
+        if !prior.is_empty() {
+            value.push_str(prior);
+            value.push_str(", ");
+        }
+    }
+    value.push_str(&client_ip.to_string());
     if let Ok(value) = HeaderValue::try_from(value) {
         headers.insert(X_FORWARDED_FOR, value);
-    }
-}
-
-/// A response body: either streamed from a pod, holding that pod's slot until it ends, or a
-/// short message written by the activator itself.
-pub struct ResponseBody {
-    kind: Kind,
-}
-
-enum Kind {
-    Upstream { body: Incoming, held: Option<Held> },
-    Local(Full<Bytes>),
-}
-
-impl ResponseBody {
-    fn upstream(body: Incoming, held: Held) -> Self {
-        ResponseBody { kind: Kind::Upstream { body, held: Some(held) } }
-    }
-
-    pub fn text(text: impl Into<Bytes>) -> Self {
-        ResponseBody { kind: Kind::Local(Full::new(text.into())) }
-    }
-
-    pub fn empty() -> Self {
-        Self::text(Bytes::new())
-    }
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.get_mut().kind {
-            Kind::Upstream { body, held } => {
-                let polled = Pin::new(body).poll_frame(cx);
-                if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-                    held.take();
-                }
-                polled
-            }
-            Kind::Local(full) => Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Upstream { body, .. } => body.is_end_stream(),
-            Kind::Local(full) => full.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Upstream { body, .. } => body.size_hint(),
-            Kind::Local(full) => full.size_hint(),
-        }
     }
 }
 
@@ -338,7 +240,8 @@ mod tests {
         assert_eq!(h["x-kept"], "yes");
         assert_eq!(h["k-proxy-request"], "activator");
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
-        assert_eq!(req.uri(), "http://svc.example.com/incr?x=1");
+        assert_eq!(h["host"], "svc.example.com");
+        assert_eq!(req.uri(), "/incr?x=1", "HTTP/1.1 gets the origin form");
     }
 
     #[test]
@@ -346,7 +249,17 @@ mod tests {
         let mut req = request(&[("x-forwarded-for", "1.1.1.1")]);
         prepare_request(&mut req, None, CLIENT, POD);
         assert_eq!(req.headers()["x-forwarded-for"], "1.1.1.1, 10.1.2.3");
-        assert_eq!(req.uri(), "http://127.0.0.1:9000/incr?x=1");
+        assert_eq!(req.headers()["host"], "127.0.0.1:9000");
+        let mut lines = request(&[("x-forwarded-for", "1.1.1.1, 2.2.2.2"), ("x-forwarded-for", "3.3.3.3")]);
+        prepare_request(&mut lines, None, CLIENT, POD);
+        assert_eq!(lines.headers()["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3, 10.1.2.3", "every line is kept");
+    }
+
+    #[test]
+    fn http2_keeps_the_clients_authority_in_an_absolute_uri() {
+        let mut req = Request::builder().uri("http://svc.example.com/a?b").version(Version::HTTP_2).body(()).unwrap();
+        prepare_request(&mut req, None, CLIENT, POD);
+        assert_eq!(req.uri(), "http://svc.example.com/a?b");
     }
 
     #[test]
@@ -354,9 +267,30 @@ mod tests {
         let mut req = request(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
         let protocol = upgrade_protocol(&req);
         assert_eq!(protocol.as_ref().unwrap(), "websocket");
-        prepare_request(&mut req, protocol, CLIENT, POD);
+        prepare_request(&mut req, protocol.as_ref(), CLIENT, POD);
         assert_eq!(req.headers()["connection"], "upgrade");
         assert_eq!(req.headers()["upgrade"], "websocket");
         assert!(upgrade_protocol(&request(&[("upgrade", "websocket")])).is_none());
+    }
+
+    #[test]
+    fn an_h2c_upgrade_is_not_tunnelled() {
+        let h2c = request(&[("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c"), ("http2-settings", "AAMA")]);
+        assert!(upgrade_protocol(&h2c).is_none());
+        let mut h2c = h2c;
+        prepare_request(&mut h2c, None, CLIENT, POD);
+        for gone in ["connection", "upgrade", "http2-settings"] {
+            assert!(!h2c.headers().contains_key(gone), "{gone} reaches the pod");
+        }
+        let mixed = request(&[("connection", "upgrade"), ("upgrade", "h2c, websocket")]);
+        assert_eq!(upgrade_protocol(&mixed).unwrap(), "websocket");
+    }
+
+    #[test]
+    fn trailer_announcements_pass() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::TRAILER, HeaderValue::from_static("grpc-status"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers[header::TRAILER], "grpc-status");
     }
 }

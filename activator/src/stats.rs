@@ -4,7 +4,8 @@
 //! Per-revision handles are resolved once and kept with the revision, so recording a request
 //! touches only atomics and never formats or hashes label strings. Must not decide anything.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use prometheus::{
@@ -21,6 +22,9 @@ const LATENCY_BUCKETS: [f64; 16] =
 #[derive(Clone)]
 pub struct Stats {
     registry: Registry,
+    /// The live per-revision handles, so a revision that leaves and comes back while its old
+    /// requests finish shares one set of series, and the series go when the last holder does.
+    revisions: Arc<Mutex<HashMap<[String; 3], Weak<RevisionStats>>>>,
     requests: IntCounterVec,
     latency: HistogramVec,
     in_flight: IntGaugeVec,
@@ -37,6 +41,8 @@ pub struct Stats {
     pub autoscaler_dropped: IntCounter,
     pub autoscaler_pokes: IntCounter,
     pub autoscaler_frames: IntCounter,
+    pub open_connections: IntGauge,
+    pub connection_limit_reached: IntCounter,
 }
 
 impl Default for Stats {
@@ -135,6 +141,13 @@ impl Stats {
             "1 while the shared pin store answers, 0 while this replica routes with its own pins",
         )
         .expect("static metric definition");
+        let open_connections = IntGauge::new("activator_open_connections", "Client connections open on the data port")
+            .expect("static metric definition");
+        let connection_limit_reached = IntCounter::new(
+            "activator_connection_limit_reached_total",
+            "Times the data port reached --max-connections and left new connections in the listen backlog",
+        )
+        .expect("static metric definition");
         let registry = Registry::new();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -153,11 +166,14 @@ impl Stats {
             Box::new(autoscaler_dropped.clone()),
             Box::new(autoscaler_pokes.clone()),
             Box::new(autoscaler_frames.clone()),
+            Box::new(open_connections.clone()),
+            Box::new(connection_limit_reached.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
         Stats {
             registry,
+            revisions: Arc::default(),
             requests,
             latency,
             in_flight,
@@ -174,21 +190,28 @@ impl Stats {
             autoscaler_dropped,
             autoscaler_pokes,
             autoscaler_frames,
+            open_connections,
+            connection_limit_reached,
         }
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
-    pub fn revision(&self, namespace: &str, service: &str, revision: &str) -> RevisionStats {
-        RevisionStats {
-            labels: [namespace.to_owned(), service.to_owned(), revision.to_owned()],
+    /// The handles of one revision's series; its series are removed when the last handle goes.
+    pub fn revision(&self, namespace: &str, service: &str, revision: &str) -> Arc<RevisionStats> {
+        let labels = [namespace.to_owned(), service.to_owned(), revision.to_owned()];
+        let mut live = lock(&self.revisions);
+        if let Some(existing) = live.get(&labels).and_then(Weak::upgrade) {
+            return existing;
+        }
+        let created = Arc::new(RevisionStats {
+            labels: labels.clone(),
             common: Default::default(),
+            rare: Mutex::default(),
             in_flight: self.in_flight.with_label_values(&[namespace, service, revision]),
             queued: self.queued.with_label_values(&[namespace, service, revision]),
             stats: self.clone(),
-        }
+        });
+        live.insert(labels, Arc::downgrade(&created));
+        created
     }
 
     /// A request that never reached a revision (unknown host, bad request).
@@ -223,14 +246,25 @@ impl Stats {
 pub struct RevisionStats {
     labels: [String; 3],
     common: [OnceLock<(IntCounter, Histogram)>; COMMON_CODES.len()],
+    /// Other status codes recorded, so their series can be removed too.
+    rare: Mutex<Vec<u16>>,
     pub in_flight: IntGauge,
     pub queued: IntGauge,
     stats: Stats,
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl RevisionStats {
     pub fn record(&self, code: u16, elapsed: Duration) {
         let Some(slot) = COMMON_CODES.iter().position(|&c| c == code) else {
+            let mut rare = lock(&self.rare);
+            if !rare.contains(&code) {
+                rare.push(code);
+            }
+            drop(rare);
             let [ns, svc, rev] = &self.labels;
             return self.stats.record([ns, svc, rev], code, elapsed);
         };
@@ -242,6 +276,30 @@ impl RevisionStats {
         });
         count.inc();
         latency.observe(elapsed.as_secs_f64());
+    }
+}
+
+impl Drop for RevisionStats {
+    /// The revision left and its last request ended: its series go, so label sets do not pile up
+    /// as revisions come and go. A revision of the same name already back keeps them.
+    fn drop(&mut self) {
+        let mut live = lock(&self.stats.revisions);
+        if live.get(&self.labels).is_some_and(|w| w.strong_count() > 0) {
+            return;
+        }
+        live.remove(&self.labels);
+        drop(live);
+        let [ns, svc, rev] = &self.labels;
+        let (ns, svc, rev) = (ns.as_str(), svc.as_str(), rev.as_str());
+        let used =
+            COMMON_CODES.iter().zip(&self.common).filter(|(_, slot)| slot.get().is_some()).map(|(code, _)| *code);
+        for code in used.chain(lock(&self.rare).iter().copied()) {
+            let code = code.to_string();
+            let _ = self.stats.requests.remove_label_values(&[ns, svc, rev, &code]);
+            let _ = self.stats.latency.remove_label_values(&[ns, svc, rev, &code]);
+        }
+        let _ = self.stats.in_flight.remove_label_values(&[ns, svc, rev]);
+        let _ = self.stats.queued.remove_label_values(&[ns, svc, rev]);
     }
 }
 
@@ -267,5 +325,28 @@ mod tests {
         );
         assert!(text.contains(r#"activator_requests_total{code="404",namespace="",revision="",service=""} 1"#));
         assert!(text.contains("activator_request_duration_seconds_bucket"));
+    }
+
+    #[test]
+    fn a_revisions_series_go_when_its_last_holder_does() {
+        let stats = Stats::new();
+        let series = |stats: &Stats| {
+            let text = String::from_utf8(stats.encode()).unwrap();
+            text.lines().filter(|l| l.contains("revision=\"gone-1\"")).count()
+        };
+        let first = stats.revision("ns", "svc", "gone-1");
+        first.record(200, Duration::from_millis(1));
+        first.record(418, Duration::from_millis(1));
+        first.in_flight.inc();
+        assert!(series(&stats) > 0);
+        let again = stats.revision("ns", "svc", "gone-1");
+        assert!(Arc::ptr_eq(&first, &again), "one set of handles while any is held");
+        drop(first);
+        assert!(series(&stats) > 0, "still held by a request");
+        drop(again);
+        assert_eq!(series(&stats), 0, "nothing left of the revision");
+        let back = stats.revision("ns", "svc", "gone-1");
+        back.record(200, Duration::from_millis(1));
+        assert!(series(&stats) > 0, "a revision that comes back is counted again");
     }
 }

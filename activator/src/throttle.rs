@@ -5,24 +5,28 @@
 //! total.
 //!
 //! Owns in-flight counts. A request that finds a free slot touches only atomics; the queue's
-//! mutex is taken only when a request has to wait or a slot is freed while someone waits. Must
-//! not know about hosts, splits or pins: callers say which pod they want, if any.
+//! mutex is taken only when a request has to wait or a slot is freed while someone waits. Waiting
+//! is first come, first served: a new request never takes a slot an older one waits for, and a
+//! freed slot goes to the oldest request that can use that pod, found without walking the queue.
+//! Must not know about hosts, splits or pins: callers say which pod they want, if any.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 use prometheus::IntGauge;
 use tokio::sync::oneshot;
 
-use crate::proxy::PodClient;
+use crate::pool::PodClient;
 use crate::readiness::Probe;
 
 /// Above this `containerConcurrency`, round robin spreads better than first-available
 /// (the same cut-over as Knative's activator).
-const FIRST_AVAILABLE_MAX_CC: u32 = 3;
+const FIRST_AVAILABLE_MAX_CC: usize = 3;
+/// Cancelled waiters left in the queues before they are swept out; they are skipped meanwhile.
+const MIN_SWEEP: usize = 64;
 
 /// Bounds of the wait queues.
 #[derive(Clone, Debug)]
@@ -35,6 +39,7 @@ pub struct QueueLimits {
     pub total: Arc<QueueBudget>,
 }
 
+#[cfg(test)]
 impl Default for QueueLimits {
     fn default() -> Self {
         QueueLimits { max_waiting: 10_000, max_bytes: 64 << 20, total: Arc::new(QueueBudget::new(100_000, 512 << 20)) }
@@ -106,55 +111,99 @@ pub struct Pod {
     pub addr: SocketAddr,
     pub client: PodClient,
     in_flight: AtomicUsize,
+    /// Requests queued for this pod in particular; a new request does not take a slot of theirs.
+    pinned_waiting: AtomicUsize,
 }
 
 impl Pod {
+    fn new(addr: SocketAddr) -> Arc<Self> {
+        Arc::new(Pod {
+            addr,
+            client: PodClient::new(addr),
+            in_flight: AtomicUsize::new(0),
+            pinned_waiting: AtomicUsize::new(0),
+        })
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    fn try_reserve(&self, capacity: Option<usize>) -> bool {
-        match capacity {
-            None => {
-                self.in_flight.fetch_add(1, Ordering::SeqCst);
-                true
-            }
-            Some(cap) => {
-                self.in_flight.fetch_update(Ordering::SeqCst, Ordering::Relaxed, |n| (n < cap).then_some(n + 1)).is_ok()
-            }
+    /// `capacity` 0 means unlimited.
+    fn try_reserve(&self, capacity: usize) -> bool {
+        if capacity == 0 {
+            self.in_flight.fetch_add(1, Ordering::SeqCst);
+            return true;
         }
+        self.in_flight.fetch_update(Ordering::SeqCst, Ordering::Relaxed, |n| (n < capacity).then_some(n + 1)).is_ok()
     }
 }
 
 struct Pending {
     probe: Probe,
     endpoints: Vec<SocketAddr>,
-    new_client: fn(SocketAddr) -> PodClient,
-}
-
-fn new_pod(addr: SocketAddr, new_client: fn(SocketAddr) -> PodClient) -> Arc<Pod> {
-    Arc::new(Pod { addr, client: new_client(addr), in_flight: AtomicUsize::new(0) })
 }
 
 struct Waiter {
+    /// Arrival order across every queue of the revision.
     id: u64,
-    want: Want,
     /// Body bytes this request may hold while it waits.
     bytes: u64,
+    /// Whether it waits in its pod's deque rather than with requests for any pod; shared with the
+    /// waiting request so it can leave the right count when it gives up.
+    pinned: Arc<AtomicBool>,
     grant: oneshot::Sender<Arc<Pod>>,
+}
+
+impl Waiter {
+    /// The request gave up; its bounds were given back when it did.
+    fn is_cancelled(&self) -> bool {
+        self.grant.is_closed()
+    }
 }
 
 #[derive(Default)]
 struct Queue {
-    waiters: VecDeque<Waiter>,
-    pinned: usize,
+    /// Requests that may use any pod.
+    any: VecDeque<Waiter>,
+    /// Requests for one pod each, by pod.
+    pinned: HashMap<SocketAddr, VecDeque<Waiter>>,
+    /// Waiting requests, cancelled ones excluded.
+    live: usize,
+    /// Cancelled requests still in the deques.
+    cancelled: usize,
     bytes: u64,
     next_id: u64,
 }
 
+impl Queue {
+    /// Drops cancelled entries from the front of `deque`.
+    fn skip_cancelled(deque: &mut VecDeque<Waiter>, cancelled: &mut usize) {
+        while deque.front().is_some_and(Waiter::is_cancelled) {
+            deque.pop_front();
+            *cancelled -= 1;
+        }
+    }
+
+    /// Sweeps cancelled entries once they outnumber the live ones, so a queue whose requests keep
+    /// timing out does not grow.
+    fn sweep(&mut self) {
+        if self.cancelled < MIN_SWEEP || self.cancelled < self.live {
+            return;
+        }
+        self.any.retain(|w| !w.is_cancelled());
+        self.pinned.retain(|_, deque| {
+            deque.retain(|w| !w.is_cancelled());
+            !deque.is_empty()
+        });
+        self.cancelled = 0;
+    }
+}
+
 pub struct Throttler {
-    capacity: Option<usize>,
-    policy: Policy,
+    /// `containerConcurrency`: the slots of one pod; 0 for unlimited. Can change in place (a
+    /// topology edit), keeping in-flight counts and waiters.
+    capacity: AtomicUsize,
     limits: QueueLimits,
     queued: IntGauge,
     /// Pods that may take traffic, sorted by address.
@@ -162,8 +211,10 @@ pub struct Throttler {
     /// Endpoints waiting for their first successful readiness probe.
     pending: Mutex<Pending>,
     cursor: AtomicUsize,
-    /// Mirrors `queue.waiters.len()` so a release can skip the mutex when nobody waits.
+    /// Mirrors `queue.live` so a release can skip the mutex when nobody waits.
     waiting: AtomicUsize,
+    /// Waiting requests that may use any pod; while there are some, a new request waits too.
+    waiting_any: AtomicUsize,
     queue: Mutex<Queue>,
 }
 
@@ -189,62 +240,75 @@ impl Drop for Lease {
 impl Throttler {
     /// `queued` is kept at the number of waiting requests.
     pub fn new(container_concurrency: u32, limits: QueueLimits, queued: IntGauge) -> Self {
-        let (capacity, policy) = match container_concurrency {
-            0 => (None, Policy::PowerOfTwo),
-            cc if cc <= FIRST_AVAILABLE_MAX_CC => (Some(cc as usize), Policy::FirstAvailable),
-            cc => (Some(cc as usize), Policy::RoundRobin),
-        };
         Throttler {
-            capacity,
-            policy,
+            capacity: AtomicUsize::new(container_concurrency as usize),
             limits,
             queued,
             pods: ArcSwap::default(),
-            pending: Mutex::new(Pending { probe: Probe::None, endpoints: Vec::new(), new_client: PodClient::new }),
+            pending: Mutex::new(Pending { probe: Probe::None, endpoints: Vec::new() }),
             cursor: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
+            waiting_any: AtomicUsize::new(0),
             queue: Mutex::new(Queue::default()),
         }
     }
 
+    fn capacity(&self) -> usize {
+        self.capacity.load(Ordering::Acquire)
+    }
+
+    fn policy(capacity: usize) -> Policy {
+        match capacity {
+            0 => Policy::PowerOfTwo,
+            cc if cc <= FIRST_AVAILABLE_MAX_CC => Policy::FirstAvailable,
+            _ => Policy::RoundRobin,
+        }
+    }
+
+    /// Changes `containerConcurrency`; requests in flight keep their slots and waiters are served
+    /// at once if the pods now have room.
+    pub fn set_container_concurrency(&self, container_concurrency: u32) {
+        let old = self.capacity.swap(container_concurrency as usize, Ordering::AcqRel);
+        if old != container_concurrency as usize && self.waiting.load(Ordering::SeqCst) > 0 {
+            self.dispatch_all();
+        }
+    }
+
     /// The pods that may take traffic now, sorted by address.
+    #[cfg(test)]
     pub fn ready(&self) -> arc_swap::Guard<Arc<Vec<Arc<Pod>>>> {
         self.pods.load()
+    }
+
+    #[cfg(test)]
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     pub fn is_ready(&self, addr: SocketAddr) -> bool {
         self.pods.load().binary_search_by_key(&addr, |p| p.addr).is_ok()
     }
 
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
-    }
-
     /// Replaces the revision's endpoints. Endpoints already ready stay so, keeping their in-flight
     /// count and connection pool; new ones take traffic once `probe` succeeds against them (see
     /// `readiness`), or at once without a probe. Returns whether any endpoint awaits its probe.
-    pub fn set_candidates(
-        &self,
-        endpoints: &[SocketAddr],
-        probe: Probe,
-        new_client: fn(SocketAddr) -> PodClient,
-    ) -> bool {
+    pub fn set_candidates(&self, endpoints: &[SocketAddr], probe: Probe) -> bool {
         let current = self.pods.load();
         let mut ready = Vec::new();
         let mut waiting_for_probe = Vec::new();
         for &addr in endpoints {
             match current.binary_search_by_key(&addr, |p| p.addr) {
                 Ok(i) => ready.push(current[i].clone()),
-                Err(_) if probe == Probe::None => ready.push(new_pod(addr, new_client)),
+                Err(_) if probe == Probe::None => ready.push(Pod::new(addr)),
                 Err(_) => waiting_for_probe.push(addr),
             }
         }
         ready.sort_by_key(|p| p.addr);
         let has_pending = !waiting_for_probe.is_empty();
-        *self.lock_pending() = Pending { probe, endpoints: waiting_for_probe, new_client };
+        *self.lock_pending() = Pending { probe, endpoints: waiting_for_probe };
         self.pods.store(Arc::new(ready));
         if self.waiting.load(Ordering::SeqCst) > 0 {
-            self.dispatch();
+            self.dispatch_all();
         }
         has_pending
     }
@@ -257,19 +321,18 @@ impl Throttler {
 
     /// An endpoint passed its readiness probe: it takes traffic now, waiters first.
     pub fn mark_ready(&self, addr: SocketAddr) {
-        let new_client = {
+        {
             let mut pending = self.lock_pending();
             let Some(i) = pending.endpoints.iter().position(|a| *a == addr) else { return };
             pending.endpoints.swap_remove(i);
-            pending.new_client
-        };
+        }
         let mut pods: Vec<Arc<Pod>> = self.pods.load().iter().cloned().collect();
         if let Err(i) = pods.binary_search_by_key(&addr, |p| p.addr) {
-            pods.insert(i, new_pod(addr, new_client));
+            pods.insert(i, Pod::new(addr));
         }
         self.pods.store(Arc::new(pods));
         if self.waiting.load(Ordering::SeqCst) > 0 {
-            self.dispatch();
+            self.dispatch_all();
         }
     }
 
@@ -283,16 +346,16 @@ impl Throttler {
         if let Some(pod) = self.try_reserve(want) {
             return Ok(self.lease(pod));
         }
-        let (id, grant) = {
+        let (want, grant) = {
             let mut queue = self.lock_queue();
             // Counted before the retry so a release that races with us either frees the slot we
-            // retry for, or sees us waiting and dispatches.
+            // retry for, or sees us waiting and dispatches once we are queued.
             self.waiting.fetch_add(1, Ordering::SeqCst);
             if let Some(pod) = self.try_reserve(want) {
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
                 return Ok(self.lease(pod));
             }
-            let fits = queue.waiters.len() < self.limits.max_waiting
+            let fits = queue.live < self.limits.max_waiting
                 && queue.bytes.saturating_add(body_bytes) <= self.limits.max_bytes
                 && self.limits.total.take(body_bytes);
             if !fits {
@@ -300,33 +363,39 @@ impl Throttler {
                 return Err(AcquireError::QueueFull);
             }
             let (tx, rx) = oneshot::channel();
-            let id = queue.next_id;
+            // A request for a pod that is not ready takes any pod, so it waits with those.
+            let pod = match want {
+                Want::Pod(addr) => self.ready_pod(addr),
+                Want::Any => None,
+            };
+            let pinned = Arc::new(AtomicBool::new(pod.is_some()));
+            let waiter = Waiter { id: queue.next_id, bytes: body_bytes, pinned: pinned.clone(), grant: tx };
             queue.next_id += 1;
-            if matches!(want, Want::Pod(_)) {
-                queue.pinned += 1;
-            }
+            queue.live += 1;
             queue.bytes += body_bytes;
-            queue.waiters.push_back(Waiter { id, want, bytes: body_bytes, grant: tx });
-            self.queued.set(queue.waiters.len() as i64);
-            (id, rx)
+            match &pod {
+                Some(pod) => {
+                    pod.pinned_waiting.fetch_add(1, Ordering::SeqCst);
+                    queue.pinned.entry(pod.addr).or_default().push_back(waiter);
+                }
+                None => {
+                    self.waiting_any.fetch_add(1, Ordering::SeqCst);
+                    queue.any.push_back(waiter);
+                }
+            }
+            self.queued.set(queue.live as i64);
+            (pod.map(|p| (p.addr, pinned)), rx)
         };
-        let mut waiting = Waiting { throttler: self, id, grant };
+        let mut waiting = Waiting { throttler: self, pinned: want, bytes: body_bytes, grant, served: false };
         // The sender lives in the queue until it grants, so this cannot fail while we wait.
         let pod = (&mut waiting.grant).await.map_err(|_| AcquireError::QueueFull)?;
+        waiting.served = true;
         Ok(self.lease(pod))
     }
 
-    /// Takes waiter `index` out of the queue and gives back its share of the bounds.
-    fn dequeue(&self, queue: &mut Queue, index: usize) -> Option<Waiter> {
-        let waiter = queue.waiters.remove(index)?;
-        if matches!(waiter.want, Want::Pod(_)) {
-            queue.pinned -= 1;
-        }
-        queue.bytes -= waiter.bytes;
-        self.limits.total.give_back(waiter.bytes);
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        self.queued.set(queue.waiters.len() as i64);
-        Some(waiter)
+    fn ready_pod(&self, addr: SocketAddr) -> Option<Arc<Pod>> {
+        let pods = self.pods.load();
+        pods.binary_search_by_key(&addr, |p| p.addr).ok().map(|i| pods[i].clone())
     }
 
     fn lease(self: &Arc<Self>, pod: Arc<Pod>) -> Lease {
@@ -337,24 +406,32 @@ impl Throttler {
         self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// A slot for a new request, unless an older one waits for it.
     fn try_reserve(&self, want: Want) -> Option<Arc<Pod>> {
+        if self.waiting_any.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
         let pods = self.pods.load();
+        let capacity = self.capacity();
         if let Want::Pod(addr) = want
             && let Ok(i) = pods.binary_search_by_key(&addr, |p| p.addr)
         {
             let pod = &pods[i];
-            return pod.try_reserve(self.capacity).then(|| pod.clone());
+            let free = pod.pinned_waiting.load(Ordering::SeqCst) == 0 && pod.try_reserve(capacity);
+            return free.then(|| pod.clone());
         }
-        self.pick(&pods)
+        self.pick(&pods, capacity, |pod| pod.pinned_waiting.load(Ordering::SeqCst) == 0)
     }
 
-    fn pick(&self, pods: &[Arc<Pod>]) -> Option<Arc<Pod>> {
+    /// A pod with a free slot by the revision's policy, among those `eligible` allows.
+    fn pick(&self, pods: &[Arc<Pod>], capacity: usize, eligible: impl Fn(&Pod) -> bool) -> Option<Arc<Pod>> {
         let n = pods.len();
         if n == 0 {
             return None;
         }
-        let chosen = match self.policy {
+        let chosen = match Self::policy(capacity) {
             Policy::PowerOfTwo => {
+                // Unlimited slots: nobody waits for a pod that is ready, so all are eligible.
                 let a = fastrand::usize(..n);
                 let chosen = if n == 1 {
                     a
@@ -365,51 +442,112 @@ impl Throttler {
                     }
                     if pods[b].in_flight() < pods[a].in_flight() { b } else { a }
                 };
-                pods[chosen].try_reserve(self.capacity);
+                pods[chosen].try_reserve(capacity);
                 return Some(pods[chosen].clone());
             }
-            Policy::FirstAvailable => pods.iter().find(|p| p.try_reserve(self.capacity)),
+            Policy::FirstAvailable => pods.iter().find(|p| eligible(p) && p.try_reserve(capacity)),
             Policy::RoundRobin => {
                 let start = self.cursor.fetch_add(1, Ordering::Relaxed);
-                (0..n).map(|k| &pods[(start + k) % n]).find(|p| p.try_reserve(self.capacity))
+                (0..n).map(|k| &pods[(start + k) % n]).find(|p| eligible(p) && p.try_reserve(capacity))
             }
         };
         chosen.cloned()
     }
 
-    fn release(&self, pod: &Pod) {
+    fn release(&self, pod: &Arc<Pod>) {
         pod.in_flight.fetch_sub(1, Ordering::SeqCst);
         if self.waiting.load(Ordering::SeqCst) > 0 {
-            self.dispatch();
+            let mut queue = self.lock_queue();
+            self.serve(&mut queue, pod);
         }
     }
 
-    /// Hands free slots to waiters, oldest first. A waiter for a busy pinned pod does not hold up
-    /// the waiters behind it.
-    fn dispatch(&self) {
+    /// Gives `pod`'s free slots to the oldest waiters that can use it: those pinned to it and
+    /// those that take any pod, in arrival order. Only the fronts of two deques are looked at.
+    fn serve(&self, queue: &mut Queue, pod: &Arc<Pod>) {
+        let capacity = self.capacity();
+        loop {
+            let Queue { any, pinned, cancelled, .. } = &mut *queue;
+            Queue::skip_cancelled(any, cancelled);
+            let mine = pinned.get_mut(&pod.addr);
+            if let Some(mine) = mine {
+                Queue::skip_cancelled(mine, cancelled);
+            }
+            let pinned_front = pinned.get(&pod.addr).and_then(VecDeque::front).map(|w| w.id);
+            let any_front = any.front().map(|w| w.id);
+            let from_pinned = match (pinned_front, any_front) {
+                (Some(p), Some(a)) => p < a,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => return,
+            };
+            if !pod.try_reserve(capacity) {
+                return;
+            }
+            let waiter = if from_pinned {
+                let deque = pinned.get_mut(&pod.addr).expect("has a front");
+                let waiter = deque.pop_front().expect("has a front");
+                if deque.is_empty() {
+                    pinned.remove(&pod.addr);
+                }
+                pod.pinned_waiting.fetch_sub(1, Ordering::SeqCst);
+                waiter
+            } else {
+                self.waiting_any.fetch_sub(1, Ordering::SeqCst);
+                any.pop_front().expect("has a front")
+            };
+            self.granted(queue, waiter, pod.clone());
+        }
+    }
+
+    /// Hands a pod to a waiter taken out of the queue, giving back its share of the bounds.
+    fn granted(&self, queue: &mut Queue, waiter: Waiter, pod: Arc<Pod>) {
+        queue.live -= 1;
+        queue.bytes -= waiter.bytes;
+        self.limits.total.give_back(waiter.bytes);
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.queued.set(queue.live as i64);
+        // Cancellation happens under the queue lock we hold, so the receiver is still there.
+        let _ = waiter.grant.send(pod);
+    }
+
+    /// Hands free slots to waiters after the pods or their capacity changed: requests pinned to a
+    /// pod that left now take any pod; pinned waiters get their pods' slots, then the others get
+    /// pods by the revision's policy.
+    fn dispatch_all(&self) {
         let mut queue = self.lock_queue();
-        let mut any_exhausted = false;
-        let mut i = 0;
-        while i < queue.waiters.len() {
-            if any_exhausted && queue.pinned == 0 {
+        let pods = self.pods.load();
+        let orphaned: Vec<SocketAddr> =
+            queue.pinned.keys().filter(|addr| pods.binary_search_by_key(*addr, |p| p.addr).is_err()).copied().collect();
+        for addr in orphaned {
+            let deque = queue.pinned.remove(&addr).unwrap_or_default();
+            for waiter in &deque {
+                waiter.pinned.store(false, Ordering::SeqCst);
+            }
+            let live = deque.iter().filter(|w| !w.is_cancelled()).count();
+            self.waiting_any.fetch_add(live, Ordering::SeqCst);
+            let mut merged: Vec<Waiter> = queue.any.drain(..).chain(deque).collect();
+            merged.sort_by_key(|w| w.id);
+            queue.any = merged.into();
+        }
+        for pod in pods.iter() {
+            if queue.pinned.contains_key(&pod.addr) {
+                self.serve(&mut queue, pod);
+            }
+        }
+        let capacity = self.capacity();
+        loop {
+            let Queue { any, cancelled, .. } = &mut *queue;
+            Queue::skip_cancelled(any, cancelled);
+            if any.is_empty() {
                 break;
             }
-            let want = queue.waiters[i].want;
-            if want == Want::Any && any_exhausted {
-                i += 1;
-                continue;
-            }
-            let Some(pod) = self.try_reserve(want) else {
-                any_exhausted |= want == Want::Any;
-                i += 1;
-                continue;
+            let Some(pod) = self.pick(&pods, capacity, |pod| pod.pinned_waiting.load(Ordering::SeqCst) == 0) else {
+                break;
             };
-            let waiter = self.dequeue(&mut queue, i).expect("index is in bounds");
-            if let Err(pod) = waiter.grant.send(pod) {
-                // The waiter gave up before we got to it: the slot goes to the next one.
-                pod.in_flight.fetch_sub(1, Ordering::SeqCst);
-                any_exhausted = false;
-            }
+            self.waiting_any.fetch_sub(1, Ordering::SeqCst);
+            let waiter = queue.any.pop_front().expect("not empty");
+            self.granted(&mut queue, waiter, pod);
         }
     }
 }
@@ -418,21 +556,46 @@ impl Throttler {
 /// was granted after it stopped listening.
 struct Waiting<'a> {
     throttler: &'a Arc<Throttler>,
-    id: u64,
+    /// The pod it waits for, while it waits in that pod's deque.
+    pinned: Option<(SocketAddr, Arc<AtomicBool>)>,
+    bytes: u64,
     grant: oneshot::Receiver<Arc<Pod>>,
+    /// Set once its grant was received: the slot is the request's now.
+    served: bool,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        let mut queue = self.throttler.lock_queue();
-        if let Some(i) = queue.waiters.iter().position(|w| w.id == self.id) {
-            self.throttler.dequeue(&mut queue, i);
+        if self.served {
             return;
         }
-        drop(queue);
+        let throttler = self.throttler;
+        let mut queue = throttler.lock_queue();
+        // Under the lock, a grant either happened already or never will.
+        self.grant.close();
         if let Ok(pod) = self.grant.try_recv() {
-            self.throttler.release(&pod);
+            drop(queue);
+            throttler.release(&pod);
+            return;
         }
+        // Still queued: give back its bounds now; the entry is skipped and swept later.
+        queue.live -= 1;
+        queue.cancelled += 1;
+        queue.bytes -= self.bytes;
+        throttler.limits.total.give_back(self.bytes);
+        throttler.waiting.fetch_sub(1, Ordering::SeqCst);
+        match &self.pinned {
+            Some((addr, pinned)) if pinned.load(Ordering::SeqCst) => {
+                if let Some(pod) = throttler.ready_pod(*addr) {
+                    pod.pinned_waiting.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            _ => {
+                throttler.waiting_any.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        throttler.queued.set(queue.live as i64);
+        queue.sweep();
     }
 }
 
@@ -455,7 +618,7 @@ mod tests {
 
     fn throttler(cc: u32, pods: u16) -> Arc<Throttler> {
         let t = Arc::new(Throttler::new(cc, limits(4, 1 << 20, 1000), gauge()));
-        t.set_candidates(&addrs(pods), Probe::None, PodClient::new);
+        t.set_candidates(&addrs(pods), Probe::None);
         t
     }
 
@@ -494,13 +657,13 @@ mod tests {
     #[tokio::test]
     async fn power_of_two_prefers_the_idle_pod() {
         let t = throttler(0, 2);
-        let busy: Vec<_> = (0..10).map(|_| t.try_reserve(Want::Pod(addrs(2)[0])).unwrap()).collect();
+        let mut busy = Vec::new();
+        for _ in 0..10 {
+            busy.push(t.acquire(Want::Pod(addrs(2)[0]), 0).await.unwrap());
+        }
         for _ in 0..20 {
             let lease = t.acquire(Want::Any, 0).await.unwrap();
             assert_eq!(lease.pod().addr, addrs(2)[1]);
-        }
-        for pod in busy {
-            t.release(&pod);
         }
     }
 
@@ -576,7 +739,7 @@ mod tests {
             tokio::spawn(async move { t.acquire(Want::Any, 0).await.map(|l| l.pod().addr) })
         };
         wait_for(|| t.waiting() == 1).await;
-        t.set_candidates(&addrs(1), Probe::None, PodClient::new);
+        t.set_candidates(&addrs(1), Probe::None);
         assert_eq!(first.await.unwrap(), Ok(addrs(1)[0]));
         let busy = t.acquire(Want::Any, 0).await.unwrap();
         let waiter = {
@@ -584,7 +747,7 @@ mod tests {
             tokio::spawn(async move { t.acquire(Want::Any, 0).await.map(|l| l.pod().addr) })
         };
         wait_for(|| t.waiting() == 1).await;
-        t.set_candidates(&addrs(2), Probe::None, PodClient::new);
+        t.set_candidates(&addrs(2), Probe::None);
         assert_eq!(waiter.await.unwrap(), Ok(addrs(2)[1]));
         drop(busy);
     }
@@ -593,9 +756,9 @@ mod tests {
     async fn endpoint_updates_keep_in_flight_counts() {
         let t = throttler(0, 2);
         let lease = t.acquire(Want::Pod(addrs(2)[1]), 0).await.unwrap();
-        t.set_candidates(&addrs(3), Probe::None, PodClient::new);
+        t.set_candidates(&addrs(3), Probe::None);
         assert_eq!(in_flight(&t), vec![0, 1, 0]);
-        t.set_candidates(&addrs(1), Probe::None, PodClient::new);
+        t.set_candidates(&addrs(1), Probe::None);
         drop(lease);
         assert_eq!(in_flight(&t), vec![0]);
     }
@@ -604,7 +767,7 @@ mod tests {
     async fn probed_endpoints_take_traffic_once_ready() {
         let t = throttler(0, 0);
         let probe = Probe::Http { path: "/healthz".into() };
-        assert!(t.set_candidates(&addrs(2), probe.clone(), PodClient::new));
+        assert!(t.set_candidates(&addrs(2), probe.clone()));
         assert!(t.ready().is_empty());
         let waiter = {
             let t = t.clone();
@@ -614,7 +777,7 @@ mod tests {
         t.mark_ready(addrs(2)[1]);
         assert_eq!(waiter.await.unwrap(), Ok(addrs(2)[1]));
         assert_eq!(t.pending().1, vec![addrs(2)[0]]);
-        assert!(!t.set_candidates(&addrs(2)[1..], probe, PodClient::new), "a ready endpoint stays ready");
+        assert!(!t.set_candidates(&addrs(2)[1..], probe), "a ready endpoint stays ready");
         t.mark_ready(addrs(2)[0]);
         assert_eq!(in_flight(&t).len(), 1, "a removed endpoint cannot come back through a late probe");
     }
@@ -639,6 +802,90 @@ mod tests {
         wait_for(|| a.waiting() == 0 && b.waiting() == 0).await;
         assert_eq!(total.waiting.load(Ordering::Relaxed), 0);
         assert_eq!(total.bytes.load(Ordering::Relaxed), 0);
+    }
+
+    fn spawn_acquire(t: &Arc<Throttler>, want: Want) -> tokio::task::JoinHandle<Result<Lease, AcquireError>> {
+        let t = t.clone();
+        tokio::spawn(async move { t.acquire(want, 0).await })
+    }
+
+    #[tokio::test]
+    async fn new_arrivals_do_not_overtake_waiters() {
+        let t = throttler(1, 1);
+        let busy = t.acquire(Want::Any, 0).await.unwrap();
+        let first = spawn_acquire(&t, Want::Any);
+        wait_for(|| t.waiting() == 1).await;
+        // The slot frees and, at the same moment, a newcomer tries for it: the waiter gets it.
+        drop(busy);
+        let newcomer = spawn_acquire(&t, Want::Pod(addrs(1)[0]));
+        let first = first.await.unwrap().expect("the waiter is served");
+        wait_for(|| t.waiting() == 1).await;
+        assert!(!newcomer.is_finished(), "the newcomer queued behind the waiter");
+        drop(first);
+        assert!(newcomer.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_release_serves_the_oldest_waiter_that_can_use_the_pod() {
+        let t = Arc::new(Throttler::new(1, limits(1000, 1 << 20, 1000), gauge()));
+        t.set_candidates(&addrs(2), Probe::None);
+        let [p0, p1] = [addrs(2)[0], addrs(2)[1]];
+        let hold0 = t.acquire(Want::Pod(p0), 0).await.unwrap();
+        let hold1 = t.acquire(Want::Pod(p1), 0).await.unwrap();
+        // Many requests wait for p0; one waits for p1; one takes any pod.
+        let for_p0: Vec<_> = (0..100).map(|_| spawn_acquire(&t, Want::Pod(p0))).collect();
+        wait_for(|| t.waiting() == 100).await;
+        let for_p1 = spawn_acquire(&t, Want::Pod(p1));
+        wait_for(|| t.waiting() == 101).await;
+        let any = spawn_acquire(&t, Want::Any);
+        wait_for(|| t.waiting() == 102).await;
+        drop(hold1);
+        let served = for_p1.await.unwrap().unwrap();
+        assert_eq!(served.pod().addr, p1, "p1's slot goes to the one waiting for p1, older than the any-waiter");
+        assert!(!any.is_finished() && for_p0.iter().all(|w| !w.is_finished()));
+        drop(served);
+        assert_eq!(any.await.unwrap().unwrap().pod().addr, p1, "then to the any-waiter");
+        drop(hold0);
+        for waiter in for_p0 {
+            let lease = waiter.await.unwrap().unwrap();
+            assert_eq!(lease.pod().addr, p0);
+        }
+    }
+
+    #[tokio::test]
+    async fn container_concurrency_changes_in_place() {
+        let t = throttler(1, 1);
+        let held = t.acquire(Want::Any, 0).await.unwrap();
+        let waiter = spawn_acquire(&t, Want::Any);
+        wait_for(|| t.waiting() == 1).await;
+        t.set_container_concurrency(2);
+        let second = waiter.await.unwrap().expect("served as soon as the pod has room");
+        assert_eq!(in_flight(&t), vec![2], "the request in flight kept its slot");
+        t.set_container_concurrency(1);
+        drop((held, second));
+        assert_eq!(in_flight(&t), vec![0]);
+        let _one = t.acquire(Want::Any, 0).await.unwrap();
+        let blocked = tokio::time::timeout(Duration::from_millis(20), t.acquire(Want::Any, 0)).await;
+        assert!(blocked.is_err(), "capacity 1 again");
+    }
+
+    #[tokio::test]
+    async fn given_up_waiters_free_their_bounds_at_once_and_are_swept() {
+        let t = Arc::new(Throttler::new(1, limits(10_000, 1 << 30, 100_000), gauge()));
+        t.set_candidates(&addrs(1), Probe::None);
+        let _busy = t.acquire(Want::Any, 0).await.unwrap();
+        for round in 0..3 {
+            let waiters: Vec<_> = (0..1000).map(|_| spawn_acquire(&t, Want::Any)).collect();
+            wait_for(|| t.waiting() == 1000).await;
+            for w in &waiters {
+                w.abort();
+            }
+            wait_for(|| t.waiting() == 0).await;
+            let queue = t.lock_queue();
+            assert_eq!(queue.live, 0, "round {round}");
+            assert!(queue.any.len() <= 1000, "cancelled entries are swept, not piled up: {}", queue.any.len());
+        }
+        assert_eq!(t.limits.total.waiting.load(Ordering::Relaxed), 0);
     }
 
     async fn wait_for(cond: impl Fn() -> bool) {

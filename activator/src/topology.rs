@@ -17,7 +17,6 @@ use serde::Deserialize;
 use crate::affinity::{Annotated, Policy};
 use crate::autoscaler::Concurrency;
 use crate::pins::Lifetime;
-use crate::proxy::PodClient;
 use crate::readiness::{Probe, Prober};
 use crate::stats::{RevisionStats, Stats};
 use crate::throttle::{QueueLimits, Throttler};
@@ -293,7 +292,6 @@ impl Service {
 pub struct Builder<'a> {
     pub stats: &'a Stats,
     pub queue: QueueLimits,
-    pub new_client: fn(SocketAddr) -> PodClient,
     pub prober: &'a Prober,
 }
 
@@ -321,25 +319,24 @@ impl Snapshot {
             let mut revisions = HashMap::new();
             for rev in &spec.revisions {
                 let key = (spec.namespace.clone(), rev.name.clone());
-                let reused = previous
-                    .by_revision
-                    .get(&key)
-                    .map(|(_, r)| r)
-                    .filter(|r| r.container_concurrency == rev.container_concurrency && r.service == spec.name);
+                let reused = previous.by_revision.get(&key).map(|(_, r)| r).filter(|r| r.service == spec.name);
                 let (throttler, stats, concurrency) = match reused {
-                    Some(r) => (r.throttler.clone(), r.stats.clone(), r.concurrency.clone()),
+                    Some(r) => {
+                        r.throttler.set_container_concurrency(rev.container_concurrency);
+                        (r.throttler.clone(), r.stats.clone(), r.concurrency.clone())
+                    }
                     None => {
                         let stats = with.stats.revision(&spec.namespace, &spec.name, &rev.name);
                         let throttler =
                             Throttler::new(rev.container_concurrency, with.queue.clone(), stats.queued.clone());
                         let concurrency = Concurrency::new(&spec.namespace, &rev.name, stats.in_flight.clone());
-                        (Arc::new(throttler), Arc::new(stats), Arc::new(concurrency))
+                        (Arc::new(throttler), stats, Arc::new(concurrency))
                     }
                 };
                 let mut candidates = rev.endpoints.clone();
                 let published = endpoints.get(&format!("{}/{}", spec.namespace, rev.name));
                 candidates.extend(published.into_iter().flatten().filter(|a| !rev.endpoints.contains(a)));
-                if throttler.set_candidates(&candidates, rev.probe(), with.new_client) {
+                if throttler.set_candidates(&candidates, rev.probe()) {
                     with.prober.watch(throttler.clone());
                 }
                 let revision_scope = format!("revision {}/{}", spec.namespace, rev.name);
@@ -434,8 +431,7 @@ services:
     fn snapshot(text: &str) -> Snapshot {
         let stats = Stats::new();
         let prober = Prober::idle();
-        let with =
-            Builder { stats: &stats, queue: QueueLimits::default(), new_client: PodClient::new, prober: &prober };
+        let with = Builder { stats: &stats, queue: QueueLimits::default(), prober: &prober };
         Snapshot::build(&parse(text).unwrap(), &EndpointsFile::new(), &Snapshot::default(), &with)
     }
 
@@ -517,8 +513,7 @@ services:
     fn published_endpoints_join_the_revisions_own() {
         let stats = Stats::new();
         let prober = Prober::idle();
-        let with =
-            Builder { stats: &stats, queue: QueueLimits::default(), new_client: PodClient::new, prober: &prober };
+        let with = Builder { stats: &stats, queue: QueueLimits::default(), prober: &prober };
         let text = TWO_REVISIONS.replace("      - name: counter-1\n", "      - name: counter-1\n        probe: none\n");
         let published = parse_endpoints("default/counter-1: [\"127.0.0.1:9005\", \"127.0.0.1:9001\"]\n").unwrap();
         let s = Snapshot::build(&parse(&text).unwrap(), &published, &Snapshot::default(), &with);
@@ -547,8 +542,7 @@ services:
     fn reload_keeps_revision_state() {
         let stats = Stats::new();
         let prober = Prober::idle();
-        let with =
-            Builder { stats: &stats, queue: QueueLimits::default(), new_client: PodClient::new, prober: &prober };
+        let with = Builder { stats: &stats, queue: QueueLimits::default(), prober: &prober };
         let none = EndpointsFile::new();
         let first = Snapshot::build(&parse(TWO_REVISIONS).unwrap(), &none, &Snapshot::default(), &with);
         let second = Snapshot::build(&parse(TWO_REVISIONS).unwrap(), &none, &first, &with);
@@ -558,6 +552,7 @@ services:
         let changed = TWO_REVISIONS.replace("containerConcurrency: 2", "containerConcurrency: 3");
         let third = Snapshot::build(&parse(&changed).unwrap(), &none, &second, &with);
         let c = &third.revision("default", "counter-2").unwrap().1;
-        assert!(!Arc::ptr_eq(&b.throttler, &c.throttler));
+        assert!(Arc::ptr_eq(&b.throttler, &c.throttler), "a new containerConcurrency keeps the throttler");
+        assert_eq!(c.container_concurrency, 3);
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -22,6 +22,8 @@ use axum::routing::{any, get};
 use bytes::Bytes;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt, stream};
+use http_body::Frame;
+use http_body_util::StreamBody;
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -81,12 +83,15 @@ async fn main() -> anyhow::Result<()> {
         .route("/slow", get(slow))
         .route("/echo", any(echo))
         .route("/ws", get(websocket_echo))
+        .route("/headers", any(headers))
+        .route("/trailers", get(with_trailers))
         .layer(middleware::from_fn_with_state(demo.clone(), queue_probe_and_identity))
         .with_state(demo);
 
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     println!("listening http {}", listener.local_addr()?);
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
     Ok(())
 }
@@ -103,6 +108,7 @@ async fn shutdown_signal() {
 /// Answers Knative's queue-proxy readiness probe and stamps every response with where it landed.
 async fn queue_probe_and_identity(State(demo): State<Shared>, req: Request, next: Next) -> Response {
     let version = format!("{:?}", req.version());
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| *addr);
     let mut resp = match req.headers().get("k-network-probe") {
         Some(v) if v == "queue" => {
             if demo.ready.load(Ordering::SeqCst) {
@@ -119,7 +125,31 @@ async fn queue_probe_and_identity(State(demo): State<Shared>, req: Request, next
     if let Ok(v) = HeaderValue::from_str(&version) {
         headers.insert("x-demo-http-version", v);
     }
+    // The client end of the connection the request came on: a proxy reusing connections shows
+    // few distinct peers.
+    if let Some(v) = peer.and_then(|p| HeaderValue::from_str(&p.to_string()).ok()) {
+        headers.insert("x-demo-peer", v);
+    }
     resp
+}
+
+/// The request's headers as `name: value` lines, to see what a proxy forwarded.
+async fn headers(req: Request) -> String {
+    req.headers().iter().map(|(k, v)| format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes()))).collect()
+}
+
+/// A chunked body followed by a trailer, announced in `Trailer` as HTTP/1.1 requires.
+async fn with_trailers() -> Response {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", HeaderValue::from_static("abc123"));
+    let frames = stream::iter([
+        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"payload\n"))),
+        Ok(Frame::trailers(trailers)),
+    ]);
+    Response::builder()
+        .header(header::TRAILER, "x-checksum")
+        .body(Body::new(StreamBody::new(frames)))
+        .expect("static response parts are valid")
 }
 
 fn count(demo: &Demo, id: String) -> String {
@@ -168,7 +198,8 @@ async fn stream_chunks(Query(q): Query<StreamQuery>) -> Response {
         if i >= chunks {
             return None;
         }
-        if i > 0 {
+        // A zero interval streams as fast as the connection takes it (a timer would still tick).
+        if i > 0 && !interval.is_zero() {
             tokio::time::sleep(interval).await;
         }
         Some((Ok::<_, std::convert::Infallible>(Bytes::from(format!("chunk {i}\n"))), i + 1))

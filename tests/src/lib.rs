@@ -412,3 +412,17 @@ pub fn raise_open_files_limit() {
 pub fn addrs(pods: &[Process]) -> Vec<SocketAddr> {
     pods.iter().map(|p| p.addr("http")).collect()
 }
+
+/// Sends raw bytes to `addr` and returns everything the peer sends until it closes the
+/// connection (the request should say `Connection: close`), within `within`.
+pub async fn raw_exchange(addr: SocketAddr, request: &str, within: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connecting");
+        stream.write_all(request.as_bytes()).await.expect("sending");
+        let mut out = Vec::new();
+        stream.read_to_end(&mut out).await.expect("reading");
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    tokio::time::timeout(within, exchange).await.expect("the peer answers and closes in time")
+}

@@ -298,3 +298,240 @@ async fn sigterm_drains_in_flight_and_new_requests_then_exits_zero() {
     let status = activator.wait_exit(Duration::from_secs(20)).await;
     assert!(status.success(), "exit status {status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_frees_its_pods_slot() {
+    let env = Env::new();
+    let pod = env.demo("pod", "one-1").await;
+    env.write_topology(&yaml(&[Service::new("one")
+        .revision("one-1", 100, &[pod.addr("http")])
+        .with(|r| (r.container_concurrency, r.timeout_seconds) = (1, 30))]));
+    let activator = env.activator(&["--send-timeout", "1s"]).await;
+    let proxy = activator.addr("proxy");
+
+    // Asks for an endless response and never reads it: once the buffers between are full, the
+    // activator cannot send, and the pod's only slot must not stay taken.
+    let mut stalled = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let ask = "GET /stream?chunks=100000000&interval=0s HTTP/1.1\r\nHost: one.test\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut stalled, ask.as_bytes()).await.unwrap();
+    let admin = activator.addr("admin");
+    wait_until(Duration::from_secs(10), "the stalled request holds the slot", || async {
+        let (_, text) = admin_get(admin, "/metrics").await;
+        metric(&text, "activator_in_flight_requests", &[("revision", "one-1")]) == Some(1.0)
+    })
+    .await;
+    let next = Client::new(proxy).get("one.test", "/incr").await;
+    assert_eq!((next.status, next.body.as_str()), (200, "session=, count=1\n"), "{next:?}");
+    drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_larger_than_the_queue_byte_bound_wait_for_a_pod() {
+    const UPLOAD: usize = 1 << 20;
+    let env = Env::new();
+    env.write_topology(&yaml(&[Service::new("up").revision("up-1", 100, &[])]));
+    let activator = env.activator(&["--max-queue-bytes", "131072"]).await;
+    let (client, admin) = (Client::new(activator.addr("proxy")), activator.addr("admin"));
+    // A declared 1 MiB body: the activator holds at most what the connection read ahead of it.
+    let upload = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let req = client.request(reqwest::Method::POST, "up.test", "/echo").body(vec![b'u'; UPLOAD]);
+            client.send(req).await
+        })
+    };
+    wait_until(Duration::from_secs(10), "the upload waits for a pod", || async {
+        let (_, text) = admin_get(admin, "/metrics").await;
+        metric(&text, "activator_queued_requests", &[("revision", "up-1")]) == Some(1.0) || upload.is_finished()
+    })
+    .await;
+    assert!(!upload.is_finished(), "answered at once instead of waiting: {:?}", upload.await.unwrap());
+    let pod = env.demo("pod", "up-1").await;
+    env.write_topology(&yaml(&[Service::new("up").revision("up-1", 100, &[pod.addr("http")])]));
+    let reply = upload.await.unwrap();
+    assert_eq!((reply.status, reply.body.len()), (200, UPLOAD));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_host_ports_reuse_one_pod_connection() {
+    let env = Env::new();
+    let pod = env.demo("pod", "reuse-1").await;
+    env.write_topology(&yaml(&[Service::new("reuse").revision("reuse-1", 100, &[pod.addr("http")])]));
+    let activator = env.activator(&[]).await;
+    let client = Client::new(activator.addr("proxy"));
+    let mut peers = HashSet::new();
+    for port in 1..=200 {
+        let reply = client.get(&format!("reuse.test:{port}"), "/incr").await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        peers.insert(reply.header("x-demo-peer").to_owned());
+    }
+    assert_eq!(peers.len(), 1, "200 requests one after another need one pod connection: {peers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_trailers_reach_the_client() {
+    let env = Env::new();
+    let pod = env.demo("pod", "tr-1").await;
+    env.write_topology(&yaml(&[Service::new("tr").revision("tr-1", 100, &[pod.addr("http")])]));
+    let activator = env.activator(&[]).await;
+    let request = "GET /trailers HTTP/1.1\r\nHost: tr.test\r\nTE: trailers\r\nConnection: close\r\n\r\n";
+    let raw = integration_tests::raw_exchange(activator.addr("proxy"), request, Duration::from_secs(10)).await;
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a response");
+    assert!(head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{raw}");
+    assert!(body.contains("payload") && body.contains("0\r\nx-checksum: abc123\r\n"), "the trailer is sent: {raw:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pod_sees_clean_forwarded_headers() {
+    let env = Env::new();
+    let pod = env.demo("pod", "hd-1").await;
+    env.write_topology(&yaml(&[Service::new("hd").revision("hd-1", 100, &[pod.addr("http")])]));
+    let activator = env.activator(&[]).await;
+    // An h2c upgrade offer goes on as plain HTTP/1.1, and X-Forwarded-For keeps both lines.
+    let request = "GET /headers HTTP/1.1\r\nHost: hd.test\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\
+                   Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nX-Forwarded-For: 1.1.1.1\r\n\
+                   X-Forwarded-For: 2.2.2.2\r\nKnative-Serving-Namespace: default\r\nKnative-Serving-Revision: hd-1\r\n\r\n";
+    let raw = integration_tests::raw_exchange(activator.addr("proxy"), request, Duration::from_secs(10)).await;
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    let seen = raw.split_once("\r\n\r\n").unwrap().1.to_ascii_lowercase();
+    for gone in ["upgrade:", "http2-settings:", "knative-serving-revision:", "knative-serving-namespace:"] {
+        assert!(!seen.contains(gone), "{gone} reached the pod:\n{seen}");
+    }
+    for kept in ["host: hd.test", "x-forwarded-for: 1.1.1.1, 2.2.2.2, 127.0.0.1", "k-proxy-request: activator"] {
+        assert!(seen.contains(kept), "{kept} missing:\n{seen}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_switch_names_the_protocol_the_pod_chose() {
+    let env = Env::new();
+    let pod = env.demo("pod", "ws-1").await;
+    env.write_topology(&yaml(&[Service::new("ws").revision("ws-1", 100, &[pod.addr("http")])]));
+    let activator = env.activator(&[]).await;
+    let mut stream = tokio::net::TcpStream::connect(activator.addr("proxy")).await.unwrap();
+    let offer = "GET /ws HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: chat/2, websocket\r\n\
+                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut stream, offer.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::io::AsyncReadExt::read_exact(&mut stream, &mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket\r\n"), "the pod's choice, not the offer: {head}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_keep_going_through_the_drain_until_they_close() {
+    let env = Env::new();
+    let pod = env.demo("pod", "ws-1").await;
+    env.write_topology(&yaml(&[Service::new("ws").revision("ws-1", 100, &[pod.addr("http")])]));
+    let mut activator = env.activator(&["--drain-period", "1s", "--grace-timeout", "30s"]).await;
+    let proxy = activator.addr("proxy");
+    let mut request = format!("ws://{proxy}/ws").into_client_request().unwrap();
+    request.headers_mut().insert("host", "ws.test".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.expect("upgrade through the activator");
+
+    activator.signal(Signal::SIGTERM);
+    wait_until(Duration::from_secs(10), "the activator stops accepting", || async {
+        tokio::net::TcpStream::connect(proxy).await.is_err()
+    })
+    .await;
+    for text in ["still", "here"] {
+        ws.send(Message::text(text)).await.unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(echoed, Message::text(text), "the websocket outlives the drain period");
+    }
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let status = activator.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_connection_limit_clients_wait_in_the_backlog() {
+    let env = Env::new();
+    let pod = env.demo("pod", "cap-1").await;
+    env.write_topology(&yaml(&[Service::new("cap").revision("cap-1", 100, &[pod.addr("http")])]));
+    let activator = env.activator(&["--max-connections", "2"]).await;
+    let proxy = activator.addr("proxy");
+    let (first, second) = (Client::new(proxy), Client::new(proxy));
+    assert_eq!(first.get("cap.test", "/incr").await.status, 200);
+    assert_eq!(second.get("cap.test", "/incr").await.status, 200);
+    let third = tokio::spawn(async move { Client::new(proxy).get("cap.test", "/incr").await });
+    wait_until(Duration::from_secs(10), "the limit is reported", || async {
+        activator.logs().contains("connection limit reached")
+    })
+    .await;
+    let (_, text) = admin_get(activator.addr("admin"), "/metrics").await;
+    assert_eq!(metric(&text, "activator_connection_limit_reached_total", &[]), Some(1.0));
+    assert_eq!(metric(&text, "activator_open_connections", &[]), Some(2.0));
+    assert!(!third.is_finished(), "a third connection was served beyond the limit");
+    drop(first);
+    assert_eq!(third.await.unwrap().status, 200, "served once a connection closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_container_concurrency_keeps_requests_in_flight_and_waiting() {
+    let env = Env::new();
+    let pod = env.demo("pod", "cc-1").await;
+    let with_cc = |cc: u32| {
+        yaml(&[Service::new("cc").revision("cc-1", 100, &[pod.addr("http")]).with(|r| {
+            r.container_concurrency = cc;
+            r.timeout_seconds = 30;
+        })])
+    };
+    env.write_topology(&with_cc(1));
+    let activator = env.activator(&[]).await;
+    let (client, admin) = (Client::new(activator.addr("proxy")), activator.addr("admin"));
+    let in_flight = {
+        let client = client.clone();
+        tokio::spawn(async move { client.get("cc.test", "/slow?delay=3s").await })
+    };
+    let queued = |n: f64| async move {
+        let (_, text) = admin_get(admin, "/metrics").await;
+        metric(&text, "activator_queued_requests", &[("revision", "cc-1")]) == Some(n)
+    };
+    wait_until(Duration::from_secs(10), "the slow request holds the only slot", || async {
+        let (_, text) = admin_get(admin, "/metrics").await;
+        metric(&text, "activator_in_flight_requests", &[("revision", "cc-1")]) == Some(1.0)
+    })
+    .await;
+    let waiting = {
+        let client = client.clone();
+        tokio::spawn(async move { client.get("cc.test", "/incr").await })
+    };
+    wait_until(Duration::from_secs(10), "the second request waits", || queued(1.0)).await;
+    let applied = |admin| async move {
+        let (_, text) = admin_get(admin, "/metrics").await;
+        metric(&text, "activator_topology_reloads_total", &[("result", "applied")]).unwrap_or(0.0)
+    };
+    let before = applied(admin).await;
+    env.write_topology(&with_cc(2));
+    wait_until(Duration::from_secs(10), "the new concurrency applies", || async { applied(admin).await > before })
+        .await;
+    let second = waiting.await.unwrap();
+    assert_eq!(second.status, 200, "the waiter is served by the room the change made: {second:?}");
+    assert!(!in_flight.is_finished(), "served while the slow one was still in flight");
+    assert_eq!(in_flight.await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed() {
+    let env = Env::new();
+    let pod = env.demo("pod", "idle-1").await;
+    env.write_topology(&yaml(&[Service::new("idle").revision("idle-1", 100, &[pod.addr("http")])]));
+    let activator = env.activator(&["--idle-timeout", "1s"]).await;
+    let proxy = activator.addr("proxy");
+    // A connection that never says which protocol it speaks is closed.
+    let answer = integration_tests::raw_exchange(proxy, "", Duration::from_secs(20)).await;
+    assert!(answer.is_empty());
+    // An HTTP/2 client that keeps its connection open with no stream is told to go away.
+    let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (send_request, connection) = h2::client::handshake(tcp).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(20), connection).await;
+    assert!(ended.is_ok(), "the idle HTTP/2 connection was not closed");
+    drop(send_request);
+}

@@ -115,6 +115,17 @@ pub fn decide(service: &Service, ingress_pick: Option<&Arc<Revision>>, lookup: &
     Decision { want: Want::Any, origin, session_write, flow_write, revision }
 }
 
+/// Reconciles a decision with the flow pin that holds after its write: a flow another request or
+/// replica pinned first sends this request there too, unless the session's own valid pin chose
+/// the revision (a stale session pin, to a revision that left the traffic, does not).
+pub fn follow_flow_winner(decision: &mut Decision, service: &Service, lookup: &Lookup, winner: &Pin) {
+    let session_chose = decision.origin == Origin::SessionPin
+        || lookup.session.as_ref().is_some_and(|pin| service.routes_to(&pin.revision).is_some());
+    if !session_chose && let Some(revision) = service.routes_to(&winner.revision) {
+        decision.revision = revision.clone();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,7 +133,6 @@ mod tests {
 
     use proptest::prelude::*;
 
-    use crate::proxy::PodClient;
     use crate::readiness::Prober;
     use crate::stats::Stats;
     use crate::throttle::QueueLimits;
@@ -146,8 +156,7 @@ mod tests {
         }
         let stats = Stats::new();
         let prober = Prober::idle();
-        let with =
-            Builder { stats: &stats, queue: QueueLimits::default(), new_client: PodClient::new, prober: &prober };
+        let with = Builder { stats: &stats, queue: QueueLimits::default(), prober: &prober };
         let snapshot = Snapshot::build(
             &topology::parse(&yaml).unwrap(),
             &topology::EndpointsFile::new(),
@@ -288,6 +297,26 @@ mod tests {
         }
         let pinned = lookup(None, Some(Some(Pin::flow("r0"))));
         assert_eq!(&*decide(&svc, Some(&r1), &pinned, 0).revision.name, "r0");
+    }
+
+    #[test]
+    fn a_lost_flow_race_follows_the_winner_unless_the_session_chose() {
+        let svc = service(&[50, 50], &[vec![1], vec![1]]);
+        let winner = Pin::flow("r1");
+        let cases = [
+            ("no session", lookup(None, Some(None)), "r1"),
+            ("a session without a pin", lookup(Some(None), Some(None)), "r1"),
+            ("a stale session pin", lookup(Some(Some(Pin::session("gone", pod(1)))), Some(None)), "r1"),
+            ("a valid session pin", lookup(Some(Some(Pin::session("r0", pod(1)))), Some(None)), "r0"),
+            ("a valid session pin whose pod left", lookup(Some(Some(Pin::session("r0", pod(9)))), Some(None)), "r0"),
+        ];
+        for (name, lookup, expected) in cases {
+            let r0 = svc.routes_to("r0").unwrap().clone();
+            let mut decision = decide(&svc, Some(&r0), &lookup, 0);
+            assert!(decision.flow_write.is_some(), "{name}: the flow is written");
+            follow_flow_winner(&mut decision, &svc, &lookup, &winner);
+            assert_eq!(&*decision.revision.name, expected, "{name}");
+        }
     }
 
     fn arb_pin(revisions: usize) -> impl Strategy<Value = Pin> {

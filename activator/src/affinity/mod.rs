@@ -5,5 +5,5 @@
 mod decide;
 mod keys;
 
-pub use decide::{Decision, Lookup, Origin, PinWrite, decide};
+pub use decide::{Decision, Lookup, Origin, PinWrite, decide, follow_flow_winner};
 pub use keys::{ANNOTATION_PREFIX, Annotated, DEFAULT_TTL, KeyError, Keys, MAX_ID_BYTES, NewCookie, Policy};

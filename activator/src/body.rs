@@ -1,0 +1,138 @@
+//! The response body the activator hands to hyper: streamed from a pod, holding what the exchange
+//! holds (the pod's slot, the request's place in its revision's concurrency, the pod connection
+//! to reuse) until the body ends, and cut when the revision's timeout passes; or a short text the
+//! activator writes itself.
+//!
+//! Must not decide anything about the request; it only keeps and lets go.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio::time::Sleep;
+
+use crate::autoscaler::InFlight;
+use crate::pool::Lent;
+use crate::throttle::Lease;
+
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What an exchange holds until its response body ends (or its upgraded connection closes).
+pub struct Held {
+    pub lease: Lease,
+    pub in_flight: InFlight,
+    /// The HTTP/1.1 connection the exchange used, given back to the pod's pool when the body ends
+    /// cleanly.
+    pub lent: Option<Lent>,
+}
+
+impl Held {
+    /// The exchange ended cleanly: its connection may serve the next request to the pod.
+    fn release(mut self) {
+        if let Some(lent) = self.lent.take() {
+            self.lease.pod().client.give_back(lent);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the revision's timeout ended the response")]
+struct TimedOut;
+
+pub struct ResponseBody {
+    kind: Kind,
+}
+
+enum Kind {
+    Upstream { body: Incoming, held: Option<Held>, deadline: Option<Pin<Box<Sleep>>> },
+    Local(Full<Bytes>),
+}
+
+impl ResponseBody {
+    /// A pod's body, kept with what its exchange holds.
+    pub fn upstream(body: Incoming, held: Held) -> Self {
+        ResponseBody { kind: Kind::Upstream { body, held: Some(held), deadline: None } }
+    }
+
+    /// Cuts a pod's body at `deadline`, the end of the revision's timeout (as upstream does for a
+    /// response that outlives it). A text of the activator's own is never cut.
+    pub fn cut_at(&mut self, at: Pin<Box<Sleep>>) {
+        if let Kind::Upstream { deadline, .. } = &mut self.kind {
+            *deadline = Some(at);
+        }
+    }
+
+    pub fn text(text: impl Into<Bytes>) -> Self {
+        ResponseBody { kind: Kind::Local(Full::new(text.into())) }
+    }
+
+    pub fn empty() -> Self {
+        Self::text(Bytes::new())
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match &mut self.get_mut().kind {
+            Kind::Upstream { body, held, deadline } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                match polled {
+                    Poll::Ready(None) => {
+                        if let Some(held) = held.take() {
+                            held.release();
+                        }
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        held.take();
+                        Poll::Ready(Some(Err(e.into())))
+                    }
+                    Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+                    Poll::Pending => match deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
+                        Some(Poll::Ready(())) => {
+                            held.take();
+                            *deadline = None;
+                            Poll::Ready(Some(Err(TimedOut.into())))
+                        }
+                        _ => Poll::Pending,
+                    },
+                }
+            }
+            Kind::Local(full) => Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Upstream { body, .. } => body.is_end_stream(),
+            Kind::Local(full) => full.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Local(full) => full.size_hint(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    /// hyper stops polling a body that reports its end, so a body read to its last byte is
+    /// released here rather than at a final `None`.
+    fn drop(&mut self) {
+        if let Kind::Upstream { body, held, .. } = &mut self.kind
+            && body.is_end_stream()
+            && let Some(held) = held.take()
+        {
+            held.release();
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! Keep-alive connections to one pod: a lock-free queue of idle HTTP/1.1 connections and one
+//! shared h2c (prior knowledge) connection, dialled on demand.
+//!
+//! A pool belongs to one pod, so how a client spells its `Host` never opens connections: the
+//! request's URI and headers are forwarded as they are, and the socket goes to the pod. A request
+//! that could not be written (the pod refused the connection, or a kept-alive connection turned
+//! out closed before a byte went out) is handed back to the caller, who may send it elsewhere.
+//!
+//! A burst (a thousand requests released as a pod turns ready) does not open a thousand
+//! connections at once, which would overflow the pod's accept backlog: at most
+//! `MAX_DIALS_PER_POD` dials run at a time, and a request waiting for one takes a connection an
+//! earlier request gives back if that comes first.
+//!
+//! Owns sockets and hyper's client connections; must not rewrite requests (that is `proxy`) or
+//! choose pods (that is `throttle`).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use crossbeam_queue::ArrayQueue;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+/// Knative's `MAX_IDLE_PROXY_CONNS_PER_HOST` default.
+const MAX_IDLE_PER_POD: usize = 100;
+/// Go's `IdleConnTimeout` in Knative's transport.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// A connection given back just as its previous exchange ends may need a moment before hyper
+/// takes a new request on it; one that is still not ready after this is dropped.
+const SETTLE_TIME: Duration = Duration::from_secs(1);
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+/// New HTTP/1.1 connections being opened to one pod at once.
+const MAX_DIALS_PER_POD: usize = 32;
+
+/// Why a request did not get a response from the pod.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("connecting to the pod: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("{0}")]
+    Http(#[source] hyper::Error),
+}
+
+/// A failed send, with the request if none of it reached the pod.
+#[derive(Debug)]
+pub struct Failed {
+    pub error: SendError,
+    pub unsent: Option<Request<Incoming>>,
+}
+
+/// An HTTP/1.1 connection lent to one exchange: give it back with [`PodClient::give_back`] once
+/// the response body has ended, so the next request to the pod reuses it.
+pub struct Lent(http1::SendRequest<Incoming>);
+
+struct Idle {
+    conn: http1::SendRequest<Incoming>,
+    since: Instant,
+}
+
+pub struct PodClient {
+    addr: SocketAddr,
+    /// Created on first use: most pods of a large cluster never hold an idle connection at once.
+    idle: OnceLock<ArrayQueue<Idle>>,
+    /// Signalled when a connection is given back, for requests waiting for a dial slot.
+    returned: tokio::sync::Notify,
+    dials: tokio::sync::Semaphore,
+    h2: ArcSwapOption<http2::SendRequest<Incoming>>,
+    /// Held while dialling the h2c connection, so a burst opens one, not one per request.
+    h2_dialling: tokio::sync::Mutex<()>,
+}
+
+impl PodClient {
+    pub fn new(addr: SocketAddr) -> Self {
+        PodClient {
+            addr,
+            idle: OnceLock::new(),
+            returned: tokio::sync::Notify::new(),
+            dials: tokio::sync::Semaphore::const_new(MAX_DIALS_PER_POD),
+            h2: ArcSwapOption::empty(),
+            h2_dialling: Default::default(),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sends an HTTP/1.1 request (origin-form URI) on an idle connection or a new one. The
+    /// connection comes back with the response, to be given back when its body has ended.
+    pub async fn send_http1(&self, mut req: Request<Incoming>) -> Result<(Response<Incoming>, Lent), Failed> {
+        loop {
+            let next = match self.checkout() {
+                Some(conn) => Ok((conn, true)),
+                None => self.wait_http1().await,
+            };
+            let (mut conn, reused) = match next {
+                Ok(next) => next,
+                Err(error) => return Err(Failed { error, unsent: Some(req) }),
+            };
+            match conn.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, Lent(conn))),
+                Err(mut e) => match e.take_message() {
+                    // The pod closed this kept-alive connection while it sat idle: try another.
+                    Some(unsent) if reused => req = unsent,
+                    unsent => return Err(Failed { error: SendError::Http(e.into_error()), unsent }),
+                },
+            }
+        }
+    }
+
+    /// Sends an HTTP/2 request (absolute URI) on the pod's shared h2c connection.
+    pub async fn send_http2(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, Failed> {
+        for attempt in 0..2 {
+            let mut conn = match self.h2_connection().await {
+                Ok(conn) => conn,
+                Err(error) => return Err(Failed { error, unsent: Some(req) }),
+            };
+            match conn.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    // The shared connection was going away (GOAWAY, closed): one new one.
+                    Some(unsent) if attempt == 0 && conn.is_closed() => req = unsent,
+                    unsent => return Err(Failed { error: SendError::Http(e.into_error()), unsent }),
+                },
+            }
+        }
+        unreachable!("the second attempt returns")
+    }
+
+    /// Puts a connection whose exchange ended back in the idle queue.
+    pub fn give_back(&self, Lent(conn): Lent) {
+        if conn.is_closed() {
+            return;
+        }
+        let idle = self.idle.get_or_init(|| ArrayQueue::new(MAX_IDLE_PER_POD));
+        // A full queue drops the connection: the pod already has the most idle ones we keep.
+        if idle.push(Idle { conn, since: Instant::now() }).is_ok() {
+            self.returned.notify_one();
+        }
+    }
+
+    /// A connection given back by another request, or a new one once a dial slot is free,
+    /// whichever comes first.
+    async fn wait_http1(&self) -> Result<(http1::SendRequest<Incoming>, bool), SendError> {
+        loop {
+            let returned = self.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if let Some(conn) = self.checkout() {
+                return Ok((conn, true));
+            }
+            tokio::select! {
+                biased;
+                () = &mut returned => {}
+                slot = self.dials.acquire() => {
+                    let _slot = slot.expect("the dial semaphore is never closed");
+                    return Ok((self.dial_http1().await?, false));
+                }
+            }
+        }
+    }
+
+    /// Idle connections held now.
+    pub fn idle(&self) -> usize {
+        self.idle.get().map_or(0, ArrayQueue::len)
+    }
+
+    fn checkout(&self) -> Option<http1::SendRequest<Incoming>> {
+        let idle = self.idle.get()?;
+        // Each connection is looked at once at most, so a queue of unsettled ones ends the loop.
+        for _ in 0..idle.len() {
+            let Idle { conn, since } = idle.pop()?;
+            let age = since.elapsed();
+            if conn.is_ready() && age < IDLE_TIMEOUT {
+                return Some(conn);
+            }
+            if !conn.is_closed() && age < SETTLE_TIME {
+                let _ = idle.push(Idle { conn, since });
+            }
+        }
+        None
+    }
+
+    async fn dial(&self) -> Result<TokioIo<TcpStream>, SendError> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.addr))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer in {CONNECT_TIMEOUT:?}")))
+            .and_then(|connected| connected)
+            .map_err(SendError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        crate::socket::keep_alive(&stream);
+        Ok(TokioIo::new(stream))
+    }
+
+    async fn dial_http1(&self) -> Result<http1::SendRequest<Incoming>, SendError> {
+        let io = self.dial().await?;
+        let (conn, driver) = http1::Builder::new().handshake(io).await.map_err(SendError::Http)?;
+        let pod = self.addr;
+        tokio::spawn(async move {
+            if let Err(e) = driver.with_upgrades().await {
+                tracing::debug!(%pod, error = %e, "pod connection ended with an error");
+            }
+        });
+        Ok(conn)
+    }
+
+    async fn h2_connection(&self) -> Result<http2::SendRequest<Incoming>, SendError> {
+        if let Some(conn) = self.usable_h2() {
+            return Ok(conn);
+        }
+        let _dialling = self.h2_dialling.lock().await;
+        if let Some(conn) = self.usable_h2() {
+            return Ok(conn);
+        }
+        let io = self.dial().await?;
+        let (conn, driver) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_KEEP_ALIVE)
+            .keep_alive_while_idle(true)
+            .handshake(io)
+            .await
+            .map_err(SendError::Http)?;
+        let pod = self.addr;
+        tokio::spawn(async move {
+            if let Err(e) = driver.await {
+                tracing::debug!(%pod, error = %e, "h2c connection to the pod ended with an error");
+            }
+        });
+        self.h2.store(Some(Arc::new(conn.clone())));
+        Ok(conn)
+    }
+
+    fn usable_h2(&self) -> Option<http2::SendRequest<Incoming>> {
+        self.h2.load().as_deref().filter(|conn| !conn.is_closed()).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper::service::service_fn;
+    use hyper_util::server::conn::auto;
+    use tokio::net::TcpListener;
+
+    /// A pod that counts the connections it accepts and answers each request with its Host.
+    async fn pod() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let service = service_fn(|req: Request<Incoming>| async move {
+                        let host = req.headers().get("host").cloned();
+                        let authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
+                        let body =
+                            format!("{} {authority}", host.map_or(String::new(), |h| h.to_str().unwrap().to_owned()));
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                    });
+                    let _ =
+                        auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// An `Incoming` body is only made by hyper, so requests come from a relay server that hands
+    /// each request it receives to the test.
+    async fn relay()
+    -> (SocketAddr, tokio::sync::mpsc::Receiver<(Request<Incoming>, tokio::sync::oneshot::Sender<String>)>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let tx = tx.clone();
+                        async move {
+                            let (done, answer) = tokio::sync::oneshot::channel();
+                            tx.send((req, done)).await.unwrap();
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(answer.await.unwrap()))))
+                        }
+                    });
+                    let _ =
+                        auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    async fn drain(resp: Response<Incoming>) -> String {
+        String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_pool_per_pod_whatever_the_host_says() {
+        let (pod_addr, accepted) = pod().await;
+        let (relay_addr, mut requests) = relay().await;
+        let client = PodClient::new(pod_addr);
+        let http = reqwest_like(relay_addr);
+        for port in 1..=20 {
+            let sending = tokio::spawn(http(format!("svc.example:{port}")));
+            let (mut req, done) = requests.recv().await.unwrap();
+            // What `proxy` does: the client's `Connection: close` is about the client's connection.
+            req.headers_mut().remove("connection");
+            let (resp, lent) = client.send_http1(req).await.map_err(|f| f.error).unwrap();
+            let body = drain(resp).await;
+            assert_eq!(body, format!("svc.example:{port} "), "the Host reaches the pod as the client sent it");
+            client.give_back(lent);
+            done.send(body).unwrap();
+            sending.await.unwrap();
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "twenty Hosts, one pod connection");
+        assert_eq!(client.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_hands_the_request_back() {
+        let closed = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap()
+        };
+        let (relay_addr, mut requests) = relay().await;
+        let http = reqwest_like(relay_addr);
+        let sending = tokio::spawn(http("svc".to_owned()));
+        let (req, done) = requests.recv().await.unwrap();
+        let failed = PodClient::new(closed).send_http1(req).await.err().expect("nobody listens");
+        assert!(matches!(failed.error, SendError::Connect(_)), "{:?}", failed.error);
+        assert!(failed.unsent.is_some(), "nothing was written, so the request can go elsewhere");
+        done.send(String::new()).unwrap();
+        sending.await.unwrap();
+    }
+
+    /// A client of the relay: a raw HTTP/1.1 GET with the given Host.
+    fn reqwest_like(
+        relay: SocketAddr,
+    ) -> impl Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        move |host: String| {
+            Box::pin(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut stream = TcpStream::connect(relay).await.unwrap();
+                let req = format!("GET /x HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+                stream.write_all(req.as_bytes()).await.unwrap();
+                let mut out = Vec::new();
+                stream.read_to_end(&mut out).await.unwrap();
+            })
+        }
+    }
+}
