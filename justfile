@@ -14,8 +14,12 @@ build:
 demo: build
     cargo run --quiet -p integration-tests --bin demo
 
+# Install what the tests need and this machine lacks (redis-server; kubectl where it can be had), with apt-get. `just deps --dry-run` only says what it would do.
+deps *flags:
+    bash tests/deps.sh {{flags}}
+
 # Unit and integration tests; the integration tests start real processes of our binaries.
-test: build
+test: deps build
     cargo test --workspace --no-fail-fast
 
 # Formatting and clippy, warnings as errors.

@@ -49,7 +49,7 @@ impl Redis {
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .expect("redis-server is installed (.ci/run installs it)");
+            .expect("redis-server is not installed: run `just deps` (Debian/Ubuntu: apt-get install redis-server)");
         self.child = Some(child);
         let port = self.port;
         wait_until(Duration::from_secs(10), "redis-server answers PING", || async move { ping(port).await }).await;
@@ -70,7 +70,7 @@ impl Redis {
             .args(args)
             .output()
             .await
-            .expect("redis-cli is installed with redis-server");
+            .expect("redis-cli is not installed: run `just deps` (Debian/Ubuntu: apt-get install redis-server)");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
