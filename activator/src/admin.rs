@@ -10,7 +10,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 
-use crate::probes::Health;
+use crate::health::Health;
 use crate::stats::Stats;
 
 #[derive(Clone)]

@@ -17,7 +17,8 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::probes::Health;
+use crate::backoff::Backoff;
+use crate::health::Health;
 
 /// Knative's stat messages, generated from `proto/stat.proto`.
 pub mod wire {
@@ -30,8 +31,6 @@ const REPORT_PERIOD: Duration = Duration::from_secs(1);
 const PING_PERIOD: Duration = Duration::from_millis(3300);
 const READ_DEADLINE: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Frames waiting for the connection; more are dropped.
 const FRAME_QUEUE: usize = 16;
 /// A frame older than this misstates the present; it is dropped rather than sent late.
@@ -235,12 +234,12 @@ struct Sender {
 
 impl Sender {
     async fn run(self, mut outbox: mpsc::Receiver<(Instant, Vec<u8>)>) {
-        let mut backoff = MIN_BACKOFF;
+        let mut backoff = Backoff::default();
         let mut reported_down = false;
         loop {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_tungstenite::connect_async(self.url.as_str())).await {
                 Ok(Ok((socket, _))) => {
-                    backoff = MIN_BACKOFF;
+                    backoff.reset();
                     reported_down = false;
                     self.up(true);
                     tracing::info!(url = %self.url, "connected to the autoscaler");
@@ -268,9 +267,7 @@ impl Sender {
             while outbox.try_recv().is_ok() {
                 self.metrics.dropped.inc();
             }
-            let jitter = Duration::from_millis(fastrand::u64(..=backoff.as_millis() as u64 / 2));
-            tokio::time::sleep(backoff + jitter).await;
-            backoff = backoff.mul_f32(1.3).min(MAX_BACKOFF);
+            tokio::time::sleep(backoff.next_pause()).await;
         }
     }
 

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::throttle;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "activator",
@@ -119,21 +121,21 @@ pub struct Config {
 
     /// Requests that may wait for capacity (or for a first pod) in one revision; beyond it, 503
     /// with Retry-After.
-    #[arg(long, env = "ACTIVATOR_MAX_QUEUE", default_value_t = 10_000)]
+    #[arg(long, env = "ACTIVATOR_MAX_QUEUE", default_value_t = throttle::DEFAULT_MAX_WAITING)]
     pub max_queue: usize,
 
     /// Body bytes the requests waiting in one revision may make the activator hold (what each
     /// connection reads ahead of a waiting request: at most 64 KiB for HTTP/1.1, the 1 MiB
     /// stream window for HTTP/2).
-    #[arg(long, env = "ACTIVATOR_MAX_QUEUE_BYTES", default_value_t = 64 << 20)]
+    #[arg(long, env = "ACTIVATOR_MAX_QUEUE_BYTES", default_value_t = throttle::DEFAULT_MAX_BYTES)]
     pub max_queue_bytes: u64,
 
     /// Requests that may wait across all revisions.
-    #[arg(long, env = "ACTIVATOR_MAX_QUEUE_TOTAL", default_value_t = 100_000)]
+    #[arg(long, env = "ACTIVATOR_MAX_QUEUE_TOTAL", default_value_t = throttle::DEFAULT_MAX_WAITING_TOTAL)]
     pub max_queue_total: u64,
 
     /// Body bytes the waiting requests of all revisions may hold.
-    #[arg(long, env = "ACTIVATOR_MAX_QUEUE_BYTES_TOTAL", default_value_t = 512 << 20)]
+    #[arg(long, env = "ACTIVATOR_MAX_QUEUE_BYTES_TOTAL", default_value_t = throttle::DEFAULT_MAX_BYTES_TOTAL)]
     pub max_queue_bytes_total: u64,
 
     /// The autoscaler's stat websocket, e.g. `ws://autoscaler.knative-serving.svc.cluster.local:8080`

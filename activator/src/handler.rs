@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use http::header::HeaderName;
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -18,24 +17,20 @@ use tokio_util::task::TaskTracker;
 use crate::affinity::{Decision, Keys, Lookup, PinWrite, decide, follow_flow_winner};
 use crate::autoscaler::{InFlight, Reporter};
 use crate::body::ResponseBody;
+use crate::headers::{DECISION, KNATIVE_NAMESPACE, KNATIVE_REVISION};
+use crate::health::Health;
 use crate::pins::{Pin, Pins};
-use crate::probes::{self, Health, reply};
+use crate::probes;
 use crate::proxy::{self, Exchange};
+use crate::respond::{self, reply};
 use crate::server::H2_STREAM_WINDOW;
 use crate::stats::Stats;
 use crate::throttle::{AcquireError, Want};
 use crate::topology::{Revision, Service, Snapshot};
 
-const KNATIVE_REVISION: HeaderName = HeaderName::from_static("knative-serving-revision");
-const KNATIVE_NAMESPACE: HeaderName = HeaderName::from_static("knative-serving-namespace");
-const DECISION_HEADER: HeaderName = HeaderName::from_static("x-activator-decision");
-
 /// The most of an HTTP/1.1 request body a waiting request can make the activator hold: what
 /// arrived with the headers in hyper's read buffer. The rest waits in the client's socket.
 const HTTP1_READ_AHEAD: u64 = 64 * 1024;
-
-/// Seconds a client is asked to wait after a 503 for a full queue.
-const RETRY_AFTER_SECONDS: &str = "1";
 
 pub struct Handler {
     pub topology: Arc<ArcSwap<Snapshot>>,
@@ -90,7 +85,7 @@ impl Handler {
         let mut deadline = Box::pin(tokio::time::sleep_until(started + revision.timeout));
         let mut resp = tokio::select! {
             resp = self.forward(req, &routed, decision, client, in_flight) => resp,
-            () = deadline.as_mut() => reply(StatusCode::GATEWAY_TIMEOUT, "activator request timeout"),
+            () = deadline.as_mut() => respond::timed_out(),
         };
         resp.body_mut().cut_at(deadline);
         revision.stats.record(resp.status().as_u16(), started.elapsed());
@@ -101,7 +96,7 @@ impl Handler {
             headers.append(http::header::SET_COOKIE, value);
         }
         if self.debug_headers {
-            headers.insert(DECISION_HEADER, HeaderValue::from_static(origin.as_str()));
+            headers.insert(DECISION, HeaderValue::from_static(origin.as_str()));
         }
         resp
     }
@@ -183,7 +178,7 @@ impl Handler {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::warn!(revision = %revision.name, error = %e, "proxy error");
-                reply(StatusCode::BAD_GATEWAY, &e.to_string())
+                respond::bad_gateway(&e)
             }
         }
     }
@@ -213,13 +208,7 @@ fn resolve<B>(snapshot: &Snapshot, req: &Request<B>) -> Result<(Arc<Service>, Op
 }
 
 fn refused(revision: &Revision, error: AcquireError) -> Response<ResponseBody> {
-    let (ns, name) = (&revision.namespace, &revision.name);
     match error {
-        AcquireError::QueueFull => {
-            let mut resp =
-                reply(StatusCode::SERVICE_UNAVAILABLE, &format!("request queue of revision {ns}/{name} is full"));
-            resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
-            resp
-        }
+        AcquireError::QueueFull => respond::queue_full(&revision.namespace, &revision.name),
     }
 }

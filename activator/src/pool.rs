@@ -167,6 +167,7 @@ impl PodClient {
     }
 
     /// Idle connections held now.
+    #[cfg(test)]
     pub fn idle(&self) -> usize {
         self.idle.get().map_or(0, ArrayQueue::len)
     }

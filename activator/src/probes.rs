@@ -1,57 +1,14 @@
-//! Whether this activator should receive traffic, and the probes it answers on the data port
-//! itself (kubelet, KIngress network probes, the KPA's activator probe), with the exact
-//! status codes and bodies upstream uses.
+//! The probes the activator answers on the data port itself (kubelet, KIngress network probes,
+//! the KPA's activator probe), with the exact status codes and bodies upstream uses.
 //!
 //! Must not route: a probe is answered here or passed on untouched.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use http::header::HeaderName;
 use http::{HeaderValue, Request, Response, StatusCode};
 
 use crate::body::ResponseBody;
-
-const NETWORK_PROBE: HeaderName = HeaderName::from_static("k-network-probe");
-const NETWORK_HASH: HeaderName = HeaderName::from_static("k-network-hash");
-const KUBELET_PROBE: HeaderName = HeaderName::from_static("k-kubelet-probe");
-
-/// Readiness of this replica: fails at once on SIGTERM so load balancers stop sending, and,
-/// when an autoscaler is configured, while its connection is down (as upstream).
-#[derive(Default)]
-pub struct Health {
-    draining: AtomicBool,
-    needs_autoscaler: AtomicBool,
-    autoscaler_connected: AtomicBool,
-}
-
-impl Health {
-    pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
-    }
-
-    pub fn require_autoscaler(&self) {
-        self.needs_autoscaler.store(true, Ordering::SeqCst);
-    }
-
-    pub fn set_autoscaler_connected(&self, connected: bool) {
-        self.autoscaler_connected.store(connected, Ordering::SeqCst);
-    }
-
-    /// `Ok` when this replica should receive traffic, else the reason.
-    pub fn check(&self) -> Result<(), &'static str> {
-        if self.is_draining() {
-            Err("received SIGTERM from kubelet")
-        } else if self.needs_autoscaler.load(Ordering::SeqCst) && !self.autoscaler_connected.load(Ordering::SeqCst) {
-            Err("connection has not yet been established")
-        } else {
-            Ok(())
-        }
-    }
-}
+use crate::headers::{KUBELET_PROBE, NETWORK_HASH, NETWORK_PROBE};
+use crate::health::Health;
+use crate::respond::reply;
 
 /// Answers the request if it is a probe meant for the activator. Strips a stray
 /// `K-Network-Hash` from requests that pass through, as upstream does.
@@ -88,15 +45,6 @@ pub fn answer<B>(req: &mut Request<B>, health: &Health) -> Option<Response<Respo
     }
 }
 
-/// A response written by the activator itself: plain text, one line.
-pub fn reply(status: StatusCode, message: &str) -> Response<ResponseBody> {
-    let body = if message.is_empty() { ResponseBody::empty() } else { ResponseBody::text(format!("{message}\n")) };
-    let mut resp = Response::new(body);
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    resp
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,16 +63,6 @@ mod tests {
         assert_eq!(probe(&[("user-agent", "kube-probe/1.33")], &health).unwrap().status(), 200);
         health.start_draining();
         assert_eq!(probe(&[("k-kubelet-probe", "1")], &health).unwrap().status(), 500);
-    }
-
-    #[test]
-    fn readiness_follows_the_autoscaler_connection_when_required() {
-        let health = Health::default();
-        assert!(health.check().is_ok(), "no autoscaler configured");
-        health.require_autoscaler();
-        assert_eq!(health.check(), Err("connection has not yet been established"));
-        health.set_autoscaler_connected(true);
-        assert!(health.check().is_ok());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::autoscaler::InFlight;
 use crate::body::{Held, ResponseBody};
+use crate::headers::{KNATIVE_NAMESPACE, KNATIVE_REVISION, PROXY_REQUEST, X_FORWARDED_FOR};
 use crate::pool::SendError;
 use crate::throttle::Lease;
 
@@ -31,14 +32,6 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
     HeaderName::from_static("http2-settings"),
 ];
-
-/// The ingress names the revision with these; the pod must not see them (as upstream).
-const KNATIVE_REVISION: HeaderName = HeaderName::from_static("knative-serving-revision");
-const KNATIVE_NAMESPACE: HeaderName = HeaderName::from_static("knative-serving-namespace");
-/// Tells queue-proxy the request came through the activator, so the autoscaler does not count
-/// it twice.
-const PROXY_REQUEST: HeaderName = HeaderName::from_static("k-proxy-request");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 #[derive(Debug, thiserror::Error)]
 #[error("forwarding to pod {pod} failed: {source}")]
@@ -153,6 +146,7 @@ fn prepare_request<B>(req: &mut Request<B>, upgrade: Option<&HeaderValue>, clien
         headers.insert(header::UPGRADE, protocol.clone());
     }
     append_forwarded_for(headers, client_ip);
+    // The ingress named the revision with these; the pod must not see them (as upstream).
     headers.remove(KNATIVE_REVISION);
     headers.remove(KNATIVE_NAMESPACE);
     headers.insert(PROXY_REQUEST, HeaderValue::from_static("activator"));

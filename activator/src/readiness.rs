@@ -17,23 +17,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 
-use crate::throttle::Throttler;
+use crate::throttle::{Probe, Throttler};
 
 /// Upstream's PROBE_FREQUENCY and PROBE_TIMEOUT.
 const PROBE_PERIOD: Duration = Duration::from_millis(200);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 const PROBE_USER_AGENT: HeaderValue = HeaderValue::from_static("Knative-Activator-Probe");
-
-/// How a revision's endpoints prove they are ready.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Probe {
-    /// Trusted as soon as they are listed.
-    None,
-    /// `GET <path>` answers 2xx.
-    Http { path: String },
-    /// Knative's queue-proxy probe: `GET <path>` with `K-Network-Probe: queue` answers 200 `queue`.
-    Queue { path: String },
-}
 
 /// Hands revisions with unprobed endpoints to the probing task.
 #[derive(Clone)]
@@ -50,6 +39,7 @@ impl Prober {
     }
 
     /// A prober whose probes never run, for building snapshots in tests.
+    #[cfg(test)]
     pub fn idle() -> Self {
         Prober { watch: mpsc::unbounded_channel().0 }
     }
@@ -101,7 +91,7 @@ async fn is_ready(client: &Client<HttpConnector, Empty<Bytes>>, addr: SocketAddr
     };
     let mut req = Request::get(format!("http://{addr}{path}")).header(USER_AGENT, PROBE_USER_AGENT);
     if queue {
-        req = req.header("k-network-probe", "queue");
+        req = req.header(crate::headers::NETWORK_PROBE, "queue");
     }
     let Ok(req) = req.body(Empty::new()) else { return false };
     let answered = async {

@@ -6,6 +6,8 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use crate::sync::lock;
 use std::time::Duration;
 
 use prometheus::{
@@ -251,10 +253,6 @@ pub struct RevisionStats {
     pub in_flight: IntGauge,
     pub queued: IntGauge,
     stats: Stats,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl RevisionStats {

@@ -20,7 +20,7 @@ use prometheus::IntGauge;
 use tokio::sync::oneshot;
 
 use crate::pool::PodClient;
-use crate::readiness::Probe;
+use crate::sync::lock;
 
 /// Above this `containerConcurrency`, round robin spreads better than first-available
 /// (the same cut-over as Knative's activator).
@@ -42,7 +42,8 @@ pub struct QueueLimits {
 #[cfg(test)]
 impl Default for QueueLimits {
     fn default() -> Self {
-        QueueLimits { max_waiting: 10_000, max_bytes: 64 << 20, total: Arc::new(QueueBudget::new(100_000, 512 << 20)) }
+        let total = Arc::new(QueueBudget::new(DEFAULT_MAX_WAITING_TOTAL, DEFAULT_MAX_BYTES_TOTAL));
+        QueueLimits { max_waiting: DEFAULT_MAX_WAITING, max_bytes: DEFAULT_MAX_BYTES, total }
     }
 }
 
@@ -92,6 +93,24 @@ enum Policy {
     /// Large CC: round robin over pods with a free slot.
     RoundRobin,
 }
+
+/// How a revision's endpoints prove they are ready before they take traffic (see `readiness`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// Trusted as soon as they are listed.
+    None,
+    /// `GET <path>` answers 2xx.
+    Http { path: String },
+    /// Knative's queue-proxy probe: `GET <path>` with `K-Network-Probe: queue` answers 200 `queue`.
+    Queue { path: String },
+}
+
+/// Requests that may wait in one revision, and the body bytes they may hold; requests and bytes
+/// across all revisions. The command line's defaults.
+pub const DEFAULT_MAX_WAITING: usize = 10_000;
+pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
+pub const DEFAULT_MAX_WAITING_TOTAL: u64 = 100_000;
+pub const DEFAULT_MAX_BYTES_TOTAL: u64 = 512 << 20;
 
 /// Which pod a request may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -337,7 +356,7 @@ impl Throttler {
     }
 
     fn lock_pending(&self) -> MutexGuard<'_, Pending> {
-        self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.pending)
     }
 
     /// Takes a slot on a pod, waiting in FIFO order while every eligible pod is full or no pod
@@ -403,7 +422,7 @@ impl Throttler {
     }
 
     fn lock_queue(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.queue)
     }
 
     /// A slot for a new request, unless an older one waits for it.

@@ -17,9 +17,9 @@ use serde::Deserialize;
 use crate::affinity::{Annotated, Policy};
 use crate::autoscaler::Concurrency;
 use crate::pins::Lifetime;
-use crate::readiness::{Probe, Prober};
+use crate::readiness::Prober;
 use crate::stats::{RevisionStats, Stats};
-use crate::throttle::{QueueLimits, Throttler};
+use crate::throttle::{Probe, QueueLimits, Throttler};
 
 /// Knative's default `timeoutSeconds`.
 const DEFAULT_TIMEOUT_SECONDS: u64 = 300;
@@ -251,7 +251,6 @@ pub struct Revision {
 pub struct TrafficTarget {
     pub revision: Arc<Revision>,
     pub percent: u32,
-    pub tag: Option<String>,
 }
 
 pub struct Service {
@@ -358,11 +357,7 @@ impl Snapshot {
             let traffic: Vec<TrafficTarget> = spec
                 .traffic
                 .iter()
-                .map(|t| TrafficTarget {
-                    revision: revisions[t.revision.as_str()].clone(),
-                    percent: t.percent,
-                    tag: t.tag.clone(),
-                })
+                .map(|t| TrafficTarget { revision: revisions[t.revision.as_str()].clone(), percent: t.percent })
                 .collect();
             let affinity = Policy::new(&spec.namespace, &spec.name, traffic.iter().map(|t| &t.revision.affinity));
             let service =

@@ -13,15 +13,13 @@ use std::time::Duration;
 use http::Request;
 use http::header::{self, HeaderName};
 
+use crate::headers::{DEFAULT_FLOW, DEFAULT_SESSION};
 use crate::pins::{Lifetime, MAX_LIFETIME, PinKey, PinKind};
 
 pub const ANNOTATION_PREFIX: &str = "activator.knative.dev/";
 /// Longest id accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 1024;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(600);
-
-const DEFAULT_SESSION_HEADER: HeaderName = HeaderName::from_static("k-session");
-const DEFAULT_FLOW_HEADER: HeaderName = HeaderName::from_static("k-revision");
 
 /// Where an id is read from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -156,8 +154,8 @@ impl Policy {
             Source::Cookie(name) => Some((name.clone(), secure)),
             _ => None,
         });
-        extend_unique(&mut session, &[Source::Header(DEFAULT_SESSION_HEADER)]);
-        extend_unique(&mut flow, &[Source::Header(DEFAULT_FLOW_HEADER)]);
+        extend_unique(&mut session, &[Source::Header(DEFAULT_SESSION)]);
+        extend_unique(&mut flow, &[Source::Header(DEFAULT_FLOW)]);
         Policy { scope: format!("{namespace}/{service}").into(), session, flow, cookie }
     }
 

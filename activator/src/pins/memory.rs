@@ -299,7 +299,7 @@ fn later(now: Instant, after: Duration) -> Instant {
 }
 
 fn lock(shard: &Shard) -> MutexGuard<'_, Table> {
-    shard.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    crate::sync::lock(&shard.0)
 }
 
 #[cfg(test)]

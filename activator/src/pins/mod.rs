@@ -156,7 +156,12 @@ impl Pin {
 }
 
 fn unix_millis(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    at.duration_since(UNIX_EPOCH).map_or(0, millis)
+}
+
+/// Whole milliseconds, saturating: what Redis takes for expiries and what stored times are in.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The longest `sticky-ttl` or `sticky-max-age` honoured; longer annotations are clamped to it, so

@@ -31,7 +31,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Client, RedisResult};
 
 use super::memory::{MemoryPins, Near, Touched};
-use super::{Lifetime, LifetimeOf, Pin, PinKey, Written};
+use super::{Lifetime, LifetimeOf, Pin, PinKey, Written, millis};
+use crate::backoff::Backoff;
 use crate::stats::Stats;
 
 /// Pub/sub channel carrying `<key> <replica>` for every re-pin or delete.
@@ -39,8 +40,8 @@ pub const INVALIDATIONS: &str = "aa:invalidate";
 /// Redis 7.0 brought `SET … NX … GET`.
 const MIN_VERSION: (u32, u32) = (7, 0);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Back-off after a failed Redis call, doubling while failures go on. The cap bounds how long
-/// sharing takes to resume after Redis returns.
+/// The request path's pause after a failed Redis call, doubling for each pause that ends in a
+/// failure. The cap bounds how long sharing takes to resume after Redis returns.
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Pins refreshed per pipeline: a batch Redis answers in about a millisecond, so one pipeline
@@ -121,7 +122,7 @@ impl Breaker {
 
     fn now_ms(&self) -> u64 {
         // Never 0, which means closed.
-        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
+        millis(self.origin.elapsed()).max(1)
     }
 
     fn permit(&self) -> Option<Permit> {
@@ -438,7 +439,7 @@ impl SharedPins {
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_number_of_retries(1)
             .set_max_delay(MAX_BACKOFF);
-        let mut backoff = MIN_BACKOFF;
+        let mut backoff = Backoff::default();
         loop {
             let connected = async {
                 let requests = config.clone().set_response_timeout(Some(self.config.timeout));
@@ -466,17 +467,16 @@ impl SharedPins {
                 }
                 Err(e) => {
                     self.metrics.errors[Op::Connect as usize].inc();
-                    tracing::warn!(error = %e, ?backoff, "cannot reach Redis yet; pins stay local until it answers");
+                    tracing::warn!(error = %e, "cannot reach Redis yet; pins stay local until it answers");
                 }
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            tokio::time::sleep(backoff.next_pause()).await;
         }
     }
 
     /// Drops near-cache entries other replicas re-pinned or deleted.
     async fn follow_invalidations(self: Arc<Self>, client: Client) {
-        let mut backoff = MIN_BACKOFF;
+        let mut backoff = Backoff::default();
         loop {
             let subscribed = async {
                 let mut pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub()).await.ok()?.ok()?;
@@ -484,7 +484,7 @@ impl SharedPins {
                 Some(pubsub)
             };
             if let Some(mut pubsub) = subscribed.await {
-                backoff = MIN_BACKOFF;
+                backoff.reset();
                 // Whatever was published while unsubscribed is unknown: re-read on next use.
                 self.memory.distrust_all();
                 let mut messages = pubsub.on_message();
@@ -500,8 +500,7 @@ impl SharedPins {
                 }
             }
             self.memory.distrust_all();
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            tokio::time::sleep(backoff.next_pause()).await;
         }
     }
 
@@ -627,10 +626,6 @@ fn push_cmd(pipe: &mut redis::Pipeline, t: &Touched, only_if_absent: bool) {
         set.arg("NX");
     }
     set.arg("PX").arg(millis(t.remaining)).arg("GET");
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn px(ttl_ms: u64) -> redis::SetOptions {

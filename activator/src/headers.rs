@@ -1,0 +1,25 @@
+//! The header names the activator reads or writes, in one place: Knative's (named as upstream
+//! spells them), the affinity defaults, and the activator's own.
+
+use http::header::HeaderName;
+
+/// The revision Knative's ingress routed the request to, and its namespace.
+pub const KNATIVE_REVISION: HeaderName = HeaderName::from_static("knative-serving-revision");
+pub const KNATIVE_NAMESPACE: HeaderName = HeaderName::from_static("knative-serving-namespace");
+/// Tells queue-proxy the request came through the activator, so the autoscaler does not count it
+/// twice.
+pub const PROXY_REQUEST: HeaderName = HeaderName::from_static("k-proxy-request");
+/// Knative's network probes: `probe` (with a hash to echo) from the ingress, `activator` from the
+/// autoscaler, `queue` to queue-proxy.
+pub const NETWORK_PROBE: HeaderName = HeaderName::from_static("k-network-probe");
+pub const NETWORK_HASH: HeaderName = HeaderName::from_static("k-network-hash");
+/// Marks a kubelet probe when the User-Agent does not.
+pub const KUBELET_PROBE: HeaderName = HeaderName::from_static("k-kubelet-probe");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// Session and flow ids every service accepts, with no annotation.
+pub const DEFAULT_SESSION: HeaderName = HeaderName::from_static("k-session");
+pub const DEFAULT_FLOW: HeaderName = HeaderName::from_static("k-revision");
+
+/// With `--debug-headers`: why the request went where it went.
+pub const DECISION: HeaderName = HeaderName::from_static("x-activator-decision");

@@ -1,0 +1,76 @@
+//! Whether this replica should receive traffic: not while draining after SIGTERM, not before its
+//! world view has synced once (when its source needs a sync), and not while the autoscaler's
+//! websocket is down (when an autoscaler is configured), as upstream.
+//!
+//! Owns the readiness state only; the probes that report it are answered in `probes` and `admin`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Default)]
+pub struct Health {
+    draining: AtomicBool,
+    needs_sync: AtomicBool,
+    synced: AtomicBool,
+    needs_autoscaler: AtomicBool,
+    autoscaler_connected: AtomicBool,
+}
+
+impl Health {
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// The world view comes from a source that must sync before the replica is ready.
+    pub fn require_sync(&self) {
+        self.needs_sync.store(true, Ordering::SeqCst);
+    }
+
+    pub fn set_synced(&self) {
+        self.synced.store(true, Ordering::SeqCst);
+    }
+
+    pub fn require_autoscaler(&self) {
+        self.needs_autoscaler.store(true, Ordering::SeqCst);
+    }
+
+    pub fn set_autoscaler_connected(&self, connected: bool) {
+        self.autoscaler_connected.store(connected, Ordering::SeqCst);
+    }
+
+    /// `Ok` when this replica should receive traffic, else the reason.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.is_draining() {
+            Err("received SIGTERM from kubelet")
+        } else if self.needs_sync.load(Ordering::SeqCst) && !self.synced.load(Ordering::SeqCst) {
+            Err("the view of revisions and endpoints has not synced yet")
+        } else if self.needs_autoscaler.load(Ordering::SeqCst) && !self.autoscaler_connected.load(Ordering::SeqCst) {
+            Err("connection has not yet been established")
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_draining_sync_and_the_autoscaler_when_required() {
+        let health = Health::default();
+        assert!(health.check().is_ok(), "nothing required");
+        health.require_sync();
+        assert_eq!(health.check(), Err("the view of revisions and endpoints has not synced yet"));
+        health.set_synced();
+        health.require_autoscaler();
+        assert_eq!(health.check(), Err("connection has not yet been established"));
+        health.set_autoscaler_connected(true);
+        assert!(health.check().is_ok());
+        health.start_draining();
+        assert_eq!(health.check(), Err("received SIGTERM from kubelet"));
+    }
+}
