@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use crate::affinity::{Decision, Keys, Lookup, PinWrite, decide, follow_flow_winner};
+use crate::affinity::{Decision, Keys, Lookup, PinWrite, decide, extract, follow_flow_winner};
 use crate::autoscaler::{InFlight, Reporter};
 use crate::body::ResponseBody;
 use crate::headers::{DECISION, KNATIVE_NAMESPACE, KNATIVE_REVISION};
@@ -26,14 +26,14 @@ use crate::respond::{self, reply};
 use crate::server::H2_STREAM_WINDOW;
 use crate::stats::Stats;
 use crate::throttle::{AcquireError, Want};
-use crate::topology::{Revision, Service, Snapshot};
+use crate::world::{Revision, Service, Snapshot};
 
 /// The most of an HTTP/1.1 request body a waiting request can make the activator hold: what
 /// arrived with the headers in hyper's read buffer. The rest waits in the client's socket.
 const HTTP1_READ_AHEAD: u64 = 64 * 1024;
 
 pub struct Handler {
-    pub topology: Arc<ArcSwap<Snapshot>>,
+    pub world: Arc<ArcSwap<Snapshot>>,
     pub health: Arc<Health>,
     pub stats: Stats,
     pub pins: Pins,
@@ -58,11 +58,11 @@ impl Handler {
         if let Some(resp) = probes::answer(&mut req, &self.health) {
             return resp;
         }
-        let (service, ingress_pick) = match resolve(&self.topology.load(), &req) {
+        let (service, ingress_pick) = match resolve(&self.world.load(), &req) {
             Ok(target) => target,
             Err(message) => return self.unrouted(StatusCode::NOT_FOUND, &message, started),
         };
-        let keys = match service.affinity.extract(&req) {
+        let keys = match extract(&service.affinity, &req) {
             Ok(keys) => keys,
             Err(e) => return self.unrouted(StatusCode::BAD_REQUEST, &e.to_string(), started),
         };

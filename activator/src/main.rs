@@ -4,15 +4,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use activator::autoscaler::{Reporter, ReporterConfig, ReporterMetrics};
-use activator::config::{Cli, Command, Config, LogFormat, PinStore};
+use activator::config::{Cli, Command, Config, LogFormat, Mode, PinStore};
 use activator::handler::Handler;
 use activator::health::Health;
-use activator::local::LocalSource;
 use activator::pins::{Pins, SharedConfig};
 use activator::readiness::Prober;
 use activator::server::Limits;
+use activator::source::local::LocalSource;
 use activator::stats::Stats;
 use activator::throttle::{QueueBudget, QueueLimits};
+use activator::world::Publisher;
 use activator::{admin, inspect, server};
 use anyhow::Context;
 use clap::Parser;
@@ -84,11 +85,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => Reporter::disabled(),
     };
-    let topology_path = config.topology.as_deref().context("--topology is required in local mode")?;
-    let source =
-        LocalSource::open(topology_path, config.endpoints_file.as_deref(), stats.clone(), queue, Prober::start())?;
-    let topology = source.snapshot();
-    tokio::spawn(source.watch(config.topology_poll_interval));
+    let publisher = Arc::new(Publisher::new(stats.clone(), queue, Prober::start()));
+    let world = publisher.world();
+    match config.mode {
+        Mode::Local => {
+            let path = config.topology.as_deref().context("--topology is required in local mode")?;
+            let source = LocalSource::open(path, config.endpoints_file.as_deref(), publisher)?;
+            tokio::spawn(source.watch(config.topology_poll_interval));
+        }
+    }
 
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let admin_listener =
@@ -122,7 +127,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let handler = Arc::new(Handler {
-        topology,
+        world,
         health,
         stats,
         pins,

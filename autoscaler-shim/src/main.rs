@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use activator::topology;
+use activator::source::local::{Watched, file};
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use tokio::net::TcpListener;
@@ -162,6 +162,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (reports, mut incoming) = mpsc::channel(1024);
     tokio::spawn(statserver::serve(listener, reports, args.print_stats));
 
+    let mut managed = args.topology.as_deref().map(Managed::new);
     let mut scaler = Scaler::new(args.window);
     let mut tick = tokio::time::interval(TICK);
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -181,11 +182,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = terminate.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         };
-        let managed = args.topology.as_deref().map(read_managed);
+        if let Some(managed) = &mut managed {
+            managed.refresh();
+        }
         for (namespace, revision) in woken {
             let key = (namespace.clone(), revision.clone());
             let annotations = match &managed {
-                Some(managed) => match managed.get(&key) {
+                Some(managed) => match managed.revisions.get(&key) {
                     Some(annotations) => Some(annotations),
                     None => continue,
                 },
@@ -207,24 +210,41 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-type Annotations = std::collections::HashMap<(String, String), RevisionAnnotations>;
+/// The revisions the topology leaves to the shim (listed without endpoints of their own), with
+/// their annotations (the service's overlaid by the revision's), re-read when the file changes.
+struct Managed {
+    file: Watched,
+    revisions: std::collections::HashMap<(String, String), RevisionAnnotations>,
+}
 
-/// The revisions the topology leaves to the shim (listed without endpoints), with their
-/// annotations (the service's overlaid by the revision's own). An unreadable file manages none.
-fn read_managed(path: &std::path::Path) -> Annotations {
-    let Some(file) = std::fs::read_to_string(path).ok().and_then(|text| topology::parse(&text).ok()) else {
-        tracing::warn!(path = %path.display(), "cannot read the topology; managing no revision");
-        return Annotations::new();
-    };
-    let mut out = Annotations::new();
-    for service in file.services {
-        for revision in service.revisions.into_iter().filter(|r| r.endpoints.is_empty()) {
-            let mut annotations = service.annotations.clone();
-            annotations.extend(revision.annotations);
-            out.insert((service.namespace.clone(), revision.name), annotations);
-        }
+impl Managed {
+    fn new(path: &std::path::Path) -> Self {
+        let mut managed = Managed { file: Watched::new(path), revisions: Default::default() };
+        managed.refresh();
+        managed
     }
-    out
+
+    /// Takes a changed topology; a file that does not parse leaves the revisions as they were.
+    fn refresh(&mut self) {
+        let Some(text) = self.file.changed() else { return };
+        let spec = match file::parse(&text) {
+            Ok(topology) => topology.to_spec(&file::EndpointsFile::new()),
+            Err(e) => {
+                tracing::warn!(path = %self.file.path().display(), error = %e, "topology rejected; keeping the revisions managed so far");
+                return;
+            }
+        };
+        self.revisions = spec
+            .services
+            .iter()
+            .flat_map(|svc| {
+                svc.revisions
+                    .iter()
+                    .filter(|r| r.endpoints.is_empty())
+                    .map(move |r| ((svc.namespace.clone(), r.name.clone()), svc.annotations_of(r)))
+            })
+            .collect();
+    }
 }
 
 fn policy(args: &Args, annotations: Option<&RevisionAnnotations>) -> Policy {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::pins::Pin;
 use crate::throttle::Want;
-use crate::topology::{Revision, Service};
+use crate::world::{Revision, Service};
 
 /// Why the request goes where it goes (`X-Activator-Decision` with `--debug-headers`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,37 +133,23 @@ mod tests {
 
     use proptest::prelude::*;
 
-    use crate::readiness::Prober;
-    use crate::stats::Stats;
-    use crate::throttle::QueueLimits;
-    use crate::topology::{self, Builder, Snapshot};
+    use crate::world::publisher::tests::world;
+    use crate::world::spec::tests::service as spec;
 
     fn pod(n: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 9000 + n))
     }
 
-    /// A service with revisions `r0..` at the given percents; revision `i` has pods
+    /// A service with revisions `svc-0..` at the given percents; revision `i` has pods
     /// `pod(10 * i + j)` for each `j` in `pods[i]`.
     fn service(percents: &[u32], pods: &[Vec<u16>]) -> Arc<Service> {
-        let mut yaml = String::from("services:\n  - name: svc\n    traffic:\n");
-        for (i, p) in percents.iter().enumerate() {
-            yaml += &format!("      - {{revision: r{i}, percent: {p}}}\n");
-        }
-        yaml += "    revisions:\n";
-        for (i, pods) in pods.iter().enumerate() {
-            let endpoints: Vec<String> = pods.iter().map(|j| format!("\"{}\"", pod(10 * i as u16 + j))).collect();
-            yaml += &format!("      - {{name: r{i}, probe: none, endpoints: [{}]}}\n", endpoints.join(", "));
-        }
-        let stats = Stats::new();
-        let prober = Prober::idle();
-        let with = Builder { stats: &stats, queue: QueueLimits::default(), prober: &prober };
-        let snapshot = Snapshot::build(
-            &topology::parse(&yaml).unwrap(),
-            &topology::EndpointsFile::new(),
-            &Snapshot::default(),
-            &with,
-        );
-        snapshot.service_for_host("svc.default.svc.cluster.local").unwrap().clone()
+        let revisions: Vec<(u32, Vec<SocketAddr>)> = percents
+            .iter()
+            .zip(pods)
+            .enumerate()
+            .map(|(i, (p, pods))| (*p, pods.iter().map(|j| pod(10 * i as u16 + j)).collect()))
+            .collect();
+        world(vec![spec("svc", &revisions)]).service_for_host("svc.test").unwrap().clone()
     }
 
     fn lookup(session: Option<Option<Pin>>, flow: Option<Option<Pin>>) -> Lookup {
@@ -189,7 +175,7 @@ mod tests {
     fn decision_table() {
         use Origin::*;
         use PinWrite::{Create, Replace};
-        // r0 at 100 % with pods 1 and 2; r1 at 0 % with pod 11; r9 is not in the traffic.
+        // svc-0 at 100 % with pods 1 and 2; svc-1 at 0 % with pod 11; svc-9 is not in the traffic.
         let svc = service(&[100, 0], &[vec![1, 2], vec![1]]);
         let case = |name, lookup, revision, want, origin, session_write, flow_write| Case {
             name,
@@ -202,12 +188,12 @@ mod tests {
         };
         let any = Want::Any;
         let cases = [
-            case("no ids → split", lookup(None, None), "r0", any, Split, None, None),
-            case("new session → split and create", lookup(Some(None), None), "r0", any, NewPin, Some(Create), None),
+            case("no ids → split", lookup(None, None), "svc-0", any, Split, None, None),
+            case("new session → split and create", lookup(Some(None), None), "svc-0", any, NewPin, Some(Create), None),
             case(
                 "pinned session on a ready pod, even at 0 %",
-                lookup(Some(Some(Pin::session("r1", pod(11)))), None),
-                "r1",
+                lookup(Some(Some(Pin::session("svc-1", pod(11)))), None),
+                "svc-1",
                 Want::Pod(pod(11)),
                 SessionPin,
                 None,
@@ -215,45 +201,45 @@ mod tests {
             ),
             case(
                 "pinned pod gone → same revision, re-pin",
-                lookup(Some(Some(Pin::session("r0", pod(7)))), None),
-                "r0",
+                lookup(Some(Some(Pin::session("svc-0", pod(7)))), None),
+                "svc-0",
                 any,
                 NewPin,
-                Some(Replace(Pin::session("r0", pod(7)))),
+                Some(Replace(Pin::session("svc-0", pod(7)))),
                 None,
             ),
             case(
                 "pinned revision gone → split, replace",
-                lookup(Some(Some(Pin::session("r9", pod(1)))), None),
-                "r0",
+                lookup(Some(Some(Pin::session("svc-9", pod(1)))), None),
+                "svc-0",
                 any,
                 NewPin,
-                Some(Replace(Pin::session("r9", pod(1)))),
+                Some(Replace(Pin::session("svc-9", pod(1)))),
                 None,
             ),
             case(
                 "flow pinned to a 0 % revision",
-                lookup(None, Some(Some(Pin::flow("r1")))),
-                "r1",
+                lookup(None, Some(Some(Pin::flow("svc-1")))),
+                "svc-1",
                 any,
                 RevisionPin,
                 None,
                 None,
             ),
-            case("new flow → split and create", lookup(None, Some(None)), "r0", any, NewPin, None, Some(Create)),
+            case("new flow → split and create", lookup(None, Some(None)), "svc-0", any, NewPin, None, Some(Create)),
             case(
                 "flow pinned to a removed revision → split, replace",
-                lookup(None, Some(Some(Pin::flow("r9")))),
-                "r0",
+                lookup(None, Some(Some(Pin::flow("svc-9")))),
+                "svc-0",
                 any,
                 NewPin,
                 None,
-                Some(Replace(Pin::flow("r9"))),
+                Some(Replace(Pin::flow("svc-9"))),
             ),
             case(
                 "unpinned session follows its flow's pin",
-                lookup(Some(None), Some(Some(Pin::flow("r1")))),
-                "r1",
+                lookup(Some(None), Some(Some(Pin::flow("svc-1")))),
+                "svc-1",
                 any,
                 RevisionPin,
                 Some(Create),
@@ -261,8 +247,8 @@ mod tests {
             ),
             case(
                 "session pin beats flow pin; the flow keeps its own valid pin",
-                lookup(Some(Some(Pin::session("r0", pod(1)))), Some(Some(Pin::flow("r1")))),
-                "r0",
+                lookup(Some(Some(Pin::session("svc-0", pod(1)))), Some(Some(Pin::flow("svc-1")))),
+                "svc-0",
                 Want::Pod(pod(1)),
                 SessionPin,
                 None,
@@ -270,8 +256,8 @@ mod tests {
             ),
             case(
                 "session pin seeds a new flow pin",
-                lookup(Some(Some(Pin::session("r1", pod(11)))), Some(None)),
-                "r1",
+                lookup(Some(Some(Pin::session("svc-1", pod(11)))), Some(None)),
+                "svc-1",
                 Want::Pod(pod(11)),
                 SessionPin,
                 None,
@@ -291,27 +277,31 @@ mod tests {
     #[test]
     fn ingress_pick_replaces_the_split_but_not_pins() {
         let svc = service(&[50, 50], &[vec![1], vec![1]]);
-        let r1 = svc.routes_to("r1").unwrap().clone();
+        let r1 = svc.routes_to("svc-1").unwrap().clone();
         for roll in [0, 99] {
-            assert_eq!(&*decide(&svc, Some(&r1), &Lookup::default(), roll).revision.name, "r1");
+            assert_eq!(&*decide(&svc, Some(&r1), &Lookup::default(), roll).revision.name, "svc-1");
         }
-        let pinned = lookup(None, Some(Some(Pin::flow("r0"))));
-        assert_eq!(&*decide(&svc, Some(&r1), &pinned, 0).revision.name, "r0");
+        let pinned = lookup(None, Some(Some(Pin::flow("svc-0"))));
+        assert_eq!(&*decide(&svc, Some(&r1), &pinned, 0).revision.name, "svc-0");
     }
 
     #[test]
     fn a_lost_flow_race_follows_the_winner_unless_the_session_chose() {
         let svc = service(&[50, 50], &[vec![1], vec![1]]);
-        let winner = Pin::flow("r1");
+        let winner = Pin::flow("svc-1");
         let cases = [
-            ("no session", lookup(None, Some(None)), "r1"),
-            ("a session without a pin", lookup(Some(None), Some(None)), "r1"),
-            ("a stale session pin", lookup(Some(Some(Pin::session("gone", pod(1)))), Some(None)), "r1"),
-            ("a valid session pin", lookup(Some(Some(Pin::session("r0", pod(1)))), Some(None)), "r0"),
-            ("a valid session pin whose pod left", lookup(Some(Some(Pin::session("r0", pod(9)))), Some(None)), "r0"),
+            ("no session", lookup(None, Some(None)), "svc-1"),
+            ("a session without a pin", lookup(Some(None), Some(None)), "svc-1"),
+            ("a stale session pin", lookup(Some(Some(Pin::session("gone", pod(1)))), Some(None)), "svc-1"),
+            ("a valid session pin", lookup(Some(Some(Pin::session("svc-0", pod(1)))), Some(None)), "svc-0"),
+            (
+                "a valid session pin whose pod left",
+                lookup(Some(Some(Pin::session("svc-0", pod(9)))), Some(None)),
+                "svc-0",
+            ),
         ];
         for (name, lookup, expected) in cases {
-            let r0 = svc.routes_to("r0").unwrap().clone();
+            let r0 = svc.routes_to("svc-0").unwrap().clone();
             let mut decision = decide(&svc, Some(&r0), &lookup, 0);
             assert!(decision.flow_write.is_some(), "{name}: the flow is written");
             follow_flow_winner(&mut decision, &svc, &lookup, &winner);
@@ -322,7 +312,7 @@ mod tests {
     fn arb_pin(revisions: usize) -> impl Strategy<Value = Pin> {
         // Revision indexes past the service's count stand for revisions that left the traffic.
         (0..revisions + 1, 0u16..40, any::<bool>()).prop_map(|(r, p, session)| {
-            let name = format!("r{r}");
+            let name = format!("svc-{r}");
             if session { Pin::session(&name, pod(p)) } else { Pin::flow(&name) }
         })
     }

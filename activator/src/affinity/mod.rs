@@ -6,4 +6,4 @@ mod decide;
 mod keys;
 
 pub use decide::{Decision, Lookup, Origin, PinWrite, decide, follow_flow_winner};
-pub use keys::{ANNOTATION_PREFIX, Annotated, DEFAULT_TTL, KeyError, Keys, MAX_ID_BYTES, NewCookie, Policy};
+pub use keys::{KeyError, Keys, MAX_ID_BYTES, extract};

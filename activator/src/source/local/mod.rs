@@ -1,35 +1,43 @@
 //! Local mode's source of the world view: a topology file, plus optionally an endpoints file
-//! that `autoscaler-shim` rewrites as it starts and stops pods. Both are re-read and re-applied
+//! that `autoscaler-shim` rewrites as it starts and stops pods. Both are re-read and published
 //! whenever their content changes. A broken file is logged with its location and counted, and
-//! the last good snapshot keeps serving.
+//! the last good world keeps serving.
 //!
 //! The files are polled rather than watched with inotify: editors and Kubernetes ConfigMap
 //! mounts replace files by rename or symlink swap, which inotify watches on the file itself
 //! miss, and re-reading a few kilobytes a few times a second costs nothing measurable.
+
+pub mod file;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
 
-use crate::readiness::Prober;
-use crate::stats::Stats;
-use crate::throttle::QueueLimits;
-use crate::topology::{self, Builder, EndpointsFile, Snapshot, TopologyFile};
+use crate::world::Publisher;
+use file::{EndpointsFile, TopologyError, TopologyFile};
 
 /// A watched file and the content last seen in it.
-struct Watched {
+pub struct Watched {
     path: PathBuf,
     seen: String,
 }
 
 impl Watched {
+    /// A file not read yet: its first content counts as a change.
+    pub fn new(path: &Path) -> Self {
+        Watched { path: path.to_owned(), seen: String::new() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The file's content if it changed since last seen. A file that cannot be read (not
     /// written yet, or mid-replacement) counts as unchanged.
-    async fn changed(&mut self) -> Option<String> {
-        match tokio::fs::read_to_string(&self.path).await {
+    pub fn changed(&mut self) -> Option<String> {
+        match std::fs::read_to_string(&self.path) {
             Ok(text) if text != self.seen => {
                 self.seen.clone_from(&text);
                 Some(text)
@@ -48,47 +56,31 @@ pub struct LocalSource {
     endpoints: Option<Watched>,
     file: TopologyFile,
     published: EndpointsFile,
-    stats: Stats,
-    queue: QueueLimits,
-    prober: Prober,
-    current: Arc<ArcSwap<Snapshot>>,
+    publisher: Arc<Publisher>,
 }
 
 impl LocalSource {
-    /// Loads the topology once; a broken file at start is an error, not an empty topology. The
-    /// endpoints file may not exist yet.
-    pub fn open(
-        path: &Path,
-        endpoints: Option<&Path>,
-        stats: Stats,
-        queue: QueueLimits,
-        prober: Prober,
-    ) -> anyhow::Result<Self> {
+    /// Loads and publishes the topology once; a broken file at start is an error, not an empty
+    /// world. The endpoints file may not exist yet.
+    pub fn open(path: &Path, endpoints: Option<&Path>, publisher: Arc<Publisher>) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading topology {}", path.display()))?;
-        let file = topology::parse(&text).with_context(|| format!("topology {}", path.display()))?;
+        let file = file::parse(&text).with_context(|| format!("topology {}", path.display()))?;
+        let topology = Watched { path: path.to_owned(), seen: text };
         let mut source = LocalSource {
-            topology: Watched { path: path.to_owned(), seen: text },
-            endpoints: endpoints.map(|p| Watched { path: p.to_owned(), seen: String::new() }),
+            topology,
+            endpoints: endpoints.map(Watched::new),
             file,
             published: EndpointsFile::new(),
-            stats,
-            queue,
-            prober,
-            current: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
+            publisher,
         };
-        if let Some(path) = endpoints
-            && let Ok(text) = std::fs::read_to_string(path)
+        if let Some(watched) = &mut source.endpoints
+            && let Some(text) = watched.changed()
         {
             source.published =
-                topology::parse_endpoints(&text).with_context(|| format!("endpoints {}", path.display()))?;
-            source.endpoints = Some(Watched { path: path.to_owned(), seen: text });
+                file::parse_endpoints(&text).with_context(|| format!("endpoints {}", watched.path().display()))?;
         }
-        source.rebuild();
+        source.publish();
         Ok(source)
-    }
-
-    pub fn snapshot(&self) -> Arc<ArcSwap<Snapshot>> {
-        self.current.clone()
     }
 
     /// Polls the files forever.
@@ -98,18 +90,18 @@ impl LocalSource {
         loop {
             ticker.tick().await;
             let mut changed = false;
-            if let Some(text) = self.topology.changed().await {
-                changed |=
-                    self.accept("topology", &self.topology.path.clone(), topology::parse(&text), |s, f| s.file = f);
+            if let Some(text) = self.topology.changed() {
+                let path = self.topology.path().to_owned();
+                changed |= self.accept("topology", &path, file::parse(&text), |s, f| s.file = f);
             }
             if let Some(watched) = &mut self.endpoints
-                && let Some(text) = watched.changed().await
+                && let Some(text) = watched.changed()
             {
-                let path = watched.path.clone();
-                changed |= self.accept("endpoints", &path, topology::parse_endpoints(&text), |s, e| s.published = e);
+                let path = watched.path().to_owned();
+                changed |= self.accept("endpoints", &path, file::parse_endpoints(&text), |s, e| s.published = e);
             }
             if changed {
-                self.rebuild();
+                self.publish();
             }
         }
     }
@@ -119,27 +111,24 @@ impl LocalSource {
         &mut self,
         what: &str,
         path: &Path,
-        parsed: Result<T, topology::TopologyError>,
+        parsed: Result<T, TopologyError>,
         store: impl FnOnce(&mut Self, T),
     ) -> bool {
         match parsed {
             Ok(value) => {
                 store(self, value);
-                self.stats.topology_reload(true);
                 tracing::info!(path = %path.display(), "{what} file reloaded");
                 true
             }
             Err(e) => {
-                self.stats.topology_reload(false);
+                self.publisher.rejected();
                 tracing::error!(path = %path.display(), error = %e, "{what} file rejected; the previous one keeps serving");
                 false
             }
         }
     }
 
-    fn rebuild(&mut self) {
-        let with = Builder { stats: &self.stats, queue: self.queue.clone(), prober: &self.prober };
-        let snapshot = Snapshot::build(&self.file, &self.published, &self.current.load(), &with);
-        self.current.store(Arc::new(snapshot));
+    fn publish(&self) {
+        self.publisher.apply(&self.file.to_spec(&self.published));
     }
 }

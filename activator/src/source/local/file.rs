@@ -1,0 +1,281 @@
+//! Local mode's file formats: the topology file (services, traffic, revisions, endpoints) and
+//! the endpoints file `autoscaler-shim` publishes, with errors that name the line and column, or
+//! the service at fault. Turns them into the source-neutral `WorldSpec`.
+//!
+//! Unknown fields are errors, so typos do not pass silently. Must not do I/O: `source::local`
+//! reads the files.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::throttle::Probe;
+use crate::world::spec::{self, RevisionSpec, ServiceSpec, TrafficSpec, WorldSpec};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopologyFile {
+    #[serde(default)]
+    pub services: Vec<ServiceEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceEntry {
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    pub name: String,
+    /// Host names (without port) that reach this service. Empty means
+    /// `<name>.<namespace>.svc.cluster.local`.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub traffic: Vec<TrafficEntry>,
+    pub revisions: Vec<RevisionEntry>,
+    /// Service-level annotations; a revision's own annotations take precedence.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrafficEntry {
+    pub revision: String,
+    pub percent: u32,
+    #[serde(default)]
+    pub tag: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RevisionEntry {
+    pub name: String,
+    /// Requests a pod may hold at once; 0 means unlimited.
+    #[serde(default)]
+    pub container_concurrency: u32,
+    #[serde(default = "default_timeout_seconds")]
+    pub timeout_seconds: u64,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    pub endpoints: Vec<SocketAddr>,
+    /// How a new endpoint proves it is ready: `http` (GET `probePath` answers 2xx), `queue`
+    /// (Knative's queue-proxy probe on `probePath`) or `none` (trusted at once).
+    #[serde(default)]
+    pub probe: ProbeKind,
+    #[serde(default = "default_probe_path")]
+    pub probe_path: String,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeKind {
+    #[default]
+    Http,
+    Queue,
+    None,
+}
+
+/// Endpoints published apart from the topology (by `autoscaler-shim`'s process backend):
+/// `<namespace>/<revision>: [ip:port, …]`, added to the revision's own.
+pub type EndpointsFile = BTreeMap<String, Vec<SocketAddr>>;
+
+/// Parses an endpoints file; an empty file means no extra endpoints.
+pub fn parse_endpoints(text: &str) -> Result<EndpointsFile, TopologyError> {
+    if text.trim().is_empty() {
+        return Ok(EndpointsFile::new());
+    }
+    serde_yaml_ng::from_str(text).map_err(located)
+}
+
+fn default_probe_path() -> String {
+    "/healthz".to_owned()
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+
+fn default_timeout_seconds() -> u64 {
+    spec::DEFAULT_TIMEOUT.as_secs()
+}
+
+/// Why a topology file was rejected.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TopologyError {
+    /// 1-based line and column, when the problem is at one place in the text.
+    pub location: Option<(usize, usize)>,
+    pub message: String,
+}
+
+impl fmt::Display for TopologyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.location {
+            Some((line, column)) if !self.message.contains(&format!("line {line} column {column}")) => {
+                write!(f, "line {line} column {column}: {}", self.message)
+            }
+            _ => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for TopologyError {}
+
+/// Parses and validates a topology file.
+pub fn parse(text: &str) -> Result<TopologyFile, TopologyError> {
+    let file: TopologyFile = serde_yaml_ng::from_str(text).map_err(located)?;
+    spec::validate(&file.to_spec(&EndpointsFile::new()))
+        .map_err(|e| TopologyError { location: None, message: e.message })?;
+    Ok(file)
+}
+
+fn located(e: serde_yaml_ng::Error) -> TopologyError {
+    TopologyError { location: e.location().map(|l| (l.line(), l.column())), message: e.to_string() }
+}
+
+impl TopologyFile {
+    /// The world this file describes, with the endpoints `published` adds to each revision's own.
+    pub fn to_spec(&self, published: &EndpointsFile) -> WorldSpec {
+        let services = self
+            .services
+            .iter()
+            .map(|svc| ServiceSpec {
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+                hosts: if svc.hosts.is_empty() {
+                    vec![ServiceSpec::default_host(&svc.namespace, &svc.name)]
+                } else {
+                    svc.hosts.iter().map(|h| h.to_ascii_lowercase()).collect()
+                },
+                annotations: svc.annotations.clone(),
+                traffic: svc
+                    .traffic
+                    .iter()
+                    .map(|t| TrafficSpec { revision: t.revision.clone(), percent: t.percent })
+                    .collect(),
+                revisions: svc.revisions.iter().map(|rev| rev.to_spec(&svc.namespace, published)).collect(),
+            })
+            .collect();
+        WorldSpec { services }
+    }
+}
+
+impl RevisionEntry {
+    fn to_spec(&self, namespace: &str, published: &EndpointsFile) -> RevisionSpec {
+        let mut endpoints = self.endpoints.clone();
+        let extra = published.get(&format!("{namespace}/{}", self.name));
+        endpoints.extend(extra.into_iter().flatten().filter(|a| !self.endpoints.contains(a)));
+        RevisionSpec {
+            name: self.name.clone(),
+            container_concurrency: self.container_concurrency,
+            timeout: Duration::from_secs(self.timeout_seconds),
+            annotations: self.annotations.clone(),
+            endpoints,
+            probe: match self.probe {
+                ProbeKind::Http => Probe::Http { path: self.probe_path.clone() },
+                ProbeKind::Queue => Probe::Queue { path: self.probe_path.clone() },
+                ProbeKind::None => Probe::None,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO_REVISIONS: &str = r#"
+services:
+  - name: counter
+    hosts: [counter.example.com]
+    traffic:
+      - revision: counter-1
+        percent: 30
+      - revision: counter-2
+        percent: 70
+        tag: next
+      - revision: counter-3
+        percent: 0
+    revisions:
+      - name: counter-1
+        endpoints: ["127.0.0.1:9001"]
+      - name: counter-2
+        containerConcurrency: 2
+        timeoutSeconds: 5
+        annotations: {a: b}
+        endpoints: ["127.0.0.1:9002", "127.0.0.1:9003"]
+      - name: counter-3
+"#;
+
+    #[test]
+    fn parses_a_full_file() {
+        let file = parse(TWO_REVISIONS).unwrap();
+        let svc = &file.services[0];
+        assert_eq!(svc.namespace, "default");
+        assert_eq!(svc.traffic[1].tag.as_deref(), Some("next"));
+        let spec = file.to_spec(&EndpointsFile::new());
+        assert_eq!(spec.services[0].hosts, ["counter.example.com"]);
+        assert_eq!(spec.services[0].revisions[1].timeout, Duration::from_secs(5));
+        assert_eq!(spec.services[0].revisions[2].probe, Probe::Http { path: "/healthz".into() });
+        assert_eq!(svc.revisions[1].container_concurrency, 2);
+        assert_eq!(svc.revisions[0].timeout_seconds, spec::DEFAULT_TIMEOUT.as_secs());
+        assert_eq!(svc.revisions[1].endpoints.len(), 2);
+    }
+
+    #[test]
+    fn syntax_errors_name_line_and_column() {
+        let err = parse("services:\n  - name: x\n    traffic: [\n").unwrap_err();
+        assert!(err.location.is_some(), "{err}");
+        let err = parse("services:\n  - name: x\n    bogus: 1\n").unwrap_err();
+        assert_eq!(err.location.map(|l| l.0), Some(3), "{err}");
+        assert!(err.message.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn bad_endpoints_are_located() {
+        let text = TWO_REVISIONS.replace("127.0.0.1:9003", "not-an-address");
+        let err = parse(&text).unwrap_err();
+        let line = text.lines().position(|l| l.contains("not-an-address")).unwrap() + 1;
+        assert_eq!(err.location.map(|l| l.0), Some(line), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_service() {
+        let cases = [
+            (TWO_REVISIONS.replace("percent: 70", "percent: 60"), "add up to 90"),
+            (TWO_REVISIONS.replace("- revision: counter-3", "- revision: nope"), "nope"),
+            (TWO_REVISIONS.replace("timeoutSeconds: 5", "timeoutSeconds: 0"), "timeoutSeconds"),
+            (TWO_REVISIONS.replace("127.0.0.1:9003", "127.0.0.1:9002"), "listed twice"),
+            (TWO_REVISIONS.replace("traffic:\n", "traffic: []\n    x:\n"), "unknown field"),
+        ];
+        for (text, needle) in cases {
+            let err = parse(&text).unwrap_err();
+            assert!(err.to_string().contains(needle), "{needle}: {err}");
+        }
+    }
+
+    #[test]
+    fn duplicate_hosts_and_services_are_rejected() {
+        let twice = format!("{TWO_REVISIONS}{}", TWO_REVISIONS.replace("services:\n", ""));
+        assert!(parse(&twice).unwrap_err().to_string().contains("defined twice"));
+        let other = TWO_REVISIONS.replace("services:\n", "").replace("name: counter\n", "name: other\n");
+        let other = other.replace("counter-", "other-");
+        let both = format!("{TWO_REVISIONS}{other}");
+        assert!(parse(&both).unwrap_err().to_string().contains("already used"));
+    }
+
+    #[test]
+    fn published_endpoints_join_the_revisions_own() {
+        let text = TWO_REVISIONS.replace("      - name: counter-1\n", "      - name: counter-1\n        probe: none\n");
+        let published = parse_endpoints("default/counter-1: [\"127.0.0.1:9005\", \"127.0.0.1:9001\"]\n").unwrap();
+        let spec = parse(&text).unwrap().to_spec(&published);
+        let endpoints: Vec<String> = spec.services[0].revisions[0].endpoints.iter().map(|a| a.to_string()).collect();
+        assert_eq!(endpoints, ["127.0.0.1:9001", "127.0.0.1:9005"], "each endpoint once");
+        assert_eq!(spec.services[0].revisions[0].probe, Probe::None);
+        assert_eq!(spec.services[0].revisions[1].probe, Probe::Http { path: "/healthz".into() }, "probed by default");
+        assert!(parse_endpoints("").unwrap().is_empty());
+        assert!(parse_endpoints("x: [nope]").unwrap_err().location.is_some());
+    }
+}

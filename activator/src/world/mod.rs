@@ -1,0 +1,111 @@
+//! The world view the request path reads: services, their traffic split, and their revisions
+//! with the throttlers that hold their ready pods, as one immutable [`Snapshot`] swapped whole on
+//! every change and read without locking.
+//!
+//! `spec` is what sources describe, `policy` what annotations configure, `publisher` turns specs
+//! into snapshots. Must not know which source a spec came from (nothing here imports `source`),
+//! do file or network I/O, or hold per-request state: in-flight counts and queues live in
+//! `throttle`.
+
+pub mod policy;
+pub mod publisher;
+pub mod spec;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::autoscaler::Concurrency;
+use crate::pins::Lifetime;
+use crate::stats::RevisionStats;
+use crate::throttle::{Probe, Throttler};
+
+pub use policy::{Annotated, Policy};
+pub use publisher::Publisher;
+
+/// A revision as the request path sees it.
+pub struct Revision {
+    pub namespace: String,
+    pub service: String,
+    pub name: String,
+    pub container_concurrency: u32,
+    pub timeout: Duration,
+    /// How new endpoints prove ready.
+    pub probe: Probe,
+    /// The activator's annotations of the revision over those of its service.
+    pub affinity: Annotated,
+    pub throttler: Arc<Throttler>,
+    pub stats: Arc<RevisionStats>,
+    pub concurrency: Arc<Concurrency>,
+}
+
+pub struct TrafficTarget {
+    pub revision: Arc<Revision>,
+    pub percent: u32,
+}
+
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub traffic: Vec<TrafficTarget>,
+    /// How requests to this service carry session and flow ids.
+    pub affinity: Policy,
+}
+
+impl Service {
+    /// The weighted split: `roll` is uniform in `0..100`. Targets at 0 % are never chosen.
+    pub fn split(&self, roll: u32) -> &Arc<Revision> {
+        let mut acc = 0;
+        for target in &self.traffic {
+            acc += target.percent;
+            if roll < acc {
+                return &target.revision;
+            }
+        }
+        // Validation makes the percents add up to 100, so only an out-of-range roll gets here.
+        &self.traffic.iter().rfind(|t| t.percent > 0).unwrap_or(&self.traffic[0]).revision
+    }
+
+    /// Whether `revision` is listed in the traffic at any percent (a valid affinity target).
+    pub fn routes_to(&self, revision: &str) -> Option<&Arc<Revision>> {
+        self.traffic.iter().find(|t| t.revision.name == revision).map(|t| &t.revision)
+    }
+
+    /// How long pins into `revision` live; pins into a revision that left the traffic are
+    /// replaced on their next use, so the default serves them.
+    pub fn lifetime_of(&self, revision: &str) -> Lifetime {
+        self.routes_to(revision).map_or_else(|| Annotated::default().lifetime(), |r| r.affinity.lifetime())
+    }
+}
+
+/// One immutable view of the world.
+#[derive(Default)]
+pub struct Snapshot {
+    by_host: HashMap<String, Arc<Service>>,
+    by_revision: HashMap<(String, String), (Arc<Service>, Arc<Revision>)>,
+}
+
+impl Snapshot {
+    /// The service reached by a `Host` header or `:authority` (port and case ignored).
+    pub fn service_for_host(&self, host: &str) -> Option<&Arc<Service>> {
+        let name = strip_port(host);
+        match self.by_host.get(name) {
+            Some(svc) => Some(svc),
+            None if name.bytes().any(|b| b.is_ascii_uppercase()) => self.by_host.get(&name.to_ascii_lowercase()),
+            None => None,
+        }
+    }
+
+    /// A revision by namespace and name (as Knative's ingress names it), and its service.
+    pub fn revision(&self, namespace: &str, name: &str) -> Option<&(Arc<Service>, Arc<Revision>)> {
+        self.by_revision.get(&(namespace.to_owned(), name.to_owned()))
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // IPv6 literal: keep the brackets, drop a trailing :port.
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    host.rsplit_once(':').map_or(host, |(name, _)| name)
+}

@@ -1,0 +1,239 @@
+//! What a service's `activator.knative.dev/*` annotations configure: where session and flow ids
+//! are read from, the cookie made up for clients without one, and how long pins live.
+//!
+//! Annotations are parsed once per world change, never per request. A malformed annotation is
+//! reported to the caller (who logs and counts it) and ignored. Must not read requests; the
+//! `affinity` module does, by this policy.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HeaderName;
+
+use crate::headers::{DEFAULT_FLOW, DEFAULT_SESSION};
+use crate::pins::{Lifetime, MAX_LIFETIME, PinKind};
+
+pub const ANNOTATION_PREFIX: &str = "activator.knative.dev/";
+pub const DEFAULT_TTL: Duration = Duration::from_secs(600);
+
+/// Where an id is read from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdSource {
+    Header(HeaderName),
+    Query(String),
+    /// 1-based: in `/incr/abc`, segment 2 is `abc`.
+    PathSegment(NonZeroUsize),
+    Cookie(String),
+}
+
+/// What one revision's (or service's) annotations say.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Annotated {
+    session: Vec<IdSource>,
+    flow: Vec<IdSource>,
+    ttl: Option<Duration>,
+    max_age: Option<Duration>,
+    /// `sticky-session-cookie-secure`: the session cookie is sent over HTTPS only.
+    cookie_secure: Option<bool>,
+}
+
+impl Annotated {
+    /// Reads the activator's annotations, reporting each one it has to ignore to `rejected`
+    /// with the reason.
+    pub fn parse(annotations: &BTreeMap<String, String>, rejected: &mut dyn FnMut(&str, String)) -> Self {
+        let mut out = Annotated::default();
+        for (key, value) in annotations {
+            let Some(name) = key.strip_prefix(ANNOTATION_PREFIX) else { continue };
+            let value = value.trim();
+            let (kind, what) = if let Some(what) = name.strip_prefix("sticky-session-") {
+                (Some(PinKind::Session), what)
+            } else if let Some(what) = name.strip_prefix("sticky-revision-") {
+                (Some(PinKind::Flow), what)
+            } else {
+                (None, name)
+            };
+            let source = match (kind, what) {
+                (Some(_), "header-name") => {
+                    HeaderName::try_from(value).map(IdSource::Header).map_err(|_| "not a valid header name")
+                }
+                (Some(_), "query-parameter") if !value.is_empty() => Ok(IdSource::Query(value.to_owned())),
+                (Some(_), "query-parameter") => Err("empty"),
+                (Some(_), "path-segment") => {
+                    value.parse().map(IdSource::PathSegment).map_err(|_| "not a path segment number (1-based)")
+                }
+                (Some(PinKind::Session), "cookie-name") if is_cookie_name(value) => {
+                    Ok(IdSource::Cookie(value.to_owned()))
+                }
+                (Some(PinKind::Session), "cookie-name") => Err("not a valid cookie name"),
+                (None, "sticky-ttl" | "sticky-max-age") => {
+                    let Some(mut d) = humantime::parse_duration(value).ok().filter(|d| !d.is_zero()) else {
+                        rejected(key, format!("{value:?} is not a positive duration such as 600s"));
+                        continue;
+                    };
+                    if d > MAX_LIFETIME {
+                        let max = humantime::format_duration(MAX_LIFETIME);
+                        rejected(key, format!("{value:?} is longer than the longest pin lifetime, {max}; using {max}"));
+                        d = MAX_LIFETIME;
+                    }
+                    if what == "sticky-ttl" {
+                        out.ttl = Some(d)
+                    } else {
+                        out.max_age = Some(d)
+                    }
+                    continue;
+                }
+                (Some(PinKind::Session), "cookie-secure") => {
+                    match value.to_ascii_lowercase().as_str() {
+                        "true" => out.cookie_secure = Some(true),
+                        "false" => out.cookie_secure = Some(false),
+                        _ => rejected(key, format!("{value:?} is neither true nor false")),
+                    }
+                    continue;
+                }
+                _ => Err("unknown annotation"),
+            };
+            match (source, kind) {
+                (Ok(source), Some(PinKind::Session)) => out.session.push(source),
+                (Ok(source), _) => out.flow.push(source),
+                (Err(reason), _) => rejected(key, format!("{value:?}: {reason}")),
+            }
+        }
+        out
+    }
+
+    /// These annotations over `base` (a revision's over its service's): sources of both, this
+    /// one's lifetimes where set.
+    pub fn over(mut self, base: &Annotated) -> Annotated {
+        extend_unique(&mut self.session, &base.session);
+        extend_unique(&mut self.flow, &base.flow);
+        self.ttl = self.ttl.or(base.ttl);
+        self.max_age = self.max_age.or(base.max_age);
+        self.cookie_secure = self.cookie_secure.or(base.cookie_secure);
+        self
+    }
+
+    /// Pin lifetime for pins into this revision.
+    pub fn lifetime(&self) -> Lifetime {
+        Lifetime { ttl: self.ttl.unwrap_or(DEFAULT_TTL), max_age: self.max_age }
+    }
+}
+
+/// Cookie names are RFC 6265 tokens.
+fn is_cookie_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+}
+
+/// How a service's requests carry ids: the union of what its own annotations and the
+/// annotations of the revisions in its traffic configure (so clients of an old and a new
+/// revision keep their affinity during a rollout), then the default headers.
+#[derive(Debug)]
+pub struct Policy {
+    scope: Arc<str>,
+    session: Vec<IdSource>,
+    flow: Vec<IdSource>,
+    /// Cookie created for clients that send no session id, and whether it is `Secure`.
+    cookie: Option<(String, bool)>,
+}
+
+impl Policy {
+    pub fn new<'a>(namespace: &str, service: &str, annotated: impl IntoIterator<Item = &'a Annotated>) -> Self {
+        let mut session = Vec::new();
+        let mut flow = Vec::new();
+        let mut secure = false;
+        for a in annotated {
+            extend_unique(&mut session, &a.session);
+            extend_unique(&mut flow, &a.flow);
+            secure |= a.cookie_secure.unwrap_or(false);
+        }
+        let cookie = session.iter().find_map(|s| match s {
+            IdSource::Cookie(name) => Some((name.clone(), secure)),
+            _ => None,
+        });
+        extend_unique(&mut session, &[IdSource::Header(DEFAULT_SESSION)]);
+        extend_unique(&mut flow, &[IdSource::Header(DEFAULT_FLOW)]);
+        Policy { scope: format!("{namespace}/{service}").into(), session, flow, cookie }
+    }
+
+    /// `<namespace>/<service>`: the scope of this service's pin keys.
+    pub fn scope(&self) -> &Arc<str> {
+        &self.scope
+    }
+
+    /// Where session ids are read from, first match wins.
+    pub fn session_sources(&self) -> &[IdSource] {
+        &self.session
+    }
+
+    /// Where flow ids are read from, first match wins.
+    pub fn flow_sources(&self) -> &[IdSource] {
+        &self.flow
+    }
+
+    /// The cookie made up for clients without a session id, and whether it is `Secure`.
+    pub fn cookie(&self) -> Option<(&str, bool)> {
+        self.cookie.as_ref().map(|(name, secure)| (name.as_str(), *secure))
+    }
+}
+
+fn extend_unique(into: &mut Vec<IdSource>, from: &[IdSource]) {
+    for source in from {
+        if !into.contains(source) {
+            into.push(source.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn annotated(pairs: &[(&str, &str)]) -> (Annotated, Vec<String>) {
+        let map = pairs.iter().map(|(k, v)| (format!("{ANNOTATION_PREFIX}{k}"), (*v).to_owned())).collect();
+        let mut errors = Vec::new();
+        let parsed = Annotated::parse(&map, &mut |key, reason| errors.push(format!("{key}: {reason}")));
+        (parsed, errors)
+    }
+
+    #[test]
+    fn lifetimes_and_malformed_annotations() {
+        let (a, errors) = annotated(&[
+            ("sticky-ttl", "90s"),
+            ("sticky-max-age", "1h"),
+            ("sticky-session-path-segment", "0"),
+            ("sticky-revision-header-name", "bad header"),
+            ("sticky-session-cookie-name", "a;b"),
+            ("sticky-flavour", "x"),
+        ]);
+        assert_eq!(a.lifetime(), Lifetime { ttl: Duration::from_secs(90), max_age: Some(Duration::from_secs(3600)) });
+        assert_eq!(errors.len(), 4, "{errors:?}");
+        let (bad_ttl, errors) = annotated(&[("sticky-ttl", "soon")]);
+        assert_eq!(bad_ttl.lifetime().ttl, DEFAULT_TTL);
+        assert_eq!(errors.len(), 1);
+        let (_, errors) = annotated(&[("sticky-ttl", "0s")]);
+        assert_eq!(errors.len(), 1, "a zero TTL is refused");
+        let (huge, errors) = annotated(&[("sticky-ttl", "100000000years"), ("sticky-max-age", "10000d")]);
+        assert_eq!(huge.lifetime(), Lifetime { ttl: MAX_LIFETIME, max_age: Some(MAX_LIFETIME) }, "clamped");
+        assert_eq!(errors.len(), 2, "each clamp is reported: {errors:?}");
+        let (_, errors) = annotated(&[("sticky-session-cookie-secure", "yes")]);
+        assert_eq!(errors.len(), 1);
+    }
+
+    #[test]
+    fn policy_is_the_union_of_revisions() {
+        let (old, _) = annotated(&[("sticky-session-header-name", "X-Old")]);
+        let (new, _) = annotated(&[("sticky-session-header-name", "X-New")]);
+        let p = Policy::new("ns", "svc", [&old, &new]);
+        let headers = |sources: &[IdSource]| -> Vec<String> {
+            sources
+                .iter()
+                .map(|s| match s {
+                    IdSource::Header(h) => h.to_string(),
+                    other => format!("{other:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(headers(p.session_sources()), ["x-old", "x-new", "k-session"]);
+    }
+}

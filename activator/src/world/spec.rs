@@ -1,0 +1,249 @@
+//! The world as a source describes it, in plain data: services with their hosts, annotations and
+//! traffic split, and their revisions with concurrency, timeouts, annotations, endpoints and how
+//! those endpoints prove ready. Every source (the local file, Knative's API objects) produces one;
+//! [`validate`] checks what no source may get wrong; the `Publisher` turns it into the snapshot
+//! the request path reads.
+//!
+//! Must not know where a spec came from, nor build anything long-lived.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::throttle::Probe;
+
+/// Knative's default `timeoutSeconds`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorldSpec {
+    pub services: Vec<ServiceSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub namespace: String,
+    pub name: String,
+    /// Host names (lower case, without port) that reach the service.
+    pub hosts: Vec<String>,
+    /// The service's own annotations; a revision's own take precedence.
+    pub annotations: BTreeMap<String, String>,
+    /// The valid targets and the weighted split over them.
+    pub traffic: Vec<TrafficSpec>,
+    pub revisions: Vec<RevisionSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrafficSpec {
+    pub revision: String,
+    pub percent: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevisionSpec {
+    pub name: String,
+    /// Requests a pod may hold at once; 0 means unlimited.
+    pub container_concurrency: u32,
+    pub timeout: Duration,
+    pub annotations: BTreeMap<String, String>,
+    /// Pods, ip:port; each takes traffic once `probe` passes.
+    pub endpoints: Vec<SocketAddr>,
+    pub probe: Probe,
+}
+
+impl ServiceSpec {
+    /// `<name>.<namespace>.svc.cluster.local`, the host a service without hosts of its own gets.
+    pub fn default_host(namespace: &str, name: &str) -> String {
+        format!("{name}.{namespace}.svc.cluster.local")
+    }
+
+    /// A revision's annotations over its service's, as one map (the revision's win).
+    pub fn annotations_of(&self, revision: &RevisionSpec) -> BTreeMap<String, String> {
+        let mut merged = self.annotations.clone();
+        merged.extend(revision.annotations.iter().map(|(k, v)| (k.clone(), v.clone())));
+        merged
+    }
+}
+
+/// Why a spec cannot be used, naming the service at fault.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SpecError {
+    pub message: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for SpecError {}
+
+fn error(service: &ServiceSpec, message: impl fmt::Display) -> SpecError {
+    SpecError { message: format!("service {}/{}: {message}", service.namespace, service.name) }
+}
+
+/// Checks one service on its own: names, timeouts, endpoints listed once, and a traffic split
+/// over its own revisions that adds up to 100.
+pub fn validate_service(svc: &ServiceSpec) -> Result<(), SpecError> {
+    if svc.name.is_empty() || svc.namespace.is_empty() {
+        return Err(error(svc, "name and namespace must not be empty"));
+    }
+    let mut own = HashSet::new();
+    for rev in &svc.revisions {
+        if rev.name.is_empty() {
+            return Err(error(svc, "a revision has an empty name"));
+        }
+        if !own.insert(rev.name.as_str()) {
+            return Err(error(svc, format!("revision {} is listed twice", rev.name)));
+        }
+        if rev.timeout.is_zero() {
+            return Err(error(svc, format!("revision {}: timeoutSeconds must be > 0", rev.name)));
+        }
+        if let Probe::Http { path } | Probe::Queue { path } = &rev.probe
+            && !path.starts_with('/')
+        {
+            return Err(error(svc, format!("revision {}: probePath must start with /", rev.name)));
+        }
+        let unique: HashSet<_> = rev.endpoints.iter().collect();
+        if unique.len() != rev.endpoints.len() {
+            return Err(error(svc, format!("revision {}: an endpoint is listed twice", rev.name)));
+        }
+    }
+    if svc.traffic.is_empty() {
+        return Err(error(svc, "traffic must list at least one revision"));
+    }
+    let mut total = 0u64;
+    for target in &svc.traffic {
+        if !own.contains(target.revision.as_str()) {
+            return Err(error(
+                svc,
+                format!("traffic names revision {}, which is not in this service's revisions", target.revision),
+            ));
+        }
+        total += u64::from(target.percent);
+    }
+    if total != 100 {
+        return Err(error(svc, format!("traffic percents add up to {total}, not 100")));
+    }
+    Ok(())
+}
+
+/// Checks every service, and what services must not share: a name, a host, a revision name in
+/// one namespace.
+pub fn validate(spec: &WorldSpec) -> Result<(), SpecError> {
+    let mut services = HashSet::new();
+    let mut hosts = HashMap::new();
+    let mut revisions = HashSet::new();
+    for svc in &spec.services {
+        validate_service(svc)?;
+        if !services.insert((&svc.namespace, &svc.name)) {
+            return Err(error(svc, "defined twice"));
+        }
+        for host in &svc.hosts {
+            if let Some((ns, name)) = hosts.insert(host, (&svc.namespace, &svc.name)) {
+                return Err(error(svc, format!("host {host} is already used by {ns}/{name}")));
+            }
+        }
+        for rev in &svc.revisions {
+            if !revisions.insert((&svc.namespace, &rev.name)) {
+                return Err(error(
+                    svc,
+                    format!("revision {} is defined more than once in namespace {}", rev.name, svc.namespace),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A service reached at `<name>.test` with revisions `<name>-<i>` at the given percents, each
+    /// with the given endpoints, trusted without a probe.
+    pub(crate) fn service(name: &str, revisions: &[(u32, Vec<SocketAddr>)]) -> ServiceSpec {
+        ServiceSpec {
+            namespace: "default".into(),
+            name: name.into(),
+            hosts: vec![format!("{name}.test")],
+            annotations: BTreeMap::new(),
+            traffic: (0..revisions.len())
+                .map(|i| TrafficSpec { revision: format!("{name}-{i}"), percent: revisions[i].0 })
+                .collect(),
+            revisions: revisions
+                .iter()
+                .enumerate()
+                .map(|(i, (_, endpoints))| RevisionSpec {
+                    name: format!("{name}-{i}"),
+                    container_concurrency: 0,
+                    timeout: DEFAULT_TIMEOUT,
+                    annotations: BTreeMap::new(),
+                    endpoints: endpoints.clone(),
+                    probe: Probe::None,
+                })
+                .collect(),
+        }
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn a_good_spec_passes() {
+        let spec = WorldSpec { services: vec![service("a", &[(30, vec![addr(1)]), (70, vec![])])] };
+        assert_eq!(validate(&spec), Ok(()));
+    }
+
+    #[test]
+    fn errors_name_the_service_and_the_problem() {
+        let good = service("svc", &[(50, vec![addr(1), addr(2)]), (50, vec![])]);
+        let broken = |change: &dyn Fn(&mut ServiceSpec)| {
+            let mut svc = good.clone();
+            change(&mut svc);
+            validate(&WorldSpec { services: vec![svc] }).unwrap_err().to_string()
+        };
+        type Change<'a> = &'a dyn Fn(&mut ServiceSpec);
+        let cases: [(Change, &str); 7] = [
+            (&|s| s.traffic[0].percent = 40, "add up to 90"),
+            (&|s| s.traffic[0].revision = "nope".into(), "nope"),
+            (&|s| s.revisions[0].timeout = Duration::ZERO, "timeoutSeconds"),
+            (&|s| s.revisions[0].endpoints[1] = addr(1), "listed twice"),
+            (&|s| s.revisions[0].probe = Probe::Http { path: "healthz".into() }, "probePath"),
+            (&|s| s.traffic.clear(), "at least one"),
+            (&|s| s.name.clear(), "must not be empty"),
+        ];
+        for (change, needle) in cases {
+            let message = broken(change);
+            assert!(message.contains(needle) && message.starts_with("service default/"), "{needle}: {message}");
+        }
+    }
+
+    #[test]
+    fn services_may_not_share_names_hosts_or_revisions() {
+        let a = service("a", &[(100, vec![])]);
+        let twice = WorldSpec { services: vec![a.clone(), a.clone()] };
+        assert!(validate(&twice).unwrap_err().message.contains("defined twice"));
+        let mut b = service("b", &[(100, vec![])]);
+        b.hosts = a.hosts.clone();
+        let shared_host = WorldSpec { services: vec![a.clone(), b.clone()] };
+        assert!(validate(&shared_host).unwrap_err().message.contains("already used"));
+        b.hosts = vec!["b.test".into()];
+        b.revisions[0].name = "a-0".into();
+        b.traffic[0].revision = "a-0".into();
+        let shared_revision = WorldSpec { services: vec![a, b] };
+        assert!(validate(&shared_revision).unwrap_err().message.contains("more than once"));
+    }
+
+    #[test]
+    fn a_revisions_annotations_win_over_its_services() {
+        let mut svc = service("a", &[(100, vec![])]);
+        svc.annotations = [("k".to_owned(), "service".to_owned()), ("s".to_owned(), "only".to_owned())].into();
+        svc.revisions[0].annotations = [("k".to_owned(), "revision".to_owned())].into();
+        let merged = svc.annotations_of(&svc.revisions[0]);
+        assert_eq!((merged["k"].as_str(), merged["s"].as_str()), ("revision", "only"));
+    }
+}
