@@ -1,9 +1,10 @@
-//! The request path, from a parsed request to a response: probes, resolving the target service,
-//! extracting affinity ids, looking up their pins, the decision, admission by the revision's
-//! throttler, pinning the session to its pod, forwarding, accounting.
+//! The request path as a list of steps, from a parsed request to a response: probes, resolving
+//! the target service, reading its affinity ids, settling its route (`affinity::Pinning`),
+//! admission by the revision's throttler, forwarding (`proxy`), accounting.
 //!
-//! Owns the status codes the activator answers by itself. Reads the topology through one
-//! snapshot load per request and never blocks on a topology update.
+//! Reads the world through one snapshot load per request and never blocks on a world update.
+//! Decides nothing itself: where a request goes is `affinity`'s, what the activator answers by
+//! itself is `respond`'s.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,12 +15,12 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use crate::affinity::{Decision, Keys, Lookup, PinWrite, decide, extract, follow_flow_winner};
+use crate::affinity::{Keys, Pinning, Route, extract};
 use crate::autoscaler::{InFlight, Reporter};
 use crate::body::ResponseBody;
 use crate::headers::{DECISION, KNATIVE_NAMESPACE, KNATIVE_REVISION};
 use crate::health::Health;
-use crate::pins::{Pin, Pins};
+use crate::pins::Pins;
 use crate::probes;
 use crate::proxy::{self, Exchange};
 use crate::respond::{self, reply};
@@ -45,14 +46,10 @@ pub struct Handler {
     pub tunnels: TaskTracker,
 }
 
-/// A request resolved to its service, with its ids and what the pin table says about them.
-struct Routed {
-    service: Arc<Service>,
-    keys: Keys,
-    lookup: Lookup,
-}
-
 impl Handler {
+    /// A request's way through the activator: probes answered, the target resolved, its ids read,
+    /// its route settled with the pins, admission by the revision's throttler, forwarding, and
+    /// accounting.
     pub async fn handle(&self, mut req: Request<Incoming>, client: SocketAddr) -> Response<ResponseBody> {
         let started = Instant::now();
         if let Some(resp) = probes::answer(&mut req, &self.health) {
@@ -66,38 +63,17 @@ impl Handler {
             Ok(keys) => keys,
             Err(e) => return self.unrouted(StatusCode::BAD_REQUEST, &e.to_string(), started),
         };
-        let lifetime_of = |revision: &str| service.lifetime_of(revision);
-        let (session, flow) = self.pins.lookup(keys.session.as_ref(), keys.flow.as_ref(), &lifetime_of).await;
-        let lookup = Lookup { has_session: keys.session.is_some(), has_flow: keys.flow.is_some(), session, flow };
-        let mut decision = decide(&service, ingress_pick.as_ref(), &lookup, fastrand::u32(..100));
-        if let (Some(key), Some(write)) = (&keys.flow, &decision.flow_write) {
-            let ours = Pin::flow(&decision.revision.name);
-            let lifetime = decision.revision.affinity.lifetime();
-            let winner = self.pins.write(key, write.expected(), ours, lifetime, &lifetime_of).await;
-            follow_flow_winner(&mut decision, &service, &lookup, &winner);
-        }
-
-        let revision = decision.revision.clone();
-        let origin = decision.origin;
-        let routed = Routed { service, keys, lookup };
-        let in_flight = self.reporter.arrive(&revision.concurrency);
+        let (pinning, mut route) = Pinning::route(&self.pins, &service, &keys, ingress_pick.as_ref()).await;
+        let in_flight = self.reporter.arrive(&route.revision.concurrency);
         // The revision's timeout runs from arrival: queueing, the pod's answer and its body.
-        let mut deadline = Box::pin(tokio::time::sleep_until(started + revision.timeout));
+        let mut deadline = Box::pin(tokio::time::sleep_until(started + route.revision.timeout));
         let mut resp = tokio::select! {
-            resp = self.forward(req, &routed, decision, client, in_flight) => resp,
+            resp = self.admit_and_forward(req, &pinning, &mut route, in_flight, client) => resp,
             () = deadline.as_mut() => respond::timed_out(),
         };
         resp.body_mut().cut_at(deadline);
-        revision.stats.record(resp.status().as_u16(), started.elapsed());
-        let headers = resp.headers_mut();
-        if let Some(cookie) = &routed.keys.new_cookie
-            && let Ok(value) = HeaderValue::try_from(cookie.header_value(revision.affinity.lifetime().max_age))
-        {
-            headers.append(http::header::SET_COOKIE, value);
-        }
-        if self.debug_headers {
-            headers.insert(DECISION, HeaderValue::from_static(origin.as_str()));
-        }
+        route.revision.stats.record(resp.status().as_u16(), started.elapsed());
+        self.annotate(&mut resp, &keys, &route);
         resp
     }
 
@@ -106,82 +82,64 @@ impl Handler {
         reply(status, message)
     }
 
-    /// Takes a slot on the decided pod, pins the session to it, and forwards.
-    async fn forward(
+    /// Takes a slot on a pod of the route's revision, pins the session to it (or follows the pin
+    /// another writer made first), and forwards. `route` ends up naming the revision that answered.
+    async fn admit_and_forward(
         &self,
         req: Request<Incoming>,
-        routed: &Routed,
-        decision: Decision,
-        client: SocketAddr,
+        pinning: &Pinning<'_>,
+        route: &mut Route,
         mut in_flight: InFlight,
+        client: SocketAddr,
     ) -> Response<ResponseBody> {
-        // What the request may make the activator buffer while it waits: its body, but no more
-        // than the connection reads ahead before the client has to wait.
-        let body_bytes = {
-            let hint = http_body::Body::size_hint(req.body());
-            let declared = hint.exact().or(hint.upper()).unwrap_or(u64::MAX);
-            let read_ahead =
-                if req.version() == Version::HTTP_2 { u64::from(H2_STREAM_WINDOW) } else { HTTP1_READ_AHEAD };
-            declared.min(read_ahead)
-        };
-        let mut revision = decision.revision;
-        let mut lease = match revision.throttler.acquire(decision.want, body_bytes).await {
+        let body_bytes = waiting_body_bytes(&req);
+        let mut lease = match route.revision.throttler.acquire(route.want, body_bytes).await {
             Ok(lease) => lease,
-            Err(e) => return refused(&revision, e),
+            Err(e) => return refused(&route.revision, e),
         };
-        if let Some(key) = &routed.keys.session {
-            let ours = Pin::session(&revision.name, lease.pod().addr);
-            // Also re-pin when the pinned pod left between the decision and the acquire.
-            let write = decision.session_write.or_else(|| match &routed.lookup.session {
-                Some(current) if *current != ours => Some(PinWrite::Replace(current.clone())),
-                _ => None,
-            });
-            if let Some(write) = write {
-                let lifetime = revision.affinity.lifetime();
-                // An id the activator made up for a client without its cookie is pinned only
-                // briefly until the client shows it keeps cookies, so clients that never send
-                // cookies back (bots, health checks) do not fill the pin table.
-                let lifetime = if routed.keys.new_cookie.is_some() { lifetime.provisional() } else { lifetime };
-                let lifetime_of = |revision: &str| routed.service.lifetime_of(revision);
-                let winner = self.pins.write(key, write.expected(), ours.clone(), lifetime, &lifetime_of).await;
-                if winner != ours {
-                    match routed
-                        .service
-                        .routes_to(&winner.revision)
-                        .filter(|r| winner.pod.is_some_and(|p| r.throttler.is_ready(p)))
-                    {
-                        // Another request or replica pinned the session first: use its pod, as
-                        // every replica will.
-                        Some(pinned) => {
-                            drop(lease);
-                            if !Arc::ptr_eq(pinned, &revision) {
-                                in_flight = self.reporter.redirect(in_flight, &pinned.concurrency);
-                            }
-                            revision = pinned.clone();
-                            let pod = winner.pod.expect("checked above");
-                            lease = match revision.throttler.acquire(Want::Pod(pod), body_bytes).await {
-                                Ok(lease) => lease,
-                                Err(e) => return refused(&revision, e),
-                            };
-                        }
-                        // The pin already there points at a pod or revision that is gone: ours
-                        // replaces it now, so the session does not move on its next request.
-                        None => {
-                            self.pins.write(key, Some(&winner), ours, lifetime, &lifetime_of).await;
-                        }
-                    }
-                }
+        if let Some(moved) = pinning.pin_session(route, lease.pod().addr).await {
+            drop(lease);
+            if !Arc::ptr_eq(&moved.revision, &route.revision) {
+                in_flight = self.reporter.redirect(in_flight, &moved.revision.concurrency);
             }
+            route.revision = moved.revision;
+            lease = match route.revision.throttler.acquire(Want::Pod(moved.pod), body_bytes).await {
+                Ok(lease) => lease,
+                Err(e) => return refused(&route.revision, e),
+            };
         }
         let exchange = Exchange { lease, in_flight, client_ip: client.ip(), tunnels: &self.tunnels };
         match proxy::forward(req, exchange).await {
             Ok(resp) => resp,
             Err(e) => {
-                tracing::warn!(revision = %revision.name, error = %e, "proxy error");
+                tracing::warn!(revision = %route.revision.name, error = %e, "proxy error");
                 respond::bad_gateway(&e)
             }
         }
     }
+
+    /// What the activator adds to any response: a made-up session cookie, and with
+    /// `--debug-headers` why the request went where it went.
+    fn annotate(&self, resp: &mut Response<ResponseBody>, keys: &Keys, route: &Route) {
+        let headers = resp.headers_mut();
+        if let Some(cookie) = &keys.new_cookie
+            && let Ok(value) = HeaderValue::try_from(cookie.header_value(route.revision.affinity.lifetime().max_age))
+        {
+            headers.append(http::header::SET_COOKIE, value);
+        }
+        if self.debug_headers {
+            headers.insert(DECISION, HeaderValue::from_static(route.origin.as_str()));
+        }
+    }
+}
+
+/// What a waiting request may make the activator buffer: its body, but no more than the
+/// connection reads ahead before the client has to wait.
+fn waiting_body_bytes<B: http_body::Body>(req: &Request<B>) -> u64 {
+    let hint = req.body().size_hint();
+    let declared = hint.exact().or(hint.upper()).unwrap_or(u64::MAX);
+    let read_ahead = if req.version() == Version::HTTP_2 { u64::from(H2_STREAM_WINDOW) } else { HTTP1_READ_AHEAD };
+    declared.min(read_ahead)
 }
 
 /// Which service the request is for, and the revision the ingress named if it did. The `Host`

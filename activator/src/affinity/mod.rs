@@ -1,9 +1,11 @@
-//! Affinity: which ids a request carries under its service's policy (`keys`), and where those
-//! ids and their pins send it (`decide`, a pure function). Must not do I/O: pins are looked up
-//! and written by the handler through `pins`.
+//! Affinity: which ids a request carries under its service's policy (`keys`), where those ids
+//! and their pins send it (`decide`, a pure function), and the one place that settles a
+//! request's route with the pin store (`pinning`).
 
 mod decide;
 mod keys;
+mod pinning;
 
-pub use decide::{Decision, Lookup, Origin, PinWrite, decide, follow_flow_winner};
-pub use keys::{KeyError, Keys, MAX_ID_BYTES, extract};
+pub use decide::Origin;
+pub use keys::{Keys, extract};
+pub use pinning::{Pinning, Route};

@@ -1,0 +1,100 @@
+//! Where a request goes, settled in one place. Before admission: the pins of its ids are read
+//! (one round trip at most, none for known pins), the pure decision is made, and a flow's pin is
+//! written first-writer-wins, following the winner if another writer was first. After admission,
+//! when the throttler has given the request a pod: its session is pinned to that pod, or sent to
+//! the pod another writer pinned it to.
+//!
+//! Talks to the pin store only; admission and forwarding stay with the caller.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use super::decide::{Lookup, Origin, PinWrite, decide, follow_flow_winner};
+use super::keys::Keys;
+use crate::pins::{Pin, Pins};
+use crate::throttle::Want;
+use crate::world::{Revision, Service};
+
+/// Where a request is going.
+pub struct Route {
+    pub revision: Arc<Revision>,
+    pub want: Want,
+    pub origin: Origin,
+    session_write: Option<PinWrite>,
+}
+
+/// Another writer pinned the session to a ready pod first: the request goes there, as it will
+/// through every replica.
+pub struct Moved {
+    pub revision: Arc<Revision>,
+    pub pod: SocketAddr,
+}
+
+/// A request's ids, its service, and what the pin table said about them.
+pub struct Pinning<'a> {
+    pins: &'a Pins,
+    service: &'a Service,
+    keys: &'a Keys,
+    lookup: Lookup,
+}
+
+impl<'a> Pinning<'a> {
+    /// Reads the request's pins and decides its revision (and pod, for a pinned session).
+    /// `ingress_pick` is the revision Knative's ingress named, which replaces the split.
+    pub async fn route(
+        pins: &'a Pins,
+        service: &'a Service,
+        keys: &'a Keys,
+        ingress_pick: Option<&Arc<Revision>>,
+    ) -> (Pinning<'a>, Route) {
+        let lifetime_of = |revision: &str| service.lifetime_of(revision);
+        let (session, flow) = pins.lookup(keys.session.as_ref(), keys.flow.as_ref(), &lifetime_of).await;
+        let lookup = Lookup { has_session: keys.session.is_some(), has_flow: keys.flow.is_some(), session, flow };
+        let mut decision = decide(service, ingress_pick, &lookup, fastrand::u32(..100));
+        if let (Some(key), Some(write)) = (&keys.flow, &decision.flow_write) {
+            let ours = Pin::flow(&decision.revision.name);
+            let lifetime = decision.revision.affinity.lifetime();
+            let winner = pins.write(key, write.expected(), ours, lifetime, &lifetime_of).await;
+            follow_flow_winner(&mut decision, service, &lookup, &winner);
+        }
+        let route = Route {
+            revision: decision.revision,
+            want: decision.want,
+            origin: decision.origin,
+            session_write: decision.session_write,
+        };
+        (Pinning { pins, service, keys, lookup }, route)
+    }
+
+    /// The request holds a slot on `pod` of `route.revision`: pins its session there. Returns
+    /// where it must go instead if another writer pinned the session to a pod that is ready.
+    pub async fn pin_session(&self, route: &Route, pod: SocketAddr) -> Option<Moved> {
+        let key = self.keys.session.as_ref()?;
+        let ours = Pin::session(&route.revision.name, pod);
+        // Also re-pin when the pinned pod left between the decision and admission.
+        let write = route.session_write.clone().or_else(|| match &self.lookup.session {
+            Some(current) if *current != ours => Some(PinWrite::Replace(current.clone())),
+            _ => None,
+        })?;
+        let lifetime = route.revision.affinity.lifetime();
+        // An id the activator made up for a client without its cookie is pinned only briefly
+        // until the client shows it keeps cookies, so clients that never send cookies back (bots,
+        // health checks) do not fill the pin table.
+        let lifetime = if self.keys.new_cookie.is_some() { lifetime.provisional() } else { lifetime };
+        let lifetime_of = |revision: &str| self.service.lifetime_of(revision);
+        let winner = self.pins.write(key, write.expected(), ours.clone(), lifetime, &lifetime_of).await;
+        if winner == ours {
+            return None;
+        }
+        let usable = self.service.routes_to(&winner.revision).zip(winner.pod).filter(|(r, p)| r.throttler.is_ready(*p));
+        match usable {
+            Some((revision, pod)) => Some(Moved { revision: revision.clone(), pod }),
+            // The pin already there points at a pod or revision that is gone: ours replaces it now,
+            // so the session does not move on its next request.
+            None => {
+                self.pins.write(key, Some(&winner), ours, lifetime, &lifetime_of).await;
+                None
+            }
+        }
+    }
+}
