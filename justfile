@@ -48,6 +48,6 @@ bench:
     echo "== pin store (in process)"
     cargo bench -q -p activator --bench pins
     echo "== Redis round trips per pin operation"
-    cargo bench -q -p activator --bench redis_round_trips
+    cargo bench -q -p integration-tests --bench redis_round_trips
     echo "== proxy figures (backend and proxies on CPU 1, load on CPU 0)"
     target/release/bench

@@ -210,6 +210,17 @@ impl Env {
         std::fs::rename(&tmp, self.topology_path()).expect("renaming topology");
     }
 
+    /// Writes a new topology and waits until `activator` has applied it.
+    pub async fn reload(&self, activator: &Process, yaml: &str) {
+        let admin = activator.addr("admin");
+        let applied = || async {
+            metric(admin, "activator_topology_reloads_total", &[("result", "applied")]).await.unwrap_or(0.0)
+        };
+        let before = applied().await;
+        self.write_topology(yaml);
+        wait_until(Duration::from_secs(10), "the topology is applied", || async { applied().await > before }).await;
+    }
+
     pub async fn demo(&self, pod: &str, revision: &str) -> Process {
         self.demo_with(pod, revision, &[]).await
     }
@@ -372,30 +383,56 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
     (resp.status().as_u16(), resp.text().await.unwrap_or_default())
 }
 
-/// The value of one sample in a Prometheus text exposition, matched by name and label pairs.
-pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .find(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+/// One scrape of an admin port's `/metrics` (Prometheus text exposition).
+pub struct Metrics(pub String);
+
+impl Metrics {
+    pub async fn scrape(admin: SocketAddr) -> Metrics {
+        Metrics(admin_get(admin, "/metrics").await.1)
+    }
+
+    fn samples<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> {
+        self.0.lines().filter(move |l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+    }
+
+    /// The value of the sample of `name` whose labels include `labels`.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.samples(name)
+            .find(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// The sum of every sample of `name`, whatever its labels.
+    pub fn sum(&self, name: &str) -> f64 {
+        self.samples(name).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    }
+}
+
+impl std::fmt::Display for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One sample of the metrics an admin port serves now.
+pub async fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    Metrics::scrape(admin).await.value(name, labels)
 }
 
 /// Waits until an activator reports its shared pin store answering.
 pub async fn wait_pin_store_up(admin: SocketAddr) {
     wait_until(Duration::from_secs(30), "the activator shares pins through Redis", || async {
-        let (_, text) = admin_get(admin, "/metrics").await;
-        metric(&text, "activator_pin_store_up", &[]) == Some(1.0)
+        metric(admin, "activator_pin_store_up", &[]).await == Some(1.0)
     })
     .await;
 }
 
-/// The sum of every sample of one metric, whatever its labels.
-pub fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// The command that starts a demo-service pod, for `autoscaler-shim --command`, with `extra`
+/// flags.
+pub fn demo_command(extra: &str) -> String {
+    let bin = bin_dir().join("demo-service");
+    format!("{} --listen {{listen}} --pod {{pod}} --revision {{revision}} {extra}", bin.display())
 }
 
 /// Lets this process (and the processes it starts) hold as many sockets as the hard limit allows.

@@ -1,6 +1,7 @@
 //! A real `redis-server` on a free loopback port, that tests can kill and bring back on the same
 //! port, and talk to with `redis-cli`.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -76,14 +77,23 @@ impl Redis {
 
     /// Calls of one command so far (`INFO commandstats`).
     pub async fn calls(&self, command: &str) -> u64 {
-        let stats = self.cli(&["INFO", "commandstats"]).await;
-        stats
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
+        self.command_calls().await.get(command).copied().unwrap_or(0)
     }
+
+    /// Calls of every command run so far, by lower-case name (`INFO commandstats`).
+    pub async fn command_calls(&self) -> HashMap<String, u64> {
+        parse_command_calls(&self.cli(&["INFO", "commandstats"]).await)
+    }
+}
+
+/// `cmdstat_<name>:calls=<n>,…` lines of `INFO commandstats`.
+pub fn parse_command_calls(info: &str) -> HashMap<String, u64> {
+    info.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(":calls=")?;
+            Some((name.to_owned(), rest.split(',').next()?.parse().ok()?))
+        })
+        .collect()
 }
 
 async fn ping(port: u16) -> bool {

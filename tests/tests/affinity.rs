@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use integration_tests::topology::{Service, yaml};
-use integration_tests::{Client, Env, Process, addrs, admin_get, metric, wait_until};
+use integration_tests::{Client, Env, Metrics, addrs, metric, wait_until};
 
 const P: &str = "activator.knative.dev/";
 
@@ -25,20 +25,6 @@ async fn assert_counts_up(client: &Client, requests: &[(&str, Vec<(&str, &str)>)
 
 fn repeat<'a>(path: &'a str, headers: &[(&'a str, &'a str)], n: usize) -> Vec<(&'a str, Vec<(&'a str, &'a str)>)> {
     (0..n).map(|_| (path, headers.to_vec())).collect()
-}
-
-async fn applied_reloads(admin: SocketAddr) -> f64 {
-    let (_, text) = admin_get(admin, "/metrics").await;
-    metric(&text, "activator_topology_reloads_total", &[("result", "applied")]).unwrap_or(0.0)
-}
-
-/// Writes a new topology and waits until the activator has applied it.
-async fn reload(env: &Env, activator: &Process, topology: &str) {
-    let admin = activator.addr("admin");
-    let before = applied_reloads(admin).await;
-    env.write_topology(topology);
-    wait_until(Duration::from_secs(5), "the topology is applied", || async { applied_reloads(admin).await > before })
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,10 +62,10 @@ async fn session_ids_from_query_path_and_cookie_annotations() {
     let client = Client::new(activator.addr("proxy"));
     assert_counts_up(&client, &repeat("/incr?session_id=q1", &[], 3), "q1").await;
 
-    reload(&env, &activator, &by("sticky-session-path-segment", "2")).await;
+    env.reload(&activator, &by("sticky-session-path-segment", "2")).await;
     assert_counts_up(&client, &repeat("/incr/p1", &[], 3), "p1").await;
 
-    reload(&env, &activator, &by("sticky-session-cookie-name", "sid")).await;
+    env.reload(&activator, &by("sticky-session-cookie-name", "sid")).await;
     let first = client.get("counter.test", "/incr?session_id=c1").await;
     assert_eq!(first.body, "session=c1, count=1\n");
     let set_cookie = first.header("set-cookie").to_owned();
@@ -148,7 +134,7 @@ async fn zero_percent_drains_pinned_sessions_and_removal_moves_them() {
     let path = format!("/incr?session_id={id}");
     let session = [("K-Session", id.as_str())];
 
-    reload(&env, &activator, &split(100, Some(0))).await;
+    env.reload(&activator, &split(100, Some(0))).await;
     for n in 2..=4 {
         let reply = client.get_with("counter.test", &path, &session).await;
         assert_eq!((reply.revision(), reply.body.as_str()), ("app-1", format!("session={id}, count={n}\n").as_str()));
@@ -161,7 +147,7 @@ async fn zero_percent_drains_pinned_sessions_and_removal_moves_them() {
     let flow = client.get_with("counter.test", "/incr", &[("K-Revision", "new-flow")]).await;
     assert_eq!(flow.revision(), "app-2");
 
-    reload(&env, &activator, &split(100, None)).await;
+    env.reload(&activator, &split(100, None)).await;
     let moved = client.get_with("counter.test", &path, &session).await;
     assert_eq!((moved.revision(), moved.body.as_str()), ("app-2", format!("session={id}, count=1\n").as_str()));
     let stays = client.get_with("counter.test", &path, &session).await;
@@ -184,7 +170,7 @@ async fn a_session_moves_inside_its_revision_when_its_pod_leaves() {
         .map(|(_, p)| p.addr("http"))
         .collect();
     assert_eq!(others.len(), 2);
-    reload(&env, &activator, &with_pods(&others)).await;
+    env.reload(&activator, &with_pods(&others)).await;
 
     let moved = assert_counts_up(&client, &repeat("/incr?session_id=abc", &session, 3), "abc").await;
     assert_ne!(moved, pinned);
@@ -208,10 +194,7 @@ async fn expired_pins_are_balanced_anew() {
         "session-pin"
     );
 
-    let entries = || async {
-        let (_, text) = admin_get(admin, "/metrics").await;
-        metric(&text, "activator_pin_entries", &[])
-    };
+    let entries = || async { metric(admin, "activator_pin_entries", &[]).await };
     wait_until(Duration::from_secs(10), "the pin is counted", || async { entries().await == Some(1.0) }).await;
     wait_until(Duration::from_secs(10), "the idle pin expires", || async { entries().await == Some(0.0) }).await;
     let after = client.get_with("counter.test", "/incr", &[("K-Session", "short")]).await;
@@ -229,15 +212,14 @@ async fn many_distinct_ids_keep_the_store_at_its_bound() {
         let id = format!("flood-{i}");
         assert_eq!(client.get_with("counter.test", "/incr", &[("K-Session", &id)]).await.status, 200);
     }
-    let entries = || async {
-        let (_, text) = admin_get(admin, "/metrics").await;
-        metric(&text, "activator_pin_entries", &[]).unwrap_or(-1.0)
-    };
+    let entries = || async { metric(admin, "activator_pin_entries", &[]).await.unwrap_or(-1.0) };
     wait_until(Duration::from_secs(10), "the store reports its size", || async { entries().await > 0.0 }).await;
     let held = entries().await;
     assert!(held <= 100.0, "{held} pins held with a bound of 100");
-    let (_, text) = admin_get(admin, "/metrics").await;
-    assert_eq!(metric(&text, "activator_pin_writes_total", &[("kind", "session"), ("result", "new")]), Some(600.0));
+    assert_eq!(
+        metric(admin, "activator_pin_writes_total", &[("kind", "session"), ("result", "new")]).await,
+        Some(600.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,11 +239,11 @@ async fn bad_ids_and_annotations_get_clear_answers() {
     let ok = client.get_with("counter.test", "/incr", &[("K-Session", &long[1..])]).await;
     assert_eq!(ok.status, 200, "1 KiB exactly is fine");
 
-    let (_, text) = admin_get(admin, "/metrics").await;
+    let text = Metrics::scrape(admin).await;
     for annotation in ["sticky-session-path-segment", "sticky-ttl"] {
         let labels = [("annotation", format!("{P}{annotation}"))];
         let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        assert_eq!(metric(&text, "activator_annotation_errors_total", &labels), Some(1.0), "{annotation}");
+        assert_eq!(text.value("activator_annotation_errors_total", &labels), Some(1.0), "{annotation}");
     }
     let logs = activator.logs();
     assert_eq!(logs.matches("ignoring annotation").count(), 2, "one line each:\n{logs}");
@@ -284,8 +266,7 @@ async fn pinned_requests_wait_for_their_pods_capacity() {
         tokio::spawn(async move { client.get_with("counter.test", "/slow?delay=1s", &[("K-Session", "busy")]).await })
     };
     wait_until(Duration::from_secs(10), "the slow request holds the pinned pod", || async {
-        let (_, text) = admin_get(admin, "/metrics").await;
-        metric(&text, "activator_in_flight_requests", &[("revision", "counter-1")]) == Some(1.0)
+        metric(admin, "activator_in_flight_requests", &[("revision", "counter-1")]).await == Some(1.0)
     })
     .await;
     let waited = client.get_with("counter.test", "/incr", &session).await;
@@ -322,9 +303,9 @@ async fn absurd_pin_lifetimes_are_clamped_not_a_crash() {
     let activator = env.activator(&[]).await;
     let client = Client::new(activator.addr("proxy"));
     assert_counts_up(&client, &repeat("/incr?session_id=forever", &[("K-Session", "forever")], 3), "forever").await;
-    let (_, text) = admin_get(activator.addr("admin"), "/metrics").await;
+    let text = Metrics::scrape(activator.addr("admin")).await;
     for annotation in ["sticky-ttl", "sticky-max-age"] {
-        let errors = metric(&text, "activator_annotation_errors_total", &[("annotation", &format!("{P}{annotation}"))]);
+        let errors = text.value("activator_annotation_errors_total", &[("annotation", &format!("{P}{annotation}"))]);
         assert_eq!(errors, Some(1.0), "{annotation}:\n{text}");
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use integration_tests::topology::{Service, yaml};
-use integration_tests::{Client, Env, admin_get, metric, wait_until};
+use integration_tests::{Client, Env, Metrics, admin_get, metric, wait_until};
 use nix::sys::signal::Signal;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -193,9 +193,8 @@ async fn activator_answers_for_itself_with_clear_status_codes() {
     let slow = client.get("slow.test", "/slow?delay=20s").await;
     assert_eq!((slow.status, slow.body.as_str()), (504, "activator request timeout\n"));
 
-    let (_, metrics) = admin_get(activator.addr("admin"), "/metrics").await;
-    let count =
-        |rev: &str, code: &str| metric(&metrics, "activator_requests_total", &[("revision", rev), ("code", code)]);
+    let metrics = Metrics::scrape(activator.addr("admin")).await;
+    let count = |rev: &str, code: &str| metrics.value("activator_requests_total", &[("revision", rev), ("code", code)]);
     assert_eq!(count("empty-1", "504"), Some(1.0), "{metrics}");
     assert_eq!(count("dead-1", "502"), Some(1.0));
     assert_eq!(count("slow-1", "504"), Some(1.0));
@@ -254,8 +253,10 @@ async fn topology_reloads_while_serving_and_broken_files_are_rejected() {
     let logs = activator.logs();
     let rejection = logs.lines().find(|l| l.contains("topology file rejected")).unwrap();
     assert!(rejection.contains("line 4 column 1"), "the log names the place: {rejection}");
-    let (_, metrics) = admin_get(activator.addr("admin"), "/metrics").await;
-    assert_eq!(metric(&metrics, "activator_topology_reloads_total", &[("result", "rejected")]), Some(1.0));
+    assert_eq!(
+        metric(activator.addr("admin"), "activator_topology_reloads_total", &[("result", "rejected")]).await,
+        Some(1.0)
+    );
     for _ in 0..20 {
         assert_eq!(client.get("app.test", "/incr").await.revision(), "app-2", "the last good topology serves");
     }
@@ -280,8 +281,7 @@ async fn sigterm_drains_in_flight_and_new_requests_then_exits_zero() {
         tokio::spawn(async move { client.get("drain.test", "/slow?delay=4s").await })
     };
     wait_until(Duration::from_secs(10), "the slow request is in flight", || async {
-        let (_, metrics) = admin_get(admin, "/metrics").await;
-        metric(&metrics, "activator_in_flight_requests", &[("revision", "drain-1")]) == Some(1.0)
+        metric(admin, "activator_in_flight_requests", &[("revision", "drain-1")]).await == Some(1.0)
     })
     .await;
 
@@ -316,8 +316,7 @@ async fn a_client_that_stops_reading_frees_its_pods_slot() {
     tokio::io::AsyncWriteExt::write_all(&mut stalled, ask.as_bytes()).await.unwrap();
     let admin = activator.addr("admin");
     wait_until(Duration::from_secs(10), "the stalled request holds the slot", || async {
-        let (_, text) = admin_get(admin, "/metrics").await;
-        metric(&text, "activator_in_flight_requests", &[("revision", "one-1")]) == Some(1.0)
+        metric(admin, "activator_in_flight_requests", &[("revision", "one-1")]).await == Some(1.0)
     })
     .await;
     let next = Client::new(proxy).get("one.test", "/incr").await;
@@ -341,8 +340,7 @@ async fn uploads_larger_than_the_queue_byte_bound_wait_for_a_pod() {
         })
     };
     wait_until(Duration::from_secs(10), "the upload waits for a pod", || async {
-        let (_, text) = admin_get(admin, "/metrics").await;
-        metric(&text, "activator_queued_requests", &[("revision", "up-1")]) == Some(1.0) || upload.is_finished()
+        metric(admin, "activator_queued_requests", &[("revision", "up-1")]).await == Some(1.0) || upload.is_finished()
     })
     .await;
     assert!(!upload.is_finished(), "answered at once instead of waiting: {:?}", upload.await.unwrap());
@@ -465,9 +463,9 @@ async fn beyond_the_connection_limit_clients_wait_in_the_backlog() {
         activator.logs().contains("connection limit reached")
     })
     .await;
-    let (_, text) = admin_get(activator.addr("admin"), "/metrics").await;
-    assert_eq!(metric(&text, "activator_connection_limit_reached_total", &[]), Some(1.0));
-    assert_eq!(metric(&text, "activator_open_connections", &[]), Some(2.0));
+    let text = Metrics::scrape(activator.addr("admin")).await;
+    assert_eq!(text.value("activator_connection_limit_reached_total", &[]), Some(1.0));
+    assert_eq!(text.value("activator_open_connections", &[]), Some(2.0));
     assert!(!third.is_finished(), "a third connection was served beyond the limit");
     drop(first);
     assert_eq!(third.await.unwrap().status, 200, "served once a connection closed");
@@ -490,13 +488,10 @@ async fn changing_container_concurrency_keeps_requests_in_flight_and_waiting() {
         let client = client.clone();
         tokio::spawn(async move { client.get("cc.test", "/slow?delay=3s").await })
     };
-    let queued = |n: f64| async move {
-        let (_, text) = admin_get(admin, "/metrics").await;
-        metric(&text, "activator_queued_requests", &[("revision", "cc-1")]) == Some(n)
-    };
+    let queued =
+        |n: f64| async move { metric(admin, "activator_queued_requests", &[("revision", "cc-1")]).await == Some(n) };
     wait_until(Duration::from_secs(10), "the slow request holds the only slot", || async {
-        let (_, text) = admin_get(admin, "/metrics").await;
-        metric(&text, "activator_in_flight_requests", &[("revision", "cc-1")]) == Some(1.0)
+        metric(admin, "activator_in_flight_requests", &[("revision", "cc-1")]).await == Some(1.0)
     })
     .await;
     let waiting = {
@@ -504,14 +499,7 @@ async fn changing_container_concurrency_keeps_requests_in_flight_and_waiting() {
         tokio::spawn(async move { client.get("cc.test", "/incr").await })
     };
     wait_until(Duration::from_secs(10), "the second request waits", || queued(1.0)).await;
-    let applied = |admin| async move {
-        let (_, text) = admin_get(admin, "/metrics").await;
-        metric(&text, "activator_topology_reloads_total", &[("result", "applied")]).unwrap_or(0.0)
-    };
-    let before = applied(admin).await;
-    env.write_topology(&with_cc(2));
-    wait_until(Duration::from_secs(10), "the new concurrency applies", || async { applied(admin).await > before })
-        .await;
+    env.reload(&activator, &with_cc(2)).await;
     let second = waiting.await.unwrap();
     assert_eq!(second.status, 200, "the waiter is served by the room the change made: {second:?}");
     assert!(!in_flight.is_finished(), "served while the slow one was still in flight");

@@ -8,16 +8,8 @@ use futures_util::StreamExt;
 use integration_tests::topology::{Service, yaml};
 use integration_tests::{Client, Env, Reply, admin_get, metric, raise_open_files_limit, wait_until};
 
-const DEMO: &str = "demo-service --listen {listen} --pod {pod} --revision {revision}";
-
-fn demo_command(extra: &str) -> String {
-    let bin = integration_tests::bin_dir().join(DEMO.split(' ').next().unwrap_or_default());
-    format!("{} {} {extra}", bin.display(), DEMO.split_once(' ').map_or("", |(_, rest)| rest))
-}
-
 async fn queued(admin: SocketAddr, revision: &str) -> Option<f64> {
-    let (_, text) = admin_get(admin, "/metrics").await;
-    metric(&text, "activator_queued_requests", &[("revision", revision)])
+    metric(admin, "activator_queued_requests", &[("revision", revision)]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,7 +17,7 @@ async fn a_burst_at_zero_is_held_and_released_when_a_pod_is_ready() {
     raise_open_files_limit();
     let env = Env::new();
     env.write_topology(&yaml(&[Service::new("cold").revision("cold-1", 100, &[])]));
-    let command = demo_command("--startup-delay 1s");
+    let command = integration_tests::demo_command("--startup-delay 1s");
     let shim = env.shim(&["--command", &command, "--scale-to-zero-grace", "60s"]).await;
     let activator = env.activator_with_shim(&shim, &[]).await;
     let client = Client::new(activator.addr("proxy"));
@@ -135,8 +127,7 @@ async fn the_shim_decodes_a_poke_then_reports_with_the_first_report_adjustment()
         stats()[before..].iter().any(|l| l.ends_with("concurrency=1 requests=1"))
     })
     .await;
-    let (_, text) = admin_get(activator.addr("admin"), "/metrics").await;
-    assert_eq!(metric(&text, "activator_autoscaler_pokes_total", &[]), Some(2.0));
+    assert_eq!(metric(activator.addr("admin"), "activator_autoscaler_pokes_total", &[]).await, Some(2.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,8 +149,8 @@ async fn an_unreachable_autoscaler_does_not_stop_ready_pods_serving() {
     let listen = format!("127.0.0.1:{port}");
     let _shim = env.shim(&["--listen", &listen, "--command", "false"]).await;
     wait_until(Duration::from_secs(15), "the activator reconnects", || async {
-        let (_, text) = admin_get(admin, "/metrics").await;
-        metric(&text, "activator_autoscaler_connected", &[]) == Some(1.0) && admin_get(admin, "/readyz").await.0 == 200
+        metric(admin, "activator_autoscaler_connected", &[]).await == Some(1.0)
+            && admin_get(admin, "/readyz").await.0 == 200
     })
     .await;
     assert_eq!(client.get("app.test", "/incr").await.status, 200);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use integration_tests::redis::Redis;
 use integration_tests::topology::{Service, yaml};
-use integration_tests::{Client, Env, Process, addrs, admin_get, bin_dir, metric, metric_sum, wait_until};
+use integration_tests::{Client, Env, Metrics, Process, addrs, bin_dir, metric, wait_until};
 
 /// Three pods of one revision behind two activators sharing one Redis.
 struct Cluster {
@@ -62,8 +62,7 @@ async fn shares_new_pins(from: &Client, to: &Client, id: &str) -> bool {
 async fn sharing_resumed(cluster: &Cluster, tag: String) -> bool {
     let (a, b) = cluster.clients();
     for admin in [cluster.a.addr("admin"), cluster.b.addr("admin")] {
-        let (_, text) = admin_get(admin, "/metrics").await;
-        if metric(&text, "activator_pin_store_up", &[]) != Some(1.0) {
+        if metric(admin, "activator_pin_store_up", &[]).await != Some(1.0) {
             return false;
         }
     }
@@ -114,10 +113,11 @@ async fn simultaneous_first_requests_through_two_replicas_agree() {
         assert_eq!((x.status, y.status), (200, 200));
         assert_eq!(x.pod(), y.pod(), "session {id}");
     }
-    let (_, text) = admin_get(cluster.a.addr("admin"), "/metrics").await;
-    let lost = metric(&text, "activator_pin_writes_total", &[("kind", "session"), ("result", "conflict")]);
-    let (_, text) = admin_get(cluster.b.addr("admin"), "/metrics").await;
-    let lost_b = metric(&text, "activator_pin_writes_total", &[("kind", "session"), ("result", "conflict")]);
+    let text = Metrics::scrape(cluster.a.addr("admin")).await;
+    let lost = text.value("activator_pin_writes_total", &[("kind", "session"), ("result", "conflict")]);
+    let lost_b =
+        metric(cluster.b.addr("admin"), "activator_pin_writes_total", &[("kind", "session"), ("result", "conflict")])
+            .await;
     eprintln!("lost races: A {lost:?}, B {lost_b:?}");
 }
 
@@ -151,8 +151,7 @@ async fn a_redis_outage_fails_no_request_and_sharing_resumes() {
     cluster.redis.kill().await;
     let admin = cluster.a.addr("admin");
     wait_until(Duration::from_secs(10), "A notices the outage", || async {
-        let (_, text) = admin_get(admin, "/metrics").await;
-        metric(&text, "activator_pin_store_up", &[]) == Some(0.0)
+        metric(admin, "activator_pin_store_up", &[]).await == Some(0.0)
     })
     .await;
     // Sessions stay on one pod per replica while Redis is away.
@@ -197,8 +196,8 @@ async fn a_redis_outage_fails_no_request_and_sharing_resumes() {
         task.await.unwrap();
     }
     assert_eq!(failed.load(Ordering::Relaxed), 0, "failed of {} requests", sent.load(Ordering::Relaxed));
-    let (_, text) = admin_get(admin, "/metrics").await;
-    assert!(metric_sum(&text, "activator_pin_store_errors_total") >= 1.0, "errors are counted");
+    let text = Metrics::scrape(admin).await;
+    assert!(text.sum("activator_pin_store_errors_total") >= 1.0, "errors are counted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,8 +261,8 @@ async fn garbage_in_a_pin_key_is_a_miss_and_gets_overwritten() {
         assert!(found && report.contains(&format!("revision counter-1 pod {}", "127.0.0.1:")), "overwritten: {report}");
     }
     assert!(cluster.a.logs().contains("ignoring a malformed pin in Redis"));
-    let (_, text) = admin_get(cluster.a.addr("admin"), "/metrics").await;
-    assert!(metric(&text, "activator_pin_store_errors_total", &[("op", "decode")]).unwrap_or(0.0) >= 3.0, "{text}");
+    let text = Metrics::scrape(cluster.a.addr("admin")).await;
+    assert!(text.value("activator_pin_store_errors_total", &[("op", "decode")]).unwrap_or(0.0) >= 3.0, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,8 +285,8 @@ async fn a_frozen_redis_fails_no_request() {
             }
         }
     }
-    let (_, text) = admin_get(cluster.a.addr("admin"), "/metrics").await;
-    assert!(metric_sum(&text, "activator_pin_store_errors_total") >= 1.0, "timeouts are counted:\n{text}");
+    let text = Metrics::scrape(cluster.a.addr("admin")).await;
+    assert!(text.sum("activator_pin_store_errors_total") >= 1.0, "timeouts are counted:\n{text}");
     assert!(sent > 10, "only {sent} requests while Redis was frozen");
     let mut n = 0;
     wait_until(Duration::from_secs(30), "sharing resumes after the freeze", || {
@@ -471,9 +470,9 @@ async fn an_absurd_sticky_ttl_is_clamped_and_pins_stay_shared() {
     for i in 0..10 {
         assert!(shares_new_pins(&via_a, &via_b, &format!("forever-{i}")).await, "session forever-{i}");
     }
-    let (_, text) = admin_get(a.addr("admin"), "/metrics").await;
-    assert_eq!(metric_sum(&text, "activator_pin_store_errors_total"), 0.0, "Redis took every pin:\n{text}");
+    let text = Metrics::scrape(a.addr("admin")).await;
+    assert_eq!(text.sum("activator_pin_store_errors_total"), 0.0, "Redis took every pin:\n{text}");
     let clamped =
-        metric(&text, "activator_annotation_errors_total", &[("annotation", "activator.knative.dev/sticky-ttl")]);
+        text.value("activator_annotation_errors_total", &[("annotation", "activator.knative.dev/sticky-ttl")]);
     assert_eq!(clamped, Some(1.0), "the clamp is reported once per topology change");
 }

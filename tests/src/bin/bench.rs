@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use integration_tests::redis::Redis;
 use integration_tests::topology::{Service, yaml};
-use integration_tests::{Client, Env, Process, admin_get, metric, raise_open_files_limit, wait_until};
+use integration_tests::{Client, Env, Process, metric, raise_open_files_limit, wait_until};
 
 /// Linux reports process CPU time in USER_HZ ticks, 100 per second.
 const TICKS_PER_SECOND: f64 = 100.0;
@@ -150,9 +150,9 @@ async fn affinity_overhead(env: &Env, activator: &Process, redis: bool, figures:
     let calls = |stats: &std::collections::HashMap<String, u64>| {
         data.iter().map(|c| stats.get(*c).copied().unwrap_or(0)).sum::<u64>()
     };
-    let before = command_stats(&server).await;
+    let before = server.command_calls().await;
     let known = wrk(proxy, MODERATE, &pinned, None);
-    let known_calls = calls(&command_stats(&server).await) - calls(&before);
+    let known_calls = calls(&server.command_calls().await) - calls(&before);
     figures.add("ratio_pinned_vs_unpinned_redis", known.median_us / unpinned.median_us, "x", "<= 1.05");
     // The once-a-second TTL refresh is the only traffic a pin in use causes.
     let refreshes = f64::from(SECONDS) + 1.0;
@@ -164,9 +164,9 @@ async fn affinity_overhead(env: &Env, activator: &Process, redis: bool, figures:
         "local n = 0\nrequest = function()\n  n = n + 1\n  return wrk.format(nil, nil, {[\"K-Session\"] = \"new-\" .. n .. \"-\" .. math.random(1000000000)})\nend\n",
     )
     .expect("writing the wrk script");
-    let before = command_stats(&server).await;
+    let before = server.command_calls().await;
     let fresh = wrk(proxy, MODERATE, &[], Some(&script));
-    let fresh_calls = calls(&command_stats(&server).await) - calls(&before);
+    let fresh_calls = calls(&server.command_calls().await) - calls(&before);
     figures.add("redis_round_trips_new_session", fresh_calls as f64 / fresh.requests, "rtt", "2");
     figures.add("redis_new_session_added_median", fresh.median_us - unpinned.median_us, "us", "");
 }
@@ -186,7 +186,7 @@ async fn cold_start(
     let admin = activator.addr("admin");
     for waiters in [1usize, 100, 1000] {
         let name = format!("cold{waiters}");
-        reload(env, admin, &topology(&[(&name, &[])])).await;
+        env.reload(activator, &topology(&[(&name, &[])])).await;
         let host = format!("{name}.test");
         let requests: Vec<_> = (0..waiters)
             .map(|_| {
@@ -220,7 +220,7 @@ async fn cold_start(
         );
         figures.add(&format!("cold_start_last_response_{waiters}_waiters"), ms(answered[waiters - 1]), "ms", "");
     }
-    reload(env, admin, &topology(&[])).await;
+    env.reload(activator, &topology(&[])).await;
 }
 
 /// Figure 5: the activator's resident memory with 10 000 requests held for a revision at zero.
@@ -233,7 +233,7 @@ async fn buffered_memory(
 ) {
     const HELD: usize = 10_000;
     let admin = activator.addr("admin");
-    reload(env, admin, &topology(&[("held", &[])])).await;
+    env.reload(activator, &topology(&[("held", &[])])).await;
     let (before, _) = activator.memory_kib();
     let client = Client::new(activator.addr("proxy"));
     let burst = tokio::spawn(async move {
@@ -258,19 +258,8 @@ async fn buffered_memory(
     figures.add("buffered_requests_answered", answered as f64, "requests", "10000");
 }
 
-async fn reload(env: &Env, admin: SocketAddr, text: &str) {
-    let applied = || async {
-        let (_, metrics) = admin_get(admin, "/metrics").await;
-        metric(&metrics, "activator_topology_reloads_total", &[("result", "applied")]).unwrap_or(0.0)
-    };
-    let before = applied().await;
-    env.write_topology(text);
-    wait_until(Duration::from_secs(10), "the topology is applied", || async { applied().await > before }).await;
-}
-
 async fn queued(admin: SocketAddr, revision: &str) -> Option<f64> {
-    let (_, text) = admin_get(admin, "/metrics").await;
-    metric(&text, "activator_queued_requests", &[("revision", revision)])
+    metric(admin, "activator_queued_requests", &[("revision", revision)]).await
 }
 
 fn which(tool: &str) -> bool {
@@ -365,18 +354,6 @@ fn h2load(addr: SocketAddr) -> f64 {
         .and_then(|rps| rps.trim().strip_suffix("req/s"))
         .and_then(|rps| rps.trim().parse().ok())
         .unwrap_or(f64::NAN)
-}
-
-async fn command_stats(redis: &Redis) -> std::collections::HashMap<String, u64> {
-    redis
-        .cli(&["INFO", "commandstats"])
-        .await
-        .lines()
-        .filter_map(|l| {
-            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(":calls=")?;
-            Some((name.to_owned(), rest.split(',').next()?.parse().ok()?))
-        })
-        .collect()
 }
 
 /// nginx as a reverse proxy with one worker and keep-alive to the backend, on CPU 1.

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use integration_tests::topology::{Service, yaml};
-use integration_tests::{Client, Env, Process, admin_get, metric, wait_until};
+use integration_tests::{Client, Env, Process, wait_until};
 
 const P: &str = "activator.knative.dev/";
 
@@ -42,14 +42,7 @@ impl Demo {
     }
 
     async fn reload(&self, topology: &str) {
-        let admin = self.activator.addr("admin");
-        let applied = || async {
-            let (_, text) = admin_get(admin, "/metrics").await;
-            metric(&text, "activator_topology_reloads_total", &[("result", "applied")]).unwrap_or(0.0)
-        };
-        let before = applied().await;
-        self.env.write_topology(topology);
-        wait_until(Duration::from_secs(5), "the topology is applied", || async { applied().await > before }).await;
+        self.env.reload(&self.activator, topology).await;
     }
 }
 

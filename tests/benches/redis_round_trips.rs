@@ -1,5 +1,5 @@
 //! Round trips per pin operation, counted by Redis itself (`INFO commandstats`) on a
-//! `redis-server` this bench starts on a free loopback port:
+//! `redis-server` the test harness starts on a free loopback port:
 //!
 //! * a new pin written through deadpool-redis (the pool named for this project) and through
 //!   redis-rs's `ConnectionManager` (what the activator uses);
@@ -8,60 +8,40 @@
 //!
 //! Prints commands per operation; asserts nothing.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use activator::pins::{Lifetime, Pin, PinKey, PinKind, Pins, SharedConfig};
 use activator::stats::Stats;
+use integration_tests::redis::Redis;
 
 const WRITES: u64 = 1000;
 const LOOKUPS: u64 = 10_000;
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-    }
-}
-
 #[tokio::main]
 async fn main() {
-    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-    let _server = Server(
-        Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed"),
-    );
-    let url = format!("redis://127.0.0.1:{port}");
+    let dir = tempfile::tempdir().expect("a scratch directory");
+    let server = Redis::start(dir.path()).await;
+    let url = server.url();
     let client = redis::Client::open(url.as_str()).unwrap();
-    let mut admin = loop {
-        if let Ok(conn) = client.get_multiplexed_async_connection().await {
-            break conn;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let admin = &server;
 
     let pool = deadpool_redis::Config::from_url(&url).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
-    let before = stats(&mut admin).await;
+    let before = stats(admin).await;
     for i in 0..WRITES {
         let mut conn = pool.get().await.unwrap();
         let _: Option<String> = set_nx_get(format!("deadpool:{i}")).query_async(&mut conn).await.unwrap();
     }
-    let deadpool = stats(&mut admin).await - before;
+    let deadpool = stats(admin).await - before;
 
     let mut manager = redis::aio::ConnectionManager::new(client.clone()).await.unwrap();
-    let before = stats(&mut admin).await;
+    let before = stats(admin).await;
     for i in 0..WRITES {
         let _: Option<String> = set_nx_get(format!("manager:{i}")).query_async(&mut manager).await.unwrap();
     }
-    let managed = stats(&mut admin).await - before;
+    let managed = stats(admin).await - before;
 
-    let known = known_pin_lookups(&url, &mut admin).await;
+    let known = known_pin_lookups(&url, admin).await;
 
     // deadpool's recycle check (UNWATCH + PING) is one pipelined round trip before the command.
     println!("{:<44} {:>10} {:>10}", "commands Redis ran per operation", "all", "pin data");
@@ -95,7 +75,7 @@ fn set_nx_get(key: String) -> redis::Cmd {
 }
 
 /// Pins one session through the shared store, then looks it up `LOOKUPS` times.
-async fn known_pin_lookups(url: &str, admin: &mut redis::aio::MultiplexedConnection) -> Calls {
+async fn known_pin_lookups(url: &str, admin: &Redis) -> Calls {
     let stats = Stats::new();
     let config = SharedConfig {
         url: url.to_owned(),
@@ -165,19 +145,13 @@ impl std::ops::Sub for Calls {
 }
 
 /// Cumulative calls of the commands a pin operation may cause (the INFO call itself is not one).
-async fn stats(admin: &mut redis::aio::MultiplexedConnection) -> Calls {
-    let info: String = redis::cmd("INFO").arg("commandstats").query_async(admin).await.unwrap();
-    let calls = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
-            .and_then(|r| r.split(',').next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+async fn stats(admin: &Redis) -> Calls {
+    let calls = admin.command_calls().await;
+    let count = |name: &str| calls.get(name).copied().unwrap_or(0);
     Calls {
-        ping: calls("ping"),
-        unwatch: calls("unwatch"),
-        data: calls("set") + calls("get") + calls("getex") + calls("evalsha"),
+        ping: count("ping"),
+        unwatch: count("unwatch"),
+        data: count("set") + count("get") + count("getex") + count("evalsha"),
         refresh_batches: 0,
     }
 }
