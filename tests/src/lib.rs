@@ -221,6 +221,16 @@ impl Env {
         wait_until(Duration::from_secs(10), "the topology is applied", || async { applied().await > before }).await;
     }
 
+    /// The simplest world: one pod of revision `<name>-1`, the service `<name>` (at `<name>.test`)
+    /// sending it all traffic, and an activator started with `flags`.
+    pub async fn one_pod_service(&self, name: &str, flags: &[&str]) -> (Process, Process) {
+        let revision = format!("{name}-1");
+        let pod = self.demo("pod", &revision).await;
+        let service = topology::Service::new(name).revision(&revision, 100, &[pod.addr("http")]);
+        self.write_topology(&topology::yaml(&[service]));
+        (pod, self.activator(flags).await)
+    }
+
     pub async fn demo(&self, pod: &str, revision: &str) -> Process {
         self.demo_with(pod, revision, &[]).await
     }

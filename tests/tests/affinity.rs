@@ -204,9 +204,7 @@ async fn expired_pins_are_balanced_anew() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_distinct_ids_keep_the_store_at_its_bound() {
     let env = Env::new();
-    let pod = env.demo("pod", "counter-1").await;
-    env.write_topology(&yaml(&[Service::new("counter").revision("counter-1", 100, &[pod.addr("http")])]));
-    let activator = env.activator(&["--max-pins", "100"]).await;
+    let (_pod, activator) = env.one_pod_service("counter", &["--max-pins", "100"]).await;
     let (client, admin) = (Client::new(activator.addr("proxy")), activator.addr("admin"));
     for i in 0..600 {
         let id = format!("flood-{i}");

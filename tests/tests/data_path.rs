@@ -71,9 +71,7 @@ async fn weighted_split_is_honoured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_responses_stream_chunk_by_chunk() {
     let env = Env::new();
-    let pod = env.demo("pod", "stream-1").await;
-    env.write_topology(&yaml(&[Service::new("stream").revision("stream-1", 100, &[pod.addr("http")])]));
-    let activator = env.activator(&[]).await;
+    let (_pod, activator) = env.one_pod_service("stream", &[]).await;
     let client = Client::new(activator.addr("proxy"));
 
     // The backend needs a minute to finish; the first chunk must arrive long before that.
@@ -94,9 +92,7 @@ async fn large_bodies_stream_through_without_buffering() {
     const CHUNK: usize = 64 * 1024;
     const CHUNKS: usize = 1024; // 64 MiB
     let env = Env::new();
-    let pod = env.demo("pod", "echo-1").await;
-    env.write_topology(&yaml(&[Service::new("echo").revision("echo-1", 100, &[pod.addr("http")])]));
-    let activator = env.activator(&[]).await;
+    let (_pod, activator) = env.one_pod_service("echo", &[]).await;
     let client = Client::new(activator.addr("proxy"));
     assert_eq!(client.get("echo.test", "/incr").await.status, 200);
     let (_, peak_before) = activator.memory_kib();
@@ -130,9 +126,7 @@ async fn large_bodies_stream_through_without_buffering() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_prior_knowledge_is_kept_towards_the_backend() {
     let env = Env::new();
-    let pod = env.demo("pod", "h2-1").await;
-    env.write_topology(&yaml(&[Service::new("h2").revision("h2-1", 100, &[pod.addr("http")])]));
-    let activator = env.activator(&[]).await;
+    let (_pod, activator) = env.one_pod_service("h2", &[]).await;
     let proxy = activator.addr("proxy");
     let h2 = reqwest::Client::builder().http2_prior_knowledge().no_proxy().resolve("h2.test", proxy).build().unwrap();
     let resp = h2.get(format!("http://h2.test:{}/incr/abc", proxy.port())).send().await.unwrap();
@@ -148,9 +142,7 @@ async fn h2c_prior_knowledge_is_kept_towards_the_backend() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_messages_round_trip() {
     let env = Env::new();
-    let pod = env.demo("pod", "ws-1").await;
-    env.write_topology(&yaml(&[Service::new("ws").revision("ws-1", 100, &[pod.addr("http")])]));
-    let activator = env.activator(&[]).await;
+    let (_pod, activator) = env.one_pod_service("ws", &[]).await;
 
     let mut request = format!("ws://{}/ws", activator.addr("proxy")).into_client_request().unwrap();
     request.headers_mut().insert("host", "ws.test".parse().unwrap());
@@ -269,9 +261,7 @@ async fn topology_reloads_while_serving_and_broken_files_are_rejected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_and_new_requests_then_exits_zero() {
     let env = Env::new();
-    let pod = env.demo("pod", "drain-1").await;
-    env.write_topology(&yaml(&[Service::new("drain").revision("drain-1", 100, &[pod.addr("http")])]));
-    let mut activator = env.activator(&["--drain-period", "3s", "--grace-timeout", "30s"]).await;
+    let (_pod, mut activator) = env.one_pod_service("drain", &["--drain-period", "3s", "--grace-timeout", "30s"]).await;
     let (client, admin) = (Client::new(activator.addr("proxy")), activator.addr("admin"));
     assert_eq!(admin_get(admin, "/readyz").await.0, 200);
 
@@ -353,9 +343,7 @@ async fn uploads_larger_than_the_queue_byte_bound_wait_for_a_pod() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_host_ports_reuse_one_pod_connection() {
     let env = Env::new();
-    let pod = env.demo("pod", "reuse-1").await;
-    env.write_topology(&yaml(&[Service::new("reuse").revision("reuse-1", 100, &[pod.addr("http")])]));
-    let activator = env.activator(&[]).await;
+    let (_pod, activator) = env.one_pod_service("reuse", &[]).await;
     let client = Client::new(activator.addr("proxy"));
     let mut peers = HashSet::new();
     for port in 1..=200 {
@@ -369,9 +357,7 @@ async fn rotating_host_ports_reuse_one_pod_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_trailers_reach_the_client() {
     let env = Env::new();
-    let pod = env.demo("pod", "tr-1").await;
-    env.write_topology(&yaml(&[Service::new("tr").revision("tr-1", 100, &[pod.addr("http")])]));
-    let activator = env.activator(&[]).await;
+    let (_pod, activator) = env.one_pod_service("tr", &[]).await;
     let request = "GET /trailers HTTP/1.1\r\nHost: tr.test\r\nTE: trailers\r\nConnection: close\r\n\r\n";
     let raw = integration_tests::raw_exchange(activator.addr("proxy"), request, Duration::from_secs(10)).await;
     let (head, body) = raw.split_once("\r\n\r\n").expect("a response");
@@ -382,9 +368,7 @@ async fn http1_trailers_reach_the_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pod_sees_clean_forwarded_headers() {
     let env = Env::new();
-    let pod = env.demo("pod", "hd-1").await;
-    env.write_topology(&yaml(&[Service::new("hd").revision("hd-1", 100, &[pod.addr("http")])]));
-    let activator = env.activator(&[]).await;
+    let (_pod, activator) = env.one_pod_service("hd", &[]).await;
     // An h2c upgrade offer goes on as plain HTTP/1.1, and X-Forwarded-For keeps both lines.
     let request = "GET /headers HTTP/1.1\r\nHost: hd.test\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\
                    Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nX-Forwarded-For: 1.1.1.1\r\n\
@@ -403,9 +387,7 @@ async fn the_pod_sees_clean_forwarded_headers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_switch_names_the_protocol_the_pod_chose() {
     let env = Env::new();
-    let pod = env.demo("pod", "ws-1").await;
-    env.write_topology(&yaml(&[Service::new("ws").revision("ws-1", 100, &[pod.addr("http")])]));
-    let activator = env.activator(&[]).await;
+    let (_pod, activator) = env.one_pod_service("ws", &[]).await;
     let mut stream = tokio::net::TcpStream::connect(activator.addr("proxy")).await.unwrap();
     let offer = "GET /ws HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: chat/2, websocket\r\n\
                  Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
@@ -424,9 +406,7 @@ async fn the_switch_names_the_protocol_the_pod_chose() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_keep_going_through_the_drain_until_they_close() {
     let env = Env::new();
-    let pod = env.demo("pod", "ws-1").await;
-    env.write_topology(&yaml(&[Service::new("ws").revision("ws-1", 100, &[pod.addr("http")])]));
-    let mut activator = env.activator(&["--drain-period", "1s", "--grace-timeout", "30s"]).await;
+    let (_pod, mut activator) = env.one_pod_service("ws", &["--drain-period", "1s", "--grace-timeout", "30s"]).await;
     let proxy = activator.addr("proxy");
     let mut request = format!("ws://{proxy}/ws").into_client_request().unwrap();
     request.headers_mut().insert("host", "ws.test".parse().unwrap());
@@ -451,9 +431,7 @@ async fn websockets_keep_going_through_the_drain_until_they_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beyond_the_connection_limit_clients_wait_in_the_backlog() {
     let env = Env::new();
-    let pod = env.demo("pod", "cap-1").await;
-    env.write_topology(&yaml(&[Service::new("cap").revision("cap-1", 100, &[pod.addr("http")])]));
-    let activator = env.activator(&["--max-connections", "2"]).await;
+    let (_pod, activator) = env.one_pod_service("cap", &["--max-connections", "2"]).await;
     let proxy = activator.addr("proxy");
     let (first, second) = (Client::new(proxy), Client::new(proxy));
     assert_eq!(first.get("cap.test", "/incr").await.status, 200);
@@ -509,9 +487,7 @@ async fn changing_container_concurrency_keeps_requests_in_flight_and_waiting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed() {
     let env = Env::new();
-    let pod = env.demo("pod", "idle-1").await;
-    env.write_topology(&yaml(&[Service::new("idle").revision("idle-1", 100, &[pod.addr("http")])]));
-    let activator = env.activator(&["--idle-timeout", "1s"]).await;
+    let (_pod, activator) = env.one_pod_service("idle", &["--idle-timeout", "1s"]).await;
     let proxy = activator.addr("proxy");
     // A connection that never says which protocol it speaks is closed.
     let answer = integration_tests::raw_exchange(proxy, "", Duration::from_secs(20)).await;

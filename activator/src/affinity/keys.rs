@@ -122,14 +122,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    use crate::world::policy::{ANNOTATION_PREFIX, Annotated};
-
-    fn annotated(pairs: &[(&str, &str)]) -> (Annotated, Vec<String>) {
-        let map = pairs.iter().map(|(k, v)| (format!("{ANNOTATION_PREFIX}{k}"), (*v).to_owned())).collect();
-        let mut errors = Vec::new();
-        let parsed = Annotated::parse(&map, &mut |key, reason| errors.push(format!("{key}: {reason}")));
-        (parsed, errors)
-    }
+    use crate::world::policy::tests::annotated;
 
     fn policy(pairs: &[(&str, &str)]) -> Policy {
         let (a, errors) = annotated(pairs);

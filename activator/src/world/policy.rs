@@ -186,10 +186,11 @@ fn extend_unique(into: &mut Vec<IdSource>, from: &[IdSource]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn annotated(pairs: &[(&str, &str)]) -> (Annotated, Vec<String>) {
+    /// Parses `activator.knative.dev/<key>: <value>` pairs, collecting what was rejected.
+    pub(crate) fn annotated(pairs: &[(&str, &str)]) -> (Annotated, Vec<String>) {
         let map = pairs.iter().map(|(k, v)| (format!("{ANNOTATION_PREFIX}{k}"), (*v).to_owned())).collect();
         let mut errors = Vec::new();
         let parsed = Annotated::parse(&map, &mut |key, reason| errors.push(format!("{key}: {reason}")));
