@@ -24,7 +24,6 @@ use crate::pins::Pins;
 use crate::probes;
 use crate::proxy::{self, Exchange};
 use crate::respond::{self, reply};
-use crate::server::H2_STREAM_WINDOW;
 use crate::stats::Stats;
 use crate::throttle::{AcquireError, Want};
 use crate::world::{Revision, Service, Snapshot};
@@ -32,6 +31,9 @@ use crate::world::{Revision, Service, Snapshot};
 /// The most of an HTTP/1.1 request body a waiting request can make the activator hold: what
 /// arrived with the headers in hyper's read buffer. The rest waits in the client's socket.
 const HTTP1_READ_AHEAD: u64 = 64 * 1024;
+/// An HTTP/2 stream may send this much request body before the client must wait (the server's
+/// stream window), which is also the most a waiting HTTP/2 request can make the activator hold.
+pub const H2_STREAM_WINDOW: u32 = 1 << 20;
 
 pub struct Handler {
     pub world: Arc<ArcSwap<Snapshot>>,

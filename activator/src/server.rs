@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::task::TaskTracker;
 
-use crate::handler::Handler;
+use crate::handler::{H2_STREAM_WINDOW, Handler};
 use crate::socket::{SendTimeout, keep_alive};
 
 /// Upstream's `ReadHeaderTimeout`: a client that never finishes its headers is dropped. hyper
@@ -27,9 +27,6 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// HTTP/2 pings keep connections through middleboxes alive and find dead peers.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
-/// An HTTP/2 stream may hold this much request body before the client must wait, which is also
-/// the most a queued HTTP/2 request can make the activator buffer.
-pub const H2_STREAM_WINDOW: u32 = 1 << 20;
 
 /// How connections are bounded.
 #[derive(Clone, Copy, Debug)]

@@ -81,9 +81,7 @@ async fn main() {
     step(&format!("Topology file {} (re-read when it changes)", env.topology_path().display()));
     print!("{}", std::fs::read_to_string(env.topology_path()).unwrap_or_default());
 
-    let demo_service = integration_tests::bin_dir().join("demo-service").display().to_string();
-    let command =
-        format!("{demo_service} --listen {{listen}} --pod {{pod}} --revision {{revision}} --startup-delay 1s");
+    let command = integration_tests::demo_command("--startup-delay 1s");
     let topology_path = env.topology_path().display().to_string();
     let shim_flags =
         ["--command", &command, "--topology", &topology_path, "--scale-to-zero-grace", "3s", "--window", "2s"];
