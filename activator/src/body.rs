@@ -48,14 +48,20 @@ pub struct ResponseBody {
 }
 
 enum Kind {
-    Upstream { body: Incoming, held: Option<Held>, deadline: Option<Pin<Box<Sleep>>> },
+    Upstream { body: Incoming, held: Option<Held>, deadline: Option<Pin<Box<Sleep>>>, idle: Option<Idle> },
     Local(Full<Bytes>),
+}
+
+/// The longest pause allowed between two frames of a body, and when the current pause ends.
+struct Idle {
+    limit: std::time::Duration,
+    until: Pin<Box<Sleep>>,
 }
 
 impl ResponseBody {
     /// A pod's body, kept with what its exchange holds.
     pub fn upstream(body: Incoming, held: Held) -> Self {
-        ResponseBody { kind: Kind::Upstream { body, held: Some(held), deadline: None } }
+        ResponseBody { kind: Kind::Upstream { body, held: Some(held), deadline: None, idle: None } }
     }
 
     /// Cuts a pod's body at `deadline`, the end of the revision's timeout (as upstream does for a
@@ -63,6 +69,15 @@ impl ResponseBody {
     pub fn cut_at(&mut self, at: Pin<Box<Sleep>>) {
         if let Kind::Upstream { deadline, .. } = &mut self.kind {
             *deadline = Some(at);
+        }
+    }
+
+    /// Cuts a pod's body when it pauses longer than `limit` between frames (the revision's
+    /// `idleTimeoutSeconds`).
+    pub fn cut_when_idle(&mut self, limit: std::time::Duration) {
+        if let Kind::Upstream { idle, .. } = &mut self.kind {
+            let until = Box::pin(tokio::time::sleep(limit));
+            *idle = Some(Idle { limit, until });
         }
     }
 
@@ -81,8 +96,13 @@ impl Body for ResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match &mut self.get_mut().kind {
-            Kind::Upstream { body, held, deadline } => {
+            Kind::Upstream { body, held, deadline, idle } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
+                if polled.is_ready()
+                    && let Some(idle) = idle
+                {
+                    idle.until.as_mut().reset(tokio::time::Instant::now() + idle.limit);
+                }
                 match polled {
                     Poll::Ready(None) => {
                         if let Some(held) = held.take() {
@@ -95,14 +115,16 @@ impl Body for ResponseBody {
                         Poll::Ready(Some(Err(e.into())))
                     }
                     Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
-                    Poll::Pending => match deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
-                        Some(Poll::Ready(())) => {
+                    Poll::Pending => {
+                        let overall = deadline.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                        let paused = idle.as_mut().is_some_and(|i| i.until.as_mut().poll(cx).is_ready());
+                        if overall || paused {
                             held.take();
-                            *deadline = None;
-                            Poll::Ready(Some(Err(TimedOut.into())))
+                            (*deadline, *idle) = (None, None);
+                            return Poll::Ready(Some(Err(TimedOut.into())));
                         }
-                        _ => Poll::Pending,
-                    },
+                        Poll::Pending
+                    }
                 }
             }
             Kind::Local(full) => Pin::new(full).poll_frame(cx).map_err(|never| match never {}),

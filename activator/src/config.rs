@@ -83,6 +83,15 @@ pub struct Config {
     #[arg(long, env = "ACTIVATOR_ENDPOINTS_FILE")]
     pub endpoints_file: Option<PathBuf>,
 
+    /// Readiness probe of a new pod: how long one may take (upstream's PROBE_TIMEOUT).
+    #[arg(long, env = "PROBE_TIMEOUT", default_value = "300ms", value_parser = humantime::parse_duration)]
+    pub probe_timeout: Duration,
+
+    /// How often pods that have not passed their readiness probe are probed (upstream's
+    /// PROBE_FREQUENCY).
+    #[arg(long, env = "PROBE_FREQUENCY", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub probe_frequency: Duration,
+
     /// How often the topology file is checked for changes.
     #[arg(long, env = "ACTIVATOR_TOPOLOGY_POLL_INTERVAL", default_value = "200ms", value_parser = humantime::parse_duration)]
     pub topology_poll_interval: Duration,

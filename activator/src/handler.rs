@@ -67,13 +67,19 @@ impl Handler {
         };
         let (pinning, mut route) = Pinning::route(&self.pins, &service, &keys, ingress_pick.as_ref()).await;
         let in_flight = self.reporter.arrive(&route.revision.concurrency);
-        // The revision's timeout runs from arrival: queueing, the pod's answer and its body.
+        // The revision's timeouts run from arrival, queueing included, as upstream's: the whole
+        // exchange, the wait for the response to start, and pauses in its body.
         let mut deadline = Box::pin(tokio::time::sleep_until(started + route.revision.timeout));
+        let first_byte = route.revision.response_start_timeout.map(|t| started + t);
         let mut resp = tokio::select! {
             resp = self.admit_and_forward(req, &pinning, &mut route, in_flight, client) => resp,
             () = deadline.as_mut() => respond::timed_out(),
+            () = sleep_until_some(first_byte) => respond::timed_out(),
         };
         resp.body_mut().cut_at(deadline);
+        if let Some(idle) = route.revision.idle_timeout {
+            resp.body_mut().cut_when_idle(idle);
+        }
         route.revision.stats.record(resp.status().as_u16(), started.elapsed());
         self.annotate(&mut resp, &keys, &route);
         resp
@@ -110,7 +116,9 @@ impl Handler {
                 Err(e) => return refused(&route.revision, e),
             };
         }
-        let exchange = Exchange { lease, in_flight, client_ip: client.ip(), tunnels: &self.tunnels };
+        let revision = route.revision.clone();
+        let exchange =
+            Exchange { lease, in_flight, client_ip: client.ip(), host: &revision.host, tunnels: &self.tunnels };
         match proxy::forward(req, exchange).await {
             Ok(resp) => resp,
             Err(e) => {
@@ -132,6 +140,14 @@ impl Handler {
         if self.debug_headers {
             headers.insert(DECISION, HeaderValue::from_static(route.origin.as_str()));
         }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -16,6 +16,10 @@ pub const NETWORK_HASH: HeaderName = HeaderName::from_static("k-network-hash");
 /// Marks a kubelet probe when the User-Agent does not.
 pub const KUBELET_PROBE: HeaderName = HeaderName::from_static("k-kubelet-probe");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// Where queue-proxy finds the Host the client sent, when the activator addresses the pod itself.
+pub const ORIGINAL_HOST: HeaderName = HeaderName::from_static("k-original-host");
+/// Asks a mesh to deliver a request to the pod named in `Host` rather than balance it.
+pub const PASSTHROUGH_LB: HeaderName = HeaderName::from_static("k-passthrough-lb");
 
 /// Session and flow ids every service accepts, with no annotation.
 pub const DEFAULT_SESSION: HeaderName = HeaderName::from_static("k-session");

@@ -8,7 +8,7 @@ use activator::config::{Cli, Command, Config, LogFormat, Mode, PinStore};
 use activator::handler::Handler;
 use activator::health::Health;
 use activator::pins::{Pins, SharedConfig};
-use activator::readiness::Prober;
+use activator::readiness::{ProbeTiming, Prober};
 use activator::server::Limits;
 use activator::source::local::LocalSource;
 use activator::stats::Stats;
@@ -85,7 +85,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => Reporter::disabled(),
     };
-    let publisher = Arc::new(Publisher::new(stats.clone(), queue, Prober::start()));
+    let timing = ProbeTiming { period: config.probe_frequency, timeout: config.probe_timeout };
+    let publisher = Arc::new(Publisher::new(stats.clone(), queue, Prober::start(timing)));
     let world = publisher.world();
     match config.mode {
         Mode::Local => {

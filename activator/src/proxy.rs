@@ -16,7 +16,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::autoscaler::InFlight;
 use crate::body::{Held, ResponseBody};
-use crate::headers::{KNATIVE_NAMESPACE, KNATIVE_REVISION, PROXY_REQUEST, X_FORWARDED_FOR};
+use crate::headers::{
+    KNATIVE_NAMESPACE, KNATIVE_REVISION, ORIGINAL_HOST, PASSTHROUGH_LB, PROXY_REQUEST, X_FORWARDED_FOR,
+};
 use crate::pool::SendError;
 use crate::throttle::Lease;
 
@@ -33,6 +35,20 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     HeaderName::from_static("http2-settings"),
 ];
 
+/// How the client's `Host` reaches the pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostRewrite {
+    /// As the client sent it: the pod is the application itself (local mode).
+    Keep,
+    /// Moved to `K-Original-Host` (one already there is kept), with the pod's address as `Host`:
+    /// queue-proxy puts it back, as upstream's activator expects.
+    ToOriginalHost,
+    /// As `ToOriginalHost`, but `Host` names the revision's private Service and
+    /// `K-Passthrough-Lb: true` asks a mesh to deliver to the pod anyway (upstream's
+    /// `enable-mesh-pod-addressability`).
+    Passthrough(String),
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("forwarding to pod {pod} failed: {source}")]
 pub struct ForwardError {
@@ -46,6 +62,7 @@ pub struct Exchange<'a> {
     pub lease: Lease,
     pub in_flight: InFlight,
     pub client_ip: IpAddr,
+    pub host: &'a HostRewrite,
     /// Upgraded connections outlive their request; they are tracked so shutdown can wait for them.
     pub tunnels: &'a TaskTracker,
 }
@@ -55,10 +72,10 @@ pub async fn forward(
     mut req: Request<Incoming>,
     exchange: Exchange<'_>,
 ) -> Result<Response<ResponseBody>, ForwardError> {
-    let Exchange { lease, in_flight, client_ip, tunnels } = exchange;
+    let Exchange { lease, in_flight, client_ip, host, tunnels } = exchange;
     let pod = lease.pod().clone();
     let upgrade = upgrade_protocol(&req);
-    prepare_request(&mut req, upgrade.as_ref(), client_ip, pod.addr);
+    prepare_request(&mut req, upgrade.as_ref(), client_ip, pod.addr, host);
     let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let fail = |failed: crate::pool::Failed| ForwardError { pod: pod.addr, source: failed.error };
     let (mut resp, lent) = match req.version() {
@@ -138,7 +155,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn prepare_request<B>(req: &mut Request<B>, upgrade: Option<&HeaderValue>, client_ip: IpAddr, pod: SocketAddr) {
+fn prepare_request<B>(
+    req: &mut Request<B>,
+    upgrade: Option<&HeaderValue>,
+    client_ip: IpAddr,
+    pod: SocketAddr,
+    host: &HostRewrite,
+) {
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
     if let Some(protocol) = upgrade {
@@ -153,12 +176,30 @@ fn prepare_request<B>(req: &mut Request<B>, upgrade: Option<&HeaderValue>, clien
 
     // The authority the client addressed: the URI's (HTTP/2, or an absolute-form HTTP/1.1
     // target), else its Host, else the pod.
-    let authority = req
+    let pod_authority = || Authority::try_from(pod.to_string()).expect("a socket address is an authority");
+    let client_authority = req
         .uri()
         .authority()
         .cloned()
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| Authority::try_from(h.as_bytes()).ok()))
-        .unwrap_or_else(|| Authority::try_from(pod.to_string()).expect("a socket address is an authority"));
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| Authority::try_from(h.as_bytes()).ok()));
+    let authority = match host {
+        HostRewrite::Keep => client_authority.unwrap_or_else(pod_authority),
+        HostRewrite::ToOriginalHost | HostRewrite::Passthrough(_) => {
+            let headers = req.headers_mut();
+            if !headers.contains_key(ORIGINAL_HOST)
+                && let Some(value) = client_authority.and_then(|a| HeaderValue::try_from(a.as_str()).ok())
+            {
+                headers.insert(ORIGINAL_HOST, value);
+            }
+            match host {
+                HostRewrite::Passthrough(private) => {
+                    headers.insert(PASSTHROUGH_LB, HeaderValue::from_static("true"));
+                    Authority::try_from(private.as_str()).unwrap_or_else(|_| pod_authority())
+                }
+                _ => pod_authority(),
+            }
+        }
+    };
     let path = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     if req.version() == Version::HTTP_2 {
         // HTTP/2 carries the authority in `:authority`, built from an absolute URI.
@@ -223,7 +264,7 @@ mod tests {
             ("x-kept", "yes"),
             ("knative-serving-revision", "r"),
         ]);
-        prepare_request(&mut req, None, CLIENT, POD);
+        prepare_request(&mut req, None, CLIENT, POD, &HostRewrite::Keep);
         let h = req.headers();
         for gone in
             ["connection", "x-secret", "keep-alive", "proxy-authorization", "upgrade", "knative-serving-revision"]
@@ -241,18 +282,18 @@ mod tests {
     #[test]
     fn appends_to_forwarded_for_and_falls_back_to_pod_authority() {
         let mut req = request(&[("x-forwarded-for", "1.1.1.1")]);
-        prepare_request(&mut req, None, CLIENT, POD);
+        prepare_request(&mut req, None, CLIENT, POD, &HostRewrite::Keep);
         assert_eq!(req.headers()["x-forwarded-for"], "1.1.1.1, 10.1.2.3");
         assert_eq!(req.headers()["host"], "127.0.0.1:9000");
         let mut lines = request(&[("x-forwarded-for", "1.1.1.1, 2.2.2.2"), ("x-forwarded-for", "3.3.3.3")]);
-        prepare_request(&mut lines, None, CLIENT, POD);
+        prepare_request(&mut lines, None, CLIENT, POD, &HostRewrite::Keep);
         assert_eq!(lines.headers()["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3, 10.1.2.3", "every line is kept");
     }
 
     #[test]
     fn http2_keeps_the_clients_authority_in_an_absolute_uri() {
         let mut req = Request::builder().uri("http://svc.example.com/a?b").version(Version::HTTP_2).body(()).unwrap();
-        prepare_request(&mut req, None, CLIENT, POD);
+        prepare_request(&mut req, None, CLIENT, POD, &HostRewrite::Keep);
         assert_eq!(req.uri(), "http://svc.example.com/a?b");
     }
 
@@ -261,10 +302,28 @@ mod tests {
         let mut req = request(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
         let protocol = upgrade_protocol(&req);
         assert_eq!(protocol.as_ref().unwrap(), "websocket");
-        prepare_request(&mut req, protocol.as_ref(), CLIENT, POD);
+        prepare_request(&mut req, protocol.as_ref(), CLIENT, POD, &HostRewrite::Keep);
         assert_eq!(req.headers()["connection"], "upgrade");
         assert_eq!(req.headers()["upgrade"], "websocket");
         assert!(upgrade_protocol(&request(&[("upgrade", "websocket")])).is_none());
+    }
+
+    #[test]
+    fn for_queue_proxy_the_host_moves_to_k_original_host() {
+        let mut req = request(&[("host", "svc.example.com")]);
+        prepare_request(&mut req, None, CLIENT, POD, &HostRewrite::ToOriginalHost);
+        assert_eq!(req.headers()["k-original-host"], "svc.example.com");
+        assert_eq!(req.headers()["host"], "127.0.0.1:9000", "queue-proxy is addressed by its pod address");
+        let mut kept = request(&[("host", "svc.example.com"), ("k-original-host", "mapped.example.com")]);
+        prepare_request(&mut kept, None, CLIENT, POD, &HostRewrite::ToOriginalHost);
+        assert_eq!(kept.headers()["k-original-host"], "mapped.example.com", "a domain mapping's original host is kept");
+        let mut h2 = Request::builder().uri("http://svc.example.com/a").version(Version::HTTP_2).body(()).unwrap();
+        prepare_request(&mut h2, None, CLIENT, POD, &HostRewrite::Passthrough("rev-private.ns".into()));
+        assert_eq!(h2.uri(), "http://rev-private.ns/a");
+        assert_eq!(
+            (&h2.headers()["k-original-host"], &h2.headers()["k-passthrough-lb"]),
+            (&"svc.example.com".parse::<HeaderValue>().unwrap(), &"true".parse::<HeaderValue>().unwrap())
+        );
     }
 
     #[test]
@@ -272,7 +331,7 @@ mod tests {
         let h2c = request(&[("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c"), ("http2-settings", "AAMA")]);
         assert!(upgrade_protocol(&h2c).is_none());
         let mut h2c = h2c;
-        prepare_request(&mut h2c, None, CLIENT, POD);
+        prepare_request(&mut h2c, None, CLIENT, POD, &HostRewrite::Keep);
         for gone in ["connection", "upgrade", "http2-settings"] {
             assert!(!h2c.headers().contains_key(gone), "{gone} reaches the pod");
         }

@@ -1,15 +1,17 @@
-//! Which endpoints of a revision are ready: a new endpoint takes traffic once its readiness
-//! probe succeeds, as Knative's activator does before Kubernetes marks a pod ready. One task
-//! probes every revision's waiting endpoints in parallel every `PROBE_PERIOD`.
+//! Which pods of a revision are ready: a new pod takes traffic once its readiness probe
+//! succeeds, as Knative's activator does before Kubernetes marks a pod ready. One task probes
+//! every revision's waiting pods in parallel every probe period. When no pod answers and every
+//! failure is one a service mesh would cause (no connection, or a 502/503 from a sidecar), the
+//! revision's private Service is probed instead, and traffic goes through it if it answers.
 //!
-//! Owns the probe requests only; the ready set itself lives in `throttle`.
+//! Owns the probe requests only; what is ready, and how traffic reaches it, lives in `throttle`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, USER_AGENT};
+use http::header::{HOST, HeaderValue, USER_AGENT};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::Client;
@@ -17,14 +19,26 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 
+use crate::headers::{NETWORK_PROBE, PASSTHROUGH_LB};
 use crate::throttle::{Probe, Throttler};
 
-/// Upstream's PROBE_FREQUENCY and PROBE_TIMEOUT.
-const PROBE_PERIOD: Duration = Duration::from_millis(200);
-const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 const PROBE_USER_AGENT: HeaderValue = HeaderValue::from_static("Knative-Activator-Probe");
 
-/// Hands revisions with unprobed endpoints to the probing task.
+/// How often waiting pods are probed, and how long one probe may take (upstream's
+/// `PROBE_FREQUENCY` and `PROBE_TIMEOUT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeTiming {
+    pub period: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for ProbeTiming {
+    fn default() -> Self {
+        ProbeTiming { period: Duration::from_millis(200), timeout: Duration::from_millis(300) }
+    }
+}
+
+/// Hands revisions with unprobed pods to the probing task.
 #[derive(Clone)]
 pub struct Prober {
     watch: mpsc::UnboundedSender<Arc<Throttler>>,
@@ -32,9 +46,9 @@ pub struct Prober {
 
 impl Prober {
     /// Starts the probing task on the current runtime.
-    pub fn start() -> Self {
+    pub fn start(timing: ProbeTiming) -> Self {
         let (watch, revisions) = mpsc::unbounded_channel();
-        tokio::spawn(probe_loop(revisions));
+        tokio::spawn(probe_loop(revisions, timing));
         Prober { watch }
     }
 
@@ -50,8 +64,20 @@ impl Prober {
     }
 }
 
-async fn probe_loop(mut revisions: mpsc::UnboundedReceiver<Arc<Throttler>>) {
-    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+/// What one probe found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Ready,
+    /// Not ready; `mesh_like` when the failure is one a mesh's sidecar would cause.
+    NotReady {
+        mesh_like: bool,
+    },
+}
+
+type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
+
+async fn probe_loop(mut revisions: mpsc::UnboundedReceiver<Arc<Throttler>>, timing: ProbeTiming) {
+    let client: ProbeClient = Client::builder(TokioExecutor::new()).build_http();
     let mut watched: Vec<Arc<Throttler>> = Vec::new();
     loop {
         if watched.is_empty() {
@@ -65,43 +91,61 @@ async fn probe_loop(mut revisions: mpsc::UnboundedReceiver<Arc<Throttler>>) {
                 watched.push(throttler);
             }
         }
-        let probes = watched.iter().flat_map(|throttler| {
-            let (probe, endpoints) = throttler.pending();
-            let client = &client;
-            endpoints.into_iter().map(move |addr| {
-                let probe = probe.clone();
-                async move {
-                    if is_ready(client, addr, &probe).await {
-                        throttler.mark_ready(addr);
-                    }
-                }
-            })
-        });
-        futures_util::future::join_all(probes).await;
-        watched.retain(|t| !t.pending().1.is_empty());
-        tokio::time::sleep(PROBE_PERIOD).await;
+        futures_util::future::join_all(watched.iter().map(|t| probe_revision(&client, t, timing.timeout))).await;
+        watched.retain(|t| t.probe_plan().is_some());
+        tokio::time::sleep(timing.period).await;
     }
 }
 
-async fn is_ready(client: &Client<HttpConnector, Empty<Bytes>>, addr: SocketAddr, probe: &Probe) -> bool {
-    let (path, queue) = match probe {
-        Probe::None => return true,
-        Probe::Http { path } => (path, false),
-        Probe::Queue { path } => (path, true),
+/// Probes a revision's waiting pods in parallel, then, if its plan says so, its private Service.
+async fn probe_revision(client: &ProbeClient, throttler: &Throttler, timeout: Duration) {
+    let Some(plan) = throttler.probe_plan() else { return };
+    let how = &plan.probe;
+    let outcomes = futures_util::future::join_all(plan.pods.iter().map(|addr| async move {
+        let outcome = probe(client, *addr, how, timeout).await;
+        if outcome == Outcome::Ready {
+            throttler.mark_ready(*addr);
+        }
+        outcome
+    }))
+    .await;
+    // Upstream falls back to the Service only when no pod passed and nothing says "no mesh here".
+    let only_mesh_failures = outcomes.iter().all(|o| *o == Outcome::NotReady { mesh_like: true });
+    if let Some(service) = plan.cluster_ip
+        && only_mesh_failures
+        && probe(client, service, how, timeout).await == Outcome::Ready
+    {
+        tracing::info!(%service, "pods do not answer directly (a mesh?); sending traffic through the private Service");
+        throttler.mark_cluster_ip_ready(service);
+    }
+}
+
+async fn probe(client: &ProbeClient, addr: SocketAddr, probe: &Probe, timeout: Duration) -> Outcome {
+    let (path, queue, passthrough) = match probe {
+        Probe::None => return Outcome::Ready,
+        Probe::Http { path } => (path, false, None),
+        Probe::Queue { path, passthrough_host } => (path, true, passthrough_host.as_deref()),
     };
     let mut req = Request::get(format!("http://{addr}{path}")).header(USER_AGENT, PROBE_USER_AGENT);
     if queue {
-        req = req.header(crate::headers::NETWORK_PROBE, "queue");
+        req = req.header(NETWORK_PROBE, "queue");
     }
-    let Ok(req) = req.body(Empty::new()) else { return false };
+    if let Some(host) = passthrough {
+        req = req.header(HOST, host).header(PASSTHROUGH_LB, "true");
+    }
+    let Ok(req) = req.body(Empty::new()) else { return Outcome::NotReady { mesh_like: false } };
     let answered = async {
         let resp = client.request(req).await.ok()?;
-        if !queue {
-            return Some(resp.status().is_success());
-        }
-        let ok = resp.status() == StatusCode::OK;
-        let body = Limited::new(resp.into_body(), 64).collect().await.ok()?.to_bytes();
-        Some(ok && body == "queue")
+        let status = resp.status();
+        let mesh_like = matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE);
+        let ready = if queue {
+            let body = Limited::new(resp.into_body(), 64).collect().await.ok()?.to_bytes();
+            status == StatusCode::OK && body == "queue"
+        } else {
+            status.is_success()
+        };
+        Some(if ready { Outcome::Ready } else { Outcome::NotReady { mesh_like } })
     };
-    tokio::time::timeout(PROBE_TIMEOUT, answered).await.ok().flatten().unwrap_or(false)
+    // No answer at all is what a mesh that blocks direct pod traffic looks like, too.
+    tokio::time::timeout(timeout, answered).await.ok().flatten().unwrap_or(Outcome::NotReady { mesh_like: true })
 }

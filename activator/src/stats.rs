@@ -31,6 +31,7 @@ pub struct Stats {
     latency: HistogramVec,
     in_flight: IntGaugeVec,
     queued: IntGaugeVec,
+    outside_subset: IntCounterVec,
     topology_reloads: IntCounterVec,
     annotation_errors: IntCounterVec,
     pub pin_lookups: IntCounterVec,
@@ -80,6 +81,14 @@ impl Stats {
         .expect("static metric definition");
         let queued = IntGaugeVec::new(
             Opts::new("activator_queued_requests", "Requests waiting for a ready pod or a free slot, by revision"),
+            &labels[..3],
+        )
+        .expect("static metric definition");
+        let outside_subset = IntCounterVec::new(
+            Opts::new(
+                "activator_pinned_outside_subset_total",
+                "Pinned requests sent to a pod outside this activator's subset of the revision's pods",
+            ),
             &labels[..3],
         )
         .expect("static metric definition");
@@ -156,6 +165,7 @@ impl Stats {
             Box::new(latency.clone()),
             Box::new(in_flight.clone()),
             Box::new(queued.clone()),
+            Box::new(outside_subset.clone()),
             Box::new(topology_reloads.clone()),
             Box::new(annotation_errors.clone()),
             Box::new(pin_lookups.clone()),
@@ -180,6 +190,7 @@ impl Stats {
             latency,
             in_flight,
             queued,
+            outside_subset,
             topology_reloads,
             annotation_errors,
             pin_lookups,
@@ -210,6 +221,7 @@ impl Stats {
             rare: Mutex::default(),
             in_flight: self.in_flight.with_label_values(&[namespace, service, revision]),
             queued: self.queued.with_label_values(&[namespace, service, revision]),
+            outside_subset: self.outside_subset.with_label_values(&[namespace, service, revision]),
             stats: self.clone(),
         });
         live.insert(labels, Arc::downgrade(&created));
@@ -252,6 +264,7 @@ pub struct RevisionStats {
     rare: Mutex<Vec<u16>>,
     pub in_flight: IntGauge,
     pub queued: IntGauge,
+    pub outside_subset: IntCounter,
     stats: Stats,
 }
 
@@ -298,6 +311,7 @@ impl Drop for RevisionStats {
         }
         let _ = self.stats.in_flight.remove_label_values(&[ns, svc, rev]);
         let _ = self.stats.queued.remove_label_values(&[ns, svc, rev]);
+        let _ = self.stats.outside_subset.remove_label_values(&[ns, svc, rev]);
     }
 }
 

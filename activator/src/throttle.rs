@@ -8,6 +8,12 @@
 //! mutex is taken only when a request has to wait or a slot is freed while someone waits. Waiting
 //! is first come, first served: a new request never takes a slot an older one waits for, and a
 //! freed slot goes to the oldest request that can use that pod, found without walking the queue.
+//!
+//! Also owns how a revision's pods are reached, as Knative's activator does: pods the platform
+//! vouches for take traffic at once, others once a readiness probe passes; when several
+//! activators share a revision with `containerConcurrency` > 0, this one balances only over its
+//! subset of the pods (a request pinned to another pod still reaches it); and when pods cannot be
+//! reached one by one (a service mesh), all traffic goes through the revision's private Service.
 //! Must not know about hosts, splits or pins: callers say which pod they want, if any.
 
 use std::collections::{HashMap, VecDeque};
@@ -102,7 +108,56 @@ pub enum Probe {
     /// `GET <path>` answers 2xx.
     Http { path: String },
     /// Knative's queue-proxy probe: `GET <path>` with `K-Network-Probe: queue` answers 200 `queue`.
-    Queue { path: String },
+    /// With `passthrough_host`, the probe names that host and asks a mesh to pass it through to
+    /// the pod (upstream's passthrough load balancing).
+    Queue { path: String, passthrough_host: Option<String> },
+}
+
+/// A revision's pods as its source sees them, and how to reach them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Backends {
+    /// Pods that take traffic once the revision's probe passes against them.
+    pub probed: Vec<SocketAddr>,
+    /// Pods the platform vouches for: they take traffic at once.
+    pub trusted: Vec<SocketAddr>,
+    /// The revision's private Service, for when pods cannot be reached one by one.
+    pub cluster_ip: Option<ClusterIp>,
+    /// This activator's share of the pods, when several activators split a revision.
+    pub subset: Option<Subset>,
+}
+
+impl Backends {
+    fn has_pods(&self) -> bool {
+        !self.probed.is_empty() || !self.trusted.is_empty()
+    }
+}
+
+/// A revision's private Service address, and when to send traffic through it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterIp {
+    pub addr: SocketAddr,
+    /// `true`: always (a mesh is known to be there); `false`: only once no pod answers a probe
+    /// directly, every failure looks like a mesh's, and the Service's address answers.
+    pub always: bool,
+    /// Pods the platform reports ready behind it, which sizes its capacity.
+    pub ready_pods: usize,
+}
+
+/// Which of the activators sharing a revision this one is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subset {
+    pub index: usize,
+    pub count: usize,
+}
+
+/// What the readiness prober should try for a revision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbePlan {
+    pub probe: Probe,
+    /// Pods waiting for their first successful probe.
+    pub pods: Vec<SocketAddr>,
+    /// The private Service to probe: on its own, or when every pod failed as only a mesh explains.
+    pub cluster_ip: Option<SocketAddr>,
 }
 
 /// Requests that may wait in one revision, and the body bytes they may hold; requests and bytes
@@ -132,6 +187,8 @@ pub struct Pod {
     in_flight: AtomicUsize,
     /// Requests queued for this pod in particular; a new request does not take a slot of theirs.
     pinned_waiting: AtomicUsize,
+    /// Whether the pod is in this activator's subset, which unpinned requests are balanced over.
+    assigned: AtomicBool,
 }
 
 impl Pod {
@@ -141,7 +198,18 @@ impl Pod {
             client: PodClient::new(addr),
             in_flight: AtomicUsize::new(0),
             pinned_waiting: AtomicUsize::new(0),
+            assigned: AtomicBool::new(true),
         })
+    }
+
+    fn is_assigned(&self) -> bool {
+        self.assigned.load(Ordering::Relaxed)
+    }
+
+    /// May take a request that waits for any pod, now: in this activator's subset, and nobody
+    /// waits for it in particular.
+    fn open_to_any(&self) -> bool {
+        self.is_assigned() && self.pinned_waiting.load(Ordering::SeqCst) == 0
     }
 
     pub fn in_flight(&self) -> usize {
@@ -160,7 +228,21 @@ impl Pod {
 
 struct Pending {
     probe: Probe,
+    /// Pods waiting for their first successful probe.
     endpoints: Vec<SocketAddr>,
+    cluster_ip: Option<ClusterIp>,
+    /// Cleared for good once pods failed as only a mesh explains and the Service answered, as
+    /// upstream does: later pods of the revision are reached through the Service too.
+    pods_addressable: bool,
+    has_pods: bool,
+    subset: Option<Subset>,
+}
+
+impl Pending {
+    /// Traffic goes through the private Service rather than to pods.
+    fn through_cluster_ip(&self) -> Option<ClusterIp> {
+        self.cluster_ip.filter(|c| c.always || !self.pods_addressable)
+    }
 }
 
 struct Waiter {
@@ -222,9 +304,12 @@ impl Queue {
 pub struct Throttler {
     /// `containerConcurrency`: the slots of one pod; 0 for unlimited. Can change in place (a
     /// topology edit), keeping in-flight counts and waiters.
-    capacity: AtomicUsize,
+    container_concurrency: AtomicUsize,
+    /// Set while traffic goes through the private Service, whose slots are `cluster_ip_slots`.
+    through_cluster_ip: AtomicBool,
+    cluster_ip_slots: AtomicUsize,
     limits: QueueLimits,
-    queued: IntGauge,
+    metrics: ThrottleMetrics,
     /// Pods that may take traffic, sorted by address.
     pods: ArcSwap<Vec<Arc<Pod>>>,
     /// Endpoints waiting for their first successful readiness probe.
@@ -235,6 +320,15 @@ pub struct Throttler {
     /// Waiting requests that may use any pod; while there are some, a new request waits too.
     waiting_any: AtomicUsize,
     queue: Mutex<Queue>,
+}
+
+/// What a throttler reports.
+#[derive(Clone)]
+pub struct ThrottleMetrics {
+    /// Kept at the number of waiting requests.
+    pub queued: IntGauge,
+    /// Requests sent to a pinned pod outside this activator's subset.
+    pub outside_subset: prometheus::IntCounter,
 }
 
 /// A slot on one pod, held for as long as the request (and its response body or upgraded
@@ -257,14 +351,22 @@ impl Drop for Lease {
 }
 
 impl Throttler {
-    /// `queued` is kept at the number of waiting requests.
-    pub fn new(container_concurrency: u32, limits: QueueLimits, queued: IntGauge) -> Self {
+    pub fn new(container_concurrency: u32, limits: QueueLimits, metrics: ThrottleMetrics) -> Self {
         Throttler {
-            capacity: AtomicUsize::new(container_concurrency as usize),
+            container_concurrency: AtomicUsize::new(container_concurrency as usize),
+            through_cluster_ip: AtomicBool::new(false),
+            cluster_ip_slots: AtomicUsize::new(0),
             limits,
-            queued,
+            metrics,
             pods: ArcSwap::default(),
-            pending: Mutex::new(Pending { probe: Probe::None, endpoints: Vec::new() }),
+            pending: Mutex::new(Pending {
+                probe: Probe::None,
+                endpoints: Vec::new(),
+                cluster_ip: None,
+                pods_addressable: true,
+                has_pods: false,
+                subset: None,
+            }),
             cursor: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             waiting_any: AtomicUsize::new(0),
@@ -272,8 +374,12 @@ impl Throttler {
         }
     }
 
+    /// Slots per pod; 0 for unlimited. Through the private Service, the Service's slots.
     fn capacity(&self) -> usize {
-        self.capacity.load(Ordering::Acquire)
+        if self.through_cluster_ip.load(Ordering::Acquire) {
+            return self.cluster_ip_slots.load(Ordering::Acquire);
+        }
+        self.container_concurrency.load(Ordering::Acquire)
     }
 
     fn policy(capacity: usize) -> Policy {
@@ -287,9 +393,12 @@ impl Throttler {
     /// Changes `containerConcurrency`; requests in flight keep their slots and waiters are served
     /// at once if the pods now have room.
     pub fn set_container_concurrency(&self, container_concurrency: u32) {
-        let old = self.capacity.swap(container_concurrency as usize, Ordering::AcqRel);
-        if old != container_concurrency as usize && self.waiting.load(Ordering::SeqCst) > 0 {
-            self.dispatch_all();
+        let old = self.container_concurrency.swap(container_concurrency as usize, Ordering::AcqRel);
+        if old != container_concurrency as usize {
+            self.reassign(&self.lock_pending());
+            if self.waiting.load(Ordering::SeqCst) > 0 {
+                self.dispatch_all();
+            }
         }
     }
 
@@ -308,50 +417,176 @@ impl Throttler {
         self.pods.load().binary_search_by_key(&addr, |p| p.addr).is_ok()
     }
 
-    /// Replaces the revision's endpoints. Endpoints already ready stay so, keeping their in-flight
-    /// count and connection pool; new ones take traffic once `probe` succeeds against them (see
-    /// `readiness`), or at once without a probe. Returns whether any endpoint awaits its probe.
-    pub fn set_candidates(&self, endpoints: &[SocketAddr], probe: Probe) -> bool {
+    /// Replaces the revision's pods. Pods already taking traffic keep doing so, with their
+    /// in-flight counts and connection pools; trusted ones take traffic at once, probed ones once
+    /// `probe` passes against them (see `readiness`). Returns whether the prober has work.
+    pub fn set_backends(&self, backends: &Backends, probe: Probe) -> bool {
+        let mut pending = self.lock_pending();
+        pending.probe = probe.clone();
+        pending.cluster_ip = backends.cluster_ip;
+        pending.subset = backends.subset;
+        pending.has_pods = backends.has_pods();
         let current = self.pods.load();
-        let mut ready = Vec::new();
-        let mut waiting_for_probe = Vec::new();
-        for &addr in endpoints {
-            match current.binary_search_by_key(&addr, |p| p.addr) {
-                Ok(i) => ready.push(current[i].clone()),
-                Err(_) if probe == Probe::None => ready.push(Pod::new(addr)),
-                Err(_) => waiting_for_probe.push(addr),
+        let ready = match pending.through_cluster_ip() {
+            Some(service) => {
+                pending.endpoints.clear();
+                self.set_cluster_ip_slots(&pending);
+                // The Service keeps taking traffic while it has pods behind it; with none left
+                // (scaled to zero) it must answer a probe again before the next requests.
+                let verified = self.through_cluster_ip.load(Ordering::Acquire)
+                    && current.first().is_some_and(|p| p.addr == service.addr);
+                if verified && pending.has_pods {
+                    current.iter().cloned().collect()
+                } else {
+                    self.through_cluster_ip.store(false, Ordering::Release);
+                    Vec::new()
+                }
             }
-        }
-        ready.sort_by_key(|p| p.addr);
-        let has_pending = !waiting_for_probe.is_empty();
-        *self.lock_pending() = Pending { probe, endpoints: waiting_for_probe };
+            None => {
+                self.through_cluster_ip.store(false, Ordering::Release);
+                let mut ready = Vec::new();
+                pending.endpoints.clear();
+                let trusted = backends.trusted.iter().map(|a| (a, true));
+                for (&addr, trusted) in trusted.chain(backends.probed.iter().map(|a| (a, false))) {
+                    if ready.iter().any(|p: &Arc<Pod>| p.addr == addr) || pending.endpoints.contains(&addr) {
+                        continue;
+                    }
+                    match current.binary_search_by_key(&addr, |p| p.addr) {
+                        Ok(i) => ready.push(current[i].clone()),
+                        Err(_) if trusted || probe == Probe::None => ready.push(Pod::new(addr)),
+                        Err(_) => pending.endpoints.push(addr),
+                    }
+                }
+                ready.sort_by_key(|p| p.addr);
+                ready
+            }
+        };
         self.pods.store(Arc::new(ready));
+        self.reassign(&pending);
+        let work = Self::has_probe_work(&pending, self.through_cluster_ip.load(Ordering::Acquire));
+        drop(pending);
         if self.waiting.load(Ordering::SeqCst) > 0 {
             self.dispatch_all();
         }
-        has_pending
+        work
     }
 
-    /// The probe and the endpoints still waiting for it.
-    pub fn pending(&self) -> (Probe, Vec<SocketAddr>) {
+    /// Pods the platform now reports not ready: they stop taking traffic and must pass the probe
+    /// again. Returns whether the prober has work.
+    pub fn reprobe(&self, addrs: &[SocketAddr]) -> bool {
+        let mut pending = self.lock_pending();
+        if pending.through_cluster_ip().is_none() {
+            let current = self.pods.load();
+            let (gone, kept): (Vec<_>, Vec<_>) = current.iter().cloned().partition(|p| addrs.contains(&p.addr));
+            if !gone.is_empty() {
+                pending.endpoints.extend(gone.iter().map(|p| p.addr));
+                self.pods.store(Arc::new(kept));
+                self.reassign(&pending);
+            }
+        }
+        Self::has_probe_work(&pending, self.through_cluster_ip.load(Ordering::Acquire))
+    }
+
+    fn has_probe_work(pending: &Pending, through_cluster_ip: bool) -> bool {
+        match pending.through_cluster_ip() {
+            Some(_) => pending.has_pods && !through_cluster_ip,
+            None => !pending.endpoints.is_empty(),
+        }
+    }
+
+    /// What the prober should try now, if anything.
+    pub fn probe_plan(&self) -> Option<ProbePlan> {
         let pending = self.lock_pending();
-        (pending.probe.clone(), pending.endpoints.clone())
+        if !Self::has_probe_work(&pending, self.through_cluster_ip.load(Ordering::Acquire)) {
+            return None;
+        }
+        let probe = pending.probe.clone();
+        if let Some(service) = pending.through_cluster_ip() {
+            return Some(ProbePlan { probe, pods: Vec::new(), cluster_ip: Some(service.addr) });
+        }
+        // The Service is the fallback only while no pod takes traffic directly.
+        let fallback = pending.cluster_ip.filter(|_| self.pods.load().is_empty()).map(|c| c.addr);
+        Some(ProbePlan { probe, pods: pending.endpoints.clone(), cluster_ip: fallback })
     }
 
-    /// An endpoint passed its readiness probe: it takes traffic now, waiters first.
+    /// A pod passed its readiness probe: it takes traffic now, waiters first.
     pub fn mark_ready(&self, addr: SocketAddr) {
-        {
+        let pending = {
             let mut pending = self.lock_pending();
             let Some(i) = pending.endpoints.iter().position(|a| *a == addr) else { return };
             pending.endpoints.swap_remove(i);
-        }
+            pending
+        };
         let mut pods: Vec<Arc<Pod>> = self.pods.load().iter().cloned().collect();
         if let Err(i) = pods.binary_search_by_key(&addr, |p| p.addr) {
             pods.insert(i, Pod::new(addr));
         }
         self.pods.store(Arc::new(pods));
+        self.reassign(&pending);
+        drop(pending);
         if self.waiting.load(Ordering::SeqCst) > 0 {
             self.dispatch_all();
+        }
+    }
+
+    /// The private Service answered its probe: from now on traffic goes through it (and stays so
+    /// for this revision, as upstream's watcher does once pods proved unreachable).
+    pub fn mark_cluster_ip_ready(&self, addr: SocketAddr) {
+        {
+            let mut pending = self.lock_pending();
+            if pending.cluster_ip.is_none_or(|c| c.addr != addr) || !pending.has_pods {
+                return;
+            }
+            pending.pods_addressable = false;
+            pending.endpoints.clear();
+            self.set_cluster_ip_slots(&pending);
+            let current = self.pods.load();
+            let service = current.iter().find(|p| p.addr == addr).cloned().unwrap_or_else(|| Pod::new(addr));
+            self.through_cluster_ip.store(true, Ordering::Release);
+            self.pods.store(Arc::new(vec![service]));
+            self.reassign(&pending);
+        }
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.dispatch_all();
+        }
+    }
+
+    /// Upstream's capacity through the Service: `containerConcurrency` times the ready pods,
+    /// shared by the activators in the path, at least 1; unlimited for containerConcurrency 0.
+    fn set_cluster_ip_slots(&self, pending: &Pending) {
+        let cc = self.container_concurrency.load(Ordering::Acquire);
+        let ready = pending.cluster_ip.map_or(0, |c| c.ready_pods);
+        let activators = pending.subset.map_or(1, |s| s.count.max(1));
+        let slots = if cc == 0 { 0 } else { (cc * ready / activators).max(1) };
+        self.cluster_ip_slots.store(slots, Ordering::Release);
+    }
+
+    /// Marks the pods in this activator's subset, as upstream assigns them (since #14022): pods in
+    /// `ip:port` string order, an equal slice each, the remainder one each to the first
+    /// activators. With `containerConcurrency` 0, or through the Service, every pod is everyone's.
+    fn reassign(&self, pending: &Pending) {
+        let pods = self.pods.load();
+        let cc = self.container_concurrency.load(Ordering::Acquire);
+        let subset =
+            pending.subset.filter(|s| cc > 0 && s.count > 0 && !self.through_cluster_ip.load(Ordering::Acquire));
+        let Some(Subset { index, count }) = subset else {
+            for pod in pods.iter() {
+                pod.assigned.store(true, Ordering::Relaxed);
+            }
+            return;
+        };
+        let mut order: Vec<&Arc<Pod>> = pods.iter().collect();
+        order.sort_by_cached_key(|p| p.addr.to_string());
+        let n = order.len();
+        let mine = |i: usize| -> bool {
+            if count > n {
+                return i == index % n;
+            }
+            let size = n / count;
+            (index * size..(index + 1) * size).contains(&i) || (index < n % count && i == count * size + index)
+        };
+        for (i, pod) in order.iter().enumerate() {
+            pod.assigned.store(mine(i), Ordering::Relaxed);
         }
     }
 
@@ -362,6 +597,14 @@ impl Throttler {
     /// Takes a slot on a pod, waiting in FIFO order while every eligible pod is full or no pod
     /// is ready. `body_bytes` is what the request's body may occupy while it waits.
     pub async fn acquire(self: &Arc<Self>, want: Want, body_bytes: u64) -> Result<Lease, AcquireError> {
+        let lease = self.wait_for_slot(want, body_bytes).await?;
+        if !lease.pod.is_assigned() {
+            self.metrics.outside_subset.inc();
+        }
+        Ok(lease)
+    }
+
+    async fn wait_for_slot(self: &Arc<Self>, want: Want, body_bytes: u64) -> Result<Lease, AcquireError> {
         if let Some(pod) = self.try_reserve(want) {
             return Ok(self.lease(pod));
         }
@@ -402,7 +645,7 @@ impl Throttler {
                     queue.any.push_back(waiter);
                 }
             }
-            self.queued.set(queue.live as i64);
+            self.metrics.queued.set(queue.live as i64);
             (pod.map(|p| (p.addr, pinned)), rx)
         };
         let mut waiting = Waiting { throttler: self, pinned: want, bytes: body_bytes, grant, served: false };
@@ -439,7 +682,7 @@ impl Throttler {
             let free = pod.pinned_waiting.load(Ordering::SeqCst) == 0 && pod.try_reserve(capacity);
             return free.then(|| pod.clone());
         }
-        self.pick(&pods, capacity, |pod| pod.pinned_waiting.load(Ordering::SeqCst) == 0)
+        self.pick(&pods, capacity, Pod::open_to_any)
     }
 
     /// A pod with a free slot by the revision's policy, among those `eligible` allows.
@@ -450,7 +693,8 @@ impl Throttler {
         }
         let chosen = match Self::policy(capacity) {
             Policy::PowerOfTwo => {
-                // Unlimited slots: nobody waits for a pod that is ready, so all are eligible.
+                // Unlimited slots: nobody waits for a pod that is ready, and every pod is in every
+                // activator's subset, so all are eligible.
                 let a = fastrand::usize(..n);
                 let chosen = if n == 1 {
                     a
@@ -493,7 +737,7 @@ impl Throttler {
                 Queue::skip_cancelled(mine, cancelled);
             }
             let pinned_front = pinned.get(&pod.addr).and_then(VecDeque::front).map(|w| w.id);
-            let any_front = any.front().map(|w| w.id);
+            let any_front = any.front().filter(|_| pod.is_assigned()).map(|w| w.id);
             let from_pinned = match (pinned_front, any_front) {
                 (Some(p), Some(a)) => p < a,
                 (Some(_), None) => true,
@@ -525,7 +769,7 @@ impl Throttler {
         queue.bytes -= waiter.bytes;
         self.limits.total.give_back(waiter.bytes);
         self.waiting.fetch_sub(1, Ordering::SeqCst);
-        self.queued.set(queue.live as i64);
+        self.metrics.queued.set(queue.live as i64);
         // Cancellation happens under the queue lock we hold, so the receiver is still there.
         let _ = waiter.grant.send(pod);
     }
@@ -561,7 +805,7 @@ impl Throttler {
             if any.is_empty() {
                 break;
             }
-            let Some(pod) = self.pick(&pods, capacity, |pod| pod.pinned_waiting.load(Ordering::SeqCst) == 0) else {
+            let Some(pod) = self.pick(&pods, capacity, Pod::open_to_any) else {
                 break;
             };
             self.waiting_any.fetch_sub(1, Ordering::SeqCst);
@@ -613,7 +857,7 @@ impl Drop for Waiting<'_> {
                 throttler.waiting_any.fetch_sub(1, Ordering::SeqCst);
             }
         }
-        throttler.queued.set(queue.live as i64);
+        throttler.metrics.queued.set(queue.live as i64);
         queue.sweep();
     }
 }
@@ -631,13 +875,25 @@ mod tests {
         QueueLimits { max_waiting, max_bytes, total: Arc::new(QueueBudget::new(total, 1 << 30)) }
     }
 
-    fn gauge() -> IntGauge {
-        IntGauge::new("queued", "test").unwrap()
+    fn gauge() -> ThrottleMetrics {
+        ThrottleMetrics {
+            queued: IntGauge::new("queued", "test").unwrap(),
+            outside_subset: prometheus::IntCounter::new("outside", "test").unwrap(),
+        }
+    }
+
+    /// Gives `t` these pods, probed with `probe` (trusted at once when it is `Probe::None`).
+    fn set(t: &Throttler, pods: &[SocketAddr], probe: Probe) -> bool {
+        t.set_backends(&Backends { probed: pods.to_vec(), ..Backends::default() }, probe)
+    }
+
+    fn waiting_for_probe(t: &Throttler) -> Vec<SocketAddr> {
+        t.probe_plan().map(|p| p.pods).unwrap_or_default()
     }
 
     fn throttler(cc: u32, pods: u16) -> Arc<Throttler> {
         let t = Arc::new(Throttler::new(cc, limits(4, 1 << 20, 1000), gauge()));
-        t.set_candidates(&addrs(pods), Probe::None);
+        set(&t, &addrs(pods), Probe::None);
         t
     }
 
@@ -758,7 +1014,7 @@ mod tests {
             tokio::spawn(async move { t.acquire(Want::Any, 0).await.map(|l| l.pod().addr) })
         };
         wait_for(|| t.waiting() == 1).await;
-        t.set_candidates(&addrs(1), Probe::None);
+        set(&t, &addrs(1), Probe::None);
         assert_eq!(first.await.unwrap(), Ok(addrs(1)[0]));
         let busy = t.acquire(Want::Any, 0).await.unwrap();
         let waiter = {
@@ -766,7 +1022,7 @@ mod tests {
             tokio::spawn(async move { t.acquire(Want::Any, 0).await.map(|l| l.pod().addr) })
         };
         wait_for(|| t.waiting() == 1).await;
-        t.set_candidates(&addrs(2), Probe::None);
+        set(&t, &addrs(2), Probe::None);
         assert_eq!(waiter.await.unwrap(), Ok(addrs(2)[1]));
         drop(busy);
     }
@@ -775,9 +1031,9 @@ mod tests {
     async fn endpoint_updates_keep_in_flight_counts() {
         let t = throttler(0, 2);
         let lease = t.acquire(Want::Pod(addrs(2)[1]), 0).await.unwrap();
-        t.set_candidates(&addrs(3), Probe::None);
+        set(&t, &addrs(3), Probe::None);
         assert_eq!(in_flight(&t), vec![0, 1, 0]);
-        t.set_candidates(&addrs(1), Probe::None);
+        set(&t, &addrs(1), Probe::None);
         drop(lease);
         assert_eq!(in_flight(&t), vec![0]);
     }
@@ -786,7 +1042,7 @@ mod tests {
     async fn probed_endpoints_take_traffic_once_ready() {
         let t = throttler(0, 0);
         let probe = Probe::Http { path: "/healthz".into() };
-        assert!(t.set_candidates(&addrs(2), probe.clone()));
+        assert!(set(&t, &addrs(2), probe.clone()));
         assert!(t.ready().is_empty());
         let waiter = {
             let t = t.clone();
@@ -795,8 +1051,8 @@ mod tests {
         wait_for(|| t.waiting() == 1).await;
         t.mark_ready(addrs(2)[1]);
         assert_eq!(waiter.await.unwrap(), Ok(addrs(2)[1]));
-        assert_eq!(t.pending().1, vec![addrs(2)[0]]);
-        assert!(!t.set_candidates(&addrs(2)[1..], probe), "a ready endpoint stays ready");
+        assert_eq!(waiting_for_probe(&t), vec![addrs(2)[0]]);
+        assert!(!set(&t, &addrs(2)[1..], probe), "a ready endpoint stays ready");
         t.mark_ready(addrs(2)[0]);
         assert_eq!(in_flight(&t).len(), 1, "a removed endpoint cannot come back through a late probe");
     }
@@ -847,7 +1103,7 @@ mod tests {
     #[tokio::test]
     async fn a_release_serves_the_oldest_waiter_that_can_use_the_pod() {
         let t = Arc::new(Throttler::new(1, limits(1000, 1 << 20, 1000), gauge()));
-        t.set_candidates(&addrs(2), Probe::None);
+        set(&t, &addrs(2), Probe::None);
         let [p0, p1] = [addrs(2)[0], addrs(2)[1]];
         let hold0 = t.acquire(Want::Pod(p0), 0).await.unwrap();
         let hold1 = t.acquire(Want::Pod(p1), 0).await.unwrap();
@@ -891,7 +1147,7 @@ mod tests {
     #[tokio::test]
     async fn given_up_waiters_free_their_bounds_at_once_and_are_swept() {
         let t = Arc::new(Throttler::new(1, limits(10_000, 1 << 30, 100_000), gauge()));
-        t.set_candidates(&addrs(1), Probe::None);
+        set(&t, &addrs(1), Probe::None);
         let _busy = t.acquire(Want::Any, 0).await.unwrap();
         for round in 0..3 {
             let waiters: Vec<_> = (0..1000).map(|_| spawn_acquire(&t, Want::Any)).collect();
@@ -905,6 +1161,110 @@ mod tests {
             assert!(queue.any.len() <= 1000, "cancelled entries are swept, not piled up: {}", queue.any.len());
         }
         assert_eq!(t.limits.total.waiting.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn trusted_pods_serve_at_once_and_demoted_ones_wait_for_the_probe() {
+        let t = Arc::new(Throttler::new(0, limits(10, 1 << 20, 100), gauge()));
+        let probe = Probe::Queue { path: "/healthz".into(), passthrough_host: None };
+        let pods = addrs(3);
+        let backends = Backends { trusted: vec![pods[0]], probed: vec![pods[1], pods[2]], ..Backends::default() };
+        assert!(t.set_backends(&backends, probe.clone()));
+        assert_eq!(in_flight(&t).len(), 1, "only the trusted pod serves");
+        assert_eq!(waiting_for_probe(&t), vec![pods[1], pods[2]]);
+        t.mark_ready(pods[1]);
+        assert!(t.reprobe(&[pods[1], pods[0]]), "demoted pods go back to the prober");
+        assert!(t.ready().is_empty());
+        let mut waiting = waiting_for_probe(&t);
+        waiting.sort();
+        assert_eq!(waiting, pods);
+        // The platform reports it ready again: trusted, it serves without a new probe.
+        assert!(t.set_backends(&backends, probe));
+        assert!(t.is_ready(pods[0]));
+    }
+
+    /// The pods (by port) activator `index` of `count` gets of `n` pods.
+    fn subset_of(n: u16, index: usize, count: usize) -> Vec<u16> {
+        let t = Arc::new(Throttler::new(1, limits(10, 1 << 20, 100), gauge()));
+        let backends = Backends { trusted: addrs(n), subset: Some(Subset { index, count }), ..Backends::default() };
+        t.set_backends(&backends, Probe::None);
+        t.ready().iter().filter(|p| p.is_assigned()).map(|p| p.addr.port() - 9000).collect()
+    }
+
+    #[test]
+    fn subsets_follow_upstreams_assignment() {
+        // Equal slices in `ip:port` string order: 9000..9003 sort as numbers do here.
+        assert_eq!(subset_of(4, 0, 2), [0, 1]);
+        assert_eq!(subset_of(4, 1, 2), [2, 3]);
+        // The remainder goes one each to the first activators.
+        assert_eq!(subset_of(5, 0, 2), [0, 1, 4]);
+        assert_eq!(subset_of(5, 1, 2), [2, 3]);
+        // More activators than pods: each gets one, pods shared round the ring.
+        assert_eq!(subset_of(2, 2, 3), [0]);
+        assert_eq!(subset_of(2, 1, 3), [1]);
+        let every = |n| {
+            let mut all: Vec<u16> = (0..3).flat_map(|i| subset_of(n, i, 3)).collect();
+            all.sort();
+            all
+        };
+        assert_eq!(every(7), (0..7).collect::<Vec<_>>(), "every pod is someone's, once");
+    }
+
+    #[tokio::test]
+    async fn unpinned_requests_stay_in_the_subset_pinned_ones_reach_any_pod() {
+        let t = Arc::new(Throttler::new(1, limits(10, 1 << 20, 100), gauge()));
+        let pods = addrs(4);
+        let backends =
+            Backends { trusted: pods.clone(), subset: Some(Subset { index: 1, count: 2 }), ..Backends::default() };
+        t.set_backends(&backends, Probe::None);
+        let a = t.acquire(Want::Any, 0).await.unwrap();
+        let b = t.acquire(Want::Any, 0).await.unwrap();
+        let mut mine = vec![a.pod().addr, b.pod().addr];
+        mine.sort();
+        assert_eq!(mine, pods[2..], "the second activator's half");
+        let blocked = tokio::time::timeout(Duration::from_millis(20), t.acquire(Want::Any, 0)).await;
+        assert!(blocked.is_err(), "the subset is full; the other pods are not this activator's");
+        let pinned = t.acquire(Want::Pod(pods[0]), 0).await.unwrap();
+        assert_eq!(pinned.pod().addr, pods[0], "a pinned request reaches a pod outside the subset");
+        assert_eq!(t.metrics.outside_subset.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn through_the_private_service_when_pods_cannot_be_reached() {
+        let t = Arc::new(Throttler::new(2, limits(10, 1 << 20, 100), gauge()));
+        let probe = Probe::Queue { path: "/healthz".into(), passthrough_host: None };
+        let service = SocketAddr::from(([10, 96, 0, 1], 80));
+        let cluster_ip = ClusterIp { addr: service, always: false, ready_pods: 3 };
+        let backends = Backends {
+            probed: addrs(3),
+            cluster_ip: Some(cluster_ip),
+            subset: Some(Subset { index: 0, count: 2 }),
+            ..Backends::default()
+        };
+        t.set_backends(&backends, probe.clone());
+        let plan = t.probe_plan().unwrap();
+        assert_eq!((plan.pods.len(), plan.cluster_ip), (3, Some(service)), "pods first, the Service as fallback");
+        t.mark_cluster_ip_ready(service);
+        assert_eq!(in_flight(&t).len(), 1);
+        assert!(t.probe_plan().is_none());
+        // 2 slots a pod times 3 ready pods, shared by 2 activators.
+        let leases: Vec<_> = futures_join(&t, 3).await;
+        assert!(leases.iter().all(|l| l.pod().addr == service));
+        assert!(tokio::time::timeout(Duration::from_millis(20), t.acquire(Want::Any, 0)).await.is_err());
+        drop(leases);
+        // Scaled to zero and back: the Service must answer again, and pods are not tried again.
+        t.set_backends(&Backends { cluster_ip: Some(cluster_ip), ..Backends::default() }, probe.clone());
+        assert!(t.ready().is_empty());
+        t.set_backends(&backends, probe.clone());
+        assert_eq!(
+            t.probe_plan().unwrap(),
+            ProbePlan { probe: probe.clone(), pods: vec![], cluster_ip: Some(service) }
+        );
+        // A mesh known to be there: the Service only, pods never probed.
+        let always = Arc::new(Throttler::new(0, limits(10, 1 << 20, 100), gauge()));
+        let cluster_ip = Some(ClusterIp { always: true, ..cluster_ip });
+        always.set_backends(&Backends { cluster_ip, ..backends.clone() }, probe.clone());
+        assert_eq!(always.probe_plan().unwrap().pods, Vec::<SocketAddr>::new());
     }
 
     async fn wait_for(cond: impl Fn() -> bool) {

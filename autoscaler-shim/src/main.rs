@@ -240,7 +240,7 @@ impl Managed {
             .flat_map(|svc| {
                 svc.revisions
                     .iter()
-                    .filter(|r| r.endpoints.is_empty())
+                    .filter(|r| r.backends.probed.is_empty() && r.backends.trusted.is_empty())
                     .map(move |r| ((svc.namespace.clone(), r.name.clone()), svc.annotations_of(r)))
             })
             .collect();

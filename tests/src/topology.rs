@@ -19,6 +19,8 @@ pub struct Revision {
     pub endpoints: Vec<SocketAddr>,
     pub container_concurrency: u32,
     pub timeout_seconds: u64,
+    pub response_start_timeout_seconds: Option<u64>,
+    pub idle_timeout_seconds: Option<u64>,
     pub annotations: Vec<(String, String)>,
 }
 
@@ -56,6 +58,8 @@ impl Service {
             endpoints: endpoints.to_vec(),
             container_concurrency: 0,
             timeout_seconds: 300,
+            response_start_timeout_seconds: None,
+            idle_timeout_seconds: None,
             annotations: Vec::new(),
         });
         self
@@ -91,6 +95,14 @@ impl Service {
                 rev.timeout_seconds,
                 endpoints.join(", ")
             );
+            for (key, value) in [
+                ("responseStartTimeoutSeconds", rev.response_start_timeout_seconds),
+                ("idleTimeoutSeconds", rev.idle_timeout_seconds),
+            ] {
+                if let Some(value) = value {
+                    let _ = writeln!(out, "        {key}: {value}");
+                }
+            }
             write_annotations(out, "        ", &rev.annotations);
         }
     }

@@ -499,3 +499,38 @@ async fn idle_connections_are_closed() {
     assert!(ended.is_ok(), "the idle HTTP/2 connection was not closed");
     drop(send_request);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_first_byte_is_a_504_and_frees_the_slot() {
+    let env = Env::new();
+    let pod = env.demo("pod", "late-1").await;
+    env.write_topology(&yaml(&[Service::new("late").revision("late-1", 100, &[pod.addr("http")]).with(|r| {
+        (r.container_concurrency, r.timeout_seconds, r.response_start_timeout_seconds) = (1, 60, Some(1));
+    })]));
+    let activator = env.activator(&[]).await;
+    let client = Client::new(activator.addr("proxy"));
+    let late = client.get("late.test", "/slow?delay=30s").await;
+    assert_eq!((late.status, late.body.as_str()), (504, "activator request timeout\n"));
+    assert_eq!(client.get("late.test", "/incr").await.status, 200, "the pod's only slot was given back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_pauses_too_long_is_cut() {
+    let env = Env::new();
+    let pod = env.demo("pod", "idle-1").await;
+    env.write_topology(&yaml(&[Service::new("idle").revision("idle-1", 100, &[pod.addr("http")]).with(|r| {
+        (r.container_concurrency, r.idle_timeout_seconds) = (1, Some(1));
+    })]));
+    let activator = env.activator(&[]).await;
+    let client = Client::new(activator.addr("proxy"));
+    let resp = client.request(reqwest::Method::GET, "idle.test", "/stream?chunks=3&interval=5s").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    assert_eq!(&body.next().await.unwrap().unwrap()[..], b"chunk 0\n");
+    let next = tokio::time::timeout(Duration::from_secs(20), body.next())
+        .await
+        .expect("the cut comes before the pod's next chunk");
+    let cut = next.as_ref().is_none_or(|chunk| chunk.is_err());
+    assert!(cut, "the body is cut, not continued: {next:?}");
+    assert_eq!(client.get("idle.test", "/incr").await.status, 200, "the pod's only slot was given back");
+}

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use crate::autoscaler::Concurrency;
 use crate::pins::Lifetime;
+use crate::proxy::HostRewrite;
 use crate::stats::RevisionStats;
 use crate::throttle::{Probe, Throttler};
 
@@ -30,8 +31,12 @@ pub struct Revision {
     pub name: String,
     pub container_concurrency: u32,
     pub timeout: Duration,
+    pub response_start_timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
     /// How new endpoints prove ready.
     pub probe: Probe,
+    /// How the client's `Host` reaches the pod.
+    pub host: HostRewrite,
     /// The activator's annotations of the revision over those of its service.
     pub affinity: Annotated,
     pub throttler: Arc<Throttler>,

@@ -18,7 +18,7 @@ use super::{Revision, Service, Snapshot, TrafficTarget};
 use crate::autoscaler::Concurrency;
 use crate::readiness::Prober;
 use crate::stats::Stats;
-use crate::throttle::{QueueLimits, Throttler};
+use crate::throttle::{Backends, QueueLimits, ThrottleMetrics, Throttler};
 
 pub struct Publisher {
     current: Arc<ArcSwap<Snapshot>>,
@@ -51,15 +51,25 @@ impl Publisher {
         self.stats.topology_reload(false);
     }
 
-    /// Replaces one revision's endpoints in place. Returns `false` if the revision is not in the
-    /// published world (its endpoints then arrive with the spec that adds it).
-    pub fn set_endpoints(&self, namespace: &str, revision: &str, endpoints: &[SocketAddr]) -> bool {
+    /// Replaces one revision's pods in place. Returns `false` if the revision is not in the
+    /// published world (its pods then arrive with the spec that adds it).
+    pub fn set_backends(&self, namespace: &str, revision: &str, backends: &Backends) -> bool {
         let world = self.current.load();
         let Some((_, revision)) = world.revision(namespace, revision) else { return false };
-        if revision.throttler.set_candidates(endpoints, revision.probe.clone()) {
+        if revision.throttler.set_backends(backends, revision.probe.clone()) {
             self.prober.watch(revision.throttler.clone());
         }
         true
+    }
+
+    /// Pods of a revision the platform no longer reports ready: they stop taking traffic until
+    /// they pass the probe again.
+    pub fn reprobe(&self, namespace: &str, revision: &str, pods: &[SocketAddr]) {
+        if let Some((_, revision)) = self.current.load().revision(namespace, revision)
+            && revision.throttler.reprobe(pods)
+        {
+            self.prober.watch(revision.throttler.clone());
+        }
     }
 
     fn build(&self, spec: &WorldSpec, previous: &Snapshot) -> Snapshot {
@@ -105,12 +115,14 @@ impl Publisher {
             }
             None => {
                 let stats = self.stats.revision(&svc.namespace, &svc.name, &rev.name);
-                let throttler = Throttler::new(rev.container_concurrency, self.queue.clone(), stats.queued.clone());
+                let metrics =
+                    ThrottleMetrics { queued: stats.queued.clone(), outside_subset: stats.outside_subset.clone() };
+                let throttler = Throttler::new(rev.container_concurrency, self.queue.clone(), metrics);
                 let concurrency = Concurrency::new(&svc.namespace, &rev.name, stats.in_flight.clone());
                 (Arc::new(throttler), stats, Arc::new(concurrency))
             }
         };
-        if throttler.set_candidates(&rev.endpoints, rev.probe.clone()) {
+        if throttler.set_backends(&rev.backends, rev.probe.clone()) {
             self.prober.watch(throttler.clone());
         }
         let scope = format!("revision {}/{}", svc.namespace, rev.name);
@@ -120,7 +132,10 @@ impl Publisher {
             name: rev.name.clone(),
             container_concurrency: rev.container_concurrency,
             timeout: rev.timeout,
+            response_start_timeout: rev.response_start_timeout,
+            idle_timeout: rev.idle_timeout,
             probe: rev.probe.clone(),
+            host: rev.host.clone(),
             affinity: self.annotated(&scope, &rev.annotations).over(service),
             throttler,
             stats,
@@ -213,16 +228,20 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn endpoints_change_in_place_without_a_new_snapshot() {
+    fn pods_change_in_place_without_a_new_snapshot() {
         let publisher = publisher();
         let mut svc = service("counter", &[(100, vec![])]);
         svc.revisions[0].probe = Probe::Http { path: "/healthz".into() };
         publisher.apply(&WorldSpec { services: vec![svc] });
         let before = publisher.world().load_full();
-        assert!(publisher.set_endpoints("default", "counter-0", &[addr(1), addr(2)]));
+        let backends = Backends { probed: vec![addr(1), addr(2)], trusted: vec![addr(3)], ..Backends::default() };
+        assert!(publisher.set_backends("default", "counter-0", &backends));
         assert!(Arc::ptr_eq(&before, &publisher.world().load_full()), "the world is not rebuilt");
         let throttler = publisher.throttler("default", "counter-0").unwrap();
-        assert_eq!(throttler.pending().1.len(), 2, "new endpoints wait for the revision's probe");
-        assert!(!publisher.set_endpoints("default", "nope", &[addr(1)]));
+        assert_eq!(throttler.probe_plan().unwrap().pods.len(), 2, "new pods wait for the revision's probe");
+        assert!(throttler.is_ready(addr(3)), "a trusted pod takes traffic at once");
+        publisher.reprobe("default", "counter-0", &[addr(3)]);
+        assert!(!throttler.is_ready(addr(3)), "a pod reported not ready waits for the probe again");
+        assert!(!publisher.set_backends("default", "nope", &backends));
     }
 }

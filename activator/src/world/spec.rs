@@ -8,10 +8,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::throttle::Probe;
+use crate::proxy::HostRewrite;
+use crate::throttle::{Backends, Probe};
 
 /// Knative's default `timeoutSeconds`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -45,11 +45,19 @@ pub struct RevisionSpec {
     pub name: String,
     /// Requests a pod may hold at once; 0 means unlimited.
     pub container_concurrency: u32,
+    /// From arrival to the end of the response (`timeoutSeconds`).
     pub timeout: Duration,
+    /// Until the response's headers (`responseStartTimeoutSeconds`).
+    pub response_start_timeout: Option<Duration>,
+    /// The longest pause in the response body (`idleTimeoutSeconds`).
+    pub idle_timeout: Option<Duration>,
     pub annotations: BTreeMap<String, String>,
-    /// Pods, ip:port; each takes traffic once `probe` passes.
-    pub endpoints: Vec<SocketAddr>,
+    /// The pods and how to reach them.
+    pub backends: Backends,
+    /// How probed pods prove ready.
     pub probe: Probe,
+    /// How the client's `Host` reaches the pod.
+    pub host: HostRewrite,
 }
 
 impl ServiceSpec {
@@ -101,13 +109,13 @@ pub fn validate_service(svc: &ServiceSpec) -> Result<(), SpecError> {
         if rev.timeout.is_zero() {
             return Err(error(svc, format!("revision {}: timeoutSeconds must be > 0", rev.name)));
         }
-        if let Probe::Http { path } | Probe::Queue { path } = &rev.probe
+        if let Probe::Http { path } | Probe::Queue { path, .. } = &rev.probe
             && !path.starts_with('/')
         {
             return Err(error(svc, format!("revision {}: probePath must start with /", rev.name)));
         }
-        let unique: HashSet<_> = rev.endpoints.iter().collect();
-        if unique.len() != rev.endpoints.len() {
+        let pods = || rev.backends.probed.iter().chain(&rev.backends.trusted);
+        if pods().collect::<HashSet<_>>().len() != pods().count() {
             return Err(error(svc, format!("revision {}: an endpoint is listed twice", rev.name)));
         }
     }
@@ -161,6 +169,7 @@ pub fn validate(spec: &WorldSpec) -> Result<(), SpecError> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     /// A service reached at `<name>.test` with revisions `<name>-<i>` at the given percents, each
     /// with the given endpoints, trusted without a probe.
@@ -180,9 +189,12 @@ pub(crate) mod tests {
                     name: format!("{name}-{i}"),
                     container_concurrency: 0,
                     timeout: DEFAULT_TIMEOUT,
+                    response_start_timeout: None,
+                    idle_timeout: None,
                     annotations: BTreeMap::new(),
-                    endpoints: endpoints.clone(),
+                    backends: Backends { trusted: endpoints.clone(), ..Backends::default() },
                     probe: Probe::None,
+                    host: HostRewrite::Keep,
                 })
                 .collect(),
         }
@@ -211,7 +223,7 @@ pub(crate) mod tests {
             (&|s| s.traffic[0].percent = 40, "add up to 90"),
             (&|s| s.traffic[0].revision = "nope".into(), "nope"),
             (&|s| s.revisions[0].timeout = Duration::ZERO, "timeoutSeconds"),
-            (&|s| s.revisions[0].endpoints[1] = addr(1), "listed twice"),
+            (&|s| s.revisions[0].backends.trusted[1] = addr(1), "listed twice"),
             (&|s| s.revisions[0].probe = Probe::Http { path: "healthz".into() }, "probePath"),
             (&|s| s.traffic.clear(), "at least one"),
             (&|s| s.name.clear(), "must not be empty"),

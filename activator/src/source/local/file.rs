@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::throttle::Probe;
+use crate::proxy::HostRewrite;
+use crate::throttle::{Backends, Probe};
 use crate::world::spec::{self, RevisionSpec, ServiceSpec, TrafficSpec, WorldSpec};
 
 #[derive(Debug, Deserialize)]
@@ -57,6 +58,12 @@ pub struct RevisionEntry {
     pub container_concurrency: u32,
     #[serde(default = "default_timeout_seconds")]
     pub timeout_seconds: u64,
+    /// Until the response's headers; unset: only `timeoutSeconds` bounds them.
+    #[serde(default)]
+    pub response_start_timeout_seconds: Option<u64>,
+    /// The longest pause in a response body; unset or 0: no bound.
+    #[serde(default)]
+    pub idle_timeout_seconds: Option<u64>,
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
     #[serde(default)]
@@ -167,17 +174,26 @@ impl RevisionEntry {
         let mut endpoints = self.endpoints.clone();
         let extra = published.get(&format!("{namespace}/{}", self.name));
         endpoints.extend(extra.into_iter().flatten().filter(|a| !self.endpoints.contains(a)));
+        let (probe, backends) = match self.probe {
+            ProbeKind::Http => {
+                (Probe::Http { path: self.probe_path.clone() }, Backends { probed: endpoints, ..Default::default() })
+            }
+            ProbeKind::Queue => (
+                Probe::Queue { path: self.probe_path.clone(), passthrough_host: None },
+                Backends { probed: endpoints, ..Default::default() },
+            ),
+            ProbeKind::None => (Probe::None, Backends { trusted: endpoints, ..Default::default() }),
+        };
         RevisionSpec {
             name: self.name.clone(),
             container_concurrency: self.container_concurrency,
             timeout: Duration::from_secs(self.timeout_seconds),
+            response_start_timeout: self.response_start_timeout_seconds.map(Duration::from_secs),
+            idle_timeout: self.idle_timeout_seconds.filter(|s| *s > 0).map(Duration::from_secs),
             annotations: self.annotations.clone(),
-            endpoints,
-            probe: match self.probe {
-                ProbeKind::Http => Probe::Http { path: self.probe_path.clone() },
-                ProbeKind::Queue => Probe::Queue { path: self.probe_path.clone() },
-                ProbeKind::None => Probe::None,
-            },
+            backends,
+            probe,
+            host: HostRewrite::Keep,
         }
     }
 }
@@ -271,10 +287,12 @@ services:
         let text = TWO_REVISIONS.replace("      - name: counter-1\n", "      - name: counter-1\n        probe: none\n");
         let published = parse_endpoints("default/counter-1: [\"127.0.0.1:9005\", \"127.0.0.1:9001\"]\n").unwrap();
         let spec = parse(&text).unwrap().to_spec(&published);
-        let endpoints: Vec<String> = spec.services[0].revisions[0].endpoints.iter().map(|a| a.to_string()).collect();
-        assert_eq!(endpoints, ["127.0.0.1:9001", "127.0.0.1:9005"], "each endpoint once");
-        assert_eq!(spec.services[0].revisions[0].probe, Probe::None);
-        assert_eq!(spec.services[0].revisions[1].probe, Probe::Http { path: "/healthz".into() }, "probed by default");
+        let trusted: Vec<String> =
+            spec.services[0].revisions[0].backends.trusted.iter().map(|a| a.to_string()).collect();
+        assert_eq!(trusted, ["127.0.0.1:9001", "127.0.0.1:9005"], "each endpoint once, trusted without a probe");
+        let probed = &spec.services[0].revisions[1];
+        assert_eq!(probed.probe, Probe::Http { path: "/healthz".into() }, "probed by default");
+        assert_eq!(probed.backends.probed.len(), 2);
         assert!(parse_endpoints("").unwrap().is_empty());
         assert!(parse_endpoints("x: [nope]").unwrap_err().location.is_some());
     }
