@@ -69,7 +69,9 @@ pub struct PinSelector {
 
 #[derive(Args, Debug)]
 pub struct Config {
-    /// Where the world view comes from. `local` reads a topology file.
+    /// Where the world view comes from: `local` reads a topology file; `knative` watches a
+    /// knative-serving install's Revisions, Routes, Services, Endpoints and ConfigMaps (in the
+    /// cluster with the pod's service account, or through KUBECONFIG).
     #[arg(long, env = "ACTIVATOR_MODE", value_enum, default_value_t = Mode::Local)]
     pub mode: Mode,
 
@@ -97,13 +99,34 @@ pub struct Config {
     pub topology_poll_interval: Duration,
 
     /// Data-plane listener (HTTP/1.1 and h2c). Port 0 picks a free port; the bound address is
-    /// printed on stdout as `listening proxy <addr>`.
-    #[arg(long, env = "ACTIVATOR_LISTEN", default_value = "127.0.0.1:8012")]
-    pub listen: SocketAddr,
+    /// printed on stdout as `listening proxy <addr>`. Default: 127.0.0.1:8012, and 0.0.0.0:8012
+    /// in knative mode.
+    #[arg(long, env = "ACTIVATOR_LISTEN")]
+    pub listen: Option<SocketAddr>,
 
-    /// Admin listener (/metrics, /readyz, /livez), printed as `listening admin <addr>`.
-    #[arg(long, env = "ACTIVATOR_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
-    pub admin_listen: SocketAddr,
+    /// A second data-plane listener with the same handling, for h2c revisions (Knative's port
+    /// 8013), printed as `listening h2c <addr>`. Default: none, and 0.0.0.0:8013 in knative mode.
+    #[arg(long, env = "ACTIVATOR_LISTEN_H2C")]
+    pub listen_h2c: Option<SocketAddr>,
+
+    /// Admin listener (/metrics, /readyz, /livez), printed as `listening admin <addr>`. Default:
+    /// 127.0.0.1:9090, and 0.0.0.0:9090 in knative mode.
+    #[arg(long, env = "ACTIVATOR_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
+    /// This pod's IP (knative mode), which places it among the activators a revision's public
+    /// Endpoints list, for subsetting.
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<std::net::IpAddr>,
+
+    /// The namespace of knative-serving's ConfigMaps and autoscaler.
+    #[arg(long, env = "SYSTEM_NAMESPACE", default_value = "knative-serving")]
+    pub system_namespace: String,
+
+    /// The cluster's DNS domain. Default: the `svc.<domain>` search domain of /etc/resolv.conf,
+    /// else cluster.local.
+    #[arg(long, env = "CLUSTER_DOMAIN")]
+    pub cluster_domain: Option<String>,
 
     /// After SIGTERM: how long to keep serving new requests while readiness reports unready,
     /// so load balancers stop sending (upstream waits 45 s).
@@ -147,9 +170,9 @@ pub struct Config {
     #[arg(long, env = "ACTIVATOR_MAX_QUEUE_BYTES_TOTAL", default_value_t = throttle::DEFAULT_MAX_BYTES_TOTAL)]
     pub max_queue_bytes_total: u64,
 
-    /// The autoscaler's stat websocket, e.g. `ws://autoscaler.knative-serving.svc.cluster.local:8080`
-    /// or an `autoscaler-shim`. Unset: nobody is told about demand (and readiness does not
-    /// depend on it).
+    /// The autoscaler's stat websocket, e.g. an `autoscaler-shim`. Unset: in knative mode
+    /// `ws://autoscaler.<SYSTEM_NAMESPACE>.svc.<cluster domain>:8080`; otherwise nobody is told
+    /// about demand (and readiness does not depend on it).
     #[arg(long, env = "ACTIVATOR_AUTOSCALER_URL")]
     pub autoscaler_url: Option<String>,
 
@@ -200,6 +223,42 @@ pub struct Config {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
     Local,
+    Knative,
+}
+
+/// Where each listener binds: what was asked, else the mode's default.
+pub struct Listeners {
+    pub proxy: SocketAddr,
+    pub h2c: Option<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+impl Config {
+    pub fn listeners(&self) -> Listeners {
+        let (any, local) = (std::net::Ipv4Addr::UNSPECIFIED, std::net::Ipv4Addr::LOCALHOST);
+        let host = if self.mode == Mode::Knative { any } else { local };
+        Listeners {
+            proxy: self.listen.unwrap_or(SocketAddr::from((host, 8012))),
+            h2c: self.listen_h2c.or((self.mode == Mode::Knative).then(|| SocketAddr::from((any, 8013)))),
+            admin: self.admin_listen.unwrap_or(SocketAddr::from((host, 9090))),
+        }
+    }
+
+    /// The cluster's DNS domain: as configured, else the `svc.<domain>` search domain of
+    /// `resolv_conf`, else `cluster.local` (upstream's order).
+    pub fn cluster_domain(&self, resolv_conf: &str) -> String {
+        if let Some(domain) = self.cluster_domain.as_deref().filter(|d| !d.is_empty()) {
+            return domain.trim_end_matches('.').to_owned();
+        }
+        let search = resolv_conf.lines().filter_map(|l| l.strip_prefix("search")).flat_map(str::split_whitespace);
+        search.filter_map(|d| d.strip_prefix("svc.")).next().unwrap_or("cluster.local").trim_end_matches('.').to_owned()
+    }
+
+    /// The autoscaler's websocket: as configured, else knative-serving's in knative mode.
+    pub fn autoscaler_url(&self, cluster_domain: &str) -> Option<String> {
+        let knative = format!("ws://autoscaler.{}.svc.{cluster_domain}:8080", self.system_namespace);
+        self.autoscaler_url.clone().or((self.mode == Mode::Knative).then_some(knative))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -228,5 +287,25 @@ mod tests {
         assert!(Cli::try_parse_from(["activator", "pins", "get", "--service", "s"]).is_err(), "needs an id");
         let serve = Cli::try_parse_from(["activator", "--topology", "t.yaml", "--pin-store", "redis"]).unwrap();
         assert_eq!(serve.serve.pin_store, PinStore::Redis);
+    }
+
+    #[test]
+    fn knative_mode_listens_on_every_interface_and_finds_its_autoscaler() {
+        let local = Cli::try_parse_from(["activator"]).unwrap().serve;
+        let listeners = local.listeners();
+        assert_eq!((listeners.proxy.to_string(), listeners.h2c), ("127.0.0.1:8012".to_owned(), None));
+        assert_eq!(local.autoscaler_url("cluster.local"), None);
+        let knative =
+            Cli::try_parse_from(["activator", "--mode", "knative", "--system-namespace", "kn"]).unwrap().serve;
+        let listeners = knative.listeners();
+        assert_eq!(listeners.proxy.to_string(), "0.0.0.0:8012");
+        assert_eq!(listeners.h2c.map(|a| a.to_string()).as_deref(), Some("0.0.0.0:8013"));
+        assert_eq!(listeners.admin.to_string(), "0.0.0.0:9090");
+        let resolv =
+            "nameserver 10.96.0.10\nsearch kn.svc.corp.example svc.corp.example corp.example\noptions ndots:5\n";
+        let domain = knative.cluster_domain(resolv);
+        assert_eq!(domain, "corp.example");
+        assert_eq!(knative.autoscaler_url(&domain).as_deref(), Some("ws://autoscaler.kn.svc.corp.example:8080"));
+        assert_eq!(knative.cluster_domain("nameserver 1.1.1.1\n"), "cluster.local");
     }
 }

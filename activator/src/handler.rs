@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::affinity::{Keys, Pinning, Route, extract};
 use crate::autoscaler::{InFlight, Reporter};
 use crate::body::ResponseBody;
-use crate::headers::{DECISION, KNATIVE_NAMESPACE, KNATIVE_REVISION};
+use crate::headers::{DECISION, KNATIVE_NAMESPACE, KNATIVE_REVISION, KNATIVE_TAG};
 use crate::health::Health;
 use crate::pins::Pins;
 use crate::probes;
@@ -43,6 +43,8 @@ pub struct Handler {
     pub reporter: Reporter,
     /// Adds `X-Activator-Decision` to responses.
     pub debug_headers: bool,
+    /// The cluster's DNS domain, for requests that name a revision by its cluster-local host.
+    pub cluster_domain: String,
     /// Upgraded connections (websockets), which outlive their requests and the HTTP connections
     /// they came on; shutdown waits for them too.
     pub tunnels: TaskTracker,
@@ -57,7 +59,7 @@ impl Handler {
         if let Some(resp) = probes::answer(&mut req, &self.health) {
             return resp;
         }
-        let (service, ingress_pick) = match resolve(&self.world.load(), &req) {
+        let (service, ingress_pick) = match resolve(&self.world.load(), &req, &self.cluster_domain) {
             Ok(target) => target,
             Err(message) => return self.unrouted(StatusCode::NOT_FOUND, &message, started),
         };
@@ -160,31 +162,89 @@ fn waiting_body_bytes<B: http_body::Body>(req: &Request<B>) -> u64 {
     declared.min(read_ahead)
 }
 
-/// Which service the request is for, and the revision the ingress named if it did. The `Host`
-/// chooses a service, never an address.
-fn resolve<B>(snapshot: &Snapshot, req: &Request<B>) -> Result<(Arc<Service>, Option<Arc<Revision>>), String> {
+/// Which service the request is for, and the revision it names if it names one: by Knative's
+/// ingress headers, else by `Host` (or `:authority`): a service's host, or a revision's
+/// cluster-local name `<revision>.<namespace>.svc.<domain>` (upstream's fallback). The `Host`
+/// chooses a service or revision, never an address.
+///
+/// The ingress's pick by the split is a service's revision, which pins may override; a revision
+/// asked for by a traffic tag or by its own host is routed as a service of its own, which they
+/// may not.
+fn resolve<B>(
+    snapshot: &Snapshot,
+    req: &Request<B>,
+    cluster_domain: &str,
+) -> Result<(Arc<Service>, Option<Arc<Revision>>), String> {
     let headers = req.headers();
-    if let (Some(ns), Some(name)) = (headers.get(KNATIVE_NAMESPACE), headers.get(KNATIVE_REVISION)) {
-        let (ns, name) = (String::from_utf8_lossy(ns.as_bytes()), String::from_utf8_lossy(name.as_bytes()));
-        return match snapshot.revision(&ns, &name) {
-            Some((service, revision)) => Ok((service.clone(), Some(revision.clone()))),
-            None => Err(format!("revision {ns}/{name} not found")),
-        };
-    }
     let host = req
         .uri()
         .authority()
         .map(|a| a.as_str())
         .or_else(|| headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
         .unwrap_or_default();
-    match snapshot.service_for_host(host) {
-        Some(service) => Ok((service.clone(), None)),
+    let named = |ns: &str, name: &str, explicit: &dyn Fn(&Service) -> bool| match snapshot.revision(ns, name) {
+        Some((service, revision)) if explicit(service) => {
+            Ok((snapshot.revision_alone(ns, name).unwrap_or(service).clone(), Some(revision.clone())))
+        }
+        Some((service, revision)) => Ok((service.clone(), Some(revision.clone()))),
+        // Upstream's body, so tools that read it keep working.
+        None => Err(format!("Error getting active endpoint: revision.serving.knative.dev {name:?} not found")),
+    };
+    if let (Some(ns), Some(name)) = (headers.get(KNATIVE_NAMESPACE), headers.get(KNATIVE_REVISION)) {
+        let name = String::from_utf8_lossy(name.as_bytes());
+        let tag = headers.get(KNATIVE_TAG).map(HeaderValue::as_bytes);
+        return named(&String::from_utf8_lossy(ns.as_bytes()), &name, &|svc| svc.tagged(&name, tag, host));
+    }
+    if let Some(service) = snapshot.service_for_host(host) {
+        return Ok((service.clone(), None));
+    }
+    match revision_host(host, cluster_domain) {
+        Some((name, ns)) => named(ns, name, &|_| true),
         None => Err(format!("no service for host {host:?}")),
     }
+}
+
+/// `<name>.<namespace>.svc.<domain>[:port]` split into name and namespace.
+fn revision_host<'h>(host: &'h str, cluster_domain: &str) -> Option<(&'h str, &'h str)> {
+    let host =
+        host.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h);
+    let mut parts = host.splitn(4, '.');
+    let (name, namespace, svc, domain) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    (svc == "svc" && domain.eq_ignore_ascii_case(cluster_domain) && !name.is_empty() && !namespace.is_empty())
+        .then_some((name, namespace))
 }
 
 fn refused(revision: &Revision, error: AcquireError) -> Response<ResponseBody> {
     match error {
         AcquireError::QueueFull => respond::queue_full(&revision.namespace, &revision.name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_revisions_cluster_local_host_names_it() {
+        assert_eq!(
+            revision_host("counter-00001.shop.svc.cluster.local", "cluster.local"),
+            Some(("counter-00001", "shop"))
+        );
+        assert_eq!(
+            revision_host("counter-00001.shop.svc.cluster.local:80", "cluster.local"),
+            Some(("counter-00001", "shop"))
+        );
+        assert_eq!(
+            revision_host("counter-00001.shop.svc.corp.example", "corp.example"),
+            Some(("counter-00001", "shop"))
+        );
+        for other in [
+            "counter-00001.shop",
+            "counter.shop.example.com",
+            "counter-00001.shop.svc.other.local",
+            ".shop.svc.cluster.local",
+        ] {
+            assert_eq!(revision_host(other, "cluster.local"), None, "{other}");
+        }
     }
 }

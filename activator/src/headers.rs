@@ -6,6 +6,8 @@ use http::header::HeaderName;
 /// The revision Knative's ingress routed the request to, and its namespace.
 pub const KNATIVE_REVISION: HeaderName = HeaderName::from_static("knative-serving-revision");
 pub const KNATIVE_NAMESPACE: HeaderName = HeaderName::from_static("knative-serving-namespace");
+/// Names a traffic tag, with `tag-header-based-routing`; passed on to the pod.
+pub const KNATIVE_TAG: HeaderName = HeaderName::from_static("knative-serving-tag");
 /// Tells queue-proxy the request came through the activator, so the autoscaler does not count it
 /// twice.
 pub const PROXY_REQUEST: HeaderName = HeaderName::from_static("k-proxy-request");

@@ -1,4 +1,5 @@
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use activator::health::Health;
 use activator::pins::{Pins, SharedConfig};
 use activator::readiness::{ProbeTiming, Prober};
 use activator::server::Limits;
+use activator::source::knative::{KnativeConfig, KnativeSource};
 use activator::source::local::LocalSource;
 use activator::stats::Stats;
 use activator::throttle::{QueueBudget, QueueLimits};
@@ -59,6 +61,10 @@ fn init_logging(format: LogFormat) {
 async fn run(config: Config) -> anyhow::Result<()> {
     let stats = Stats::new();
     let health = Arc::new(Health::default());
+    if config.mode == Mode::Knative {
+        // Unready until the watches have listed once, from the first probe on.
+        health.require_sync();
+    }
     let open_files = raise_open_files_limit();
     let limits = Limits {
         max_connections: config
@@ -72,7 +78,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         max_bytes: config.max_queue_bytes,
         total: Arc::new(QueueBudget::new(config.max_queue_total, config.max_queue_bytes_total)),
     };
-    let reporter = match &config.autoscaler_url {
+    let cluster_domain = config.cluster_domain(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
+    let reporter = match config.autoscaler_url(&cluster_domain) {
         Some(url) => {
             let metrics = ReporterMetrics {
                 connected: stats.autoscaler_connected.clone(),
@@ -80,7 +87,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 pokes: stats.autoscaler_pokes.clone(),
                 frames: stats.autoscaler_frames.clone(),
             };
-            let config = ReporterConfig { url: url.clone(), pod_name: config.pod_name.clone() };
+            let config = ReporterConfig { url, pod_name: config.pod_name.clone() };
             Reporter::start(config, health.clone(), metrics)
         }
         None => Reporter::disabled(),
@@ -88,20 +95,30 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let timing = ProbeTiming { period: config.probe_frequency, timeout: config.probe_timeout };
     let publisher = Arc::new(Publisher::new(stats.clone(), queue, Prober::start(timing)));
     let world = publisher.world();
-    match config.mode {
-        Mode::Local => {
-            let path = config.topology.as_deref().context("--topology is required in local mode")?;
-            let source = LocalSource::open(path, config.endpoints_file.as_deref(), publisher)?;
-            tokio::spawn(source.watch(config.topology_poll_interval));
-        }
+    if config.mode == Mode::Local {
+        let path = config.topology.as_deref().context("--topology is required in local mode")?;
+        let source = LocalSource::open(path, config.endpoints_file.as_deref(), publisher.clone())?;
+        tokio::spawn(source.watch(config.topology_poll_interval));
     }
 
-    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-    let admin_listener =
-        TcpListener::bind(config.admin_listen).await.with_context(|| format!("binding {}", config.admin_listen))?;
-    println!("listening proxy {}", listener.local_addr()?);
+    let addrs = config.listeners();
+    let bind =
+        |addr: SocketAddr| async move { TcpListener::bind(addr).await.with_context(|| format!("binding {addr}")) };
+    let mut listeners = vec![bind(addrs.proxy).await?];
+    println!("listening proxy {}", listeners[0].local_addr()?);
+    if let Some(h2c) = addrs.h2c {
+        listeners.push(bind(h2c).await?);
+        println!("listening h2c {}", listeners[1].local_addr()?);
+    }
+    let admin_listener = bind(addrs.admin).await?;
     println!("listening admin {}", admin_listener.local_addr()?);
     tokio::spawn(admin::serve(admin_listener, health.clone(), stats.clone()));
+
+    if config.mode == Mode::Knative {
+        let knative = KnativeConfig { system_namespace: config.system_namespace.clone(), pod_ip: config.pod_ip };
+        let source = KnativeSource::connect(knative, publisher, health.clone(), stats.clone()).await?;
+        tokio::spawn(source.run());
+    }
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let drain_period = config.drain_period;
@@ -134,10 +151,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         pins,
         reporter,
         debug_headers: config.debug_headers,
+        cluster_domain,
         tunnels: TaskTracker::new(),
     });
     tokio::spawn(maintain_pins(handler.clone()));
-    server::serve(listener, handler, stop_accepting, config.grace_timeout, limits).await;
+    server::serve(listeners, handler, stop_accepting, config.grace_timeout, limits).await;
     Ok(())
 }
 

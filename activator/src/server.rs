@@ -7,7 +7,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -40,10 +40,10 @@ pub struct Limits {
     pub idle_timeout: Duration,
 }
 
-/// Serves until `stop_accepting` completes, then lets open connections and upgraded tunnels
-/// finish for at most `grace`.
+/// Serves every listener with the same handling until `stop_accepting` completes, then lets
+/// open connections and upgraded tunnels finish for at most `grace`.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     handler: Arc<Handler>,
     stop_accepting: impl Future<Output = ()>,
     grace: Duration,
@@ -56,70 +56,121 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .keep_alive_interval(H2_KEEP_ALIVE)
         .initial_stream_window_size(H2_STREAM_WINDOW);
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let (shutdown, shutting_down) = watch::channel(false);
-    let connections = TaskTracker::new();
-    let open = handler.stats.open_connections.clone();
-    tokio::pin!(stop_accepting);
-    let mut at_limit = false;
-    loop {
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => {
-                at_limit = false;
-                slot
-            }
-            Err(_) => {
-                if !at_limit {
-                    at_limit = true;
-                    handler.stats.connection_limit_reached.inc();
-                    tracing::warn!(
-                        max_connections = limits.max_connections,
-                        "connection limit reached: new connections wait in the listen backlog until one closes \
-                         (raise --max-connections if the open-files limit allows)"
-                    );
+    let acceptor = Arc::new(Acceptor {
+        builder,
+        handler: handler.clone(),
+        slots: Arc::new(Semaphore::new(limits.max_connections)),
+        at_limit: AtomicBool::new(false),
+        limits,
+        shutting_down,
+        connections: TaskTracker::new(),
+    });
+    let accepting = TaskTracker::new();
+    for listener in listeners {
+        accepting.spawn(acceptor.clone().accept(listener));
+    }
+    accepting.close();
+    stop_accepting.await;
+    let _ = shutdown.send(true);
+    // The accept loops drop their listeners as they see the shutdown.
+    accepting.wait().await;
+    tracing::info!("stopped accepting; waiting for open requests and upgraded connections to finish");
+    acceptor.connections.close();
+    handler.tunnels.close();
+    let drained = async {
+        acceptor.connections.wait().await;
+        handler.tunnels.wait().await;
+    };
+    tokio::select! {
+        () = drained => tracing::info!("all connections closed"),
+        () = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace timeout expired with connections still open"),
+    }
+}
+
+/// What every accept loop shares: the connection bound, the shutdown signal, the open connections.
+struct Acceptor {
+    builder: auto::Builder<TokioExecutor>,
+    handler: Arc<Handler>,
+    slots: Arc<Semaphore>,
+    /// Set while at the connection bound, so it is logged once per episode.
+    at_limit: AtomicBool,
+    limits: Limits,
+    shutting_down: watch::Receiver<bool>,
+    connections: TaskTracker,
+}
+
+impl Acceptor {
+    async fn accept(self: Arc<Self>, listener: TcpListener) {
+        let mut stop = self.shutting_down.clone();
+        loop {
+            let slot = match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    self.at_limit.store(false, Ordering::Relaxed);
+                    slot
                 }
-                tokio::select! {
-                    slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-                    () = &mut stop_accepting => break,
+                Err(_) => {
+                    if !self.at_limit.swap(true, Ordering::Relaxed) {
+                        self.handler.stats.connection_limit_reached.inc();
+                        tracing::warn!(
+                            max_connections = self.limits.max_connections,
+                            "connection limit reached: new connections wait in the listen backlog until one closes \
+                             (raise --max-connections if the open-files limit allows)"
+                        );
+                    }
+                    tokio::select! {
+                        slot = self.slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                        () = stopped(&mut stop) => return,
+                    }
                 }
-            }
-        };
-        let (stream, client) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-            () = &mut stop_accepting => break,
-        };
+            };
+            let (stream, client) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                },
+                () = stopped(&mut stop) => return,
+            };
+            self.serve_connection(stream, client, slot);
+        }
+    }
+
+    fn serve_connection(
+        &self,
+        stream: tokio::net::TcpStream,
+        client: std::net::SocketAddr,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let _ = stream.set_nodelay(true);
         keep_alive(&stream);
         let started = Arc::new(AtomicU64::new(0));
         let service = {
-            let (handler, started) = (handler.clone(), started.clone());
+            let (handler, started) = (self.handler.clone(), started.clone());
             service_fn(move |req| {
                 started.fetch_add(1, Ordering::Relaxed);
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler.handle(req, client).await) }
             })
         };
-        let io = TokioIo::new(SendTimeout::new(stream, limits.send_timeout));
-        let conn = builder.serve_connection_with_upgrades(io, service).into_owned();
-        let mut shutting_down = shutting_down.clone();
-        let open = open.clone();
+        let io = TokioIo::new(SendTimeout::new(stream, self.limits.send_timeout));
+        let conn = self.builder.serve_connection_with_upgrades(io, service).into_owned();
+        let mut shutting_down = self.shutting_down.clone();
+        let idle_timeout = self.limits.idle_timeout;
+        let open = self.handler.stats.open_connections.clone();
         open.inc();
-        connections.spawn(async move {
+        self.connections.spawn(async move {
             tokio::pin!(conn);
-            let mut idle_check = Box::pin(tokio::time::sleep(HEADER_READ_TIMEOUT.min(limits.idle_timeout)));
+            let mut idle_check = Box::pin(tokio::time::sleep(HEADER_READ_TIMEOUT.min(idle_timeout)));
             let mut seen = 0;
             let mut closing = false;
             let ended = loop {
                 tokio::select! {
                     ended = conn.as_mut() => break ended,
-                    _ = shutting_down.changed(), if !closing => {
+                    () = stopped(&mut shutting_down), if !closing => {
                         closing = true;
                         conn.as_mut().graceful_shutdown();
                     }
@@ -130,7 +181,7 @@ pub async fn serve(
                             conn.as_mut().graceful_shutdown();
                         }
                         seen = now;
-                        idle_check.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
+                        idle_check.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
                     }
                 }
             };
@@ -141,17 +192,10 @@ pub async fn serve(
             drop(slot);
         });
     }
-    drop(listener);
-    tracing::info!("stopped accepting; waiting for open requests and upgraded connections to finish");
-    let _ = shutdown.send(true);
-    connections.close();
-    handler.tunnels.close();
-    let drained = async {
-        connections.wait().await;
-        handler.tunnels.wait().await;
-    };
-    tokio::select! {
-        () = drained => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace timeout expired with connections still open"),
-    }
+}
+
+/// Until the shutdown signal is up.
+async fn stopped(signal: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone, which only happens once shutdown is over anyway.
+    let _ = signal.wait_for(|stop| *stop).await;
 }

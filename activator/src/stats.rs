@@ -46,6 +46,9 @@ pub struct Stats {
     pub autoscaler_frames: IntCounter,
     pub open_connections: IntGauge,
     pub connection_limit_reached: IntCounter,
+    pub kube_forbidden: IntGaugeVec,
+    pub kube_rejected: IntCounterVec,
+    pub kube_errors: IntCounterVec,
 }
 
 impl Default for Stats {
@@ -159,6 +162,21 @@ impl Stats {
             "Times the data port reached --max-connections and left new connections in the listen backlog",
         )
         .expect("static metric definition");
+        let kube_forbidden = IntGaugeVec::new(
+            Opts::new("activator_kube_watch_forbidden", "1 while RBAC forbids listing this resource (Knative mode)"),
+            &["resource"],
+        )
+        .expect("static metric definition");
+        let kube_rejected = IntCounterVec::new(
+            Opts::new("activator_kube_objects_rejected_total", "Watched objects skipped because they do not read"),
+            &["resource"],
+        )
+        .expect("static metric definition");
+        let kube_errors = IntCounterVec::new(
+            Opts::new("activator_kube_watch_errors_total", "Watch and list failures, each retried after a back-off"),
+            &["resource"],
+        )
+        .expect("static metric definition");
         let registry = Registry::new();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -180,6 +198,9 @@ impl Stats {
             Box::new(autoscaler_frames.clone()),
             Box::new(open_connections.clone()),
             Box::new(connection_limit_reached.clone()),
+            Box::new(kube_forbidden.clone()),
+            Box::new(kube_rejected.clone()),
+            Box::new(kube_errors.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -205,6 +226,9 @@ impl Stats {
             autoscaler_frames,
             open_connections,
             connection_limit_reached,
+            kube_forbidden,
+            kube_rejected,
+            kube_errors,
         }
     }
 

@@ -21,6 +21,8 @@ use tokio::process::{Child, Command};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+pub mod knative;
+pub mod kube_api;
 pub mod redis;
 pub mod topology;
 
@@ -68,6 +70,17 @@ impl Process {
     /// Starts `bin` and waits until it has printed `listening <name> <addr>` for each of
     /// `listeners`.
     pub async fn start(dir: &Path, bin: &str, args: &[String], listeners: &[&str]) -> anyhow::Result<Process> {
+        Self::start_with_env(dir, bin, args, &[], listeners).await
+    }
+
+    /// `start`, with environment variables set.
+    pub async fn start_with_env(
+        dir: &Path,
+        bin: &str,
+        args: &[String],
+        env: &[(&str, String)],
+        listeners: &[&str],
+    ) -> anyhow::Result<Process> {
         static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("{bin}-{seq}");
@@ -75,6 +88,7 @@ impl Process {
         let stderr = std::fs::File::create(&stderr_path)?;
         let mut child = Command::new(bin_dir().join(bin))
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -283,6 +297,35 @@ impl Env {
         let activator = self.activator(&["--pin-store", "redis", "--redis-url", &url, "--debug-headers"]).await;
         wait_pin_store_up(activator.addr("admin")).await;
         activator
+    }
+
+    /// An activator in knative mode watching `api`, as upstream's Deployment starts it (POD_NAME,
+    /// POD_IP, SYSTEM_NAMESPACE), on loopback, with a short drain for tests and `extra` flags.
+    pub async fn knative_activator(&self, api: &kube_api::ApiServer, pod_ip: &str, extra: &[&str]) -> Process {
+        let mut args = strings(&[
+            "--mode",
+            "knative",
+            "--listen",
+            "127.0.0.1:0",
+            "--listen-h2c",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--drain-period",
+            "1s",
+            "--log-format",
+            "json",
+        ]);
+        args.extend(strings(extra));
+        let env = [
+            ("KUBECONFIG", api.kubeconfig(self.dir.path()).display().to_string()),
+            ("POD_NAME", format!("activator-{pod_ip}")),
+            ("POD_IP", pod_ip.to_owned()),
+            ("SYSTEM_NAMESPACE", knative::SYSTEM_NAMESPACE.to_owned()),
+        ];
+        Process::start_with_env(self.dir.path(), "activator", &args, &env, &["proxy", "h2c", "admin"])
+            .await
+            .expect("the activator starts in knative mode")
     }
 
     /// An activator in local mode on the topology file, with a short drain for tests. Flags in

@@ -3,4 +3,5 @@
 //! downstream knows which one ran. Only `source` modules may talk to the outside world
 //! (files, the Kubernetes API).
 
+pub mod knative;
 pub mod local;

@@ -23,6 +23,7 @@ use crate::throttle::{Probe, Throttler};
 
 pub use policy::{Annotated, Policy};
 pub use publisher::Publisher;
+pub use spec::TagSpec;
 
 /// A revision as the request path sees it.
 pub struct Revision {
@@ -53,6 +54,7 @@ pub struct Service {
     pub namespace: String,
     pub name: String,
     pub traffic: Vec<TrafficTarget>,
+    pub tags: Vec<TagSpec>,
     /// How requests to this service carry session and flow ids.
     pub affinity: Policy,
 }
@@ -69,6 +71,16 @@ impl Service {
         }
         // Validation makes the percents add up to 100, so only an out-of-range roll gets here.
         &self.traffic.iter().rfind(|t| t.percent > 0).unwrap_or(&self.traffic[0]).revision
+    }
+
+    /// Whether a request the ingress sent to `revision` asked for it by one of its tags: with
+    /// `Knative-Serving-Tag` (`tag_header`), or at the tag's own host.
+    pub fn tagged(&self, revision: &str, tag_header: Option<&[u8]>, host: &str) -> bool {
+        let label = host.split(['.', ':']).next().unwrap_or_default();
+        self.tags.iter().filter(|t| t.revision == revision).any(|t| {
+            tag_header == Some(t.tag.as_bytes())
+                || t.host_label.as_deref().is_some_and(|l| !l.is_empty() && l.eq_ignore_ascii_case(label))
+        })
     }
 
     /// Whether `revision` is listed in the traffic at any percent (a valid affinity target).
@@ -88,6 +100,8 @@ impl Service {
 pub struct Snapshot {
     by_host: HashMap<String, Arc<Service>>,
     by_revision: HashMap<(String, String), (Arc<Service>, Arc<Revision>)>,
+    /// Each revision as a service of its own, for requests that ask for it and no other.
+    alone: HashMap<(String, String), Arc<Service>>,
 }
 
 impl Snapshot {
@@ -104,6 +118,13 @@ impl Snapshot {
     /// A revision by namespace and name (as Knative's ingress names it), and its service.
     pub fn revision(&self, namespace: &str, name: &str) -> Option<&(Arc<Service>, Arc<Revision>)> {
         self.by_revision.get(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// A revision as the only target of a service of its own name: what a request that asks for
+    /// it explicitly is routed in, so pins to its service's other revisions neither move the
+    /// request nor are moved by it, while sessions still keep their pods inside it.
+    pub fn revision_alone(&self, namespace: &str, name: &str) -> Option<&Arc<Service>> {
+        self.alone.get(&(namespace.to_owned(), name.to_owned()))
     }
 }
 

@@ -87,13 +87,31 @@ impl Publisher {
                 .map(|t| TrafficTarget { revision: revisions[t.revision.as_str()].clone(), percent: t.percent })
                 .collect();
             let affinity = Policy::new(&svc.namespace, &svc.name, traffic.iter().map(|t| &t.revision.affinity));
-            let service =
-                Arc::new(Service { namespace: svc.namespace.clone(), name: svc.name.clone(), traffic, affinity });
+            let service = Arc::new(Service {
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+                traffic,
+                tags: svc.tags.clone(),
+                affinity,
+            });
             for host in &svc.hosts {
                 snapshot.by_host.insert(host.clone(), service.clone());
             }
             for (name, revision) in revisions {
-                snapshot.by_revision.insert((svc.namespace.clone(), name.to_owned()), (service.clone(), revision));
+                let key = (svc.namespace.clone(), name.to_owned());
+                let alone = if service.traffic.len() == 1 && service.name == name {
+                    service.clone()
+                } else {
+                    Arc::new(Service {
+                        namespace: svc.namespace.clone(),
+                        name: name.to_owned(),
+                        affinity: Policy::new(&svc.namespace, name, [&revision.affinity]),
+                        traffic: vec![TrafficTarget { revision: revision.clone(), percent: 100 }],
+                        tags: Vec::new(),
+                    })
+                };
+                snapshot.alone.insert(key.clone(), alone);
+                snapshot.by_revision.insert(key, (service.clone(), revision));
             }
         }
         snapshot

@@ -31,7 +31,19 @@ pub struct ServiceSpec {
     pub annotations: BTreeMap<String, String>,
     /// The valid targets and the weighted split over them.
     pub traffic: Vec<TrafficSpec>,
+    /// Names that pick one of the traffic's revisions explicitly.
+    pub tags: Vec<TagSpec>,
     pub revisions: Vec<RevisionSpec>,
+}
+
+/// A traffic tag (Knative's `tag:`): requests to its own host, or carrying its name in
+/// `Knative-Serving-Tag`, ask for its revision and no other.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TagSpec {
+    pub tag: String,
+    pub revision: String,
+    /// The first DNS label of the tag's host (`<tag>-<route>` by Knative's default template).
+    pub host_label: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,8 +104,8 @@ fn error(service: &ServiceSpec, message: impl fmt::Display) -> SpecError {
     SpecError { message: format!("service {}/{}: {message}", service.namespace, service.name) }
 }
 
-/// Checks one service on its own: names, timeouts, endpoints listed once, and a traffic split
-/// over its own revisions that adds up to 100.
+/// Checks one service on its own: names, timeouts, endpoints listed once, and a traffic split over
+/// its own revisions.
 pub fn validate_service(svc: &ServiceSpec) -> Result<(), SpecError> {
     if svc.name.is_empty() || svc.namespace.is_empty() {
         return Err(error(svc, "name and namespace must not be empty"));
@@ -122,7 +134,6 @@ pub fn validate_service(svc: &ServiceSpec) -> Result<(), SpecError> {
     if svc.traffic.is_empty() {
         return Err(error(svc, "traffic must list at least one revision"));
     }
-    let mut total = 0u64;
     for target in &svc.traffic {
         if !own.contains(target.revision.as_str()) {
             return Err(error(
@@ -130,10 +141,14 @@ pub fn validate_service(svc: &ServiceSpec) -> Result<(), SpecError> {
                 format!("traffic names revision {}, which is not in this service's revisions", target.revision),
             ));
         }
-        total += u64::from(target.percent);
     }
-    if total != 100 {
-        return Err(error(svc, format!("traffic percents add up to {total}, not 100")));
+    for tag in &svc.tags {
+        if !svc.traffic.iter().any(|t| t.revision == tag.revision) {
+            return Err(error(
+                svc,
+                format!("tag {} names revision {}, which is not in the traffic", tag.tag, tag.revision),
+            ));
+        }
     }
     Ok(())
 }
@@ -182,6 +197,7 @@ pub(crate) mod tests {
             traffic: (0..revisions.len())
                 .map(|i| TrafficSpec { revision: format!("{name}-{i}"), percent: revisions[i].0 })
                 .collect(),
+            tags: Vec::new(),
             revisions: revisions
                 .iter()
                 .enumerate()
@@ -219,8 +235,7 @@ pub(crate) mod tests {
             validate(&WorldSpec { services: vec![svc] }).unwrap_err().to_string()
         };
         type Change<'a> = &'a dyn Fn(&mut ServiceSpec);
-        let cases: [(Change, &str); 7] = [
-            (&|s| s.traffic[0].percent = 40, "add up to 90"),
+        let cases: [(Change, &str); 6] = [
             (&|s| s.traffic[0].revision = "nope".into(), "nope"),
             (&|s| s.revisions[0].timeout = Duration::ZERO, "timeoutSeconds"),
             (&|s| s.revisions[0].backends.trusted[1] = addr(1), "listed twice"),

@@ -130,11 +130,20 @@ impl fmt::Display for TopologyError {
 
 impl std::error::Error for TopologyError {}
 
-/// Parses and validates a topology file.
+/// Parses and validates a topology file: the spec's rules, and traffic that adds up to 100.
 pub fn parse(text: &str) -> Result<TopologyFile, TopologyError> {
     let file: TopologyFile = serde_yaml_ng::from_str(text).map_err(located)?;
-    spec::validate(&file.to_spec(&EndpointsFile::new()))
-        .map_err(|e| TopologyError { location: None, message: e.message })?;
+    let semantic = |message: String| TopologyError { location: None, message };
+    spec::validate(&file.to_spec(&EndpointsFile::new())).map_err(|e| semantic(e.message))?;
+    for svc in &file.services {
+        let total: u64 = svc.traffic.iter().map(|t| u64::from(t.percent)).sum();
+        if total != 100 {
+            return Err(semantic(format!(
+                "service {}/{}: traffic percents add up to {total}, not 100",
+                svc.namespace, svc.name
+            )));
+        }
+    }
     Ok(file)
 }
 
@@ -162,6 +171,7 @@ impl TopologyFile {
                     .iter()
                     .map(|t| TrafficSpec { revision: t.revision.clone(), percent: t.percent })
                     .collect(),
+                tags: Vec::new(),
                 revisions: svc.revisions.iter().map(|rev| rev.to_spec(&svc.namespace, published)).collect(),
             })
             .collect();

@@ -1,0 +1,503 @@
+//! Knative mode's source of the world view: cluster-wide watches (kube-rs watchers) of Revisions,
+//! revisions' private and public Endpoints and private Services, the ConfigMaps of the system
+//! namespace, and, for affinity, Routes and Knative Services, which upstream never reads. One task
+//! joins them into a `WorldSpec` for the `Publisher`; an Endpoints or private Service change only
+//! updates that revision's pods, without rebuilding the world.
+//!
+//! The request path never waits on the API server. Until every watch has listed once the
+//! activator reports unready. Watches that drop, expire (410 Gone) or fail are listed again with
+//! back-off by kube-rs while the last good world keeps serving; an object that does not read is
+//! skipped with a log line and a metric. If Routes or Knative Services are forbidden (the stock
+//! RBAC), requests are still served as upstream serves them, each revision on its own: one log
+//! line says which rule is missing, and a gauge stays 1 until it is granted.
+
+pub mod objects;
+mod world;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use futures_util::{FutureExt, StreamExt};
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+
+use crate::health::Health;
+use crate::stats::Stats;
+use crate::world::Publisher;
+use crate::world::spec::{self, WorldSpec};
+use objects::{EndpointsInfo, Key};
+use world::Reflection;
+
+/// A resource Knative mode lists and watches, and so the RBAC it needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Watched {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+    /// Only in the system namespace (a Role there), rather than cluster-wide (a ClusterRole).
+    pub in_system_namespace: bool,
+    pub label_selector: Option<&'static str>,
+    /// What upstream's activator does not watch, so the stock RBAC lacks.
+    pub beyond_upstream: bool,
+}
+
+const SERVING: &str = "serving.knative.dev";
+const PRIVATE: &str = "serving.knative.dev/revisionUID,networking.internal.knative.dev/serviceType=Private";
+const PUBLIC: &str = "serving.knative.dev/revision,networking.internal.knative.dev/serviceType=Public";
+
+/// What Knative mode watches; the manifests' RBAC is checked against this list.
+pub const WATCHED: [Watched; 7] = [
+    watched(SERVING, "Revision", "revisions", false, None, false),
+    watched(SERVING, "Route", "routes", false, None, true),
+    watched(SERVING, "Service", "services", false, None, true),
+    watched("", "Endpoints", "endpoints", false, Some(PRIVATE), false),
+    watched("", "Endpoints", "endpoints", false, Some(PUBLIC), false),
+    watched("", "Service", "services", false, Some(PRIVATE), false),
+    watched("", "ConfigMap", "configmaps", true, None, false),
+];
+
+const fn watched(
+    group: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+    in_system_namespace: bool,
+    label_selector: Option<&'static str>,
+    beyond_upstream: bool,
+) -> Watched {
+    Watched { group, version: "v1", kind, plural, in_system_namespace, label_selector, beyond_upstream }
+}
+
+/// Indexes into `WATCHED`.
+const REVISIONS: usize = 0;
+const ROUTES: usize = 1;
+const KNATIVE_SERVICES: usize = 2;
+const PRIVATE_ENDPOINTS: usize = 3;
+const PUBLIC_ENDPOINTS: usize = 4;
+const PRIVATE_SERVICES: usize = 5;
+const CONFIG_MAPS: usize = 6;
+
+impl Watched {
+    /// `routes.serving.knative.dev`, as RBAC errors and the logs name it.
+    pub fn resource(&self) -> String {
+        if self.group.is_empty() { self.plural.to_owned() } else { format!("{}.{}", self.plural, self.group) }
+    }
+
+    fn api_resource(&self) -> ApiResource {
+        let api_version =
+            if self.group.is_empty() { self.version.to_owned() } else { format!("{}/{}", self.group, self.version) };
+        ApiResource {
+            group: self.group.to_owned(),
+            version: self.version.to_owned(),
+            api_version,
+            kind: self.kind.to_owned(),
+            plural: self.plural.to_owned(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct KnativeConfig {
+    /// Where Knative's ConfigMaps live (`SYSTEM_NAMESPACE`).
+    pub system_namespace: String,
+    /// This pod's IP (`POD_IP`), which places it among a revision's activators.
+    pub pod_ip: Option<IpAddr>,
+}
+
+/// One watch's progress.
+#[derive(Default)]
+struct Feed {
+    /// Listed once (or found forbidden, which is as far as it gets).
+    synced: bool,
+    forbidden: bool,
+    /// Keys seen since a relist began; the others are gone at its end.
+    relisting: Option<BTreeSet<Key>>,
+}
+
+/// What changed since the last publish.
+#[derive(Default)]
+struct Dirty {
+    world: bool,
+    revisions: BTreeSet<Key>,
+    reprobe: BTreeMap<Key, Vec<SocketAddr>>,
+}
+
+pub struct KnativeSource {
+    client: kube::Client,
+    config: KnativeConfig,
+    publisher: Arc<Publisher>,
+    health: Arc<Health>,
+    stats: Stats,
+    feeds: [Feed; WATCHED.len()],
+    reflection: Reflection,
+    config_maps: BTreeMap<Key, BTreeMap<String, String>>,
+    dirty: Dirty,
+    published: bool,
+}
+
+impl KnativeSource {
+    /// Connects with the pod's service account in a cluster, or `KUBECONFIG` outside one. The
+    /// caller has made `health` require a sync before anything listens; this source reports it
+    /// once the watches have listed once.
+    pub async fn connect(
+        config: KnativeConfig,
+        publisher: Arc<Publisher>,
+        health: Arc<Health>,
+        stats: Stats,
+    ) -> anyhow::Result<Self> {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API (service account or KUBECONFIG): {e}"))?;
+        let reflection = Reflection { pod_ip: config.pod_ip, ..Reflection::default() };
+        Ok(KnativeSource {
+            client,
+            config,
+            publisher,
+            health,
+            stats,
+            feeds: Default::default(),
+            reflection,
+            config_maps: BTreeMap::new(),
+            dirty: Dirty::default(),
+            published: false,
+        })
+    }
+
+    /// Watches forever, publishing the world as it changes.
+    pub async fn run(mut self) {
+        let streams = WATCHED.iter().enumerate().map(|(i, w)| {
+            let resource = w.api_resource();
+            let api: Api<DynamicObject> = if w.in_system_namespace {
+                Api::namespaced_with(self.client.clone(), &self.config.system_namespace, &resource)
+            } else {
+                Api::all_with(self.client.clone(), &resource)
+            };
+            let mut config = watcher::Config::default();
+            if let Some(selector) = w.label_selector {
+                config = config.labels(selector);
+            }
+            watcher::watcher(api, config).default_backoff().map(move |item| (i, item)).boxed()
+        });
+        let mut all = futures_util::stream::select_all(streams);
+        while let Some((i, item)) = all.next().await {
+            self.handle(i, item);
+            // Take whatever else has arrived too, so a burst is published once.
+            while let Some(Some((i, item))) = all.next().now_or_never() {
+                self.handle(i, item);
+            }
+            self.publish();
+        }
+    }
+
+    fn handle(&mut self, i: usize, item: Result<Event<DynamicObject>, watcher::Error>) {
+        let watched = &WATCHED[i];
+        let event = match item {
+            Ok(event) => event,
+            Err(error) => return self.failed(i, error),
+        };
+        let feed = &mut self.feeds[i];
+        let (object, deleted) = match event {
+            Event::Init => {
+                feed.relisting = Some(BTreeSet::new());
+                return;
+            }
+            Event::InitDone => {
+                let seen = feed.relisting.take().unwrap_or_default();
+                feed.synced = true;
+                if std::mem::take(&mut feed.forbidden) {
+                    self.stats.kube_forbidden.with_label_values(&[&watched.resource()]).set(0);
+                    tracing::info!(resource = %watched.resource(), "can list {} now; affinity across a Route's revisions is on", watched.resource());
+                }
+                self.sweep(i, &seen);
+                self.dirty.world = true;
+                return;
+            }
+            Event::InitApply(object) | Event::Apply(object) => (object, false),
+            Event::Delete(object) => (object, true),
+        };
+        let read = Self::key_of(i, &object).and_then(|key| {
+            // A relisted object that does not read is still there: it keeps its last good version.
+            if let Some(seen) = &mut self.feeds[i].relisting {
+                seen.insert(key.clone());
+            }
+            if deleted {
+                self.forget(i, key);
+                Ok(())
+            } else {
+                self.take(i, &object, key)
+            }
+        });
+        if let Err(reason) = read {
+            self.stats.kube_rejected.with_label_values(&[&watched.resource()]).inc();
+            let (ns, name) =
+                (object.metadata.namespace.as_deref().unwrap_or(""), object.metadata.name.as_deref().unwrap_or(""));
+            tracing::warn!(resource = %watched.resource(), object = %format!("{ns}/{name}"), %reason, "skipping an object that does not read; its last good version stays");
+        }
+    }
+
+    /// What an object of watch `i` is filed under: a revision's Endpoints and Services under the
+    /// revision, everything else under its own name.
+    fn key_of(i: usize, object: &DynamicObject) -> Result<Key, String> {
+        match i {
+            PRIVATE_ENDPOINTS | PUBLIC_ENDPOINTS | PRIVATE_SERVICES => objects::revision_key(object),
+            _ => objects::identity(object),
+        }
+    }
+
+    /// Reads one object into the reflection, and notes what that changes.
+    fn take(&mut self, i: usize, object: &DynamicObject, key: Key) -> Result<(), String> {
+        let r = &mut self.reflection;
+        match i {
+            REVISIONS => {
+                r.revisions.insert(key, objects::revision(object)?);
+                self.dirty.world = true;
+            }
+            ROUTES => {
+                r.routes.get_or_insert_default().insert(key, objects::route(object)?);
+                self.dirty.world = true;
+            }
+            KNATIVE_SERVICES => {
+                r.services.get_or_insert_default().insert(key, objects::knative_service(object)?.1);
+                self.dirty.world = true;
+            }
+            PRIVATE_ENDPOINTS => {
+                let (_, info) = objects::private_endpoints(object)?;
+                if let Some(before) = r.private_endpoints.get(&key) {
+                    let pods = became_not_ready(before, &info);
+                    if !pods.is_empty() {
+                        self.dirty.reprobe.entry(key.clone()).or_default().extend(pods);
+                    }
+                }
+                r.private_endpoints.insert(key.clone(), info);
+                self.dirty.revisions.insert(key);
+            }
+            PUBLIC_ENDPOINTS => {
+                r.public_endpoints.insert(key.clone(), objects::public_endpoints(object)?.1);
+                self.dirty.revisions.insert(key);
+            }
+            PRIVATE_SERVICES => {
+                // A headless Service is no way in: as good as none.
+                match objects::private_service(object)?.1 {
+                    Some(service) => r.private_services.insert(key.clone(), service),
+                    None => r.private_services.remove(&key),
+                };
+                self.dirty.revisions.insert(key);
+            }
+            CONFIG_MAPS => {
+                let (_, data) = objects::config_map(object)?;
+                self.config_map(key, Some(data));
+            }
+            _ => unreachable!("an index into WATCHED"),
+        }
+        Ok(())
+    }
+
+    /// Drops a deleted object, which needs no more of it than its key.
+    fn forget(&mut self, i: usize, key: Key) {
+        let r = &mut self.reflection;
+        match i {
+            REVISIONS => self.dirty.world |= r.revisions.remove(&key).is_some(),
+            ROUTES => self.dirty.world |= r.routes.get_or_insert_default().remove(&key).is_some(),
+            KNATIVE_SERVICES => self.dirty.world |= r.services.get_or_insert_default().remove(&key).is_some(),
+            PRIVATE_ENDPOINTS => {
+                r.private_endpoints.remove(&key);
+                self.dirty.revisions.insert(key);
+            }
+            PUBLIC_ENDPOINTS => {
+                r.public_endpoints.remove(&key);
+                self.dirty.revisions.insert(key);
+            }
+            PRIVATE_SERVICES => {
+                r.private_services.remove(&key);
+                self.dirty.revisions.insert(key);
+            }
+            CONFIG_MAPS => self.config_map(key, None),
+            _ => unreachable!("an index into WATCHED"),
+        }
+    }
+
+    /// A ConfigMap of the system namespace changed; `config-network` shapes the world.
+    fn config_map(&mut self, key: Key, data: Option<BTreeMap<String, String>>) {
+        if key.1 == "config-network" {
+            let empty = BTreeMap::new();
+            let network = objects::network_config(data.as_ref().unwrap_or(&empty), &mut |w| {
+                tracing::warn!(configmap = "config-network", "{w}")
+            });
+            if network.internal_tls {
+                tracing::warn!(
+                    "config-network asks for system-internal-tls, which this activator does not serve; traffic to pods stays plain HTTP"
+                );
+            }
+            self.reflection.network = network;
+            self.dirty.world = true;
+        }
+        match data {
+            Some(data) => self.config_maps.insert(key, data),
+            None => self.config_maps.remove(&key),
+        };
+    }
+
+    /// At the end of a relist: drops what it did not see again.
+    fn sweep(&mut self, i: usize, seen: &BTreeSet<Key>) {
+        let r = &mut self.reflection;
+        match i {
+            REVISIONS => r.revisions.retain(|k, _| seen.contains(k)),
+            ROUTES => r.routes.get_or_insert_default().retain(|k, _| seen.contains(k)),
+            KNATIVE_SERVICES => r.services.get_or_insert_default().retain(|k, _| seen.contains(k)),
+            PRIVATE_ENDPOINTS => r.private_endpoints.retain(|k, _| seen.contains(k)),
+            PUBLIC_ENDPOINTS => r.public_endpoints.retain(|k, _| seen.contains(k)),
+            PRIVATE_SERVICES => r.private_services.retain(|k, _| seen.contains(k)),
+            _ => self.config_maps.retain(|k, _| seen.contains(k)),
+        }
+    }
+
+    fn failed(&mut self, i: usize, error: watcher::Error) {
+        let watched = &WATCHED[i];
+        let resource = watched.resource();
+        self.stats.kube_errors.with_label_values(&[&resource]).inc();
+        let forbidden = matches!(&error, watcher::Error::InitialListFailed(kube::Error::Api(status))
+            | watcher::Error::WatchStartFailed(kube::Error::Api(status)) if status.code == 403);
+        if !forbidden {
+            tracing::warn!(%resource, error = %error, "watch failed; listing again after a back-off, the last view keeps serving");
+            return;
+        }
+        let feed = &mut self.feeds[i];
+        feed.synced = true;
+        if std::mem::replace(&mut feed.forbidden, true) {
+            return;
+        }
+        self.stats.kube_forbidden.with_label_values(&[&resource]).set(1);
+        let scope = if watched.in_system_namespace {
+            format!("a Role in {}", self.config.system_namespace)
+        } else {
+            "a ClusterRole".to_owned()
+        };
+        let effect = match i {
+            ROUTES => {
+                "revision affinity across a Route's revisions is off, and each revision is served on its own \
+                       with session affinity inside the revision the ingress chose"
+            }
+            KNATIVE_SERVICES => "annotations on Knative Services are not read; revisions' own annotations still are",
+            _ => "requests to what it would show cannot be routed",
+        };
+        tracing::error!(
+            %resource,
+            "cannot list {resource} (forbidden by RBAC): {effect}. Grant it with {scope} rule \
+             `apiGroups: [\"{}\"], resources: [\"{}\"], verbs: [\"get\", \"list\", \"watch\"]` \
+             (manifests/knative adds it)",
+            watched.group,
+            watched.plural
+        );
+        match i {
+            ROUTES => self.reflection.routes = None,
+            KNATIVE_SERVICES => self.reflection.services = None,
+            _ => {}
+        }
+        self.dirty.world = true;
+    }
+
+    /// Publishes what changed, once every watch has listed once.
+    fn publish(&mut self) {
+        if !self.feeds.iter().all(|f| f.synced) {
+            return;
+        }
+        if !self.published {
+            self.published = true;
+            self.dirty.world = true;
+            self.health.set_synced();
+            tracing::info!(
+                revisions = self.reflection.revisions.len(),
+                "the view of Knative's objects is complete; ready"
+            );
+        }
+        let dirty = std::mem::take(&mut self.dirty);
+        if dirty.world {
+            self.publisher.apply(&valid(self.reflection.world(), &self.publisher));
+        } else {
+            for key in &dirty.revisions {
+                if let Some(rev) = self.reflection.revisions.get(key) {
+                    self.publisher.set_backends(&key.0, &key.1, &self.reflection.backends(rev));
+                }
+            }
+        }
+        for ((namespace, revision), pods) in &dirty.reprobe {
+            self.publisher.reprobe(namespace, revision, pods);
+        }
+    }
+}
+
+/// Pods Kubernetes reported ready before and not ready now, on any port.
+fn became_not_ready(before: &EndpointsInfo, now: &EndpointsInfo) -> Vec<SocketAddr> {
+    before
+        .ready
+        .iter()
+        .flat_map(|(port, pods)| {
+            let now_not_ready = now.not_ready.get(port);
+            pods.iter().filter(move |p| now_not_ready.is_some_and(|n| n.contains(p)))
+        })
+        .copied()
+        .collect()
+}
+
+/// The services of `spec` that are valid, each other one skipped with a log line.
+fn valid(spec: WorldSpec, publisher: &Publisher) -> WorldSpec {
+    let mut names = BTreeSet::new();
+    let services = spec
+        .services
+        .into_iter()
+        .filter(|svc| {
+            let problem = spec::validate_service(svc).err().map(|e| e.message).or_else(|| {
+                (!names.insert((svc.namespace.clone(), svc.name.clone())))
+                    .then(|| format!("service {}/{} is defined twice", svc.namespace, svc.name))
+            });
+            if let Some(problem) = &problem {
+                publisher.rejected();
+                tracing::warn!(%problem, "leaving a service out of the world");
+            }
+            problem.is_none()
+        })
+        .collect();
+    WorldSpec { services }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watched_resources_name_their_rbac() {
+        let resources: Vec<String> = WATCHED.iter().map(Watched::resource).collect();
+        assert_eq!(
+            resources,
+            [
+                "revisions.serving.knative.dev",
+                "routes.serving.knative.dev",
+                "services.serving.knative.dev",
+                "endpoints",
+                "endpoints",
+                "services",
+                "configmaps"
+            ]
+        );
+        let beyond: Vec<&str> = WATCHED.iter().filter(|w| w.beyond_upstream).map(|w| w.plural).collect();
+        assert_eq!(beyond, ["routes", "services"], "upstream's activator reads neither Routes nor Knative Services");
+    }
+
+    #[test]
+    fn pods_that_became_not_ready_are_found_per_port() {
+        let addr = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let before = EndpointsInfo {
+            revision: "r".into(),
+            ready: [("http".to_owned(), vec![addr("10.0.0.1:8012"), addr("10.0.0.2:8012")])].into(),
+            not_ready: BTreeMap::new(),
+        };
+        let now = EndpointsInfo {
+            revision: "r".into(),
+            ready: [("http".to_owned(), vec![addr("10.0.0.2:8012")])].into(),
+            not_ready: [("http".to_owned(), vec![addr("10.0.0.1:8012"), addr("10.0.0.3:8012")])].into(),
+        };
+        assert_eq!(became_not_ready(&before, &now), [addr("10.0.0.1:8012")]);
+    }
+}

@@ -1,0 +1,511 @@
+//! Reading Knative's and Kubernetes' objects, one pure function per kind: what the activator
+//! needs of a Revision, a Route, a Knative Service, a revision's private or public Endpoints, its
+//! private Service, and the `config-network` ConfigMap. Field and label names are upstream's.
+//!
+//! An object whose fields have the wrong types (or that lacks what identifies it) is an error
+//! naming the field; the caller skips it. Must not decide anything about the world.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use kube::api::DynamicObject;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::world::spec::{DEFAULT_TIMEOUT, TagSpec};
+
+pub const SERVICE_LABEL: &str = "serving.knative.dev/service";
+pub const CONFIGURATION_LABEL: &str = "serving.knative.dev/configuration";
+pub const REVISION_LABEL: &str = "serving.knative.dev/revision";
+
+/// Namespace and name.
+pub type Key = (String, String);
+
+pub type Annotations = BTreeMap<String, String>;
+
+/// What the activator needs of a Revision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevisionInfo {
+    pub namespace: String,
+    pub name: String,
+    /// The Knative Service and Configuration it belongs to, from its labels.
+    pub service: Option<String>,
+    pub configuration: Option<String>,
+    pub container_concurrency: u32,
+    pub timeout: Duration,
+    pub response_start_timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+    pub annotations: Annotations,
+    /// Its first container port is named `h2c`: its pods are reached on the port named `http2`.
+    pub h2c: bool,
+    /// A pod may take traffic once it passes the activator's probe, before Kubernetes reports it
+    /// ready; not so with an exec readiness probe or a startup probe, which only the kubelet runs.
+    pub probe_optimisation: bool,
+}
+
+impl RevisionInfo {
+    /// The port name its pods and its Services are reached on.
+    pub fn port_name(&self) -> &'static str {
+        if self.h2c { "http2" } else { "http" }
+    }
+}
+
+/// What the activator needs of a Route: the traffic its controller reports, one entry per
+/// revision (entries for one revision, as tags make, add up).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteInfo {
+    pub namespace: String,
+    pub name: String,
+    pub service: Option<String>,
+    pub traffic: Vec<(String, u32)>,
+    pub tags: Vec<TagSpec>,
+}
+
+/// Pod addresses by port name.
+pub type Ports<T> = BTreeMap<String, Vec<T>>;
+
+/// A revision's private Endpoints: its pods, ready or not, by port name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointsInfo {
+    pub revision: String,
+    pub ready: Ports<SocketAddr>,
+    pub not_ready: Ports<SocketAddr>,
+}
+
+/// A revision's private Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub revision: String,
+    pub cluster_ip: IpAddr,
+    pub ports: BTreeMap<String, u16>,
+}
+
+/// How `config-network` says pods are reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MeshMode {
+    /// Pods are probed directly; the private Service is used if only it answers.
+    #[default]
+    Auto,
+    /// Always through the private Service.
+    Enabled,
+    /// Always pods directly; ready ones are trusted without a probe.
+    Disabled,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetworkConfig {
+    pub mesh: MeshMode,
+    /// `enable-mesh-pod-addressability`: pods are addressed through the mesh by a passthrough host.
+    pub passthrough: bool,
+    /// `system-internal-tls` asked for; not served here.
+    pub internal_tls: bool,
+}
+
+/// An object's namespace and name.
+pub fn identity(obj: &DynamicObject) -> Result<Key, String> {
+    let namespace = obj.metadata.namespace.clone().filter(|n| !n.is_empty()).ok_or("metadata.namespace is missing")?;
+    let name = obj.metadata.name.clone().filter(|n| !n.is_empty()).ok_or("metadata.name is missing")?;
+    Ok((namespace, name))
+}
+
+/// The namespace and revision an Endpoints or Service of a revision's is labelled with.
+pub fn revision_key(obj: &DynamicObject) -> Result<Key, String> {
+    let (namespace, _) = identity(obj)?;
+    let revision = label(obj, REVISION_LABEL).ok_or(format!("label {REVISION_LABEL} is missing"))?;
+    Ok((namespace, revision))
+}
+
+fn label(obj: &DynamicObject, key: &str) -> Option<String> {
+    obj.metadata.labels.as_ref()?.get(key).filter(|v| !v.is_empty()).cloned()
+}
+
+/// One part of the object's body, in the shape `T` gives it.
+fn part<T: DeserializeOwned + Default>(obj: &DynamicObject, field: &str) -> Result<T, String> {
+    match obj.data.get(field) {
+        None | Some(serde_json::Value::Null) => Ok(T::default()),
+        Some(value) => T::deserialize(value).map_err(|e| format!("{field}: {e}")),
+    }
+}
+
+fn seconds(value: Option<i64>, field: &str) -> Result<Option<Duration>, String> {
+    match value {
+        None => Ok(None),
+        Some(s) if s >= 0 => Ok(Some(Duration::from_secs(s as u64))),
+        Some(s) => Err(format!("spec.{field} is negative: {s}")),
+    }
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RevisionSpecFields {
+    container_concurrency: Option<i64>,
+    timeout_seconds: Option<i64>,
+    response_start_timeout_seconds: Option<i64>,
+    idle_timeout_seconds: Option<i64>,
+    #[serde(default)]
+    containers: Vec<ContainerFields>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ContainerFields {
+    #[serde(default)]
+    ports: Vec<NamedPort>,
+    readiness_probe: Option<ProbeFields>,
+    startup_probe: Option<serde_json::Value>,
+}
+
+#[derive(Default, Deserialize)]
+struct NamedPort {
+    name: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+struct ProbeFields {
+    exec: Option<serde_json::Value>,
+}
+
+pub fn revision(obj: &DynamicObject) -> Result<RevisionInfo, String> {
+    let (namespace, name) = identity(obj)?;
+    let spec: RevisionSpecFields = part(obj, "spec")?;
+    let container_concurrency = match spec.container_concurrency {
+        None => 0,
+        Some(cc) => u32::try_from(cc).map_err(|_| format!("spec.containerConcurrency is out of range: {cc}"))?,
+    };
+    let timeout = seconds(spec.timeout_seconds, "timeoutSeconds")?.filter(|t| !t.is_zero()).unwrap_or(DEFAULT_TIMEOUT);
+    // The serving container is the one that declares ports (upstream's GetContainer).
+    let serving = spec.containers.iter().find(|c| !c.ports.is_empty()).or(spec.containers.first());
+    let h2c = serving.and_then(|c| c.ports.first()).and_then(|p| p.name.as_deref()) == Some("h2c");
+    let exec_readiness = serving.and_then(|c| c.readiness_probe.as_ref()).is_some_and(|p| p.exec.is_some());
+    let startup_probe = spec.containers.iter().any(|c| c.startup_probe.is_some());
+    Ok(RevisionInfo {
+        service: label(obj, SERVICE_LABEL),
+        configuration: label(obj, CONFIGURATION_LABEL),
+        container_concurrency,
+        timeout,
+        response_start_timeout: seconds(spec.response_start_timeout_seconds, "responseStartTimeoutSeconds")?,
+        idle_timeout: seconds(spec.idle_timeout_seconds, "idleTimeoutSeconds")?.filter(|t| !t.is_zero()),
+        annotations: obj.metadata.annotations.clone().unwrap_or_default(),
+        h2c,
+        probe_optimisation: !exec_readiness && !startup_probe,
+        namespace,
+        name,
+    })
+}
+
+#[derive(Default, Deserialize)]
+struct RouteStatus {
+    #[serde(default)]
+    traffic: Vec<TrafficTarget>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TrafficTarget {
+    revision_name: Option<String>,
+    percent: Option<i64>,
+    tag: Option<String>,
+    url: Option<String>,
+}
+
+pub fn route(obj: &DynamicObject) -> Result<RouteInfo, String> {
+    let (namespace, name) = identity(obj)?;
+    let status: RouteStatus = part(obj, "status")?;
+    let mut traffic: Vec<(String, u32)> = Vec::new();
+    let mut tags = Vec::new();
+    for target in status.traffic {
+        let Some(revision) = target.revision_name.filter(|r| !r.is_empty()) else { continue };
+        if let Some(tag) = target.tag.filter(|t| !t.is_empty()) {
+            let host_label = target.url.as_deref().and_then(host_label);
+            tags.push(TagSpec { tag, revision: revision.clone(), host_label });
+        }
+        let percent = match target.percent {
+            None => 0,
+            Some(p) => u32::try_from(p)
+                .ok()
+                .filter(|p| *p <= 100)
+                .ok_or(format!("status.traffic percent {p} is not 0 to 100"))?,
+        };
+        match traffic.iter_mut().find(|(r, _)| *r == revision) {
+            Some((_, total)) => *total += percent,
+            None => traffic.push((revision, percent)),
+        }
+    }
+    Ok(RouteInfo { service: label(obj, SERVICE_LABEL), namespace, name, traffic, tags })
+}
+
+/// The first DNS label of a URL's host: `canary-counter` of `http://canary-counter.ns.example.com`.
+fn host_label(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let label = rest.split(['.', ':', '/']).next()?;
+    (!label.is_empty()).then(|| label.to_ascii_lowercase())
+}
+
+/// A Knative Service's annotations, which its revisions' own override.
+pub fn knative_service(obj: &DynamicObject) -> Result<(Key, Annotations), String> {
+    Ok((identity(obj)?, obj.metadata.annotations.clone().unwrap_or_default()))
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Subset {
+    #[serde(default)]
+    addresses: Vec<Address>,
+    #[serde(default)]
+    not_ready_addresses: Vec<Address>,
+    #[serde(default)]
+    ports: Vec<EndpointPort>,
+}
+
+#[derive(Default, Deserialize)]
+struct Address {
+    ip: String,
+}
+
+#[derive(Default, Deserialize)]
+struct EndpointPort {
+    name: Option<String>,
+    port: u16,
+}
+
+fn subsets(obj: &DynamicObject) -> Result<Vec<Subset>, String> {
+    part(obj, "subsets")
+}
+
+fn ip(address: &Address) -> Result<IpAddr, String> {
+    address.ip.parse().map_err(|_| format!("subsets: {:?} is not an IP address", address.ip))
+}
+
+/// A revision's private Endpoints (labelled with the revision).
+pub fn private_endpoints(obj: &DynamicObject) -> Result<(Key, EndpointsInfo), String> {
+    let key = revision_key(obj)?;
+    let mut info = EndpointsInfo { revision: key.1.clone(), ..EndpointsInfo::default() };
+    for subset in subsets(obj)? {
+        for port in subset.ports.iter().filter_map(|p| Some((p.name.clone()?, p.port))) {
+            for (addresses, into) in
+                [(&subset.addresses, &mut info.ready), (&subset.not_ready_addresses, &mut info.not_ready)]
+            {
+                for address in addresses {
+                    into.entry(port.0.clone()).or_default().push(SocketAddr::new(ip(address)?, port.1));
+                }
+            }
+        }
+    }
+    Ok((key, info))
+}
+
+/// A revision's public Endpoints: the activators in its path, by port name.
+pub fn public_endpoints(obj: &DynamicObject) -> Result<(Key, Ports<IpAddr>), String> {
+    let key = revision_key(obj)?;
+    let mut activators: Ports<IpAddr> = BTreeMap::new();
+    for subset in subsets(obj)? {
+        for name in subset.ports.iter().filter_map(|p| p.name.clone()) {
+            for address in &subset.addresses {
+                activators.entry(name.clone()).or_default().push(ip(address)?);
+            }
+        }
+    }
+    Ok((key, activators))
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceSpecFields {
+    #[serde(rename = "clusterIP")]
+    cluster_ip: Option<String>,
+    #[serde(default)]
+    ports: Vec<EndpointPort>,
+}
+
+/// A revision's private Service; a headless one (no ClusterIP) is no way in and reads as none.
+pub fn private_service(obj: &DynamicObject) -> Result<(Key, Option<ServiceInfo>), String> {
+    let key = revision_key(obj)?;
+    let spec: ServiceSpecFields = part(obj, "spec")?;
+    let Some(cluster_ip) = spec.cluster_ip.filter(|ip| !ip.is_empty() && ip != "None") else { return Ok((key, None)) };
+    let cluster_ip = cluster_ip.parse().map_err(|_| format!("spec.clusterIP {cluster_ip:?} is not an IP address"))?;
+    let ports = spec.ports.into_iter().filter_map(|p| Some((p.name?, p.port))).collect();
+    Ok((key.clone(), Some(ServiceInfo { revision: key.1, cluster_ip, ports })))
+}
+
+/// A ConfigMap's data.
+pub fn config_map(obj: &DynamicObject) -> Result<(Key, BTreeMap<String, String>), String> {
+    Ok((identity(obj)?, part(obj, "data")?))
+}
+
+/// `config-network`: unknown values are reported through `warn` and read as the defaults.
+pub fn network_config(data: &BTreeMap<String, String>, warn: &mut dyn FnMut(String)) -> NetworkConfig {
+    let mesh = match data.get("mesh-compatibility-mode").map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("" | "auto") => MeshMode::Auto,
+        Some("enabled") => MeshMode::Enabled,
+        Some("disabled") => MeshMode::Disabled,
+        Some(other) => {
+            warn(format!("mesh-compatibility-mode {other:?} is not auto, enabled or disabled; using auto"));
+            MeshMode::Auto
+        }
+    };
+    let flag = |key: &str| data.get(key).is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    let enabled = |key: &str| data.get(key).is_some_and(|v| v.trim().eq_ignore_ascii_case("enabled"));
+    NetworkConfig {
+        mesh,
+        passthrough: flag("enable-mesh-pod-addressability"),
+        internal_tls: enabled("system-internal-tls") || enabled("internal-encryption"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn object(value: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn revision_json(spec: serde_json::Value) -> DynamicObject {
+        object(json!({
+            "apiVersion": "serving.knative.dev/v1", "kind": "Revision",
+            "metadata": {"name": "counter-00001", "namespace": "shop",
+                         "labels": {SERVICE_LABEL: "counter", CONFIGURATION_LABEL: "counter"},
+                         "annotations": {"activator.knative.dev/sticky-ttl": "60s"}},
+            "spec": spec,
+        }))
+    }
+
+    #[test]
+    fn a_revision_gives_its_concurrency_timeouts_protocol_and_probing() {
+        let rev = revision(&revision_json(json!({
+            "containerConcurrency": 3, "timeoutSeconds": 30, "responseStartTimeoutSeconds": 10, "idleTimeoutSeconds": 0,
+            "containers": [{"name": "sidecar"}, {"name": "app", "ports": [{"name": "h2c", "containerPort": 8080}]}],
+        })))
+        .unwrap();
+        assert_eq!((rev.namespace.as_str(), rev.name.as_str()), ("shop", "counter-00001"));
+        assert_eq!((rev.service.as_deref(), rev.configuration.as_deref()), (Some("counter"), Some("counter")));
+        assert_eq!(rev.container_concurrency, 3);
+        assert_eq!(
+            (rev.timeout, rev.response_start_timeout, rev.idle_timeout),
+            (Duration::from_secs(30), Some(Duration::from_secs(10)), None)
+        );
+        assert!(rev.h2c, "the serving container's first port is h2c");
+        assert_eq!(rev.port_name(), "http2");
+        assert!(rev.probe_optimisation);
+        assert_eq!(rev.annotations["activator.knative.dev/sticky-ttl"], "60s");
+
+        let defaults = revision(&revision_json(json!({"containers": [{"image": "x"}]}))).unwrap();
+        assert_eq!((defaults.container_concurrency, defaults.timeout, defaults.h2c), (0, DEFAULT_TIMEOUT, false));
+        let exec = revision(&revision_json(
+            json!({"containers": [{"ports": [{"name": "http1"}], "readinessProbe": {"exec": {"command": ["true"]}}}]}),
+        ));
+        assert!(!exec.unwrap().probe_optimisation, "an exec readiness probe: only the kubelet knows");
+        let startup = revision(&revision_json(
+            json!({"containers": [{"ports": [{}]}, {"startupProbe": {"tcpSocket": {"port": 1}}}]}),
+        ));
+        assert!(!startup.unwrap().probe_optimisation, "a startup probe on any container");
+    }
+
+    #[test]
+    fn wrong_types_and_missing_names_are_errors_naming_the_field() {
+        for (spec, field) in [
+            (json!({"containerConcurrency": "many"}), "spec"),
+            (json!({"containerConcurrency": -1}), "containerConcurrency"),
+            (json!({"timeoutSeconds": -5}), "timeoutSeconds"),
+            (json!({"containers": "none"}), "spec"),
+        ] {
+            let error = revision(&revision_json(spec.clone())).unwrap_err();
+            assert!(error.contains(field), "{spec}: {error}");
+        }
+        let nameless = object(json!({"apiVersion": "v1", "kind": "Revision", "metadata": {"namespace": "x"}}));
+        assert_eq!(revision(&nameless).unwrap_err(), "metadata.name is missing");
+    }
+
+    #[test]
+    fn a_route_gives_its_traffic_per_revision() {
+        let route_json = |traffic: serde_json::Value| {
+            object(json!({"apiVersion": "serving.knative.dev/v1", "kind": "Route",
+                          "metadata": {"name": "counter", "namespace": "shop", "labels": {SERVICE_LABEL: "counter"}},
+                          "status": {"traffic": traffic}}))
+        };
+        let info = route(&route_json(json!([
+            {"revisionName": "counter-00001", "percent": 90},
+            {"revisionName": "counter-00002", "percent": 10, "tag": "canary",
+             "url": "http://canary-counter.shop.example.com"},
+            {"revisionName": "counter-00002", "tag": "latest"},
+            {"revisionName": "counter-00003", "percent": 0},
+            {"configurationName": "counter", "percent": 0},
+        ])))
+        .unwrap();
+        assert_eq!(info.service.as_deref(), Some("counter"));
+        let expected =
+            [("counter-00001", 90), ("counter-00002", 10), ("counter-00003", 0)].map(|(r, p)| (r.to_owned(), p));
+        assert_eq!(info.traffic, expected, "tags add up; a target without a revision is not one");
+        let tag = |tag: &str, label: Option<&str>| TagSpec {
+            tag: tag.to_owned(),
+            revision: "counter-00002".to_owned(),
+            host_label: label.map(str::to_owned),
+        };
+        assert_eq!(info.tags, [tag("canary", Some("canary-counter")), tag("latest", None)]);
+        assert!(route(&route_json(json!([{"revisionName": "x", "percent": 150}]))).is_err());
+        assert!(route(&route_json(json!({"revisionName": "x"}))).is_err());
+    }
+
+    #[test]
+    fn endpoints_give_pods_by_port_name_ready_or_not() {
+        let obj = object(json!({
+            "apiVersion": "v1", "kind": "Endpoints",
+            "metadata": {"name": "counter-00001-private", "namespace": "shop", "labels": {REVISION_LABEL: "counter-00001"}},
+            "subsets": [
+                {"addresses": [{"ip": "10.0.0.1"}, {"ip": "10.0.0.2"}], "notReadyAddresses": [{"ip": "10.0.0.3"}],
+                 "ports": [{"name": "http", "port": 8012}, {"name": "http2", "port": 8013}, {"port": 9}]},
+                {"addresses": [{"ip": "127.0.0.1"}], "ports": [{"name": "http", "port": 40001}]},
+            ],
+        }));
+        let (key, info) = private_endpoints(&obj).unwrap();
+        assert_eq!(key, ("shop".to_owned(), "counter-00001".to_owned()), "keyed by the revision it serves");
+        assert_eq!(info.revision, "counter-00001");
+        let addrs = |v: &[&str]| v.iter().map(|a| a.parse().unwrap()).collect::<Vec<SocketAddr>>();
+        assert_eq!(info.ready["http"], addrs(&["10.0.0.1:8012", "10.0.0.2:8012", "127.0.0.1:40001"]));
+        assert_eq!(info.ready["http2"], addrs(&["10.0.0.1:8013", "10.0.0.2:8013"]));
+        assert_eq!(info.not_ready["http"], addrs(&["10.0.0.3:8012"]));
+        let (key, activators) = public_endpoints(&obj).unwrap();
+        assert_eq!((key.1.as_str(), activators["http"].len()), ("counter-00001", 3));
+
+        let mut bad = obj.clone();
+        bad.data["subsets"][0]["addresses"][0]["ip"] = json!("not-an-ip");
+        assert!(private_endpoints(&bad).unwrap_err().contains("not-an-ip"));
+        let mut unlabelled = obj;
+        unlabelled.metadata.labels = None;
+        assert!(private_endpoints(&unlabelled).is_err());
+    }
+
+    #[test]
+    fn a_private_service_gives_its_cluster_ip_unless_headless() {
+        let service = |ip: &str| {
+            object(json!({"apiVersion": "v1", "kind": "Service",
+                          "metadata": {"name": "r-private", "namespace": "shop", "labels": {REVISION_LABEL: "r"}},
+                          "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80}, {"name": "http2", "port": 81}]}}))
+        };
+        let (_, info) = private_service(&service("10.96.0.7")).unwrap();
+        let info = info.unwrap();
+        assert_eq!((info.cluster_ip.to_string(), info.ports["http2"]), ("10.96.0.7".to_owned(), 81));
+        assert_eq!(private_service(&service("None")).unwrap().1, None);
+        assert!(private_service(&service("bogus")).is_err());
+    }
+
+    #[test]
+    fn config_network_reads_mesh_mode_and_passthrough() {
+        let data = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let mut warnings = Vec::new();
+        let config = network_config(
+            &data(&[("mesh-compatibility-mode", "Enabled"), ("enable-mesh-pod-addressability", "true")]),
+            &mut |w| warnings.push(w),
+        );
+        assert_eq!(config, NetworkConfig { mesh: MeshMode::Enabled, passthrough: true, internal_tls: false });
+        let config = network_config(
+            &data(&[("mesh-compatibility-mode", "sometimes"), ("system-internal-tls", "enabled")]),
+            &mut |w| warnings.push(w),
+        );
+        assert_eq!((config.mesh, config.internal_tls), (MeshMode::Auto, true));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(network_config(&BTreeMap::new(), &mut |_| {}), NetworkConfig::default());
+    }
+}

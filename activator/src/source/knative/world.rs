@@ -1,0 +1,322 @@
+//! Joining what the watches hold into the world, as a pure function: one service per Route (its
+//! traffic as the route controller reports it, its Knative Service's annotations, and every
+//! revision of the Configurations it routes to, so a pin to a revision that left the traffic is
+//! recognised as stale); one service per revision no Route claims, served as named; and each
+//! revision's pods from its private Endpoints, this activator's subset from its public Endpoints,
+//! and its private Service for meshes, by `config-network`'s rules.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+use super::objects::{
+    Annotations, EndpointsInfo, Key, MeshMode, NetworkConfig, Ports, RevisionInfo, RouteInfo, ServiceInfo,
+};
+use crate::proxy::HostRewrite;
+use crate::throttle::{Backends, ClusterIp, Probe, Subset};
+use crate::world::spec::{RevisionSpec, ServiceSpec, TrafficSpec, WorldSpec};
+
+/// queue-proxy's readiness path for the activator's probe.
+const PROBE_PATH: &str = "/healthz";
+
+/// What the watches hold, translated; maps of revision-scoped objects are keyed by the namespace
+/// and the revision they belong to.
+#[derive(Debug, Default)]
+pub struct Reflection {
+    pub revisions: BTreeMap<Key, RevisionInfo>,
+    /// `None` while Routes cannot be read (RBAC).
+    pub routes: Option<BTreeMap<Key, RouteInfo>>,
+    /// `None` while Knative Services cannot be read (RBAC).
+    pub services: Option<BTreeMap<Key, Annotations>>,
+    pub private_endpoints: BTreeMap<Key, EndpointsInfo>,
+    pub public_endpoints: BTreeMap<Key, Ports<IpAddr>>,
+    pub private_services: BTreeMap<Key, ServiceInfo>,
+    pub network: NetworkConfig,
+    /// This activator's pod IP, which places it among a revision's activators.
+    pub pod_ip: Option<IpAddr>,
+}
+
+impl Reflection {
+    pub fn world(&self) -> WorldSpec {
+        let mut claimed: BTreeSet<&Key> = BTreeSet::new();
+        let mut services = Vec::new();
+        for route in self.routes.iter().flat_map(BTreeMap::values) {
+            let ns = &route.namespace;
+            let known = |rev: &str| self.revisions.get_key_value(&(ns.clone(), rev.to_owned())).map(|(k, _)| k);
+            let traffic: Vec<(&Key, u32)> = route
+                .traffic
+                .iter()
+                .filter_map(|(rev, percent)| Some((known(rev)?, *percent)))
+                .filter(|(key, _)| !claimed.contains(key))
+                .collect();
+            if traffic.is_empty() {
+                continue;
+            }
+            let configurations: BTreeSet<&str> =
+                traffic.iter().filter_map(|(key, _)| self.revisions[*key].configuration.as_deref()).collect();
+            let members: Vec<&Key> = self
+                .revisions
+                .iter()
+                .filter(|(key, rev)| {
+                    &rev.namespace == ns
+                        && !claimed.contains(key)
+                        && (traffic.iter().any(|(t, _)| t == key)
+                            || rev.configuration.as_deref().is_some_and(|c| configurations.contains(c)))
+                })
+                .map(|(key, _)| key)
+                .collect();
+            claimed.extend(members.iter().copied());
+            let knative_service = route.service.as_deref().unwrap_or(&route.name);
+            services.push(ServiceSpec {
+                namespace: ns.clone(),
+                name: route.name.clone(),
+                hosts: Vec::new(),
+                annotations: self.service_annotations(ns, knative_service),
+                traffic: traffic
+                    .iter()
+                    .map(|(key, percent)| TrafficSpec { revision: key.1.clone(), percent: *percent })
+                    .collect(),
+                tags: route
+                    .tags
+                    .iter()
+                    .filter(|t| traffic.iter().any(|(key, _)| key.1 == t.revision))
+                    .cloned()
+                    .collect(),
+                revisions: members.iter().map(|key| self.revision_spec(&self.revisions[*key])).collect(),
+            });
+        }
+        // Revisions no Route routes to (or all of them, without Routes): served as named, and
+        // affinity scoped to the revision.
+        for (key, rev) in self.revisions.iter().filter(|(key, _)| !claimed.contains(key)) {
+            services.push(ServiceSpec {
+                namespace: key.0.clone(),
+                name: rev.name.clone(),
+                hosts: Vec::new(),
+                annotations: rev.service.as_deref().map(|s| self.service_annotations(&key.0, s)).unwrap_or_default(),
+                traffic: vec![TrafficSpec { revision: rev.name.clone(), percent: 100 }],
+                tags: Vec::new(),
+                revisions: vec![self.revision_spec(rev)],
+            });
+        }
+        WorldSpec { services }
+    }
+
+    fn service_annotations(&self, namespace: &str, service: &str) -> Annotations {
+        let services = self.services.as_ref();
+        services.and_then(|s| s.get(&(namespace.to_owned(), service.to_owned()))).cloned().unwrap_or_default()
+    }
+
+    pub fn revision_spec(&self, rev: &RevisionInfo) -> RevisionSpec {
+        let private_host = format!("{}-private.{}", rev.name, rev.namespace);
+        let passthrough = self.network.passthrough;
+        RevisionSpec {
+            name: rev.name.clone(),
+            container_concurrency: rev.container_concurrency,
+            timeout: rev.timeout,
+            response_start_timeout: rev.response_start_timeout,
+            idle_timeout: rev.idle_timeout,
+            annotations: rev.annotations.clone(),
+            backends: self.backends(rev),
+            probe: Probe::Queue {
+                path: PROBE_PATH.into(),
+                passthrough_host: passthrough.then(|| private_host.clone()),
+            },
+            host: if passthrough { HostRewrite::Passthrough(private_host) } else { HostRewrite::ToOriginalHost },
+        }
+    }
+
+    /// A revision's pods and how to reach them, by `config-network`'s mesh mode as upstream's
+    /// revision watcher: in `auto` every pod is probed (the probe also tells whether a mesh is in
+    /// the way); otherwise pods Kubernetes reports ready are trusted. Not-ready pods count only
+    /// with the probe optimisation.
+    pub fn backends(&self, rev: &RevisionInfo) -> Backends {
+        let key = (rev.namespace.clone(), rev.name.clone());
+        let port = rev.port_name();
+        let pods = |of: fn(&EndpointsInfo) -> &Ports<SocketAddr>| -> Vec<SocketAddr> {
+            self.private_endpoints.get(&key).and_then(|e| of(e).get(port)).cloned().unwrap_or_default()
+        };
+        let (ready, not_ready) = (pods(|e| &e.ready), pods(|e| &e.not_ready));
+        let unready = if rev.probe_optimisation { not_ready } else { Vec::new() };
+        let service =
+            self.private_services.get(&key).and_then(|s| Some(SocketAddr::new(s.cluster_ip, *s.ports.get(port)?)));
+        let through = |always| {
+            let passthrough = self.network.passthrough;
+            service.filter(|_| !passthrough).map(|addr| ClusterIp { addr, always, ready_pods: ready.len() })
+        };
+        let subset = self.subset(&key, port);
+        match self.network.mesh {
+            MeshMode::Auto => Backends {
+                probed: [ready.clone(), unready].concat(),
+                trusted: vec![],
+                cluster_ip: through(false),
+                subset,
+            },
+            MeshMode::Enabled => Backends { probed: ready.clone(), trusted: vec![], cluster_ip: through(true), subset },
+            MeshMode::Disabled => Backends { probed: unready, trusted: ready, cluster_ip: None, subset },
+        }
+    }
+
+    /// Where this activator stands among the activators in a revision's path, by upstream's
+    /// rule: the addresses on the revision's port sorted as strings; none if this pod is not one.
+    fn subset(&self, key: &Key, port: &str) -> Option<Subset> {
+        let me = self.pod_ip?.to_string();
+        let mut activators: Vec<String> =
+            self.public_endpoints.get(key)?.get(port)?.iter().map(IpAddr::to_string).collect();
+        activators.sort();
+        activators.dedup();
+        let index = activators.iter().position(|ip| *ip == me)?;
+        Some(Subset { index, count: activators.len() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::world::spec::TagSpec;
+    use std::time::Duration;
+
+    fn revision(ns: &str, name: &str, configuration: &str) -> RevisionInfo {
+        RevisionInfo {
+            namespace: ns.into(),
+            name: name.into(),
+            service: Some(configuration.into()),
+            configuration: Some(configuration.into()),
+            container_concurrency: 1,
+            timeout: Duration::from_secs(300),
+            response_start_timeout: None,
+            idle_timeout: None,
+            annotations: Annotations::new(),
+            h2c: false,
+            probe_optimisation: true,
+        }
+    }
+
+    fn key(ns: &str, name: &str) -> Key {
+        (ns.into(), name.into())
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn reflection() -> Reflection {
+        let mut r = Reflection::default();
+        for (name, configuration) in [("a-1", "a"), ("a-2", "a"), ("a-3", "a"), ("b-1", "b"), ("lone-1", "lone")] {
+            r.revisions.insert(key("ns", name), revision("ns", name, configuration));
+        }
+        let route = |name: &str, traffic: &[(&str, u32)]| RouteInfo {
+            namespace: "ns".into(),
+            name: name.into(),
+            service: Some(name.into()),
+            traffic: traffic.iter().map(|(r, p)| ((*r).to_owned(), *p)).collect(),
+            tags: [("canary", "a-3"), ("old", "a-gone")]
+                .iter()
+                .filter(|(_, r)| traffic.iter().any(|(t, _)| t == r))
+                .map(|(tag, r)| TagSpec { tag: (*tag).into(), revision: (*r).into(), host_label: None })
+                .collect(),
+        };
+        r.routes = Some(
+            [
+                (key("ns", "a"), route("a", &[("a-2", 90), ("a-3", 10), ("a-gone", 0)])),
+                (key("ns", "b"), route("b", &[("b-1", 100)])),
+            ]
+            .into(),
+        );
+        r.services =
+            Some([(key("ns", "a"), [("activator.knative.dev/sticky-ttl".to_owned(), "5m".to_owned())].into())].into());
+        r
+    }
+
+    #[test]
+    fn one_service_per_route_and_one_per_revision_no_route_claims() {
+        let world = reflection().world();
+        type Summary<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, u32)>);
+        let names: Vec<Summary> = world
+            .services
+            .iter()
+            .map(|s| {
+                let revisions = s.revisions.iter().map(|r| r.name.as_str()).collect();
+                let traffic = s.traffic.iter().map(|t| (t.revision.as_str(), t.percent)).collect();
+                (s.name.as_str(), revisions, traffic)
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("a", vec!["a-1", "a-2", "a-3"], vec![("a-2", 90), ("a-3", 10)]),
+                ("b", vec!["b-1"], vec![("b-1", 100)]),
+                ("lone-1", vec!["lone-1"], vec![("lone-1", 100)]),
+            ],
+            "a-1 belongs to a's Configuration though out of its traffic; a revision not seen yet is left out"
+        );
+        assert_eq!(world.services[0].annotations["activator.knative.dev/sticky-ttl"], "5m");
+        let tags: Vec<(&str, &str)> =
+            world.services[0].tags.iter().map(|t| (t.tag.as_str(), t.revision.as_str())).collect();
+        assert_eq!(tags, [("canary", "a-3")], "a tag of a revision not seen yet is left out with it");
+        assert!(world.services.iter().all(|s| crate::world::spec::validate_service(s).is_ok()));
+    }
+
+    #[test]
+    fn without_routes_every_revision_is_served_as_named() {
+        let mut r = reflection();
+        r.routes = None;
+        r.services = None;
+        let world = r.world();
+        assert_eq!(world.services.len(), 5);
+        assert!(world.services.iter().all(|s| s.revisions.len() == 1 && s.name == s.revisions[0].name));
+    }
+
+    #[test]
+    fn pods_follow_the_mesh_mode_and_the_probe_optimisation() {
+        let mut r = reflection();
+        let ready = vec![addr("10.0.0.1:8012"), addr("10.0.0.2:8012")];
+        let not_ready = vec![addr("10.0.0.3:8012")];
+        r.private_endpoints.insert(
+            key("ns", "a-2"),
+            EndpointsInfo {
+                revision: "a-2".into(),
+                ready: [("http".to_owned(), ready.clone())].into(),
+                not_ready: [("http".to_owned(), not_ready.clone())].into(),
+            },
+        );
+        r.private_services.insert(
+            key("ns", "a-2"),
+            ServiceInfo {
+                revision: "a-2".into(),
+                cluster_ip: "10.96.0.9".parse().unwrap(),
+                ports: [("http".to_owned(), 80)].into(),
+            },
+        );
+        let rev = r.revisions[&key("ns", "a-2")].clone();
+        let auto = r.backends(&rev);
+        assert_eq!((auto.probed.len(), auto.trusted.len()), (3, 0), "auto: every pod is probed");
+        assert_eq!(auto.cluster_ip, Some(ClusterIp { addr: addr("10.96.0.9:80"), always: false, ready_pods: 2 }));
+        r.network.mesh = MeshMode::Disabled;
+        let disabled = r.backends(&rev);
+        assert_eq!((disabled.trusted, disabled.probed, disabled.cluster_ip), (ready.clone(), not_ready, None));
+        r.network.mesh = MeshMode::Enabled;
+        assert!(r.backends(&rev).cluster_ip.is_some_and(|c| c.always));
+        let strict = RevisionInfo { probe_optimisation: false, ..rev.clone() };
+        r.network.mesh = MeshMode::Disabled;
+        assert!(r.backends(&strict).probed.is_empty(), "without the optimisation only Kubernetes-ready pods count");
+        r.network = NetworkConfig { mesh: MeshMode::Auto, passthrough: true, internal_tls: false };
+        assert_eq!(r.backends(&rev).cluster_ip, None, "passthrough never falls back to the Service");
+        let spec = r.revision_spec(&rev);
+        assert_eq!(spec.host, HostRewrite::Passthrough("a-2-private.ns".into()));
+        let h2c = RevisionInfo { h2c: true, ..rev };
+        assert!(r.backends(&h2c).probed.is_empty(), "an h2c revision's pods are on the port named http2");
+    }
+
+    #[test]
+    fn the_subset_is_this_pods_place_among_the_activators() {
+        let mut r = reflection();
+        let activators: Vec<IpAddr> = ["10.1.0.9", "10.1.0.10", "10.1.0.2"].map(|ip| ip.parse().unwrap()).to_vec();
+        r.public_endpoints.insert(key("ns", "a-2"), [("http".to_owned(), activators)].into());
+        let rev = r.revisions[&key("ns", "a-2")].clone();
+        assert_eq!(r.backends(&rev).subset, None, "no POD_IP: every pod");
+        r.pod_ip = Some("10.1.0.2".parse().unwrap());
+        // Sorted as strings: 10.1.0.10, 10.1.0.2, 10.1.0.9.
+        assert_eq!(r.backends(&rev).subset, Some(Subset { index: 1, count: 3 }));
+        r.pod_ip = Some("10.1.0.77".parse().unwrap());
+        assert_eq!(r.backends(&rev).subset, None, "not in this revision's path: every pod");
+    }
+}

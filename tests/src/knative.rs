@@ -1,0 +1,247 @@
+//! Knative-shaped objects for the in-process API server, written from upstream's field names and
+//! labels (the CRD schemas of knative-serving v1.23.0, which a test checks them against): Knative
+//! Services, Routes and Revisions, the private and public Endpoints and the private Service that
+//! serving's controllers create for each revision, and the `knative-serving` ConfigMaps.
+//!
+//! Pods are demo-service processes on loopback, so several share the IP 127.0.0.1: each gets an
+//! Endpoints subset of its own with its port named `http` (or `http2`), which Kubernetes allows.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use serde_json::{Value, json};
+
+pub const SYSTEM_NAMESPACE: &str = "knative-serving";
+
+/// A Revision as serving's configuration controller creates it for a Knative Service.
+pub struct Revision {
+    pub namespace: String,
+    pub name: String,
+    pub service: String,
+    pub container_concurrency: u32,
+    pub timeout_seconds: u64,
+    pub annotations: BTreeMap<String, String>,
+    /// The first container port's name: `http1`, or `h2c` for a gRPC revision.
+    pub port_name: &'static str,
+}
+
+impl Revision {
+    pub fn new(service: &str, name: &str) -> Self {
+        Revision {
+            namespace: "default".into(),
+            name: name.into(),
+            service: service.into(),
+            container_concurrency: 0,
+            timeout_seconds: 300,
+            annotations: BTreeMap::new(),
+            port_name: "http1",
+        }
+    }
+
+    pub fn uid(&self) -> String {
+        uid(&format!("revision/{}/{}", self.namespace, self.name))
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "apiVersion": "serving.knative.dev/v1",
+            "kind": "Revision",
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "uid": self.uid(),
+                "generation": 1,
+                "labels": {
+                    "serving.knative.dev/configuration": self.service,
+                    "serving.knative.dev/configurationGeneration": "1",
+                    "serving.knative.dev/routingState": "active",
+                    "serving.knative.dev/service": self.service,
+                },
+                "annotations": self.annotations,
+                "ownerReferences": [{"apiVersion": "serving.knative.dev/v1", "kind": "Configuration",
+                                     "name": self.service, "uid": uid(&self.service), "controller": true}],
+            },
+            "spec": {
+                "containerConcurrency": self.container_concurrency,
+                "timeoutSeconds": self.timeout_seconds,
+                "enableServiceLinks": false,
+                "containers": [{
+                    "name": "user-container",
+                    "image": "ghcr.io/example/counter@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+                    "ports": [{"name": self.port_name, "containerPort": 8080, "protocol": "TCP"}],
+                    "readinessProbe": {"successThreshold": 1, "tcpSocket": {"port": 0}},
+                    "resources": {},
+                }],
+            },
+            "status": {
+                "observedGeneration": 1,
+                "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-11-23T00:00:00Z"}],
+                "containerStatuses": [{"name": "user-container", "imageDigest": "sha256:0"}],
+                "actualReplicas": 1,
+                "desiredReplicas": 1,
+            },
+        })
+    }
+}
+
+/// A Route's status traffic entry.
+pub struct Target {
+    pub revision: String,
+    pub percent: Option<u32>,
+    pub tag: Option<String>,
+}
+
+impl Target {
+    pub fn new(revision: &str, percent: u32) -> Self {
+        Target { revision: revision.into(), percent: Some(percent), tag: None }
+    }
+
+    /// The same target under a traffic tag.
+    pub fn tagged(mut self, tag: &str) -> Self {
+        self.tag = Some(tag.into());
+        self
+    }
+
+    fn to_json(&self) -> Value {
+        let mut target = json!({"revisionName": self.revision, "latestRevision": false});
+        if let Some(percent) = self.percent {
+            target["percent"] = json!(percent);
+        }
+        if let Some(tag) = &self.tag {
+            target["tag"] = json!(tag);
+        }
+        target
+    }
+}
+
+/// The Route of a Knative Service, named like it, with its traffic as the route controller
+/// reports it in `status.traffic`: a tagged target with its own URL, by the default
+/// `{{.Tag}}-{{.Name}}` template.
+pub fn route(namespace: &str, service: &str, traffic: &[Target]) -> Value {
+    let status: Vec<Value> = traffic
+        .iter()
+        .map(|t| {
+            let mut target = t.to_json();
+            if let Some(tag) = &t.tag {
+                target["url"] = json!(format!("http://{tag}-{service}.{namespace}.example.com"));
+            }
+            target
+        })
+        .collect();
+    let traffic: Vec<Value> = traffic.iter().map(Target::to_json).collect();
+    json!({
+        "apiVersion": "serving.knative.dev/v1",
+        "kind": "Route",
+        "metadata": {"name": service, "namespace": namespace, "uid": uid(&format!("route/{namespace}/{service}")),
+                     "labels": {"serving.knative.dev/service": service}},
+        "spec": {"traffic": traffic},
+        "status": {
+            "url": format!("http://{service}.{namespace}.example.com"),
+            "address": {"url": format!("http://{service}.{namespace}.svc.cluster.local")},
+            "traffic": status,
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "observedGeneration": 1,
+        },
+    })
+}
+
+/// A Knative Service with `annotations` on itself and on its template, as `kn service create -a`
+/// sets them.
+pub fn knative_service(namespace: &str, name: &str, annotations: &BTreeMap<String, String>) -> Value {
+    json!({
+        "apiVersion": "serving.knative.dev/v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid(&format!("ksvc/{namespace}/{name}")),
+                     "annotations": annotations, "generation": 1},
+        "spec": {
+            "template": {
+                "metadata": {"annotations": annotations},
+                "spec": {"containers": [{"image": "ghcr.io/example/counter:latest"}]},
+            },
+            "traffic": [{"latestRevision": true, "percent": 100}],
+        },
+        "status": {"conditions": [{"type": "Ready", "status": "True"}], "observedGeneration": 1},
+    })
+}
+
+/// The private Endpoints of a revision: `ready` and `not_ready` pods, each on the port named
+/// `port_name` (`http`, or `http2` for h2c revisions).
+pub fn private_endpoints(revision: &Revision, ready: &[SocketAddr], not_ready: &[SocketAddr]) -> Value {
+    let port_name = if revision.port_name == "h2c" { "http2" } else { "http" };
+    let subset = |addr: &SocketAddr, ready: bool| {
+        let address = json!({"ip": addr.ip().to_string(), "targetRef": {"kind": "Pod", "namespace": revision.namespace,
+                             "name": format!("{}-deployment-{}", revision.name, addr.port())}});
+        let key = if ready { "addresses" } else { "notReadyAddresses" };
+        json!({key: [address], "ports": [
+            {"name": port_name, "port": addr.port(), "protocol": "TCP"},
+            {"name": "http-autometric", "port": 9090, "protocol": "TCP"},
+        ]})
+    };
+    let subsets: Vec<Value> =
+        ready.iter().map(|a| subset(a, true)).chain(not_ready.iter().map(|a| subset(a, false))).collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Endpoints",
+        "metadata": {"name": format!("{}-private", revision.name), "namespace": revision.namespace,
+                     "labels": revision_labels(revision, "Private")},
+        "subsets": subsets,
+    })
+}
+
+/// The public Endpoints of a revision in Proxy mode: the activators the SKS controller put in its
+/// path, on the revision's port.
+pub fn public_endpoints(revision: &Revision, activators: &[IpAddr]) -> Value {
+    let port_name = if revision.port_name == "h2c" { "http2" } else { "http" };
+    let addresses: Vec<Value> = activators.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Endpoints",
+        "metadata": {"name": revision.name, "namespace": revision.namespace,
+                     "labels": revision_labels(revision, "Public")},
+        "subsets": [{"addresses": addresses, "ports": [{"name": port_name, "port": 8012, "protocol": "TCP"}]}],
+    })
+}
+
+/// The private Service of a revision, whose ClusterIP is the way in when a mesh blocks pod IPs.
+pub fn private_service(revision: &Revision, cluster_ip: SocketAddr) -> Value {
+    let port_name = if revision.port_name == "h2c" { "http2" } else { "http" };
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": format!("{}-private", revision.name), "namespace": revision.namespace,
+                     "labels": revision_labels(revision, "Private")},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": cluster_ip.ip().to_string(),
+            "ports": [{"name": port_name, "port": cluster_ip.port(), "protocol": "TCP", "targetPort": 8012}],
+            "selector": {"serving.knative.dev/revisionUID": revision.uid()},
+        },
+    })
+}
+
+pub fn config_map(name: &str, data: &[(&str, &str)]) -> Value {
+    let data: BTreeMap<&str, &str> = data.iter().copied().collect();
+    json!({"apiVersion": "v1", "kind": "ConfigMap",
+           "metadata": {"name": name, "namespace": SYSTEM_NAMESPACE}, "data": data})
+}
+
+fn revision_labels(revision: &Revision, service_type: &str) -> Value {
+    json!({
+        "app": revision.name,
+        "serving.knative.dev/configuration": revision.service,
+        "serving.knative.dev/revision": revision.name,
+        "serving.knative.dev/revisionUID": revision.uid(),
+        "serving.knative.dev/service": revision.service,
+        "networking.internal.knative.dev/serviceType": service_type,
+    })
+}
+
+/// A stable, UUID-shaped id for a name.
+fn uid(name: &str) -> String {
+    let mut hash: u128 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        hash = (hash ^ u128::from(b)).wrapping_mul(0x0000_0000_0100_0000_0000_0000_0000_013b);
+    }
+    let hex = format!("{hash:032x}");
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}

@@ -1,0 +1,336 @@
+//! An in-process Kubernetes API server for the tests: list and watch over real HTTP, as the API
+//! server speaks them, for the kinds the activator reads. Objects carry resource versions; a watch
+//! replays what changed after the version it asks for, then streams changes as chunked JSON lines;
+//! a watch from before a compaction gets `410 Gone`; a kind can be forbidden (`403`, as under the
+//! stock RBAC); every open watch can be closed at once. Tests put and delete objects (see
+//! `knative` for Knative-shaped ones) and the activator sees them through kube-rs.
+//!
+//! One server serves any number of tests' objects; each test starts its own.
+
+use std::collections::{BTreeMap, HashSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+/// The kinds the activator lists and watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Revision,
+    Route,
+    KnativeService,
+    Endpoints,
+    Service,
+    ConfigMap,
+}
+
+impl Kind {
+    const ALL: [Kind; 6] =
+        [Kind::Revision, Kind::Route, Kind::KnativeService, Kind::Endpoints, Kind::Service, Kind::ConfigMap];
+
+    /// API group prefix and resource plural, as in the request path.
+    fn resource(self) -> (&'static str, &'static str) {
+        match self {
+            Kind::Revision => ("apis/serving.knative.dev/v1", "revisions"),
+            Kind::Route => ("apis/serving.knative.dev/v1", "routes"),
+            Kind::KnativeService => ("apis/serving.knative.dev/v1", "services"),
+            Kind::Endpoints => ("api/v1", "endpoints"),
+            Kind::Service => ("api/v1", "services"),
+            Kind::ConfigMap => ("api/v1", "configmaps"),
+        }
+    }
+
+    fn list_kind(self) -> &'static str {
+        match self {
+            Kind::Revision => "RevisionList",
+            Kind::Route => "RouteList",
+            Kind::KnativeService => "ServiceList",
+            Kind::Endpoints => "EndpointsList",
+            Kind::Service => "ServiceList",
+            Kind::ConfigMap => "ConfigMapList",
+        }
+    }
+
+    /// What an RBAC denial of this kind says, as the API server words it.
+    fn forbidden_message(self) -> String {
+        let (prefix, plural) = self.resource();
+        let group = prefix.strip_prefix("apis/").and_then(|g| g.split('/').next()).unwrap_or("");
+        format!(
+            "{plural}{} is forbidden: User \"system:serviceaccount:knative-serving:activator\" cannot list \
+             resource \"{plural}\" in API group \"{group}\" at the cluster scope",
+            if group.is_empty() { String::new() } else { format!(".{group}") }
+        )
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Change {
+    kind: Kind,
+    version: u64,
+    event: &'static str,
+    object: Value,
+}
+
+#[derive(Default)]
+struct Store {
+    version: u64,
+    /// Per kind, by (namespace, name): the object with its resourceVersion set.
+    objects: BTreeMap<Kind, BTreeMap<(String, String), Value>>,
+    /// Every change since the last compaction, for watches that resume.
+    history: Vec<Change>,
+    /// Watches asking for a version older than this get 410 Gone.
+    compacted_to: u64,
+    forbidden: HashSet<Kind>,
+    /// While set, every request gets 503, as from an API server that is not up yet.
+    held: bool,
+}
+
+struct Shared {
+    store: Mutex<Store>,
+    changes: broadcast::Sender<Change>,
+    /// Bumped to end every open watch stream.
+    closing: tokio::sync::watch::Sender<u64>,
+}
+
+pub struct ApiServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl ApiServer {
+    pub async fn start() -> ApiServer {
+        let (changes, _) = broadcast::channel(4096);
+        let shared = Arc::new(Shared {
+            store: Mutex::new(Store::default()),
+            changes,
+            closing: tokio::sync::watch::channel(0).0,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binding the API server");
+        let addr = listener.local_addr().expect("bound address");
+        let app = Router::new().fallback(serve).with_state(shared.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        ApiServer { addr, shared }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Writes a kubeconfig that points kube-rs at this server, and returns its path.
+    pub fn kubeconfig(&self, dir: &Path) -> std::path::PathBuf {
+        let path = dir.join("kubeconfig.yaml");
+        let config = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n\
+             users:\n- name: test\n  user: {{}}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n\
+             current-context: test\n",
+            self.url()
+        );
+        std::fs::write(&path, config).expect("writing the kubeconfig");
+        path
+    }
+
+    /// Creates or replaces an object (keyed by its metadata's namespace and name).
+    pub fn put(&self, kind: Kind, mut object: Value) {
+        let key = key_of(&object);
+        let mut store = self.shared.store.lock().unwrap();
+        store.version += 1;
+        let version = store.version;
+        object["metadata"]["resourceVersion"] = json!(version.to_string());
+        let existed = store.objects.entry(kind).or_default().insert(key, object.clone()).is_some();
+        let change = Change { kind, version, event: if existed { "MODIFIED" } else { "ADDED" }, object };
+        store.history.push(change.clone());
+        let _ = self.shared.changes.send(change);
+    }
+
+    pub fn delete(&self, kind: Kind, namespace: &str, name: &str) {
+        let mut store = self.shared.store.lock().unwrap();
+        let Some(mut object) = store.objects.entry(kind).or_default().remove(&(namespace.to_owned(), name.to_owned()))
+        else {
+            return;
+        };
+        store.version += 1;
+        let version = store.version;
+        object["metadata"]["resourceVersion"] = json!(version.to_string());
+        let change = Change { kind, version, event: "DELETED", object };
+        store.history.push(change.clone());
+        let _ = self.shared.changes.send(change);
+    }
+
+    /// Answers every request with 503 until `release`, as an API server not up yet.
+    pub fn hold(&self) {
+        self.shared.store.lock().unwrap().held = true;
+    }
+
+    pub fn release(&self) {
+        self.shared.store.lock().unwrap().held = false;
+    }
+
+    /// Denies list and watch of `kind` with 403, as the stock RBAC does for Routes and Services.
+    pub fn forbid(&self, kind: Kind) {
+        self.shared.store.lock().unwrap().forbidden.insert(kind);
+    }
+
+    /// Ends every open watch stream; clients resume from the version they last saw.
+    pub fn close_watches(&self) {
+        self.shared.closing.send_modify(|n| *n += 1);
+    }
+
+    /// Forgets the history, so a watch resuming from any version seen so far gets 410 Gone and
+    /// must list again; and ends every open watch so that happens now.
+    pub fn compact(&self) {
+        {
+            let mut store = self.shared.store.lock().unwrap();
+            store.compacted_to = store.version + 1;
+            store.history.clear();
+        }
+        self.close_watches();
+    }
+}
+
+fn key_of(object: &Value) -> (String, String) {
+    let meta = &object["metadata"];
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    (text(&meta["namespace"]), text(&meta["name"]))
+}
+
+/// Which kind a path names, and the namespace it is limited to.
+fn route(path: &str) -> Option<(Kind, Option<String>)> {
+    let path = path.trim_start_matches('/');
+    Kind::ALL.into_iter().find_map(|kind| {
+        let (prefix, plural) = kind.resource();
+        let rest = path.strip_prefix(prefix)?.strip_prefix('/')?;
+        if rest == plural {
+            return Some((kind, None));
+        }
+        let (namespace, rest) = rest.strip_prefix("namespaces/")?.split_once('/')?;
+        (rest == plural).then(|| (kind, Some(namespace.to_owned())))
+    })
+}
+
+/// A label or field selector: comma-separated `key`, `!key`, `key=value`, `key==value`,
+/// `key!=value`.
+fn matches(selector: Option<&String>, fields: impl Fn(&str) -> Option<String>) -> bool {
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else { return true };
+    selector.split(',').all(|term| {
+        if let Some((key, value)) = term.split_once("!=") {
+            fields(key).as_deref() != Some(value)
+        } else if let Some((key, value)) = term.split_once('=') {
+            fields(key).as_deref() == Some(value.trim_start_matches('='))
+        } else if let Some(key) = term.strip_prefix('!') {
+            fields(key).is_none()
+        } else {
+            fields(term).is_some()
+        }
+    })
+}
+
+fn selected(object: &Value, namespace: Option<&str>, query: &BTreeMap<String, String>) -> bool {
+    let meta = &object["metadata"];
+    let labels = |key: &str| meta["labels"][key].as_str().map(str::to_owned);
+    let fields = |key: &str| match key {
+        "metadata.name" => meta["name"].as_str().map(str::to_owned),
+        "metadata.namespace" => meta["namespace"].as_str().map(str::to_owned),
+        _ => None,
+    };
+    namespace.is_none_or(|ns| meta["namespace"].as_str() == Some(ns))
+        && matches(query.get("labelSelector"), labels)
+        && matches(query.get("fieldSelector"), fields)
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+async fn serve(State(shared): State<Arc<Shared>>, uri: Uri, Query(query): Query<BTreeMap<String, String>>) -> Response {
+    let Some((kind, namespace)) = route(uri.path()) else {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(status(404, "NotFound", "the server could not find the requested resource")),
+        )
+            .into_response();
+    };
+    if shared.store.lock().unwrap().held {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(status(503, "ServiceUnavailable", "the server is starting")),
+        )
+            .into_response();
+    }
+    if shared.store.lock().unwrap().forbidden.contains(&kind) {
+        return (StatusCode::FORBIDDEN, axum::Json(status(403, "Forbidden", &kind.forbidden_message())))
+            .into_response();
+    }
+    let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+    if !watching {
+        let store = shared.store.lock().unwrap();
+        let items: Vec<&Value> = store
+            .objects
+            .get(&kind)
+            .into_iter()
+            .flat_map(|objects| objects.values())
+            .filter(|o| selected(o, namespace.as_deref(), &query))
+            .collect();
+        let (group, _) = kind.resource();
+        let list = json!({"apiVersion": group.trim_start_matches("apis/").trim_start_matches("api/"),
+                          "kind": kind.list_kind(), "metadata": {"resourceVersion": store.version.to_string()},
+                          "items": items});
+        return axum::Json(list).into_response();
+    }
+    watch(shared, kind, namespace, query)
+}
+
+/// A watch: the changes after the asked version, then live ones, one JSON line each, until the
+/// test closes watches.
+fn watch(shared: Arc<Shared>, kind: Kind, namespace: Option<String>, query: BTreeMap<String, String>) -> Response {
+    let since: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut live = shared.changes.subscribe();
+    let mut closing = shared.closing.subscribe();
+    closing.mark_unchanged();
+    let (replay, gone) = {
+        let store = shared.store.lock().unwrap();
+        let gone = since != 0 && since < store.compacted_to;
+        let replay: Vec<Change> =
+            store.history.iter().filter(|c| c.kind == kind && c.version > since).cloned().collect();
+        (replay, gone)
+    };
+    let line = |value: Value| Ok::<_, Infallible>(Bytes::from(format!("{value}\n")));
+    if gone {
+        let error = json!({"type": "ERROR", "object": status(410, "Expired", "too old resource version")});
+        return Response::new(Body::from_stream(futures_util::stream::iter([line(error)])));
+    }
+    let last = replay.last().map_or(since, |c| c.version);
+    let keep = move |c: &Change| c.kind == kind && selected(&c.object, namespace.as_deref(), &query);
+    let first: Vec<_> =
+        replay.into_iter().filter(&keep).map(|c| line(json!({"type": c.event, "object": c.object}))).collect();
+    let (events, mut sent) = tokio::sync::mpsc::channel::<Value>(64);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                change = live.recv() => match change {
+                    Ok(change) if change.version > last && keep(&change) => {
+                        if events.send(json!({"type": change.event, "object": change.object})).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                },
+                _ = closing.changed() => return,
+                () = events.closed() => return,
+            }
+        }
+    });
+    let rest = futures_util::stream::poll_fn(move |cx| sent.poll_recv(cx));
+    Response::new(Body::from_stream(futures_util::stream::iter(first).chain(rest.map(line))))
+}

@@ -1,0 +1,449 @@
+//! Knative mode end to end: the activator as a real process watching an in-process API server
+//! loaded with Knative-shaped objects, demo-service pods standing in for queue-proxy (they answer
+//! its probe), autoscaler-shim standing in for the autoscaler, and requests carrying the headers
+//! Knative's ingress sets.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use integration_tests::knative::{
+    Revision, Target, config_map, knative_service, private_endpoints, public_endpoints, route,
+};
+use integration_tests::kube_api::{ApiServer, Kind};
+use integration_tests::redis::Redis;
+use integration_tests::{Client, Env, Process, Reply, addrs, admin_get, metric, wait_until};
+
+const P: &str = "activator.knative.dev/";
+
+/// An API server with knative-serving's ConfigMaps, and the processes of one test.
+struct Cluster {
+    env: Env,
+    api: ApiServer,
+}
+
+impl Cluster {
+    async fn new() -> Cluster {
+        let api = ApiServer::start().await;
+        api.put(Kind::ConfigMap, config_map("config-network", &[("mesh-compatibility-mode", "auto")]));
+        api.put(Kind::ConfigMap, config_map("config-observability", &[]));
+        Cluster { env: Env::new(), api }
+    }
+
+    /// A revision and its private Endpoints with `ready` pods.
+    fn revision(&self, revision: &Revision, ready: &[SocketAddr]) {
+        self.api.put(Kind::Revision, revision.to_json());
+        self.api.put(Kind::Endpoints, private_endpoints(revision, ready, &[]));
+    }
+
+    /// A Knative Service named `name` with its Route over `traffic`.
+    fn service(&self, name: &str, traffic: &[Target], annotations: &[(&str, &str)]) {
+        self.reroute(name, traffic);
+        self.annotate(name, annotations);
+    }
+
+    /// Replaces the Knative Service's `activator.knative.dev/` annotations: one watch event.
+    fn annotate(&self, name: &str, annotations: &[(&str, &str)]) {
+        let annotations: BTreeMap<String, String> =
+            annotations.iter().map(|(k, v)| (format!("{P}{k}"), (*v).to_owned())).collect();
+        self.api.put(Kind::KnativeService, knative_service("default", name, &annotations));
+    }
+
+    /// Replaces the Route's traffic: one watch event.
+    fn reroute(&self, name: &str, traffic: &[Target]) {
+        self.api.put(Kind::Route, route("default", name, traffic));
+    }
+
+    /// An autoscaler-shim that prints the stats it gets and starts no pods.
+    async fn autoscaler(&self) -> Process {
+        self.env.shim(&["--print-stats", "--command", "false"]).await
+    }
+
+    /// An activator in knative mode reporting to `autoscaler`, once ready.
+    async fn activator(&self, autoscaler: &Process, pod_ip: &str, extra: &[&str]) -> Process {
+        let url = format!("ws://{}", autoscaler.addr("stats"));
+        let mut flags = vec!["--autoscaler-url", url.as_str(), "--debug-headers"];
+        flags.extend_from_slice(extra);
+        let activator = self.env.knative_activator(&self.api, pod_ip, &flags).await;
+        let admin = activator.addr("admin");
+        wait_until(Duration::from_secs(30), "the activator is ready", || async {
+            admin_get(admin, "/readyz").await.0 == 200
+        })
+        .await;
+        activator
+    }
+}
+
+/// The headers Knative's ingress adds, naming the revision it picked.
+fn ingress(revision: &str) -> Vec<(&'static str, String)> {
+    vec![("Knative-Serving-Namespace", "default".into()), ("Knative-Serving-Revision", revision.to_owned())]
+}
+
+async fn send(client: &Client, path: &str, revision: &str, extra: &[(&str, &str)]) -> Reply {
+    let mut req = client.request(reqwest::Method::GET, "counter.default.example.com", path);
+    for (k, v) in ingress(revision) {
+        req = req.header(k, v);
+    }
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let reply = client.send(req).await;
+    assert_eq!(reply.status, 200, "{path} via {revision}: {reply:?}");
+    reply
+}
+
+async fn applied(admin: SocketAddr) -> f64 {
+    metric(admin, "activator_topology_reloads_total", &[("result", "applied")]).await.unwrap_or(0.0)
+}
+
+/// Runs `change`, then waits until the activator has published a new world.
+async fn and_wait_applied(activator: &Process, change: impl FnOnce()) {
+    let admin = activator.addr("admin");
+    let before = applied(admin).await;
+    change();
+    wait_until(Duration::from_secs(10), "the change is applied", || async { applied(admin).await > before }).await;
+}
+
+/// Sends `n` requests and asserts the counter reads 1, 2, … on one pod; returns the pod.
+async fn counts_up(client: &Client, path: &str, revision: &str, extra: &[(&str, &str)], n: usize, id: &str) -> String {
+    let mut pod = None;
+    for i in 1..=n {
+        let reply = send(client, path, revision, extra).await;
+        assert_eq!(reply.body, format!("session={id}, count={i}\n"), "request {i} of {path}");
+        assert_eq!(pod.get_or_insert_with(|| reply.pod().to_owned()), reply.pod(), "request {i} of {path}");
+    }
+    pod.unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_knative_service_spreads_unkeyed_requests_and_keeps_sessions() {
+    let c = Cluster::new().await;
+    let pods = c.env.pods("counter-00001", 3).await;
+    let revision = Revision::new("counter", "counter-00001");
+    c.revision(&revision, &addrs(&pods));
+    c.service("counter", &[Target::new("counter-00001", 100)], &[]);
+    let autoscaler = c.autoscaler().await;
+    let activator = c.activator(&autoscaler, "10.0.0.1", &[]).await;
+    let client = Client::new(activator.addr("proxy"));
+
+    let mut seen = HashSet::new();
+    for _ in 0..30 {
+        seen.insert(send(&client, "/incr", "counter-00001", &[]).await.pod().to_owned());
+    }
+    assert_eq!(seen.len(), 3, "unkeyed requests reach every pod: {seen:?}");
+    counts_up(&client, "/incr?session_id=abc", "counter-00001", &[("K-Session", "abc")], 3, "abc").await;
+
+    and_wait_applied(&activator, || c.annotate("counter", &[("sticky-session-query-parameter", "session_id")])).await;
+    counts_up(&client, "/incr?session_id=q1", "counter-00001", &[], 3, "q1").await;
+    and_wait_applied(&activator, || c.annotate("counter", &[("sticky-session-path-segment", "2")])).await;
+    counts_up(&client, "/incr/p1", "counter-00001", &[], 3, "p1").await;
+
+    // What queue-proxy sees, as upstream's activator sends it.
+    let headers =
+        send(&client, "/headers", "counter-00001", &[("K-Original-Host", "")]).await.body.to_ascii_lowercase();
+    assert!(headers.contains("k-proxy-request: activator"), "{headers}");
+    assert!(!headers.contains("knative-serving-revision"), "{headers}");
+    let fresh = send(&client, "/headers", "counter-00001", &[]).await.body.to_ascii_lowercase();
+    assert!(fresh.contains("k-original-host: counter.default.example.com"), "{fresh}");
+    assert!(fresh.contains("host: 127.0.0.1:"), "queue-proxy is addressed by the pod's address: {fresh}");
+
+    // The h2c listener (Knative's 8013) serves the same, with HTTP/2 prior knowledge.
+    let h2c = activator.addr("h2c");
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().no_proxy().build().unwrap();
+    let mut req = h2.get(format!("http://{h2c}/incr"));
+    for (k, v) in ingress("counter-00001") {
+        req = req.header(k, v);
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!((resp.status().as_u16(), resp.version()), (200, reqwest::Version::HTTP_2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_keeps_its_revision_across_a_split_until_it_leaves_the_route() {
+    let c = Cluster::new().await;
+    let (one, two) = (c.env.pods("counter-00001", 1).await, c.env.pods("counter-00002", 1).await);
+    c.revision(&Revision::new("counter", "counter-00001"), &addrs(&one));
+    c.revision(&Revision::new("counter", "counter-00002"), &addrs(&two));
+    c.service("counter", &[Target::new("counter-00001", 50), Target::new("counter-00002", 50)], &[]);
+    let autoscaler = c.autoscaler().await;
+    let activator = c.activator(&autoscaler, "10.0.0.1", &[]).await;
+    let client = Client::new(activator.addr("proxy"));
+    // The ingress picks a revision by the split on every request; the flow's pin overrides it.
+    let by_ingress = || if fastrand::bool() { "counter-00001" } else { "counter-00002" };
+    let flow = [("K-Revision", "abc")];
+    let mut pinned = String::new();
+    for n in 1..=3 {
+        let reply = send(&client, "/incr?session_id=abc", by_ingress(), &flow).await;
+        assert_eq!(reply.body, format!("session=abc, count={n}\n"));
+        if n == 1 {
+            pinned = reply.revision().to_owned();
+        }
+        assert_eq!(reply.revision(), pinned);
+    }
+    let other = if pinned == "counter-00001" { "counter-00002" } else { "counter-00001" };
+    // At 0 % the revision still takes the flows pinned to it.
+    and_wait_applied(&activator, || c.reroute("counter", &[Target::new(&pinned, 0), Target::new(other, 100)])).await;
+    for n in 4..=5 {
+        let reply = send(&client, "/incr?session_id=abc", other, &flow).await;
+        assert_eq!(
+            (reply.revision(), reply.body.as_str()),
+            (pinned.as_str(), format!("session=abc, count={n}\n").as_str())
+        );
+    }
+    // A tag asks for its revision: by its host or by the tag header, the flow's pin neither
+    // overrides it nor is moved by it.
+    and_wait_applied(&activator, || {
+        c.reroute("counter", &[Target::new(&pinned, 0), Target::new(other, 100).tagged("canary")])
+    })
+    .await;
+    let tagged_host = client.request(reqwest::Method::GET, "canary-counter.default.example.com", "/incr?session_id=t");
+    let header = client
+        .request(reqwest::Method::GET, "counter.default.example.com", "/incr?session_id=t")
+        .header("Knative-Serving-Tag", "canary");
+    let revision_host = client.request(reqwest::Method::GET, &format!("{other}.default.svc.cluster.local"), "/incr");
+    for req in [tagged_host, header] {
+        let mut req = req.header("K-Revision", "abc");
+        for (k, v) in ingress(other) {
+            req = req.header(k, v);
+        }
+        assert_eq!(client.send(req).await.revision(), other);
+    }
+    assert_eq!(client.send(revision_host.header("K-Revision", "abc")).await.revision(), other);
+    let still = send(&client, "/incr?session_id=abc", other, &flow).await;
+    assert_eq!((still.revision(), still.body.as_str()), (pinned.as_str(), "session=abc, count=6\n"));
+
+    // Out of the Route, it is no valid target: the flow moves.
+    and_wait_applied(&activator, || c.reroute("counter", &[Target::new(other, 100)])).await;
+    let moved = send(&client, "/incr?session_id=abc", other, &flow).await;
+    assert_eq!((moved.revision(), moved.body.as_str()), (other, "session=abc, count=1\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_at_zero_waits_for_a_pod_the_watch_brings() {
+    let c = Cluster::new().await;
+    let revision = Revision::new("cold", "cold-00001");
+    c.revision(&revision, &[]);
+    c.api.put(Kind::Route, route("default", "cold", &[Target::new("cold-00001", 100)]));
+    let autoscaler = c.autoscaler().await;
+    let activator = c.activator(&autoscaler, "10.0.0.1", &[]).await;
+    let (client, admin) = (Client::new(activator.addr("proxy")), activator.addr("admin"));
+    let burst: Vec<_> = (0..50)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { send(&client, "/incr", "cold-00001", &[]).await })
+        })
+        .collect();
+    wait_until(Duration::from_secs(10), "fifty requests wait and the autoscaler is poked", || async {
+        let poked = autoscaler
+            .stdout()
+            .iter()
+            .any(|l| l.starts_with("stat default/cold-00001 ") && l.contains("concurrency=1"));
+        metric(admin, "activator_queued_requests", &[("revision", "cold-00001")]).await == Some(50.0) && poked
+    })
+    .await;
+    // The pod appears as Kubernetes first lists it: not ready yet. It passes the activator's
+    // queue probe, and takes the waiting requests.
+    let pod = c.env.demo("cold-pod", "cold-00001").await;
+    c.api.put(Kind::Endpoints, private_endpoints(&revision, &[], &[pod.addr("http")]));
+    for request in burst {
+        assert_eq!(request.await.unwrap().pod(), "cold-pod");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activators_split_the_pods_and_a_pinned_session_reaches_its_pod_through_either() {
+    let c = Cluster::new().await;
+    let redis = Redis::start(c.env.dir.path()).await;
+    let pods = c.env.pods("counter-00001", 4).await;
+    let mut revision = Revision::new("counter", "counter-00001");
+    revision.container_concurrency = 1;
+    c.revision(&revision, &addrs(&pods));
+    c.service("counter", &[Target::new("counter-00001", 100)], &[]);
+    let (a_ip, b_ip) = ("10.0.0.1", "10.0.0.2");
+    c.api.put(Kind::Endpoints, public_endpoints(&revision, &[a_ip.parse().unwrap(), b_ip.parse().unwrap()]));
+    let autoscaler = c.autoscaler().await;
+    let url = redis.url();
+    let shared = ["--pin-store", "redis", "--redis-url", &url];
+    let (a, b) = (c.activator(&autoscaler, a_ip, &shared).await, c.activator(&autoscaler, b_ip, &shared).await);
+    integration_tests::wait_pin_store_up(a.addr("admin")).await;
+    integration_tests::wait_pin_store_up(b.addr("admin")).await;
+    // The harness names pods `<revision>-pod-<i>` in the order it starts them.
+    let names: BTreeMap<String, String> =
+        pods.iter().enumerate().map(|(i, p)| (p.addr("http").to_string(), format!("counter-00001-pod-{i}"))).collect();
+    // Upstream's assignment: pods in `ip:port` string order, the first half to the first activator.
+    let order: Vec<&String> = names.values().collect();
+    let sorted = |mut pods: Vec<String>| {
+        pods.sort();
+        pods
+    };
+    let subsets = [sorted(vec![order[0].clone(), order[1].clone()]), sorted(vec![order[2].clone(), order[3].clone()])];
+    for (activator, subset) in [(&a, &subsets[0]), (&b, &subsets[1])] {
+        let client = Client::new(activator.addr("proxy"));
+        let held =
+            futures_util::future::join_all((0..2).map(|_| send(&client, "/slow?delay=500ms", "counter-00001", &[])))
+                .await;
+        let mut used: Vec<String> = held.iter().map(|r| r.pod().to_owned()).collect();
+        used.sort();
+        assert_eq!(&used, subset, "with one slot a pod, two requests fill this activator's subset");
+    }
+    let pinned =
+        send(&Client::new(a.addr("proxy")), "/incr?session_id=s1", "counter-00001", &[("K-Session", "s1")]).await;
+    assert!(subsets[0].contains(&pinned.pod().to_owned()));
+    let through_b =
+        send(&Client::new(b.addr("proxy")), "/incr?session_id=s1", "counter-00001", &[("K-Session", "s1")]).await;
+    assert_eq!(
+        (through_b.pod(), through_b.body.as_str()),
+        (pinned.pod(), "session=s1, count=2\n"),
+        "B reaches A's pod"
+    );
+    let outside =
+        metric(b.addr("admin"), "activator_pinned_outside_subset_total", &[("revision", "counter-00001")]).await;
+    assert_eq!(outside, Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_for_the_first_sync_and_the_autoscaler_and_probes_are_answered() {
+    let c = Cluster::new().await;
+    c.api.hold();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).unwrap().port();
+    let url = format!("ws://127.0.0.1:{port}");
+    let activator = c.env.knative_activator(&c.api, "10.0.0.1", &["--autoscaler-url", &url]).await;
+    let client = Client::new(activator.addr("proxy"));
+    let kubelet = || async { client.get_with("", "/", &[("User-Agent", "kube-probe/1.33")]).await };
+    let unsynced = kubelet().await;
+    assert_eq!(
+        (unsynced.status, unsynced.body.as_str()),
+        (500, "the view of revisions and endpoints has not synced yet\n")
+    );
+    c.api.release();
+    wait_until(Duration::from_secs(30), "synced, still waiting for the autoscaler", || async {
+        kubelet().await.body == "connection has not yet been established\n"
+    })
+    .await;
+    assert_eq!(kubelet().await.status, 500);
+    let listen = format!("127.0.0.1:{port}");
+    let _autoscaler = c.env.shim(&["--listen", &listen, "--command", "false"]).await;
+    wait_until(Duration::from_secs(30), "ready", || async { kubelet().await.status == 200 }).await;
+
+    let echo = client.get_with("", "/", &[("K-Network-Probe", "probe"), ("K-Network-Hash", "0123abc")]).await;
+    assert_eq!((echo.status, echo.header("k-network-hash")), (200, "0123abc"));
+    let activator_probe = client
+        .get_with("", "/healthz", &[("K-Network-Probe", "activator"), ("User-Agent", "Knative-Autoscaling-Probe")])
+        .await;
+    assert_eq!((activator_probe.status, activator_probe.body.as_str()), (200, "activator\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misbehaving_api_server_fails_no_request() {
+    let c = Cluster::new().await;
+    let pods = c.env.pods("counter-00001", 2).await;
+    let revision = Revision::new("counter", "counter-00001");
+    c.revision(&revision, &addrs(&pods)[..1]);
+    c.service("counter", &[Target::new("counter-00001", 100)], &[]);
+    let autoscaler = c.autoscaler().await;
+    let activator = c.activator(&autoscaler, "10.0.0.1", &[]).await;
+    let client = Client::new(activator.addr("proxy"));
+    let (stop, sent, failed) =
+        (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load = {
+        let (client, stop, sent, failed) = (client.clone(), stop.clone(), sent.clone(), failed.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let mut req = client.request(reqwest::Method::GET, "counter.default.example.com", "/incr");
+                for (k, v) in ingress("counter-00001") {
+                    req = req.header(k, v);
+                }
+                if !client.try_send(req).await.is_ok_and(|r| r.status == 200) {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let some_more = |n| {
+        let sent = sent.clone();
+        async move {
+            let target = sent.load(Ordering::Relaxed) + n;
+            wait_until(Duration::from_secs(10), "requests go on", || async { sent.load(Ordering::Relaxed) >= target })
+                .await;
+        }
+    };
+    some_more(20).await;
+    c.api.close_watches();
+    some_more(20).await;
+    c.api.compact();
+    some_more(20).await;
+    let mut garbage = revision.to_json();
+    garbage["spec"]["containerConcurrency"] = serde_json::json!("lots");
+    c.api.put(Kind::Revision, garbage);
+    let mut endpoints = private_endpoints(&revision, &[], &[]);
+    endpoints["subsets"] =
+        serde_json::json!([{"addresses": [{"ip": "not-an-ip"}], "ports": [{"name": "http", "port": 1}]}]);
+    c.api.put(Kind::Endpoints, endpoints);
+    let admin = activator.addr("admin");
+    wait_until(Duration::from_secs(10), "both objects are skipped", || async {
+        let text = integration_tests::Metrics::scrape(admin).await;
+        text.sum("activator_kube_objects_rejected_total") >= 2.0
+    })
+    .await;
+    some_more(20).await;
+    // The next valid state applies: the second pod joins.
+    c.api.put(Kind::Endpoints, private_endpoints(&revision, &addrs(&pods), &[]));
+    wait_until(Duration::from_secs(10), "the second pod takes traffic", || async {
+        send(&client, "/incr", "counter-00001", &[]).await.pod() == "counter-00001-pod-1"
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "of {} requests", sent.load(Ordering::Relaxed));
+    assert!(!activator.logs().contains("panicked"), "{}", activator.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_the_stock_rbac_requests_are_served_and_the_missing_rule_is_named() {
+    let c = Cluster::new().await;
+    c.api.forbid(Kind::Route);
+    c.api.forbid(Kind::KnativeService);
+    let (one, two) = (c.env.pods("counter-00001", 2).await, c.env.pods("counter-00002", 1).await);
+    c.revision(&Revision::new("counter", "counter-00001"), &addrs(&one));
+    c.revision(&Revision::new("counter", "counter-00002"), &addrs(&two));
+    let autoscaler = c.autoscaler().await;
+    let activator = c.activator(&autoscaler, "10.0.0.1", &[]).await;
+    let client = Client::new(activator.addr("proxy"));
+    // Sessions stay on one pod inside the revision the ingress picked.
+    counts_up(&client, "/incr?session_id=abc", "counter-00001", &[("K-Session", "abc")], 3, "abc").await;
+    assert_eq!(send(&client, "/incr", "counter-00002", &[]).await.revision(), "counter-00002");
+    let admin = activator.addr("admin");
+    let forbidden =
+        metric(admin, "activator_kube_watch_forbidden", &[("resource", "routes.serving.knative.dev")]).await;
+    assert_eq!(forbidden, Some(1.0));
+    // Listing goes on being retried; the missing rule is logged once.
+    wait_until(Duration::from_secs(60), "the list of Routes is retried", || async {
+        metric(admin, "activator_kube_watch_errors_total", &[("resource", "routes.serving.knative.dev")]).await
+            >= Some(2.0)
+    })
+    .await;
+    let logs = activator.logs();
+    let named: Vec<&str> = logs.lines().filter(|l| l.contains("cannot list routes.serving.knative.dev")).collect();
+    assert_eq!(named.len(), 1, "{named:?}");
+    assert!(named[0].contains(r#"resources: [\"routes\"], verbs: [\"get\", \"list\", \"watch\"]"#), "{}", named[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_revisions_get_upstreams_404() {
+    let c = Cluster::new().await;
+    let autoscaler = c.autoscaler().await;
+    let activator = c.activator(&autoscaler, "10.0.0.1", &[]).await;
+    let client = Client::new(activator.addr("proxy"));
+    let mut req = client.request(reqwest::Method::GET, "x", "/");
+    for (k, v) in ingress("nope-00001") {
+        req = req.header(k, v);
+    }
+    let reply = client.send(req).await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (404, "Error getting active endpoint: revision.serving.knative.dev \"nope-00001\" not found\n")
+    );
+}
