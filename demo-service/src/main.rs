@@ -36,12 +36,13 @@ struct Args {
     /// as `listening http <ip:port>`.
     #[arg(long, env = "DEMO_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Pod name reported in `X-Demo-Pod`.
-    #[arg(long, env = "DEMO_POD", default_value = "demo-pod")]
-    pod: String,
-    /// Revision name reported in `X-Demo-Revision`.
-    #[arg(long, env = "DEMO_REVISION", default_value = "demo-00001")]
-    revision: String,
+    /// Pod name reported in `X-Demo-Pod`. Default: the host name, which in Kubernetes is the
+    /// pod's name.
+    #[arg(long, env = "DEMO_POD")]
+    pod: Option<String>,
+    /// Revision name reported in `X-Demo-Revision`. Default: `K_REVISION`, which Knative sets.
+    #[arg(long, env = "DEMO_REVISION")]
+    revision: Option<String>,
     /// How long after start `/healthz` and the queue probe keep answering 503 (a cold start).
     #[arg(long, env = "DEMO_STARTUP_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
     startup_delay: Duration,
@@ -61,8 +62,12 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_writer(std::io::stderr).init();
     let args = Args::parse();
     let demo = Arc::new(Demo {
-        pod: HeaderValue::from_str(&args.pod).context("--pod must be a valid header value")?,
-        revision: HeaderValue::from_str(&args.revision).context("--revision must be a valid header value")?,
+        pod: HeaderValue::from_str(&args.pod.unwrap_or_else(host_name))
+            .context("--pod must be a valid header value")?,
+        revision: HeaderValue::from_str(
+            &args.revision.or_else(|| std::env::var("K_REVISION").ok()).unwrap_or_else(|| "demo-00001".into()),
+        )
+        .context("--revision must be a valid header value")?,
         ready: AtomicBool::new(args.startup_delay.is_zero()),
         counts: Mutex::new(HashMap::new()),
     });
@@ -253,4 +258,13 @@ async fn websocket_echo(req: Request) -> Response {
         .header(header::SEC_WEBSOCKET_ACCEPT, accept)
         .body(Body::empty())
         .expect("static response parts are valid")
+}
+
+/// This machine's host name, as Kubernetes sets it to the pod's name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "demo-pod".into())
 }

@@ -21,6 +21,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+pub mod fixtures;
 pub mod knative;
 pub mod kube_api;
 pub mod redis;

@@ -1,0 +1,559 @@
+//! What `manifests/` and the `Dockerfile` put into a cluster: every YAML document parses into its
+//! typed object with no field the type lacks; the overlays build with `kubectl kustomize` against
+//! upstream's unmodified activator objects and keep what knative-serving relies on; the RBAC we
+//! add is exactly what Knative mode watches beyond upstream's; the image runs as a numeric user
+//! with an exec-form entrypoint.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Component, Path, PathBuf};
+use std::process::Command;
+
+use activator::source::knative::WATCHED;
+use integration_tests::fixtures::{self, conforms, crd_schema, documents};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, EnvVar, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// The release the Knative overlay installs over, and the fixtures are of.
+const SERVING_CORE: &str = "https://github.com/knative/serving/releases/download/knative-v1.23.0/serving-core.yaml";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn manifests() -> PathBuf {
+    root().join("manifests")
+}
+
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(yaml_files(&path));
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            files.push(path);
+        }
+    }
+    files.sort();
+    files
+}
+
+/// A kustomization or component, as far as ours use kustomize's fields.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Kustomization {
+    #[allow(dead_code)]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    namespace: Option<String>,
+    #[serde(default)]
+    resources: Vec<String>,
+    #[serde(default)]
+    components: Vec<String>,
+    #[serde(default)]
+    patches: Vec<PatchRef>,
+    #[serde(default)]
+    images: Vec<ImageRef>,
+    #[serde(default)]
+    config_map_generator: Vec<Generator>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchRef {
+    path: String,
+}
+
+#[derive(Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ImageRef {
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    new_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    new_tag: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Generator {
+    #[allow(dead_code)]
+    name: String,
+    files: Vec<String>,
+}
+
+/// The Knative Operator's `KnativeServing`, the fields our example sets (operator.knative.dev/v1beta1).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct KnativeServing {
+    api_version: String,
+    kind: String,
+    metadata: ObjectMeta,
+    spec: KnativeServingSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct KnativeServingSpec {
+    version: Option<String>,
+    registry: Option<Registry>,
+    #[serde(default)]
+    config: BTreeMap<String, BTreeMap<String, String>>,
+    #[serde(default)]
+    workloads: Vec<WorkloadOverride>,
+    #[serde(default)]
+    pod_disruption_budgets: Vec<PdbOverride>,
+    #[serde(rename = "high-availability")]
+    high_availability: Option<HighAvailability>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Registry {
+    #[serde(rename = "override", default)]
+    images: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct WorkloadOverride {
+    name: String,
+    #[serde(default)]
+    resources: Vec<ResourcesOverride>,
+    #[serde(default)]
+    env: Vec<EnvOverride>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct ResourcesOverride {
+    container: String,
+    requests: Option<BTreeMap<String, Quantity>>,
+    limits: Option<BTreeMap<String, Quantity>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct EnvOverride {
+    container: String,
+    env_vars: Vec<EnvVar>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct PdbOverride {
+    name: String,
+    min_available: Option<IntOrString>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct HighAvailability {
+    replicas: i32,
+}
+
+fn without_nulls(value: &Value) -> Value {
+    match value {
+        Value::Object(fields) => Value::Object(
+            fields.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), without_nulls(v))).collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(without_nulls).collect()),
+        other => other.clone(),
+    }
+}
+
+/// The first place where `a` has something `b` lacks.
+fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => a.iter().find_map(|(k, v)| match b.get(k) {
+            None => Some(format!("{path}.{k}")),
+            Some(w) => first_difference(v, w, &format!("{path}.{k}")),
+        }),
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            a.iter().zip(b).enumerate().find_map(|(i, (v, w))| first_difference(v, w, &format!("{path}[{i}]")))
+        }
+        _ => (a != b).then(|| format!("{path}: {a} became {b}")),
+    }
+}
+
+/// `doc` reads as a `T` and nothing of it is lost on the way: no unknown or misspelt field.
+fn typed<T: DeserializeOwned + serde::Serialize>(doc: &Value) -> Result<(), String> {
+    let object: T = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+    let back = serde_json::to_value(&object).unwrap();
+    match first_difference(&without_nulls(doc), &back, "") {
+        None => Ok(()),
+        Some(place) => Err(format!("{place} is not a field of the type")),
+    }
+}
+
+fn strict<T: DeserializeOwned>(doc: &Value) -> Result<(), String> {
+    serde_json::from_value::<T>(doc.clone()).map(drop).map_err(|e| e.to_string())
+}
+
+fn check_document(doc: &Value) -> Result<(), String> {
+    let kind = (doc["apiVersion"].as_str().unwrap_or_default(), doc["kind"].as_str().unwrap_or_default());
+    match kind {
+        ("apps/v1", "Deployment") => typed::<Deployment>(doc),
+        ("apps/v1", "StatefulSet") => typed::<StatefulSet>(doc),
+        ("v1", "Service") => typed::<Service>(doc),
+        ("v1", "ConfigMap") => typed::<ConfigMap>(doc),
+        ("autoscaling/v2", "HorizontalPodAutoscaler") => typed::<HorizontalPodAutoscaler>(doc),
+        ("policy/v1", "PodDisruptionBudget") => typed::<PodDisruptionBudget>(doc),
+        ("rbac.authorization.k8s.io/v1", "ClusterRole") => typed::<ClusterRole>(doc),
+        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => typed::<ClusterRoleBinding>(doc),
+        ("networking.k8s.io/v1", "NetworkPolicy") => typed::<NetworkPolicy>(doc),
+        ("kustomize.config.k8s.io/v1beta1", "Kustomization") | ("kustomize.config.k8s.io/v1alpha1", "Component") => {
+            strict::<Kustomization>(doc)
+        }
+        ("operator.knative.dev/v1beta1", "KnativeServing") => strict::<KnativeServing>(doc),
+        ("serving.knative.dev/v1", "Service") => {
+            if doc["metadata"]["name"].as_str().is_none_or(str::is_empty) {
+                return Err("metadata.name is missing".into());
+            }
+            match crd_schema("service.yaml") {
+                Some(schema) => conforms(doc, &schema, "$"),
+                None => Ok(()),
+            }
+        }
+        (api, kind) => Err(format!("{api} {kind} is a kind this test does not know: add its type")),
+    }
+}
+
+#[test]
+fn every_manifest_parses_into_its_typed_object() {
+    let files = yaml_files(&manifests());
+    assert!(files.len() >= 15, "{files:?}");
+    let mut failures = Vec::new();
+    for file in &files {
+        for (i, doc) in documents(file).iter().enumerate() {
+            if let Err(e) = check_document(doc) {
+                failures.push(format!("{} (document {}): {e}", file.display(), i + 1));
+            }
+        }
+        // What a kustomization names must be there.
+        if file.file_name().is_some_and(|n| n == "kustomization.yaml") {
+            let k: Kustomization = serde_json::from_value(documents(file).remove(0)).unwrap();
+            let dir = file.parent().unwrap();
+            let local = k.resources.iter().chain(&k.components).filter(|r| !r.starts_with("https://"));
+            let files = k.patches.iter().map(|p| &p.path).chain(k.config_map_generator.iter().flat_map(|g| &g.files));
+            for path in local.chain(files) {
+                if !dir.join(path).exists() {
+                    failures.push(format!("{}: {path} does not exist", file.display()));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+
+    let operator: KnativeServing =
+        serde_json::from_value(documents(&manifests().join("knative/operator/knative-serving.yaml")).remove(0))
+            .unwrap();
+    let image = operator.spec.registry.map(|r| r.images).unwrap_or_default().remove("activator");
+    assert!(
+        image.is_some_and(|i| i.contains("affinity-activator")),
+        "the Operator example overrides the activator image"
+    );
+
+    // The check can fail: a misspelt field and a wrong type are both caught.
+    let mut bad = documents(&manifests().join("knative/activator/hpa.yaml")).remove(0);
+    bad["spec"]["minReplica"] = 2.into();
+    assert!(check_document(&bad).unwrap_err().contains("minReplica"));
+    let mut bad = documents(&manifests().join("knative/operator/knative-serving.yaml")).remove(0);
+    bad["spec"]["workload"] = Value::Array(vec![]);
+    assert!(check_document(&bad).is_err());
+}
+
+fn kubectl() -> bool {
+    let found = Command::new("kubectl").args(["version", "--client"]).output().is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!("skipped: kubectl (with kustomize) is not installed; `just deps` installs it where it can");
+    }
+    found
+}
+
+fn kustomize(dir: &Path) -> Vec<Value> {
+    let out = Command::new("kubectl").arg("kustomize").arg(dir).output().unwrap();
+    assert!(out.status.success(), "kubectl kustomize {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text).map(|d| Value::deserialize(d).unwrap()).collect()
+}
+
+/// `to` relative to the directory `from` (kustomize takes no absolute roots).
+fn relative(from: &Path, to: &Path) -> PathBuf {
+    let (from, to) = (from.canonicalize().unwrap(), to.canonicalize().unwrap());
+    let common = from.components().zip(to.components()).take_while(|(a, b)| a == b).count();
+    let mut path = PathBuf::new();
+    for _ in from.components().skip(common) {
+        path.push(Component::ParentDir);
+    }
+    path.extend(to.components().skip(common));
+    path
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in the build"))
+}
+
+fn kustomization(dir: &Path) -> Kustomization {
+    serde_json::from_value(documents(&dir.join("kustomization.yaml")).remove(0)).unwrap()
+}
+
+#[test]
+fn the_redis_overlay_builds_offline() {
+    if !kubectl() {
+        return;
+    }
+    assert_eq!(kustomization(&manifests().join("redis")).namespace.as_deref(), Some("knative-serving"));
+    let objects = kustomize(&manifests().join("redis"));
+    assert!(objects.iter().all(|o| o["metadata"]["namespace"] == "knative-serving"), "everything in knative-serving");
+    let redis = find(&objects, "StatefulSet", "affinity-activator-redis");
+    let config =
+        objects.iter().find(|o| o["kind"] == "ConfigMap").expect("the generated redis.conf")["metadata"]["name"]
+            .clone();
+    let volumes = redis["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+    assert!(volumes.iter().any(|v| v["configMap"]["name"] == config), "the StatefulSet mounts the generated {config}");
+    let data = &objects.iter().find(|o| o["kind"] == "ConfigMap").unwrap()["data"]["redis.conf"];
+    for line in ["maxmemory-policy allkeys-lru", "maxmemory "] {
+        assert!(data.as_str().unwrap().contains(line), "{line}");
+    }
+    assert!(objects.iter().any(|o| o["kind"] == "PodDisruptionBudget"));
+    let policy = find(&objects, "NetworkPolicy", "affinity-activator-redis");
+    assert_eq!(policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app"], "activator");
+}
+
+#[test]
+fn the_knative_overlay_keeps_upstreams_activator_and_sets_ours() {
+    if !kubectl() {
+        return;
+    }
+    let Some(fixtures) = fixtures::dir() else { return };
+    // The overlay users apply installs over the release; here, the same composition over
+    // upstream's unmodified activator objects.
+    let top = kustomization(&manifests());
+    let knative = kustomization(&manifests().join("knative"));
+    assert_eq!(knative.resources, [SERVING_CORE], "the Knative overlay installs over upstream's release");
+    assert_eq!(top.resources, ["knative", "redis"]);
+
+    let scratch = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let files = ["activator.yaml", "activator-hpa.yaml", "activator-roles.yaml", "200-serviceaccount.yaml"];
+    for file in files {
+        std::fs::copy(fixtures.join(file), scratch.path().join(file)).unwrap();
+    }
+    std::fs::copy(fixtures.join("configmaps/autoscaler.yaml"), scratch.path().join("config-autoscaler.yaml")).unwrap();
+    let rel = |p: PathBuf| relative(scratch.path(), &p).display().to_string();
+    let mut resources: Vec<String> = files.iter().map(|f| (*f).to_owned()).collect();
+    resources.extend(["config-autoscaler.yaml".to_owned(), rel(manifests().join("redis"))]);
+    let components: Vec<String> = knative
+        .components
+        .iter()
+        .map(|c| rel(manifests().join("knative").join(c)))
+        .chain(top.components.iter().map(|c| rel(manifests().join(c))))
+        .collect();
+    let composed = serde_json::json!({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": resources,
+        "components": components,
+        "images": knative.images,
+    });
+    std::fs::write(scratch.path().join("kustomization.yaml"), serde_yaml_ng::to_string(&composed).unwrap()).unwrap();
+    let objects = kustomize(scratch.path());
+
+    let stock = documents(&fixtures.join("activator.yaml"));
+    let stock = find(&stock, "Deployment", "activator");
+    let ours = find(&objects, "Deployment", "activator");
+    assert_eq!(ours["metadata"]["namespace"], "knative-serving");
+    assert_eq!(ours["spec"]["selector"], stock["spec"]["selector"], "the selector is immutable");
+    assert_eq!(ours["spec"]["template"]["metadata"]["labels"], stock["spec"]["template"]["metadata"]["labels"]);
+    let (pod, stock_pod) = (&ours["spec"]["template"]["spec"], &stock["spec"]["template"]["spec"]);
+    assert_eq!(pod["serviceAccountName"], "activator");
+    assert_eq!(pod["terminationGracePeriodSeconds"], 600);
+    assert_eq!(pod["affinity"], stock_pod["affinity"], "upstream's anti-affinity stays");
+    let containers = pod["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 1);
+    let (container, stock_container) = (&containers[0], &stock_pod["containers"][0]);
+    assert_eq!(container["name"], "activator", "knative-serving and kubectl set image name it");
+    assert_eq!(container["image"], "affinity-activator:dev");
+    let ports: BTreeSet<i64> =
+        container["ports"].as_array().unwrap().iter().filter_map(|p| p["containerPort"].as_i64()).collect();
+    assert!([8012, 8013, 9090].iter().all(|p| ports.contains(p)), "{ports:?}");
+    assert_eq!(container["ports"], stock_container["ports"]);
+    assert_eq!(container["readinessProbe"], stock_container["readinessProbe"]);
+    assert_eq!(container["livenessProbe"], stock_container["livenessProbe"]);
+    assert_eq!(container["securityContext"], stock_container["securityContext"]);
+    let env = |name: &str| container["env"].as_array().unwrap().iter().find(|e| e["name"] == name).cloned();
+    for upstream in ["POD_NAME", "POD_IP", "SYSTEM_NAMESPACE"] {
+        assert!(env(upstream).is_some(), "{upstream} stays");
+    }
+    let redis_url = env("REDIS_URL").expect("REDIS_URL");
+    assert_eq!(redis_url["valueFrom"]["secretKeyRef"]["name"], "affinity-activator-redis");
+    assert_eq!(env("ACTIVATOR_PIN_STORE").unwrap()["value"], "redis");
+    assert!(container["resources"]["limits"]["memory"].is_string());
+
+    // The Redis the Secret points at admits these pods, and uses the same Secret.
+    let redis = find(&objects, "StatefulSet", "affinity-activator-redis");
+    let redis_env = &redis["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert_eq!(redis_env[0]["valueFrom"]["secretKeyRef"]["name"], "affinity-activator-redis");
+    let admitted = &find(&objects, "NetworkPolicy", "affinity-activator-redis")["spec"]["ingress"][0]["from"][0];
+    for (k, v) in admitted["podSelector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(&ours["spec"]["template"]["metadata"]["labels"][k], v, "the activator pods carry {k}");
+    }
+
+    let hpa = find(&objects, "HorizontalPodAutoscaler", "activator");
+    assert_eq!(hpa["spec"]["minReplicas"], 2);
+    assert!(hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"].as_i64() > Some(0));
+    let pdb = find(&objects, "PodDisruptionBudget", "activator-pdb");
+    assert_eq!((pdb["spec"].get("minAvailable"), &pdb["spec"]["maxUnavailable"]), (None, &Value::from(1)));
+    let autoscaler = find(&objects, "ConfigMap", "config-autoscaler");
+    assert_eq!(autoscaler["data"]["target-burst-capacity"], "-1");
+    assert!(autoscaler["data"]["_example"].is_string(), "upstream's keys stay");
+    find(&objects, "ClusterRole", "affinity-activator");
+    find(&objects, "ClusterRole", "knative-serving-activator-cluster");
+}
+
+fn rules_of<T: DeserializeOwned>(
+    docs: &[Value],
+    kind: &str,
+    name: &str,
+    rules: fn(T) -> Option<Vec<PolicyRule>>,
+) -> Vec<PolicyRule> {
+    rules(serde_json::from_value(find(docs, kind, name).clone()).unwrap()).unwrap_or_default()
+}
+
+/// (API group, resource) pairs that `rules` grant get, list and watch on.
+fn readable(rules: &[PolicyRule]) -> BTreeSet<(String, String)> {
+    let reads = |r: &&PolicyRule| ["get", "list", "watch"].iter().all(|v| r.verbs.iter().any(|w| w == v));
+    rules
+        .iter()
+        .filter(reads)
+        .filter(|r| r.resource_names.as_ref().is_none_or(Vec::is_empty))
+        .flat_map(|r| {
+            let groups = r.api_groups.clone().unwrap_or_default();
+            let resources = r.resources.clone().unwrap_or_default();
+            groups.into_iter().flat_map(move |g| resources.clone().into_iter().map(move |res| (g.clone(), res)))
+        })
+        .collect()
+}
+
+#[test]
+fn the_rbac_we_add_is_exactly_what_knative_mode_watches_beyond_upstream() {
+    let ours = documents(&manifests().join("knative/activator/rbac.yaml"));
+    let rules = rules_of::<ClusterRole>(&ours, "ClusterRole", "affinity-activator", |r| r.rules);
+    for rule in &rules {
+        assert_eq!(rule.verbs, ["get", "list", "watch"], "read only: {rule:?}");
+    }
+    let granted = readable(&rules);
+    let total: usize =
+        rules.iter().map(|r| r.api_groups.iter().flatten().count() * r.resources.iter().flatten().count()).sum();
+    assert_eq!(total, granted.len(), "no rule grants more than reading");
+    let beyond: BTreeSet<(String, String)> =
+        WATCHED.iter().filter(|w| w.beyond_upstream).map(|w| (w.group.to_owned(), w.plural.to_owned())).collect();
+    assert_eq!(granted, beyond, "a watch without a rule, or a rule without a watch");
+    assert!(WATCHED.iter().filter(|w| w.beyond_upstream).all(|w| !w.in_system_namespace));
+    let binding: ClusterRoleBinding =
+        serde_json::from_value(find(&ours, "ClusterRoleBinding", "affinity-activator").clone()).unwrap();
+    assert_eq!(binding.role_ref.name, "affinity-activator");
+    let subject = &binding.subjects.unwrap()[0];
+    assert_eq!(
+        (subject.kind.as_str(), subject.name.as_str(), subject.namespace.as_deref()),
+        ("ServiceAccount", "activator", Some("knative-serving"))
+    );
+
+    // Upstream's grants the rest, each where the watch looks.
+    let Some(fixtures) = fixtures::dir() else { return };
+    let stock = documents(&fixtures.join("activator-roles.yaml"));
+    let cluster =
+        readable(&rules_of::<ClusterRole>(&stock, "ClusterRole", "knative-serving-activator-cluster", |r| r.rules));
+    let namespaced = readable(&rules_of::<Role>(&stock, "Role", "knative-serving-activator", |r| r.rules));
+    for w in &WATCHED {
+        let pair = (w.group.to_owned(), w.plural.to_owned());
+        let stock_grants = if w.in_system_namespace { namespaced.contains(&pair) } else { cluster.contains(&pair) };
+        assert_eq!(stock_grants, !w.beyond_upstream, "{}: beyond_upstream says otherwise", w.resource());
+    }
+}
+
+/// The instructions of each stage of a Dockerfile, continuation lines joined and comments dropped.
+fn dockerfile_stages(text: &str) -> Vec<Vec<(String, String)>> {
+    let mut stages: Vec<Vec<(String, String)>> = Vec::new();
+    let mut pending = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') || (trimmed.is_empty() && pending.is_empty()) {
+            continue;
+        }
+        match trimmed.strip_suffix('\\') {
+            Some(part) => {
+                pending.push_str(part);
+                pending.push(' ');
+                continue;
+            }
+            None => pending.push_str(trimmed),
+        }
+        let instruction = std::mem::take(&mut pending);
+        let (keyword, args) = instruction.split_once(char::is_whitespace).unwrap_or((&instruction, ""));
+        let keyword = keyword.to_ascii_uppercase();
+        if keyword == "FROM" {
+            stages.push(Vec::new());
+        }
+        if let Some(stage) = stages.last_mut() {
+            stage.push((keyword, args.trim().to_owned()));
+        }
+    }
+    stages
+}
+
+#[test]
+fn the_image_runs_as_a_numeric_user_with_an_exec_form_entrypoint() {
+    let text = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let stages = dockerfile_stages(&text);
+    assert!(stages.len() >= 2, "multi-stage");
+    let last = stages.last().unwrap();
+    let get = |stage: &[(String, String)], keyword: &str| {
+        stage.iter().rev().find(|(k, _)| k == keyword).map(|(_, a)| a.clone())
+    };
+    let user = get(last, "USER").expect("the final stage sets USER");
+    assert!(
+        user.split(':').all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit())),
+        "USER {user} must be numeric (runAsNonRoot cannot check a name)"
+    );
+    assert_ne!(user.split(':').next(), Some("0"), "not root");
+    let entrypoint = get(last, "ENTRYPOINT").expect("ENTRYPOINT");
+    let exec: Vec<String> =
+        serde_json::from_str(&entrypoint).unwrap_or_else(|_| panic!("shell-form ENTRYPOINT {entrypoint}"));
+    assert_eq!(exec, ["/activator", "--mode", "knative"]);
+    assert!(
+        last.iter().any(|(k, a)| k == "COPY" && a.contains("autoscaler-shim")),
+        "the image carries autoscaler-shim"
+    );
+    assert!(last.iter().all(|(k, _)| k != "RUN" && k != "VOLUME"), "the runtime stage runs and writes nothing");
+    for stage in &stages[1..] {
+        if let Some(entrypoint) = get(stage, "ENTRYPOINT") {
+            assert!(serde_json::from_str::<Vec<String>>(&entrypoint).is_ok(), "shell-form ENTRYPOINT {entrypoint}");
+            assert!(get(stage, "USER").is_some_and(|u| u.bytes().all(|b| b.is_ascii_digit() || b == b':')));
+        }
+    }
+    // The parser reads what it must reject.
+    let shell_form = dockerfile_stages("FROM x\nUSER app\nENTRYPOINT /activator --mode knative\n");
+    assert!(serde_json::from_str::<Vec<String>>(&get(&shell_form[0], "ENTRYPOINT").unwrap()).is_err());
+}
