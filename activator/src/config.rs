@@ -147,6 +147,11 @@ pub struct Config {
     #[arg(long, env = "ACTIVATOR_SEND_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub send_timeout: Duration,
 
+    /// A client that has not sent a request's complete headers this long after it started them,
+    /// or after it connected, is disconnected (upstream's `ReadHeaderTimeout`).
+    #[arg(long, env = "ACTIVATOR_HEADER_READ_TIMEOUT", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+
     /// A client connection on which no request starts for this long is closed gracefully.
     #[arg(long, env = "ACTIVATOR_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,

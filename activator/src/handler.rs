@@ -22,10 +22,11 @@ use crate::headers::{DECISION, KNATIVE_NAMESPACE, KNATIVE_REVISION, KNATIVE_TAG}
 use crate::health::Health;
 use crate::pins::Pins;
 use crate::probes;
-use crate::proxy::{self, Exchange};
+use crate::proxy::{self, Exchange, Outbound};
+use crate::readiness::Prober;
 use crate::respond::{self, reply};
 use crate::stats::Stats;
-use crate::throttle::{AcquireError, Want};
+use crate::throttle::{AcquireError, Lease, Want};
 use crate::world::{Revision, Service, Snapshot};
 
 /// The most of an HTTP/1.1 request body a waiting request can make the activator hold: what
@@ -41,6 +42,8 @@ pub struct Handler {
     pub stats: Stats,
     pub pins: Pins,
     pub reporter: Reporter,
+    /// Probes pods taken out of rotation until they take traffic again.
+    pub prober: Prober,
     /// Adds `X-Activator-Decision` to responses.
     pub debug_headers: bool,
     /// The cluster's DNS domain, for requests that name a revision by its cluster-local host.
@@ -93,7 +96,9 @@ impl Handler {
     }
 
     /// Takes a slot on a pod of the route's revision, pins the session to it (or follows the pin
-    /// another writer made first), and forwards. `route` ends up naming the revision that answered.
+    /// another writer made first), and forwards. A request none of which reached its pod (the
+    /// pod refused or dropped the connection) goes to another pod of the revision, once; its
+    /// session is re-pinned there. `route` ends up naming the revision that answered.
     async fn admit_and_forward(
         &self,
         req: Request<Incoming>,
@@ -103,31 +108,55 @@ impl Handler {
         client: SocketAddr,
     ) -> Response<ResponseBody> {
         let body_bytes = waiting_body_bytes(&req);
-        let mut lease = match route.revision.throttler.acquire(route.want, body_bytes).await {
-            Ok(lease) => lease,
-            Err(e) => return refused(&route.revision, e),
-        };
-        if let Some(moved) = pinning.pin_session(route, lease.pod().addr).await {
-            drop(lease);
-            if !Arc::ptr_eq(&moved.revision, &route.revision) {
-                in_flight = self.reporter.redirect(in_flight, &moved.revision.concurrency);
-            }
-            route.revision = moved.revision;
-            lease = match route.revision.throttler.acquire(Want::Pod(moved.pod), body_bytes).await {
-                Ok(lease) => lease,
-                Err(e) => return refused(&route.revision, e),
+        let mut outbound = Outbound::new(req, client.ip(), &route.revision.host);
+        let mut want = route.want;
+        for attempt in 0..2 {
+            let (lease, counted) = match self.admit(pinning, route, in_flight, want, body_bytes).await {
+                Ok(admitted) => admitted,
+                Err(refused) => return refused,
             };
-        }
-        let revision = route.revision.clone();
-        let exchange =
-            Exchange { lease, in_flight, client_ip: client.ip(), host: &revision.host, tunnels: &self.tunnels };
-        match proxy::forward(req, exchange).await {
-            Ok(resp) => resp,
-            Err(e) => {
-                tracing::warn!(revision = %route.revision.name, error = %e, "proxy error");
-                respond::bad_gateway(&e)
+            let failed =
+                match proxy::forward(outbound, Exchange { lease, in_flight: counted, tunnels: &self.tunnels }).await {
+                    Ok(resp) => return resp,
+                    Err(failed) => failed,
+                };
+            let revision = &route.revision;
+            tracing::warn!(revision = %revision.name, error = %failed.error, "proxy error");
+            if attempt == 0 && failed.unsent.is_some() && revision.throttler.mark_unreachable(failed.error.pod) {
+                revision.stats.unreachable.inc();
+                self.prober.watch(revision.throttler.clone());
             }
+            // Resent once, and only to a pod that is up now: with none left the client hears at
+            // once, as upstream answers, rather than waiting for the revision's timeout.
+            let Some(unsent) = failed.unsent.filter(|_| attempt == 0 && revision.throttler.has_ready_pods()) else {
+                return respond::bad_gateway(&failed.error);
+            };
+            revision.stats.resent.inc();
+            (outbound, in_flight, want) = (unsent.outbound, unsent.in_flight, Want::Any);
         }
+        unreachable!("the second attempt returns")
+    }
+
+    /// A slot on a pod of the route's revision, with the session pinned to that pod; or on the pod
+    /// another writer pinned it to first, whose revision `route` then names.
+    async fn admit(
+        &self,
+        pinning: &Pinning<'_>,
+        route: &mut Route,
+        mut in_flight: InFlight,
+        want: Want,
+        body_bytes: u64,
+    ) -> Result<(Lease, InFlight), Response<ResponseBody>> {
+        let lease =
+            route.revision.throttler.acquire(want, body_bytes).await.map_err(|e| refused(&route.revision, e))?;
+        let Some(moved) = pinning.pin_session(route, lease.pod().addr).await else { return Ok((lease, in_flight)) };
+        drop(lease);
+        if !Arc::ptr_eq(&moved.revision, &route.revision) {
+            in_flight = self.reporter.redirect(in_flight, &moved.revision.concurrency);
+        }
+        route.revision = moved.revision;
+        let lease = route.revision.throttler.acquire(Want::Pod(moved.pod), body_bytes).await;
+        Ok((lease.map_err(|e| refused(&route.revision, e))?, in_flight))
     }
 
     /// What the activator adds to any response: a made-up session cookie, and with

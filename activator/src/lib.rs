@@ -11,6 +11,7 @@ pub mod handler;
 pub mod headers;
 pub mod health;
 pub mod inspect;
+pub mod memory;
 pub mod pins;
 pub mod pool;
 pub mod probes;

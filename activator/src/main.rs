@@ -16,7 +16,7 @@ use activator::source::local::LocalSource;
 use activator::stats::Stats;
 use activator::throttle::{QueueBudget, QueueLimits};
 use activator::world::Publisher;
-use activator::{admin, inspect, server};
+use activator::{admin, inspect, memory, server};
 use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
@@ -72,6 +72,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .unwrap_or_else(|| usize::try_from(open_files / 2).unwrap_or(usize::MAX).max(1024)),
         send_timeout: config.send_timeout,
         idle_timeout: config.idle_timeout,
+        header_read_timeout: config.header_read_timeout,
     };
     let queue = QueueLimits {
         max_waiting: config.max_queue,
@@ -93,7 +94,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None => Reporter::disabled(),
     };
     let timing = ProbeTiming { period: config.probe_frequency, timeout: config.probe_timeout };
-    let publisher = Arc::new(Publisher::new(stats.clone(), queue, Prober::start(timing)));
+    let prober = Prober::start(timing);
+    let publisher = Arc::new(Publisher::new(stats.clone(), queue, prober.clone()));
     let world = publisher.world();
     if config.mode == Mode::Local {
         let path = config.topology.as_deref().context("--topology is required in local mode")?;
@@ -150,6 +152,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         stats,
         pins,
         reporter,
+        prober,
         debug_headers: config.debug_headers,
         cluster_domain,
         tunnels: TaskTracker::new(),
@@ -159,12 +162,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Applies the pin store's pending evictions and publishes its size once a second.
+/// Once a second: applies the pin store's pending evictions, publishes its size, and returns
+/// memory a burst freed.
 async fn maintain_pins(handler: Arc<Handler>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut trimmer = memory::Trimmer::default();
     loop {
         tick.tick().await;
         handler.pins.maintain();
+        // What a burst of connections or queued requests freed goes back to the system.
+        trimmer = tokio::task::spawn_blocking(move || {
+            trimmer.tick();
+            trimmer
+        })
+        .await
+        .unwrap_or_default();
     }
 }
 

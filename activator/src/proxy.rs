@@ -52,37 +52,69 @@ pub enum HostRewrite {
 #[derive(Debug, thiserror::Error)]
 #[error("forwarding to pod {pod} failed: {source}")]
 pub struct ForwardError {
-    pod: SocketAddr,
+    pub pod: SocketAddr,
     #[source]
     source: SendError,
 }
 
-/// What an exchange needs besides the request: where it came from and what it holds.
+/// A forward that failed; with the request back when none of it reached the pod.
+pub struct Failed {
+    pub error: ForwardError,
+    pub unsent: Option<Unsent>,
+}
+
+/// A request no byte of which reached its pod, and its place in the revision's concurrency: it
+/// may go to another pod as it is.
+pub struct Unsent {
+    pub outbound: Outbound,
+    pub in_flight: InFlight,
+}
+
+/// A client's request made ready for a pod of its revision, whichever pod that turns out to be:
+/// its headers are cleaned once, and only its address is set per attempt.
+pub struct Outbound {
+    req: Request<Incoming>,
+    /// The authority the pod is addressed by; `None` for the pod's own address.
+    authority: Option<Authority>,
+    /// The client's side of an upgrade it asked for.
+    client_side: Option<hyper::upgrade::OnUpgrade>,
+}
+
+impl Outbound {
+    /// Cleans the request's headers for the pod: hop-by-hop ones out, `X-Forwarded-For`,
+    /// Knative's proxy headers, `Host` as `host` says.
+    pub fn new(mut req: Request<Incoming>, client_ip: IpAddr, host: &HostRewrite) -> Self {
+        let upgrade = upgrade_protocol(&req);
+        let authority = prepare_request(&mut req, upgrade.as_ref(), client_ip, host);
+        let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        Outbound { req, authority, client_side }
+    }
+}
+
+/// What an exchange holds besides the request.
 pub struct Exchange<'a> {
     pub lease: Lease,
     pub in_flight: InFlight,
-    pub client_ip: IpAddr,
-    pub host: &'a HostRewrite,
     /// Upgraded connections outlive their request; they are tracked so shutdown can wait for them.
     pub tunnels: &'a TaskTracker,
 }
 
-/// Sends `req` to the pod `exchange.lease` holds a slot on.
-pub async fn forward(
-    mut req: Request<Incoming>,
-    exchange: Exchange<'_>,
-) -> Result<Response<ResponseBody>, ForwardError> {
-    let Exchange { lease, in_flight, client_ip, host, tunnels } = exchange;
+/// Sends the request to the pod `exchange.lease` holds a slot on.
+pub async fn forward(outbound: Outbound, exchange: Exchange<'_>) -> Result<Response<ResponseBody>, Failed> {
+    let Exchange { lease, in_flight, tunnels } = exchange;
+    let Outbound { mut req, authority, client_side } = outbound;
     let pod = lease.pod().clone();
-    let upgrade = upgrade_protocol(&req);
-    prepare_request(&mut req, upgrade.as_ref(), client_ip, pod.addr, host);
-    let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-    let fail = |failed: crate::pool::Failed| ForwardError { pod: pod.addr, source: failed.error };
-    let (mut resp, lent) = match req.version() {
-        Version::HTTP_2 => (pod.client.send_http2(req).await.map_err(fail)?, None),
-        _ => {
-            let (resp, lent) = pod.client.send_http1(req).await.map_err(fail)?;
-            (resp, Some(lent))
+    address(&mut req, authority.as_ref(), pod.addr);
+    let sent = match req.version() {
+        Version::HTTP_2 => pod.client.send_http2(req).await.map(|resp| (resp, None)),
+        _ => pod.client.send_http1(req).await.map(|(resp, lent)| (resp, Some(lent))),
+    };
+    let (mut resp, lent) = match sent {
+        Ok(sent) => sent,
+        Err(failed) => {
+            let unsent =
+                failed.unsent.map(|req| Unsent { outbound: Outbound { req, authority, client_side }, in_flight });
+            return Err(Failed { error: ForwardError { pod: pod.addr, source: failed.error }, unsent });
         }
     };
     // The protocol the pod switched to, not the list the client offered.
@@ -155,13 +187,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Cleans the headers and returns the authority the pod is to be addressed by (`None`: the pod's
+/// own address).
 fn prepare_request<B>(
     req: &mut Request<B>,
     upgrade: Option<&HeaderValue>,
     client_ip: IpAddr,
-    pod: SocketAddr,
     host: &HostRewrite,
-) {
+) -> Option<Authority> {
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
     if let Some(protocol) = upgrade {
@@ -175,15 +208,14 @@ fn prepare_request<B>(
     headers.insert(PROXY_REQUEST, HeaderValue::from_static("activator"));
 
     // The authority the client addressed: the URI's (HTTP/2, or an absolute-form HTTP/1.1
-    // target), else its Host, else the pod.
-    let pod_authority = || Authority::try_from(pod.to_string()).expect("a socket address is an authority");
+    // target), else its Host.
     let client_authority = req
         .uri()
         .authority()
         .cloned()
         .or_else(|| req.headers().get(header::HOST).and_then(|h| Authority::try_from(h.as_bytes()).ok()));
-    let authority = match host {
-        HostRewrite::Keep => client_authority.unwrap_or_else(pod_authority),
+    match host {
+        HostRewrite::Keep => client_authority,
         HostRewrite::ToOriginalHost | HostRewrite::Passthrough(_) => {
             let headers = req.headers_mut();
             if !headers.contains_key(ORIGINAL_HOST)
@@ -194,12 +226,19 @@ fn prepare_request<B>(
             match host {
                 HostRewrite::Passthrough(private) => {
                     headers.insert(PASSTHROUGH_LB, HeaderValue::from_static("true"));
-                    Authority::try_from(private.as_str()).unwrap_or_else(|_| pod_authority())
+                    Authority::try_from(private.as_str()).ok()
                 }
-                _ => pod_authority(),
+                _ => None,
             }
         }
-    };
+    }
+}
+
+/// Sets the request target each HTTP version needs, addressed to `authority` or else the pod.
+fn address<B>(req: &mut Request<B>, authority: Option<&Authority>, pod: SocketAddr) {
+    let authority = authority
+        .cloned()
+        .unwrap_or_else(|| Authority::try_from(pod.to_string()).expect("a socket address is an authority"));
     let path = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     if req.version() == Version::HTTP_2 {
         // HTTP/2 carries the authority in `:authority`, built from an absolute URI.
@@ -249,6 +288,11 @@ mod tests {
     }
 
     const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 2, 3));
+    fn prepare<B>(req: &mut Request<B>, upgrade: Option<&HeaderValue>, host: &HostRewrite) {
+        let authority = prepare_request(req, upgrade, CLIENT, host);
+        address(req, authority.as_ref(), POD);
+    }
+
     const POD: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9000);
 
     #[test]
@@ -264,7 +308,7 @@ mod tests {
             ("x-kept", "yes"),
             ("knative-serving-revision", "r"),
         ]);
-        prepare_request(&mut req, None, CLIENT, POD, &HostRewrite::Keep);
+        prepare(&mut req, None, &HostRewrite::Keep);
         let h = req.headers();
         for gone in
             ["connection", "x-secret", "keep-alive", "proxy-authorization", "upgrade", "knative-serving-revision"]
@@ -282,18 +326,18 @@ mod tests {
     #[test]
     fn appends_to_forwarded_for_and_falls_back_to_pod_authority() {
         let mut req = request(&[("x-forwarded-for", "1.1.1.1")]);
-        prepare_request(&mut req, None, CLIENT, POD, &HostRewrite::Keep);
+        prepare(&mut req, None, &HostRewrite::Keep);
         assert_eq!(req.headers()["x-forwarded-for"], "1.1.1.1, 10.1.2.3");
         assert_eq!(req.headers()["host"], "127.0.0.1:9000");
         let mut lines = request(&[("x-forwarded-for", "1.1.1.1, 2.2.2.2"), ("x-forwarded-for", "3.3.3.3")]);
-        prepare_request(&mut lines, None, CLIENT, POD, &HostRewrite::Keep);
+        prepare(&mut lines, None, &HostRewrite::Keep);
         assert_eq!(lines.headers()["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3, 10.1.2.3", "every line is kept");
     }
 
     #[test]
     fn http2_keeps_the_clients_authority_in_an_absolute_uri() {
         let mut req = Request::builder().uri("http://svc.example.com/a?b").version(Version::HTTP_2).body(()).unwrap();
-        prepare_request(&mut req, None, CLIENT, POD, &HostRewrite::Keep);
+        prepare(&mut req, None, &HostRewrite::Keep);
         assert_eq!(req.uri(), "http://svc.example.com/a?b");
     }
 
@@ -302,7 +346,7 @@ mod tests {
         let mut req = request(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
         let protocol = upgrade_protocol(&req);
         assert_eq!(protocol.as_ref().unwrap(), "websocket");
-        prepare_request(&mut req, protocol.as_ref(), CLIENT, POD, &HostRewrite::Keep);
+        prepare(&mut req, protocol.as_ref(), &HostRewrite::Keep);
         assert_eq!(req.headers()["connection"], "upgrade");
         assert_eq!(req.headers()["upgrade"], "websocket");
         assert!(upgrade_protocol(&request(&[("upgrade", "websocket")])).is_none());
@@ -311,14 +355,14 @@ mod tests {
     #[test]
     fn for_queue_proxy_the_host_moves_to_k_original_host() {
         let mut req = request(&[("host", "svc.example.com")]);
-        prepare_request(&mut req, None, CLIENT, POD, &HostRewrite::ToOriginalHost);
+        prepare(&mut req, None, &HostRewrite::ToOriginalHost);
         assert_eq!(req.headers()["k-original-host"], "svc.example.com");
         assert_eq!(req.headers()["host"], "127.0.0.1:9000", "queue-proxy is addressed by its pod address");
         let mut kept = request(&[("host", "svc.example.com"), ("k-original-host", "mapped.example.com")]);
-        prepare_request(&mut kept, None, CLIENT, POD, &HostRewrite::ToOriginalHost);
+        prepare(&mut kept, None, &HostRewrite::ToOriginalHost);
         assert_eq!(kept.headers()["k-original-host"], "mapped.example.com", "a domain mapping's original host is kept");
         let mut h2 = Request::builder().uri("http://svc.example.com/a").version(Version::HTTP_2).body(()).unwrap();
-        prepare_request(&mut h2, None, CLIENT, POD, &HostRewrite::Passthrough("rev-private.ns".into()));
+        prepare(&mut h2, None, &HostRewrite::Passthrough("rev-private.ns".into()));
         assert_eq!(h2.uri(), "http://rev-private.ns/a");
         assert_eq!(
             (&h2.headers()["k-original-host"], &h2.headers()["k-passthrough-lb"]),
@@ -327,11 +371,24 @@ mod tests {
     }
 
     #[test]
+    fn a_request_resent_to_another_pod_is_addressed_to_it_and_cleaned_once() {
+        let mut req = request(&[("host", "svc.example.com"), ("x-forwarded-for", "1.1.1.1")]);
+        let authority = prepare_request(&mut req, None, CLIENT, &HostRewrite::ToOriginalHost);
+        address(&mut req, authority.as_ref(), POD);
+        let other = SocketAddr::new(POD.ip(), 9001);
+        address(&mut req, authority.as_ref(), other);
+        assert_eq!(req.headers()["host"], "127.0.0.1:9001");
+        assert_eq!(req.headers()["k-original-host"], "svc.example.com");
+        assert_eq!(req.headers()["x-forwarded-for"], "1.1.1.1, 10.1.2.3", "this hop is listed once");
+        assert_eq!(req.uri(), "/incr?x=1");
+    }
+
+    #[test]
     fn an_h2c_upgrade_is_not_tunnelled() {
         let h2c = request(&[("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c"), ("http2-settings", "AAMA")]);
         assert!(upgrade_protocol(&h2c).is_none());
         let mut h2c = h2c;
-        prepare_request(&mut h2c, None, CLIENT, POD, &HostRewrite::Keep);
+        prepare(&mut h2c, None, &HostRewrite::Keep);
         for gone in ["connection", "upgrade", "http2-settings"] {
             assert!(!h2c.headers().contains_key(gone), "{gone} reaches the pod");
         }

@@ -1,5 +1,6 @@
 //! Which pods of a revision are ready: a new pod takes traffic once its readiness probe
-//! succeeds, as Knative's activator does before Kubernetes marks a pod ready. One task probes
+//! succeeds, as Knative's activator does before Kubernetes marks a pod ready, and so does a pod
+//! that refused a connection, once it accepts one again. One task probes
 //! every revision's waiting pods in parallel every probe period. When no pod answers and every
 //! failure is one a service mesh would cause (no connection, or a 502/503 from a sidecar), the
 //! revision's private Service is probed instead, and traffic goes through it if it answers.
@@ -122,7 +123,9 @@ async fn probe_revision(client: &ProbeClient, throttler: &Throttler, timeout: Du
 
 async fn probe(client: &ProbeClient, addr: SocketAddr, probe: &Probe, timeout: Duration) -> Outcome {
     let (path, queue, passthrough) = match probe {
-        Probe::None => return Outcome::Ready,
+        // Such pods are trusted when listed; one reaches the prober only after it refused a
+        // connection, so the question is whether it accepts one again.
+        Probe::None => return accepts_connections(addr, timeout).await,
         Probe::Http { path } => (path, false, None),
         Probe::Queue { path, passthrough_host } => (path, true, passthrough_host.as_deref()),
     };
@@ -148,4 +151,11 @@ async fn probe(client: &ProbeClient, addr: SocketAddr, probe: &Probe, timeout: D
     };
     // No answer at all is what a mesh that blocks direct pod traffic looks like, too.
     tokio::time::timeout(timeout, answered).await.ok().flatten().unwrap_or(Outcome::NotReady { mesh_like: true })
+}
+
+async fn accepts_connections(addr: SocketAddr, timeout: Duration) -> Outcome {
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => Outcome::Ready,
+        _ => Outcome::NotReady { mesh_like: false },
+    }
 }

@@ -20,13 +20,15 @@ use tokio_util::task::TaskTracker;
 use crate::handler::{H2_STREAM_WINDOW, Handler};
 use crate::socket::{SendTimeout, keep_alive};
 
-/// Upstream's `ReadHeaderTimeout`: a client that never finishes its headers is dropped. hyper
-/// applies it to an idle HTTP/1.1 keep-alive connection too.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause after a failed accept (for example out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// HTTP/2 pings keep connections through middleboxes alive and find dead peers.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+/// Streams one HTTP/2 connection may have open at once (Go's default, which upstream serves with).
+const H2_MAX_STREAMS: u32 = 250;
+/// The most header bytes one HTTP/2 request may send (Envoy's default is 60 KiB, nginx's 32 KiB):
+/// enough for large cookies and tokens, and a bound on what one connection can make us hold.
+const H2_MAX_HEADER_LIST: u32 = 64 << 10;
 
 /// How connections are bounded.
 #[derive(Clone, Copy, Debug)]
@@ -38,6 +40,9 @@ pub struct Limits {
     /// A connection on which no request starts for this long is closed gracefully (HTTP/2
     /// connections and ones that never sent a request; hyper closes idle HTTP/1.1 ones sooner).
     pub idle_timeout: Duration,
+    /// Upstream's `ReadHeaderTimeout`: a client that has not finished its request's headers this
+    /// long after it started them (or after its connection opened) is dropped.
+    pub header_read_timeout: Duration,
 }
 
 /// Serves every listener with the same handling until `stop_accepting` completes, then lets
@@ -50,12 +55,14 @@ pub async fn serve(
     limits: Limits,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(H2_KEEP_ALIVE)
-        .initial_stream_window_size(H2_STREAM_WINDOW);
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_header_list_size(H2_MAX_HEADER_LIST);
     let (shutdown, shutting_down) = watch::channel(false);
     let acceptor = Arc::new(Acceptor {
         builder,
@@ -159,12 +166,12 @@ impl Acceptor {
         let io = TokioIo::new(SendTimeout::new(stream, self.limits.send_timeout));
         let conn = self.builder.serve_connection_with_upgrades(io, service).into_owned();
         let mut shutting_down = self.shutting_down.clone();
-        let idle_timeout = self.limits.idle_timeout;
+        let (idle_timeout, header_read_timeout) = (self.limits.idle_timeout, self.limits.header_read_timeout);
         let open = self.handler.stats.open_connections.clone();
         open.inc();
         self.connections.spawn(async move {
             tokio::pin!(conn);
-            let mut idle_check = Box::pin(tokio::time::sleep(HEADER_READ_TIMEOUT.min(idle_timeout)));
+            let mut idle_check = Box::pin(tokio::time::sleep(header_read_timeout.min(idle_timeout)));
             let mut seen = 0;
             let mut closing = false;
             let ended = loop {

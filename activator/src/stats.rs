@@ -32,6 +32,8 @@ pub struct Stats {
     in_flight: IntGaugeVec,
     queued: IntGaugeVec,
     outside_subset: IntCounterVec,
+    resent: IntCounterVec,
+    unreachable: IntCounterVec,
     topology_reloads: IntCounterVec,
     annotation_errors: IntCounterVec,
     pub pin_lookups: IntCounterVec,
@@ -91,6 +93,24 @@ impl Stats {
             Opts::new(
                 "activator_pinned_outside_subset_total",
                 "Pinned requests sent to a pod outside this activator's subset of the revision's pods",
+            ),
+            &labels[..3],
+        )
+        .expect("static metric definition");
+        let resent = IntCounterVec::new(
+            Opts::new(
+                "activator_requests_resent_total",
+                "Requests sent to another pod of their revision because their pod refused or dropped the \
+                 connection before any byte of the request reached it",
+            ),
+            &labels[..3],
+        )
+        .expect("static metric definition");
+        let unreachable = IntCounterVec::new(
+            Opts::new(
+                "activator_pods_unreachable_total",
+                "Ready pods taken out of rotation because they refused or dropped a connection; each is probed \
+                 until it accepts connections again",
             ),
             &labels[..3],
         )
@@ -184,6 +204,8 @@ impl Stats {
             Box::new(in_flight.clone()),
             Box::new(queued.clone()),
             Box::new(outside_subset.clone()),
+            Box::new(resent.clone()),
+            Box::new(unreachable.clone()),
             Box::new(topology_reloads.clone()),
             Box::new(annotation_errors.clone()),
             Box::new(pin_lookups.clone()),
@@ -212,6 +234,8 @@ impl Stats {
             in_flight,
             queued,
             outside_subset,
+            resent,
+            unreachable,
             topology_reloads,
             annotation_errors,
             pin_lookups,
@@ -246,6 +270,8 @@ impl Stats {
             in_flight: self.in_flight.with_label_values(&[namespace, service, revision]),
             queued: self.queued.with_label_values(&[namespace, service, revision]),
             outside_subset: self.outside_subset.with_label_values(&[namespace, service, revision]),
+            resent: self.resent.with_label_values(&[namespace, service, revision]),
+            unreachable: self.unreachable.with_label_values(&[namespace, service, revision]),
             stats: self.clone(),
         });
         live.insert(labels, Arc::downgrade(&created));
@@ -289,6 +315,8 @@ pub struct RevisionStats {
     pub in_flight: IntGauge,
     pub queued: IntGauge,
     pub outside_subset: IntCounter,
+    pub resent: IntCounter,
+    pub unreachable: IntCounter,
     stats: Stats,
 }
 
@@ -335,7 +363,9 @@ impl Drop for RevisionStats {
         }
         let _ = self.stats.in_flight.remove_label_values(&[ns, svc, rev]);
         let _ = self.stats.queued.remove_label_values(&[ns, svc, rev]);
-        let _ = self.stats.outside_subset.remove_label_values(&[ns, svc, rev]);
+        for per_revision in [&self.stats.outside_subset, &self.stats.resent, &self.stats.unreachable] {
+            let _ = per_revision.remove_label_values(&[ns, svc, rev]);
+        }
     }
 }
 

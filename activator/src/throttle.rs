@@ -230,6 +230,9 @@ struct Pending {
     probe: Probe,
     /// Pods waiting for their first successful probe.
     endpoints: Vec<SocketAddr>,
+    /// Pods among `endpoints` that refused or dropped a connection: they wait for a probe even
+    /// while the platform still vouches for them, since it has not noticed yet.
+    unreachable: Vec<SocketAddr>,
     cluster_ip: Option<ClusterIp>,
     /// Cleared for good once pods failed as only a mesh explains and the Service answered, as
     /// upstream does: later pods of the revision are reached through the Service too.
@@ -362,6 +365,7 @@ impl Throttler {
             pending: Mutex::new(Pending {
                 probe: Probe::None,
                 endpoints: Vec::new(),
+                unreachable: Vec::new(),
                 cluster_ip: None,
                 pods_addressable: true,
                 has_pods: false,
@@ -396,9 +400,7 @@ impl Throttler {
         let old = self.container_concurrency.swap(container_concurrency as usize, Ordering::AcqRel);
         if old != container_concurrency as usize {
             self.reassign(&self.lock_pending());
-            if self.waiting.load(Ordering::SeqCst) > 0 {
-                self.dispatch_all();
-            }
+            self.dispatch_if_waiting();
         }
     }
 
@@ -411,6 +413,10 @@ impl Throttler {
     #[cfg(test)]
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
+    }
+
+    pub fn has_ready_pods(&self) -> bool {
+        !self.pods.load().is_empty()
     }
 
     pub fn is_ready(&self, addr: SocketAddr) -> bool {
@@ -446,6 +452,8 @@ impl Throttler {
                 self.through_cluster_ip.store(false, Ordering::Release);
                 let mut ready = Vec::new();
                 pending.endpoints.clear();
+                let listed = |a: &SocketAddr| backends.trusted.contains(a) || backends.probed.contains(a);
+                pending.unreachable.retain(listed);
                 let trusted = backends.trusted.iter().map(|a| (a, true));
                 for (&addr, trusted) in trusted.chain(backends.probed.iter().map(|a| (a, false))) {
                     if ready.iter().any(|p: &Arc<Pod>| p.addr == addr) || pending.endpoints.contains(&addr) {
@@ -453,6 +461,7 @@ impl Throttler {
                     }
                     match current.binary_search_by_key(&addr, |p| p.addr) {
                         Ok(i) => ready.push(current[i].clone()),
+                        Err(_) if pending.unreachable.contains(&addr) => pending.endpoints.push(addr),
                         Err(_) if trusted || probe == Probe::None => ready.push(Pod::new(addr)),
                         Err(_) => pending.endpoints.push(addr),
                     }
@@ -465,9 +474,7 @@ impl Throttler {
         self.reassign(&pending);
         let work = Self::has_probe_work(&pending, self.through_cluster_ip.load(Ordering::Acquire));
         drop(pending);
-        if self.waiting.load(Ordering::SeqCst) > 0 {
-            self.dispatch_all();
-        }
+        self.dispatch_if_waiting();
         work
     }
 
@@ -475,16 +482,50 @@ impl Throttler {
     /// again. Returns whether the prober has work.
     pub fn reprobe(&self, addrs: &[SocketAddr]) -> bool {
         let mut pending = self.lock_pending();
-        if pending.through_cluster_ip().is_none() {
-            let current = self.pods.load();
-            let (gone, kept): (Vec<_>, Vec<_>) = current.iter().cloned().partition(|p| addrs.contains(&p.addr));
-            if !gone.is_empty() {
-                pending.endpoints.extend(gone.iter().map(|p| p.addr));
-                self.pods.store(Arc::new(kept));
-                self.reassign(&pending);
-            }
+        self.demote(&mut pending, addrs);
+        let work = Self::has_probe_work(&pending, self.through_cluster_ip.load(Ordering::Acquire));
+        drop(pending);
+        self.dispatch_if_waiting();
+        work
+    }
+
+    /// A pod refused or dropped a connection before a request reached it: it stops taking
+    /// traffic now, before the platform notices, and takes it again once a probe passes (a TCP
+    /// connect where the revision has no probe). Returns whether it was taking traffic until now,
+    /// in which case the prober has work.
+    pub fn mark_unreachable(&self, addr: SocketAddr) -> bool {
+        let mut pending = self.lock_pending();
+        let demoted = self.demote(&mut pending, &[addr]);
+        if demoted {
+            pending.unreachable.push(addr);
         }
-        Self::has_probe_work(&pending, self.through_cluster_ip.load(Ordering::Acquire))
+        drop(pending);
+        self.dispatch_if_waiting();
+        demoted
+    }
+
+    /// Moves ready pods among `addrs` back to the prober; whether any was ready. Traffic through
+    /// the private Service has no pods to demote.
+    fn demote(&self, pending: &mut Pending, addrs: &[SocketAddr]) -> bool {
+        if pending.through_cluster_ip().is_some() {
+            return false;
+        }
+        let current = self.pods.load();
+        let (gone, kept): (Vec<_>, Vec<_>) = current.iter().cloned().partition(|p| addrs.contains(&p.addr));
+        if gone.is_empty() {
+            return false;
+        }
+        pending.endpoints.extend(gone.iter().map(|p| p.addr));
+        self.pods.store(Arc::new(kept));
+        self.reassign(pending);
+        true
+    }
+
+    /// Requests waiting for pods that just left take any pod now.
+    fn dispatch_if_waiting(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.dispatch_all();
+        }
     }
 
     fn has_probe_work(pending: &Pending, through_cluster_ip: bool) -> bool {
@@ -515,6 +556,7 @@ impl Throttler {
             let mut pending = self.lock_pending();
             let Some(i) = pending.endpoints.iter().position(|a| *a == addr) else { return };
             pending.endpoints.swap_remove(i);
+            pending.unreachable.retain(|a| *a != addr);
             pending
         };
         let mut pods: Vec<Arc<Pod>> = self.pods.load().iter().cloned().collect();
@@ -524,9 +566,7 @@ impl Throttler {
         self.pods.store(Arc::new(pods));
         self.reassign(&pending);
         drop(pending);
-        if self.waiting.load(Ordering::SeqCst) > 0 {
-            self.dispatch_all();
-        }
+        self.dispatch_if_waiting();
     }
 
     /// The private Service answered its probe: from now on traffic goes through it (and stays so
@@ -546,9 +586,7 @@ impl Throttler {
             self.pods.store(Arc::new(vec![service]));
             self.reassign(&pending);
         }
-        if self.waiting.load(Ordering::SeqCst) > 0 {
-            self.dispatch_all();
-        }
+        self.dispatch_if_waiting();
     }
 
     /// Upstream's capacity through the Service: `containerConcurrency` times the ready pods,
@@ -1181,6 +1219,28 @@ mod tests {
         // The platform reports it ready again: trusted, it serves without a new probe.
         assert!(t.set_backends(&backends, probe));
         assert!(t.is_ready(pods[0]));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_pod_leaves_at_once_and_stays_out_until_its_probe_passes() {
+        let t = throttler(1, 2);
+        let pods: Vec<SocketAddr> = t.ready().iter().map(|p| p.addr).collect();
+        let busy = t.acquire(Want::Pod(pods[1]), 0).await.unwrap();
+        let pinned_waiter = spawn_acquire(&t, Want::Pod(pods[1]));
+        wait_for(|| t.waiting() == 1).await;
+        assert!(t.mark_unreachable(pods[1]));
+        assert!(!t.mark_unreachable(pods[1]), "taken out once");
+        let moved = pinned_waiter.await.unwrap().expect("a waiter for the lost pod takes another");
+        assert_eq!(moved.pod().addr, pods[0]);
+        drop((busy, moved));
+        assert_eq!(waiting_for_probe(&t), vec![pods[1]]);
+        // The platform has not noticed: it still lists the pod, which stays out.
+        assert!(t.set_backends(&Backends { trusted: pods.clone(), ..Backends::default() }, Probe::None));
+        assert!(!t.is_ready(pods[1]), "listed as ready, but it refused a connection");
+        t.mark_ready(pods[1]);
+        assert!(t.is_ready(pods[1]));
+        assert!(!t.set_backends(&Backends { trusted: pods.clone(), ..Backends::default() }, Probe::None));
+        assert!(t.is_ready(pods[1]), "probed back in, it is an ordinary pod again");
     }
 
     /// The pods (by port) activator `index` of `count` gets of `n` pods.

@@ -265,6 +265,12 @@ impl Env {
         Process::start(self.dir.path(), "demo-service", &args, &["http"]).await.expect("demo-service starts")
     }
 
+    /// A pod brought back at the address it had, as a restarted container keeps its pod's IP.
+    pub async fn demo_at(&self, pod: &str, revision: &str, addr: SocketAddr) -> Process {
+        let args = strings(&["--listen", &addr.to_string(), "--pod", pod, "--revision", revision]);
+        Process::start(self.dir.path(), "demo-service", &args, &["http"]).await.expect("demo-service starts")
+    }
+
     pub fn endpoints_path(&self) -> PathBuf {
         self.dir.path().join("endpoints.yaml")
     }

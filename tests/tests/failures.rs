@@ -1,0 +1,250 @@
+//! What the activator does when the things around it fail: pods that die under load, clients
+//! that never finish their headers. Real processes throughout.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use integration_tests::topology::{Service, yaml};
+use integration_tests::{Client, Env, addrs, metric, raise_open_files_limit, wait_until};
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+/// One request of the load: when it started, which session it carried, and what came back.
+struct Outcome {
+    started: Instant,
+    session: Option<usize>,
+    status: u16,
+    pod: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_killed_under_load_fails_only_the_requests_it_had() {
+    const WORKERS: usize = 8;
+    const SESSIONS: usize = 48;
+    let env = Env::new();
+    let mut pods = env.pods("dead-1", 3).await;
+    env.write_topology(&yaml(&[Service::new("dead").revision("dead-1", 100, &addrs(&pods))]));
+    let activator = env.activator(&[]).await;
+    let admin = activator.addr("admin");
+    let client = Client::new(activator.addr("proxy"));
+    let session = |i: usize| format!("s-{i}");
+
+    let mut homes = HashMap::new();
+    for i in 0..SESSIONS {
+        let reply = client.get_with("dead.test", "/incr", &[("k-session", &session(i))]).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        homes.insert(i, reply.pod().to_owned());
+    }
+    let victim_name = "dead-1-pod-1";
+    let orphans: Vec<usize> = homes.iter().filter(|(_, pod)| *pod == victim_name).map(|(i, _)| *i).collect();
+    assert!(!orphans.is_empty(), "some sessions live on the pod that dies: {homes:?}");
+
+    // Steady load: each worker alternates unpinned requests with its own sessions' requests.
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let (stop, done) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let (client, outcomes, stop, done) = (client.clone(), outcomes.clone(), stop.clone(), done.clone());
+            tokio::spawn(async move {
+                let mine: Vec<usize> = (w..SESSIONS).step_by(WORKERS).collect();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let session = (n % 2 == 1).then(|| mine[(n / 2) % mine.len()]);
+                    let mut req = client.request(reqwest::Method::GET, "dead.test", "/incr");
+                    if let Some(s) = session {
+                        req = req.header("k-session", format!("s-{s}"));
+                    }
+                    let started = Instant::now();
+                    let outcome = match client.try_send(req).await {
+                        Ok(reply) => Outcome { started, session, status: reply.status, pod: reply.pod().to_owned() },
+                        Err(_) => Outcome { started, session, status: 0, pod: String::new() },
+                    };
+                    outcomes.lock().await.push(outcome);
+                    done.fetch_add(1, Ordering::Relaxed);
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    let before_kill = |n: usize| {
+        let done = done.clone();
+        async move { done.load(Ordering::Relaxed) >= n }
+    };
+    wait_until(Duration::from_secs(30), "the load is running", || before_kill(300)).await;
+    let victim = &mut pods[1];
+    let victim_addr = victim.addr("http");
+    victim.signal(Signal::SIGKILL);
+    victim.wait_exit(Duration::from_secs(10)).await;
+    let killed = Instant::now();
+    let after = done.load(Ordering::Relaxed) + 600;
+    wait_until(Duration::from_secs(60), "600 more requests are answered", || before_kill(after)).await;
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+
+    let outcomes = outcomes.lock().await;
+    let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.status != 200).collect();
+    assert!(
+        failed.iter().all(|o| o.started < killed),
+        "only requests already on their way when the pod died may fail: {} failed after",
+        failed.iter().filter(|o| o.started >= killed).count()
+    );
+    assert!(failed.len() <= WORKERS, "at most one request per worker was on the dying pod: {}", failed.len());
+    let later: Vec<&Outcome> = outcomes.iter().filter(|o| o.started >= killed).collect();
+    assert!(later.iter().all(|o| o.pod != victim_name), "nothing answered by a dead pod");
+    // Every session that lived on the dead pod continues on one pod of the revision.
+    let mut moved_to: HashMap<usize, HashSet<&str>> = HashMap::new();
+    for o in &later {
+        if let Some(s) = o.session.filter(|s| orphans.contains(s)) {
+            moved_to.entry(s).or_default().insert(&o.pod);
+        }
+    }
+    for s in &orphans {
+        let pods = moved_to.get(s).cloned().unwrap_or_default();
+        let reply = client.get_with("dead.test", "/incr", &[("k-session", &session(*s))]).await;
+        assert_eq!(reply.status, 200);
+        assert!(
+            pods.len() <= 1 && pods.iter().all(|p| *p == reply.pod()),
+            "session {s} moved to {pods:?} then {}",
+            reply.pod()
+        );
+        assert_ne!(reply.pod(), victim_name);
+    }
+    let labels = [("revision", "dead-1")];
+    assert_eq!(
+        metric(admin, "activator_pods_unreachable_total", &labels).await,
+        Some(1.0),
+        "the pod left rotation once"
+    );
+    assert!(metric(admin, "activator_requests_resent_total", &labels).await.unwrap_or(0.0) >= 1.0);
+
+    // The pod comes back at its address (the topology never dropped it): it passes its probe
+    // and takes requests again, while the moved sessions stay where they went.
+    let _back = env.demo_at(victim_name, "dead-1", victim_addr).await;
+    wait_until(Duration::from_secs(20), "the restarted pod takes requests again", || async {
+        client.get("dead.test", "/incr").await.pod() == victim_name
+    })
+    .await;
+    for s in &orphans {
+        let reply = client.get_with("dead.test", "/incr", &[("k-session", &session(*s))]).await;
+        assert_ne!(reply.pod(), victim_name, "session {s} stays on the pod it moved to");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_finish_their_headers_are_cut_at_the_header_timeout() {
+    const HALF_OPEN: usize = 2000;
+    const HEADER_TIMEOUT: Duration = Duration::from_secs(6);
+    raise_open_files_limit();
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    if hard < 4 * HALF_OPEN as u64 {
+        eprintln!("skipped: the open-files limit ({hard}) cannot hold {HALF_OPEN} connections on both ends");
+        return;
+    }
+    let env = Env::new();
+    let flags = ["--header-read-timeout", "6s", "--max-connections", "5000"];
+    let (_pod, activator) = env.one_pod_service("loris", &flags).await;
+    let proxy = activator.addr("proxy");
+    let client = Client::new(proxy);
+    for _ in 0..50 {
+        assert_eq!(client.get("loris.test", "/incr").await.status, 200);
+    }
+    let (baseline, _) = activator.memory_kib();
+
+    let opened = Instant::now();
+    let mut half_open = Vec::with_capacity(HALF_OPEN);
+    for _ in 0..HALF_OPEN {
+        let mut conn = TcpStream::connect(proxy).await.expect("the activator accepts");
+        conn.write_all(b"GET /incr HTTP/1.1\r\nHost: loris.test\r\nX-Never-Ends: ").await.unwrap();
+        half_open.push(conn);
+    }
+    wait_until(Duration::from_secs(5), "the activator holds every half-open connection", || async {
+        metric(activator.addr("admin"), "activator_open_connections", &[]).await >= Some(HALF_OPEN as f64)
+    })
+    .await;
+    let (_, flooded_peak) = activator.memory_kib();
+    // Everyone else is served meanwhile, each request without waiting for the flood to end.
+    for _ in 0..50 {
+        let asked = Instant::now();
+        assert_eq!(client.get("loris.test", "/incr").await.status, 200);
+        assert!(asked.elapsed() < Duration::from_secs(2), "a request waited {:?} behind the flood", asked.elapsed());
+    }
+    assert!(opened.elapsed() < HEADER_TIMEOUT, "served while the flood was still open");
+
+    // Each half-open connection is closed at the header timeout, not before.
+    let closed = futures_util::future::join_all(half_open.into_iter().map(|mut conn| async move {
+        let mut buf = [0u8; 256];
+        let ended = tokio::time::timeout(HEADER_TIMEOUT * 3, async {
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        ended.is_ok().then(|| opened.elapsed())
+    }))
+    .await;
+    let never = closed.iter().filter(|c| c.is_none()).count();
+    assert_eq!(never, 0, "{never} half-open connections were never closed");
+    let earliest = closed.iter().flatten().min().unwrap();
+    assert!(*earliest >= HEADER_TIMEOUT - Duration::from_millis(500), "closed before the header timeout: {earliest:?}");
+    wait_until(Duration::from_secs(10), "the activator's connection count is back to the client's", || async {
+        metric(activator.addr("admin"), "activator_open_connections", &[]).await <= Some(1.0)
+    })
+    .await;
+    // What the flood held is given back (to within what the allocator keeps for reuse), as the
+    // allocator returns freed memory to the system.
+    eprintln!("RSS KiB: baseline {baseline}, flood peak {flooded_peak}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (now, _) = activator.memory_kib();
+        if now <= baseline + 16 * 1024 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "RSS {now} KiB 30 s after the flood, {baseline} KiB before it");
+        assert_eq!(client.get("loris.test", "/incr").await.status, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(client.get("loris.test", "/incr").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_are_held_to_stream_and_header_limits() {
+    let env = Env::new();
+    let (_pod, activator) = env.one_pod_service("h2limits", &[]).await;
+    let tcp = TcpStream::connect(activator.addr("proxy")).await.unwrap();
+    let (send_request, connection) = h2::client::handshake(tcp).await.unwrap();
+    let mut connection = Box::pin(connection);
+    let driven = tokio::spawn(async move {
+        let _ = std::future::poll_fn(|cx| connection.as_mut().poll(cx)).await;
+    });
+    let mut send_request = send_request.ready().await.unwrap();
+    let get = |header: Option<String>| {
+        let mut req = http::Request::get("http://h2limits.test/incr");
+        if let Some(value) = header {
+            req = req.header("x-large", value);
+        }
+        req.body(()).unwrap()
+    };
+    let (resp, _) = send_request.send_request(get(None), true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+    let streams = send_request.current_max_send_streams();
+    assert_eq!(streams, 250, "the server's SETTINGS_MAX_CONCURRENT_STREAMS");
+
+    let mut send_request = send_request.ready().await.unwrap();
+    let (resp, _) = send_request.send_request(get(Some("x".repeat(100 << 10))), true).unwrap();
+    match resp.await {
+        Ok(resp) => assert_eq!(resp.status(), 431, "headers beyond the header-list limit"),
+        Err(e) => assert!(e.is_reset() || e.is_go_away(), "refused, not served: {e}"),
+    }
+    let client = Client::new(activator.addr("proxy"));
+    assert_eq!(client.get("h2limits.test", "/incr").await.status, 200, "the activator serves on");
+    driven.abort();
+}
