@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::pins::RedisTls;
 use crate::throttle;
 
 #[derive(Parser, Debug)]
@@ -198,6 +199,18 @@ pub struct Config {
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
 
+    /// PEM file of the certificate authorities that sign the Redis server's certificate, for a
+    /// `rediss://` URL whose server a public CA does not vouch for (a managed or in-cluster Redis).
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// PEM certificate and key this activator presents to Redis when it requires client
+    /// certificates (`tls-auth-clients yes`); both or neither.
+    #[arg(long, env = "REDIS_CLIENT_CERT", requires = "redis_client_key")]
+    pub redis_client_cert: Option<PathBuf>,
+    #[arg(long, env = "REDIS_CLIENT_KEY", requires = "redis_client_cert")]
+    pub redis_client_key: Option<PathBuf>,
+
     /// Budget for one Redis answer on the request path; slower answers count as failures and the
     /// request routes with this replica's pins.
     #[arg(long, env = "ACTIVATOR_REDIS_TIMEOUT", default_value = "25ms", value_parser = humantime::parse_duration)]
@@ -239,6 +252,14 @@ pub struct Listeners {
 }
 
 impl Config {
+    /// The TLS files for Redis the flags name.
+    pub fn redis_tls(&self) -> RedisTls {
+        RedisTls {
+            ca_file: self.redis_ca_file.clone(),
+            client_cert: self.redis_client_cert.clone().zip(self.redis_client_key.clone()),
+        }
+    }
+
     pub fn listeners(&self) -> Listeners {
         let (any, local) = (std::net::Ipv4Addr::UNSPECIFIED, std::net::Ipv4Addr::LOCALHOST);
         let host = if self.mode == Mode::Knative { any } else { local };

@@ -8,11 +8,11 @@ use anyhow::Context;
 use redis::AsyncCommands;
 
 use crate::config::{PinSelector, PinsAction};
-use crate::pins::{INVALIDATIONS, PinKey, PinKind, key_report};
+use crate::pins::{INVALIDATIONS, PinKey, PinKind, RedisTls, key_report};
 
-pub async fn run(action: PinsAction, redis_url: Option<String>) -> anyhow::Result<ExitCode> {
+pub async fn run(action: PinsAction, redis_url: Option<String>, tls: &RedisTls) -> anyhow::Result<ExitCode> {
     let url = redis_url.context("--redis-url (or REDIS_URL) names the Redis the activators share")?;
-    let client = redis::Client::open(url.as_str()).context("--redis-url is not a valid Redis URL")?;
+    let client = tls.client(&url)?;
     let mut conn = client.get_multiplexed_async_connection().await.context("connecting to Redis")?;
     match action {
         PinsAction::Get(selector) => {

@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     let result = runtime.enable_all().build().context("starting the runtime").and_then(|rt| {
         rt.block_on(async {
             match command {
-                Some(Command::Pins { action, redis_url }) => inspect::run(action, redis_url).await,
+                Some(Command::Pins { action, redis_url }) => inspect::run(action, redis_url, &config.redis_tls()).await,
                 None => run(config).await.map(|()| ExitCode::SUCCESS),
             }
         })
@@ -142,6 +142,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 timeout: config.redis_timeout,
                 revalidate_after: config.pin_revalidate_after,
                 refresh_interval: config.pin_refresh_interval,
+                tls: config.redis_tls(),
             };
             Pins::shared(config.max_pins, shared, &stats)?
         }

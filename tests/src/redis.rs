@@ -1,8 +1,9 @@
 //! A real `redis-server` on a free loopback port, that tests can kill and bring back on the same
-//! port, and talk to with `redis-cli`.
+//! port, and talk to with `redis-cli`; optionally behind a password and serving TLS only, with a
+//! certificate authority made for the test.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -10,50 +11,106 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
-use crate::wait_until;
-
 pub struct Redis {
     port: u16,
     log: std::path::PathBuf,
     child: Option<Child>,
+    security: Security,
+}
+
+/// How a test's Redis is secured.
+#[derive(Clone, Default)]
+pub struct Security {
+    /// `requirepass`.
+    pub password: Option<String>,
+    /// Serve TLS only, with these files.
+    pub tls: Option<Tls>,
+}
+
+/// A certificate authority and a server certificate for 127.0.0.1 it signed, as PEM files.
+#[derive(Clone)]
+pub struct Tls {
+    pub ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Tls {
+    /// Makes a new authority and server certificate in `dir`.
+    pub fn generate(dir: &Path) -> Tls {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Distinct names: a certificate whose subject is its issuer's looks self-signed to OpenSSL.
+        ca_params.distinguished_name.push(DnType::CommonName, "affinity-activator test CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("a CA key")).expect("a CA");
+        let key = KeyPair::generate().expect("a server key");
+        let mut params =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).expect("server parameters");
+        params.distinguished_name.push(DnType::CommonName, "127.0.0.1");
+        let cert = params.signed_by(&key, &ca).expect("a server certificate");
+        let tls =
+            Tls { ca: dir.join("redis-ca.pem"), cert: dir.join("redis-cert.pem"), key: dir.join("redis-key.pem") };
+        for (path, pem) in [(&tls.ca, ca.pem()), (&tls.cert, cert.pem()), (&tls.key, key.serialize_pem())] {
+            std::fs::write(path, pem).expect("writing a PEM file");
+        }
+        tls
+    }
 }
 
 impl Redis {
     pub async fn start(dir: &Path) -> Redis {
+        Self::start_secured(dir, Security::default()).await
+    }
+
+    pub async fn start_secured(dir: &Path, security: Security) -> Redis {
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-        let mut redis = Redis { port, log: dir.join(format!("redis-{port}.log")), child: None };
+        let mut redis = Redis { port, log: dir.join(format!("redis-{port}.log")), child: None, security };
         redis.restart().await;
         redis
     }
 
+    /// The URL an activator is given, with the password if there is one.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        self.url_with_password(self.security.password.as_deref())
+    }
+
+    pub fn url_with_password(&self, password: Option<&str>) -> String {
+        let scheme = if self.security.tls.is_some() { "rediss" } else { "redis" };
+        let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
+        format!("{scheme}://{auth}127.0.0.1:{}", self.port)
     }
 
     /// Starts the server (again, on the same port, empty) and waits until it answers.
     pub async fn restart(&mut self) {
         let log = std::fs::File::create(&self.log).expect("redis log");
+        let port = self.port.to_string();
+        let mut secured: Vec<&str> = Vec::new();
+        if let Some(password) = &self.security.password {
+            secured.extend(["--requirepass", password]);
+        }
+        if let Some(tls) = &self.security.tls {
+            let files = [&tls.cert, &tls.key, &tls.ca].map(|p| p.to_str().expect("a UTF-8 temp path"));
+            secured.extend(["--port", "0", "--tls-port", &port, "--tls-auth-clients", "no"]);
+            secured.extend(["--tls-cert-file", files[0], "--tls-key-file", files[1], "--tls-ca-cert-file", files[2]]);
+        } else {
+            secured.extend(["--port", &port]);
+        }
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--enable-debug-command",
-                "local",
-            ])
+            .args(secured)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--enable-debug-command", "local"])
             .stdout(log)
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("redis-server is not installed: run `just deps` (Debian/Ubuntu: apt-get install redis-server)");
         self.child = Some(child);
-        let port = self.port;
-        wait_until(Duration::from_secs(10), "redis-server answers PING", || async move { ping(port).await }).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !self.answers().await {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            assert!(tokio::time::Instant::now() < deadline, "redis-server does not answer PING; its log:\n{log}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Kills the server outright, as a crash would.
@@ -63,11 +120,26 @@ impl Redis {
         }
     }
 
-    /// Runs `redis-cli` against this server and returns its output.
+    async fn answers(&self) -> bool {
+        match self.security {
+            Security { password: None, tls: None } => ping(self.port).await,
+            _ => self.cli(&["PING"]).await.trim() == "PONG",
+        }
+    }
+
+    /// Runs `redis-cli` against this server (with its password and CA) and returns its output.
     pub async fn cli(&self, args: &[&str]) -> String {
+        let mut secured: Vec<&str> = Vec::new();
+        if let Some(password) = &self.security.password {
+            secured.extend(["-a", password, "--no-auth-warning"]);
+        }
+        if let Some(tls) = &self.security.tls {
+            secured.extend(["--tls", "--cacert", tls.ca.to_str().expect("a UTF-8 temp path")]);
+        }
         let out = Command::new("redis-cli")
             .arg("-p")
             .arg(self.port.to_string())
+            .args(secured)
             .args(args)
             .output()
             .await

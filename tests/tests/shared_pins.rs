@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use integration_tests::redis::Redis;
+use integration_tests::redis::{Redis, Security, Tls};
 use integration_tests::topology::{Service, yaml};
 use integration_tests::{Client, Env, Metrics, Process, addrs, bin_dir, metric, wait_until};
 
@@ -475,4 +475,59 @@ async fn an_absurd_sticky_ttl_is_clamped_and_pins_stay_shared() {
     let clamped =
         text.value("activator_annotation_errors_total", &[("annotation", "activator.knative.dev/sticky-ttl")]);
     assert_eq!(clamped, Some(1.0), "the clamp is reported once per topology change");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_are_shared_through_a_redis_with_a_password_and_tls() {
+    let env = Env::new();
+    let tls = Tls::generate(env.dir.path());
+    let security = Security { password: Some("s3cret pass".into()), tls: Some(tls.clone()) };
+    let redis = Redis::start_secured(env.dir.path(), security).await;
+    let pods = env.pods("counter-1", 3).await;
+    env.write_topology(&yaml(&[Service::new("counter").revision("counter-1", 100, &addrs(&pods))]));
+    let url = redis.url().replace("s3cret pass", "s3cret%20pass");
+    let ca = tls.ca.display().to_string();
+    let flags = ["--pin-store", "redis", "--redis-url", &url, "--redis-ca-file", &ca];
+    let (a, b) = (env.activator(&flags).await, env.activator(&flags).await);
+    for admin in [a.addr("admin"), b.addr("admin")] {
+        integration_tests::wait_pin_store_up(admin).await;
+    }
+    let (a, b) = (Client::new(a.addr("proxy")), Client::new(b.addr("proxy")));
+    for i in 0..3 {
+        assert!(shares_new_pins(&a, &b, &format!("tls-{i}")).await, "session tls-{i} split across replicas");
+    }
+    assert_eq!(redis.cli(&["DBSIZE"]).await.trim(), "3", "the pins are in the secured Redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_or_an_untrusted_certificate_is_one_clear_line_and_pins_stay_local() {
+    let env = Env::new();
+    let tls = Tls::generate(env.dir.path());
+    let redis =
+        Redis::start_secured(env.dir.path(), Security { password: Some("right".into()), tls: Some(tls.clone()) }).await;
+    let pod = env.demo("pod", "counter-1").await;
+    env.write_topology(&yaml(&[Service::new("counter").revision("counter-1", 100, &[pod.addr("http")])]));
+    let ca = tls.ca.display().to_string();
+    let wrong = redis.url_with_password(Some("wrong"));
+    let wrong_password = env.activator(&["--pin-store", "redis", "--redis-url", &wrong, "--redis-ca-file", &ca]).await;
+    let untrusted = env.activator(&["--pin-store", "redis", "--redis-url", &redis.url()]).await;
+    let cases = [
+        (&wrong_password, "Redis rejected the user name or password in --redis-url"),
+        (&untrusted, "the Redis server's TLS certificate is not trusted: give its CA with --redis-ca-file"),
+    ];
+    for (activator, explanation) in cases {
+        let admin = activator.addr("admin");
+        wait_until(Duration::from_secs(20), "the activator has tried Redis three times", || async {
+            metric(admin, "activator_pin_store_errors_total", &[("op", "connect")]).await >= Some(3.0)
+        })
+        .await;
+        assert_eq!(activator.logs().matches(explanation).count(), 1, "said once:\n{}", activator.logs());
+        assert_eq!(metric(admin, "activator_pin_store_up", &[]).await, Some(0.0));
+        let client = Client::new(activator.addr("proxy"));
+        let id = format!("local-{}", admin.port());
+        for count in 1..=3 {
+            let reply = session(&client, &id).await;
+            assert_eq!(reply.body, format!("session={id}, count={count}\n"), "served with local pins");
+        }
+    }
 }

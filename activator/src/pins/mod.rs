@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prometheus::{IntCounter, IntGauge};
 
 pub use memory::MemoryPins;
-pub use shared::{INVALIDATIONS, SharedConfig, SharedPins, key_report};
+pub use shared::{INVALIDATIONS, RedisTls, SharedConfig, SharedPins, key_report};
 
 use crate::stats::Stats;
 

@@ -20,6 +20,7 @@
 //! is re-read on its next use.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -28,7 +29,7 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use prometheus::{Histogram, IntCounter, IntGauge};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Client, RedisResult};
+use redis::{AsyncCommands, Client, ClientTlsConfig, RedisError, RedisResult, TlsCertificates};
 
 use super::memory::{MemoryPins, Near, Touched};
 use super::{Lifetime, LifetimeOf, Pin, PinKey, Written, millis};
@@ -73,6 +74,42 @@ pub struct SharedConfig {
     pub revalidate_after: Duration,
     /// How often pins in use get their TTL slid (one pipelined batch).
     pub refresh_interval: Duration,
+    /// What a `rediss://` connection trusts and presents beyond the public CAs.
+    pub tls: RedisTls,
+}
+
+/// TLS files for Redis, each a PEM file.
+#[derive(Clone, Debug, Default)]
+pub struct RedisTls {
+    /// Certificate authorities to trust instead of the public ones.
+    pub ca_file: Option<PathBuf>,
+    /// Certificate and key to present to a Redis that asks for a client certificate.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl RedisTls {
+    fn is_empty(&self) -> bool {
+        self.ca_file.is_none() && self.client_cert.is_none()
+    }
+
+    /// A client for `url` with these files; an error names the file that cannot be read.
+    pub fn client(&self, url: &str) -> anyhow::Result<Client> {
+        if self.is_empty() {
+            return Client::open(url).context("--redis-url is not a valid Redis URL");
+        }
+        anyhow::ensure!(
+            url.starts_with("rediss://"),
+            "--redis-ca-file and --redis-client-cert need a rediss:// URL in --redis-url"
+        );
+        let read = |path: &PathBuf| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+        let root_cert = self.ca_file.as_ref().map(read).transpose()?;
+        let client_tls = match &self.client_cert {
+            Some((cert, key)) => Some(ClientTlsConfig { client_cert: read(cert)?, client_key: read(key)? }),
+            None => None,
+        };
+        Client::build_with_tls(url, TlsCertificates { client_tls, root_cert })
+            .context("--redis-url with the TLS files does not make a Redis client")
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -236,7 +273,7 @@ impl SharedPins {
     /// Starts connecting in the background: until Redis answers, pins stay local to this
     /// replica. Only a malformed URL is an error.
     pub fn start(config: SharedConfig, memory: Arc<MemoryPins>, stats: &Stats) -> anyhow::Result<Arc<Self>> {
-        let client = Client::open(config.url.as_str()).context("--redis-url is not a valid Redis URL")?;
+        let client = config.tls.client(&config.url)?;
         let metrics = StoreMetrics {
             errors: OPS.map(|op| stats.pin_store_errors.with_label_values(&[op])),
             latency: OPS.map(|op| stats.pin_store_latency.with_label_values(&[op])),
@@ -440,6 +477,7 @@ impl SharedPins {
             .set_number_of_retries(1)
             .set_max_delay(MAX_BACKOFF);
         let mut backoff = Backoff::default();
+        let mut last_error = String::new();
         loop {
             let connected = async {
                 let requests = config.clone().set_response_timeout(Some(self.config.timeout));
@@ -467,7 +505,15 @@ impl SharedPins {
                 }
                 Err(e) => {
                     self.metrics.errors[Op::Connect as usize].inc();
-                    tracing::warn!(error = %e, "cannot reach Redis yet; pins stay local until it answers");
+                    // Said once per cause, not once per retry.
+                    let error = e.to_string();
+                    if error != last_error {
+                        match misconfigured(&e) {
+                            Some(fix) => tracing::error!(%error, "{fix}; pins stay local to this replica meanwhile"),
+                            None => tracing::warn!(%error, "cannot reach Redis yet; pins stay local until it answers"),
+                        }
+                        last_error = error;
+                    }
                 }
             }
             tokio::time::sleep(backoff.next_pause()).await;
@@ -630,6 +676,31 @@ fn push_cmd(pipe: &mut redis::Pipeline, t: &Touched, only_if_absent: bool) {
 
 fn px(ttl_ms: u64) -> redis::SetOptions {
     redis::SetOptions::default().with_expiration(redis::SetExpiry::PX(ttl_ms))
+}
+
+/// What to fix when Redis turns this activator away for a reason retrying alone will not cure.
+fn misconfigured(error: &RedisError) -> Option<&'static str> {
+    const CREDENTIALS: &str = "Redis rejected the user name or password in --redis-url (REDIS_URL)";
+    match error.code() {
+        Some("WRONGPASS") => return Some(CREDENTIALS),
+        Some("NOAUTH") => {
+            return Some("Redis requires a password: give it in --redis-url as redis://:<password>@<host>:<port>");
+        }
+        Some("NOPERM") => {
+            return Some(
+                "the Redis user in --redis-url may not run a command the pin store needs \
+                 (GET, SET, GETEX, EVALSHA, EVAL, PUBLISH, SUBSCRIBE, INFO, PING)",
+            );
+        }
+        _ => {}
+    }
+    if error.kind() == redis::ErrorKind::AuthenticationFailed {
+        return Some(CREDENTIALS);
+    }
+    let text = error.to_string();
+    (text.contains("certificate") || text.contains("UnknownIssuer")).then_some(
+        "the Redis server's TLS certificate is not trusted: give its CA with --redis-ca-file (REDIS_CA_FILE)",
+    )
 }
 
 /// `(major, minor)` from `INFO server`.
