@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::pins::RedisTls;
+use crate::pins::{Deployment, RedisTls};
 use crate::throttle;
 
 #[derive(Parser, Debug)]
@@ -199,16 +199,20 @@ pub struct Config {
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
 
+    /// `--redis-url` lists the seed nodes of a Redis Cluster, comma-separated.
+    #[arg(long, env = "REDIS_CLUSTER", global = true)]
+    pub redis_cluster: bool,
+
     /// PEM file of the certificate authorities that sign the Redis server's certificate, for a
     /// `rediss://` URL whose server a public CA does not vouch for (a managed or in-cluster Redis).
-    #[arg(long, env = "REDIS_CA_FILE")]
+    #[arg(long, env = "REDIS_CA_FILE", global = true)]
     pub redis_ca_file: Option<PathBuf>,
 
     /// PEM certificate and key this activator presents to Redis when it requires client
     /// certificates (`tls-auth-clients yes`); both or neither.
-    #[arg(long, env = "REDIS_CLIENT_CERT", requires = "redis_client_key")]
+    #[arg(long, env = "REDIS_CLIENT_CERT", requires = "redis_client_key", global = true)]
     pub redis_client_cert: Option<PathBuf>,
-    #[arg(long, env = "REDIS_CLIENT_KEY", requires = "redis_client_cert")]
+    #[arg(long, env = "REDIS_CLIENT_KEY", requires = "redis_client_cert", global = true)]
     pub redis_client_key: Option<PathBuf>,
 
     /// Budget for one Redis answer on the request path; slower answers count as failures and the
@@ -252,6 +256,10 @@ pub struct Listeners {
 }
 
 impl Config {
+    pub fn redis_deployment(&self) -> Deployment {
+        if self.redis_cluster { Deployment::Cluster } else { Deployment::Server }
+    }
+
     /// The TLS files for Redis the flags name.
     pub fn redis_tls(&self) -> RedisTls {
         RedisTls {

@@ -3,17 +3,25 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use redis::AsyncCommands;
 
 use crate::config::{PinSelector, PinsAction};
-use crate::pins::{INVALIDATIONS, PinKey, PinKind, RedisTls, key_report};
+use crate::pins::{Deployment, INVALIDATIONS, PinKey, PinKind, RedisClient, RedisTls, key_report};
 
-pub async fn run(action: PinsAction, redis_url: Option<String>, tls: &RedisTls) -> anyhow::Result<ExitCode> {
+/// How long the command waits for each of Redis's answers.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub async fn run(
+    action: PinsAction,
+    redis_url: Option<String>,
+    tls: &RedisTls,
+    deployment: Deployment,
+) -> anyhow::Result<ExitCode> {
     let url = redis_url.context("--redis-url (or REDIS_URL) names the Redis the activators share")?;
-    let client = tls.client(&url)?;
-    let mut conn = client.get_multiplexed_async_connection().await.context("connecting to Redis")?;
+    let client = RedisClient::new(&url, deployment, tls)?;
+    let mut conn = client.connect(ANSWER_TIMEOUT).await.context("connecting to Redis")?;
     match action {
         PinsAction::Get(selector) => {
             let key = selector.key().to_string();
@@ -30,14 +38,7 @@ pub async fn run(action: PinsAction, redis_url: Option<String>, tls: &RedisTls) 
         }
         PinsAction::List { namespace, service } => {
             let pattern = PinKey::service_pattern(&namespace, &service);
-            let mut keys: Vec<String> = {
-                let mut scan = conn.scan_match::<_, String>(&pattern).await?;
-                let mut keys = Vec::new();
-                while let Some(key) = futures_util::StreamExt::next(&mut scan).await {
-                    keys.push(key?);
-                }
-                keys
-            };
+            let mut keys = conn.scan_one_slot(&pattern).await?;
             keys.sort();
             for key in &keys {
                 if let Some(report) = key_report(&mut conn, key).await? {

@@ -36,7 +36,9 @@ fn main() -> ExitCode {
     let result = runtime.enable_all().build().context("starting the runtime").and_then(|rt| {
         rt.block_on(async {
             match command {
-                Some(Command::Pins { action, redis_url }) => inspect::run(action, redis_url, &config.redis_tls()).await,
+                Some(Command::Pins { action, redis_url }) => {
+                    inspect::run(action, redis_url, &config.redis_tls(), config.redis_deployment()).await
+                }
                 None => run(config).await.map(|()| ExitCode::SUCCESS),
             }
         })
@@ -143,6 +145,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 revalidate_after: config.pin_revalidate_after,
                 refresh_interval: config.pin_refresh_interval,
                 tls: config.redis_tls(),
+                deployment: config.redis_deployment(),
             };
             Pins::shared(config.max_pins, shared, &stats)?
         }

@@ -23,7 +23,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 use prometheus::IntGauge;
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
 
 use crate::pool::PodClient;
 use crate::sync::lock;
@@ -31,6 +32,10 @@ use crate::sync::lock;
 /// Above this `containerConcurrency`, round robin spreads better than first-available
 /// (the same cut-over as Knative's activator).
 const FIRST_AVAILABLE_MAX_CC: usize = 3;
+/// How long after a pod is first listed a request pinned to it waits for this replica's first
+/// probe of it, rather than moving its session: another replica already found it ready, and the
+/// probe here takes one probe period.
+const FIRST_PROBE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Cancelled waiters left in the queues before they are swept out; they are skipped meanwhile.
 const MIN_SWEEP: usize = 64;
 
@@ -233,6 +238,8 @@ struct Pending {
     /// Pods among `endpoints` that refused or dropped a connection: they wait for a probe even
     /// while the platform still vouches for them, since it has not noticed yet.
     unreachable: Vec<SocketAddr>,
+    /// When pods among `endpoints` that have never been ready here were first listed.
+    first_listed: HashMap<SocketAddr, Instant>,
     cluster_ip: Option<ClusterIp>,
     /// Cleared for good once pods failed as only a mesh explains and the Service answered, as
     /// upstream does: later pods of the revision are reached through the Service too.
@@ -323,6 +330,8 @@ pub struct Throttler {
     /// Waiting requests that may use any pod; while there are some, a new request waits too.
     waiting_any: AtomicUsize,
     queue: Mutex<Queue>,
+    /// Woken when pods become ready or leave, for requests waiting for a pod's first probe.
+    probed: Notify,
 }
 
 /// What a throttler reports.
@@ -366,6 +375,7 @@ impl Throttler {
                 probe: Probe::None,
                 endpoints: Vec::new(),
                 unreachable: Vec::new(),
+                first_listed: HashMap::new(),
                 cluster_ip: None,
                 pods_addressable: true,
                 has_pods: false,
@@ -375,6 +385,7 @@ impl Throttler {
             waiting: AtomicUsize::new(0),
             waiting_any: AtomicUsize::new(0),
             queue: Mutex::new(Queue::default()),
+            probed: Notify::new(),
         }
     }
 
@@ -415,6 +426,28 @@ impl Throttler {
         self.waiting.load(Ordering::Relaxed)
     }
 
+    /// Returns once `addr` is ready, unless it is a pod just listed that this replica has not
+    /// probed yet: then it waits for that probe, for at most `FIRST_PROBE_GRACE` after the pod
+    /// was listed. A session pinned to a new pod by another replica so stays on it.
+    pub async fn await_first_probe(&self, addr: SocketAddr) {
+        loop {
+            if self.is_ready(addr) {
+                return;
+            }
+            let probed = self.probed.notified();
+            tokio::pin!(probed);
+            probed.as_mut().enable();
+            let Some(&listed) = self.lock_pending().first_listed.get(&addr) else { return };
+            if self.is_ready(addr) {
+                return;
+            }
+            tokio::select! {
+                () = probed => {}
+                () = tokio::time::sleep_until(listed + FIRST_PROBE_GRACE) => return,
+            }
+        }
+    }
+
     pub fn has_ready_pods(&self) -> bool {
         !self.pods.load().is_empty()
     }
@@ -436,6 +469,7 @@ impl Throttler {
         let ready = match pending.through_cluster_ip() {
             Some(service) => {
                 pending.endpoints.clear();
+                pending.first_listed.clear();
                 self.set_cluster_ip_slots(&pending);
                 // The Service keeps taking traffic while it has pods behind it; with none left
                 // (scaled to zero) it must answer a probe again before the next requests.
@@ -463,15 +497,21 @@ impl Throttler {
                         Ok(i) => ready.push(current[i].clone()),
                         Err(_) if pending.unreachable.contains(&addr) => pending.endpoints.push(addr),
                         Err(_) if trusted || probe == Probe::None => ready.push(Pod::new(addr)),
-                        Err(_) => pending.endpoints.push(addr),
+                        Err(_) => {
+                            pending.endpoints.push(addr);
+                            pending.first_listed.entry(addr).or_insert_with(Instant::now);
+                        }
                     }
                 }
+                let Pending { first_listed, endpoints, unreachable, .. } = &mut *pending;
+                first_listed.retain(|a, _| endpoints.contains(a) && !unreachable.contains(a));
                 ready.sort_by_key(|p| p.addr);
                 ready
             }
         };
         self.pods.store(Arc::new(ready));
         self.reassign(&pending);
+        self.probed.notify_waiters();
         let work = Self::has_probe_work(&pending, self.through_cluster_ip.load(Ordering::Acquire));
         drop(pending);
         self.dispatch_if_waiting();
@@ -557,6 +597,7 @@ impl Throttler {
             let Some(i) = pending.endpoints.iter().position(|a| *a == addr) else { return };
             pending.endpoints.swap_remove(i);
             pending.unreachable.retain(|a| *a != addr);
+            pending.first_listed.remove(&addr);
             pending
         };
         let mut pods: Vec<Arc<Pod>> = self.pods.load().iter().cloned().collect();
@@ -564,6 +605,7 @@ impl Throttler {
             pods.insert(i, Pod::new(addr));
         }
         self.pods.store(Arc::new(pods));
+        self.probed.notify_waiters();
         self.reassign(&pending);
         drop(pending);
         self.dispatch_if_waiting();
@@ -579,6 +621,7 @@ impl Throttler {
             }
             pending.pods_addressable = false;
             pending.endpoints.clear();
+            pending.first_listed.clear();
             self.set_cluster_ip_slots(&pending);
             let current = self.pods.load();
             let service = current.iter().find(|p| p.addr == addr).cloned().unwrap_or_else(|| Pod::new(addr));
@@ -1241,6 +1284,35 @@ mod tests {
         assert!(t.is_ready(pods[1]));
         assert!(!t.set_backends(&Backends { trusted: pods.clone(), ..Backends::default() }, Probe::None));
         assert!(t.is_ready(pods[1]), "probed back in, it is an ordinary pod again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_pinned_to_a_pod_not_yet_probed_here_waits_for_its_probe_briefly() {
+        let t = Arc::new(Throttler::new(0, limits(10, 1 << 20, 100), gauge()));
+        let probe = Probe::Http { path: "/healthz".into() };
+        let pods = addrs(2);
+        t.set_backends(&Backends { probed: pods.clone(), ..Backends::default() }, probe.clone());
+        let waiting = tokio::spawn({
+            let (t, pod) = (t.clone(), pods[0]);
+            async move { t.await_first_probe(pod).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "waits for the first probe");
+        t.mark_ready(pods[0]);
+        waiting.await.unwrap();
+        assert!(t.is_ready(pods[0]));
+        // A pod whose probes keep failing is waited for only within the grace after listing.
+        let started = Instant::now();
+        t.await_first_probe(pods[1]).await;
+        assert!(started.elapsed() <= FIRST_PROBE_GRACE, "bounded by the grace");
+        let later = Instant::now();
+        t.await_first_probe(pods[1]).await;
+        assert_eq!(later.elapsed(), std::time::Duration::ZERO, "past the grace: no wait");
+        // Nor is a pod this replica took out itself.
+        t.mark_unreachable(pods[0]);
+        let again = Instant::now();
+        t.await_first_probe(pods[0]).await;
+        assert_eq!(again.elapsed(), std::time::Duration::ZERO);
     }
 
     /// The pods (by port) activator `index` of `count` gets of `n` pods.

@@ -83,6 +83,7 @@ async fn known_pin_lookups(url: &str, admin: &Redis) -> Calls {
         revalidate_after: Duration::from_secs(5),
         refresh_interval: Duration::from_secs(1),
         tls: Default::default(),
+        deployment: Default::default(),
     };
     let pins = Pins::shared(1_000_000, config, &stats).unwrap();
     let lifetime = Lifetime { ttl: Duration::from_secs(600), max_age: None };

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 pub mod fixtures;
 pub mod knative;
 pub mod kube_api;
+pub mod load;
 pub mod redis;
 pub mod topology;
 

@@ -16,6 +16,8 @@ pub struct Redis {
     log: std::path::PathBuf,
     child: Option<Child>,
     security: Security,
+    /// Where a cluster node keeps its `nodes.conf`; `None` for a standalone server.
+    cluster_dir: Option<PathBuf>,
 }
 
 /// How a test's Redis is secured.
@@ -65,9 +67,14 @@ impl Redis {
 
     pub async fn start_secured(dir: &Path, security: Security) -> Redis {
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-        let mut redis = Redis { port, log: dir.join(format!("redis-{port}.log")), child: None, security };
+        let mut redis =
+            Redis { port, log: dir.join(format!("redis-{port}.log")), child: None, security, cluster_dir: None };
         redis.restart().await;
         redis
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The URL an activator is given, with the password if there is one.
@@ -95,6 +102,12 @@ impl Redis {
             secured.extend(["--tls-cert-file", files[0], "--tls-key-file", files[1], "--tls-ca-cert-file", files[2]]);
         } else {
             secured.extend(["--port", &port]);
+        }
+        let cluster_dir = self.cluster_dir.as_ref().map(|d| d.to_str().expect("a UTF-8 temp path"));
+        if let Some(dir) = cluster_dir {
+            secured.extend(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000", "--dir", dir]);
+            // Replicas sync at once rather than after the default 5 s wait for more of them.
+            secured.extend(["--repl-diskless-sync-delay", "0"]);
         }
         let child = Command::new("redis-server")
             .args(secured)
@@ -172,4 +185,116 @@ async fn ping(port: u16) -> bool {
     let Ok(mut conn) = TcpStream::connect(("127.0.0.1", port)).await else { return false };
     let mut reply = [0u8; 7];
     conn.write_all(b"PING\r\n").await.is_ok() && conn.read_exact(&mut reply).await.is_ok() && &reply == b"+PONG\r\n"
+}
+
+/// A Redis Cluster of real processes on loopback: three primaries, each with one replica.
+pub struct RedisCluster {
+    nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    pub async fn start(dir: &Path) -> RedisCluster {
+        let mut nodes = Vec::new();
+        for i in 0..6 {
+            let node_dir = dir.join(format!("cluster-node-{i}"));
+            std::fs::create_dir_all(&node_dir).expect("a node directory");
+            let port =
+                std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+            let log = dir.join(format!("redis-{port}.log"));
+            let mut node = Redis { port, log, child: None, security: Security::default(), cluster_dir: Some(node_dir) };
+            node.restart().await;
+            nodes.push(node);
+        }
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .await
+            .expect("redis-cli is not installed: run `just deps` (Debian/Ubuntu: apt-get install redis-server)");
+        assert!(out.status.success(), "redis-cli --cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        let cluster = RedisCluster { nodes };
+        cluster.wait_healthy().await;
+        // A replica that never finished its first sync would not take over from its primary.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for node in &cluster.nodes {
+            loop {
+                let replication = node.cli(&["INFO", "replication"]).await;
+                if replication.contains("role:master") || replication.contains("master_link_status:up") {
+                    break;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "replica {} never synced:\n{replication}", node.port);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        cluster
+    }
+
+    /// Seed nodes for `--redis-url` with `--redis-cluster`.
+    pub fn url(&self) -> String {
+        self.nodes.iter().map(Redis::url).collect::<Vec<_>>().join(",")
+    }
+
+    fn live(&self) -> impl Iterator<Item = &Redis> {
+        self.nodes.iter().filter(|n| n.child.is_some())
+    }
+
+    /// Waits until every live node reports the cluster healthy, with every slot served.
+    pub async fn wait_healthy(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut unhealthy = None;
+            for node in self.live() {
+                let info = node.cli(&["CLUSTER", "INFO"]).await;
+                if !(info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")) {
+                    unhealthy = Some((node.port, info));
+                }
+            }
+            let Some((port, info)) = unhealthy else { return };
+            assert!(tokio::time::Instant::now() < deadline, "cluster node {port} is not healthy:\n{info}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The port of the primary that holds `key`'s slot now.
+    pub async fn primary_of(&self, key: &str) -> u16 {
+        let node = self.live().next().expect("a live node");
+        let slot: u16 = node.cli(&["CLUSTER", "KEYSLOT", key]).await.trim().parse().expect("a slot number");
+        let nodes = node.cli(&["CLUSTER", "NODES"]).await;
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(addr), Some(flags)) = (fields.get(1), fields.get(2)) else { continue };
+            if !flags.contains("master") || flags.contains("fail") {
+                continue;
+            }
+            let serves = fields[8..].iter().any(|range| {
+                let (from, to) = range.split_once('-').unwrap_or((range, range));
+                matches!((from.parse::<u16>(), to.parse::<u16>()), (Ok(f), Ok(t)) if (f..=t).contains(&slot))
+            });
+            if serves {
+                let port = addr.split('@').next().and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok());
+                return port.expect("a node address");
+            }
+        }
+        panic!("no primary serves slot {slot}:\n{nodes}");
+    }
+
+    /// Kills the primary listening on `port`, as a crash would, and waits until its replica has
+    /// taken over.
+    pub async fn kill_primary(&mut self, port: u16) {
+        let node = self.nodes.iter_mut().find(|n| n.port == port).expect("a node of this cluster");
+        node.kill().await;
+        let (addr, deadline) = (format!("127.0.0.1:{port}@"), tokio::time::Instant::now() + Duration::from_secs(30));
+        loop {
+            let nodes = self.live().next().expect("a live node").cli(&["CLUSTER", "NODES"]).await;
+            let flags = nodes.lines().find(|l| l.contains(&addr)).and_then(|l| l.split_whitespace().nth(2));
+            if flags.is_some_and(|f| f.split(',').any(|flag| flag == "fail")) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the cluster never marked {addr} failed:\n{nodes}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.wait_healthy().await;
+    }
 }

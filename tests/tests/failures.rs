@@ -2,24 +2,14 @@
 //! that never finish their headers. Real processes throughout.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use integration_tests::load::{Load, Outcome};
 use integration_tests::topology::{Service, yaml};
 use integration_tests::{Client, Env, addrs, metric, raise_open_files_limit, wait_until};
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Mutex;
-
-/// One request of the load: when it started, which session it carried, and what came back.
-struct Outcome {
-    started: Instant,
-    session: Option<usize>,
-    status: u16,
-    pod: String,
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_killed_under_load_fails_only_the_requests_it_had() {
@@ -44,51 +34,29 @@ async fn a_pod_killed_under_load_fails_only_the_requests_it_had() {
     assert!(!orphans.is_empty(), "some sessions live on the pod that dies: {homes:?}");
 
     // Steady load: each worker alternates unpinned requests with its own sessions' requests.
-    let outcomes = Arc::new(Mutex::new(Vec::new()));
-    let (stop, done) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|w| {
-            let (client, outcomes, stop, done) = (client.clone(), outcomes.clone(), stop.clone(), done.clone());
-            tokio::spawn(async move {
-                let mine: Vec<usize> = (w..SESSIONS).step_by(WORKERS).collect();
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let session = (n % 2 == 1).then(|| mine[(n / 2) % mine.len()]);
-                    let mut req = client.request(reqwest::Method::GET, "dead.test", "/incr");
-                    if let Some(s) = session {
-                        req = req.header("k-session", format!("s-{s}"));
-                    }
-                    let started = Instant::now();
-                    let outcome = match client.try_send(req).await {
-                        Ok(reply) => Outcome { started, session, status: reply.status, pod: reply.pod().to_owned() },
-                        Err(_) => Outcome { started, session, status: 0, pod: String::new() },
-                    };
-                    outcomes.lock().await.push(outcome);
-                    done.fetch_add(1, Ordering::Relaxed);
-                    n += 1;
-                }
-            })
-        })
-        .collect();
-    let before_kill = |n: usize| {
-        let done = done.clone();
-        async move { done.load(Ordering::Relaxed) >= n }
+    let session_of = |worker: usize, n: usize| {
+        (n % 2 == 1).then(|| (worker..SESSIONS).step_by(WORKERS).nth((n / 2) % (SESSIONS / WORKERS)).unwrap())
     };
-    wait_until(Duration::from_secs(30), "the load is running", || before_kill(300)).await;
+    let load = Load::start(WORKERS, {
+        let client = client.clone();
+        move |worker, n| {
+            let req = client.request(reqwest::Method::GET, "dead.test", "/incr");
+            match session_of(worker, n) {
+                Some(s) => req.header("k-session", format!("s-{s}")),
+                None => req,
+            }
+        }
+    });
+    load.wait_for(300, Duration::from_secs(30)).await;
     let victim = &mut pods[1];
     let victim_addr = victim.addr("http");
     victim.signal(Signal::SIGKILL);
     victim.wait_exit(Duration::from_secs(10)).await;
     let killed = Instant::now();
-    let after = done.load(Ordering::Relaxed) + 600;
-    wait_until(Duration::from_secs(60), "600 more requests are answered", || before_kill(after)).await;
-    stop.store(true, Ordering::Relaxed);
-    for worker in workers {
-        worker.await.unwrap();
-    }
+    load.wait_for(600, Duration::from_secs(60)).await;
+    let outcomes = load.stop().await;
 
-    let outcomes = outcomes.lock().await;
-    let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.status != 200).collect();
+    let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.failed()).collect();
     assert!(
         failed.iter().all(|o| o.started < killed),
         "only requests already on their way when the pod died may fail: {} failed after",
@@ -100,7 +68,7 @@ async fn a_pod_killed_under_load_fails_only_the_requests_it_had() {
     // Every session that lived on the dead pod continues on one pod of the revision.
     let mut moved_to: HashMap<usize, HashSet<&str>> = HashMap::new();
     for o in &later {
-        if let Some(s) = o.session.filter(|s| orphans.contains(s)) {
+        if let Some(s) = session_of(o.worker, o.n).filter(|s| orphans.contains(s)) {
             moved_to.entry(s).or_default().insert(&o.pod);
         }
     }

@@ -49,6 +49,14 @@ impl<'a> Pinning<'a> {
     ) -> (Pinning<'a>, Route) {
         let lifetime_of = |revision: &str| service.lifetime_of(revision);
         let (session, flow) = pins.lookup(keys.session.as_ref(), keys.flow.as_ref(), &lifetime_of).await;
+        // A pod another replica pinned the session to, which this replica was told of only just
+        // now, gets its first probe here before the session is moved off it.
+        if let Some(pin) = &session
+            && let Some(pod) = pin.pod
+            && let Some(revision) = service.routes_to(&pin.revision)
+        {
+            revision.throttler.await_first_probe(pod).await;
+        }
         let lookup = Lookup { has_session: keys.session.is_some(), has_flow: keys.flow.is_some(), session, flow };
         let mut decision = decide(service, ingress_pick, &lookup, fastrand::u32(..100));
         if let (Some(key), Some(write)) = (&keys.flow, &decision.flow_write) {

@@ -4,10 +4,12 @@
 //! Owns pin keys (scoped by namespace and service, ids hashed, never stored raw), the value
 //! format, and the first-writer-wins and compare-and-set rules, over two stores: `memory` (this
 //! replica's pins; with Redis, also the near cache that keeps known pins off the network) and
-//! `shared` (Redis, so every replica routes a session the same way). Must not decide where a
+//! `shared` (Redis, so every replica routes a session the same way; `redis` reaches one server or
+//! a cluster). Must not decide where a
 //! request goes; `affinity::decide` does.
 
 mod memory;
+mod redis;
 mod shared;
 
 use std::fmt;
@@ -20,7 +22,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prometheus::{IntCounter, IntGauge};
 
 pub use memory::MemoryPins;
-pub use shared::{INVALIDATIONS, RedisTls, SharedConfig, SharedPins, key_report};
+pub use redis::{Deployment, RedisClient, RedisTls};
+pub use shared::{INVALIDATIONS, SharedConfig, SharedPins, key_report};
 
 use crate::stats::Stats;
 
@@ -70,6 +73,11 @@ impl PinKey {
     }
 
     /// The Redis pattern matching every pin of one service.
+    /// `<namespace>/<service>`: the key's Redis Cluster hash tag, so keys of one scope share a slot.
+    pub fn scope(&self) -> &Arc<str> {
+        &self.scope
+    }
+
     pub fn service_pattern(namespace: &str, service: &str) -> String {
         format!("aa:{{{namespace}/{service}}}:*")
     }

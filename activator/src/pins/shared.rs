@@ -19,19 +19,18 @@
 //! a pin in use is corrected by the next refresh, and after a resubscribe every near-cache entry
 //! is re-read on its next use.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::Context;
 use futures_util::StreamExt;
 use prometheus::{Histogram, IntCounter, IntGauge};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Client, ClientTlsConfig, RedisError, RedisResult, TlsCertificates};
+use redis::{AsyncCommands, RedisError, RedisResult};
 
 use super::memory::{MemoryPins, Near, Touched};
+use super::redis::{Deployment, RedisClient, RedisConnection, RedisTls};
 use super::{Lifetime, LifetimeOf, Pin, PinKey, Written, millis};
 use crate::backoff::Backoff;
 use crate::stats::Stats;
@@ -40,7 +39,8 @@ use crate::stats::Stats;
 pub const INVALIDATIONS: &str = "aa:invalidate";
 /// Redis 7.0 brought `SET … NX … GET`.
 const MIN_VERSION: (u32, u32) = (7, 0);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long subscribing for invalidations may take.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The request path's pause after a failed Redis call, doubling for each pause that ends in a
 /// failure. The cap bounds how long sharing takes to resume after Redis returns.
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
@@ -76,40 +76,8 @@ pub struct SharedConfig {
     pub refresh_interval: Duration,
     /// What a `rediss://` connection trusts and presents beyond the public CAs.
     pub tls: RedisTls,
-}
-
-/// TLS files for Redis, each a PEM file.
-#[derive(Clone, Debug, Default)]
-pub struct RedisTls {
-    /// Certificate authorities to trust instead of the public ones.
-    pub ca_file: Option<PathBuf>,
-    /// Certificate and key to present to a Redis that asks for a client certificate.
-    pub client_cert: Option<(PathBuf, PathBuf)>,
-}
-
-impl RedisTls {
-    fn is_empty(&self) -> bool {
-        self.ca_file.is_none() && self.client_cert.is_none()
-    }
-
-    /// A client for `url` with these files; an error names the file that cannot be read.
-    pub fn client(&self, url: &str) -> anyhow::Result<Client> {
-        if self.is_empty() {
-            return Client::open(url).context("--redis-url is not a valid Redis URL");
-        }
-        anyhow::ensure!(
-            url.starts_with("rediss://"),
-            "--redis-ca-file and --redis-client-cert need a rediss:// URL in --redis-url"
-        );
-        let read = |path: &PathBuf| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
-        let root_cert = self.ca_file.as_ref().map(read).transpose()?;
-        let client_tls = match &self.client_cert {
-            Some((cert, key)) => Some(ClientTlsConfig { client_cert: read(cert)?, client_key: read(key)? }),
-            None => None,
-        };
-        Client::build_with_tls(url, TlsCertificates { client_tls, root_cert })
-            .context("--redis-url with the TLS files does not make a Redis client")
-    }
+    /// One server, or a cluster whose seed nodes `url` lists.
+    pub deployment: Deployment,
 }
 
 #[derive(Clone, Copy)]
@@ -254,8 +222,8 @@ struct StoreMetrics {
 /// The two connections to Redis: one for the request path, one for the batched refresh, so a
 /// large batch never queues a request's call behind it.
 struct Connections {
-    requests: ConnectionManager,
-    background: ConnectionManager,
+    requests: RedisConnection,
+    background: RedisConnection,
 }
 
 pub struct SharedPins {
@@ -273,7 +241,7 @@ impl SharedPins {
     /// Starts connecting in the background: until Redis answers, pins stay local to this
     /// replica. Only a malformed URL is an error.
     pub fn start(config: SharedConfig, memory: Arc<MemoryPins>, stats: &Stats) -> anyhow::Result<Arc<Self>> {
-        let client = config.tls.client(&config.url)?;
+        let client = RedisClient::new(&config.url, config.deployment, &config.tls)?;
         let metrics = StoreMetrics {
             errors: OPS.map(|op| stats.pin_store_errors.with_label_values(&[op])),
             latency: OPS.map(|op| stats.pin_store_latency.with_label_values(&[op])),
@@ -416,7 +384,7 @@ impl SharedPins {
     }
 
     /// The request path's connection, if the breaker lets a call through.
-    fn available(&self) -> Option<(ConnectionManager, Granted<'_>)> {
+    fn available(&self) -> Option<(RedisConnection, Granted<'_>)> {
         let conn = self.conn.get()?;
         let permit = self.breaker.permit()?;
         Some((conn.requests.clone(), Granted { breaker: &self.breaker, permit, settled: false }))
@@ -471,20 +439,14 @@ impl SharedPins {
         Err(error)
     }
 
-    async fn connect(self: Arc<Self>, client: Client) {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(MAX_BACKOFF);
+    async fn connect(self: Arc<Self>, client: RedisClient) {
         let mut backoff = Backoff::default();
         let mut last_error = String::new();
         loop {
             let connected = async {
-                let requests = config.clone().set_response_timeout(Some(self.config.timeout));
-                let mut requests = ConnectionManager::new_with_config(client.clone(), requests).await?;
-                let background = config.clone().set_response_timeout(Some(REFRESH_TIMEOUT));
-                let background = ConnectionManager::new_with_config(client.clone(), background).await?;
-                let info: String = redis::cmd("INFO").arg("server").query_async(&mut requests).await?;
+                let mut requests = client.connect(self.config.timeout).await?;
+                let background = client.connect(REFRESH_TIMEOUT).await?;
+                let info = requests.server_info().await?;
                 Ok::<_, redis::RedisError>((Connections { requests, background }, info))
             };
             match connected.await {
@@ -521,11 +483,11 @@ impl SharedPins {
     }
 
     /// Drops near-cache entries other replicas re-pinned or deleted.
-    async fn follow_invalidations(self: Arc<Self>, client: Client) {
+    async fn follow_invalidations(self: Arc<Self>, client: RedisClient) {
         let mut backoff = Backoff::default();
-        loop {
+        for attempt in 0.. {
             let subscribed = async {
-                let mut pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub()).await.ok()?.ok()?;
+                let mut pubsub = tokio::time::timeout(SUBSCRIBE_TIMEOUT, client.pubsub(attempt)).await.ok()?.ok()?;
                 pubsub.subscribe(INVALIDATIONS).await.ok()?;
                 Some(pubsub)
             };
@@ -579,14 +541,13 @@ impl SharedPins {
             self.memory.retouch(touched.into_iter().map(|t| t.key));
             return;
         };
-        let mut touched: Vec<Touched> = touched.into_iter().filter(|t| millis(t.remaining) > 0).collect();
-        while !touched.is_empty() {
-            let rest = touched.split_off(touched.len().min(REFRESH_CHUNK));
-            let chunk = std::mem::replace(&mut touched, rest);
+        let touched = touched.into_iter().filter(|t| millis(t.remaining) > 0);
+        let mut chunks = chunks(touched, matches!(conn, RedisConnection::Cluster(_))).into_iter();
+        while let Some(chunk) = chunks.next() {
             let failed = self.refresh_chunk(conn.clone(), chunk).await;
             if !failed.is_empty() {
                 // Redis is failing: keep every key not yet refreshed for the next tick.
-                self.memory.retouch(failed.into_iter().chain(touched).map(|t| t.key));
+                self.memory.retouch(failed.into_iter().chain(chunks.flatten()).map(|t| t.key));
                 return;
             }
         }
@@ -594,7 +555,7 @@ impl SharedPins {
 
     /// Refreshes one chunk; returns the pins that must be tried again (all of them if the
     /// pipeline failed, else those whose own command failed).
-    async fn refresh_chunk(&self, mut conn: ConnectionManager, touched: Vec<Touched>) -> Vec<Touched> {
+    async fn refresh_chunk(&self, mut conn: RedisConnection, touched: Vec<Touched>) -> Vec<Touched> {
         let mut batch = redis::pipe();
         batch.ignore_errors();
         for t in &touched {
@@ -663,6 +624,28 @@ impl SharedPins {
         }
         retry
     }
+}
+
+/// Pins to refresh in pipelines of at most `REFRESH_CHUNK`. A cluster takes a pipeline only when
+/// its keys share a slot, so there each chunk holds one service's pins (its keys' hash tag).
+fn chunks(touched: impl Iterator<Item = Touched>, by_slot: bool) -> Vec<Vec<Touched>> {
+    let groups: Vec<Vec<Touched>> = if by_slot {
+        let mut by_service: HashMap<Arc<str>, Vec<Touched>> = HashMap::new();
+        for t in touched {
+            by_service.entry(t.key.scope().clone()).or_default().push(t);
+        }
+        by_service.into_values().collect()
+    } else {
+        vec![touched.collect()]
+    };
+    let mut chunks = Vec::new();
+    for mut group in groups {
+        while !group.is_empty() {
+            let rest = group.split_off(group.len().min(REFRESH_CHUNK));
+            chunks.push(std::mem::replace(&mut group, rest));
+        }
+    }
+    chunks
 }
 
 /// `SET key value [NX] PX ttl GET` for a touched pin.

@@ -1,0 +1,209 @@
+//! How the pin store reaches Redis: one server, or a Redis Cluster, over plain TCP or TLS. One
+//! client type and one connection type run the same commands either way, so the store above
+//! does not know which it talks to, except that a cluster takes a pipeline only when every key
+//! in it shares a slot.
+//!
+//! Owns clients, connections and their timeouts; must not know what a pin is.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, PubSub};
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::{Client, ClientTlsConfig, Cmd, Pipeline, RedisFuture, RedisResult, TlsCertificates, Value};
+
+/// How long connecting to a server may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The longest pause between reconnection attempts of a connection.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+
+/// TLS files for Redis, each a PEM file.
+#[derive(Clone, Debug, Default)]
+pub struct RedisTls {
+    /// Certificate authorities to trust instead of the public ones.
+    pub ca_file: Option<PathBuf>,
+    /// Certificate and key to present to a Redis that asks for a client certificate.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl RedisTls {
+    /// The certificates these files hold; `None` without files. An error names the file that
+    /// cannot be read, or the URL that cannot use them.
+    fn certificates(&self, url: &str) -> anyhow::Result<Option<TlsCertificates>> {
+        if self.ca_file.is_none() && self.client_cert.is_none() {
+            return Ok(None);
+        }
+        anyhow::ensure!(
+            url.starts_with("rediss://"),
+            "--redis-ca-file and --redis-client-cert need rediss:// URLs in --redis-url"
+        );
+        let read = |path: &PathBuf| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+        let root_cert = self.ca_file.as_ref().map(read).transpose()?;
+        let client_tls = match &self.client_cert {
+            Some((cert, key)) => Some(ClientTlsConfig { client_cert: read(cert)?, client_key: read(key)? }),
+            None => None,
+        };
+        Ok(Some(TlsCertificates { client_tls, root_cert }))
+    }
+}
+
+/// Whether `--redis-url` names one server or the seed nodes of a Redis Cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Deployment {
+    #[default]
+    Server,
+    Cluster,
+}
+
+/// A client for the pin store's Redis.
+#[derive(Clone)]
+pub struct RedisClient {
+    /// The server, or each seed node of a cluster: a cluster delivers every `PUBLISH` to every
+    /// node, so the pub/sub subscription may use any of them.
+    servers: Vec<Client>,
+    cluster: Option<ClusterClient>,
+}
+
+impl RedisClient {
+    /// A client for `urls`: one URL for a server, comma-separated seed nodes for a cluster.
+    /// Connects to nothing yet.
+    pub fn new(urls: &str, deployment: Deployment, tls: &RedisTls) -> anyhow::Result<Self> {
+        let urls: Vec<&str> = urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+        let first = urls.first().copied().context("--redis-url is empty")?;
+        let certificates = tls.certificates(first)?;
+        let client = |url: &str| -> anyhow::Result<Client> {
+            let client = match &certificates {
+                Some(certificates) => Client::build_with_tls(url, certificates.clone()),
+                None => Client::open(url),
+            };
+            client.with_context(|| format!("{url:?} in --redis-url is not a valid Redis URL"))
+        };
+        match deployment {
+            Deployment::Server => {
+                anyhow::ensure!(
+                    urls.len() == 1,
+                    "--redis-url names several servers; for a Redis Cluster add --redis-cluster"
+                );
+                Ok(RedisClient { servers: vec![client(first)?], cluster: None })
+            }
+            Deployment::Cluster => {
+                let servers = urls.iter().map(|url| client(url)).collect::<anyhow::Result<Vec<_>>>()?;
+                let mut builder = ClusterClientBuilder::new(urls.clone()).connection_timeout(CONNECT_TIMEOUT);
+                if let Some(certificates) = certificates {
+                    builder = builder.certs(certificates);
+                }
+                let cluster = builder.build().context("--redis-url does not name a Redis Cluster's nodes")?;
+                Ok(RedisClient { servers, cluster: Some(cluster) })
+            }
+        }
+    }
+
+    /// A connection that reconnects by itself, whose every answer must come within
+    /// `response_timeout`.
+    pub async fn connect(&self, response_timeout: Duration) -> RedisResult<RedisConnection> {
+        match &self.cluster {
+            None => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(response_timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(MAX_RECONNECT_DELAY);
+                let server = self.servers[0].clone();
+                Ok(RedisConnection::Server(ConnectionManager::new_with_config(server, config).await?))
+            }
+            Some(cluster) => {
+                let config =
+                    ClusterConfig::new().set_connection_timeout(CONNECT_TIMEOUT).set_response_timeout(response_timeout);
+                Ok(RedisConnection::Cluster(cluster.get_async_connection_with_config(config).await?))
+            }
+        }
+    }
+
+    /// A pub/sub connection; in a cluster, to seed node `attempt` (modulo their number), so
+    /// retries go round the seeds when one is down.
+    pub async fn pubsub(&self, attempt: usize) -> RedisResult<PubSub> {
+        self.servers[attempt % self.servers.len()].get_async_pubsub().await
+    }
+}
+
+/// A connection to the pin store's Redis; cheap to clone, every clone multiplexed on the same
+/// sockets.
+#[derive(Clone)]
+pub enum RedisConnection {
+    Server(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl RedisConnection {
+    /// `INFO server` of one server (in a cluster, any node: they run one version).
+    pub async fn server_info(&mut self) -> RedisResult<String> {
+        let mut info = redis::cmd("INFO");
+        info.arg("server");
+        match self {
+            RedisConnection::Server(conn) => info.query_async(conn).await,
+            RedisConnection::Cluster(conn) => {
+                let reply = conn.route_command(info, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random)).await?;
+                Ok(redis::from_redis_value(reply)?)
+            }
+        }
+    }
+
+    /// Every key matching `pattern`, whose hash tag puts them all in one slot: in a cluster, that
+    /// slot's primary is scanned.
+    pub async fn scan_one_slot(&mut self, pattern: &str) -> RedisResult<Vec<String>> {
+        let route = match self {
+            RedisConnection::Server(_) => None,
+            RedisConnection::Cluster(conn) => {
+                let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(pattern).query_async(conn).await?;
+                Some(RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master))))
+            }
+        };
+        let (mut cursor, mut keys) = (0u64, Vec::new());
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000);
+            let (next, batch): (u64, Vec<String>) = match (&mut *self, &route) {
+                (RedisConnection::Cluster(conn), Some(route)) => {
+                    redis::from_redis_value(conn.route_command(scan, route.clone()).await?)?
+                }
+                (conn, _) => scan.query_async(conn).await?,
+            };
+            keys.extend(batch);
+            if next == 0 {
+                return Ok(keys);
+            }
+            cursor = next;
+        }
+    }
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConnection::Server(conn) => conn.req_packed_command(cmd),
+            RedisConnection::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConnection::Server(conn) => conn.req_packed_commands(pipeline, offset, count),
+            RedisConnection::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConnection::Server(conn) => conn.get_db(),
+            RedisConnection::Cluster(conn) => conn.get_db(),
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! The pin store on a Redis Cluster of real processes: pins shared across activators, and a
+//! primary lost under load.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use integration_tests::load::Load;
+use integration_tests::redis::RedisCluster;
+use integration_tests::topology::{Service, yaml};
+use integration_tests::{Client, Env, addrs, bin_dir, wait_pin_store_up};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_live_in_a_redis_cluster_and_a_lost_primary_fails_no_request() {
+    let env = Env::new();
+    let mut cluster = RedisCluster::start(env.dir.path()).await;
+    // Services whose pins (one hash tag each) sit on every primary.
+    let mut by_primary: BTreeMap<u16, String> = BTreeMap::new();
+    for i in 0.. {
+        let name = format!("svc-{i}");
+        by_primary.entry(cluster.primary_of(&format!("{{default/{name}}}")).await).or_insert(name);
+        if by_primary.len() == 3 {
+            break;
+        }
+    }
+    let services: Vec<&String> = by_primary.values().collect();
+    let pods = env.pods("shared-1", 3).await;
+    let topology: Vec<Service> =
+        services.iter().map(|name| Service::new(name).revision(&format!("{name}-1"), 100, &addrs(&pods))).collect();
+    env.write_topology(&yaml(&topology));
+    let url = cluster.url();
+    let flags = ["--pin-store", "redis", "--redis-cluster", "--redis-url", &url, "--debug-headers"];
+    let (a, b) = (env.activator(&flags).await, env.activator(&flags).await);
+    wait_pin_store_up(a.addr("admin")).await;
+    wait_pin_store_up(b.addr("admin")).await;
+    let (via_a, via_b) = (Client::new(a.addr("proxy")), Client::new(b.addr("proxy")));
+
+    // Every session pinned through A is honoured through B, whichever primary holds it.
+    let mut homes = Vec::new();
+    for service in &services {
+        let host = format!("{service}.test");
+        for s in 0..4 {
+            let id = format!("{service}-s{s}");
+            let first = via_a.get_with(&host, "/incr", &[("K-Session", &id)]).await;
+            let second = via_b.get_with(&host, "/incr", &[("K-Session", &id)]).await;
+            assert_eq!((first.status, second.status), (200, 200));
+            assert_eq!(first.pod(), second.pod(), "{id} split across replicas");
+            homes.push((host.clone(), id, first.pod().to_owned()));
+        }
+    }
+
+    // Steady load through both activators while one primary dies and its replica takes over.
+    let load = Load::start(6, {
+        let (clients, homes) = ([via_a.clone(), via_b.clone()], homes.clone());
+        move |worker, n| {
+            let (host, id, _) = &homes[(worker + n) % homes.len()];
+            clients[worker % 2].request(reqwest::Method::GET, host, "/incr").header("K-Session", id)
+        }
+    });
+    load.wait_for(200, Duration::from_secs(30)).await;
+    let lost = *by_primary.keys().next().expect("three primaries");
+    cluster.kill_primary(lost).await;
+    load.wait_for(400, Duration::from_secs(60)).await;
+    let failed = load.stop().await.into_iter().filter(|o| o.failed()).count();
+    assert_eq!(failed, 0, "requests failed while a primary was lost");
+
+    // Pins on the surviving primaries are still in Redis and still route.
+    let survivors: HashSet<&String> = by_primary.iter().filter(|(port, _)| **port != lost).map(|(_, s)| s).collect();
+    for (host, id, pod) in &homes {
+        let service = host.trim_end_matches(".test");
+        if !survivors.contains(&service.to_owned()) {
+            continue;
+        }
+        let out = tokio::process::Command::new(bin_dir().join("activator"))
+            .args(["pins", "get", "--redis-cluster", "--redis-url", &url, "--namespace", "default"])
+            .args(["--service", service, "--session", id])
+            .output()
+            .await
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout);
+        let problem = String::from_utf8_lossy(&out.stderr);
+        // Pods are named `shared-1-pod-<index>`; the pin names the pod by its address.
+        let index: usize = pod.rsplit('-').next().and_then(|i| i.parse().ok()).expect("a pod index");
+        let addr = pods[index].addr("http").to_string();
+        assert!(out.status.success() && report.contains(&addr), "the pin of {id} is kept: {report}{problem}");
+        for client in [&via_a, &via_b] {
+            let reply = client.get_with(host, "/incr", &[("K-Session", id)]).await;
+            assert_eq!((reply.status, reply.pod()), (200, pod.as_str()), "{id} stays on its pod");
+        }
+    }
+    let listed = tokio::process::Command::new(bin_dir().join("activator"))
+        .args(["pins", "list", "--redis-cluster", "--redis-url", &url, "--namespace", "default"])
+        .args(["--service", survivors.iter().next().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("4 pins for default/"),
+        "pins list reads one slot's primary"
+    );
+}
