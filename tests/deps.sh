@@ -13,7 +13,7 @@ dry_run=false
 
 # tool:Debian package
 required=(redis-server:redis-server redis-cli:redis-server)
-optional=(kubectl:kubectl)
+optional=(kubectl:kubectl haproxy:haproxy)
 
 missing_tools=()
 missing_packages=()
@@ -59,11 +59,14 @@ echo "test dependencies: installing ${missing_packages[*]} (for ${missing_tools[
 $dry_run && exit 0
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
-# Optional packages may not exist in every release (kubectl is not in Debian 12): install them
-# one by one so a missing one does not stop the others.
+# Optional packages (kubectl for the manifest tests, haproxy for the rolling restart) may not exist
+# in every release (kubectl is not in Debian 12): install them one by one so a missing one does not
+# stop the others. Debian starts haproxy as a service on install where it can; the test runs its
+# own on loopback, so the service is stopped.
 $sudo apt-get install -y -qq --no-install-recommends "${required_packages[@]}" >/dev/null
 for package in "${missing_packages[@]}"; do
     [[ " ${required_packages[*]} " == *" $package "* ]] && continue
     $sudo apt-get install -y -qq --no-install-recommends "$package" >/dev/null 2>&1 \
         || echo "test dependencies: $package is not available here; the tests that need it are skipped"
 done
+$sudo service haproxy stop >/dev/null 2>&1 || true

@@ -1,6 +1,7 @@
 //! Whether this replica should receive traffic: not while draining after SIGTERM, not before its
-//! world view has synced once (when its source needs a sync), and not while the autoscaler's
-//! websocket is down (when an autoscaler is configured), as upstream.
+//! world view has synced once (when its source needs a sync), not before its shared pin store has
+//! tried Redis once (when there is one), and not while the autoscaler's websocket is down (when an
+//! autoscaler is configured), as upstream.
 //!
 //! Owns the readiness state only; the probes that report it are answered in `probes` and `admin`.
 
@@ -11,6 +12,8 @@ pub struct Health {
     draining: AtomicBool,
     needs_sync: AtomicBool,
     synced: AtomicBool,
+    needs_pin_store: AtomicBool,
+    pin_store_tried: AtomicBool,
     needs_autoscaler: AtomicBool,
     autoscaler_connected: AtomicBool,
 }
@@ -33,6 +36,16 @@ impl Health {
         self.synced.store(true, Ordering::SeqCst);
     }
 
+    /// A shared pin store must try Redis once before the replica is ready; Redis being down
+    /// afterwards never makes it unready (the store fails open).
+    pub fn require_pin_store(&self) {
+        self.needs_pin_store.store(true, Ordering::SeqCst);
+    }
+
+    pub fn set_pin_store_tried(&self) {
+        self.pin_store_tried.store(true, Ordering::SeqCst);
+    }
+
     pub fn require_autoscaler(&self) {
         self.needs_autoscaler.store(true, Ordering::SeqCst);
     }
@@ -47,6 +60,8 @@ impl Health {
             Err("received SIGTERM from kubelet")
         } else if self.needs_sync.load(Ordering::SeqCst) && !self.synced.load(Ordering::SeqCst) {
             Err("the view of revisions and endpoints has not synced yet")
+        } else if self.needs_pin_store.load(Ordering::SeqCst) && !self.pin_store_tried.load(Ordering::SeqCst) {
+            Err("the shared pin store has not tried Redis yet")
         } else if self.needs_autoscaler.load(Ordering::SeqCst) && !self.autoscaler_connected.load(Ordering::SeqCst) {
             Err("connection has not yet been established")
         } else {
@@ -60,12 +75,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn readiness_follows_draining_sync_and_the_autoscaler_when_required() {
+    fn readiness_follows_draining_sync_the_pin_store_and_the_autoscaler_when_required() {
         let health = Health::default();
         assert!(health.check().is_ok(), "nothing required");
         health.require_sync();
         assert_eq!(health.check(), Err("the view of revisions and endpoints has not synced yet"));
         health.set_synced();
+        health.require_pin_store();
+        assert_eq!(health.check(), Err("the shared pin store has not tried Redis yet"));
+        health.set_pin_store_tried();
         health.require_autoscaler();
         assert_eq!(health.check(), Err("connection has not yet been established"));
         health.set_autoscaler_connected(true);

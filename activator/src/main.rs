@@ -150,6 +150,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
             Pins::shared(config.max_pins, shared, &stats)?
         }
     };
+    if config.pin_store == PinStore::Redis {
+        health.require_pin_store();
+    }
     let handler = Arc::new(Handler {
         world,
         health,
@@ -162,6 +165,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tunnels: TaskTracker::new(),
     });
     tokio::spawn(maintain_pins(handler.clone()));
+    let tried = handler.clone();
+    tokio::spawn(async move {
+        tried.pins.first_attempt().await;
+        tried.health.set_pin_store_tried();
+    });
     server::serve(listeners, handler, stop_accepting, config.grace_timeout, limits).await;
     Ok(())
 }

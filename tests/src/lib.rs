@@ -22,6 +22,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 pub mod fixtures;
+pub mod haproxy;
 pub mod knative;
 pub mod kube_api;
 pub mod load;

@@ -534,3 +534,62 @@ async fn a_body_that_pauses_too_long_is_cut() {
     assert!(cut, "the body is cut, not continued: {next:?}");
     assert_eq!(client.get("idle.test", "/incr").await.status, 200, "the pod's only slot was given back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_revision_timeout_runs_from_arrival_cuts_streams_and_spares_websockets() {
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    let env = Env::new();
+    let pod = env.demo("pod", "capped-1").await;
+    env.write_topology(&yaml(&[Service::new("capped").revision("capped-1", 100, &[pod.addr("http")]).with(|r| {
+        (r.container_concurrency, r.timeout_seconds) = (1, TIMEOUT.as_secs());
+    })]));
+    let activator = env.activator(&[]).await;
+    let client = Client::new(activator.addr("proxy"));
+
+    // A response still streaming when the timeout ends is cut, and its slot freed.
+    let started = std::time::Instant::now();
+    let resp = client.request(reqwest::Method::GET, "capped.test", "/stream?chunks=10&interval=500ms").send().await;
+    let mut body = resp.unwrap().bytes_stream();
+    let (mut chunks, mut cut) = (0, false);
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(20), body.next()).await.expect("cut, not stalled")
+    {
+        match chunk {
+            Ok(_) => chunks += 1,
+            Err(_) => {
+                cut = true;
+                break;
+            }
+        }
+    }
+    assert!(cut || chunks < 10, "the stream outlived the timeout: {chunks} chunks");
+    assert!(started.elapsed() < Duration::from_secs(5), "cut at the timeout, not at the stream's end");
+    assert_eq!(client.get("capped.test", "/incr").await.status, 200, "the pod's only slot was given back");
+
+    // Time spent queued counts: the second request waits 1.5 s for the only slot, and its pod
+    // would need 1 s more.
+    let holder = tokio::spawn({
+        let client = client.clone();
+        async move { client.get("capped.test", "/slow?delay=1500ms").await }
+    });
+    wait_until(Duration::from_secs(10), "the slot is taken", || async {
+        metric(activator.addr("admin"), "activator_in_flight_requests", &[("revision", "capped-1")]).await == Some(1.0)
+    })
+    .await;
+    let queued = client.get("capped.test", "/slow?delay=1s").await;
+    assert_eq!((queued.status, queued.body.as_str()), (504, "activator request timeout\n"));
+    assert_eq!(holder.await.unwrap().status, 200);
+
+    // A websocket is not cut: it echoes for longer than the timeout.
+    let mut request = format!("ws://{}/ws", activator.addr("proxy")).into_client_request().unwrap();
+    request.headers_mut().insert("host", "capped.test".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.expect("upgrade through the activator");
+    let opened = std::time::Instant::now();
+    let mut sent = 0;
+    while opened.elapsed() < TIMEOUT + Duration::from_secs(1) {
+        let text = format!("message {sent}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(echoed, Message::text(text), "the websocket outlives the revision timeout");
+        sent += 1;
+    }
+}

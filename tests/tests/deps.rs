@@ -38,11 +38,11 @@ fn missing_redis_is_named_with_how_to_get_it() {
 fn with_apt_it_says_what_it_would_install() {
     let (ok, said) = dry_run(&["apt-get", "id", "redis-cli"]);
     assert!(ok, "{said}");
-    assert!(said.contains("installing redis-server kubectl (for redis-server kubectl)"), "{said}");
+    assert!(said.contains("installing redis-server kubectl haproxy (for redis-server kubectl haproxy)"), "{said}");
 }
 
 #[test]
 fn nothing_to_do_when_everything_is_there() {
-    let (ok, said) = dry_run(&["redis-server", "redis-cli", "kubectl"]);
+    let (ok, said) = dry_run(&["redis-server", "redis-cli", "kubectl", "haproxy"]);
     assert!(ok && said.trim() == "test dependencies: all present", "{said}");
 }

@@ -1,12 +1,16 @@
 //! What the activator does when the things around it fail: pods that die under load, clients
-//! that never finish their headers. Real processes throughout.
+//! that never finish their headers, its own replicas restarted one by one behind a load
+//! balancer. Real processes throughout.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use integration_tests::haproxy::{Backend, Haproxy};
 use integration_tests::load::{Load, Outcome};
+use integration_tests::redis::Redis;
 use integration_tests::topology::{Service, yaml};
-use integration_tests::{Client, Env, addrs, metric, raise_open_files_limit, wait_until};
+use integration_tests::{Client, Env, Metrics, addrs, metric, raise_open_files_limit, wait_pin_store_up, wait_until};
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -215,4 +219,72 @@ async fn http2_clients_are_held_to_stream_and_header_limits() {
     let client = Client::new(activator.addr("proxy"));
     assert_eq!(client.get("h2limits.test", "/incr").await.status, 200, "the activator serves on");
     driven.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_behind_a_load_balancer_fails_nothing_and_moves_no_session() {
+    if !Haproxy::installed() {
+        eprintln!("skipped: haproxy is not installed (`just deps` installs it on Debian and Ubuntu)");
+        return;
+    }
+    const SESSIONS: usize = 40;
+    let env = Env::new();
+    let redis = Redis::start(env.dir.path()).await;
+    let pods = env.pods("rolling-1", 3).await;
+    env.write_topology(&yaml(&[Service::new("rolling").revision("rolling-1", 100, &addrs(&pods))]));
+    let url = redis.url();
+    let start = |ports: Option<(SocketAddr, SocketAddr)>| {
+        let (env, url) = (&env, url.clone());
+        async move {
+            let (proxy, admin) =
+                ports.map_or(("127.0.0.1:0".into(), "127.0.0.1:0".into()), |(p, a)| (p.to_string(), a.to_string()));
+            let flags = ["--pin-store", "redis", "--redis-url", &url, "--drain-period", "2s", "--listen", &proxy];
+            let activator =
+                env.activator(&[&flags[..], &["--admin-listen", &admin, "--grace-timeout", "30s"]].concat()).await;
+            wait_pin_store_up(activator.addr("admin")).await;
+            activator
+        }
+    };
+    let mut activators = [start(None).await, start(None).await];
+    let backends: Vec<Backend> =
+        activators.iter().map(|a| Backend { proxy: a.addr("proxy"), admin: a.addr("admin") }).collect();
+    let haproxy = Haproxy::start(env.dir.path(), &backends).await;
+    let client = Client::new(haproxy.addr);
+    wait_until(Duration::from_secs(10), "HAProxy sends requests to the activators", || async {
+        client
+            .try_send(client.request(reqwest::Method::GET, "rolling.test", "/incr"))
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+
+    let load = Load::start(8, move |worker, n| {
+        let session = format!("s-{}", (worker * 7 + n) % SESSIONS);
+        client.request(reqwest::Method::GET, "rolling.test", "/incr").header("K-Session", session)
+    });
+    load.wait_for(300, Duration::from_secs(30)).await;
+    for activator in &mut activators {
+        let ports = (activator.addr("proxy"), activator.addr("admin"));
+        activator.signal(Signal::SIGTERM);
+        let status = activator.wait_exit(Duration::from_secs(40)).await;
+        assert!(status.success(), "the old activator exits cleanly: {status}");
+        // Its replacement comes up where it was, as a restarted pod keeps its Service.
+        *activator = start(Some(ports)).await;
+        let admin = ports.1;
+        wait_until(Duration::from_secs(20), "the load balancer sends to the new activator", || async {
+            Metrics::scrape(admin).await.sum("activator_requests_total") > 0.0
+        })
+        .await;
+        load.wait_for(200, Duration::from_secs(30)).await;
+    }
+    let outcomes = load.stop().await;
+
+    let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.failed()).collect();
+    assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), outcomes.len(), failed.first());
+    let mut pods_of: HashMap<usize, HashSet<&str>> = HashMap::new();
+    for o in &outcomes {
+        pods_of.entry((o.worker * 7 + o.n) % SESSIONS).or_default().insert(&o.pod);
+    }
+    let moved: Vec<_> = pods_of.iter().filter(|(_, pods)| pods.len() > 1).collect();
+    assert!(moved.is_empty(), "sessions that changed pods: {moved:?}");
 }

@@ -293,6 +293,15 @@ impl Pins {
         written.pin
     }
 
+    /// Completes once the shared store has tried Redis once, whether Redis answered or not; at
+    /// once without a shared store. A replica that takes traffic before it could ask Redis would
+    /// pin sessions of its own that other replicas have pinned elsewhere.
+    pub async fn first_attempt(&self) {
+        if let Some(shared) = &self.shared {
+            shared.first_attempt().await;
+        }
+    }
+
     /// Drops expired pins and publishes the entry count; run periodically.
     pub fn maintain(&self) {
         self.entries.set(i64::try_from(self.memory.sweep()).unwrap_or(i64::MAX));

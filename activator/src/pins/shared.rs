@@ -235,6 +235,8 @@ pub struct SharedPins {
     replica: String,
     repin: redis::Script,
     metrics: StoreMetrics,
+    /// Set once the first connection attempt ended, however it ended.
+    tried: tokio::sync::watch::Sender<bool>,
 }
 
 impl SharedPins {
@@ -257,11 +259,18 @@ impl SharedPins {
             repin: redis::Script::new(REPIN_SCRIPT),
             config,
             metrics,
+            tried: tokio::sync::watch::Sender::new(false),
         });
         tokio::spawn(shared.clone().connect(client.clone()));
         tokio::spawn(shared.clone().follow_invalidations(client));
         tokio::spawn(shared.clone().refresh_loop());
         Ok(shared)
+    }
+
+    /// Completes once the first connection attempt has ended.
+    pub async fn first_attempt(&self) {
+        // The sender lives as long as `self`, so this only ends when the flag is set.
+        let _ = self.tried.subscribe().wait_for(|tried| *tried).await;
     }
 
     /// The pins of `keys`: fresh near-cache entries as they are, the others read from Redis in
@@ -449,7 +458,9 @@ impl SharedPins {
                 let info = requests.server_info().await?;
                 Ok::<_, redis::RedisError>((Connections { requests, background }, info))
             };
-            match connected.await {
+            let connected = connected.await;
+            self.tried.send_replace(true);
+            match connected {
                 Ok((conn, info)) => {
                     let version = server_version(&info);
                     if version.is_none_or(|v| v < MIN_VERSION) {
