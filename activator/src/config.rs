@@ -200,8 +200,13 @@ pub struct Config {
     pub redis_url: Option<String>,
 
     /// `--redis-url` lists the seed nodes of a Redis Cluster, comma-separated.
-    #[arg(long, env = "REDIS_CLUSTER", global = true)]
+    #[arg(long, env = "REDIS_CLUSTER", global = true, conflicts_with = "redis_sentinel_primary")]
     pub redis_cluster: bool,
+
+    /// `--redis-url` lists Redis Sentinels, comma-separated, that watch the primary of this name
+    /// (`sentinel monitor <name> …`); the pin store follows the primary when they fail it over.
+    #[arg(long, env = "REDIS_SENTINEL_PRIMARY", global = true)]
+    pub redis_sentinel_primary: Option<String>,
 
     /// PEM file of the certificate authorities that sign the Redis server's certificate, for a
     /// `rediss://` URL whose server a public CA does not vouch for (a managed or in-cluster Redis).
@@ -257,7 +262,11 @@ pub struct Listeners {
 
 impl Config {
     pub fn redis_deployment(&self) -> Deployment {
-        if self.redis_cluster { Deployment::Cluster } else { Deployment::Server }
+        match (&self.redis_sentinel_primary, self.redis_cluster) {
+            (Some(primary), _) => Deployment::Sentinel { primary: primary.clone() },
+            (None, true) => Deployment::Cluster,
+            (None, false) => Deployment::Server,
+        }
     }
 
     /// The TLS files for Redis the flags name.

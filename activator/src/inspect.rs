@@ -20,7 +20,7 @@ pub async fn run(
     deployment: Deployment,
 ) -> anyhow::Result<ExitCode> {
     let url = redis_url.context("--redis-url (or REDIS_URL) names the Redis the activators share")?;
-    let client = RedisClient::new(&url, deployment, tls)?;
+    let client = RedisClient::new(&url, &deployment, tls)?;
     let mut conn = client.connect(ANSWER_TIMEOUT).await.context("connecting to Redis")?;
     match action {
         PinsAction::Get(selector) => {

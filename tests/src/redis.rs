@@ -16,8 +16,9 @@ pub struct Redis {
     log: std::path::PathBuf,
     child: Option<Child>,
     security: Security,
-    /// Where a cluster node keeps its `nodes.conf`; `None` for a standalone server.
-    cluster_dir: Option<PathBuf>,
+    /// Its part in a cluster, replication or Sentinel, as `redis-server` arguments; a
+    /// configuration file among them comes first.
+    role: Vec<String>,
 }
 
 /// How a test's Redis is secured.
@@ -66,9 +67,12 @@ impl Redis {
     }
 
     pub async fn start_secured(dir: &Path, security: Security) -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-        let mut redis =
-            Redis { port, log: dir.join(format!("redis-{port}.log")), child: None, security, cluster_dir: None };
+        Self::start_as(dir, security, Vec::new()).await
+    }
+
+    async fn start_as(dir: &Path, security: Security, role: Vec<String>) -> Redis {
+        let port = free_port();
+        let mut redis = Redis { port, log: dir.join(format!("redis-{port}.log")), child: None, security, role };
         redis.restart().await;
         redis
     }
@@ -103,13 +107,12 @@ impl Redis {
         } else {
             secured.extend(["--port", &port]);
         }
-        let cluster_dir = self.cluster_dir.as_ref().map(|d| d.to_str().expect("a UTF-8 temp path"));
-        if let Some(dir) = cluster_dir {
-            secured.extend(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000", "--dir", dir]);
-            // Replicas sync at once rather than after the default 5 s wait for more of them.
-            secured.extend(["--repl-diskless-sync-delay", "0"]);
-        }
+        // Replicas sync at once rather than after the default 5 s wait for more of them.
+        secured.extend(["--repl-diskless-sync-delay", "0"]);
+        let (config_file, role): (Vec<&String>, Vec<&String>) = self.role.iter().partition(|a| a.ends_with(".conf"));
+        secured.extend(role.iter().map(|a| a.as_str()));
         let child = Command::new("redis-server")
+            .args(config_file)
             .args(secured)
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--enable-debug-command", "local"])
             .stdout(log)
@@ -130,6 +133,20 @@ impl Redis {
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().await.expect("killing redis-server");
+        }
+    }
+
+    /// Waits until this server is a primary, or a replica that finished its first sync: one
+    /// that has not would not take over from its primary.
+    async fn wait_synced(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let replication = self.cli(&["INFO", "replication"]).await;
+            if replication.contains("role:master") || replication.contains("master_link_status:up") {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "replica {} never synced:\n{replication}", self.port);
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -198,12 +215,9 @@ impl RedisCluster {
         for i in 0..6 {
             let node_dir = dir.join(format!("cluster-node-{i}"));
             std::fs::create_dir_all(&node_dir).expect("a node directory");
-            let port =
-                std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-            let log = dir.join(format!("redis-{port}.log"));
-            let mut node = Redis { port, log, child: None, security: Security::default(), cluster_dir: Some(node_dir) };
-            node.restart().await;
-            nodes.push(node);
+            let node_dir = node_dir.to_str().expect("a UTF-8 temp path");
+            let role = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000", "--dir", node_dir];
+            nodes.push(Redis::start_as(dir, Security::default(), role.map(str::to_owned).to_vec()).await);
         }
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let out = Command::new("redis-cli")
@@ -216,17 +230,8 @@ impl RedisCluster {
         assert!(out.status.success(), "redis-cli --cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
         let cluster = RedisCluster { nodes };
         cluster.wait_healthy().await;
-        // A replica that never finished its first sync would not take over from its primary.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         for node in &cluster.nodes {
-            loop {
-                let replication = node.cli(&["INFO", "replication"]).await;
-                if replication.contains("role:master") || replication.contains("master_link_status:up") {
-                    break;
-                }
-                assert!(tokio::time::Instant::now() < deadline, "replica {} never synced:\n{replication}", node.port);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            node.wait_synced().await;
         }
         cluster
     }
@@ -296,5 +301,83 @@ impl RedisCluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         self.wait_healthy().await;
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// A primary, its replica, and three Sentinels watching it (quorum 2), on loopback.
+pub struct RedisSentinels {
+    pub primary: Redis,
+    pub replica: Redis,
+    sentinels: Vec<Redis>,
+}
+
+impl RedisSentinels {
+    /// The name the Sentinels know the primary by.
+    pub const PRIMARY: &'static str = "pins";
+
+    pub async fn start(dir: &Path) -> RedisSentinels {
+        let primary = Redis::start(dir).await;
+        let replica_of = ["--replicaof", "127.0.0.1", &primary.port.to_string()].map(str::to_owned).to_vec();
+        let replica = Redis::start_as(dir, Security::default(), replica_of).await;
+        replica.wait_synced().await;
+        let mut sentinels = Vec::new();
+        for i in 0..3 {
+            // A Sentinel rewrites its configuration file, so each gets its own.
+            let config = dir.join(format!("sentinel-{i}.conf"));
+            let monitor = format!(
+                "sentinel monitor {name} 127.0.0.1 {port} 2\n\
+                 sentinel down-after-milliseconds {name} 1000\n\
+                 sentinel failover-timeout {name} 5000\n",
+                name = Self::PRIMARY,
+                port = primary.port
+            );
+            std::fs::write(&config, monitor).expect("writing a Sentinel configuration");
+            let role = [config.to_str().expect("a UTF-8 temp path"), "--sentinel"].map(str::to_owned).to_vec();
+            sentinels.push(Redis::start_as(dir, Security::default(), role).await);
+        }
+        let set = RedisSentinels { primary, replica, sentinels };
+        // Every Sentinel knows the replica and the other two before anything may fail.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for sentinel in &set.sentinels {
+            loop {
+                let master = sentinel.cli(&["SENTINEL", "MASTER", Self::PRIMARY]).await;
+                let field = |name: &str| master.lines().skip_while(|l| *l != name).nth(1).map(str::to_owned);
+                if field("num-slaves").as_deref() == Some("1") && field("num-other-sentinels").as_deref() == Some("2") {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "Sentinel {} never saw the set:\n{master}",
+                    sentinel.port
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        set
+    }
+
+    /// The Sentinels, for `--redis-url` with `--redis-sentinel-primary`.
+    pub fn url(&self) -> String {
+        self.sentinels.iter().map(Redis::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// Kills the primary, as a crash would, and waits until the Sentinels have promoted the
+    /// replica.
+    pub async fn kill_primary(&mut self) {
+        self.primary.kill().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let addr = self.sentinels[0].cli(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", Self::PRIMARY]).await;
+            let promoted = addr.lines().nth(1).is_some_and(|port| port.trim() == self.replica.port.to_string());
+            if promoted && self.replica.cli(&["INFO", "replication"]).await.contains("role:master") {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the Sentinels never promoted the replica: {addr}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }

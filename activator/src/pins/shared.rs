@@ -243,7 +243,7 @@ impl SharedPins {
     /// Starts connecting in the background: until Redis answers, pins stay local to this
     /// replica. Only a malformed URL is an error.
     pub fn start(config: SharedConfig, memory: Arc<MemoryPins>, stats: &Stats) -> anyhow::Result<Arc<Self>> {
-        let client = RedisClient::new(&config.url, config.deployment, &config.tls)?;
+        let client = RedisClient::new(&config.url, &config.deployment, &config.tls)?;
         let metrics = StoreMetrics {
             errors: OPS.map(|op| stats.pin_store_errors.with_label_values(&[op])),
             latency: OPS.map(|op| stats.pin_store_latency.with_label_values(&[op])),

@@ -1,13 +1,13 @@
-//! The pin store on a Redis Cluster of real processes: pins shared across activators, and a
-//! primary lost under load.
+//! The pin store when Redis itself fails over, with real processes: a Redis Cluster losing a
+//! primary, and Sentinels promoting a replica, each under load through two activators.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use integration_tests::load::Load;
-use integration_tests::redis::RedisCluster;
+use integration_tests::redis::{RedisCluster, RedisSentinels};
 use integration_tests::topology::{Service, yaml};
-use integration_tests::{Client, Env, addrs, bin_dir, wait_pin_store_up};
+use integration_tests::{Client, Env, addrs, bin_dir, metric, wait_pin_store_up, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pins_live_in_a_redis_cluster_and_a_lost_primary_fails_no_request() {
@@ -96,5 +96,62 @@ async fn pins_live_in_a_redis_cluster_and_a_lost_primary_fails_no_request() {
     assert!(
         String::from_utf8_lossy(&listed.stdout).contains("4 pins for default/"),
         "pins list reads one slot's primary"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_follow_the_primary_sentinels_promote_and_no_request_fails() {
+    let env = Env::new();
+    let mut set = RedisSentinels::start(env.dir.path()).await;
+    let pods = env.pods("sentinel-1", 3).await;
+    env.write_topology(&yaml(&[Service::new("sentinel").revision("sentinel-1", 100, &addrs(&pods))]));
+    let url = set.url();
+    let flags = ["--pin-store", "redis", "--redis-sentinel-primary", RedisSentinels::PRIMARY, "--redis-url", &url];
+    let (a, b) = (env.activator(&flags).await, env.activator(&flags).await);
+    wait_pin_store_up(a.addr("admin")).await;
+    wait_pin_store_up(b.addr("admin")).await;
+    let (via_a, via_b) = (Client::new(a.addr("proxy")), Client::new(b.addr("proxy")));
+    let agree = |tag: String| {
+        let (via_a, via_b) = (via_a.clone(), via_b.clone());
+        async move {
+            let first = via_a.get_with("sentinel.test", "/incr", &[("K-Session", &tag)]).await;
+            let second = via_b.get_with("sentinel.test", "/incr", &[("K-Session", &tag)]).await;
+            (first.status, second.status) == (200, 200) && first.pod() == second.pod()
+        }
+    };
+    for i in 0..5 {
+        assert!(agree(format!("before-{i}")).await, "session before-{i} split across replicas");
+    }
+    assert_eq!(set.primary.cli(&["DBSIZE"]).await.trim(), "5", "the pins are on the primary");
+
+    let load = Load::start(6, {
+        let clients = [via_a.clone(), via_b.clone()];
+        move |worker, n| {
+            let session = format!("before-{}", (worker + n) % 5);
+            clients[worker % 2].request(reqwest::Method::GET, "sentinel.test", "/incr").header("K-Session", session)
+        }
+    });
+    load.wait_for(200, Duration::from_secs(30)).await;
+    set.kill_primary().await;
+    load.wait_for(400, Duration::from_secs(60)).await;
+    let failed = load.stop().await.into_iter().filter(|o| o.failed()).count();
+    assert_eq!(failed, 0, "requests failed while the primary was lost");
+
+    // Both activators follow the promoted replica and share pins through it again.
+    for activator in [&a, &b] {
+        let admin = activator.addr("admin");
+        wait_until(Duration::from_secs(30), "the activator follows the new primary", || async {
+            activator.logs().contains("Sentinels failed the Redis primary over; following it")
+                && metric(admin, "activator_pin_store_up", &[]).await == Some(1.0)
+        })
+        .await;
+    }
+    for i in 0..3 {
+        assert!(agree(format!("after-{i}")).await, "session after-{i} split across replicas");
+    }
+    assert!(
+        set.replica.cli(&["DBSIZE"]).await.trim().parse::<u32>().unwrap() > 5,
+        "new pins land on the promoted replica: {}",
+        set.replica.cli(&["KEYS", "*"]).await
     );
 }
