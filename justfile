@@ -51,3 +51,8 @@ bench:
     cargo bench -q -p integration-tests --bench redis_round_trips
     echo "== proxy figures (backend and proxies on CPU 1, load on CPU 0)"
     target/release/bench
+
+# A bounded soak of everything at once on loopback (SOAK_SECONDS, default 600): load at ~70 % of saturation with session churn, topology changes, pods killed and added, Redis and one activator restarted; prints failures, memory and open-file drift, and pins lost once a minute. Not part of CI.
+soak: deps
+    cargo build --release --workspace --bins
+    target/release/soak
