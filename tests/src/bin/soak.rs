@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use integration_tests::haproxy::{Backend, Haproxy};
 use integration_tests::redis::Redis;
 use integration_tests::topology::{Service, yaml};
-use integration_tests::{Client, Env, Process, raise_open_files_limit, wait_pin_store_up};
+use integration_tests::{Client, Env, Metrics, Process, raise_open_files_limit, wait_pin_store_up};
 use nix::sys::signal::Signal;
 
 /// Sessions live this long, so new ones keep starting and old ones keep ending.
@@ -34,10 +34,11 @@ struct Tally {
     failed: Mutex<HashMap<u16, u64>>,
     /// The pod each session was last answered by.
     homes: Mutex<HashMap<String, String>>,
-    /// Sessions that changed pods although the pod they left was still serving.
-    lost: AtomicU64,
+    /// Sessions that changed pods although the pod they left was still serving (counted once
+    /// however often they flip between two pods).
+    lost: Mutex<HashSet<String>>,
     /// Sessions that changed pods because theirs was killed or removed: expected.
-    moved: AtomicU64,
+    moved: Mutex<HashSet<String>>,
     skipped: AtomicU64,
 }
 
@@ -112,17 +113,17 @@ async fn main() {
             activators[0] = start_activator(&env, &redis, Some(ports)).await;
         }
         if ticks.is_multiple_of(12) {
-            let now: Vec<(u64, usize)> = activators.iter().map(|a| (a.memory_kib().0, open_files(a.pid()))).collect();
+            let now = sample(&activators);
             let first = baseline.get_or_insert_with(|| now.clone()).clone();
-            report(elapsed, &tally, &first, &now);
+            report(elapsed, &tally, &first, &now, &activators).await;
         }
     }
     stop.store(true, Ordering::Relaxed);
     generator.await.expect("the load generator");
-    let now: Vec<(u64, usize)> = activators.iter().map(|a| (a.memory_kib().0, open_files(a.pid()))).collect();
+    let now = sample(&activators);
     let first = baseline.unwrap_or_else(|| now.clone());
     println!("final");
-    report(started.elapsed(), &tally, &first, &now);
+    report(started.elapsed(), &tally, &first, &now, &activators).await;
     drop(haproxy);
 }
 
@@ -219,7 +220,8 @@ async fn generate(client: Client, rate: f64, tally: Arc<Tally>, live: Live, stop
                     tally.ok.fetch_add(1, Ordering::Relaxed);
                     if record_home(&tally, &live, session.clone(), reply.pod().to_owned()) && verbose {
                         let decision = reply.header("x-activator-decision");
-                        println!("pin lost: session {session} now on {} ({decision})", reply.pod());
+                        let at = started.elapsed().as_secs_f32();
+                        println!("{at:>7.1} s  pin lost: session {session} now on {} ({decision})", reply.pod());
                     }
                     200
                 }
@@ -236,16 +238,15 @@ async fn generate(client: Client, rate: f64, tally: Arc<Tally>, live: Live, stop
 }
 
 /// Notes the pod that answered a session; a change of pod is a lost pin if the pod it left is
-/// still in the topology.
+/// still in the topology. Returns whether the session lost its pin just now, the first time.
 fn record_home(tally: &Tally, live: &Live, session: String, pod: String) -> bool {
-    let previous = tally.homes.lock().unwrap().insert(session, pod.clone());
+    let previous = tally.homes.lock().unwrap().insert(session.clone(), pod.clone());
     match previous {
         Some(previous) if previous != pod => {
             if live.lock().unwrap().contains(&previous) {
-                tally.lost.fetch_add(1, Ordering::Relaxed);
-                return true;
+                return tally.lost.lock().unwrap().insert(session);
             }
-            tally.moved.fetch_add(1, Ordering::Relaxed);
+            tally.moved.lock().unwrap().insert(session);
             false
         }
         _ => false,
@@ -256,7 +257,24 @@ fn open_files(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
 }
 
-fn report(elapsed: Duration, tally: &Tally, first: &[(u64, usize)], now: &[(u64, usize)]) {
+/// Each activator's resident KiB and open files now.
+fn sample(activators: &[Process]) -> Vec<(u64, usize)> {
+    activators.iter().map(|a| (a.memory_kib().0, open_files(a.pid()))).collect()
+}
+
+async fn report(
+    elapsed: Duration,
+    tally: &Tally,
+    first: &[(u64, usize)],
+    now: &[(u64, usize)],
+    activators: &[Process],
+) {
+    // Redis calls that failed or missed their budget: each one routed with that replica's own
+    // pins, which is how new sessions come to be pinned twice.
+    let mut redis_errors = 0.0;
+    for activator in activators {
+        redis_errors += Metrics::scrape(activator.addr("admin")).await.sum("activator_pin_store_errors_total");
+    }
     let failed: HashMap<u16, u64> = tally.failed.lock().unwrap().clone();
     let failed_total: u64 = failed.values().sum();
     let drift: Vec<String> = first
@@ -273,11 +291,12 @@ fn report(elapsed: Duration, tally: &Tally, first: &[(u64, usize)], now: &[(u64,
         })
         .collect();
     println!(
-        "{:>5} s  ok {}  failed {failed_total} {failed:?}  pins lost {}  moved with their pod {}  not sent (generator behind) {}  |  {}",
+        "{:>5} s  ok {}  failed {failed_total} {failed:?}  sessions that lost their pin {}  moved with their pod {}  \
+         Redis calls failed {redis_errors}  not sent (generator behind) {}  |  {}",
         elapsed.as_secs(),
         tally.ok.load(Ordering::Relaxed),
-        tally.lost.load(Ordering::Relaxed),
-        tally.moved.load(Ordering::Relaxed),
+        tally.lost.lock().unwrap().len(),
+        tally.moved.lock().unwrap().len(),
         tally.skipped.load(Ordering::Relaxed),
         drift.join("; ")
     );
