@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use prometheus::{IntCounter, IntGauge};
+use prometheus::{Gauge, IntCounter, IntGauge};
 use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -46,11 +46,13 @@ pub struct Concurrency {
     /// untracked pokes the autoscaler.
     tracked: AtomicBool,
     gauge: IntGauge,
+    /// The concurrency of each report (upstream's `kn_revision_request_concurrency`).
+    reported: Gauge,
 }
 
 impl Concurrency {
-    /// `gauge` mirrors the in-flight count for Prometheus.
-    pub fn new(namespace: &str, revision: &str, gauge: IntGauge) -> Self {
+    /// `gauge` mirrors the in-flight count for Prometheus; `reported` shows each report's value.
+    pub fn new(namespace: &str, revision: &str, gauge: IntGauge, reported: Gauge) -> Self {
         Concurrency {
             namespace: namespace.to_owned(),
             revision: revision.to_owned(),
@@ -58,6 +60,7 @@ impl Concurrency {
             arrivals: AtomicU64::new(0),
             tracked: AtomicBool::new(false),
             gauge,
+            reported,
         }
     }
 }
@@ -83,26 +86,26 @@ pub struct ReporterConfig {
 /// The request path's handle on the reporter.
 #[derive(Clone)]
 pub struct Reporter {
-    pokes: Option<mpsc::UnboundedSender<Arc<Concurrency>>>,
+    pokes: mpsc::UnboundedSender<Arc<Concurrency>>,
 }
 
 impl Reporter {
-    /// Counts concurrency for metrics only; no autoscaler is told.
-    pub fn disabled() -> Self {
-        Reporter { pokes: None }
-    }
-
-    /// Starts reporting to the autoscaler at `config.url`. `health` reports unready while the
-    /// connection is down, as upstream does.
-    pub fn start(config: ReporterConfig, health: Arc<Health>, metrics: ReporterMetrics) -> Self {
+    /// Starts reporting to the autoscaler at `config.url`; without one, each revision's report is
+    /// only published as its concurrency gauge. `health` reports unready while the connection is
+    /// down, as upstream does.
+    pub fn start(config: Option<ReporterConfig>, health: Arc<Health>, metrics: ReporterMetrics) -> Self {
         let (pokes, poked) = mpsc::unbounded_channel();
-        let (frames, outbox) = mpsc::channel(FRAME_QUEUE);
-        health.require_autoscaler();
-        let sender = Sender { url: config.url, health, metrics: metrics.clone() };
-        tokio::spawn(sender.run(outbox));
+        let pod_name = config.as_ref().map(|c| c.pod_name.clone()).unwrap_or_default();
+        let frames = config.map(|config| {
+            let (frames, outbox) = mpsc::channel(FRAME_QUEUE);
+            health.require_autoscaler();
+            let sender = Sender { url: config.url, health, metrics: metrics.clone() };
+            tokio::spawn(sender.run(outbox));
+            frames
+        });
         let outbox = Outbox { frames, dropped: metrics.dropped, pokes: metrics.pokes };
-        tokio::spawn(report_loop(config.pod_name, poked, outbox));
-        Reporter { pokes: Some(pokes) }
+        tokio::spawn(report_loop(pod_name, poked, outbox));
+        Reporter { pokes }
     }
 
     /// Moves a request counted for one revision to `to` (it lost a pin race and goes to the
@@ -119,11 +122,9 @@ impl Reporter {
         revision.in_flight.fetch_add(1, Ordering::Relaxed);
         revision.arrivals.fetch_add(1, Ordering::Relaxed);
         revision.gauge.inc();
-        if let Some(pokes) = &self.pokes
-            && !revision.tracked.swap(true, Ordering::AcqRel)
-        {
+        if !revision.tracked.swap(true, Ordering::AcqRel) {
             // Fails only once the reporter is gone, at shutdown.
-            let _ = pokes.send(revision.clone());
+            let _ = self.pokes.send(revision.clone());
         }
         InFlight(revision.clone())
     }
@@ -131,7 +132,10 @@ impl Reporter {
 
 #[derive(Clone)]
 pub struct ReporterMetrics {
-    pub connected: IntGauge,
+    /// Ours and upstream's `kn_activator_stats_conn_reachable`.
+    pub connected: [IntGauge; 2],
+    /// Upstream's `kn_activator_stats_conn_errors_total`: failed connections and sends.
+    pub errors: IntCounter,
     pub dropped: IntCounter,
     pub pokes: IntCounter,
     pub frames: IntCounter,
@@ -146,15 +150,17 @@ struct Tracked {
 }
 
 struct Outbox {
-    frames: mpsc::Sender<(Instant, Vec<u8>)>,
+    /// `None` without an autoscaler.
+    frames: Option<mpsc::Sender<(Instant, Vec<u8>)>>,
     dropped: IntCounter,
     pokes: IntCounter,
 }
 
 impl Outbox {
     fn send(&self, messages: Vec<wire::WireStatMessage>) {
+        let Some(frames) = &self.frames else { return };
         let frame = wire::WireStatMessages { messages }.encode_to_vec();
-        if self.frames.try_send((Instant::now(), frame)).is_err() {
+        if frames.try_send((Instant::now(), frame)).is_err() {
             self.dropped.inc();
         }
     }
@@ -183,8 +189,10 @@ async fn report_loop(pod_name: String, mut poked: mpsc::UnboundedReceiver<Arc<Co
             revision = poked.recv() => {
                 let Some(revision) = revision else { return };
                 // The autoscaler scales a revision at zero at once on a message with concurrency.
-                outbox.send(vec![message(&revision, &pod_name, 1.0, 1.0)]);
-                outbox.pokes.inc();
+                if outbox.frames.is_some() {
+                    outbox.send(vec![message(&revision, &pod_name, 1.0, 1.0)]);
+                    outbox.pokes.inc();
+                }
                 if !tracked.iter().any(|t| Arc::ptr_eq(&t.revision, &revision)) {
                     tracked.push(Tracked { revision, sum: 0, samples: 0, first: true });
                 }
@@ -205,7 +213,9 @@ async fn report_loop(pod_name: String, mut poked: mpsc::UnboundedReceiver<Arc<Co
                     let arrived = t.revision.arrivals.swap(0, Ordering::Relaxed) as f64;
                     let adjust = if std::mem::take(&mut t.first) { 1.0 } else { 0.0 };
                     (t.sum, t.samples) = (0, 0);
-                    messages.push(message(&t.revision, &pod_name, (average - adjust).max(0.0), (arrived - adjust).max(0.0)));
+                    let concurrency = (average - adjust).max(0.0);
+                    t.revision.reported.set(concurrency);
+                    messages.push(message(&t.revision, &pod_name, concurrency, (arrived - adjust).max(0.0)));
                     keep_tracking(&t.revision, average, arrived)
                 });
                 outbox.send(messages);
@@ -247,12 +257,14 @@ impl Sender {
                     self.up(false);
                     match outcome {
                         Some(reason) => {
+                            self.metrics.errors.inc();
                             tracing::warn!(url = %self.url, %reason, "autoscaler connection lost; reconnecting")
                         }
                         None => return,
                     }
                 }
                 outcome => {
+                    self.metrics.errors.inc();
                     if !reported_down {
                         let reason = match outcome {
                             Ok(Err(e)) => e.to_string(),
@@ -273,7 +285,7 @@ impl Sender {
 
     fn up(&self, connected: bool) {
         self.health.set_autoscaler_connected(connected);
-        self.metrics.connected.set(i64::from(connected));
+        self.metrics.connected.iter().for_each(|gauge| gauge.set(i64::from(connected)));
     }
 
     /// Sends frames and pings until the connection fails (`Some(reason)`) or the reporter is
@@ -341,7 +353,7 @@ mod tests {
         expected.push(0x21);
         expected.extend(ONE);
 
-        let revision = Concurrency::new("ns", "rev", IntGauge::new("g", "g").unwrap());
+        let revision = Concurrency::new("ns", "rev", IntGauge::new("g", "g").unwrap(), Gauge::new("c", "c").unwrap());
         let frame = wire::WireStatMessages { messages: vec![message(&revision, "act", 1.0, 1.0)] }.encode_to_vec();
         assert_eq!(frame, expected);
         let decoded = wire::WireStatMessages::decode(&expected[..]).unwrap();
@@ -351,7 +363,7 @@ mod tests {
 
     #[test]
     fn idle_revisions_stop_being_tracked_unless_a_request_raced_in() {
-        let revision = Concurrency::new("ns", "rev", IntGauge::new("g", "g").unwrap());
+        let revision = Concurrency::new("ns", "rev", IntGauge::new("g", "g").unwrap(), Gauge::new("c", "c").unwrap());
         revision.tracked.store(true, Ordering::Relaxed);
         assert!(keep_tracking(&revision, 0.5, 0.0));
         assert!(!keep_tracking(&revision, 0.0, 0.0));
@@ -364,8 +376,9 @@ mod tests {
     #[tokio::test]
     async fn the_first_request_of_an_untracked_revision_pokes_once() {
         let (pokes, mut poked) = mpsc::unbounded_channel();
-        let reporter = Reporter { pokes: Some(pokes) };
-        let revision = Arc::new(Concurrency::new("ns", "rev", IntGauge::new("g", "g").unwrap()));
+        let reporter = Reporter { pokes };
+        let revision =
+            Arc::new(Concurrency::new("ns", "rev", IntGauge::new("g", "g").unwrap(), Gauge::new("c", "c").unwrap()));
         let first = reporter.arrive(&revision);
         let second = reporter.arrive(&revision);
         assert!(poked.try_recv().is_ok());

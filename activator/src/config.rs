@@ -234,13 +234,19 @@ pub struct Config {
     #[arg(long, env = "ACTIVATOR_PIN_REFRESH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub pin_refresh_interval: Duration,
 
-    /// Add `X-Activator-Decision: session-pin | revision-pin | split | new-pin` to responses.
+    /// Add `X-Activator-Decision: session-pin | revision-pin | split | ingress | new-pin | re-pin`
+    /// to responses.
     #[arg(long, env = "ACTIVATOR_DEBUG_HEADERS")]
     pub debug_headers: bool,
 
     /// Runtime worker threads; defaults to the number of CPUs. Set it to the pod's CPU limit.
     #[arg(long, env = "ACTIVATOR_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+
+    /// One JSON line per request on stdout (no raw ids: hashed key prefixes at most). In Knative
+    /// mode `config-observability`'s `logging.enable-request-log` overrides it live.
+    #[arg(long, env = "ACTIVATOR_REQUEST_LOG")]
+    pub request_log: bool,
 
     /// Log format: `auto` is JSON lines unless stderr is a terminal.
     #[arg(long, env = "ACTIVATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]

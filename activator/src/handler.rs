@@ -15,19 +15,24 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use crate::affinity::{Keys, Pinning, Route, extract};
+use crate::affinity::{Keys, Origin, Pinning, Route, extract};
 use crate::autoscaler::{InFlight, Reporter};
 use crate::body::ResponseBody;
 use crate::headers::{DECISION, KNATIVE_NAMESPACE, KNATIVE_REVISION, KNATIVE_TAG};
 use crate::health::Health;
 use crate::pins::Pins;
+use crate::pins::{PinKey, PinSource};
 use crate::probes;
 use crate::proxy::{self, Exchange, Outbound};
 use crate::readiness::Prober;
 use crate::respond::{self, reply};
 use crate::stats::Stats;
+use crate::stats::knative::Protocol;
+use crate::telemetry::{Outcome, Routed, Telemetry};
 use crate::throttle::{AcquireError, Lease, Want};
 use crate::world::{Revision, Service, Snapshot};
+use prometheus::IntCounter;
+use tracing::{Instrument as _, Span};
 
 /// The most of an HTTP/1.1 request body a waiting request can make the activator hold: what
 /// arrived with the headers in hyper's read buffer. The rest waits in the client's socket.
@@ -48,6 +53,10 @@ pub struct Handler {
     pub debug_headers: bool,
     /// The cluster's DNS domain, for requests that name a revision by its cluster-local host.
     pub cluster_domain: String,
+    /// `activator_decisions_total`, one counter per `Origin` in `Origin::ALL`'s order.
+    pub decisions: [IntCounter; Origin::ALL.len()],
+    /// Spans, trace context and the request log.
+    pub telemetry: Telemetry,
     /// Upgraded connections (websockets), which outlive their requests and the HTTP connections
     /// they came on; shutdown waits for them too.
     pub tunnels: TaskTracker,
@@ -62,14 +71,28 @@ impl Handler {
         if let Some(resp) = probes::answer(&mut req, &self.health) {
             return resp;
         }
+        let protocol = Protocol::of(req.method(), req.version());
+        let span = self.telemetry.server_span(&req, protocol);
+        self.route_and_forward(req, client, protocol, started, &span).instrument(span.clone()).await
+    }
+
+    async fn route_and_forward(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+        protocol: Protocol,
+        started: Instant,
+        span: &Span,
+    ) -> Response<ResponseBody> {
         let (service, ingress_pick) = match resolve(&self.world.load(), &req, &self.cluster_domain) {
             Ok(target) => target,
-            Err(message) => return self.unrouted(StatusCode::NOT_FOUND, &message, started),
+            Err(message) => return self.unrouted(StatusCode::NOT_FOUND, &message, protocol, started, span),
         };
         let keys = match extract(&service.affinity, &req) {
             Ok(keys) => keys,
-            Err(e) => return self.unrouted(StatusCode::BAD_REQUEST, &e.to_string(), started),
+            Err(e) => return self.unrouted(StatusCode::BAD_REQUEST, &e.to_string(), protocol, started, span),
         };
+        self.telemetry.inject(span, req.headers_mut());
         let (pinning, mut route) = Pinning::route(&self.pins, &service, &keys, ingress_pick.as_ref()).await;
         let in_flight = self.reporter.arrive(&route.revision.concurrency);
         // The revision's timeouts run from arrival, queueing included, as upstream's: the whole
@@ -85,13 +108,42 @@ impl Handler {
         if let Some(idle) = route.revision.idle_timeout {
             resp.body_mut().cut_when_idle(idle);
         }
-        route.revision.stats.record(resp.status().as_u16(), started.elapsed());
+        let (status, elapsed) = (resp.status().as_u16(), started.elapsed());
+        route.revision.stats.record(status, protocol, elapsed);
+        route.revision.stats.queue_wait.observe(route.queued.as_secs_f64());
+        self.decisions[route.origin as usize].inc();
         self.annotate(&mut resp, &keys, &route);
+        if self.telemetry.wants_outcome(span) {
+            let revision = &route.revision;
+            let routed = Routed {
+                namespace: &revision.namespace,
+                service: &revision.service,
+                revision: &revision.name,
+                decision: route.origin.as_str(),
+                pin_source: route.pin_source.map(PinSource::as_str),
+                pod: route.pod,
+                queued: route.queued,
+                session: keys.session.as_ref().map(PinKey::short_hash),
+                flow: keys.flow.as_ref().map(PinKey::short_hash),
+            };
+            self.telemetry.finish(span, &Outcome { protocol, status, elapsed, routed: Some(routed) });
+        }
         resp
     }
 
-    fn unrouted(&self, status: StatusCode, message: &str, started: Instant) -> Response<ResponseBody> {
-        self.stats.unrouted(status.as_u16(), started.elapsed());
+    fn unrouted(
+        &self,
+        status: StatusCode,
+        message: &str,
+        protocol: Protocol,
+        started: Instant,
+        span: &Span,
+    ) -> Response<ResponseBody> {
+        let elapsed = started.elapsed();
+        self.stats.unrouted(status.as_u16(), protocol, elapsed);
+        if self.telemetry.wants_outcome(span) {
+            self.telemetry.finish(span, &Outcome { protocol, status: status.as_u16(), elapsed, routed: None });
+        }
         reply(status, message)
     }
 
@@ -147,15 +199,21 @@ impl Handler {
         want: Want,
         body_bytes: u64,
     ) -> Result<(Lease, InFlight), Response<ResponseBody>> {
-        let lease =
-            route.revision.throttler.acquire(want, body_bytes).await.map_err(|e| refused(&route.revision, e))?;
+        let waiting = Instant::now();
+        let lease = route.revision.throttler.acquire(want, body_bytes).await;
+        route.queued += waiting.elapsed();
+        let lease = lease.map_err(|e| refused(&route.revision, e))?;
+        route.pod = Some(lease.pod().addr);
         let Some(moved) = pinning.pin_session(route, lease.pod().addr).await else { return Ok((lease, in_flight)) };
         drop(lease);
         if !Arc::ptr_eq(&moved.revision, &route.revision) {
             in_flight = self.reporter.redirect(in_flight, &moved.revision.concurrency);
         }
         route.revision = moved.revision;
+        route.pod = Some(moved.pod);
+        let waiting = Instant::now();
         let lease = route.revision.throttler.acquire(Want::Pod(moved.pod), body_bytes).await;
+        route.queued += waiting.elapsed();
         Ok((lease.map_err(|e| refused(&route.revision, e))?, in_flight))
     }
 

@@ -23,5 +23,6 @@ pub mod socket;
 pub mod source;
 pub mod stats;
 pub mod sync;
+pub mod telemetry;
 pub mod throttle;
 pub mod world;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use activator::affinity::Origin;
 use activator::autoscaler::{Reporter, ReporterConfig, ReporterMetrics};
 use activator::config::{Cli, Command, Config, LogFormat, Mode, PinStore};
 use activator::handler::Handler;
@@ -14,6 +15,7 @@ use activator::server::Limits;
 use activator::source::knative::{KnativeConfig, KnativeSource};
 use activator::source::local::LocalSource;
 use activator::stats::Stats;
+use activator::telemetry::{ObservabilityConfig, SPAN_TARGET, Telemetry};
 use activator::throttle::{QueueBudget, QueueLimits};
 use activator::world::Publisher;
 use activator::{admin, inspect, memory, server};
@@ -22,11 +24,15 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::task::TaskTracker;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 fn main() -> ExitCode {
     let Cli { command, serve: config } = Cli::parse();
-    init_logging(config.log_format);
+    let stats = Stats::new();
+    let telemetry = Telemetry::new(stats.knative.clone(), stats.request_log_dropped.clone());
+    init_logging(config.log_format, &telemetry);
     // rediss:// needs a TLS crypto provider; ring is the one compiled in.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -39,7 +45,7 @@ fn main() -> ExitCode {
                 Some(Command::Pins { action, redis_url }) => {
                     inspect::run(action, redis_url, &config.redis_tls(), config.redis_deployment()).await
                 }
-                None => run(config).await.map(|()| ExitCode::SUCCESS),
+                None => run(config, stats, telemetry).await.map(|()| ExitCode::SUCCESS),
             }
         })
     });
@@ -49,19 +55,25 @@ fn main() -> ExitCode {
     })
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs on stderr, and our spans to `telemetry`'s layer only: log lines never format them.
+fn init_logging(format: LogFormat, telemetry: &Telemetry) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = filter.add_directive(format!("{SPAN_TARGET}=off").parse().expect("a static directive"));
     let json = match format {
         LogFormat::Auto => !std::io::stderr().is_terminal(),
         LogFormat::Json => true,
         LogFormat::Text => false,
     };
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json { logs.json().init() } else { logs.init() }
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = if json { logs.json().with_filter(filter).boxed() } else { logs.with_filter(filter).boxed() };
+    tracing_subscriber::registry().with(logs).with(telemetry.layer()).init();
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
-    let stats = Stats::new();
+async fn run(config: Config, stats: Stats, telemetry: Telemetry) -> anyhow::Result<()> {
+    let observability = ObservabilityConfig::from_env(|name| std::env::var(name).ok(), config.request_log, &mut |w| {
+        tracing::warn!("{w}")
+    });
+    telemetry.apply(&observability);
     let health = Arc::new(Health::default());
     if config.mode == Mode::Knative {
         // Unready until the watches have listed once, from the first probe on.
@@ -82,19 +94,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
         total: Arc::new(QueueBudget::new(config.max_queue_total, config.max_queue_bytes_total)),
     };
     let cluster_domain = config.cluster_domain(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
-    let reporter = match config.autoscaler_url(&cluster_domain) {
-        Some(url) => {
-            let metrics = ReporterMetrics {
-                connected: stats.autoscaler_connected.clone(),
-                dropped: stats.autoscaler_dropped.clone(),
-                pokes: stats.autoscaler_pokes.clone(),
-                frames: stats.autoscaler_frames.clone(),
-            };
-            let config = ReporterConfig { url, pod_name: config.pod_name.clone() };
-            Reporter::start(config, health.clone(), metrics)
-        }
-        None => Reporter::disabled(),
+    let metrics = ReporterMetrics {
+        connected: [stats.autoscaler_connected.clone(), stats.knative.stats_conn_reachable.clone()],
+        errors: stats.knative.stats_conn_errors.clone(),
+        dropped: stats.autoscaler_dropped.clone(),
+        pokes: stats.autoscaler_pokes.clone(),
+        frames: stats.autoscaler_frames.clone(),
     };
+    let autoscaler =
+        config.autoscaler_url(&cluster_domain).map(|url| ReporterConfig { url, pod_name: config.pod_name.clone() });
+    let reporter = Reporter::start(autoscaler, health.clone(), metrics);
     let timing = ProbeTiming { period: config.probe_frequency, timeout: config.probe_timeout };
     let prober = Prober::start(timing);
     let publisher = Arc::new(Publisher::new(stats.clone(), queue, prober.clone()));
@@ -119,8 +128,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(admin::serve(admin_listener, health.clone(), stats.clone()));
 
     if config.mode == Mode::Knative {
-        let knative = KnativeConfig { system_namespace: config.system_namespace.clone(), pod_ip: config.pod_ip };
-        let source = KnativeSource::connect(knative, publisher, health.clone(), stats.clone()).await?;
+        let knative =
+            KnativeConfig { system_namespace: config.system_namespace.clone(), pod_ip: config.pod_ip, observability };
+        let source =
+            KnativeSource::connect(knative, publisher, health.clone(), stats.clone(), telemetry.clone()).await?;
         tokio::spawn(source.run());
     }
 
@@ -153,6 +164,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if config.pin_store == PinStore::Redis {
         health.require_pin_store();
     }
+    let decisions = Origin::ALL.map(|o| stats.decisions.with_label_values(&[o.as_str()]));
     let handler = Arc::new(Handler {
         world,
         health,
@@ -162,6 +174,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         prober,
         debug_headers: config.debug_headers,
         cluster_domain,
+        decisions,
+        telemetry,
         tunnels: TaskTracker::new(),
     });
     tokio::spawn(maintain_pins(handler.clone()));

@@ -337,10 +337,19 @@ pub struct Throttler {
 /// What a throttler reports.
 #[derive(Clone)]
 pub struct ThrottleMetrics {
-    /// Kept at the number of waiting requests.
-    pub queued: IntGauge,
+    /// Kept at the number of waiting requests (ours and upstream's name).
+    pub queued: [IntGauge; 2],
+    /// Kept at the number of requests holding a slot.
+    pub active: IntGauge,
     /// Requests sent to a pinned pod outside this activator's subset.
     pub outside_subset: prometheus::IntCounter,
+}
+
+impl ThrottleMetrics {
+    fn set_queued(&self, waiting: usize) {
+        let waiting = i64::try_from(waiting).unwrap_or(i64::MAX);
+        self.queued.iter().for_each(|gauge| gauge.set(waiting));
+    }
 }
 
 /// A slot on one pod, held for as long as the request (and its response body or upgraded
@@ -358,6 +367,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        self.throttler.metrics.active.dec();
         self.throttler.release(&self.pod);
     }
 }
@@ -726,7 +736,7 @@ impl Throttler {
                     queue.any.push_back(waiter);
                 }
             }
-            self.metrics.queued.set(queue.live as i64);
+            self.metrics.set_queued(queue.live);
             (pod.map(|p| (p.addr, pinned)), rx)
         };
         let mut waiting = Waiting { throttler: self, pinned: want, bytes: body_bytes, grant, served: false };
@@ -742,6 +752,7 @@ impl Throttler {
     }
 
     fn lease(self: &Arc<Self>, pod: Arc<Pod>) -> Lease {
+        self.metrics.active.inc();
         Lease { throttler: self.clone(), pod }
     }
 
@@ -850,7 +861,7 @@ impl Throttler {
         queue.bytes -= waiter.bytes;
         self.limits.total.give_back(waiter.bytes);
         self.waiting.fetch_sub(1, Ordering::SeqCst);
-        self.metrics.queued.set(queue.live as i64);
+        self.metrics.set_queued(queue.live);
         // Cancellation happens under the queue lock we hold, so the receiver is still there.
         let _ = waiter.grant.send(pod);
     }
@@ -938,7 +949,7 @@ impl Drop for Waiting<'_> {
                 throttler.waiting_any.fetch_sub(1, Ordering::SeqCst);
             }
         }
-        throttler.metrics.queued.set(queue.live as i64);
+        throttler.metrics.set_queued(queue.live);
         queue.sweep();
     }
 }
@@ -958,7 +969,8 @@ mod tests {
 
     fn gauge() -> ThrottleMetrics {
         ThrottleMetrics {
-            queued: IntGauge::new("queued", "test").unwrap(),
+            queued: [IntGauge::new("queued", "test").unwrap(), IntGauge::new("queued2", "test").unwrap()],
+            active: IntGauge::new("active", "test").unwrap(),
             outside_subset: prometheus::IntCounter::new("outside", "test").unwrap(),
         }
     }

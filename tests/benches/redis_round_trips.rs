@@ -113,7 +113,7 @@ async fn known_pin_lookups(url: &str, admin: &Redis) -> Calls {
 }
 
 async fn found(pins: &Pins, key: &PinKey, lifetime: Lifetime) -> bool {
-    pins.lookup(Some(key), None, &|_| lifetime).await.0.is_some()
+    pins.lookup(Some(key), None, &|_| lifetime).await.session.is_some()
 }
 
 #[derive(Clone, Copy, Default)]

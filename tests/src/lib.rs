@@ -26,6 +26,7 @@ pub mod haproxy;
 pub mod knative;
 pub mod kube_api;
 pub mod load;
+pub mod otlp;
 pub mod redis;
 pub mod topology;
 
@@ -331,6 +332,8 @@ impl Env {
             ("POD_NAME", format!("activator-{pod_ip}")),
             ("POD_IP", pod_ip.to_owned()),
             ("SYSTEM_NAMESPACE", knative::SYSTEM_NAMESPACE.to_owned()),
+            // Spans leave at once when config-observability turns tracing on, not after 5 s.
+            ("OTEL_BSP_SCHEDULE_DELAY", "50".to_owned()),
         ];
         Process::start_with_env(self.dir.path(), "activator", &args, &env, &["proxy", "h2c", "admin"])
             .await
@@ -340,6 +343,11 @@ impl Env {
     /// An activator in local mode on the topology file, with a short drain for tests. Flags in
     /// `extra` replace the defaults of the same name.
     pub async fn activator(&self, extra: &[&str]) -> Process {
+        self.activator_with_env(extra, &[]).await
+    }
+
+    /// `activator`, with environment variables set.
+    pub async fn activator_with_env(&self, extra: &[&str], env: &[(&str, String)]) -> Process {
         let topology = self.topology_path().display().to_string();
         let defaults = [
             ("--mode", "local"),
@@ -355,7 +363,9 @@ impl Env {
                 args.extend(strings(&[flag, value]));
             }
         }
-        Process::start(self.dir.path(), "activator", &args, &["proxy", "admin"]).await.expect("activator starts")
+        Process::start_with_env(self.dir.path(), "activator", &args, env, &["proxy", "admin"])
+            .await
+            .expect("activator starts")
     }
 }
 

@@ -447,3 +447,71 @@ async fn unknown_revisions_get_upstreams_404() {
         (404, "Error getting active endpoint: revision.serving.knative.dev \"nope-00001\" not found\n")
     );
 }
+
+/// `config-observability` switches what is exported while the activator runs: upstream's metric
+/// names on `/metrics` with `metrics-protocol: prometheus` only, traces over the protocol and to
+/// the endpoint it names, sampled at its rate unless the request's parent decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_observability_changes_exports_live() {
+    use integration_tests::otlp::Receiver;
+    let c = Cluster::new().await;
+    let receiver = Receiver::start().await;
+    let pods = c.env.pods("counter-00001", 1).await;
+    c.revision(&Revision::new("counter", "counter-00001"), &addrs(&pods));
+    c.service("counter", &[Target::new("counter-00001", 100)], &[]);
+    let autoscaler = c.autoscaler().await;
+    let activator = c.activator(&autoscaler, "10.0.0.1", &[]).await;
+    let (client, admin) = (Client::new(activator.addr("proxy")), activator.addr("admin"));
+    let upstream_names =
+        || async { admin_get(admin, "/metrics").await.1.contains("http_server_request_duration_seconds") };
+    send(&client, "/incr", "counter-00001", &[]).await;
+    assert!(!upstream_names().await, "upstream's default metrics-protocol is none");
+
+    let observe = |pairs: &[(&str, &str)]| c.api.put(Kind::ConfigMap, config_map("config-observability", pairs));
+    let grpc = receiver.grpc_endpoint();
+    observe(&[
+        ("metrics-protocol", "prometheus"),
+        ("tracing-protocol", "grpc"),
+        ("tracing-endpoint", &grpc),
+        ("tracing-sampling-rate", "0"),
+    ]);
+    wait_until(Duration::from_secs(10), "upstream's names are exported", || async {
+        send(&client, "/incr", "counter-00001", &[]).await;
+        upstream_names().await
+    })
+    .await;
+    // Rate 0: a new trace is not sampled, but a sampled parent's decision holds.
+    let unsampled = send(&client, "/headers", "counter-00001", &[]).await.body;
+    let forwarded = unsampled
+        .lines()
+        .find_map(|l| l.strip_prefix("traceparent: "))
+        .unwrap_or_else(|| panic!("a trace context: {unsampled}\n{}", activator.logs()));
+    assert!(forwarded.ends_with("-00"), "not sampled: {forwarded}");
+    let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    send(&client, "/incr", "counter-00001", &[("traceparent", parent)]).await;
+    let span = receiver
+        .wait_for(Duration::from_secs(20), "the span of the sampled request", |s| {
+            s.trace_id == "0af7651916cd43dd8448eb211c80319c"
+        })
+        .await;
+    assert_eq!(span.attr("activator.decision"), Some("ingress"), "{span:?}");
+    assert!(receiver.requests("grpc") > 0 && receiver.requests("http") == 0);
+    let unsampled_trace = forwarded.split('-').nth(1).expect("a trace id").to_owned();
+    assert!(receiver.spans().iter().all(|s| s.trace_id != unsampled_trace), "rate 0 samples no new trace");
+
+    let http = receiver.http_endpoint();
+    observe(&[("tracing-protocol", "http/protobuf"), ("tracing-endpoint", &http)]);
+    wait_until(Duration::from_secs(10), "upstream's names are no longer exported", || async {
+        !upstream_names().await
+    })
+    .await;
+    wait_until(Duration::from_secs(20), "spans arrive over HTTP", || async {
+        send(&client, "/incr", "counter-00001", &[]).await;
+        receiver.requests("http") > 0
+    })
+    .await;
+    assert!(
+        metric(admin, "activator_requests_total", &[("revision", "counter-00001"), ("code", "200")]).await.is_some(),
+        "ours stay whatever metrics-protocol says"
+    );
+}

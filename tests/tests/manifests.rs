@@ -91,6 +91,18 @@ struct Generator {
     #[allow(dead_code)]
     name: String,
     files: Vec<String>,
+    #[allow(dead_code)]
+    options: Option<GeneratorOptions>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct GeneratorOptions {
+    #[allow(dead_code)]
+    disable_name_suffix_hash: Option<bool>,
+    #[allow(dead_code)]
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 /// The Knative Operator's `KnativeServing`, the fields our example sets (operator.knative.dev/v1beta1).
@@ -556,4 +568,56 @@ fn the_image_runs_as_a_numeric_user_with_an_exec_form_entrypoint() {
     // The parser reads what it must reject.
     let shell_form = dockerfile_stages("FROM x\nUSER app\nENTRYPOINT /activator --mode knative\n");
     assert!(serde_json::from_str::<Vec<String>>(&get(&shell_form[0], "ENTRYPOINT").unwrap()).is_err());
+}
+
+/// The PromQL of every panel of the Grafana dashboard.
+fn dashboard_queries(dashboard: &Value) -> Vec<(String, String)> {
+    let mut queries = Vec::new();
+    let mut panels: Vec<&Value> = dashboard["panels"].as_array().expect("panels").iter().collect();
+    while let Some(panel) = panels.pop() {
+        panels.extend(panel["panels"].as_array().into_iter().flatten());
+        let title = panel["title"].as_str().unwrap_or_default().to_owned();
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            queries.push((title.clone(), target["expr"].as_str().expect("a PromQL expr").to_owned()));
+        }
+    }
+    queries
+}
+
+/// Identifiers in `expr` that name our or upstream's metrics.
+fn metric_names(expr: &str) -> Vec<&str> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|word| ["activator_", "kn_", "http_server_"].iter().any(|p| word.starts_with(p)))
+        .collect()
+}
+
+#[test]
+fn the_dashboard_queries_only_metrics_the_activator_exports() {
+    let path = manifests().join("observability/dashboard.json");
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let families = activator::stats::Stats::new().family_names().to_vec();
+    let exported = |name: &str| {
+        let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+        families.iter().any(|f| f == family || f == name)
+    };
+    let queries = dashboard_queries(&dashboard);
+    assert!(queries.len() >= 15, "{queries:?}");
+    let mut unknown = Vec::new();
+    for (title, expr) in &queries {
+        let names = metric_names(expr);
+        assert!(!names.is_empty(), "{title}: {expr} queries no metric of ours");
+        unknown.extend(names.into_iter().filter(|n| !exported(n)).map(|n| format!("{title}: {n}")));
+    }
+    assert!(unknown.is_empty(), "the dashboard queries metrics the activator does not export: {unknown:#?}");
+    // The check can fail: a name the activator does not export is caught.
+    assert!(!exported("activator_request_count") && exported("activator_request_duration_seconds_bucket"));
+
+    // What the kustomization ships is the same dashboard, labelled for Grafana's sidecar.
+    if kubectl() {
+        let objects = kustomize(&manifests().join("observability"));
+        let map: ConfigMap = serde_json::from_value(objects[0].clone()).unwrap();
+        assert_eq!(map.metadata.labels.unwrap_or_default().get("grafana_dashboard").map(String::as_str), Some("1"));
+        let shipped: Value = serde_json::from_str(&map.data.unwrap_or_default()["dashboard.json"]).unwrap();
+        assert_eq!(shipped, dashboard);
+    }
 }

@@ -20,19 +20,29 @@ pub enum Origin {
     SessionPin,
     /// The revision pinned for the flow.
     RevisionPin,
-    /// No id: the split (or the ingress's pick).
+    /// No id: the split.
     Split,
-    /// An id without a usable pin: the split, then a new pin.
+    /// No id: the revision Knative's ingress picked by the split.
+    Ingress,
+    /// An id without a pin: the split (or the ingress's pick), then a new pin.
     NewPin,
+    /// An id whose pin names a pod or revision that left: a new pod (in the same revision while
+    /// it is still a target), then the pin is replaced.
+    RePin,
 }
 
 impl Origin {
+    pub const ALL: [Origin; 6] =
+        [Origin::SessionPin, Origin::RevisionPin, Origin::Split, Origin::Ingress, Origin::NewPin, Origin::RePin];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Origin::SessionPin => "session-pin",
             Origin::RevisionPin => "revision-pin",
             Origin::Split => "split",
+            Origin::Ingress => "ingress",
             Origin::NewPin => "new-pin",
+            Origin::RePin => "re-pin",
         }
     }
 }
@@ -95,7 +105,7 @@ pub fn decide(service: &Service, ingress_pick: Option<&Arc<Revision>>, lookup: &
             // The pod left: the session stays in its revision on a new pod.
             None => Decision {
                 want: Want::Any,
-                origin: Origin::NewPin,
+                origin: Origin::RePin,
                 session_write: Some(PinWrite::Replace(pin.clone())),
                 flow_write,
                 revision,
@@ -111,7 +121,13 @@ pub fn decide(service: &Service, ingress_pick: Option<&Arc<Revision>>, lookup: &
     }
 
     let revision = ingress_pick.cloned().unwrap_or_else(|| service.split(roll).clone());
-    let origin = if lookup.has_session || lookup.has_flow { Origin::NewPin } else { Origin::Split };
+    let stale = matches!(session_write, Some(PinWrite::Replace(_))) || matches!(flow_write, Some(PinWrite::Replace(_)));
+    let origin = match (lookup.has_session || lookup.has_flow, stale, ingress_pick.is_some()) {
+        (true, true, _) => Origin::RePin,
+        (true, false, _) => Origin::NewPin,
+        (false, _, true) => Origin::Ingress,
+        (false, _, false) => Origin::Split,
+    };
     Decision { want: Want::Any, origin, session_write, flow_write, revision }
 }
 
@@ -204,7 +220,7 @@ mod tests {
                 lookup(Some(Some(Pin::session("svc-0", pod(7)))), None),
                 "svc-0",
                 any,
-                NewPin,
+                RePin,
                 Some(Replace(Pin::session("svc-0", pod(7)))),
                 None,
             ),
@@ -213,7 +229,7 @@ mod tests {
                 lookup(Some(Some(Pin::session("svc-9", pod(1)))), None),
                 "svc-0",
                 any,
-                NewPin,
+                RePin,
                 Some(Replace(Pin::session("svc-9", pod(1)))),
                 None,
             ),
@@ -232,7 +248,7 @@ mod tests {
                 lookup(None, Some(Some(Pin::flow("svc-9")))),
                 "svc-0",
                 any,
-                NewPin,
+                RePin,
                 None,
                 Some(Replace(Pin::flow("svc-9"))),
             ),
@@ -275,6 +291,11 @@ mod tests {
     }
 
     #[test]
+    fn all_lists_every_origin_at_its_own_index() {
+        assert!(Origin::ALL.iter().enumerate().all(|(i, origin)| *origin as usize == i));
+    }
+
+    #[test]
     fn ingress_pick_replaces_the_split_but_not_pins() {
         let svc = service(&[50, 50], &[vec![1], vec![1]]);
         let r1 = svc.routes_to("svc-1").unwrap().clone();
@@ -283,6 +304,8 @@ mod tests {
         }
         let pinned = lookup(None, Some(Some(Pin::flow("svc-0"))));
         assert_eq!(&*decide(&svc, Some(&r1), &pinned, 0).revision.name, "svc-0");
+        assert_eq!(decide(&svc, Some(&r1), &Lookup::default(), 0).origin, Origin::Ingress);
+        assert_eq!(decide(&svc, Some(&r1), &lookup(Some(None), None), 0).origin, Origin::NewPin);
     }
 
     #[test]

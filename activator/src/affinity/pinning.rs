@@ -8,10 +8,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::decide::{Lookup, Origin, PinWrite, decide, follow_flow_winner};
 use super::keys::Keys;
-use crate::pins::{Pin, Pins};
+use crate::pins::{Found, Pin, PinSource, Pins};
 use crate::throttle::Want;
 use crate::world::{Revision, Service};
 
@@ -20,6 +21,12 @@ pub struct Route {
     pub revision: Arc<Revision>,
     pub want: Want,
     pub origin: Origin,
+    /// Where the pin that decided (or its absence) was looked up.
+    pub pin_source: Option<PinSource>,
+    /// The pod that answered, once one did.
+    pub pod: Option<SocketAddr>,
+    /// Time spent waiting for a slot.
+    pub queued: Duration,
     session_write: Option<PinWrite>,
 }
 
@@ -48,7 +55,8 @@ impl<'a> Pinning<'a> {
         ingress_pick: Option<&Arc<Revision>>,
     ) -> (Pinning<'a>, Route) {
         let lifetime_of = |revision: &str| service.lifetime_of(revision);
-        let (session, flow) = pins.lookup(keys.session.as_ref(), keys.flow.as_ref(), &lifetime_of).await;
+        let Found { session, flow, sources } =
+            pins.lookup(keys.session.as_ref(), keys.flow.as_ref(), &lifetime_of).await;
         // A pod another replica pinned the session to, which this replica was told of only just
         // now, gets its first probe here before the session is moved off it.
         if let Some(pin) = &session
@@ -65,10 +73,17 @@ impl<'a> Pinning<'a> {
             let winner = pins.write(key, write.expected(), ours, lifetime, &lifetime_of).await;
             follow_flow_winner(&mut decision, service, &lookup, &winner);
         }
+        let pin_source = match decision.origin {
+            Origin::RevisionPin => keys.flow.as_ref().map(|_| sources[1]),
+            _ => keys.session.as_ref().map(|_| sources[0]).or_else(|| keys.flow.as_ref().map(|_| sources[1])),
+        };
         let route = Route {
             revision: decision.revision,
             want: decision.want,
             origin: decision.origin,
+            pin_source,
+            pod: None,
+            queued: Duration::ZERO,
             session_write: decision.session_write,
         };
         (Pinning { pins, service, keys, lookup }, route)

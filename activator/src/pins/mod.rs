@@ -72,6 +72,12 @@ impl PinKey {
         PinKey { scope: scope.clone(), kind, id_hash: hasher.digest128() }
     }
 
+    /// The first eight hex digits of the id's hash: enough to tell sessions apart in a log,
+    /// nothing that gives the id away.
+    pub fn short_hash(&self) -> String {
+        format!("{:08x}", (self.id_hash >> 96) as u32)
+    }
+
     /// The Redis pattern matching every pin of one service.
     /// `<namespace>/<service>`: the key's Redis Cluster hash tag, so keys of one scope share a slot.
     pub fn scope(&self) -> &Arc<str> {
@@ -207,6 +213,40 @@ impl Lifetime {
     }
 }
 
+/// Where a lookup found a key's pin, or found there is none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PinSource {
+    /// This replica's pins, the only store there is.
+    #[default]
+    Memory,
+    /// The near cache, trusted without asking Redis.
+    NearCache,
+    /// Redis, in this lookup's round trip.
+    Redis,
+    /// Redis could not be asked (down, slow, breaker open): this replica's own pins.
+    Fallback,
+}
+
+impl PinSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinSource::Memory => "memory",
+            PinSource::NearCache => "near-cache",
+            PinSource::Redis => "redis",
+            PinSource::Fallback => "fallback",
+        }
+    }
+}
+
+/// The pins of a request's session and flow keys, and where each was looked up.
+#[derive(Clone, Debug, Default)]
+pub struct Found {
+    pub session: Option<Pin>,
+    pub flow: Option<Pin>,
+    /// `[session, flow]`.
+    pub sources: [PinSource; 2],
+}
+
 /// The outcome of a conditional write: the pin that holds now, and whether it is ours.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Written {
@@ -250,23 +290,20 @@ impl Pins {
     /// The pins of a request's session and flow keys, found in one go: with the shared store, keys
     /// this replica cannot vouch for are read in one pipelined round trip, so the decision is made
     /// with every replica's pins. `lifetime_of` gives the lifetime of pins into a revision.
-    pub async fn lookup(
-        &self,
-        session: Option<&PinKey>,
-        flow: Option<&PinKey>,
-        lifetime_of: LifetimeOf<'_>,
-    ) -> (Option<Pin>, Option<Pin>) {
+    pub async fn lookup(&self, session: Option<&PinKey>, flow: Option<&PinKey>, lifetime_of: LifetimeOf<'_>) -> Found {
         let found = match &self.shared {
             Some(shared) => shared.lookup([session, flow], lifetime_of).await,
-            None => [session, flow].map(|key| key.and_then(|key| self.memory.get(key, lifetime_of))),
+            None => {
+                [session, flow].map(|key| (key.and_then(|key| self.memory.get(key, lifetime_of)), PinSource::Memory))
+            }
         };
-        for (key, pin) in [session, flow].into_iter().zip(&found) {
+        for (key, (pin, _)) in [session, flow].into_iter().zip(&found) {
             if let Some(key) = key {
                 self.lookups[key.kind as usize][usize::from(pin.is_none())].inc();
             }
         }
-        let [session, flow] = found;
-        (session, flow)
+        let [(session, session_source), (flow, flow_source)] = found;
+        Found { session, flow, sources: [session_source, flow_source] }
     }
 
     /// Writes `pin` for `key` with `lifetime`: created if `expected` is `None`, else

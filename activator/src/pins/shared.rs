@@ -29,11 +29,14 @@ use futures_util::StreamExt;
 use prometheus::{Histogram, IntCounter, IntGauge};
 use redis::{AsyncCommands, RedisError, RedisResult};
 
+use tracing::Instrument as _;
+
 use super::memory::{MemoryPins, Near, Touched};
 use super::redis::{Deployment, RedisClient, RedisConnection, RedisTls};
-use super::{Lifetime, LifetimeOf, Pin, PinKey, Written, millis};
+use super::{Lifetime, LifetimeOf, Pin, PinKey, PinSource, Written, millis};
 use crate::backoff::Backoff;
 use crate::stats::Stats;
+use crate::telemetry::SPAN_TARGET;
 
 /// Pub/sub channel carrying `<key> <replica>` for every re-pin or delete.
 pub const INVALIDATIONS: &str = "aa:invalidate";
@@ -279,13 +282,13 @@ impl SharedPins {
         &self,
         keys: [Option<&PinKey>; N],
         lifetime_of: LifetimeOf<'_>,
-    ) -> [Option<Pin>; N] {
-        let mut found: [Option<Pin>; N] = std::array::from_fn(|_| None);
+    ) -> [(Option<Pin>, PinSource); N] {
+        let mut found: [(Option<Pin>, PinSource); N] = std::array::from_fn(|_| (None, PinSource::NearCache));
         let mut ask = Vec::new();
         for (i, key) in keys.iter().enumerate() {
             let Some(key) = key else { continue };
             match self.memory.near(key, self.config.revalidate_after, lifetime_of) {
-                Near::Fresh(pin) => found[i] = Some(pin),
+                Near::Fresh(pin) => found[i].0 = Some(pin),
                 Near::Stale | Near::Absent => ask.push((i, *key, None)),
                 Near::Local(local) => ask.push((i, *key, Some(local))),
             }
@@ -313,12 +316,13 @@ impl SharedPins {
         };
         let Some(replies) = replies else {
             for (i, key, _) in ask {
-                found[i] = self.memory.get(key, lifetime_of);
+                found[i] = (self.memory.get(key, lifetime_of), PinSource::Fallback);
             }
             return found;
         };
         for ((i, key, local), reply) in ask.into_iter().zip(replies) {
-            found[i] = match (reply, local) {
+            found[i].1 = PinSource::Redis;
+            found[i].0 = match (reply, local) {
                 (Some(value), _) => self.decode(key, &value).map(|(pin, written)| {
                     self.memory.put_verified(key, pin.clone(), lifetime_of(&pin.revision), written);
                     pin
@@ -411,7 +415,19 @@ impl SharedPins {
     /// Runs one request-path Redis call within the budget; on failure counts it, opens the
     /// breaker, and returns `None` so the caller falls back to this replica's pins.
     async fn call<T>(&self, op: Op, granted: Granted<'_>, call: impl Future<Output = RedisResult<T>>) -> Option<T> {
-        let result = self.timed(op, self.config.timeout, call).await;
+        // A child of the request's span while traces are on; no span otherwise.
+        let span = tracing::info_span!(
+            target: SPAN_TARGET,
+            "pin-store",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            db.system.name = "redis",
+            db.operation.name = OPS[op as usize],
+        );
+        let result = self.timed(op, self.config.timeout, call).instrument(span.clone()).await;
+        if result.is_err() {
+            span.record("otel.status_code", "ERROR");
+        }
         // Set on every answer rather than on transitions, which concurrent calls race.
         self.metrics.up.set(i64::from(result.is_ok()));
         match (granted.settle(&result), result) {

@@ -18,6 +18,7 @@ use super::{Revision, Service, Snapshot, TrafficTarget};
 use crate::autoscaler::Concurrency;
 use crate::readiness::Prober;
 use crate::stats::Stats;
+use crate::stats::knative::RevisionNames;
 use crate::throttle::{Backends, QueueLimits, ThrottleMetrics, Throttler};
 
 pub struct Publisher {
@@ -132,11 +133,24 @@ impl Publisher {
                 (r.throttler.clone(), r.stats.clone(), r.concurrency.clone())
             }
             None => {
-                let stats = self.stats.revision(&svc.namespace, &svc.name, &rev.name);
-                let metrics =
-                    ThrottleMetrics { queued: stats.queued.clone(), outside_subset: stats.outside_subset.clone() };
+                let stats = self.stats.revision(RevisionNames {
+                    namespace: svc.namespace.clone(),
+                    service: rev.owners.service.clone().unwrap_or_else(|| svc.name.clone()),
+                    configuration: rev.owners.configuration.clone().unwrap_or_else(|| svc.name.clone()),
+                    revision: rev.name.clone(),
+                });
+                let metrics = ThrottleMetrics {
+                    queued: [stats.queued.clone(), stats.knative.queued.clone()],
+                    active: stats.knative.active.clone(),
+                    outside_subset: stats.outside_subset.clone(),
+                };
                 let throttler = Throttler::new(rev.container_concurrency, self.queue.clone(), metrics);
-                let concurrency = Concurrency::new(&svc.namespace, &rev.name, stats.in_flight.clone());
+                let concurrency = Concurrency::new(
+                    &svc.namespace,
+                    &rev.name,
+                    stats.in_flight.clone(),
+                    stats.knative.concurrency.clone(),
+                );
                 (Arc::new(throttler), stats, Arc::new(concurrency))
             }
         };

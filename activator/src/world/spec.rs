@@ -70,6 +70,15 @@ pub struct RevisionSpec {
     pub probe: Probe,
     /// How the client's `Host` reaches the pod.
     pub host: HostRewrite,
+    /// The Knative Service and Configuration the revision belongs to, as its labels say; without
+    /// them, the service it is served under.
+    pub owners: Owners,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Owners {
+    pub service: Option<String>,
+    pub configuration: Option<String>,
 }
 
 impl ServiceSpec {
@@ -211,6 +220,7 @@ pub(crate) mod tests {
                     backends: Backends { trusted: endpoints.clone(), ..Backends::default() },
                     probe: Probe::None,
                     host: HostRewrite::Keep,
+                    owners: Owners::default(),
                 })
                 .collect(),
         }

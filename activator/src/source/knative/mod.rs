@@ -25,6 +25,7 @@ use kube::runtime::watcher::{self, Event};
 
 use crate::health::Health;
 use crate::stats::Stats;
+use crate::telemetry::{ObservabilityConfig, Telemetry};
 use crate::world::Publisher;
 use crate::world::spec::{self, WorldSpec};
 use objects::{EndpointsInfo, Key};
@@ -104,6 +105,8 @@ pub struct KnativeConfig {
     pub system_namespace: String,
     /// This pod's IP (`POD_IP`), which places it among a revision's activators.
     pub pod_ip: Option<IpAddr>,
+    /// What applies where `config-observability` says nothing (flags and `OTEL_*` variables).
+    pub observability: ObservabilityConfig,
 }
 
 /// One watch's progress.
@@ -130,6 +133,7 @@ pub struct KnativeSource {
     publisher: Arc<Publisher>,
     health: Arc<Health>,
     stats: Stats,
+    telemetry: Telemetry,
     feeds: [Feed; WATCHED.len()],
     reflection: Reflection,
     config_maps: BTreeMap<Key, BTreeMap<String, String>>,
@@ -146,6 +150,7 @@ impl KnativeSource {
         publisher: Arc<Publisher>,
         health: Arc<Health>,
         stats: Stats,
+        telemetry: Telemetry,
     ) -> anyhow::Result<Self> {
         let client = kube::Client::try_default()
             .await
@@ -157,6 +162,7 @@ impl KnativeSource {
             publisher,
             health,
             stats,
+            telemetry,
             feeds: Default::default(),
             reflection,
             config_maps: BTreeMap::new(),
@@ -318,8 +324,18 @@ impl KnativeSource {
         }
     }
 
-    /// A ConfigMap of the system namespace changed; `config-network` shapes the world.
+    /// A ConfigMap of the system namespace changed; `config-network` shapes the world,
+    /// `config-observability` what is exported about it.
     fn config_map(&mut self, key: Key, data: Option<BTreeMap<String, String>>) {
+        if key.1 == "config-observability" {
+            let empty = BTreeMap::new();
+            let observability = ObservabilityConfig::from_config_map(
+                data.as_ref().unwrap_or(&empty),
+                &self.config.observability,
+                &mut |w| tracing::warn!(configmap = "config-observability", "{w}"),
+            );
+            self.telemetry.apply(&observability);
+        }
         if key.1 == "config-network" {
             let empty = BTreeMap::new();
             let network = objects::network_config(data.as_ref().unwrap_or(&empty), &mut |w| {

@@ -13,7 +13,7 @@ use super::objects::{
 };
 use crate::proxy::HostRewrite;
 use crate::throttle::{Backends, ClusterIp, Probe, Subset};
-use crate::world::spec::{RevisionSpec, ServiceSpec, TrafficSpec, WorldSpec};
+use crate::world::spec::{Owners, RevisionSpec, ServiceSpec, TrafficSpec, WorldSpec};
 
 /// queue-proxy's readiness path for the activator's probe.
 const PROBE_PATH: &str = "/healthz";
@@ -121,6 +121,7 @@ impl Reflection {
                 passthrough_host: passthrough.then(|| private_host.clone()),
             },
             host: if passthrough { HostRewrite::Passthrough(private_host) } else { HostRewrite::ToOriginalHost },
+            owners: Owners { service: rev.service.clone(), configuration: rev.configuration.clone() },
         }
     }
 

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::proxy::HostRewrite;
 use crate::throttle::{Backends, Probe};
-use crate::world::spec::{self, RevisionSpec, ServiceSpec, TrafficSpec, WorldSpec};
+use crate::world::spec::{self, Owners, RevisionSpec, ServiceSpec, TrafficSpec, WorldSpec};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -204,6 +204,7 @@ impl RevisionEntry {
             backends,
             probe,
             host: HostRewrite::Keep,
+            owners: Owners::default(),
         }
     }
 }

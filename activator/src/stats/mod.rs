@@ -2,7 +2,10 @@
 //! port exposes.
 //!
 //! Per-revision handles are resolved once and kept with the revision, so recording a request
-//! touches only atomics and never formats or hashes label strings. Must not decide anything.
+//! touches only atomics and never formats or hashes label strings. Our own names are here;
+//! upstream's, recorded alongside, are in `knative`. Must not decide anything.
+
+pub mod knative;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -10,6 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use crate::sync::lock;
 use std::time::Duration;
 
+use knative::{KnativeMetrics, KnativeRevision, PROTOCOLS, Protocol, RevisionNames};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -26,16 +30,23 @@ pub struct Stats {
     registry: Registry,
     /// The live per-revision handles, so a revision that leaves and comes back while its old
     /// requests finish shares one set of series, and the series go when the last holder does.
-    revisions: Arc<Mutex<HashMap<[String; 3], Weak<RevisionStats>>>>,
+    revisions: Arc<Mutex<HashMap<RevisionNames, Weak<RevisionStats>>>>,
+    /// Upstream's names, recorded alongside ours.
+    pub knative: KnativeMetrics,
     requests: IntCounterVec,
     latency: HistogramVec,
     in_flight: IntGaugeVec,
     queued: IntGaugeVec,
+    queue_wait: HistogramVec,
     outside_subset: IntCounterVec,
     resent: IntCounterVec,
     unreachable: IntCounterVec,
     topology_reloads: IntCounterVec,
     annotation_errors: IntCounterVec,
+    /// Requests by the routing decision that sent them (`affinity::Origin`).
+    pub decisions: IntCounterVec,
+    /// Every family name this registry and upstream's can expose.
+    families: Arc<Vec<String>>,
     pub pin_lookups: IntCounterVec,
     pub pin_writes: IntCounterVec,
     pub pin_entries: IntGauge,
@@ -48,6 +59,7 @@ pub struct Stats {
     pub autoscaler_frames: IntCounter,
     pub open_connections: IntGauge,
     pub connection_limit_reached: IntCounter,
+    pub request_log_dropped: IntCounter,
     pub kube_forbidden: IntGaugeVec,
     pub kube_rejected: IntCounterVec,
     pub kube_errors: IntCounterVec,
@@ -87,6 +99,23 @@ impl Stats {
         let queued = IntGaugeVec::new(
             Opts::new("activator_queued_requests", "Requests waiting for a ready pod or a free slot, by revision"),
             &labels[..3],
+        )
+        .expect("static metric definition");
+        let queue_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "activator_queue_wait_seconds",
+                "Time a request waited for a ready pod or a free slot (zero for most), by revision",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &labels[..3],
+        )
+        .expect("static metric definition");
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "activator_decisions_total",
+                "Requests by routing decision: session-pin, revision-pin, split, ingress, new-pin, re-pin",
+            ),
+            &["decision"],
         )
         .expect("static metric definition");
         let outside_subset = IntCounterVec::new(
@@ -182,6 +211,11 @@ impl Stats {
             "Times the data port reached --max-connections and left new connections in the listen backlog",
         )
         .expect("static metric definition");
+        let request_log_dropped = IntCounter::new(
+            "activator_request_log_dropped_total",
+            "Request-log lines dropped because stdout did not keep up",
+        )
+        .expect("static metric definition");
         let kube_forbidden = IntGaugeVec::new(
             Opts::new("activator_kube_watch_forbidden", "1 while RBAC forbids listing this resource (Knative mode)"),
             &["resource"],
@@ -198,11 +232,14 @@ impl Stats {
         )
         .expect("static metric definition");
         let registry = Registry::new();
+        let mut families = Vec::new();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
             Box::new(in_flight.clone()),
             Box::new(queued.clone()),
+            Box::new(queue_wait.clone()),
+            Box::new(decisions.clone()),
             Box::new(outside_subset.clone()),
             Box::new(resent.clone()),
             Box::new(unreachable.clone()),
@@ -220,15 +257,23 @@ impl Stats {
             Box::new(autoscaler_frames.clone()),
             Box::new(open_connections.clone()),
             Box::new(connection_limit_reached.clone()),
+            Box::new(request_log_dropped.clone()),
             Box::new(kube_forbidden.clone()),
             Box::new(kube_rejected.clone()),
             Box::new(kube_errors.clone()),
         ] {
+            families.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry.register(c).expect("metric names are unique");
         }
+        let knative = KnativeMetrics::new();
+        families.extend(knative.family_names());
         Stats {
             registry,
             revisions: Arc::default(),
+            knative,
+            families: Arc::new(families),
+            decisions,
+            queue_wait,
             requests,
             latency,
             in_flight,
@@ -250,6 +295,7 @@ impl Stats {
             autoscaler_frames,
             open_connections,
             connection_limit_reached,
+            request_log_dropped,
             kube_forbidden,
             kube_rejected,
             kube_errors,
@@ -257,30 +303,33 @@ impl Stats {
     }
 
     /// The handles of one revision's series; its series are removed when the last handle goes.
-    pub fn revision(&self, namespace: &str, service: &str, revision: &str) -> Arc<RevisionStats> {
-        let labels = [namespace.to_owned(), service.to_owned(), revision.to_owned()];
+    pub fn revision(&self, names: RevisionNames) -> Arc<RevisionStats> {
         let mut live = lock(&self.revisions);
-        if let Some(existing) = live.get(&labels).and_then(Weak::upgrade) {
+        if let Some(existing) = live.get(&names).and_then(Weak::upgrade) {
             return existing;
         }
+        let ours = [names.namespace.as_str(), &names.service, &names.revision];
         let created = Arc::new(RevisionStats {
-            labels: labels.clone(),
             common: Default::default(),
             rare: Mutex::default(),
-            in_flight: self.in_flight.with_label_values(&[namespace, service, revision]),
-            queued: self.queued.with_label_values(&[namespace, service, revision]),
-            outside_subset: self.outside_subset.with_label_values(&[namespace, service, revision]),
-            resent: self.resent.with_label_values(&[namespace, service, revision]),
-            unreachable: self.unreachable.with_label_values(&[namespace, service, revision]),
+            in_flight: self.in_flight.with_label_values(&ours),
+            queued: self.queued.with_label_values(&ours),
+            queue_wait: self.queue_wait.with_label_values(&ours),
+            outside_subset: self.outside_subset.with_label_values(&ours),
+            resent: self.resent.with_label_values(&ours),
+            unreachable: self.unreachable.with_label_values(&ours),
+            knative: self.knative.revision(&names),
             stats: self.clone(),
+            names: names.clone(),
         });
-        live.insert(labels, Arc::downgrade(&created));
+        live.insert(names, Arc::downgrade(&created));
         created
     }
 
     /// A request that never reached a revision (unknown host, bad request).
-    pub fn unrouted(&self, code: u16, elapsed: Duration) {
+    pub fn unrouted(&self, code: u16, protocol: Protocol, elapsed: Duration) {
         self.record(["", "", ""], code, elapsed);
+        self.knative.duration(None, protocol, code).observe(elapsed.as_secs_f64());
     }
 
     pub fn topology_reload(&self, applied: bool) {
@@ -299,46 +348,74 @@ impl Stats {
         self.latency.with_label_values(&labels).observe(elapsed.as_secs_f64());
     }
 
-    /// The text exposition format served on `/metrics`.
+    /// The name of every family `/metrics` can carry (histograms without their `_bucket`, `_sum`
+    /// and `_count` suffixes), whether it has series yet or not.
+    pub fn family_names(&self) -> &[String] {
+        &self.families
+    }
+
+    /// The text exposition format served on `/metrics`: ours, and upstream's while exported.
     pub fn encode(&self) -> Vec<u8> {
+        let mut families = self.registry.gather();
+        if self.knative.exported() {
+            families.extend(self.knative.gather());
+        }
         let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("encoding into a Vec cannot fail");
+        TextEncoder::new().encode(&families, &mut out).expect("encoding into a Vec cannot fail");
         out
     }
 }
 
+/// The series of one status code of one revision: ours, and upstream's duration per protocol.
+struct CodeSeries {
+    count: IntCounter,
+    latency: Histogram,
+    duration: [OnceLock<Histogram>; PROTOCOLS],
+}
+
 pub struct RevisionStats {
-    labels: [String; 3],
-    common: [OnceLock<(IntCounter, Histogram)>; COMMON_CODES.len()],
-    /// Other status codes recorded, so their series can be removed too.
-    rare: Mutex<Vec<u16>>,
+    names: RevisionNames,
+    common: [OnceLock<CodeSeries>; COMMON_CODES.len()],
+    /// Other (protocol, status code) pairs recorded, so their series can be removed too.
+    rare: Mutex<Vec<(Protocol, u16)>>,
     pub in_flight: IntGauge,
     pub queued: IntGauge,
+    pub queue_wait: Histogram,
     pub outside_subset: IntCounter,
     pub resent: IntCounter,
     pub unreachable: IntCounter,
+    pub knative: KnativeRevision,
     stats: Stats,
 }
 
 impl RevisionStats {
-    pub fn record(&self, code: u16, elapsed: Duration) {
+    pub fn record(&self, code: u16, protocol: Protocol, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
         let Some(slot) = COMMON_CODES.iter().position(|&c| c == code) else {
             let mut rare = lock(&self.rare);
-            if !rare.contains(&code) {
-                rare.push(code);
+            if !rare.contains(&(protocol, code)) {
+                rare.push((protocol, code));
             }
             drop(rare);
-            let [ns, svc, rev] = &self.labels;
-            return self.stats.record([ns, svc, rev], code, elapsed);
+            let names = &self.names;
+            self.stats.record([&names.namespace, &names.service, &names.revision], code, elapsed);
+            return self.stats.knative.duration(Some(names), protocol, code).observe(seconds);
         };
-        let (count, latency) = self.common[slot].get_or_init(|| {
+        let series = self.common[slot].get_or_init(|| {
             let code = code.to_string();
-            let [ns, svc, rev] = &self.labels;
-            let labels = [ns.as_str(), svc, rev, &code];
-            (self.stats.requests.with_label_values(&labels), self.stats.latency.with_label_values(&labels))
+            let names = &self.names;
+            let labels = [names.namespace.as_str(), &names.service, &names.revision, &code];
+            CodeSeries {
+                count: self.stats.requests.with_label_values(&labels),
+                latency: self.stats.latency.with_label_values(&labels),
+                duration: Default::default(),
+            }
         });
-        count.inc();
-        latency.observe(elapsed.as_secs_f64());
+        series.count.inc();
+        series.latency.observe(seconds);
+        series.duration[protocol.index()]
+            .get_or_init(|| self.stats.knative.duration(Some(&self.names), protocol, code))
+            .observe(seconds);
     }
 }
 
@@ -347,22 +424,34 @@ impl Drop for RevisionStats {
     /// as revisions come and go. A revision of the same name already back keeps them.
     fn drop(&mut self) {
         let mut live = lock(&self.stats.revisions);
-        if live.get(&self.labels).is_some_and(|w| w.strong_count() > 0) {
+        if live.get(&self.names).is_some_and(|w| w.strong_count() > 0) {
             return;
         }
-        live.remove(&self.labels);
+        live.remove(&self.names);
         drop(live);
-        let [ns, svc, rev] = &self.labels;
-        let (ns, svc, rev) = (ns.as_str(), svc.as_str(), rev.as_str());
-        let used =
-            COMMON_CODES.iter().zip(&self.common).filter(|(_, slot)| slot.get().is_some()).map(|(code, _)| *code);
-        for code in used.chain(lock(&self.rare).iter().copied()) {
+        let names = &self.names;
+        let (ns, svc, rev) = (names.namespace.as_str(), names.service.as_str(), names.revision.as_str());
+        let used: Vec<(Protocol, u16)> = COMMON_CODES
+            .iter()
+            .zip(&self.common)
+            .filter_map(|(code, slot)| Some((*code, slot.get()?)))
+            .flat_map(|(code, series)| {
+                (0..PROTOCOLS)
+                    .filter(|p| series.duration[*p].get().is_some())
+                    .map(move |p| (Protocol::from_index(p), code))
+            })
+            .chain(lock(&self.rare).iter().copied())
+            .collect();
+        let codes = COMMON_CODES.iter().zip(&self.common).filter(|(_, slot)| slot.get().is_some()).map(|(c, _)| *c);
+        for code in codes.chain(lock(&self.rare).iter().map(|(_, code)| *code)) {
             let code = code.to_string();
             let _ = self.stats.requests.remove_label_values(&[ns, svc, rev, &code]);
             let _ = self.stats.latency.remove_label_values(&[ns, svc, rev, &code]);
         }
+        self.stats.knative.forget(names, used.into_iter());
         let _ = self.stats.in_flight.remove_label_values(&[ns, svc, rev]);
         let _ = self.stats.queued.remove_label_values(&[ns, svc, rev]);
+        let _ = self.stats.queue_wait.remove_label_values(&[ns, svc, rev]);
         for per_revision in [&self.stats.outside_subset, &self.stats.resent, &self.stats.unreachable] {
             let _ = per_revision.remove_label_values(&[ns, svc, rev]);
         }
@@ -373,14 +462,25 @@ impl Drop for RevisionStats {
 mod tests {
     use super::*;
 
+    fn names(revision: &str) -> RevisionNames {
+        RevisionNames {
+            namespace: "ns".into(),
+            service: "svc".into(),
+            configuration: "svc".into(),
+            revision: revision.into(),
+        }
+    }
+
+    const GET_11: fn() -> Protocol = || Protocol::of(&http::Method::GET, http::Version::HTTP_11);
+
     #[test]
     fn records_common_and_rare_codes_under_the_same_names() {
         let stats = Stats::new();
-        let rev = stats.revision("ns", "svc", "svc-1");
-        rev.record(200, Duration::from_millis(3));
-        rev.record(200, Duration::from_millis(3));
-        rev.record(418, Duration::from_millis(3));
-        stats.unrouted(404, Duration::from_millis(1));
+        let rev = stats.revision(names("svc-1"));
+        rev.record(200, GET_11(), Duration::from_millis(3));
+        rev.record(200, GET_11(), Duration::from_millis(3));
+        rev.record(418, GET_11(), Duration::from_millis(3));
+        stats.unrouted(404, GET_11(), Duration::from_millis(1));
         let text = String::from_utf8(stats.encode()).unwrap();
         assert!(
             text.contains(r#"activator_requests_total{code="200",namespace="ns",revision="svc-1",service="svc"} 2"#),
@@ -398,21 +498,92 @@ mod tests {
         let stats = Stats::new();
         let series = |stats: &Stats| {
             let text = String::from_utf8(stats.encode()).unwrap();
-            text.lines().filter(|l| l.contains("revision=\"gone-1\"")).count()
+            text.lines().filter(|l| l.contains("\"gone-1\"")).count()
         };
-        let first = stats.revision("ns", "svc", "gone-1");
-        first.record(200, Duration::from_millis(1));
-        first.record(418, Duration::from_millis(1));
+        let first = stats.revision(names("gone-1"));
+        first.record(200, GET_11(), Duration::from_millis(1));
+        first.record(418, GET_11(), Duration::from_millis(1));
         first.in_flight.inc();
         assert!(series(&stats) > 0);
-        let again = stats.revision("ns", "svc", "gone-1");
+        let again = stats.revision(names("gone-1"));
         assert!(Arc::ptr_eq(&first, &again), "one set of handles while any is held");
         drop(first);
         assert!(series(&stats) > 0, "still held by a request");
         drop(again);
         assert_eq!(series(&stats), 0, "nothing left of the revision");
-        let back = stats.revision("ns", "svc", "gone-1");
-        back.record(200, Duration::from_millis(1));
+        let back = stats.revision(names("gone-1"));
+        back.record(200, GET_11(), Duration::from_millis(1));
         assert!(series(&stats) > 0, "a revision that comes back is counted again");
+    }
+
+    /// Each family's type and the label names its samples carry, read from the exposition.
+    fn families(text: &str) -> std::collections::BTreeMap<String, (String, std::collections::BTreeSet<String>)> {
+        let mut found = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                found.insert(name.to_owned(), (kind.to_owned(), std::collections::BTreeSet::new()));
+            } else if !line.starts_with('#') && !line.is_empty() {
+                let (series, _) = line.rsplit_once(' ').unwrap();
+                let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix).filter(|f| found.contains_key(*f)))
+                    .unwrap_or(name);
+                let names = labels.trim_end_matches('}').split(',').filter(|l| !l.is_empty());
+                let names = names.map(|l| l.split_once('=').unwrap().0.to_owned()).filter(|l| l != "le");
+                found.get_mut(family).unwrap().1.extend(names);
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn upstream_names_have_upstreams_types_and_labels() {
+        let stats = Stats::new();
+        let rev = stats.revision(names("svc-1"));
+        rev.record(200, GET_11(), Duration::from_millis(3));
+        rev.record(
+            503,
+            Protocol::of(&http::Method::from_bytes(b"BREW").unwrap(), http::Version::HTTP_2),
+            Duration::ZERO,
+        );
+        rev.knative.concurrency.set(0.5);
+        rev.knative.queued.set(1);
+        rev.knative.active.inc();
+        stats.knative.stats_conn_reachable.set(1);
+        stats.knative.stats_conn_errors.inc();
+        let revision = ["k8s_namespace_name", "kn_configuration_name", "kn_revision_name", "kn_service_name"];
+        let short = ["k8s_namespace_name", "kn_revision_name"];
+        let http = [
+            "http_request_method",
+            "http_response_status_code",
+            "network_protocol_name",
+            "network_protocol_version",
+            "url_scheme",
+        ];
+        let expected: [(&str, &str, Vec<&str>); 6] = [
+            ("kn_revision_request_concurrency", "gauge", revision.to_vec()),
+            ("kn_revision_request_queued", "gauge", short.to_vec()),
+            ("kn_revision_request_active", "gauge", short.to_vec()),
+            ("kn_activator_stats_conn_reachable", "gauge", vec!["peer"]),
+            ("kn_activator_stats_conn_errors_total", "counter", vec!["peer"]),
+            ("http_server_request_duration_seconds", "histogram", [&http[..], &revision[..]].concat()),
+        ];
+        let text = String::from_utf8(stats.encode()).unwrap();
+        let found = families(&text);
+        for (name, kind, labels) in &expected {
+            let (found_kind, found_labels) = found.get(*name).unwrap_or_else(|| panic!("{name} missing:\n{text}"));
+            assert_eq!(found_kind, kind, "{name}");
+            let labels: std::collections::BTreeSet<String> = labels.iter().map(|l| l.to_string()).collect();
+            assert_eq!(found_labels, &labels, "{name}");
+        }
+        assert!(text.contains(r#"http_request_method="_OTHER""#), "unknown methods are not label values");
+        assert!(text.contains(r#"kn_activator_stats_conn_reachable{peer="autoscaler"} 1"#));
+
+        stats.knative.set_exported(false);
+        let text = String::from_utf8(stats.encode()).unwrap();
+        assert!(expected.iter().all(|(name, ..)| !text.contains(name)), "metrics-protocol none: {text}");
+        assert!(text.contains("activator_requests_total"), "ours stay");
     }
 }

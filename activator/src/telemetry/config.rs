@@ -1,0 +1,192 @@
+//! What `config-observability` (Knative mode) or the standard `OTEL_*` variables (any mode) ask
+//! of metrics, traces and the request log, read into one value. Reading only: applying it is
+//! `Telemetry`'s.
+
+use std::collections::BTreeMap;
+
+/// Where upstream's metric names go (`metrics-protocol`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MetricsProtocol {
+    /// Upstream's default: not exported.
+    #[default]
+    None,
+    /// On `/metrics` of the admin port.
+    Prometheus,
+    /// Pushed over OTLP; not supported here, so not exported (one warning says so).
+    Grpc,
+    HttpProtobuf,
+}
+
+/// How spans leave the process (`tracing-protocol`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TracingProtocol {
+    #[default]
+    None,
+    Grpc,
+    HttpProtobuf,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tracing {
+    pub protocol: TracingProtocol,
+    /// The collector; `None` leaves it to `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` and the
+    /// exporter's default.
+    pub endpoint: Option<String>,
+    /// Parent-based: a request that arrives with a sampled (or unsampled) parent keeps that
+    /// decision; a new trace is sampled at this ratio.
+    pub sampling_rate: f64,
+}
+
+impl Default for Tracing {
+    fn default() -> Self {
+        Tracing { protocol: TracingProtocol::None, endpoint: None, sampling_rate: 1.0 }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ObservabilityConfig {
+    pub metrics_protocol: MetricsProtocol,
+    pub tracing: Tracing,
+    /// One JSON line per request on stdout (`logging.enable-request-log`).
+    pub request_log: bool,
+}
+
+impl ObservabilityConfig {
+    /// The defaults outside Knative: upstream's metric names on `/metrics`, traces when
+    /// `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` is set (protocol from
+    /// `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`, ratio from `OTEL_TRACES_SAMPLER_ARG`).
+    pub fn from_env(var: impl Fn(&str) -> Option<String>, request_log: bool, warn: &mut dyn FnMut(String)) -> Self {
+        let endpoint = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"));
+        let protocol = match var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL")) {
+            _ if endpoint.is_none() => TracingProtocol::None,
+            Some(p) if p == "grpc" => TracingProtocol::Grpc,
+            Some(p) if p == "http/protobuf" => TracingProtocol::HttpProtobuf,
+            None => TracingProtocol::HttpProtobuf,
+            Some(other) => {
+                warn(format!(
+                    "OTEL_EXPORTER_OTLP_PROTOCOL {other:?} is not grpc or http/protobuf; using http/protobuf"
+                ));
+                TracingProtocol::HttpProtobuf
+            }
+        };
+        let sampling_rate =
+            var("OTEL_TRACES_SAMPLER_ARG").map_or(1.0, |arg| ratio(&arg, "OTEL_TRACES_SAMPLER_ARG", warn));
+        ObservabilityConfig {
+            metrics_protocol: MetricsProtocol::Prometheus,
+            // The exporter reads the endpoint variables itself, adding `/v1/traces` where the
+            // standard says to.
+            tracing: Tracing { protocol, endpoint: None, sampling_rate },
+            request_log,
+        }
+    }
+
+    /// `config-observability`'s data, with `fallback` for what it leaves unset; values that do
+    /// not read are reported through `warn` and leave the fallback in place.
+    pub fn from_config_map(data: &BTreeMap<String, String>, fallback: &Self, warn: &mut dyn FnMut(String)) -> Self {
+        let get = |key: &str| data.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
+        let metrics_protocol = match get("metrics-protocol") {
+            None => MetricsProtocol::None,
+            Some("none") => MetricsProtocol::None,
+            Some("prometheus") => MetricsProtocol::Prometheus,
+            Some("grpc") => MetricsProtocol::Grpc,
+            Some("http/protobuf") => MetricsProtocol::HttpProtobuf,
+            Some(other) => {
+                warn(format!("metrics-protocol {other:?} is not none, prometheus, grpc or http/protobuf; ignored"));
+                fallback.metrics_protocol
+            }
+        };
+        let mut tracing = fallback.tracing.clone();
+        match get("tracing-protocol") {
+            None => {}
+            Some("none") => tracing.protocol = TracingProtocol::None,
+            Some("grpc") => tracing.protocol = TracingProtocol::Grpc,
+            Some("http/protobuf") => tracing.protocol = TracingProtocol::HttpProtobuf,
+            Some(other) => warn(format!("tracing-protocol {other:?} is not none, grpc or http/protobuf; ignored")),
+        }
+        if let Some(endpoint) = get("tracing-endpoint") {
+            tracing.endpoint = Some(endpoint.to_owned());
+        }
+        if let Some(rate) = get("tracing-sampling-rate") {
+            tracing.sampling_rate = ratio(rate, "tracing-sampling-rate", warn);
+        }
+        let request_log = match get("logging.enable-request-log") {
+            None => fallback.request_log,
+            Some(v) => v.eq_ignore_ascii_case("true"),
+        };
+        ObservabilityConfig { metrics_protocol, tracing, request_log }
+    }
+}
+
+/// A sampling ratio in `[0, 1]`; anything else is reported and read as 1.
+fn ratio(text: &str, name: &str, warn: &mut dyn FnMut(String)) -> f64 {
+    match text.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => r,
+        _ => {
+            warn(format!("{name} {text:?} is not a ratio between 0 and 1; sampling every trace"));
+            1.0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn config_observability_reads_as_upstream_documents_it() {
+        let mut warnings = Vec::new();
+        let fallback = ObservabilityConfig::default();
+        let read = |pairs: &[(&str, &str)], warnings: &mut Vec<String>| {
+            ObservabilityConfig::from_config_map(&map(pairs), &fallback, &mut |w| warnings.push(w))
+        };
+        assert_eq!(read(&[], &mut warnings), fallback, "upstream's defaults: nothing exported");
+        let full = read(
+            &[
+                ("metrics-protocol", "prometheus"),
+                ("tracing-protocol", "grpc"),
+                ("tracing-endpoint", "http://collector:4317"),
+                ("tracing-sampling-rate", "0.25"),
+                ("logging.enable-request-log", "true"),
+            ],
+            &mut warnings,
+        );
+        assert_eq!(full.metrics_protocol, MetricsProtocol::Prometheus);
+        assert_eq!(full.tracing.protocol, TracingProtocol::Grpc);
+        assert_eq!(full.tracing.endpoint.as_deref(), Some("http://collector:4317"));
+        assert_eq!(full.tracing.sampling_rate, 0.25);
+        assert!(full.request_log);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let bad = read(
+            &[("metrics-protocol", "statsd"), ("tracing-protocol", "zipkin"), ("tracing-sampling-rate", "2")],
+            &mut warnings,
+        );
+        assert_eq!(bad.metrics_protocol, MetricsProtocol::None);
+        assert_eq!((bad.tracing.protocol, bad.tracing.sampling_rate), (TracingProtocol::None, 1.0));
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+    }
+
+    #[test]
+    fn the_standard_variables_turn_traces_on() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        };
+        let mut warn = |w: String| panic!("{w}");
+        let off = ObservabilityConfig::from_env(env(&[]), false, &mut warn);
+        assert_eq!(off.tracing.protocol, TracingProtocol::None);
+        assert_eq!(off.metrics_protocol, MetricsProtocol::Prometheus);
+        let on = ObservabilityConfig::from_env(
+            env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                ("OTEL_TRACES_SAMPLER_ARG", "0.5"),
+            ]),
+            true,
+            &mut warn,
+        );
+        assert_eq!((on.tracing.protocol, on.tracing.sampling_rate, on.request_log), (TracingProtocol::Grpc, 0.5, true));
+    }
+}

@@ -1,0 +1,234 @@
+//! What the activator tells the outside about each request besides its own `/metrics`: one
+//! OTLP server span per request carrying the routing decision, W3C trace context passed on to the
+//! pod, the request log, and whether upstream's metric names are exported. Configured at start
+//! from flags and `OTEL_*` variables, and live from `config-observability` in Knative mode.
+//!
+//! Costs nothing while off: spans are filtered at their callsite, so a request creates none, and
+//! the request log is one atomic load. Records what happened; must not decide anything.
+
+mod access_log;
+mod config;
+mod tracer;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{HeaderMap, Request};
+use opentelemetry::propagation::{TextMapCompositePropagator, TextMapPropagator};
+use opentelemetry::trace::TraceContextExt as _;
+use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use prometheus::IntCounter;
+use tracing::Span;
+use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::DynFilterFn;
+use tracing_subscriber::registry::LookupSpan;
+
+pub use access_log::AccessLog;
+pub use config::{MetricsProtocol, ObservabilityConfig, Tracing, TracingProtocol};
+
+use crate::stats::knative::{KnativeMetrics, Protocol};
+use crate::sync::lock;
+
+/// The target of our spans; log output never formats them.
+pub const SPAN_TARGET: &str = "activator::span";
+
+#[derive(Clone)]
+pub struct Telemetry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tracer: tracer::SwitchTracer,
+    tracing: Arc<AtomicBool>,
+    request_log: AtomicBool,
+    access_log: AccessLog,
+    knative: KnativeMetrics,
+    propagator: TextMapCompositePropagator,
+    applied: Mutex<Option<ObservabilityConfig>>,
+}
+
+/// What became of one request, for its span and its request-log line.
+pub struct Outcome<'a> {
+    pub protocol: Protocol,
+    pub status: u16,
+    pub elapsed: Duration,
+    /// Set once a revision took the request.
+    pub routed: Option<Routed<'a>>,
+}
+
+pub struct Routed<'a> {
+    pub namespace: &'a str,
+    pub service: &'a str,
+    pub revision: &'a str,
+    pub decision: &'static str,
+    /// Where the deciding pin was looked up: near-cache, memory, redis, or fallback (Redis
+    /// unavailable, this replica's own pins).
+    pub pin_source: Option<&'static str>,
+    pub pod: Option<SocketAddr>,
+    pub queued: Duration,
+    /// The first hex digits of the hashed session and flow keys; never the ids.
+    pub session: Option<String>,
+    pub flow: Option<String>,
+}
+
+/// Sets headers with a value only: an empty `tracestate` is noise to the pod.
+struct NonEmpty<'a>(HeaderInjector<'a>);
+
+impl opentelemetry::propagation::Injector for NonEmpty<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if !value.is_empty() {
+            self.0.set(key, value);
+        }
+    }
+}
+
+impl Telemetry {
+    /// Everything off until `apply`; `dropped_lines` counts request-log lines lost to a full
+    /// buffer.
+    pub fn new(knative: KnativeMetrics, dropped_lines: IntCounter) -> Self {
+        let propagator = TextMapCompositePropagator::new(vec![
+            Box::new(TraceContextPropagator::new()),
+            Box::new(BaggagePropagator::new()),
+        ]);
+        Telemetry {
+            inner: Arc::new(Inner {
+                tracer: tracer::SwitchTracer::off(),
+                tracing: Arc::new(AtomicBool::new(false)),
+                request_log: AtomicBool::new(false),
+                access_log: AccessLog::new(dropped_lines),
+                knative,
+                propagator,
+                applied: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// The tracing layer that turns our spans into OTLP spans while tracing is on. The pin-store
+    /// span is only made inside a request's span, so background refreshes make no traces.
+    pub fn layer<S>(&self) -> impl Layer<S> + use<S>
+    where
+        S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let on = self.inner.tracing.clone();
+        let ours = DynFilterFn::new(move |meta, cx| {
+            meta.target() == SPAN_TARGET
+                && on.load(Ordering::Relaxed)
+                && (meta.name() == "handle" || cx.lookup_current().is_some())
+        });
+        tracing_opentelemetry::layer().with_tracer(self.inner.tracer.clone()).with_filter(ours)
+    }
+
+    /// Applies a configuration: the exporter, sampler and request log switch at once; requests
+    /// already running finish under what they started with.
+    pub fn apply(&self, config: &ObservabilityConfig) {
+        let mut applied = lock(&self.inner.applied);
+        if applied.as_ref() == Some(config) {
+            return;
+        }
+        if applied.as_ref().map(|a| &a.tracing) != Some(&config.tracing) {
+            match self.inner.tracer.switch(&config.tracing) {
+                Ok(()) => {
+                    let on = config.tracing.protocol != TracingProtocol::None;
+                    self.inner.tracing.store(on, Ordering::Relaxed);
+                    // Callsites that were off must be asked again.
+                    tracing::callsite::rebuild_interest_cache();
+                    tracing::info!(tracing = ?config.tracing, "trace export configured");
+                }
+                Err(e) => tracing::warn!(error = %e, tracing = ?config.tracing, "trace export not changed"),
+            }
+        }
+        self.inner.request_log.store(config.request_log, Ordering::Relaxed);
+        let exported = config.metrics_protocol == MetricsProtocol::Prometheus;
+        if matches!(config.metrics_protocol, MetricsProtocol::Grpc | MetricsProtocol::HttpProtobuf) {
+            tracing::warn!(
+                protocol = ?config.metrics_protocol,
+                "pushing metrics over OTLP is not supported; upstream's metric names are not exported (ours stay on /metrics)"
+            );
+        }
+        self.inner.knative.set_exported(exported);
+        *applied = Some(config.clone());
+    }
+
+    /// The request's server span, a child of the trace the request carries; disabled (and free)
+    /// while tracing is off.
+    pub fn server_span<B>(&self, req: &Request<B>, protocol: Protocol) -> Span {
+        let span = tracing::info_span!(
+            target: SPAN_TARGET,
+            "handle",
+            otel.kind = "server",
+            otel.status_code = Empty,
+            http.request.method = protocol.method(),
+            network.protocol.version = protocol.version(),
+            http.response.status_code = Empty,
+            k8s.namespace.name = Empty,
+            kn.service.name = Empty,
+            kn.revision.name = Empty,
+            activator.decision = Empty,
+            activator.pin.source = Empty,
+            activator.pod = Empty,
+            activator.queued_seconds = Empty,
+            activator.session = Empty,
+            activator.flow = Empty,
+        );
+        if !span.is_disabled() {
+            let parent = self.inner.propagator.extract(&HeaderExtractor(req.headers()));
+            if parent.span().span_context().is_valid() {
+                let _ = span.set_parent(parent);
+            }
+        }
+        span
+    }
+
+    /// Replaces the trace context the pod receives with the request's span, so the pod's spans
+    /// are its children. Leaves the headers alone while tracing is off.
+    pub fn inject(&self, span: &Span, headers: &mut HeaderMap) {
+        if span.is_disabled() {
+            return;
+        }
+        self.inner.propagator.inject_context(&span.context(), &mut NonEmpty(HeaderInjector(headers)));
+    }
+
+    /// Whether `finish` has anything to do, so callers skip building an `Outcome` otherwise.
+    pub fn wants_outcome(&self, span: &Span) -> bool {
+        !span.is_disabled() || self.inner.request_log.load(Ordering::Relaxed)
+    }
+
+    /// Records the outcome on the span and in the request log.
+    pub fn finish(&self, span: &Span, outcome: &Outcome<'_>) {
+        if !span.is_disabled() {
+            span.record("http.response.status_code", outcome.status);
+            if outcome.status >= 500 {
+                span.record("otel.status_code", "ERROR");
+            }
+            if let Some(r) = &outcome.routed {
+                span.record("k8s.namespace.name", r.namespace);
+                span.record("kn.service.name", r.service);
+                span.record("kn.revision.name", r.revision);
+                span.record("activator.decision", r.decision);
+                span.record("activator.queued_seconds", r.queued.as_secs_f64());
+                if let Some(source) = r.pin_source {
+                    span.record("activator.pin.source", source);
+                }
+                if let Some(pod) = r.pod {
+                    span.record("activator.pod", tracing::field::display(pod));
+                }
+                if let Some(session) = &r.session {
+                    span.record("activator.session", session.as_str());
+                }
+                if let Some(flow) = &r.flow {
+                    span.record("activator.flow", flow.as_str());
+                }
+            }
+        }
+        if self.inner.request_log.load(Ordering::Relaxed) {
+            let trace_id = span.context().span().span_context().trace_id();
+            let trace_id = (trace_id != opentelemetry::trace::TraceId::INVALID).then_some(trace_id);
+            self.inner.access_log.write(outcome, trace_id);
+        }
+    }
+}
