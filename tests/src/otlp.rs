@@ -1,6 +1,7 @@
-//! An OTLP trace receiver of ours: opentelemetry-proto's `ExportTraceServiceRequest` over real
-//! HTTP (`POST /v1/traces`, protobuf) and over gRPC (`TraceService/Export` on h2c, on the same
-//! port), keeping every span it receives for tests to look at.
+//! An OTLP receiver of ours: opentelemetry-proto's `ExportTraceServiceRequest` and
+//! `ExportMetricsServiceRequest` over real HTTP (`POST /v1/traces`, `/v1/metrics`, protobuf) and
+//! over gRPC (`TraceService/Export`, `MetricsService/Export` on h2c, on the same port), keeping
+//! every span and metric it receives for tests to look at.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -13,14 +14,25 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::metrics::v1::metric;
 use prost::Message;
 use tokio::net::TcpListener;
 
 use crate::wait_until;
 
-const GRPC_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+const GRPC_TRACES: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+const GRPC_METRICS: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
+
+/// One received metric: its name and unit, and the attributes of each of its points.
+#[derive(Clone, Debug)]
+pub struct Metric {
+    pub name: String,
+    pub unit: String,
+    pub points: Vec<HashMap<String, String>>,
+}
 
 /// One received span, with ids in hex and attribute values as text.
 #[derive(Clone, Debug)]
@@ -39,11 +51,17 @@ impl Span {
     }
 }
 
+#[derive(Default)]
+struct Received {
+    spans: Vec<Span>,
+    metrics: Vec<Metric>,
+    /// Export requests by protocol: `http` and `grpc`.
+    requests: HashMap<&'static str, usize>,
+}
+
 pub struct Receiver {
     addr: SocketAddr,
-    spans: Arc<Mutex<Vec<Span>>>,
-    /// Export requests by protocol: `http` and `grpc`.
-    requests: Arc<Mutex<HashMap<&'static str, usize>>>,
+    received: Arc<Mutex<Received>>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -51,16 +69,15 @@ impl Receiver {
     pub async fn start() -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the OTLP receiver");
         let addr = listener.local_addr().expect("bound");
-        let spans = Arc::new(Mutex::new(Vec::new()));
-        let requests = Arc::new(Mutex::new(HashMap::new()));
-        let (kept, counted) = (spans.clone(), requests.clone());
+        let received = Arc::new(Mutex::new(Received::default()));
+        let kept = received.clone();
         let server = tokio::spawn(async move {
             loop {
                 let Ok((socket, _)) = listener.accept().await else { return };
-                let (spans, requests) = (kept.clone(), counted.clone());
+                let received = kept.clone();
                 let service = hyper::service::service_fn(move |req| {
-                    let (spans, requests) = (spans.clone(), requests.clone());
-                    async move { Ok::<_, Infallible>(export(req, &spans, &requests).await) }
+                    let received = received.clone();
+                    async move { Ok::<_, Infallible>(export(req, &received).await) }
                 });
                 tokio::spawn(async move {
                     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -68,7 +85,7 @@ impl Receiver {
                 });
             }
         });
-        Receiver { addr, spans, requests, server }
+        Receiver { addr, received, server }
     }
 
     /// For `OTEL_EXPORTER_OTLP_ENDPOINT` or `tracing-endpoint` with `grpc`.
@@ -87,12 +104,16 @@ impl Receiver {
     }
 
     pub fn spans(&self) -> Vec<Span> {
-        self.spans.lock().unwrap().clone()
+        self.received.lock().unwrap().spans.clone()
+    }
+
+    pub fn metrics(&self) -> Vec<Metric> {
+        self.received.lock().unwrap().metrics.clone()
     }
 
     /// Export requests received over `protocol` (`http` or `grpc`).
     pub fn requests(&self, protocol: &str) -> usize {
-        self.requests.lock().unwrap().get(protocol).copied().unwrap_or(0)
+        self.received.lock().unwrap().requests.get(protocol).copied().unwrap_or(0)
     }
 
     /// The first span `matches` accepts, waiting for it up to `within`.
@@ -110,21 +131,25 @@ impl Drop for Receiver {
 
 type Body = BoxBody<Bytes, Infallible>;
 
-async fn export(
-    req: Request<Incoming>,
-    spans: &Mutex<Vec<Span>>,
-    requests: &Mutex<HashMap<&'static str, usize>>,
-) -> Response<Body> {
-    let grpc = req.uri().path() == GRPC_EXPORT;
-    if !grpc && req.uri().path() != "/v1/traces" {
+async fn export(req: Request<Incoming>, received: &Mutex<Received>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let grpc = path == GRPC_TRACES || path == GRPC_METRICS;
+    let traces = path == GRPC_TRACES || path == "/v1/traces";
+    if !traces && path != GRPC_METRICS && path != "/v1/metrics" {
         return status(404);
     }
     let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else { return status(400) };
-    let message = if grpc { unframe(body) } else { Some(body) };
-    let Some(Ok(export)) = message.map(ExportTraceServiceRequest::decode) else { return status(400) };
-    *requests.lock().unwrap().entry(if grpc { "grpc" } else { "http" }).or_default() += 1;
-    spans.lock().unwrap().extend(flatten(export));
-    let reply = ExportTraceServiceResponse::default().encode_to_vec();
+    let Some(message) = (if grpc { unframe(body) } else { Some(body) }) else { return status(400) };
+    let reply = if traces {
+        let Ok(export) = ExportTraceServiceRequest::decode(message) else { return status(400) };
+        received.lock().unwrap().spans.extend(flatten(export));
+        ExportTraceServiceResponse::default().encode_to_vec()
+    } else {
+        let Ok(export) = ExportMetricsServiceRequest::decode(message) else { return status(400) };
+        received.lock().unwrap().metrics.extend(metrics(export));
+        ExportMetricsServiceResponse::default().encode_to_vec()
+    };
+    *received.lock().unwrap().requests.entry(if grpc { "grpc" } else { "http" }).or_default() += 1;
     if !grpc {
         let mut resp = Response::new(Full::new(Bytes::from(reply)).boxed());
         resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/x-protobuf"));
@@ -177,6 +202,24 @@ fn flatten(export: ExportTraceServiceRequest) -> Vec<Span> {
         }
     }
     out
+}
+
+fn metrics(export: ExportMetricsServiceRequest) -> Vec<Metric> {
+    let points = |data: Option<metric::Data>| -> Vec<HashMap<String, String>> {
+        match data {
+            Some(metric::Data::Gauge(g)) => g.data_points.into_iter().map(|p| attributes(p.attributes)).collect(),
+            Some(metric::Data::Sum(s)) => s.data_points.into_iter().map(|p| attributes(p.attributes)).collect(),
+            Some(metric::Data::Histogram(h)) => h.data_points.into_iter().map(|p| attributes(p.attributes)).collect(),
+            _ => Vec::new(),
+        }
+    };
+    export
+        .resource_metrics
+        .into_iter()
+        .flat_map(|r| r.scope_metrics)
+        .flat_map(|s| s.metrics)
+        .map(|m| Metric { name: m.name, unit: m.unit, points: points(m.data) })
+        .collect()
 }
 
 fn attributes(kvs: Vec<opentelemetry_proto::tonic::common::v1::KeyValue>) -> HashMap<String, String> {

@@ -514,4 +514,31 @@ async fn config_observability_changes_exports_live() {
         metric(admin, "activator_requests_total", &[("revision", "counter-00001"), ("code", "200")]).await.is_some(),
         "ours stay whatever metrics-protocol says"
     );
+
+    // Pushed over OTLP, under upstream's instrument names and attribute keys, by either protocol.
+    for (protocol, endpoint) in [("http/protobuf", receiver.base_url()), ("grpc", receiver.grpc_endpoint())] {
+        let before = receiver.requests(if protocol == "grpc" { "grpc" } else { "http" });
+        observe(&[
+            ("metrics-protocol", protocol),
+            ("metrics-endpoint", &endpoint),
+            ("metrics-export-interval", "100ms"),
+        ]);
+        wait_until(Duration::from_secs(10), &format!("metrics arrive over {protocol}"), || async {
+            receiver.requests(if protocol == "grpc" { "grpc" } else { "http" }) > before + 1
+        })
+        .await;
+    }
+    let pushed = receiver.metrics();
+    let duration = pushed.iter().rfind(|m| m.name == "http.server.request.duration").expect("the duration histogram");
+    assert_eq!(duration.unit, "s");
+    assert!(
+        duration.points.iter().any(|p| p.get("kn.revision.name").map(String::as_str) == Some("counter-00001")
+            && p.get("k8s.namespace.name").map(String::as_str) == Some("default")),
+        "{duration:?}"
+    );
+    let names: HashSet<&str> = pushed.iter().map(|m| m.name.as_str()).collect();
+    for name in ["kn.revision.request.concurrency", "kn.activator.stats.conn.reachable", "kn.revision.request.active"] {
+        assert!(names.contains(name), "{name} not pushed: {names:?}");
+    }
+    assert!(!upstream_names().await, "pushed, not scraped");
 }

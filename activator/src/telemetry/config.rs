@@ -3,6 +3,10 @@
 //! `Telemetry`'s.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Upstream's default `metrics-export-interval`.
+pub const DEFAULT_EXPORT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Where upstream's metric names go (`metrics-protocol`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -12,7 +16,7 @@ pub enum MetricsProtocol {
     None,
     /// On `/metrics` of the admin port.
     Prometheus,
-    /// Pushed over OTLP; not supported here, so not exported (one warning says so).
+    /// Pushed over OTLP to `metrics-endpoint` every `metrics-export-interval`.
     Grpc,
     HttpProtobuf,
 }
@@ -43,12 +47,27 @@ impl Default for Tracing {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ObservabilityConfig {
     pub metrics_protocol: MetricsProtocol,
+    /// Where pushed metrics go (`metrics-endpoint`).
+    pub metrics_endpoint: Option<String>,
+    pub metrics_export_interval: Duration,
     pub tracing: Tracing,
     /// One JSON line per request on stdout (`logging.enable-request-log`).
     pub request_log: bool,
+}
+
+impl Default for ObservabilityConfig {
+    fn default() -> Self {
+        ObservabilityConfig {
+            metrics_protocol: MetricsProtocol::None,
+            metrics_endpoint: None,
+            metrics_export_interval: DEFAULT_EXPORT_INTERVAL,
+            tracing: Tracing::default(),
+            request_log: false,
+        }
+    }
 }
 
 impl ObservabilityConfig {
@@ -73,6 +92,8 @@ impl ObservabilityConfig {
             var("OTEL_TRACES_SAMPLER_ARG").map_or(1.0, |arg| ratio(&arg, "OTEL_TRACES_SAMPLER_ARG", warn));
         ObservabilityConfig {
             metrics_protocol: MetricsProtocol::Prometheus,
+            metrics_endpoint: None,
+            metrics_export_interval: DEFAULT_EXPORT_INTERVAL,
             // The exporter reads the endpoint variables itself, adding `/v1/traces` where the
             // standard says to.
             tracing: Tracing { protocol, endpoint: None, sampling_rate },
@@ -95,6 +116,18 @@ impl ObservabilityConfig {
                 fallback.metrics_protocol
             }
         };
+        let metrics_export_interval = match get("metrics-export-interval").map(humantime::parse_duration) {
+            None => fallback.metrics_export_interval,
+            Some(Ok(interval)) if interval >= Duration::from_millis(10) => interval,
+            Some(_) => {
+                warn(format!(
+                    "metrics-export-interval {:?} is not a duration of 10ms or more; using {:?}",
+                    data["metrics-export-interval"], fallback.metrics_export_interval
+                ));
+                fallback.metrics_export_interval
+            }
+        };
+        let metrics_endpoint = get("metrics-endpoint").map(str::to_owned).or_else(|| fallback.metrics_endpoint.clone());
         let mut tracing = fallback.tracing.clone();
         match get("tracing-protocol") {
             None => {}
@@ -113,7 +146,7 @@ impl ObservabilityConfig {
             None => fallback.request_log,
             Some(v) => v.eq_ignore_ascii_case("true"),
         };
-        ObservabilityConfig { metrics_protocol, tracing, request_log }
+        ObservabilityConfig { metrics_protocol, metrics_endpoint, metrics_export_interval, tracing, request_log }
     }
 }
 
@@ -147,6 +180,8 @@ mod tests {
         let full = read(
             &[
                 ("metrics-protocol", "prometheus"),
+                ("metrics-endpoint", "http://collector:4318"),
+                ("metrics-export-interval", "15s"),
                 ("tracing-protocol", "grpc"),
                 ("tracing-endpoint", "http://collector:4317"),
                 ("tracing-sampling-rate", "0.25"),
@@ -155,18 +190,26 @@ mod tests {
             &mut warnings,
         );
         assert_eq!(full.metrics_protocol, MetricsProtocol::Prometheus);
+        assert_eq!(full.metrics_endpoint.as_deref(), Some("http://collector:4318"));
+        assert_eq!(full.metrics_export_interval, Duration::from_secs(15));
         assert_eq!(full.tracing.protocol, TracingProtocol::Grpc);
         assert_eq!(full.tracing.endpoint.as_deref(), Some("http://collector:4317"));
         assert_eq!(full.tracing.sampling_rate, 0.25);
         assert!(full.request_log);
         assert!(warnings.is_empty(), "{warnings:?}");
         let bad = read(
-            &[("metrics-protocol", "statsd"), ("tracing-protocol", "zipkin"), ("tracing-sampling-rate", "2")],
+            &[
+                ("metrics-protocol", "statsd"),
+                ("metrics-export-interval", "soon"),
+                ("tracing-protocol", "zipkin"),
+                ("tracing-sampling-rate", "2"),
+            ],
             &mut warnings,
         );
         assert_eq!(bad.metrics_protocol, MetricsProtocol::None);
         assert_eq!((bad.tracing.protocol, bad.tracing.sampling_rate), (TracingProtocol::None, 1.0));
-        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert_eq!(bad.metrics_export_interval, DEFAULT_EXPORT_INTERVAL);
+        assert_eq!(warnings.len(), 4, "{warnings:?}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 mod access_log;
 mod config;
+mod push;
 mod tracer;
 
 use std::net::SocketAddr;
@@ -50,6 +51,8 @@ struct Inner {
     knative: KnativeMetrics,
     propagator: TextMapCompositePropagator,
     applied: Mutex<Option<ObservabilityConfig>>,
+    /// The task pushing upstream's metrics, while `metrics-protocol` asks for it.
+    pushing: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 /// What became of one request, for its span and its request-log line.
@@ -104,6 +107,7 @@ impl Telemetry {
                 knative,
                 propagator,
                 applied: Mutex::new(None),
+                pushing: Mutex::new(None),
             }),
         }
     }
@@ -143,15 +147,31 @@ impl Telemetry {
             }
         }
         self.inner.request_log.store(config.request_log, Ordering::Relaxed);
-        let exported = config.metrics_protocol == MetricsProtocol::Prometheus;
-        if matches!(config.metrics_protocol, MetricsProtocol::Grpc | MetricsProtocol::HttpProtobuf) {
-            tracing::warn!(
-                protocol = ?config.metrics_protocol,
-                "pushing metrics over OTLP is not supported; upstream's metric names are not exported (ours stay on /metrics)"
-            );
+        self.inner.knative.set_exported(config.metrics_protocol == MetricsProtocol::Prometheus);
+        let push =
+            |c: &ObservabilityConfig| (c.metrics_protocol, c.metrics_endpoint.clone(), c.metrics_export_interval);
+        if applied.as_ref().map(push) != Some(push(config)) {
+            self.push_metrics(config);
         }
-        self.inner.knative.set_exported(exported);
         *applied = Some(config.clone());
+    }
+
+    /// Starts (or stops) pushing upstream's metrics over OTLP as `config` says.
+    fn push_metrics(&self, config: &ObservabilityConfig) {
+        if let Some(previous) = lock(&self.inner.pushing).take() {
+            previous.abort();
+        }
+        let destination = match (config.metrics_protocol, &config.metrics_endpoint) {
+            (MetricsProtocol::Grpc, Some(endpoint)) => push::Destination::Grpc(endpoint.clone()),
+            (MetricsProtocol::HttpProtobuf, Some(endpoint)) => push::Destination::http(endpoint),
+            (MetricsProtocol::Grpc | MetricsProtocol::HttpProtobuf, None) => {
+                return tracing::warn!(protocol = ?config.metrics_protocol, "metrics-protocol needs metrics-endpoint; not pushing");
+            }
+            (MetricsProtocol::None | MetricsProtocol::Prometheus, _) => return,
+        };
+        tracing::info!(?destination, interval = ?config.metrics_export_interval, "pushing upstream's metrics over OTLP");
+        let task = push::run(self.inner.knative.clone(), destination, config.metrics_export_interval);
+        *lock(&self.inner.pushing) = Some(tokio::spawn(task).abort_handle());
     }
 
     /// The request's server span, a child of the trace the request carries; disabled (and free)
