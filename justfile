@@ -52,6 +52,23 @@ bench:
     echo "== proxy figures (backend and proxies on CPU 1, load on CPU 0)"
     target/release/bench
 
+# Draw the Grafana dashboard of manifests/observability from a real run into docs/dashboard.png (DASHBOARD_SECONDS, default 120): two activators, Redis (away for a while), an autoscaler-shim, a Prometheus scraping them, headless Chromium for the picture; installs prometheus and chromium when missing. Not part of CI.
+dashboard: deps
+    #!/usr/bin/env bash
+    set -euo pipefail
+    need=()
+    command -v prometheus >/dev/null || need+=(prometheus)
+    command -v chromium >/dev/null || need+=(chromium)
+    if ((${#need[@]})); then
+        sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+        # Debian starts its own Prometheus on :9090; the run starts one of its own on loopback.
+        $sudo service prometheus stop >/dev/null 2>&1 || true
+    fi
+    cargo build --release --workspace --bins
+    target/release/dashboard
+
 # A bounded soak of everything at once on loopback (SOAK_SECONDS, default 600): load at ~70 % of saturation with session churn, topology changes, pods killed and added, Redis and one activator restarted; prints failures, memory and open-file drift, and pins lost once a minute. Not part of CI.
 soak: deps
     cargo build --release --workspace --bins

@@ -88,6 +88,17 @@ async fn spans_carry_the_decision_and_the_pod_continues_the_trace() {
         }
         decided.insert(n, span.span_id.clone());
     }
+    // Alice's pod leaves: her next request is re-pinned in the same revision.
+    let alice = client.get_with("counter.test", "/incr", &[("K-Session", "alice")]).await.pod().to_owned();
+    let other = if alice == "counter-1-pod-0" { &pods[1] } else { &pods[0] };
+    let only = [other.addr("http")];
+    env.reload(&activator, &yaml(&[Service::new("counter").revision("counter-1", 100, &only)])).await;
+    let (header, trace_id, _) = traceparent(9);
+    let moved = client.get_with("counter.test", "/incr", &[("K-Session", "alice"), ("traceparent", &header)]).await;
+    assert_ne!(moved.pod(), alice);
+    let repin = handle_span(&receiver, &trace_id).await;
+    assert_eq!(repin.attr("activator.decision"), Some("re-pin"), "{repin:?}");
+
     let split = client.get("counter.test", "/incr").await;
     assert_eq!(split.status, 200);
     receiver
