@@ -52,6 +52,21 @@ pub enum PinsAction {
     },
     /// Delete one pin; its session or flow is balanced anew on its next request.
     Delete(PinSelector),
+    /// Move every session pinned to one pod to other pods of the same revision (as when the pod
+    /// leaves), before the pod is scaled down: from an operator's shell or a pre-stop hook.
+    Drain {
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        #[arg(long)]
+        service: String,
+        /// The pod's `ip:port`, as `activator pins list` shows it.
+        #[arg(long)]
+        pod: std::net::SocketAddr,
+        /// The pods to move them to (`ip:port`, repeatable); by default the revision's other pods
+        /// that hold pins, the least pinned first.
+        #[arg(long)]
+        to: Vec<std::net::SocketAddr>,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -1,5 +1,6 @@
-//! `activator pins get|list|delete`: lets an operator read and delete pins in the shared Redis
-//! table, where keys are hashes of the ids and cannot be found by eye. Must not route anything.
+//! `activator pins get|list|delete|drain`: lets an operator read, delete and move pins in the
+//! shared Redis table, where keys are hashes of the ids and cannot be found by eye. Must not route
+//! anything.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -8,7 +9,11 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::config::{PinSelector, PinsAction};
-use crate::pins::{Deployment, INVALIDATIONS, PinKey, PinKind, RedisClient, RedisTls, key_report};
+use std::collections::BTreeMap;
+
+use crate::pins::{
+    DRAINED_POD, Deployment, INVALIDATIONS, PinKey, PinKind, RedisClient, RedisTls, drain_pod, key_report, pin_targets,
+};
 
 /// How long the command waits for each of Redis's answers.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,6 +51,16 @@ pub async fn run(
                 }
             }
             println!("{} pins for {namespace}/{service}", keys.len());
+            // Sessions per pod, what a scale-down of that pod would move.
+            let mut by_pod: BTreeMap<(String, String), usize> = BTreeMap::new();
+            for (pin, _) in pin_targets(&mut conn, &keys).await?.into_iter().flatten() {
+                if let Some(pod) = pin.pod.filter(|p| *p != DRAINED_POD) {
+                    *by_pod.entry((pin.revision.to_string(), pod.to_string())).or_default() += 1;
+                }
+            }
+            for ((revision, pod), n) in by_pod {
+                println!("{revision} {pod} {n} sessions");
+            }
             Ok(ExitCode::SUCCESS)
         }
         PinsAction::Delete(selector) => {
@@ -63,6 +78,12 @@ pub async fn run(
                 return Ok(ExitCode::from(1));
             }
             println!("deleted {key}");
+            Ok(ExitCode::SUCCESS)
+        }
+        PinsAction::Drain { namespace, service, pod, to } => {
+            let keys = conn.scan_one_slot(&PinKey::service_pattern(&namespace, &service)).await?;
+            let drained = drain_pod(&mut conn, &keys, pod, &to).await?;
+            println!("moved {drained} sessions of {namespace}/{service} off {pod}");
             Ok(ExitCode::SUCCESS)
         }
     }

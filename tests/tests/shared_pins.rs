@@ -12,7 +12,7 @@ use integration_tests::{Client, Env, Metrics, Process, addrs, bin_dir, metric, w
 struct Cluster {
     _env: Env,
     redis: Redis,
-    _pods: Vec<Process>,
+    pods: Vec<Process>,
     a: Process,
     b: Process,
 }
@@ -25,7 +25,7 @@ impl Cluster {
         env.write_topology(&yaml(&[Service::new("counter").revision("counter-1", 100, &addrs(&pods))]));
         let a = env.shared_activator(&redis).await;
         let b = env.shared_activator(&redis).await;
-        Cluster { _env: env, redis, _pods: pods, a, b }
+        Cluster { _env: env, redis, pods, a, b }
     }
 
     fn clients(&self) -> (Client, Client) {
@@ -530,4 +530,60 @@ async fn a_wrong_password_or_an_untrusted_certificate_is_one_clear_line_and_pins
             assert_eq!(reply.body, format!("session={id}, count={count}\n"), "served with local pins");
         }
     }
+}
+
+/// A pod's sessions are visible before it goes (`activator_pins` per pod on each replica,
+/// `activator pins list`), and `activator pins drain` moves them to the revision's other pods as
+/// its leaving would, through every replica, while the pod still serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_sessions_are_counted_and_drained_before_it_goes() {
+    let c = Cluster::start().await;
+    let (via_a, via_b) = c.clients();
+    let mut homes: Vec<(String, String)> = Vec::new();
+    for i in 0..30 {
+        let id = format!("drain-{i}");
+        let reply = session(if i % 2 == 0 { &via_a } else { &via_b }, &id).await;
+        homes.push((id, reply.pod().to_owned()));
+    }
+    let busiest = (0..c.pods.len())
+        .map(|k| format!("counter-1-pod-{k}"))
+        .max_by_key(|name| homes.iter().filter(|(_, pod)| pod == name).count())
+        .expect("three pods");
+    let on_busiest: Vec<&str> = homes.iter().filter(|(_, pod)| *pod == busiest).map(|(id, _)| id.as_str()).collect();
+    let index: usize = busiest.rsplit('-').next().and_then(|k| k.parse().ok()).expect("a pod index");
+    let addr = c.pods[index].addr("http").to_string();
+
+    // Each replica counts the sessions it holds; between them, every session of the pod.
+    let counted = || async {
+        let mut sum = 0.0;
+        for admin in [c.a.addr("admin"), c.b.addr("admin")] {
+            sum += metric(admin, "activator_pins", &[("revision", "counter-1"), ("pod", &addr)]).await.unwrap_or(0.0);
+        }
+        sum
+    };
+    wait_until(Duration::from_secs(15), "the pod's sessions are counted", || async {
+        counted().await == on_busiest.len() as f64
+    })
+    .await;
+    let (ok, listed) = c.pins(&["list", "--service", "counter"]).await;
+    assert!(ok && listed.contains(&format!("counter-1 {addr} {} sessions", on_busiest.len())), "{listed}");
+
+    let (ok, out) = c.pins(&["drain", "--service", "counter", "--pod", &addr]).await;
+    assert!(ok && out.contains(&format!("moved {} sessions", on_busiest.len())), "{out}");
+    // The pod still serves, yet its sessions move once the replicas hear of the drain, and stay.
+    wait_until(Duration::from_secs(10), "the first drained session has moved", || async {
+        session(&via_b, on_busiest[0]).await.pod() != busiest
+    })
+    .await;
+    for id in &on_busiest {
+        let moved = session(&via_b, id).await.pod().to_owned();
+        assert_ne!(moved, busiest, "{id}");
+        assert_eq!(session(&via_a, id).await.pod(), moved, "{id} stays on its new pod through the other replica");
+    }
+    for (id, pod) in homes.iter().filter(|(_, pod)| *pod != busiest) {
+        assert_eq!(session(&via_a, id).await.pod(), pod, "{id} was not on the drained pod and stays");
+    }
+    let (_, listed) = c.pins(&["list", "--service", "counter"]).await;
+    assert!(!listed.contains(&addr), "{listed}");
+    wait_until(Duration::from_secs(15), "the pod's count drops to zero", || async { counted().await == 0.0 }).await;
 }

@@ -5,8 +5,10 @@
 //! No global lock: the table is split into shards by the id hash, each an LRU behind its own
 //! mutex, held for one map operation.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use lru::LruCache;
@@ -274,6 +276,23 @@ impl MemoryPins {
         out
     }
 
+    /// Live session pins by service scope, revision and pod. Walks one shard at a time, so a
+    /// request waits at most for one shard's walk.
+    pub fn sessions_by_pod(&self) -> HashMap<(Arc<str>, Arc<str>, SocketAddr), u64> {
+        let now = Instant::now();
+        let mut counts = HashMap::new();
+        for shard in self.shards.iter() {
+            let table = lock(shard);
+            for (key, entry) in table.map.iter().filter(|(_, e)| e.is_live(now)) {
+                if let Some(pod) = entry.pin.pod {
+                    let at = (key.scope().clone(), entry.pin.revision.clone(), pod);
+                    *counts.entry(at).or_default() += 1;
+                }
+            }
+        }
+        counts
+    }
+
     /// Drops expired pins from the cold end of each shard and returns the entries held.
     /// Pins that expired behind a live one are dropped when next looked up, or evicted.
     pub fn sweep(&self) -> u64 {
@@ -305,8 +324,6 @@ fn lock(shard: &Shard) -> MutexGuard<'_, Table> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::SocketAddr;
-    use std::sync::Arc;
 
     use crate::pins::PinKind;
 
@@ -322,6 +339,24 @@ mod tests {
     }
     const POD_A: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
     const POD_B: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 2);
+
+    #[test]
+    fn live_session_pins_are_counted_by_pod() {
+        let pins = MemoryPins::new(1000);
+        for (i, pod) in [POD_A, POD_A, POD_B].into_iter().enumerate() {
+            pins.write(&key("ns/svc", &i.to_string()), None, Pin::session("rev", pod), LONG);
+        }
+        let flow = PinKey::new(&Arc::from("ns/svc"), PinKind::Flow, b"f");
+        pins.write(&flow, None, Pin::flow("rev"), LONG);
+        let short = Lifetime { ttl: Duration::ZERO, max_age: None };
+        pins.write(&key("ns/svc", "expired"), None, Pin::session("rev", POD_B), short);
+        let counts = pins.sessions_by_pod();
+        let scope: Arc<str> = Arc::from("ns/svc");
+        let rev: Arc<str> = Arc::from("rev");
+        assert_eq!(counts.get(&(scope.clone(), rev.clone(), POD_A)), Some(&2));
+        assert_eq!(counts.get(&(scope, rev, POD_B)), Some(&1), "flows and expired pins are not counted");
+        assert_eq!(counts.len(), 2);
+    }
 
     #[test]
     fn first_writer_wins_and_replace_is_compare_and_set() {

@@ -19,11 +19,15 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prometheus::{IntCounter, IntGauge};
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus::{IntCounter, IntGauge, IntGaugeVec};
 
 pub use memory::MemoryPins;
 pub use redis::{Deployment, RedisClient, RedisTls};
-pub use shared::{INVALIDATIONS, SharedConfig, SharedPins, key_report};
+pub use shared::{DRAINED_POD, INVALIDATIONS, SharedConfig, SharedPins, drain_pod, key_report, pin_targets};
 
 use crate::stats::Stats;
 
@@ -263,7 +267,15 @@ pub struct Pins {
     /// `[kind][new, repin, conflict]`.
     writes: [[IntCounter; 3]; 2],
     entries: IntGauge,
+    by_pod: IntGaugeVec,
+    /// The label sets `by_pod` has series for, so a pod's series goes when its last pin does.
+    published: Mutex<HashSet<[String; 4]>>,
+    maintained: AtomicU64,
 }
+
+/// Live session pins per pod are counted every this many maintenance runs: the count walks the
+/// whole table.
+const COUNT_BY_POD_EVERY: u64 = 5;
 
 const KINDS: [PinKind; 2] = [PinKind::Session, PinKind::Flow];
 
@@ -284,7 +296,16 @@ impl Pins {
         let lookups = KINDS.map(|k| ["hit", "miss"].map(|r| stats.pin_lookups.with_label_values(&[k.as_str(), r])));
         let writes =
             KINDS.map(|k| ["new", "repin", "conflict"].map(|r| stats.pin_writes.with_label_values(&[k.as_str(), r])));
-        Pins { memory, shared, lookups, writes, entries: stats.pin_entries.clone() }
+        Pins {
+            memory,
+            shared,
+            lookups,
+            writes,
+            entries: stats.pin_entries.clone(),
+            by_pod: stats.pins_by_pod.clone(),
+            published: Mutex::default(),
+            maintained: AtomicU64::new(0),
+        }
     }
 
     /// The pins of a request's session and flow keys, found in one go: with the shared store, keys
@@ -339,9 +360,31 @@ impl Pins {
         }
     }
 
-    /// Drops expired pins and publishes the entry count; run periodically.
+    /// Drops expired pins and publishes the entry count, and every few runs the live session
+    /// pins per pod; run once a second.
     pub fn maintain(&self) {
         self.entries.set(i64::try_from(self.memory.sweep()).unwrap_or(i64::MAX));
+        if self.maintained.fetch_add(1, Ordering::Relaxed).is_multiple_of(COUNT_BY_POD_EVERY) {
+            self.publish_by_pod();
+        }
+    }
+
+    /// `activator_pins{namespace, service, revision, pod}`: the session pins this replica holds,
+    /// so a pod's sessions are visible before it is scaled down. Bounded by pods, never ids.
+    fn publish_by_pod(&self) {
+        let counts = self.memory.sessions_by_pod();
+        let mut now_published = HashSet::with_capacity(counts.len());
+        for ((scope, revision, pod), n) in counts {
+            let (namespace, service) = scope.split_once('/').unwrap_or(("", &scope));
+            let labels = [namespace.to_owned(), service.to_owned(), revision.to_string(), pod.to_string()];
+            self.by_pod.with_label_values(&labels).set(i64::try_from(n).unwrap_or(i64::MAX));
+            now_published.insert(labels);
+        }
+        let mut published = crate::sync::lock(&self.published);
+        for gone in published.difference(&now_published) {
+            let _ = self.by_pod.remove_label_values(&gone.each_ref().map(String::as_str));
+        }
+        *published = now_published;
     }
 }
 

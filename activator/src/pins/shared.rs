@@ -21,6 +21,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -721,6 +722,72 @@ fn server_version(info: &str) -> Option<(u32, u32)> {
 }
 
 /// A pin as the operator sees it: key, raw value, decoded target, remaining TTL.
+/// Where a drained session pin points: no pod is ever ready there, so the session's next request
+/// is re-pinned to another pod of its revision, as when its pod leaves.
+pub const DRAINED_POD: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+
+/// What one pin of `keys` says, for `activator pins list`: its revision and pod.
+pub async fn pin_targets(
+    conn: &mut impl redis::aio::ConnectionLike,
+    keys: &[String],
+) -> RedisResult<Vec<Option<(Pin, SystemTime)>>> {
+    let mut get = redis::pipe();
+    keys.iter().for_each(|key| {
+        get.get(key);
+    });
+    let values: Vec<Option<Vec<u8>>> = get.query_async(conn).await?;
+    Ok(values.into_iter().map(|value| value.and_then(|v| Pin::decode(&v))).collect())
+}
+
+/// Moves every session pin of `keys` that names `pod` off it (`activator pins drain`), keeping
+/// its revision, written time and TTL, and tells every replica's near cache. Each goes to the pod
+/// of `to`, or else of its revision's other pinned pods, holding the fewest sessions; with no other
+/// pod known, to `DRAINED_POD`, so the next request picks one. Compare-and-set, so a pin re-pinned
+/// meanwhile is left as it is. Returns how many were moved.
+pub async fn drain_pod(
+    conn: &mut impl redis::aio::ConnectionLike,
+    keys: &[String],
+    pod: SocketAddr,
+    to: &[SocketAddr],
+) -> RedisResult<usize> {
+    let found = pin_targets(conn, keys).await?;
+    // Sessions per pod of each revision, the pod being drained left out.
+    let mut load: HashMap<(Arc<str>, SocketAddr), usize> = HashMap::new();
+    for (pin, _) in found.iter().flatten() {
+        if let Some(other) = pin.pod.filter(|p| *p != pod && *p != DRAINED_POD && (to.is_empty() || to.contains(p))) {
+            *load.entry((pin.revision.clone(), other)).or_default() += 1;
+        }
+    }
+    for target in to {
+        for (pin, _) in found.iter().flatten() {
+            load.entry((pin.revision.clone(), *target)).or_default();
+        }
+    }
+    let script = redis::Script::new(REPIN_SCRIPT);
+    let mut drained = 0;
+    for (key, found) in keys.iter().zip(found) {
+        let Some((pin, written)) = found.filter(|(pin, _)| pin.pod == Some(pod)) else { continue };
+        let ttl_ms: i64 = redis::cmd("PTTL").arg(key).query_async(conn).await?;
+        if ttl_ms <= 0 {
+            continue;
+        }
+        let least = load.iter_mut().filter(|((revision, _), _)| *revision == pin.revision).min_by_key(|(_, n)| **n);
+        let next = match least {
+            Some(((_, next), n)) => {
+                *n += 1;
+                *next
+            }
+            None => DRAINED_POD,
+        };
+        let moved = Pin { revision: pin.revision.clone(), pod: Some(next) };
+        let mut repin = script.prepare_invoke();
+        repin.key(key).arg(pin.target()).arg(moved.encode(written)).arg(ttl_ms).arg(INVALIDATIONS).arg("operator");
+        let lost: Option<Vec<u8>> = repin.invoke_async(conn).await?;
+        drained += usize::from(lost.is_none());
+    }
+    Ok(drained)
+}
+
 pub async fn key_report(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> RedisResult<Option<String>> {
     let (value, ttl_ms): (Option<Vec<u8>>, i64) =
         redis::pipe().cmd("GET").arg(key).cmd("PTTL").arg(key).query_async(conn).await?;

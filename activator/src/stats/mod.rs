@@ -50,6 +50,7 @@ pub struct Stats {
     pub pin_lookups: IntCounterVec,
     pub pin_writes: IntCounterVec,
     pub pin_entries: IntGauge,
+    pub pins_by_pod: IntGaugeVec,
     pub pin_store_errors: IntCounterVec,
     pub pin_store_latency: HistogramVec,
     pub pin_store_up: IntGauge,
@@ -185,6 +186,14 @@ impl Stats {
         .expect("static metric definition");
         let pin_entries = IntGauge::new("activator_pin_entries", "Pins held in this replica's memory store")
             .expect("static metric definition");
+        let pins_by_pod = IntGaugeVec::new(
+            Opts::new(
+                "activator_pins",
+                "Live session pins this replica holds, by the pod they pin to (counted every 5 s)",
+            ),
+            &["namespace", "service", "revision", "pod"],
+        )
+        .expect("static metric definition");
         let pin_store_errors = IntCounterVec::new(
             Opts::new(
                 "activator_pin_store_errors_total",
@@ -248,6 +257,7 @@ impl Stats {
             Box::new(pin_lookups.clone()),
             Box::new(pin_writes.clone()),
             Box::new(pin_entries.clone()),
+            Box::new(pins_by_pod.clone()),
             Box::new(pin_store_errors.clone()),
             Box::new(pin_store_latency.clone()),
             Box::new(pin_store_up.clone()),
@@ -286,6 +296,7 @@ impl Stats {
             pin_lookups,
             pin_writes,
             pin_entries,
+            pins_by_pod,
             pin_store_errors,
             pin_store_latency,
             pin_store_up,
