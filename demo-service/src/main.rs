@@ -3,7 +3,10 @@
 //! It owns nothing but its own counters: each process counts requests per session id, so a test
 //! or a person can see from `session=abc, count=N` whether a session kept reaching the same pod.
 //! Every response names the pod and revision that answered (`X-Demo-Pod`, `X-Demo-Revision`) and
-//! the HTTP version it was reached with (`X-Demo-Http-Version`).
+//! the HTTP version it was reached with (`X-Demo-Http-Version`). The gRPC service
+//! `demo.v1.Counter` (`grpc`) counts the same sessions on the same port.
+
+mod grpc;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -91,7 +94,8 @@ async fn main() -> anyhow::Result<()> {
         .route("/headers", any(headers))
         .route("/trailers", get(with_trailers))
         .layer(middleware::from_fn_with_state(demo.clone(), queue_probe_and_identity))
-        .with_state(demo);
+        .with_state(demo.clone())
+        .merge(tonic::service::Routes::new(grpc::Grpc::server(demo)).into_axum_router());
 
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
@@ -157,10 +161,16 @@ async fn with_trailers() -> Response {
         .expect("static response parts are valid")
 }
 
-fn count(demo: &Demo, id: String) -> String {
+/// Counts one more request of session `id` on this pod.
+fn bump(demo: &Demo, id: &str) -> u64 {
     let mut counts = demo.counts.lock().unwrap_or_else(|e| e.into_inner());
-    let n = counts.entry(id.clone()).or_insert(0);
+    let n = counts.entry(id.to_owned()).or_insert(0);
     *n += 1;
+    *n
+}
+
+fn count(demo: &Demo, id: String) -> String {
+    let n = bump(demo, &id);
     format!("session={id}, count={n}\n")
 }
 
