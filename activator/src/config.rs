@@ -258,6 +258,12 @@ pub struct Config {
     #[arg(long, env = "ACTIVATOR_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 
+    /// Keys for signed pin cookies (`sticky-session-mode: signed-cookie`): a file, typically a
+    /// mounted Secret, of one key (32 bytes or more) per line. The first signs, every one
+    /// verifies; it is re-read within a second of changing, so keys rotate without a restart.
+    #[arg(long, env = "ACTIVATOR_PIN_COOKIE_KEYS")]
+    pub pin_cookie_keys: Option<PathBuf>,
+
     /// One JSON line per request on stdout (no raw ids: hashed key prefixes at most). In Knative
     /// mode `config-observability`'s `logging.enable-request-log` overrides it live.
     #[arg(long, env = "ACTIVATOR_REQUEST_LOG")]

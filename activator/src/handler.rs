@@ -226,6 +226,9 @@ impl Handler {
         {
             headers.append(http::header::SET_COOKIE, value);
         }
+        if let Some(value) = route.set_cookie.as_deref().and_then(|v| HeaderValue::try_from(v).ok()) {
+            headers.append(http::header::SET_COOKIE, value);
+        }
         if self.debug_headers {
             headers.insert(DECISION, HeaderValue::from_static(route.origin.as_str()));
         }

@@ -9,7 +9,7 @@ use activator::autoscaler::{Reporter, ReporterConfig, ReporterMetrics};
 use activator::config::{Cli, Command, Config, LogFormat, Mode, PinStore};
 use activator::handler::Handler;
 use activator::health::Health;
-use activator::pins::{Pins, SharedConfig};
+use activator::pins::{CookieKeys, Pins, SharedConfig};
 use activator::readiness::{ProbeTiming, Prober};
 use activator::server::Limits;
 use activator::source::knative::{KnativeConfig, KnativeSource};
@@ -161,6 +161,7 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry) -> anyhow::Resu
             Pins::shared(config.max_pins, shared, &stats)?
         }
     };
+    let pins = pins.signing(CookieKeys::from_file(config.pin_cookie_keys.clone())?);
     if config.pin_store == PinStore::Redis {
         health.require_pin_store();
     }

@@ -15,13 +15,24 @@ pub const MAX_ID_BYTES: usize = 1024;
 
 /// The ids `req` carries, as pin keys of the service `policy` belongs to.
 pub fn extract<B>(policy: &Policy, req: &Request<B>) -> Result<Keys, KeyError> {
-    let session = first_id(policy.session_sources(), req, PinKind::Session)?;
     let flow = first_id(policy.flow_sources(), req, PinKind::Flow)?;
     let scope = policy.scope();
+    // A session whose pin travels in a signed cookie has no id and no key in the store.
+    if let Some((name, secure)) = policy.signed_cookie() {
+        let value = cookie(req, name).filter(|v| !v.is_empty() && v.len() <= MAX_ID_BYTES).map(str::to_owned);
+        return Ok(Keys {
+            session: None,
+            flow: flow.map(|id| PinKey::new(scope, PinKind::Flow, &id)),
+            new_cookie: None,
+            signed: Some(SignedCookie { name: name.to_owned(), secure, value }),
+        });
+    }
+    let session = first_id(policy.session_sources(), req, PinKind::Session)?;
     let mut keys = Keys {
         session: session.map(|id| PinKey::new(scope, PinKind::Session, &id)),
         flow: flow.map(|id| PinKey::new(scope, PinKind::Flow, &id)),
         new_cookie: None,
+        signed: None,
     };
     if keys.session.is_none()
         && let Some((name, secure)) = policy.cookie()
@@ -40,6 +51,25 @@ pub struct Keys {
     pub flow: Option<PinKey>,
     /// Set when the activator made up a session id for a cookie-mode client.
     pub new_cookie: Option<NewCookie>,
+    /// Set in `sticky-session-mode: signed-cookie`: the pin cookie, and what the request sent.
+    pub signed: Option<SignedCookie>,
+}
+
+#[derive(Debug)]
+pub struct SignedCookie {
+    pub name: String,
+    pub secure: bool,
+    /// The value the request carried, unverified.
+    pub value: Option<String>,
+}
+
+impl SignedCookie {
+    /// The `Set-Cookie` value carrying a newly signed pin: a browser-session cookie, the pin's
+    /// own expiry being signed inside it.
+    pub fn header_value(&self, signed: &str) -> String {
+        let secure = if self.secure { "; Secure" } else { "" };
+        format!("{}={signed}; Path=/; HttpOnly; SameSite=Lax{secure}", self.name)
+    }
 }
 
 #[derive(Debug)]

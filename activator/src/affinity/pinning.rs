@@ -8,13 +8,16 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use super::decide::{Lookup, Origin, PinWrite, decide, follow_flow_winner};
-use super::keys::Keys;
+use super::keys::{Keys, SignedCookie};
 use crate::pins::{Found, Pin, PinSource, Pins};
 use crate::throttle::Want;
 use crate::world::{Revision, Service};
+
+/// Whether the missing cookie keys were reported; once is enough.
+static NO_KEYS_REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Where a request is going.
 pub struct Route {
@@ -27,6 +30,8 @@ pub struct Route {
     pub pod: Option<SocketAddr>,
     /// Time spent waiting for a slot.
     pub queued: Duration,
+    /// A newly signed pin cookie for the response (`sticky-session-mode: signed-cookie`).
+    pub set_cookie: Option<String>,
     session_write: Option<PinWrite>,
 }
 
@@ -43,6 +48,8 @@ pub struct Pinning<'a> {
     service: &'a Service,
     keys: &'a Keys,
     lookup: Lookup,
+    /// When the request's verified pin cookie expires.
+    cookie_expires: Option<SystemTime>,
 }
 
 impl<'a> Pinning<'a> {
@@ -55,8 +62,21 @@ impl<'a> Pinning<'a> {
         ingress_pick: Option<&Arc<Revision>>,
     ) -> (Pinning<'a>, Route) {
         let lifetime_of = |revision: &str| service.lifetime_of(revision);
-        let Found { session, flow, sources } =
+        let Found { session, flow, mut sources } =
             pins.lookup(keys.session.as_ref(), keys.flow.as_ref(), &lifetime_of).await;
+        // A session pin in a signed cookie needs no store: any replica verifies it.
+        let verified = keys.signed.as_ref().map(|cookie| {
+            let value = cookie.value.as_deref();
+            value.and_then(|v| pins.cookie_keys().verify(service.affinity.scope(), v, SystemTime::now()))
+        });
+        let (session, cookie_expires) = match verified {
+            Some(verified) => {
+                sources[0] = PinSource::Cookie;
+                (verified.as_ref().map(|(pin, _)| pin.clone()), verified.map(|(_, expires)| expires))
+            }
+            None => (session, None),
+        };
+        let has_session = keys.session.is_some() || keys.signed.is_some();
         // A pod another replica pinned the session to, which this replica was told of only just
         // now, gets its first probe here before the session is moved off it.
         if let Some(pin) = &session
@@ -65,7 +85,7 @@ impl<'a> Pinning<'a> {
         {
             revision.throttler.await_first_probe(pod).await;
         }
-        let lookup = Lookup { has_session: keys.session.is_some(), has_flow: keys.flow.is_some(), session, flow };
+        let lookup = Lookup { has_session, has_flow: keys.flow.is_some(), session, flow };
         let mut decision = decide(service, ingress_pick, &lookup, fastrand::u32(..100));
         if let (Some(key), Some(write)) = (&keys.flow, &decision.flow_write) {
             let ours = Pin::flow(&decision.revision.name);
@@ -75,7 +95,7 @@ impl<'a> Pinning<'a> {
         }
         let pin_source = match decision.origin {
             Origin::RevisionPin => keys.flow.as_ref().map(|_| sources[1]),
-            _ => keys.session.as_ref().map(|_| sources[0]).or_else(|| keys.flow.as_ref().map(|_| sources[1])),
+            _ => has_session.then_some(sources[0]).or_else(|| keys.flow.as_ref().map(|_| sources[1])),
         };
         let route = Route {
             revision: decision.revision,
@@ -84,14 +104,19 @@ impl<'a> Pinning<'a> {
             pin_source,
             pod: None,
             queued: Duration::ZERO,
+            set_cookie: None,
             session_write: decision.session_write,
         };
-        (Pinning { pins, service, keys, lookup }, route)
+        (Pinning { pins, service, keys, lookup, cookie_expires }, route)
     }
 
     /// The request holds a slot on `pod` of `route.revision`: pins its session there. Returns
     /// where it must go instead if another writer pinned the session to a pod that is ready.
-    pub async fn pin_session(&self, route: &Route, pod: SocketAddr) -> Option<Moved> {
+    pub async fn pin_session(&self, route: &mut Route, pod: SocketAddr) -> Option<Moved> {
+        if let Some(cookie) = &self.keys.signed {
+            self.sign_cookie(cookie, route, pod);
+            return None;
+        }
         let key = self.keys.session.as_ref()?;
         let ours = Pin::session(&route.revision.name, pod);
         // Also re-pin when the pinned pod left between the decision and admission.
@@ -119,5 +144,25 @@ impl<'a> Pinning<'a> {
                 None
             }
         }
+    }
+
+    /// The response carries the session's pin in a newly signed cookie when the pin is new or
+    /// moved, or its cookie is past half its idle lifetime, so an active session never expires.
+    fn sign_cookie(&self, cookie: &SignedCookie, route: &mut Route, pod: SocketAddr) {
+        let ours = Pin::session(&route.revision.name, pod);
+        let ttl = route.revision.affinity.lifetime().ttl;
+        let now = SystemTime::now();
+        let fresh = self.cookie_expires.is_some_and(|e| e.duration_since(now).unwrap_or_default() > ttl / 2);
+        if self.lookup.session.as_ref() == Some(&ours) && fresh {
+            return;
+        }
+        let signed = self.pins.cookie_keys().sign(self.service.affinity.scope(), &ours, now + ttl);
+        if signed.is_none() && !NO_KEYS_REPORTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                scope = %self.service.affinity.scope(),
+                "sticky-session-mode: signed-cookie needs --pin-cookie-keys; its sessions are not pinned"
+            );
+        }
+        route.set_cookie = signed.map(|value| cookie.header_value(&value));
     }
 }

@@ -8,6 +8,7 @@
 //! a cluster). Must not decide where a
 //! request goes; `affinity::decide` does.
 
+mod cookie;
 mod memory;
 mod redis;
 mod shared;
@@ -25,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus::{IntCounter, IntGauge, IntGaugeVec};
 
+pub use cookie::CookieKeys;
 pub use memory::MemoryPins;
 pub use redis::{Deployment, RedisClient, RedisTls};
 pub use shared::{DRAINED_POD, INVALIDATIONS, SharedConfig, SharedPins, drain_pod, key_report, pin_targets};
@@ -229,6 +231,8 @@ pub enum PinSource {
     Redis,
     /// Redis could not be asked (down, slow, breaker open): this replica's own pins.
     Fallback,
+    /// The request's signed pin cookie (`sticky-session-mode: signed-cookie`).
+    Cookie,
 }
 
 impl PinSource {
@@ -238,6 +242,7 @@ impl PinSource {
             PinSource::NearCache => "near-cache",
             PinSource::Redis => "redis",
             PinSource::Fallback => "fallback",
+            PinSource::Cookie => "cookie",
         }
     }
 }
@@ -268,6 +273,8 @@ pub struct Pins {
     writes: [[IntCounter; 3]; 2],
     entries: IntGauge,
     by_pod: IntGaugeVec,
+    /// The keys of signed pin cookies.
+    cookie_keys: CookieKeys,
     /// The label sets `by_pod` has series for, so a pod's series goes when its last pin does.
     published: Mutex<HashSet<[String; 4]>>,
     maintained: AtomicU64,
@@ -303,9 +310,20 @@ impl Pins {
             writes,
             entries: stats.pin_entries.clone(),
             by_pod: stats.pins_by_pod.clone(),
+            cookie_keys: CookieKeys::from_file(None).expect("no file, nothing to read"),
             published: Mutex::default(),
             maintained: AtomicU64::new(0),
         }
+    }
+
+    /// These pins, signing and verifying pin cookies with `keys`.
+    pub fn signing(mut self, keys: CookieKeys) -> Self {
+        self.cookie_keys = keys;
+        self
+    }
+
+    pub fn cookie_keys(&self) -> &CookieKeys {
+        &self.cookie_keys
     }
 
     /// The pins of a request's session and flow keys, found in one go: with the shared store, keys
@@ -364,6 +382,7 @@ impl Pins {
     /// pins per pod; run once a second.
     pub fn maintain(&self) {
         self.entries.set(i64::try_from(self.memory.sweep()).unwrap_or(i64::MAX));
+        self.cookie_keys.reload();
         if self.maintained.fetch_add(1, Ordering::Relaxed).is_multiple_of(COUNT_BY_POD_EVERY) {
             self.publish_by_pod();
         }

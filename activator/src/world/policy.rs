@@ -37,7 +37,12 @@ pub struct Annotated {
     max_age: Option<Duration>,
     /// `sticky-session-cookie-secure`: the session cookie is sent over HTTPS only.
     cookie_secure: Option<bool>,
+    /// `sticky-session-mode: signed-cookie`: session pins travel in a signed cookie, not a store.
+    signed_cookie: Option<bool>,
 }
+
+/// The cookie a signed pin travels in when `sticky-session-cookie-name` names none.
+pub const DEFAULT_PIN_COOKIE: &str = "activator-pin";
 
 impl Annotated {
     /// Reads the activator's annotations, reporting each one it has to ignore to `rejected`
@@ -84,6 +89,14 @@ impl Annotated {
                     }
                     continue;
                 }
+                (Some(PinKind::Session), "mode") => {
+                    match value {
+                        "signed-cookie" => out.signed_cookie = Some(true),
+                        "store" => out.signed_cookie = Some(false),
+                        _ => rejected(key, format!("{value:?} is neither store nor signed-cookie")),
+                    }
+                    continue;
+                }
                 (Some(PinKind::Session), "cookie-secure") => {
                     match value.to_ascii_lowercase().as_str() {
                         "true" => out.cookie_secure = Some(true),
@@ -111,6 +124,7 @@ impl Annotated {
         self.ttl = self.ttl.or(base.ttl);
         self.max_age = self.max_age.or(base.max_age);
         self.cookie_secure = self.cookie_secure.or(base.cookie_secure);
+        self.signed_cookie = self.signed_cookie.or(base.signed_cookie);
         self
     }
 
@@ -135,25 +149,31 @@ pub struct Policy {
     flow: Vec<IdSource>,
     /// Cookie created for clients that send no session id, and whether it is `Secure`.
     cookie: Option<(String, bool)>,
+    /// The cookie session pins travel in (`sticky-session-mode: signed-cookie`), and whether it
+    /// is `Secure`.
+    signed_cookie: Option<(String, bool)>,
 }
 
 impl Policy {
     pub fn new<'a>(namespace: &str, service: &str, annotated: impl IntoIterator<Item = &'a Annotated>) -> Self {
         let mut session = Vec::new();
         let mut flow = Vec::new();
-        let mut secure = false;
+        let (mut secure, mut signed) = (false, false);
         for a in annotated {
             extend_unique(&mut session, &a.session);
             extend_unique(&mut flow, &a.flow);
             secure |= a.cookie_secure.unwrap_or(false);
+            signed |= a.signed_cookie.unwrap_or(false);
         }
         let cookie = session.iter().find_map(|s| match s {
             IdSource::Cookie(name) => Some((name.clone(), secure)),
             _ => None,
         });
+        let signed_cookie =
+            signed.then(|| (cookie.as_ref().map_or(DEFAULT_PIN_COOKIE, |(name, _)| name.as_str()).to_owned(), secure));
         extend_unique(&mut session, &[IdSource::Header(DEFAULT_SESSION)]);
         extend_unique(&mut flow, &[IdSource::Header(DEFAULT_FLOW)]);
-        Policy { scope: format!("{namespace}/{service}").into(), session, flow, cookie }
+        Policy { scope: format!("{namespace}/{service}").into(), session, flow, cookie, signed_cookie }
     }
 
     /// `<namespace>/<service>`: the scope of this service's pin keys.
@@ -174,6 +194,12 @@ impl Policy {
     /// The cookie made up for clients without a session id, and whether it is `Secure`.
     pub fn cookie(&self) -> Option<(&str, bool)> {
         self.cookie.as_ref().map(|(name, secure)| (name.as_str(), *secure))
+    }
+
+    /// The cookie session pins travel in with `sticky-session-mode: signed-cookie`, and whether
+    /// it is `Secure`; `None` in the default mode, where pins live in the store.
+    pub fn signed_cookie(&self) -> Option<(&str, bool)> {
+        self.signed_cookie.as_ref().map(|(name, secure)| (name.as_str(), *secure))
     }
 }
 
@@ -219,6 +245,20 @@ pub(crate) mod tests {
         assert_eq!(errors.len(), 2, "each clamp is reported: {errors:?}");
         let (_, errors) = annotated(&[("sticky-session-cookie-secure", "yes")]);
         assert_eq!(errors.len(), 1);
+        let (_, errors) = annotated(&[("sticky-session-mode", "cookie")]);
+        assert_eq!(errors.len(), 1, "only store and signed-cookie");
+    }
+
+    #[test]
+    fn signed_cookie_mode_names_its_cookie() {
+        let (signed, errors) = annotated(&[("sticky-session-mode", "signed-cookie")]);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(Policy::new("ns", "svc", [&signed]).signed_cookie(), Some((DEFAULT_PIN_COOKIE, false)));
+        let (named, _) = annotated(&[("sticky-session-cookie-name", "pin"), ("sticky-session-cookie-secure", "true")]);
+        assert_eq!(Policy::new("ns", "svc", [&signed.clone().over(&named)]).signed_cookie(), Some(("pin", true)));
+        let (store, _) = annotated(&[("sticky-session-mode", "store")]);
+        assert_eq!(Policy::new("ns", "svc", [&store.over(&signed)]).signed_cookie(), None, "the revision's mode wins");
+        assert_eq!(Policy::new("ns", "svc", [&named]).signed_cookie(), None, "the store is the default");
     }
 
     #[test]
