@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::affinity::share::Served;
 use crate::autoscaler::Concurrency;
 use crate::pins::Lifetime;
 use crate::proxy::HostRewrite;
@@ -43,6 +44,8 @@ pub struct Revision {
     pub throttler: Arc<Throttler>,
     pub stats: Arc<RevisionStats>,
     pub concurrency: Arc<Concurrency>,
+    /// Requests served over a sliding window, for `sticky-split-mode: requests`.
+    pub served: Arc<Served>,
 }
 
 pub struct TrafficTarget {
