@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::affinity::share::Served;
 use crate::autoscaler::Concurrency;
 use crate::pins::Lifetime;
 use crate::proxy::HostRewrite;
@@ -44,8 +43,6 @@ pub struct Revision {
     pub throttler: Arc<Throttler>,
     pub stats: Arc<RevisionStats>,
     pub concurrency: Arc<Concurrency>,
-    /// Requests served over a sliding window, for `sticky-split-mode: requests`.
-    pub served: Arc<Served>,
 }
 
 pub struct TrafficTarget {
