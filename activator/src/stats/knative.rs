@@ -74,6 +74,8 @@ impl Protocol {
 #[derive(Clone)]
 pub struct KnativeMetrics {
     registry: Registry,
+    /// The names of the families registered, series or not.
+    families: Arc<Vec<String>>,
     exported: Arc<AtomicBool>,
     concurrency: GaugeVec,
     queued: IntGaugeVec,
@@ -135,18 +137,20 @@ impl KnativeMetrics {
         )
         .expect("static metric definition");
         let registry = Registry::new();
-        for c in [
-            Box::new(concurrency.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(queued.clone()),
-            Box::new(active.clone()),
-            Box::new(duration.clone()),
-            Box::new(reachable.clone()),
-            Box::new(errors.clone()),
-        ] {
-            registry.register(c).expect("metric names are unique");
-        }
+        let families = super::register(
+            &registry,
+            [
+                Box::new(concurrency.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(queued.clone()),
+                Box::new(active.clone()),
+                Box::new(duration.clone()),
+                Box::new(reachable.clone()),
+                Box::new(errors.clone()),
+            ],
+        );
         KnativeMetrics {
             registry,
+            families: Arc::new(families),
             exported: Arc::new(AtomicBool::new(true)),
             concurrency,
             queued,
@@ -166,13 +170,8 @@ impl KnativeMetrics {
         self.exported.load(Ordering::Relaxed)
     }
 
-    pub fn family_names(&self) -> Vec<String> {
-        let collectors: [&dyn prometheus::core::Collector; 4] =
-            [&self.concurrency, &self.queued, &self.active, &self.duration];
-        let mut names: Vec<String> =
-            collectors.iter().flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone())).collect();
-        names.extend(["kn_activator_stats_conn_reachable".into(), "kn_activator_stats_conn_errors_total".into()]);
-        names
+    pub fn family_names(&self) -> &[String] {
+        &self.families
     }
 
     pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {

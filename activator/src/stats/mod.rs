@@ -241,42 +241,41 @@ impl Stats {
         )
         .expect("static metric definition");
         let registry = Registry::new();
-        let mut families = Vec::new();
-        for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(latency.clone()),
-            Box::new(in_flight.clone()),
-            Box::new(queued.clone()),
-            Box::new(queue_wait.clone()),
-            Box::new(decisions.clone()),
-            Box::new(outside_subset.clone()),
-            Box::new(resent.clone()),
-            Box::new(unreachable.clone()),
-            Box::new(topology_reloads.clone()),
-            Box::new(annotation_errors.clone()),
-            Box::new(pin_lookups.clone()),
-            Box::new(pin_writes.clone()),
-            Box::new(pin_entries.clone()),
-            Box::new(pins_by_pod.clone()),
-            Box::new(pin_store_errors.clone()),
-            Box::new(pin_store_latency.clone()),
-            Box::new(pin_store_up.clone()),
-            Box::new(autoscaler_connected.clone()),
-            Box::new(autoscaler_dropped.clone()),
-            Box::new(autoscaler_pokes.clone()),
-            Box::new(autoscaler_frames.clone()),
-            Box::new(open_connections.clone()),
-            Box::new(connection_limit_reached.clone()),
-            Box::new(request_log_dropped.clone()),
-            Box::new(kube_forbidden.clone()),
-            Box::new(kube_rejected.clone()),
-            Box::new(kube_errors.clone()),
-        ] {
-            families.extend(c.desc().iter().map(|d| d.fq_name.clone()));
-            registry.register(c).expect("metric names are unique");
-        }
+        let mut families = register(
+            &registry,
+            [
+                Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(latency.clone()),
+                Box::new(in_flight.clone()),
+                Box::new(queued.clone()),
+                Box::new(queue_wait.clone()),
+                Box::new(decisions.clone()),
+                Box::new(outside_subset.clone()),
+                Box::new(resent.clone()),
+                Box::new(unreachable.clone()),
+                Box::new(topology_reloads.clone()),
+                Box::new(annotation_errors.clone()),
+                Box::new(pin_lookups.clone()),
+                Box::new(pin_writes.clone()),
+                Box::new(pin_entries.clone()),
+                Box::new(pins_by_pod.clone()),
+                Box::new(pin_store_errors.clone()),
+                Box::new(pin_store_latency.clone()),
+                Box::new(pin_store_up.clone()),
+                Box::new(autoscaler_connected.clone()),
+                Box::new(autoscaler_dropped.clone()),
+                Box::new(autoscaler_pokes.clone()),
+                Box::new(autoscaler_frames.clone()),
+                Box::new(open_connections.clone()),
+                Box::new(connection_limit_reached.clone()),
+                Box::new(request_log_dropped.clone()),
+                Box::new(kube_forbidden.clone()),
+                Box::new(kube_rejected.clone()),
+                Box::new(kube_errors.clone()),
+            ],
+        );
         let knative = KnativeMetrics::new();
-        families.extend(knative.family_names());
+        families.extend_from_slice(knative.family_names());
         Stats {
             registry,
             revisions: Arc::default(),
@@ -382,6 +381,16 @@ struct CodeSeries {
     count: IntCounter,
     latency: Histogram,
     duration: [OnceLock<Histogram>; PROTOCOLS],
+}
+
+/// Registers `collectors` in `registry` and returns the names of their families.
+fn register<const N: usize>(registry: &Registry, collectors: [Box<dyn prometheus::core::Collector>; N]) -> Vec<String> {
+    let mut families = Vec::with_capacity(N);
+    for c in collectors {
+        families.extend(c.desc().iter().map(|d| d.fq_name.clone()));
+        registry.register(c).expect("metric names are unique");
+    }
+    families
 }
 
 pub struct RevisionStats {

@@ -114,14 +114,10 @@ const INSTRUMENTS: [(&str, &str, &str); 6] = [
     ("http_server_request_duration_seconds", "http.server.request.duration", "s"),
 ];
 
-/// Upstream's attribute key for each of our label names.
+/// Upstream's attribute key for each of our label names: dots for underscores, except inside
+/// `status_code`, the one key whose own name has one.
 fn attribute_key(label: &str) -> String {
     match label {
-        "k8s_namespace_name" => "k8s.namespace.name".to_owned(),
-        "network_protocol_name" => "network.protocol.name".to_owned(),
-        "network_protocol_version" => "network.protocol.version".to_owned(),
-        "url_scheme" => "url.scheme".to_owned(),
-        "http_request_method" => "http.request.method".to_owned(),
         "http_response_status_code" => "http.response.status_code".to_owned(),
         other => other.replace('_', "."),
     }
