@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use activator::affinity::Origin;
+use activator::affinity::{Origin, share};
 use activator::autoscaler::{Reporter, ReporterConfig, ReporterMetrics};
 use activator::config::{Cli, Command, Config, LogFormat, Mode, PinStore};
 use activator::handler::Handler;
@@ -180,6 +180,11 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry) -> anyhow::Resu
         tunnels: TaskTracker::new(),
     });
     tokio::spawn(maintain_pins(handler.clone()));
+    if config.pin_store == PinStore::Redis {
+        let exchanging = handler.clone();
+        let interval = config.pin_refresh_interval;
+        tokio::spawn(async move { share::sync(&exchanging.world, &exchanging.pins, interval).await });
+    }
     let tried = handler.clone();
     tokio::spawn(async move {
         tried.pins.first_attempt().await;

@@ -6,6 +6,8 @@ mod decide;
 mod keys;
 mod pinning;
 
+pub mod share;
+
 pub use decide::Origin;
 pub use keys::{Keys, extract};
 pub use pinning::{Pinning, Route};

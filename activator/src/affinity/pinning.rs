@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use super::decide::{Lookup, Origin, PinWrite, decide, follow_flow_winner};
 use super::keys::{Keys, SignedCookie};
+use super::share;
 use crate::pins::{Found, Pin, PinSource, Pins};
 use crate::throttle::Want;
 use crate::world::{Revision, Service};
@@ -86,7 +87,8 @@ impl<'a> Pinning<'a> {
             revision.throttler.await_first_probe(pod).await;
         }
         let lookup = Lookup { has_session, has_flow: keys.flow.is_some(), session, flow };
-        let mut decision = decide(service, ingress_pick, &lookup, fastrand::u32(..100));
+        let under_served = service.affinity.split_by_requests().then(|| share::most_under_served(service)).flatten();
+        let mut decision = decide(service, ingress_pick, under_served, &lookup, fastrand::u32(..100));
         if let (Some(key), Some(write)) = (&keys.flow, &decision.flow_write) {
             let ours = Pin::flow(&decision.revision.name);
             let lifetime = decision.revision.affinity.lifetime();

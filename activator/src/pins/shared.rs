@@ -93,9 +93,13 @@ enum Op {
     Decode,
     Connect,
     Ping,
+    /// Exchanging request counts for `sticky-split-mode: requests`.
+    Split,
 }
 
-const OPS: [&str; 7] = ["get", "create", "replace", "refresh", "decode", "connect", "ping"];
+const OPS: [&str; 8] = ["get", "create", "replace", "refresh", "decode", "connect", "ping", "split"];
+/// Shared request counts are kept per this many seconds, one hash per service and period.
+const COUNT_PERIOD_SECONDS: u64 = 10;
 
 /// Whether the request path may ask Redis now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -393,6 +397,35 @@ impl SharedPins {
                 } else {
                     self.memory.write(key, expected, pin, lifetime)
                 }
+            }
+        }
+    }
+
+    /// Adds `counts` (per revision, requests routed here since the last exchange) to the
+    /// service's shared counts, and returns each revision's requests over the last
+    /// `window_seconds` through every replica: one pipeline on the background connection, keys
+    /// under the service's hash tag so a cluster takes it whole. `None` if Redis did not answer.
+    pub async fn exchange_counts(&self, scope: &str, counts: &[(&str, u64)], window_seconds: u64) -> Option<Vec<u64>> {
+        let mut conn = self.conn.get()?.background.clone();
+        let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs();
+        let (now, periods) = (unix / COUNT_PERIOD_SECONDS, window_seconds.div_ceil(COUNT_PERIOD_SECONDS).max(1));
+        let key = |period: u64| format!("aa:split:{{{scope}}}:{period}");
+        let mut pipe = redis::pipe();
+        for (revision, n) in counts.iter().filter(|(_, n)| *n > 0) {
+            pipe.cmd("HINCRBY").arg(key(now)).arg(*revision).arg(*n).ignore();
+        }
+        pipe.cmd("EXPIRE").arg(key(now)).arg((periods + 1) * COUNT_PERIOD_SECONDS).ignore();
+        for period in now + 1 - periods..=now {
+            pipe.cmd("HMGET").arg(key(period)).arg(counts.iter().map(|(revision, _)| *revision).collect::<Vec<_>>());
+        }
+        let sent = pipe.query_async::<Vec<Vec<Option<u64>>>>(&mut conn);
+        match self.timed(Op::Split, REFRESH_TIMEOUT, sent).await {
+            Ok(periods) => Some(
+                (0..counts.len()).map(|i| periods.iter().filter_map(|p| p.get(i).copied().flatten()).sum()).collect(),
+            ),
+            Err(error) => {
+                tracing::debug!(%scope, %error, "exchanging request counts failed; this replica's counts decide");
+                None
             }
         }
     }

@@ -11,10 +11,11 @@ pub mod policy;
 pub mod publisher;
 pub mod spec;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::affinity::share::Served;
 use crate::autoscaler::Concurrency;
 use crate::pins::Lifetime;
 use crate::proxy::HostRewrite;
@@ -43,6 +44,8 @@ pub struct Revision {
     pub throttler: Arc<Throttler>,
     pub stats: Arc<RevisionStats>,
     pub concurrency: Arc<Concurrency>,
+    /// Requests served over a sliding window, for `sticky-split-mode: requests`.
+    pub served: Arc<Served>,
 }
 
 pub struct TrafficTarget {
@@ -118,6 +121,12 @@ impl Snapshot {
     /// A revision by namespace and name (as Knative's ingress names it), and its service.
     pub fn revision(&self, namespace: &str, name: &str) -> Option<&(Arc<Service>, Arc<Revision>)> {
         self.by_revision.get(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// Every service with a revision, once.
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        let mut seen = HashSet::new();
+        self.by_revision.values().map(|(service, _)| service).filter(move |service| seen.insert(Arc::as_ptr(service)))
     }
 
     /// A revision as the only target of a service of its own name: what a request that asks for

@@ -39,6 +39,8 @@ pub struct Annotated {
     cookie_secure: Option<bool>,
     /// `sticky-session-mode: signed-cookie`: session pins travel in a signed cookie, not a store.
     signed_cookie: Option<bool>,
+    /// `sticky-split-mode: requests`: new pins steer the request share to the percents.
+    split_by_requests: Option<bool>,
 }
 
 /// The cookie a signed pin travels in when `sticky-session-cookie-name` names none.
@@ -97,6 +99,14 @@ impl Annotated {
                     }
                     continue;
                 }
+                (None, "sticky-split-mode") => {
+                    match value {
+                        "requests" => out.split_by_requests = Some(true),
+                        "sessions" => out.split_by_requests = Some(false),
+                        _ => rejected(key, format!("{value:?} is neither sessions nor requests")),
+                    }
+                    continue;
+                }
                 (Some(PinKind::Session), "cookie-secure") => {
                     match value.to_ascii_lowercase().as_str() {
                         "true" => out.cookie_secure = Some(true),
@@ -125,6 +135,7 @@ impl Annotated {
         self.max_age = self.max_age.or(base.max_age);
         self.cookie_secure = self.cookie_secure.or(base.cookie_secure);
         self.signed_cookie = self.signed_cookie.or(base.signed_cookie);
+        self.split_by_requests = self.split_by_requests.or(base.split_by_requests);
         self
     }
 
@@ -152,14 +163,17 @@ pub struct Policy {
     /// The cookie session pins travel in (`sticky-session-mode: signed-cookie`), and whether it
     /// is `Secure`.
     signed_cookie: Option<(String, bool)>,
+    /// `sticky-split-mode: requests` on the service or a revision of its traffic.
+    split_by_requests: bool,
 }
 
 impl Policy {
     pub fn new<'a>(namespace: &str, service: &str, annotated: impl IntoIterator<Item = &'a Annotated>) -> Self {
         let mut session = Vec::new();
         let mut flow = Vec::new();
-        let (mut secure, mut signed) = (false, false);
+        let (mut secure, mut signed, mut split_by_requests) = (false, false, false);
         for a in annotated {
+            split_by_requests |= a.split_by_requests.unwrap_or(false);
             extend_unique(&mut session, &a.session);
             extend_unique(&mut flow, &a.flow);
             secure |= a.cookie_secure.unwrap_or(false);
@@ -173,7 +187,8 @@ impl Policy {
             signed.then(|| (cookie.as_ref().map_or(DEFAULT_PIN_COOKIE, |(name, _)| name.as_str()).to_owned(), secure));
         extend_unique(&mut session, &[IdSource::Header(DEFAULT_SESSION)]);
         extend_unique(&mut flow, &[IdSource::Header(DEFAULT_FLOW)]);
-        Policy { scope: format!("{namespace}/{service}").into(), session, flow, cookie, signed_cookie }
+        let scope = format!("{namespace}/{service}").into();
+        Policy { scope, session, flow, cookie, signed_cookie, split_by_requests }
     }
 
     /// `<namespace>/<service>`: the scope of this service's pin keys.
@@ -194,6 +209,11 @@ impl Policy {
     /// The cookie made up for clients without a session id, and whether it is `Secure`.
     pub fn cookie(&self) -> Option<(&str, bool)> {
         self.cookie.as_ref().map(|(name, secure)| (name.as_str(), *secure))
+    }
+
+    /// Whether new pins steer the share of requests, not of sessions, to the percents.
+    pub fn split_by_requests(&self) -> bool {
+        self.split_by_requests
     }
 
     /// The cookie session pins travel in with `sticky-session-mode: signed-cookie`, and whether
@@ -247,6 +267,17 @@ pub(crate) mod tests {
         assert_eq!(errors.len(), 1);
         let (_, errors) = annotated(&[("sticky-session-mode", "cookie")]);
         assert_eq!(errors.len(), 1, "only store and signed-cookie");
+    }
+
+    #[test]
+    fn split_mode_is_read_from_any_of_the_services_annotations() {
+        let (requests, errors) = annotated(&[("sticky-split-mode", "requests")]);
+        assert!(errors.is_empty(), "{errors:?}");
+        let (plain, _) = annotated(&[]);
+        assert!(Policy::new("ns", "svc", [&plain, &requests]).split_by_requests());
+        assert!(!Policy::new("ns", "svc", [&plain]).split_by_requests(), "sessions is the default");
+        let (_, errors) = annotated(&[("sticky-split-mode", "weights")]);
+        assert_eq!(errors.len(), 1);
     }
 
     #[test]

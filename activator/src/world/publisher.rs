@@ -127,10 +127,10 @@ impl Publisher {
         previous: &Snapshot,
     ) -> Arc<Revision> {
         let reused = previous.revision(&svc.namespace, &rev.name).map(|(_, r)| r).filter(|r| r.service == svc.name);
-        let (throttler, stats, concurrency) = match reused {
+        let (throttler, stats, concurrency, served) = match reused {
             Some(r) => {
                 r.throttler.set_container_concurrency(rev.container_concurrency);
-                (r.throttler.clone(), r.stats.clone(), r.concurrency.clone())
+                (r.throttler.clone(), r.stats.clone(), r.concurrency.clone(), r.served.clone())
             }
             None => {
                 let stats = self.stats.revision(RevisionNames {
@@ -151,7 +151,7 @@ impl Publisher {
                     stats.in_flight.clone(),
                     stats.knative.concurrency.clone(),
                 );
-                (Arc::new(throttler), stats, Arc::new(concurrency))
+                (Arc::new(throttler), stats, Arc::new(concurrency), Arc::default())
             }
         };
         if throttler.set_backends(&rev.backends, rev.probe.clone()) {
@@ -172,6 +172,7 @@ impl Publisher {
             throttler,
             stats,
             concurrency,
+            served,
         })
     }
 
