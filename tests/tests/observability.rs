@@ -220,9 +220,11 @@ fn sample_count(metrics: &Metrics) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_carry_upstreams_names_and_client_input_adds_no_series() {
     let env = Env::new();
-    let shim = env.shim(&[]).await;
     let pods = env.pods("counter-1", 2).await;
     env.write_topology(&yaml(&[Service::new("counter").revision("counter-1", 100, &addrs(&pods))]));
+    // The shim reads the topology, so it leaves the revision's two pods alone: a pod it started
+    // under load would add its own (bounded) series.
+    let shim = env.shim(&["--topology", &env.topology_path().display().to_string()]).await;
     let activator: Process = env.activator_with_shim(&shim, &[]).await;
     let (client, admin) = (Client::new(activator.addr("proxy")), activator.addr("admin"));
 
@@ -248,10 +250,13 @@ async fn metrics_carry_upstreams_names_and_client_input_adds_no_series() {
             .collect::<Vec<()>>()
     };
     traffic(20, 0).await;
-    wait_until(Duration::from_secs(10), "the autoscaler connection and a concurrency report", || async {
+    // Pins per pod are counted every few seconds: their series (one per pod) must be there before
+    // the count of series is taken.
+    wait_until(Duration::from_secs(15), "the autoscaler connection, a concurrency report, pins per pod", || async {
         let m = Metrics::scrape(admin).await;
         m.value("kn_activator_stats_conn_reachable", &[("peer", "autoscaler")]) == Some(1.0)
             && m.value("kn_revision_request_concurrency", &[("kn_revision_name", "counter-1")]).is_some()
+            && m.sum("activator_pins") >= 20.0
     })
     .await;
     let before = Metrics::scrape(admin).await;

@@ -11,13 +11,15 @@ use integration_tests::{Client, Env, addrs};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_thousand_live_sessions_outlive_their_ttl_without_moving() {
     const SESSIONS: usize = 20_000;
-    const TTL: Duration = Duration::from_secs(15);
+    // A session's requests are a round apart, so a round must take well under the TTL: 30 s
+    // leaves room for rounds slowed down by the other test binaries on two cores.
+    const TTL: Duration = Duration::from_secs(30);
     integration_tests::raise_open_files_limit();
     let env = Env::new();
     let redis = Redis::start(env.dir.path()).await;
     let pods = env.pods("counter-1", 3).await;
     env.write_topology(&yaml(&[Service::new("counter")
-        .annotation("activator.knative.dev/sticky-ttl", "15s")
+        .annotation("activator.knative.dev/sticky-ttl", "30s")
         .revision("counter-1", 100, &addrs(&pods))]));
     let url = redis.url();
     // A long refresh interval makes each batch large, as ten thousand pins in use per second do.
