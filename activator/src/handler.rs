@@ -205,7 +205,9 @@ impl Handler {
         route.queued += waiting.elapsed();
         let lease = lease.map_err(|e| refused(&route.revision, e))?;
         route.pod = Some(lease.pod().addr);
-        let Some(moved) = pinning.pin_session(route, lease.pod().addr).await else { return Ok((lease, in_flight)) };
+        let moved = pinning.pin_session(route, lease.pod().addr).await;
+        pinning.watch_end();
+        let Some(moved) = moved else { return Ok((lease, in_flight)) };
         drop(lease);
         if !Arc::ptr_eq(&moved.revision, &route.revision) {
             in_flight = self.reporter.redirect(in_flight, &moved.revision.concurrency);

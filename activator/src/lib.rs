@@ -19,6 +19,7 @@ pub mod proxy;
 pub mod readiness;
 pub mod respond;
 pub mod server;
+pub mod session_end;
 pub mod socket;
 pub mod source;
 pub mod stats;

@@ -18,7 +18,7 @@ use activator::stats::Stats;
 use activator::telemetry::{ObservabilityConfig, SPAN_TARGET, Telemetry};
 use activator::throttle::{QueueBudget, QueueLimits};
 use activator::world::Publisher;
-use activator::{admin, inspect, memory, server};
+use activator::{admin, inspect, memory, server, session_end};
 use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
@@ -180,6 +180,8 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry) -> anyhow::Resu
         tunnels: TaskTracker::new(),
     });
     tokio::spawn(maintain_pins(handler.clone()));
+    let ending = handler.clone();
+    tokio::spawn(async move { session_end::run(&ending.pins, &ending.stats).await });
     if config.pin_store == PinStore::Redis {
         let exchanging = handler.clone();
         let interval = config.pin_refresh_interval;

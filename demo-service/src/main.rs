@@ -21,7 +21,7 @@ use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::{any, get, post};
 use bytes::Bytes;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt, stream};
@@ -56,6 +56,8 @@ struct Demo {
     revision: HeaderValue,
     ready: AtomicBool,
     counts: Mutex<HashMap<String, u64>>,
+    /// `<session> <reason>` for each session the activator said ended, in order.
+    ended: Mutex<Vec<String>>,
 }
 
 type Shared = Arc<Demo>;
@@ -73,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
         .context("--revision must be a valid header value")?,
         ready: AtomicBool::new(args.startup_delay.is_zero()),
         counts: Mutex::new(HashMap::new()),
+        ended: Mutex::new(Vec::new()),
     });
     if !args.startup_delay.is_zero() {
         let demo = demo.clone();
@@ -93,6 +96,8 @@ async fn main() -> anyhow::Result<()> {
         .route("/ws", get(websocket_echo))
         .route("/headers", any(headers))
         .route("/trailers", get(with_trailers))
+        .route("/session/end", post(session_end))
+        .route("/session/ends", get(session_ends))
         .layer(middleware::from_fn_with_state(demo.clone(), queue_probe_and_identity))
         .with_state(demo.clone())
         .merge(tonic::service::Routes::new(grpc::Grpc::server(demo)).into_axum_router());
@@ -167,6 +172,23 @@ fn bump(demo: &Demo, id: &str) -> u64 {
     let n = counts.entry(id.to_owned()).or_insert(0);
     *n += 1;
     *n
+}
+
+/// The activator's call when a session pinned here ended (`sticky-session-end-path`): the
+/// session's count is dropped, as a stateful service frees what it keeps for a session.
+async fn session_end(State(demo): State<Shared>, headers: axum::http::HeaderMap) -> StatusCode {
+    let field = |name: &str| headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let (Some(session), reason) = (field("k-session"), field("k-session-end")) else {
+        return StatusCode::BAD_REQUEST;
+    };
+    demo.counts.lock().unwrap().remove(&session);
+    demo.ended.lock().unwrap().push(format!("{session} {}", reason.unwrap_or_default()));
+    StatusCode::NO_CONTENT
+}
+
+/// Every session end heard, one `<session> <reason>` line each.
+async fn session_ends(State(demo): State<Shared>) -> String {
+    demo.ended.lock().unwrap().iter().map(|line| format!("{line}\n")).collect()
 }
 
 fn count(demo: &Demo, id: String) -> String {

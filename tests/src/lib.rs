@@ -230,13 +230,29 @@ impl Env {
 
     /// Writes a new topology and waits until `activator` has applied it.
     pub async fn reload(&self, activator: &Process, yaml: &str) {
-        let admin = activator.addr("admin");
-        let applied = || async {
-            metric(admin, "activator_topology_reloads_total", &[("result", "applied")]).await.unwrap_or(0.0)
+        self.reload_all(&[activator], yaml).await;
+    }
+
+    /// Writes a new topology and waits until every one of `activators` has applied it.
+    pub async fn reload_all(&self, activators: &[&Process], yaml: &str) {
+        let applied = |activator: &Process| {
+            let admin = activator.addr("admin");
+            async move { metric(admin, "activator_topology_reloads_total", &[("result", "applied")]).await.unwrap_or(0.0) }
         };
-        let before = applied().await;
+        let mut before = Vec::new();
+        for activator in activators {
+            before.push(applied(activator).await);
+        }
         self.write_topology(yaml);
-        wait_until(Duration::from_secs(10), "the topology is applied", || async { applied().await > before }).await;
+        wait_until(Duration::from_secs(10), "the topology is applied", || async {
+            for (activator, before) in activators.iter().zip(&before) {
+                if applied(activator).await <= *before {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
     }
 
     /// The simplest world: one pod of revision `<name>-1`, the service `<name>` (at `<name>.test`)

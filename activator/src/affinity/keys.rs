@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use http::Request;
-use http::header;
+use http::header::{self, HeaderValue};
 
 use crate::pins::{PinKey, PinKind};
 use crate::world::policy::{IdSource, Policy};
@@ -22,13 +22,17 @@ pub fn extract<B>(policy: &Policy, req: &Request<B>) -> Result<Keys, KeyError> {
         let value = cookie(req, name).filter(|v| !v.is_empty() && v.len() <= MAX_ID_BYTES).map(str::to_owned);
         return Ok(Keys {
             session: None,
+            session_id: None,
             flow: flow.map(|id| PinKey::new(scope, PinKind::Flow, &id)),
             new_cookie: None,
             signed: Some(SignedCookie { name: name.to_owned(), secure, value }),
         });
     }
     let session = first_id(policy.session_sources(), req, PinKind::Session)?;
+    // The raw id is kept only for a service that wants to hear when sessions end.
+    let end_id = |id: &[u8]| policy.session_end().and_then(|_| HeaderValue::from_bytes(id).ok());
     let mut keys = Keys {
+        session_id: session.as_deref().and_then(end_id),
         session: session.map(|id| PinKey::new(scope, PinKind::Session, &id)),
         flow: flow.map(|id| PinKey::new(scope, PinKind::Flow, &id)),
         new_cookie: None,
@@ -39,6 +43,7 @@ pub fn extract<B>(policy: &Policy, req: &Request<B>) -> Result<Keys, KeyError> {
     {
         let id = new_session_id();
         keys.session = Some(PinKey::new(scope, PinKind::Session, id.as_bytes()));
+        keys.session_id = end_id(id.as_bytes());
         keys.new_cookie = Some(NewCookie { name: name.to_owned(), id, secure });
     }
     Ok(keys)
@@ -48,6 +53,8 @@ pub fn extract<B>(policy: &Policy, req: &Request<B>) -> Result<Keys, KeyError> {
 #[derive(Debug, Default)]
 pub struct Keys {
     pub session: Option<PinKey>,
+    /// The session id itself, for a service with `sticky-session-end-path` only.
+    pub session_id: Option<HeaderValue>,
     pub flow: Option<PinKey>,
     /// Set when the activator made up a session id for a cookie-mode client.
     pub new_cookie: Option<NewCookie>,

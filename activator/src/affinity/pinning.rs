@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use super::decide::{Lookup, Origin, PinWrite, decide, follow_flow_winner};
 use super::keys::{Keys, SignedCookie};
 use super::share;
-use crate::pins::{Found, Pin, PinSource, Pins};
+use crate::pins::{Found, Pin, PinSource, Pins, Watch};
 use crate::throttle::Want;
 use crate::world::{Revision, Service};
 
@@ -110,6 +110,16 @@ impl<'a> Pinning<'a> {
             session_write: decision.session_write,
         };
         (Pinning { pins, service, keys, lookup, cookie_expires }, route)
+    }
+
+    /// Watches the session's pin for its end, when the service asked to hear of it
+    /// (`sticky-session-end-path`); the raw id stays in this replica's memory.
+    pub fn watch_end(&self) {
+        if let (Some(key), Some(id), Some(call)) =
+            (&self.keys.session, &self.keys.session_id, self.service.affinity.session_end())
+        {
+            self.pins.watch_end(key, || Watch { id: id.clone(), call: call.clone() });
+        }
     }
 
     /// The request holds a slot on `pod` of `route.revision`: pins its session there. Returns

@@ -4,8 +4,13 @@
 //!
 //! No global lock: the table is split into shards by the id hash, each an LRU behind its own
 //! mutex, held for one map operation.
+//!
+//! Session pins of services that want to hear when a session ends carry a `Watch` (the raw id,
+//! which lives only here, never in the shared store). Whenever such a pin leaves the table or
+//! is replaced by another, the shard records it as `Ended` under the lock it already holds, for
+//! `session_end` to act on off the request path.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use lru::LruCache;
 
-use super::{Lifetime, LifetimeOf, Pin, PinKey, Written};
+use super::{Ended, Lifetime, LifetimeOf, Pin, PinKey, Watch, Written, unix_millis};
 
 /// Shards at the default bound; small bounds get fewer so the bound stays close to exact.
 const MAX_SHARDS: usize = 64;
@@ -34,13 +39,16 @@ struct Entry {
     /// here while the shared store was out of reach.
     verified: Option<(u64, Instant)>,
     touched: bool,
+    /// Set for a session whose service wants to hear when it ends.
+    watch: Option<Arc<Watch>>,
 }
 
 impl Entry {
     fn new(pin: Pin, lifetime: Lifetime, written: SystemTime, now: Instant) -> Self {
         let age = SystemTime::now().duration_since(written).unwrap_or_default();
         let born = now.checked_sub(age).unwrap_or(now);
-        let mut entry = Entry { pin, lifetime, written, born, expires: now, verified: None, touched: false };
+        let mut entry =
+            Entry { pin, lifetime, written, born, expires: now, verified: None, touched: false, watch: None };
         entry.extend(now);
         entry
     }
@@ -94,6 +102,53 @@ pub struct Touched {
 struct Table {
     map: LruCache<PinKey, Entry>,
     touched: Vec<PinKey>,
+    /// Keys whose entries carry a watch, so a sweep finds them wherever they are in the LRU.
+    watched: HashSet<PinKey>,
+    /// Watched pins that left the table or were replaced, for `take_ended`.
+    ended: Vec<Ended>,
+}
+
+impl Table {
+    /// Takes `key`'s entry out of the table; if it was watched, its session ended (`moved`: the
+    /// pin was replaced elsewhere while live, rather than expired or evicted).
+    fn pop(&mut self, key: &PinKey, moved: bool) {
+        if let Some(entry) = self.map.pop(key) {
+            self.watched.remove(key);
+            self.ended(key, entry, moved);
+        }
+    }
+
+    fn ended(&mut self, key: &PinKey, entry: Entry, moved: bool) {
+        if let Some(watch) = entry.watch {
+            self.ended.push(Ended { key: key.clone(), pin: entry.pin, written: entry.written, watch, moved });
+        }
+    }
+
+    /// Puts `entry` at `key`. The session a replaced pin was watched for goes on being watched
+    /// under the new pin; the old pin ended unless the new one is the same pin (a refresh).
+    fn put(&mut self, key: &PinKey, mut entry: Entry, now: Instant) {
+        let old = self.map.pop(key);
+        if let Some(watch) = old.as_ref().and_then(|old| old.watch.clone()) {
+            entry.watch.get_or_insert(watch);
+        }
+        if entry.watch.is_some() {
+            self.watched.insert(key.clone());
+        }
+        let ended = old.filter(|old| old.pin != entry.pin || unix_millis(old.written) != unix_millis(entry.written));
+        self.map.put(key.clone(), entry);
+        if let Some(old) = ended {
+            let moved = old.is_live(now);
+            self.ended(key, old, moved);
+        }
+    }
+
+    /// Evicts the least recently used entry.
+    fn evict(&mut self) {
+        if let Some((key, entry)) = self.map.pop_lru() {
+            self.watched.remove(&key);
+            self.ended(&key, entry, false);
+        }
+    }
 }
 
 /// One shard on cache lines of its own, so threads working on neighbouring shards do not slow
@@ -127,7 +182,14 @@ impl MemoryPins {
         // Unbounded maps that grow with use: a bounded `LruCache` allocates its whole capacity up
         // front, which costs memory at idle and cache misses on every lookup. The bound is kept
         // on insert instead.
-        let table = || Shard(Mutex::new(Table { map: LruCache::unbounded(), touched: Vec::new() }));
+        let table = || {
+            Shard(Mutex::new(Table {
+                map: LruCache::unbounded(),
+                touched: Vec::new(),
+                watched: HashSet::new(),
+                ended: Vec::new(),
+            }))
+        };
         MemoryPins { shards: (0..shards).map(|_| table()).collect(), per_shard, track_use, epoch: AtomicU64::new(0) }
     }
 
@@ -176,7 +238,7 @@ impl MemoryPins {
     fn lookup(&self, key: &PinKey, lifetime_of: LifetimeOf<'_>, mut usable: impl FnMut(&Entry) -> bool) -> Option<Pin> {
         let now = Instant::now();
         let mut table = self.shard(key);
-        let Table { map, touched } = &mut *table;
+        let Table { map, touched, .. } = &mut *table;
         match map.get_mut(key) {
             Some(entry) if entry.is_live(now) => {
                 if !usable(entry) {
@@ -191,7 +253,7 @@ impl MemoryPins {
                 Some(entry.pin.clone())
             }
             Some(_) => {
-                map.pop(key);
+                table.pop(key, false);
                 None
             }
             None => None,
@@ -213,7 +275,7 @@ impl MemoryPins {
             entry.touched = true;
             table.touched.push(key.clone());
         }
-        self.insert(&mut table, key, entry);
+        self.insert(&mut table, key, entry, now);
         Written { pin, won: true }
     }
 
@@ -223,18 +285,56 @@ impl MemoryPins {
         let mut entry = Entry::new(pin, lifetime, written, now);
         entry.verified = Some((self.epoch.load(Ordering::Acquire), now));
         let mut table = self.shard(key);
-        self.insert(&mut table, key, entry);
+        self.insert(&mut table, key, entry, now);
     }
 
-    fn insert(&self, table: &mut Table, key: &PinKey, entry: Entry) {
-        table.map.put(key.clone(), entry);
+    fn insert(&self, table: &mut Table, key: &PinKey, entry: Entry, now: Instant) {
+        table.put(key, entry, now);
         if table.map.len() > self.per_shard {
-            table.map.pop_lru();
+            table.evict();
         }
     }
 
+    /// Forgets `key`'s pin: another replica replaced or deleted it.
     pub fn remove(&self, key: &PinKey) {
-        self.shard(key).map.pop(key);
+        self.shard(key).pop(key, true);
+    }
+
+    /// Watches `key`'s pin for the end of its session (`watch` names the session and what to
+    /// call), unless it is watched already. Only services that ask for it pay for this.
+    pub fn watch(&self, key: &PinKey, watch: impl FnOnce() -> Watch) {
+        let mut table = self.shard(key);
+        let Table { map, watched, .. } = &mut *table;
+        if let Some(entry) = map.peek_mut(key)
+            && entry.watch.is_none()
+        {
+            entry.watch = Some(Arc::new(watch()));
+            watched.insert(key.clone());
+        }
+    }
+
+    /// The watched pins that ended since the last call. Expired watched pins are found here
+    /// wherever they sit in the LRU order, so an idle session's end is heard within a call.
+    pub fn take_ended(&self) -> Vec<Ended> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let mut table = lock(shard);
+            if table.watched.is_empty() && table.ended.is_empty() {
+                continue;
+            }
+            let expired: Vec<PinKey> = table
+                .watched
+                .iter()
+                .filter(|key| table.map.peek(*key).is_none_or(|entry| !entry.is_live(now)))
+                .cloned()
+                .collect();
+            for key in expired {
+                table.pop(&key, false);
+            }
+            out.append(&mut table.ended);
+        }
+        out
     }
 
     /// Makes every entry unverified, so each is re-read from the shared store on next use.
@@ -247,7 +347,7 @@ impl MemoryPins {
     pub fn retouch(&self, keys: impl IntoIterator<Item = PinKey>) {
         for key in keys {
             let mut table = self.shard(&key);
-            let Table { map, touched } = &mut *table;
+            let Table { map, touched, .. } = &mut *table;
             if let Some(entry) = map.peek_mut(&key)
                 && !entry.touched
             {
@@ -263,7 +363,7 @@ impl MemoryPins {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
             let mut table = lock(shard);
-            let Table { map, touched } = &mut *table;
+            let Table { map, touched, .. } = &mut *table;
             for key in touched.drain(..) {
                 if let Some(entry) = map.peek_mut(&key) {
                     entry.touched = false;
@@ -302,7 +402,7 @@ impl MemoryPins {
             let mut table = lock(shard);
             for _ in 0..SWEEP_PER_SHARD {
                 match table.map.peek_lru() {
-                    Some((_, entry)) if !entry.is_live(now) => table.map.pop_lru(),
+                    Some((_, entry)) if !entry.is_live(now) => table.evict(),
                     _ => break,
                 };
             }
@@ -356,6 +456,45 @@ mod tests {
         assert_eq!(counts.get(&(scope.clone(), rev.clone(), POD_A)), Some(&2));
         assert_eq!(counts.get(&(scope, rev, POD_B)), Some(&1), "flows and expired pins are not counted");
         assert_eq!(counts.len(), 2);
+    }
+
+    #[test]
+    fn a_watched_pin_ends_once_when_it_expires_is_replaced_or_is_removed() {
+        use crate::world::policy::SessionEnd;
+        use http::{HeaderName, HeaderValue};
+
+        let pins = MemoryPins::near_cache(100);
+        let call = Arc::new(SessionEnd { path: "/end".parse().unwrap(), header: HeaderName::from_static("k-session") });
+        let watch = |id: &'static str| {
+            let call = call.clone();
+            move || Watch { id: HeaderValue::from_static(id), call }
+        };
+        let zero = Lifetime { ttl: Duration::ZERO, max_age: None };
+        let (moving, idle, unwatched) = (key("ns/svc", "moving"), key("ns/svc", "idle"), key("ns/svc", "other"));
+        pins.write(&moving, None, Pin::session("r1", POD_A), LONG);
+        pins.watch(&moving, watch("moving"));
+        pins.write(&idle, None, Pin::session("r1", POD_A), zero);
+        pins.watch(&idle, watch("idle"));
+        pins.write(&unwatched, None, Pin::session("r1", POD_A), zero);
+        // The shared store confirming the same pin is no end.
+        let touched = pins.take_touched().into_iter().find(|t| t.key == moving).unwrap();
+        pins.put_verified(&moving, touched.pin, LONG, touched.written);
+        // A re-pin is.
+        assert!(pins.write(&moving, Some(&Pin::session("r1", POD_A)), Pin::session("r1", POD_B), LONG).won);
+
+        let summary = |ended: Vec<Ended>| {
+            let mut out: Vec<_> =
+                ended.into_iter().map(|e| (e.watch.id.clone(), e.pin.pod.unwrap(), e.moved)).collect();
+            out.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            out
+        };
+        assert_eq!(
+            summary(pins.take_ended()),
+            [(HeaderValue::from_static("idle"), POD_A, false), (HeaderValue::from_static("moving"), POD_A, true)]
+        );
+        assert!(pins.take_ended().is_empty(), "each end once; the moved session is watched on its new pod");
+        pins.remove(&moving);
+        assert_eq!(summary(pins.take_ended()), [(HeaderValue::from_static("moving"), POD_B, true)]);
     }
 
     #[test]

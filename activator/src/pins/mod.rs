@@ -32,6 +32,7 @@ pub use redis::{Deployment, RedisClient, RedisTls};
 pub use shared::{DRAINED_POD, INVALIDATIONS, SharedConfig, SharedPins, drain_pod, key_report, pin_targets};
 
 use crate::stats::Stats;
+use crate::world::policy::SessionEnd;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PinKind {
@@ -256,6 +257,25 @@ pub struct Found {
     pub sources: [PinSource; 2],
 }
 
+/// A session whose service wants to hear when it ends (`sticky-session-end-path`): its raw id,
+/// kept in this replica's memory only, and what to call.
+#[derive(Debug)]
+pub struct Watch {
+    pub id: http::HeaderValue,
+    pub call: Arc<SessionEnd>,
+}
+
+/// A watched session pin that left this replica's table (`moved`: replaced while live, by a
+/// re-pin here or elsewhere; else expired or evicted).
+#[derive(Debug)]
+pub struct Ended {
+    pub key: PinKey,
+    pub pin: Pin,
+    pub written: SystemTime,
+    pub watch: Arc<Watch>,
+    pub moved: bool,
+}
+
 /// The outcome of a conditional write: the pin that holds now, and whether it is ours.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Written {
@@ -374,6 +394,27 @@ impl Pins {
     /// (`affinity::share`); `None` without the shared store or while Redis does not answer.
     pub async fn exchange_counts(&self, scope: &str, counts: &[(&str, u64)], window_seconds: u64) -> Option<Vec<u64>> {
         self.shared.as_ref()?.exchange_counts(scope, counts, window_seconds).await
+    }
+
+    /// Watches the session pin at `key` for its end (`sticky-session-end-path`).
+    pub fn watch_end(&self, key: &PinKey, watch: impl FnOnce() -> Watch) {
+        self.memory.watch(key, watch);
+    }
+
+    /// Watched session pins that ended here since the last call.
+    pub fn take_ended(&self) -> Vec<Ended> {
+        self.memory.take_ended()
+    }
+
+    /// Whether this replica is the one to tell the pod that `ended`'s session ended. Alone, it
+    /// is. With the shared store: a pin that only went idle here has ended only if no replica
+    /// keeps it alive, and then the first replica to claim the pin's end in Redis calls, so the
+    /// pod hears of each pin's end once; without an answer from Redis nobody does.
+    pub async fn claim_end(&self, ended: &Ended) -> bool {
+        match &self.shared {
+            Some(shared) => shared.claim_end(ended).await.unwrap_or(false),
+            None => true,
+        }
     }
 
     /// Completes once the shared store has tried Redis once, whether Redis answered or not; at

@@ -34,7 +34,7 @@ use tracing::Instrument as _;
 
 use super::memory::{MemoryPins, Near, Touched};
 use super::redis::{Deployment, RedisClient, RedisConnection, RedisTls};
-use super::{Lifetime, LifetimeOf, Pin, PinKey, PinSource, Written, millis};
+use super::{Ended, Lifetime, LifetimeOf, Pin, PinKey, PinSource, Written, millis, unix_millis};
 use crate::backoff::Backoff;
 use crate::stats::Stats;
 use crate::telemetry::SPAN_TARGET;
@@ -95,9 +95,14 @@ enum Op {
     Ping,
     /// Exchanging request counts for `sticky-split-mode: requests`.
     Split,
+    /// Claiming the call that tells a pod a session ended.
+    End,
 }
 
-const OPS: [&str; 8] = ["get", "create", "replace", "refresh", "decode", "connect", "ping", "split"];
+const OPS: [&str; 9] = ["get", "create", "replace", "refresh", "decode", "connect", "ping", "split", "end"];
+/// How long a claim on a pin's end call is kept: far longer than replicas take to notice the
+/// same end, each within a second or two.
+const END_CLAIM_TTL: Duration = Duration::from_secs(3600);
 /// Shared request counts are kept per this many seconds, one hash per service and period.
 const COUNT_PERIOD_SECONDS: u64 = 10;
 
@@ -428,6 +433,40 @@ impl SharedPins {
                 None
             }
         }
+    }
+
+    /// Whether this replica calls the pod about `ended` (see `Pins::claim_end`); `None` if Redis
+    /// did not answer. A pin that went idle here still lives if Redis holds it with more time
+    /// left than one refresh takes to arrive: another replica used it since.
+    pub async fn claim_end(&self, ended: &Ended) -> Option<bool> {
+        let mut conn = self.conn.get()?.background.clone();
+        let key = ended.key.to_string();
+        let written = unix_millis(ended.written);
+        let claim = format!("aa:end:{{{}}}:{:032x}:{written}", ended.key.scope, ended.key.id_hash);
+        let grace = millis(self.config.refresh_interval) + 500;
+        let call = async move {
+            if !ended.moved {
+                let (value, ttl): (Option<Vec<u8>>, i64) =
+                    redis::pipe().cmd("GET").arg(&key).cmd("PTTL").arg(&key).query_async(&mut conn).await?;
+                let same = value
+                    .as_deref()
+                    .and_then(Pin::decode)
+                    .is_some_and(|(pin, at)| pin == ended.pin && unix_millis(at) == written);
+                if same && u64::try_from(ttl).is_ok_and(|ttl| ttl > grace) {
+                    return Ok(false);
+                }
+            }
+            let claimed: Option<String> = redis::cmd("SET")
+                .arg(&claim)
+                .arg(1)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis(END_CLAIM_TTL))
+                .query_async(&mut conn)
+                .await?;
+            Ok(claimed.is_some())
+        };
+        self.timed(Op::End, REFRESH_TIMEOUT, call).await.ok()
     }
 
     /// The request path's connection, if the breaker lets a call through.

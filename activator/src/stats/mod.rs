@@ -61,6 +61,8 @@ pub struct Stats {
     pub open_connections: IntGauge,
     pub connection_limit_reached: IntCounter,
     pub request_log_dropped: IntCounter,
+    /// Ended sessions by why they ended and what this replica did (`session_end`).
+    pub session_ends: IntCounterVec,
     pub kube_forbidden: IntGaugeVec,
     pub kube_rejected: IntCounterVec,
     pub kube_errors: IntCounterVec,
@@ -225,6 +227,15 @@ impl Stats {
             "Request-log lines dropped because stdout did not keep up",
         )
         .expect("static metric definition");
+        let session_ends = IntCounterVec::new(
+            Opts::new(
+                "activator_session_ends_total",
+                "Watched sessions whose pin ended here (reason idle or moved), by what this replica did: \
+                 sent or failed the pod's end call, or left it to another replica (elsewhere)",
+            ),
+            &["reason", "result"],
+        )
+        .expect("static metric definition");
         let kube_forbidden = IntGaugeVec::new(
             Opts::new("activator_kube_watch_forbidden", "1 while RBAC forbids listing this resource (Knative mode)"),
             &["resource"],
@@ -269,6 +280,7 @@ impl Stats {
                 Box::new(open_connections.clone()),
                 Box::new(connection_limit_reached.clone()),
                 Box::new(request_log_dropped.clone()),
+                Box::new(session_ends.clone()),
                 Box::new(kube_forbidden.clone()),
                 Box::new(kube_rejected.clone()),
                 Box::new(kube_errors.clone()),
@@ -306,6 +318,7 @@ impl Stats {
             open_connections,
             connection_limit_reached,
             request_log_dropped,
+            session_ends,
             kube_forbidden,
             kube_rejected,
             kube_errors,

@@ -41,6 +41,19 @@ pub struct Annotated {
     signed_cookie: Option<bool>,
     /// `sticky-split-mode: requests`: new pins steer the request share to the percents.
     split_by_requests: Option<bool>,
+    /// `sticky-session-end-path`: the pod's path told when a session ends.
+    end_path: Option<String>,
+}
+
+/// Longest `sticky-session-end-path` accepted.
+const MAX_END_PATH: usize = 256;
+
+/// How a service hears that a session ended (`sticky-session-end-path`): a `POST` to `path` on
+/// the pod the session was pinned to, the session id in `header`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SessionEnd {
+    pub path: http::uri::PathAndQuery,
+    pub header: HeaderName,
 }
 
 /// The cookie a signed pin travels in when `sticky-session-cookie-name` names none.
@@ -107,6 +120,15 @@ impl Annotated {
                     }
                     continue;
                 }
+                (Some(PinKind::Session), "end-path") => {
+                    match value.parse::<http::uri::PathAndQuery>() {
+                        Ok(path) if value.starts_with('/') && value.len() <= MAX_END_PATH => {
+                            out.end_path = Some(path.to_string());
+                        }
+                        _ => rejected(key, format!("{value:?} is not a path such as /session/end")),
+                    }
+                    continue;
+                }
                 (Some(PinKind::Session), "cookie-secure") => {
                     match value.to_ascii_lowercase().as_str() {
                         "true" => out.cookie_secure = Some(true),
@@ -136,6 +158,7 @@ impl Annotated {
         self.cookie_secure = self.cookie_secure.or(base.cookie_secure);
         self.signed_cookie = self.signed_cookie.or(base.signed_cookie);
         self.split_by_requests = self.split_by_requests.or(base.split_by_requests);
+        self.end_path = self.end_path.or_else(|| base.end_path.clone());
         self
     }
 
@@ -165,6 +188,8 @@ pub struct Policy {
     signed_cookie: Option<(String, bool)>,
     /// `sticky-split-mode: requests` on the service or a revision of its traffic.
     split_by_requests: bool,
+    /// `sticky-session-end-path` on the service or a revision of its traffic.
+    session_end: Option<Arc<SessionEnd>>,
 }
 
 impl Policy {
@@ -172,8 +197,10 @@ impl Policy {
         let mut session = Vec::new();
         let mut flow = Vec::new();
         let (mut secure, mut signed, mut split_by_requests) = (false, false, false);
+        let mut end_path = None;
         for a in annotated {
             split_by_requests |= a.split_by_requests.unwrap_or(false);
+            end_path = end_path.or_else(|| a.end_path.clone());
             extend_unique(&mut session, &a.session);
             extend_unique(&mut flow, &a.flow);
             secure |= a.cookie_secure.unwrap_or(false);
@@ -187,8 +214,16 @@ impl Policy {
             signed.then(|| (cookie.as_ref().map_or(DEFAULT_PIN_COOKIE, |(name, _)| name.as_str()).to_owned(), secure));
         extend_unique(&mut session, &[IdSource::Header(DEFAULT_SESSION)]);
         extend_unique(&mut flow, &[IdSource::Header(DEFAULT_FLOW)]);
+        // The pod hears the id in the header its clients send it in, else in the default one.
+        let session_end = end_path.and_then(|path| path.parse().ok()).map(|path| {
+            let header = session.iter().find_map(|s| match s {
+                IdSource::Header(name) => Some(name.clone()),
+                _ => None,
+            });
+            Arc::new(SessionEnd { path, header: header.unwrap_or(DEFAULT_SESSION) })
+        });
         let scope = format!("{namespace}/{service}").into();
-        Policy { scope, session, flow, cookie, signed_cookie, split_by_requests }
+        Policy { scope, session, flow, cookie, signed_cookie, split_by_requests, session_end }
     }
 
     /// `<namespace>/<service>`: the scope of this service's pin keys.
@@ -214,6 +249,11 @@ impl Policy {
     /// Whether new pins steer the share of requests, not of sessions, to the percents.
     pub fn split_by_requests(&self) -> bool {
         self.split_by_requests
+    }
+
+    /// How the service hears that a session ended, if it asked to.
+    pub fn session_end(&self) -> Option<&Arc<SessionEnd>> {
+        self.session_end.as_ref()
     }
 
     /// The cookie session pins travel in with `sticky-session-mode: signed-cookie`, and whether
@@ -278,6 +318,22 @@ pub(crate) mod tests {
         assert!(!Policy::new("ns", "svc", [&plain]).split_by_requests(), "sessions is the default");
         let (_, errors) = annotated(&[("sticky-split-mode", "weights")]);
         assert_eq!(errors.len(), 1);
+    }
+
+    #[test]
+    fn session_end_path_names_the_header_the_id_travels_in() {
+        let (end, errors) = annotated(&[("sticky-session-end-path", "/session/end")]);
+        assert!(errors.is_empty(), "{errors:?}");
+        let (header, _) = annotated(&[("sticky-session-header-name", "X-User")]);
+        let policy = Policy::new("ns", "svc", [&end, &header]);
+        let call = policy.session_end().expect("asked for");
+        assert_eq!((call.path.as_str(), call.header.as_str()), ("/session/end", "x-user"));
+        assert_eq!(Policy::new("ns", "svc", [&end]).session_end().unwrap().header, DEFAULT_SESSION);
+        assert!(Policy::new("ns", "svc", [&header]).session_end().is_none());
+        for bad in ["session/end", "/a b", &format!("/{}", "x".repeat(MAX_END_PATH))] {
+            let (_, errors) = annotated(&[("sticky-session-end-path", bad)]);
+            assert_eq!(errors.len(), 1, "{bad:?}");
+        }
     }
 
     #[test]
