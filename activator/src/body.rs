@@ -1,10 +1,12 @@
-//! The response body the activator hands to hyper: streamed from a pod, holding what the exchange
-//! holds (the pod's slot, the request's place in its revision's concurrency, the pod connection
-//! to reuse) until the body ends, and cut when the revision's timeout passes; or a short text the
-//! activator writes itself.
+//! The bodies the activator hands to hyper. The response body: streamed from a pod, holding what
+//! the exchange holds (the pod's slot, the request's place in its revision's concurrency, the pod
+//! connection to reuse) until the body ends, and cut when the revision's timeout passes; or a
+//! short text the activator writes itself. The request body: the client's as it arrives, after
+//! the frames the activator read first to route the request, if it read any.
 //!
 //! Must not decide anything about the request; it only keeps and lets go.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -20,6 +22,85 @@ use crate::pool::Lent;
 use crate::throttle::Lease;
 
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of a request on its way to a pod: the frames read to route it (`affinity::chat`),
+/// then the rest of the client's body as it arrives, never gathered.
+#[derive(Debug)]
+pub struct RequestBody {
+    read: VecDeque<Frame<Bytes>>,
+    /// How reading the first frames failed: the pod gets the error where the client's body
+    /// broke, never a body cut short that looks complete.
+    broke: Option<hyper::Error>,
+    rest: Incoming,
+}
+
+impl RequestBody {
+    /// The client's body as it arrives.
+    pub fn new(rest: Incoming) -> Self {
+        RequestBody { read: VecDeque::new(), broke: None, rest }
+    }
+
+    /// Reads the client's body until `limit` bytes of data (or its end, its trailers, an error,
+    /// or `within`), and returns them gathered with the body that sends them first and then the
+    /// rest as it arrives.
+    pub async fn read_prefix(mut rest: Incoming, limit: usize, within: std::time::Duration) -> (Bytes, Self) {
+        let mut read = VecDeque::new();
+        let mut gathered = bytes::BytesMut::new();
+        let mut broke = None;
+        let reading = async {
+            while gathered.len() < limit {
+                match std::future::poll_fn(|cx| Pin::new(&mut rest).poll_frame(cx)).await {
+                    Some(Ok(frame)) => {
+                        let data = frame.data_ref().cloned();
+                        read.push_back(frame);
+                        match data {
+                            Some(data) => gathered.extend_from_slice(&data[..data.len().min(limit - gathered.len())]),
+                            None => break,
+                        }
+                    }
+                    Some(Err(e)) => {
+                        broke = Some(e);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(within, reading).await;
+        (gathered.freeze(), RequestBody { read, broke, rest })
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(frame) = this.read.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if let Some(broke) = this.broke.take() {
+            return Poll::Ready(Some(Err(broke)));
+        }
+        Pin::new(&mut this.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.read.is_empty() && self.broke.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let read: u64 = self.read.iter().filter_map(|f| f.data_ref()).map(|d| d.len() as u64).sum();
+        let rest = self.rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + read);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + read);
+        }
+        hint
+    }
+}
 
 /// What an exchange holds until its response body ends (or its upgraded connection closes).
 pub struct Held {

@@ -15,9 +15,9 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use crate::affinity::{Keys, Origin, Pinning, Route, extract};
+use crate::affinity::{Keys, Origin, Pinning, Route, chat, extract};
 use crate::autoscaler::{InFlight, Reporter};
-use crate::body::ResponseBody;
+use crate::body::{RequestBody, ResponseBody};
 use crate::headers::{DECISION, KNATIVE_NAMESPACE, KNATIVE_REVISION, KNATIVE_TAG};
 use crate::health::Health;
 use crate::pins::Pins;
@@ -37,6 +37,9 @@ use tracing::{Instrument as _, Span};
 /// The most of an HTTP/1.1 request body a waiting request can make the activator hold: what
 /// arrived with the headers in hyper's read buffer. The rest waits in the client's socket.
 const HTTP1_READ_AHEAD: u64 = 64 * 1024;
+/// The longest a chat request's body is waited for to name its conversation
+/// (`sticky-session-chat-prefix`); after it, the request is routed with what arrived.
+const CHAT_PREFIX_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// An HTTP/2 stream may send this much request body before the client must wait (the server's
 /// stream window), which is also the most a waiting HTTP/2 request can make the activator hold.
 pub const H2_STREAM_WINDOW: u32 = 1 << 20;
@@ -78,7 +81,7 @@ impl Handler {
 
     async fn route_and_forward(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         client: SocketAddr,
         protocol: Protocol,
         started: Instant,
@@ -88,7 +91,16 @@ impl Handler {
             Ok(target) => target,
             Err(message) => return self.unrouted(StatusCode::NOT_FOUND, &message, protocol, started, span),
         };
-        let keys = match extract(&service.affinity, &req) {
+        // A chat request's conversation is its session: its body's beginning is read to name it,
+        // and goes to the pod first, the rest streaming after it.
+        let (mut req, conversation) = if service.affinity.chat_prefix() && req.method() == http::Method::POST {
+            let (parts, body) = req.into_parts();
+            let (prefix, body) = RequestBody::read_prefix(body, chat::PREFIX_LIMIT, CHAT_PREFIX_WAIT).await;
+            (Request::from_parts(parts, body), chat::conversation_id(&prefix))
+        } else {
+            (req.map(RequestBody::new), None)
+        };
+        let keys = match extract(&service.affinity, &req, conversation.as_deref()) {
             Ok(keys) => keys,
             Err(e) => return self.unrouted(StatusCode::BAD_REQUEST, &e.to_string(), protocol, started, span),
         };
@@ -154,7 +166,7 @@ impl Handler {
     /// session is re-pinned there. `route` ends up naming the revision that answered.
     async fn admit_and_forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         pinning: &Pinning<'_>,
         route: &mut Route,
         mut in_flight: InFlight,

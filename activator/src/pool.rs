@@ -26,6 +26,8 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::body::RequestBody;
+
 /// Knative's `MAX_IDLE_PROXY_CONNS_PER_HOST` default.
 const MAX_IDLE_PER_POD: usize = 100;
 /// Go's `IdleConnTimeout` in Knative's transport.
@@ -51,15 +53,15 @@ pub enum SendError {
 #[derive(Debug)]
 pub struct Failed {
     pub error: SendError,
-    pub unsent: Option<Request<Incoming>>,
+    pub unsent: Option<Request<RequestBody>>,
 }
 
 /// An HTTP/1.1 connection lent to one exchange: give it back with [`PodClient::give_back`] once
 /// the response body has ended, so the next request to the pod reuses it.
-pub struct Lent(http1::SendRequest<Incoming>);
+pub struct Lent(http1::SendRequest<RequestBody>);
 
 struct Idle {
-    conn: http1::SendRequest<Incoming>,
+    conn: http1::SendRequest<RequestBody>,
     since: Instant,
 }
 
@@ -70,7 +72,7 @@ pub struct PodClient {
     /// Signalled when a connection is given back, for requests waiting for a dial slot.
     returned: tokio::sync::Notify,
     dials: tokio::sync::Semaphore,
-    h2: ArcSwapOption<http2::SendRequest<Incoming>>,
+    h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
     /// Held while dialling the h2c connection, so a burst opens one, not one per request.
     h2_dialling: tokio::sync::Mutex<()>,
 }
@@ -93,7 +95,7 @@ impl PodClient {
 
     /// Sends an HTTP/1.1 request (origin-form URI) on an idle connection or a new one. The
     /// connection comes back with the response, to be given back when its body has ended.
-    pub async fn send_http1(&self, mut req: Request<Incoming>) -> Result<(Response<Incoming>, Lent), Failed> {
+    pub async fn send_http1(&self, mut req: Request<RequestBody>) -> Result<(Response<Incoming>, Lent), Failed> {
         loop {
             let next = match self.checkout() {
                 Some(conn) => Ok((conn, true)),
@@ -115,7 +117,7 @@ impl PodClient {
     }
 
     /// Sends an HTTP/2 request (absolute URI) on the pod's shared h2c connection.
-    pub async fn send_http2(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, Failed> {
+    pub async fn send_http2(&self, mut req: Request<RequestBody>) -> Result<Response<Incoming>, Failed> {
         for attempt in 0..2 {
             let mut conn = match self.h2_connection().await {
                 Ok(conn) => conn,
@@ -147,7 +149,7 @@ impl PodClient {
 
     /// A connection given back by another request, or a new one once a dial slot is free,
     /// whichever comes first.
-    async fn wait_http1(&self) -> Result<(http1::SendRequest<Incoming>, bool), SendError> {
+    async fn wait_http1(&self) -> Result<(http1::SendRequest<RequestBody>, bool), SendError> {
         loop {
             let returned = self.returned.notified();
             tokio::pin!(returned);
@@ -172,7 +174,7 @@ impl PodClient {
         self.idle.get().map_or(0, ArrayQueue::len)
     }
 
-    fn checkout(&self) -> Option<http1::SendRequest<Incoming>> {
+    fn checkout(&self) -> Option<http1::SendRequest<RequestBody>> {
         let idle = self.idle.get()?;
         // Each connection is looked at once at most, so a queue of unsettled ones ends the loop.
         for _ in 0..idle.len() {
@@ -199,7 +201,7 @@ impl PodClient {
         Ok(TokioIo::new(stream))
     }
 
-    async fn dial_http1(&self) -> Result<http1::SendRequest<Incoming>, SendError> {
+    async fn dial_http1(&self) -> Result<http1::SendRequest<RequestBody>, SendError> {
         let io = self.dial().await?;
         let (conn, driver) = http1::Builder::new().handshake(io).await.map_err(SendError::Http)?;
         let pod = self.addr;
@@ -211,7 +213,7 @@ impl PodClient {
         Ok(conn)
     }
 
-    async fn h2_connection(&self) -> Result<http2::SendRequest<Incoming>, SendError> {
+    async fn h2_connection(&self) -> Result<http2::SendRequest<RequestBody>, SendError> {
         if let Some(conn) = self.usable_h2() {
             return Ok(conn);
         }
@@ -237,7 +239,7 @@ impl PodClient {
         Ok(conn)
     }
 
-    fn usable_h2(&self) -> Option<http2::SendRequest<Incoming>> {
+    fn usable_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
         self.h2.load().as_deref().filter(|conn| !conn.is_closed()).cloned()
     }
 }
@@ -283,7 +285,7 @@ mod tests {
     /// An `Incoming` body is only made by hyper, so requests come from a relay server that hands
     /// each request it receives to the test.
     async fn relay()
-    -> (SocketAddr, tokio::sync::mpsc::Receiver<(Request<Incoming>, tokio::sync::oneshot::Sender<String>)>) {
+    -> (SocketAddr, tokio::sync::mpsc::Receiver<(Request<RequestBody>, tokio::sync::oneshot::Sender<String>)>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -296,7 +298,7 @@ mod tests {
                         let tx = tx.clone();
                         async move {
                             let (done, answer) = tokio::sync::oneshot::channel();
-                            tx.send((req, done)).await.unwrap();
+                            tx.send((req.map(RequestBody::new), done)).await.unwrap();
                             Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(answer.await.unwrap()))))
                         }
                     });

@@ -10,12 +10,11 @@ use std::net::{IpAddr, SocketAddr};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio_util::task::TaskTracker;
 
 use crate::autoscaler::InFlight;
-use crate::body::{Held, ResponseBody};
+use crate::body::{Held, RequestBody, ResponseBody};
 use crate::headers::{
     KNATIVE_NAMESPACE, KNATIVE_REVISION, ORIGINAL_HOST, PASSTHROUGH_LB, PROXY_REQUEST, X_FORWARDED_FOR,
 };
@@ -73,7 +72,7 @@ pub struct Unsent {
 /// A client's request made ready for a pod of its revision, whichever pod that turns out to be:
 /// its headers are cleaned once, and only its address is set per attempt.
 pub struct Outbound {
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     /// The authority the pod is addressed by; `None` for the pod's own address.
     authority: Option<Authority>,
     /// The client's side of an upgrade it asked for.
@@ -83,7 +82,7 @@ pub struct Outbound {
 impl Outbound {
     /// Cleans the request's headers for the pod: hop-by-hop ones out, `X-Forwarded-For`,
     /// Knative's proxy headers, `Host` as `host` says.
-    pub fn new(mut req: Request<Incoming>, client_ip: IpAddr, host: &HostRewrite) -> Self {
+    pub fn new(mut req: Request<RequestBody>, client_ip: IpAddr, host: &HostRewrite) -> Self {
         let upgrade = upgrade_protocol(&req);
         let authority = prepare_request(&mut req, upgrade.as_ref(), client_ip, host);
         let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));

@@ -97,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
         .route("/headers", any(headers))
         .route("/trailers", get(with_trailers))
         .route("/session/end", post(session_end))
+        .route("/v1/chat/completions", post(chat_completion))
         .route("/session/ends", get(session_ends))
         .layer(middleware::from_fn_with_state(demo.clone(), queue_probe_and_identity))
         .with_state(demo.clone())
@@ -184,6 +185,25 @@ async fn session_end(State(demo): State<Shared>, headers: axum::http::HeaderMap)
     demo.counts.lock().unwrap().remove(&session);
     demo.ended.lock().unwrap().push(format!("{session} {}", reason.unwrap_or_default()));
     StatusCode::NO_CONTENT
+}
+
+/// An OpenAI-compatible chat completion that reads the request as it streams in, holding none
+/// of it, and answers which pod heard how many bytes.
+async fn chat_completion(State(demo): State<Shared>, req: Request) -> Response {
+    let mut body = req.into_body().into_data_stream();
+    let mut bytes = 0usize;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(chunk) => bytes += chunk.len(),
+            Err(e) => return (StatusCode::BAD_REQUEST, format!("reading the body: {e}\n")).into_response(),
+        }
+    }
+    let pod = String::from_utf8_lossy(demo.pod.as_bytes()).into_owned();
+    let answer = serde_json::json!({
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("{pod} read {bytes} bytes")}, "finish_reason": "stop"}],
+    });
+    ([(header::CONTENT_TYPE, "application/json")], answer.to_string()).into_response()
 }
 
 /// Every session end heard, one `<session> <reason>` line each.

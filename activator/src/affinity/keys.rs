@@ -13,8 +13,9 @@ use crate::world::policy::{IdSource, Policy};
 /// Longest id accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 1024;
 
-/// The ids `req` carries, as pin keys of the service `policy` belongs to.
-pub fn extract<B>(policy: &Policy, req: &Request<B>) -> Result<Keys, KeyError> {
+/// The ids `req` carries, as pin keys of the service `policy` belongs to. `conversation` is the
+/// session id its body names (`affinity::chat`), used when no source of the policy gives one.
+pub fn extract<B>(policy: &Policy, req: &Request<B>, conversation: Option<&str>) -> Result<Keys, KeyError> {
     let flow = first_id(policy.flow_sources(), req, PinKind::Flow)?;
     let scope = policy.scope();
     // A session whose pin travels in a signed cookie has no id and no key in the store.
@@ -28,7 +29,8 @@ pub fn extract<B>(policy: &Policy, req: &Request<B>) -> Result<Keys, KeyError> {
             signed: Some(SignedCookie { name: name.to_owned(), secure, value }),
         });
     }
-    let session = first_id(policy.session_sources(), req, PinKind::Session)?;
+    let session = first_id(policy.session_sources(), req, PinKind::Session)?
+        .or_else(|| conversation.map(|id| id.as_bytes().to_vec()));
     // The raw id is kept only for a service that wants to hear when sessions end.
     let end_id = |id: &[u8]| policy.session_end().and_then(|_| HeaderValue::from_bytes(id).ok());
     let mut keys = Keys {
@@ -185,10 +187,10 @@ mod tests {
 
     #[test]
     fn default_headers_need_no_annotation() {
-        let keys = extract(&policy(&[]), &req("/", &[("k-session", "abc"), ("k-revision", "f1")])).unwrap();
+        let keys = extract(&policy(&[]), &req("/", &[("k-session", "abc"), ("k-revision", "f1")]), None).unwrap();
         assert_eq!(keys.session, session_key("abc"));
         assert_eq!(keys.flow, flow_key("f1"));
-        let none = extract(&policy(&[]), &req("/", &[("k-session", "")])).unwrap();
+        let none = extract(&policy(&[]), &req("/", &[("k-session", "")]), None).unwrap();
         assert!(none.session.is_none() && none.flow.is_none(), "empty means no key");
     }
 
@@ -204,32 +206,32 @@ mod tests {
             (&[("sticky-session-path-segment", "2")], req("/incr/a%62c", &[])),
         ];
         for (annotations, request) in cases {
-            let keys = extract(&policy(annotations), &request).unwrap();
+            let keys = extract(&policy(annotations), &request, None).unwrap();
             assert_eq!(keys.session, session_key("abc"), "{annotations:?}");
             assert!(keys.new_cookie.is_none());
         }
-        let flow =
-            extract(&policy(&[("sticky-revision-query-parameter", "flow_id")]), &req("/?flow_id=f", &[])).unwrap();
+        let flow = extract(&policy(&[("sticky-revision-query-parameter", "flow_id")]), &req("/?flow_id=f", &[]), None)
+            .unwrap();
         assert_eq!(flow.flow, flow_key("f"));
     }
 
     #[test]
     fn annotated_sources_come_before_the_default_header() {
         let p = policy(&[("sticky-session-query-parameter", "s")]);
-        let keys = extract(&p, &req("/?s=from-query", &[("k-session", "from-header")])).unwrap();
+        let keys = extract(&p, &req("/?s=from-query", &[("k-session", "from-header")]), None).unwrap();
         assert_eq!(keys.session, session_key("from-query"));
-        let keys = extract(&p, &req("/", &[("k-session", "from-header")])).unwrap();
+        let keys = extract(&p, &req("/", &[("k-session", "from-header")]), None).unwrap();
         assert_eq!(keys.session, session_key("from-header"));
     }
 
     #[test]
     fn cookie_mode_makes_up_an_unguessable_id() {
         let p = policy(&[("sticky-session-cookie-name", "sid"), ("sticky-ttl", "90s")]);
-        let keys = extract(&p, &req("/", &[])).unwrap();
+        let keys = extract(&p, &req("/", &[]), None).unwrap();
         let cookie = keys.new_cookie.expect("a new cookie");
         assert_eq!(cookie.id.len(), 32);
         assert_eq!(keys.session, session_key(&cookie.id));
-        let other = extract(&p, &req("/", &[])).unwrap().new_cookie.unwrap();
+        let other = extract(&p, &req("/", &[]), None).unwrap().new_cookie.unwrap();
         assert_ne!(cookie.id, other.id);
         assert_eq!(
             cookie.header_value(None),
@@ -242,15 +244,15 @@ mod tests {
             "sticky-max-age caps the session anyway"
         );
         let secure = policy(&[("sticky-session-cookie-name", "sid"), ("sticky-session-cookie-secure", "true")]);
-        let cookie = extract(&secure, &req("/", &[])).unwrap().new_cookie.unwrap();
+        let cookie = extract(&secure, &req("/", &[]), None).unwrap().new_cookie.unwrap();
         assert!(cookie.header_value(None).ends_with("; Secure"), "{}", cookie.header_value(None));
     }
 
     #[test]
     fn ids_over_one_kib_are_refused() {
         let long = "x".repeat(MAX_ID_BYTES + 1);
-        let err = extract(&policy(&[]), &req("/", &[("k-revision", &long)])).unwrap_err();
+        let err = extract(&policy(&[]), &req("/", &[("k-revision", &long)]), None).unwrap_err();
         assert_eq!(err.to_string(), "flow id is longer than 1024 bytes");
-        assert!(extract(&policy(&[]), &req("/", &[("k-session", &long[1..])])).is_ok());
+        assert!(extract(&policy(&[]), &req("/", &[("k-session", &long[1..])]), None).is_ok());
     }
 }

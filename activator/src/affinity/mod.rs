@@ -6,6 +6,7 @@ mod decide;
 mod keys;
 mod pinning;
 
+pub mod chat;
 pub mod share;
 
 pub use decide::Origin;

@@ -43,6 +43,8 @@ pub struct Annotated {
     split_by_requests: Option<bool>,
     /// `sticky-session-end-path`: the pod's path told when a session ends.
     end_path: Option<String>,
+    /// `sticky-session-chat-prefix`: a chat request's conversation is its session.
+    chat_prefix: Option<bool>,
 }
 
 /// Longest `sticky-session-end-path` accepted.
@@ -129,11 +131,19 @@ impl Annotated {
                     }
                     continue;
                 }
-                (Some(PinKind::Session), "cookie-secure") => {
-                    match value.to_ascii_lowercase().as_str() {
-                        "true" => out.cookie_secure = Some(true),
-                        "false" => out.cookie_secure = Some(false),
-                        _ => rejected(key, format!("{value:?} is neither true nor false")),
+                (Some(PinKind::Session), "cookie-secure" | "chat-prefix") => {
+                    let flag = match value.to_ascii_lowercase().as_str() {
+                        "true" => true,
+                        "false" => false,
+                        _ => {
+                            rejected(key, format!("{value:?} is neither true nor false"));
+                            continue;
+                        }
+                    };
+                    if what == "cookie-secure" {
+                        out.cookie_secure = Some(flag);
+                    } else {
+                        out.chat_prefix = Some(flag);
                     }
                     continue;
                 }
@@ -159,6 +169,7 @@ impl Annotated {
         self.signed_cookie = self.signed_cookie.or(base.signed_cookie);
         self.split_by_requests = self.split_by_requests.or(base.split_by_requests);
         self.end_path = self.end_path.or_else(|| base.end_path.clone());
+        self.chat_prefix = self.chat_prefix.or(base.chat_prefix);
         self
     }
 
@@ -190,15 +201,18 @@ pub struct Policy {
     split_by_requests: bool,
     /// `sticky-session-end-path` on the service or a revision of its traffic.
     session_end: Option<Arc<SessionEnd>>,
+    /// `sticky-session-chat-prefix: "true"` on the service or a revision of its traffic.
+    chat_prefix: bool,
 }
 
 impl Policy {
     pub fn new<'a>(namespace: &str, service: &str, annotated: impl IntoIterator<Item = &'a Annotated>) -> Self {
         let mut session = Vec::new();
         let mut flow = Vec::new();
-        let (mut secure, mut signed, mut split_by_requests) = (false, false, false);
+        let (mut secure, mut signed, mut split_by_requests, mut chat_prefix) = (false, false, false, false);
         let mut end_path = None;
         for a in annotated {
+            chat_prefix |= a.chat_prefix.unwrap_or(false);
             split_by_requests |= a.split_by_requests.unwrap_or(false);
             end_path = end_path.or_else(|| a.end_path.clone());
             extend_unique(&mut session, &a.session);
@@ -223,7 +237,7 @@ impl Policy {
             Arc::new(SessionEnd { path, header: header.unwrap_or(DEFAULT_SESSION) })
         });
         let scope = format!("{namespace}/{service}").into();
-        Policy { scope, session, flow, cookie, signed_cookie, split_by_requests, session_end }
+        Policy { scope, session, flow, cookie, signed_cookie, split_by_requests, session_end, chat_prefix }
     }
 
     /// `<namespace>/<service>`: the scope of this service's pin keys.
@@ -249,6 +263,12 @@ impl Policy {
     /// Whether new pins steer the share of requests, not of sessions, to the percents.
     pub fn split_by_requests(&self) -> bool {
         self.split_by_requests
+    }
+
+    /// Whether a chat request's conversation (`affinity::chat`) is its session when it names no
+    /// session id.
+    pub fn chat_prefix(&self) -> bool {
+        self.chat_prefix
     }
 
     /// How the service hears that a session ended, if it asked to.
@@ -318,6 +338,16 @@ pub(crate) mod tests {
         assert!(!Policy::new("ns", "svc", [&plain]).split_by_requests(), "sessions is the default");
         let (_, errors) = annotated(&[("sticky-split-mode", "weights")]);
         assert_eq!(errors.len(), 1);
+    }
+
+    #[test]
+    fn chat_prefix_is_a_flag_of_any_of_the_services_annotations() {
+        let (chat, errors) = annotated(&[("sticky-session-chat-prefix", "TRUE")]);
+        assert!(errors.is_empty(), "{errors:?}");
+        let (plain, _) = annotated(&[]);
+        assert!(Policy::new("ns", "svc", [&plain, &chat]).chat_prefix());
+        assert!(!Policy::new("ns", "svc", [&plain]).chat_prefix());
+        assert_eq!(annotated(&[("sticky-session-chat-prefix", "yes")]).1.len(), 1);
     }
 
     #[test]
