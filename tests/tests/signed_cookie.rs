@@ -3,7 +3,7 @@
 //! foreign cookie is refused and replaced; keys rotate through the key file without a restart.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use integration_tests::topology::{Service, yaml};
 use integration_tests::{Client, Env, Process, Reply, addrs, wait_until};
@@ -55,6 +55,10 @@ async fn a_signed_cookie_keeps_a_session_on_its_pod_through_every_replica_withou
             &addrs(&pods),
         ),
         signed(Service::new("other")).revision("other-1", 100, &addrs(&other)),
+        signed(Service::new("capped"))
+            .annotation(&format!("{P}sticky-ttl"), "10s")
+            .annotation(&format!("{P}sticky-max-age"), "2s")
+            .revision("capped-1", 100, &addrs(&pods)),
     ]));
     let keys = env.dir.path().join("cookie-keys");
     write_keys(&keys, &[K1]);
@@ -88,6 +92,22 @@ async fn a_signed_cookie_keeps_a_session_on_its_pod_through_every_replica_withou
         get(&via_b, "brief.test", Some(&brief)).await.header("x-activator-decision") == "new-pin"
     })
     .await;
+
+    // Capped: with sticky-max-age a pin in use ends at its age however often its cookie is
+    // signed again, well before its idle lifetime of 10 s.
+    let started = Instant::now();
+    let mut capped = pin_cookie(&get(&via_a, "capped.test", None).await).expect("a cookie");
+    let mut pace = tokio::time::interval(Duration::from_millis(200));
+    let ended = loop {
+        pace.tick().await;
+        let reply = get(&via_b, "capped.test", Some(&capped)).await;
+        if reply.header("x-activator-decision") == "new-pin" {
+            break started.elapsed();
+        }
+        capped = pin_cookie(&reply).unwrap_or(capped);
+        assert!(started.elapsed() < Duration::from_secs(8), "a pin in use outlived its max-age");
+    };
+    assert!(ended >= Duration::from_secs(1), "ended after {ended:?}");
 
     // Rotation: the new key signs first while the old one still verifies, then the old one goes.
     let only_new = env.dir.path().join("only-new-key");

@@ -49,8 +49,8 @@ pub struct Pinning<'a> {
     service: &'a Service,
     keys: &'a Keys,
     lookup: Lookup,
-    /// When the request's verified pin cookie expires.
-    cookie_expires: Option<SystemTime>,
+    /// The request's verified pin cookie: when it expires and when its pin was first made.
+    cookie: Option<(SystemTime, Option<SystemTime>)>,
 }
 
 impl<'a> Pinning<'a> {
@@ -70,10 +70,11 @@ impl<'a> Pinning<'a> {
             let value = cookie.value.as_deref();
             value.and_then(|v| pins.cookie_keys().verify(service.affinity.scope(), v, SystemTime::now()))
         });
-        let (session, cookie_expires) = match verified {
+        let (session, cookie) = match verified {
             Some(verified) => {
                 sources[0] = PinSource::Cookie;
-                (verified.as_ref().map(|(pin, _)| pin.clone()), verified.map(|(_, expires)| expires))
+                let cookie = verified.as_ref().map(|v| (v.expires, v.written));
+                (verified.map(|v| v.pin), cookie)
             }
             None => (session, None),
         };
@@ -109,7 +110,7 @@ impl<'a> Pinning<'a> {
             set_cookie: None,
             session_write: decision.session_write,
         };
-        (Pinning { pins, service, keys, lookup, cookie_expires }, route)
+        (Pinning { pins, service, keys, lookup, cookie }, route)
     }
 
     /// Watches the session's pin for its end, when the service asked to hear of it
@@ -162,13 +163,19 @@ impl<'a> Pinning<'a> {
     /// moved, or its cookie is past half its idle lifetime, so an active session never expires.
     fn sign_cookie(&self, cookie: &SignedCookie, route: &mut Route, pod: SocketAddr) {
         let ours = Pin::session(&route.revision.name, pod);
-        let ttl = route.revision.affinity.lifetime().ttl;
+        let lifetime = route.revision.affinity.lifetime();
         let now = SystemTime::now();
-        let fresh = self.cookie_expires.is_some_and(|e| e.duration_since(now).unwrap_or_default() > ttl / 2);
-        if self.lookup.session.as_ref() == Some(&ours) && fresh {
+        let same = self.lookup.session.as_ref() == Some(&ours);
+        // The pin keeps the moment it was first made, so `sticky-max-age` ends it however often
+        // its cookie is signed again.
+        let written = self.cookie.and_then(|(_, written)| written).filter(|_| same).unwrap_or(now);
+        let age = now.duration_since(written).unwrap_or_default();
+        let expires = now + lifetime.remaining(age);
+        // Signed again only once half its idle lifetime has passed, and only if that extends it.
+        if same && self.cookie.is_some_and(|(current, _)| current + lifetime.ttl / 2 >= expires) {
             return;
         }
-        let signed = self.pins.cookie_keys().sign(self.service.affinity.scope(), &ours, now + ttl);
+        let signed = self.pins.cookie_keys().sign(self.service.affinity.scope(), &ours, written, expires);
         if signed.is_none() && !NO_KEYS_REPORTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
             tracing::warn!(
                 scope = %self.service.affinity.scope(),

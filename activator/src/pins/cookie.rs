@@ -16,8 +16,10 @@ use ring::hmac;
 
 use super::Pin;
 
-/// The format's version, first in every cookie.
-const VERSION: &str = "1";
+/// The format's version, first in every cookie: 2 carries when the pin was first made, for
+/// `sticky-max-age`; 1, which did not, is still read.
+const VERSION: &str = "2";
+const VERSION_WITHOUT_WRITTEN: &str = "1";
 /// The shortest key accepted, in bytes.
 pub const MIN_KEY_BYTES: usize = 32;
 
@@ -77,20 +79,20 @@ impl CookieKeys {
         Ok(())
     }
 
-    /// The cookie value carrying `pin` for `scope` until `expires`.
-    pub fn sign(&self, scope: &str, pin: &Pin, expires: SystemTime) -> Option<String> {
+    /// The cookie value carrying `pin` for `scope`, first made at `written`, until `expires`.
+    pub fn sign(&self, scope: &str, pin: &Pin, written: SystemTime, expires: SystemTime) -> Option<String> {
         let pod = pin.pod?;
         let keys = self.keys.load();
         let key = keys.first()?;
-        let secs = expires.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let body = format!("{VERSION}|{secs}|{}|{pod}", pin.revision);
+        let secs = |at: SystemTime| at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let body = format!("{VERSION}|{}|{}|{}|{pod}", secs(expires), secs(written), pin.revision);
         let tag = hmac::sign(key, signed(scope, &body).as_bytes());
         Some(format!("{body}|{}", hex(tag.as_ref())))
     }
 
-    /// The pin a cookie value carries for `scope` and when it expires, if a key in force signed
-    /// it for this scope and it has not expired.
-    pub fn verify(&self, scope: &str, value: &str, now: SystemTime) -> Option<(Pin, SystemTime)> {
+    /// What a cookie value carries for `scope`, if a key in force signed it for this scope and it
+    /// has not expired.
+    pub fn verify(&self, scope: &str, value: &str, now: SystemTime) -> Option<SignedPin> {
         let (body, tag) = value.rsplit_once('|')?;
         let tag = unhex(tag)?;
         let message = signed(scope, body);
@@ -99,13 +101,31 @@ impl CookieKeys {
         if !genuine {
             return None;
         }
+        let at = |secs: &str| secs.parse().ok().map(|secs| UNIX_EPOCH + Duration::from_secs(secs));
         let mut fields = body.split('|');
-        let (version, secs, revision, pod) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?);
-        let expires = UNIX_EPOCH + Duration::from_secs(secs.parse().ok()?);
+        let (version, expires) = (fields.next()?, at(fields.next()?)?);
+        let written = match version {
+            VERSION => Some(at(fields.next()?)?),
+            VERSION_WITHOUT_WRITTEN => None,
+            _ => return None,
+        };
+        let (revision, pod) = (fields.next()?, fields.next()?);
         let pod: SocketAddr = pod.parse().ok()?;
-        (version == VERSION && fields.next().is_none() && expires > now && !revision.is_empty())
-            .then(|| (Pin::session(revision, pod), expires))
+        (fields.next().is_none() && expires > now && !revision.is_empty()).then(|| SignedPin {
+            pin: Pin::session(revision, pod),
+            expires,
+            written,
+        })
     }
+}
+
+/// A verified pin cookie's content.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SignedPin {
+    pub pin: Pin,
+    pub expires: SystemTime,
+    /// When the pin was first made; `None` in cookies of the first version.
+    pub written: Option<SystemTime>,
 }
 
 /// What is signed: the scope (not sent, so a cookie of one service means nothing to another) and
@@ -142,9 +162,12 @@ mod tests {
     fn a_signed_pin_verifies_for_its_scope_until_it_expires() {
         let (k, now) = (keys(&[K1]), SystemTime::now());
         let pin = Pin::session("counter-1", "10.0.0.7:8012".parse().unwrap());
-        let value = k.sign("ns/svc", &pin, now + Duration::from_secs(60)).unwrap();
-        assert!(value.starts_with("1|") && !value.contains(';') && !value.contains(' '), "{value}");
-        assert_eq!(k.verify("ns/svc", &value, now).map(|(p, _)| p), Some(pin));
+        let value = k.sign("ns/svc", &pin, now, now + Duration::from_secs(60)).unwrap();
+        assert!(value.starts_with("2|") && !value.contains(';') && !value.contains(' '), "{value}");
+        let verified = k.verify("ns/svc", &value, now).unwrap();
+        assert_eq!(verified.pin, pin);
+        let secs = |at: SystemTime| at.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        assert_eq!(verified.written.map(secs), Some(secs(now)), "when the pin was made travels along");
         assert_eq!(k.verify("ns/other", &value, now), None, "another service's cookie");
         assert_eq!(k.verify("ns/svc", &value, now + Duration::from_secs(61)), None, "expired");
         let tampered = value.replace("10.0.0.7", "10.0.0.8");
@@ -155,13 +178,23 @@ mod tests {
     }
 
     #[test]
+    fn a_cookie_of_the_first_version_still_verifies() {
+        let k = keys(&[K1]);
+        let expires = (SystemTime::now() + Duration::from_secs(60)).duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let body = format!("1|{expires}|r|10.0.0.7:8012");
+        let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, K1.as_bytes()), signed("s", &body).as_bytes());
+        let verified = k.verify("s", &format!("{body}|{}", hex(tag.as_ref())), SystemTime::now()).unwrap();
+        assert_eq!((verified.pin, verified.written), (Pin::session("r", "10.0.0.7:8012".parse().unwrap()), None));
+    }
+
+    #[test]
     fn rotation_signs_with_the_first_key_and_verifies_with_every_one() {
         let now = SystemTime::now();
         let pin = Pin::session("r", "10.0.0.7:8012".parse().unwrap());
-        let old = keys(&[K1]).sign("s", &pin, now + Duration::from_secs(60)).unwrap();
+        let old = keys(&[K1]).sign("s", &pin, now, now + Duration::from_secs(60)).unwrap();
         let rotating = keys(&[K2, K1]);
         assert!(rotating.verify("s", &old, now).is_some(), "the old key still verifies");
-        let new = rotating.sign("s", &pin, now + Duration::from_secs(60)).unwrap();
+        let new = rotating.sign("s", &pin, now, now + Duration::from_secs(60)).unwrap();
         assert!(keys(&[K2]).verify("s", &new, now).is_some(), "signed with the new key");
         assert!(keys(&[K2]).verify("s", &old, now).is_none(), "the old key retired");
         let refused = CookieKeys { path: None, keys: ArcSwap::default(), applied: Default::default() };

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus::{IntCounter, IntGauge, IntGaugeVec};
 
-pub use cookie::CookieKeys;
+pub use cookie::{CookieKeys, SignedPin};
 pub use memory::MemoryPins;
 pub use redis::{Deployment, RedisClient, RedisTls};
 pub use shared::{DRAINED_POD, INVALIDATIONS, SharedConfig, SharedPins, drain_pod, key_report, pin_targets};
@@ -212,7 +212,7 @@ impl Lifetime {
     }
 
     /// How long a pin written at `written` may live from `now` on.
-    fn remaining(&self, age: Duration) -> Duration {
+    pub fn remaining(&self, age: Duration) -> Duration {
         match self.max_age {
             Some(max) => self.ttl.min(max.saturating_sub(age)),
             None => self.ttl,
