@@ -27,7 +27,7 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# Benchmarks against a direct connection and nginx, measured in one run; installs wrk, h2load, nginx and redis-server when missing. Never fails on a missed target.
+# Benchmarks against a direct connection and nginx, measured in one run (figures with their targets, and docs/latency.svg); installs wrk, h2load, nginx and redis-server when missing. Never fails on a missed target.
 bench:
     #!/usr/bin/env bash
     set -euo pipefail

@@ -4,7 +4,9 @@
 //! * a new pin written through deadpool-redis (the pool named for this project) and through
 //!   redis-rs's `ConnectionManager` (what the activator uses);
 //! * lookups of a known pin through the activator's shared pin store, whose near cache should
-//!   keep them off the network.
+//!   keep them off the network;
+//! * the memory of 1 000 000 pins held through the shared store: this process's (the near cache)
+//!   and Redis's.
 //!
 //! Prints commands per operation; asserts nothing.
 
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use activator::pins::{Lifetime, Pin, PinKey, PinKind, Pins, SharedConfig};
 use activator::stats::Stats;
+use futures_util::StreamExt;
 use integration_tests::redis::Redis;
 
 const WRITES: u64 = 1000;
@@ -66,6 +69,71 @@ async fn main() {
     println!("bench redis_commands_per_new_pin_deadpool {:.2} commands", deadpool.total(WRITES));
     println!("bench redis_commands_per_new_pin_connection_manager {:.2} commands", managed.total(WRITES));
     println!("bench redis_commands_per_known_pin_lookup {:.4} commands", known.total(LOOKUPS));
+
+    let (near_cache, redis) = million_pins(&url, admin).await;
+    println!("bench rss_growth_1000000_pins_redis_store {near_cache:.1} MiB");
+    println!("bench redis_used_memory_1000000_pins {redis:.1} MiB");
+}
+
+/// Writes 1 000 000 session pins through a shared store and returns how much this process's
+/// resident memory (the near cache holding them) and Redis's data grew, in MiB.
+async fn million_pins(url: &str, admin: &Redis) -> (f64, f64) {
+    const PINS: u32 = 1_000_000;
+    let stats = Stats::new();
+    let pins = Pins::shared(u64::from(PINS), config(url), &stats).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats.pin_store_up.get() != 1 {
+        assert!(Instant::now() < deadline, "the shared store did not connect");
+        let probe = PinKey::new(&Arc::from("default/probe"), PinKind::Session, b"probe");
+        pins.lookup(Some(&probe), None, &|_| LIFETIME).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let redis_before = used_memory(admin).await;
+    let rss_before = rss_mib();
+    let scope: Arc<str> = Arc::from("default/counter");
+    let pod: std::net::SocketAddr = "10.0.0.7:8012".parse().unwrap();
+    futures_util::stream::iter(0..PINS)
+        .map(|i| {
+            let (pins, scope) = (&pins, scope.clone());
+            async move {
+                let key = PinKey::new(&scope, PinKind::Session, format!("session-{i}").as_bytes());
+                pins.write(&key, None, Pin::session("counter-00001", pod), LIFETIME, &|_| LIFETIME).await;
+            }
+        })
+        .buffer_unordered(256)
+        .collect::<()>()
+        .await;
+    (rss_mib() - rss_before, (used_memory(admin).await - redis_before) / 1024.0 / 1024.0)
+}
+
+const LIFETIME: Lifetime = Lifetime { ttl: Duration::from_secs(600), max_age: None };
+
+fn config(url: &str) -> SharedConfig {
+    SharedConfig {
+        url: url.to_owned(),
+        timeout: Duration::from_millis(25),
+        revalidate_after: Duration::from_secs(5),
+        refresh_interval: Duration::from_secs(1),
+        tls: Default::default(),
+        deployment: Default::default(),
+    }
+}
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN);
+    kib / 1024.0
+}
+
+/// Redis's `used_memory`, in bytes.
+async fn used_memory(admin: &Redis) -> f64 {
+    let info = admin.cli(&["INFO", "memory"]).await;
+    info.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN)
 }
 
 fn set_nx_get(key: String) -> redis::Cmd {
@@ -77,16 +145,8 @@ fn set_nx_get(key: String) -> redis::Cmd {
 /// Pins one session through the shared store, then looks it up `LOOKUPS` times.
 async fn known_pin_lookups(url: &str, admin: &Redis) -> Calls {
     let stats = Stats::new();
-    let config = SharedConfig {
-        url: url.to_owned(),
-        timeout: Duration::from_millis(25),
-        revalidate_after: Duration::from_secs(5),
-        refresh_interval: Duration::from_secs(1),
-        tls: Default::default(),
-        deployment: Default::default(),
-    };
-    let pins = Pins::shared(1_000_000, config, &stats).unwrap();
-    let lifetime = Lifetime { ttl: Duration::from_secs(600), max_age: None };
+    let pins = Pins::shared(1_000_000, config(url), &stats).unwrap();
+    let lifetime = LIFETIME;
     let key = PinKey::new(&Arc::from("default/counter"), PinKind::Session, b"known");
     let deadline = Instant::now() + Duration::from_secs(10);
     // The store connects in the background; until then writes stay local.

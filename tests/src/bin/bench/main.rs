@@ -4,7 +4,11 @@
 //! on a missed target; a missing tool skips its figures with a note.
 //!
 //! Placement: the backend, nginx (1 worker) and the activator (1 worker thread) share CPU 1; the
-//! load generators (wrk, h2load, the cold-start client) run on CPU 0.
+//! load generators (wrk, h2load, this process's constant-rate and cold-start clients) run on CPU 0.
+//! The latency distribution at a constant rate is also drawn into `docs/latency.svg`.
+
+mod plot;
+mod rate;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -51,6 +55,8 @@ struct Load {
 #[tokio::main]
 async fn main() {
     raise_open_files_limit();
+    // This process generates load too: it keeps to the load generators' CPU.
+    let _ = Command::new("taskset").args(["-a", "-p", "-c", "0", &std::process::id().to_string()]).output();
     let mut figures = Figures::default();
     let env = Env::new();
     let backend = env.demo("bench-pod", "bench-1").await;
@@ -79,7 +85,10 @@ async fn main() {
     figures.add("idle_rss", idle_rss as f64 / 1024.0, "MiB", "<= 15 MiB");
 
     if have("wrk") {
-        proxy_overhead(&env, &backend, &activator, have("nginx"), &mut figures).await;
+        let nginx_saturation = proxy_overhead(&env, &backend, &activator, have("nginx"), &mut figures).await;
+        if let Some(saturation) = nginx_saturation {
+            constant_rate(&env, &backend, &activator, saturation, &mut figures).await;
+        }
         affinity_overhead(&env, &activator, have("redis-server"), &mut figures).await;
     }
     cold_start(&env, &activator, &backend, &topology, &mut figures).await;
@@ -95,8 +104,14 @@ async fn main() {
 }
 
 /// Figure 1: latency at moderate load and CPU per request at saturation, direct, nginx and
-/// activator.
-async fn proxy_overhead(env: &Env, backend: &Process, activator: &Process, nginx: bool, figures: &mut Figures) {
+/// activator. Returns nginx's saturation rate, when nginx ran.
+async fn proxy_overhead(
+    env: &Env,
+    backend: &Process,
+    activator: &Process,
+    nginx: bool,
+    figures: &mut Figures,
+) -> Option<f64> {
     let direct = measure(backend.addr("http"), &[], &[]);
     let proxy = activator.addr("proxy");
     let ours = measure(proxy, &[], &[activator.pid()]);
@@ -108,7 +123,7 @@ async fn proxy_overhead(env: &Env, backend: &Process, activator: &Process, nginx
     figures.add("activator_saturation_rps", ours.1.per_second, "req/s", "");
     figures.add("activator_cpu_per_request", ours.2 * 1e6, "us", "");
     if !nginx {
-        return;
+        return None;
     }
     let nginx = Nginx::start(env.dir.path(), backend.addr("http"));
     let theirs = measure(nginx.addr, &[], &nginx.pids());
@@ -119,6 +134,46 @@ async fn proxy_overhead(env: &Env, backend: &Process, activator: &Process, nginx
     let added = |p: &(Load, Load, f64)| (p.0.median_us - direct.0.median_us).max(0.1);
     figures.add("ratio_added_median_vs_nginx", added(&ours) / added(&theirs), "x", "<= 1.0");
     figures.add("ratio_cpu_per_request_vs_nginx", ours.2 / theirs.2, "x", "<= 1.0");
+    Some(theirs.1.per_second)
+}
+
+/// Figure 1b: p50, p99 and p99.9 at a constant rate of 50 % and 90 % of nginx's saturation
+/// rate, direct, nginx and activator; the 50 % run is drawn into `docs/latency.svg`.
+async fn constant_rate(env: &Env, backend: &Process, activator: &Process, saturation: f64, figures: &mut Figures) {
+    let nginx = Nginx::start(env.dir.path(), backend.addr("http"));
+    let targets = [("direct", backend.addr("http")), ("nginx", nginx.addr), ("activator", activator.addr("proxy"))];
+    for percent in [50u32, 90] {
+        let rate = saturation * f64::from(percent) / 100.0;
+        let mut runs = Vec::new();
+        for (name, addr) in targets {
+            let latencies = rate::run(addr, rate, Duration::from_secs(u64::from(SECONDS))).await;
+            for (label, p) in [("p50", 0.5), ("p99", 0.99), ("p999", 0.999)] {
+                let figure = format!("{name}_{label}_at_{percent}pct_of_nginx_saturation");
+                figures.add(&figure, latencies.percentile(p), "us", "");
+            }
+            figures.add(&format!("{name}_failed_at_{percent}pct"), latencies.failed as f64, "requests", "0");
+            runs.push((name, latencies));
+        }
+        let (theirs, ours) = (&runs[1].1, &runs[2].1);
+        for (label, p) in [("p99", 0.99), ("p999", 0.999)] {
+            let ratio = ours.percentile(p) / theirs.percentile(p);
+            figures.add(&format!("ratio_{label}_at_{percent}pct_vs_nginx"), ratio, "x", "<= 1.0");
+        }
+        if percent == 50 {
+            let title = format!("GET /incr at {rate:.0} req/s (50 % of nginx's saturation), 5 s");
+            let named: Vec<(&str, &rate::Latencies)> = runs.iter().map(|(n, l)| (*n, l)).collect();
+            match plot::latency_svg(&title, &named) {
+                Ok(svg) => {
+                    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/latency.svg");
+                    match std::fs::write(&path, svg) {
+                        Ok(()) => println!("note: wrote {}", path.display()),
+                        Err(e) => println!("note: could not write {}: {e}", path.display()),
+                    }
+                }
+                Err(e) => println!("note: the latency picture was not drawn: {e}"),
+            }
+        }
+    }
 }
 
 /// Moderate-load latency, saturation throughput, and CPU seconds per request of `pids`.
@@ -169,6 +224,20 @@ async fn affinity_overhead(env: &Env, activator: &Process, redis: bool, figures:
     let fresh_calls = calls(&server.command_calls().await) - calls(&before);
     figures.add("redis_round_trips_new_session", fresh_calls as f64 / fresh.requests, "rtt", "2");
     figures.add("redis_new_session_added_median", fresh.median_us - unpinned.median_us, "us", "");
+
+    // Under load: every request a new session, at saturation, against requests without one.
+    let pids = [shared.pid()];
+    let saturated = |script: Option<&Path>| {
+        let before = cpu_ticks(&pids);
+        let load = wrk(proxy, SATURATING, &[], script);
+        (load, (cpu_ticks(&pids) - before) as f64 / TICKS_PER_SECOND / load.requests.max(1.0))
+    };
+    let (plain, plain_cpu) = saturated(None);
+    let (new, new_cpu) = saturated(Some(&script));
+    figures.add("redis_new_session_saturation_rps", new.per_second, "req/s", "");
+    figures.add("ratio_redis_new_session_rps_vs_no_session", new.per_second / plain.per_second, "x", "");
+    figures.add("redis_new_session_cpu_per_request", new_cpu * 1e6, "us", "");
+    figures.add("ratio_redis_new_session_cpu_vs_no_session", new_cpu / plain_cpu, "x", "");
 }
 
 /// The bench topology plus services (name, endpoints) of one revision each.
