@@ -545,6 +545,16 @@ pub fn raise_open_files_limit() {
     }
 }
 
+/// A loopback address whose connections are refused, for as long as the returned socket lives:
+/// the socket holds the port but never listens, so no other process (another test's pod or
+/// activator) can start listening there meanwhile, as it could on a port merely found free.
+pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("binding a loopback port");
+    let addr = socket.local_addr().expect("the bound address");
+    (socket, addr)
+}
+
 /// The addresses demo pods listen on.
 pub fn addrs(pods: &[Process]) -> Vec<SocketAddr> {
     pods.iter().map(|p| p.addr("http")).collect()

@@ -159,10 +159,7 @@ async fn websocket_messages_round_trip() {
 async fn activator_answers_for_itself_with_clear_status_codes() {
     let env = Env::new();
     let pod = env.demo("pod", "ok-1").await;
-    let closed_port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
-    };
+    let (_refusing, closed_port) = integration_tests::refusing_addr();
     env.write_topology(&yaml(&[
         Service::new("empty").revision("empty-1", 100, &[]).with(|r| r.timeout_seconds = 1),
         Service::new("dead").revision("dead-1", 100, &[closed_port]).with(|r| r.probe = "none"),

@@ -307,8 +307,8 @@ async fn activators_split_the_pods_and_a_pinned_session_reaches_its_pod_through_
 async fn readiness_waits_for_the_first_sync_and_the_autoscaler_and_probes_are_answered() {
     let c = Cluster::new().await;
     c.api.hold();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).unwrap().port();
-    let url = format!("ws://127.0.0.1:{port}");
+    let (refusing, nobody) = integration_tests::refusing_addr();
+    let url = format!("ws://{nobody}");
     let activator = c.env.knative_activator(&c.api, "10.0.0.1", &["--autoscaler-url", &url]).await;
     let client = Client::new(activator.addr("proxy"));
     let kubelet = || async { client.get_with("", "/", &[("User-Agent", "kube-probe/1.33")]).await };
@@ -323,7 +323,9 @@ async fn readiness_waits_for_the_first_sync_and_the_autoscaler_and_probes_are_an
     })
     .await;
     assert_eq!(kubelet().await.status, 500);
-    let listen = format!("127.0.0.1:{port}");
+    // The autoscaler arrives at the address the activator keeps trying.
+    drop(refusing);
+    let listen = nobody.to_string();
     let _autoscaler = c.env.shim(&["--listen", &listen, "--command", "false"]).await;
     wait_until(Duration::from_secs(30), "ready", || async { kubelet().await.status == 200 }).await;
 

@@ -135,8 +135,8 @@ async fn an_unreachable_autoscaler_does_not_stop_ready_pods_serving() {
     let env = Env::new();
     let pod = env.demo("pod", "app-1").await;
     env.write_topology(&yaml(&[Service::new("app").revision("app-1", 100, &[pod.addr("http")])]));
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).unwrap().port();
-    let url = format!("ws://127.0.0.1:{port}");
+    let (refusing, nobody) = integration_tests::refusing_addr();
+    let url = format!("ws://{nobody}");
     let activator = env.activator(&["--autoscaler-url", &url]).await;
     let (client, admin) = (Client::new(activator.addr("proxy")), activator.addr("admin"));
 
@@ -146,7 +146,9 @@ async fn an_unreachable_autoscaler_does_not_stop_ready_pods_serving() {
     let (status, body) = admin_get(admin, "/readyz").await;
     assert_eq!((status, body.as_str()), (503, "connection has not yet been established\n"));
 
-    let listen = format!("127.0.0.1:{port}");
+    // The autoscaler arrives at the address the activator keeps trying.
+    drop(refusing);
+    let listen = nobody.to_string();
     let _shim = env.shim(&["--listen", &listen, "--command", "false"]).await;
     wait_until(Duration::from_secs(15), "the activator reconnects", || async {
         metric(admin, "activator_autoscaler_connected", &[]).await == Some(1.0)

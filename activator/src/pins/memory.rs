@@ -112,8 +112,8 @@ impl Table {
     /// Takes `key`'s entry out of the table; if it was watched, its session ended (`moved`: the
     /// pin was replaced elsewhere while live, rather than expired or evicted).
     fn pop(&mut self, key: &PinKey, moved: bool) {
+        self.watched.remove(key);
         if let Some(entry) = self.map.pop(key) {
-            self.watched.remove(key);
             self.ended(key, entry, moved);
         }
     }
