@@ -106,7 +106,9 @@ impl Handler {
         };
         self.telemetry.inject(span, req.headers_mut());
         let (pinning, mut route) = Pinning::route(&self.pins, &service, &keys, ingress_pick.as_ref()).await;
-        route.revision.served.record();
+        if service.affinity.split_by_requests() {
+            route.revision.served.record();
+        }
         let in_flight = self.reporter.arrive(&route.revision.concurrency);
         // The revision's timeouts run from arrival, queueing included, as upstream's: the whole
         // exchange, the wait for the response to start, and pauses in its body.

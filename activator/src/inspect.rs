@@ -2,6 +2,7 @@
 //! shared Redis table, where keys are hashes of the ids and cannot be found by eye. Must not route
 //! anything.
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,8 +10,6 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::config::{PinSelector, PinsAction};
-use std::collections::BTreeMap;
-
 use crate::pins::{
     DRAINED_POD, Deployment, INVALIDATIONS, PinKey, PinKind, RedisClient, RedisTls, drain_pod, key_report, pin_targets,
 };

@@ -25,7 +25,16 @@ const INTERVAL: Duration = Duration::from_secs(1);
 const CONCURRENT_CALLS: usize = 16;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `[idle, moved][sent, failed, elsewhere]`.
+/// What this replica did about an ended session.
+#[derive(Clone, Copy)]
+enum Outcome {
+    Sent,
+    Failed,
+    /// Another replica claimed the call, or the session lives on through another replica.
+    Elsewhere,
+}
+
+/// `[idle, moved][Outcome]`.
 struct Counters([[IntCounter; 3]; 2]);
 
 impl Counters {
@@ -37,8 +46,8 @@ impl Counters {
         )
     }
 
-    fn count(&self, ended: &Ended, result: usize) {
-        self.0[usize::from(ended.moved)][result].inc();
+    fn count(&self, ended: &Ended, outcome: Outcome) {
+        self.0[usize::from(ended.moved)][outcome as usize].inc();
     }
 }
 
@@ -54,14 +63,14 @@ pub async fn run(pins: &Pins, stats: &Stats) {
         tick.tick().await;
         for ended in pins.take_ended() {
             if !pins.claim_end(&ended).await {
-                counters.count(&ended, 2);
+                counters.count(&ended, Outcome::Elsewhere);
                 continue;
             }
             let Ok(slot) = slots.clone().acquire_owned().await else { return };
             let (client, counters) = (client.clone(), counters.clone());
             tokio::spawn(async move {
-                let sent = call(&client, &ended).await;
-                counters.count(&ended, usize::from(!sent));
+                let outcome = if call(&client, &ended).await { Outcome::Sent } else { Outcome::Failed };
+                counters.count(&ended, outcome);
                 drop(slot);
             });
         }

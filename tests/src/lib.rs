@@ -319,8 +319,15 @@ impl Env {
 
     /// An activator sharing pins through `redis`, with `--debug-headers`, once it is connected.
     pub async fn shared_activator(&self, redis: &redis::Redis) -> Process {
+        self.shared_activator_with(redis, &[]).await
+    }
+
+    /// `shared_activator`, with `extra` flags.
+    pub async fn shared_activator_with(&self, redis: &redis::Redis, extra: &[&str]) -> Process {
         let url = redis.url();
-        let activator = self.activator(&["--pin-store", "redis", "--redis-url", &url, "--debug-headers"]).await;
+        let mut flags = vec!["--pin-store", "redis", "--redis-url", &url, "--debug-headers"];
+        flags.extend_from_slice(extra);
+        let activator = self.activator(&flags).await;
         wait_pin_store_up(activator.addr("admin")).await;
         activator
     }

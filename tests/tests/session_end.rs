@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use integration_tests::redis::Redis;
 use integration_tests::topology::{Service, yaml};
-use integration_tests::{Client, Env, Metrics, Process, addrs, admin_get, wait_pin_store_up, wait_until};
+use integration_tests::{Client, Env, Metrics, Process, addrs, admin_get, wait_until};
 
 const P: &str = "activator.knative.dev/";
 
@@ -33,11 +33,7 @@ impl Replicas {
         let redis = Redis::start(env.dir.path()).await;
         let pods = env.pods("counter-1", 2).await;
         env.write_topology(&service(&addrs(&pods)));
-        let url = redis.url();
-        let flags = ["--pin-store", "redis", "--redis-url", &url, "--debug-headers"];
-        let (a, b) = (env.activator(&flags).await, env.activator(&flags).await);
-        wait_pin_store_up(a.addr("admin")).await;
-        wait_pin_store_up(b.addr("admin")).await;
+        let (a, b) = (env.shared_activator(&redis).await, env.shared_activator(&redis).await);
         Replicas { env, _redis: redis, pods, a, b }
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use integration_tests::redis::Redis;
 use integration_tests::topology::{Service, yaml};
-use integration_tests::{Client, Env, Process, addrs, wait_pin_store_up};
+use integration_tests::{Client, Env, Process, addrs};
 
 const P: &str = "activator.knative.dev/";
 
@@ -98,11 +98,11 @@ async fn canary_share_across_replicas(mode: Option<&str>) -> f64 {
     let env = Env::new();
     let redis = Redis::start(env.dir.path()).await;
     let _pods = ninety_ten(&env, mode).await;
-    let url = redis.url();
-    let flags = ["--pin-store", "redis", "--redis-url", &url, "--pin-refresh-interval", "200ms", "--debug-headers"];
-    let (a, b) = (env.activator(&flags).await, env.activator(&flags).await);
-    wait_pin_store_up(a.addr("admin")).await;
-    wait_pin_store_up(b.addr("admin")).await;
+    let fast_exchange = ["--pin-refresh-interval", "200ms"];
+    let (a, b) = (
+        env.shared_activator_with(&redis, &fast_exchange).await,
+        env.shared_activator_with(&redis, &fast_exchange).await,
+    );
     let (via_a, via_b) = (Client::new(a.addr("proxy")), Client::new(b.addr("proxy")));
     // Knative's ingress names the canary for the heavy session's first request.
     let to_canary =

@@ -88,12 +88,13 @@ pub struct Decision {
 
 /// Decides where a request goes. `ingress_pick` is the revision Knative's ingress named, used
 /// in place of the split; `roll` is uniform in `0..100` and picks from the split.
-/// `under_served` is the revision a new pin goes to when the service splits by requests
-/// (`affinity::share`); it replaces the roll for requests that will be pinned.
-pub fn decide(
-    service: &Service,
+/// `under_served` gives the revision a new pin goes to when the service splits by requests
+/// (`affinity::share`); it replaces the roll for requests that will be pinned, and is asked only
+/// for those.
+pub fn decide<'s>(
+    service: &'s Service,
     ingress_pick: Option<&Arc<Revision>>,
-    under_served: Option<&Arc<Revision>>,
+    under_served: impl FnOnce() -> Option<&'s Arc<Revision>>,
     lookup: &Lookup,
     roll: u32,
 ) -> Decision {
@@ -129,8 +130,8 @@ pub fn decide(
     }
 
     let pinning = lookup.has_session || lookup.has_flow;
-    let revision =
-        ingress_pick.or(under_served.filter(|_| pinning)).cloned().unwrap_or_else(|| service.split(roll).clone());
+    let steered = || if pinning { under_served() } else { None };
+    let revision = ingress_pick.or_else(steered).cloned().unwrap_or_else(|| service.split(roll).clone());
     let stale = matches!(session_write, Some(PinWrite::Replace(_))) || matches!(flow_write, Some(PinWrite::Replace(_)));
     let origin = match (lookup.has_session || lookup.has_flow, stale, ingress_pick.is_some()) {
         (true, true, _) => Origin::RePin,
@@ -291,7 +292,7 @@ mod tests {
             ),
         ];
         for c in cases {
-            let d = decide(&svc, None, None, &c.lookup, 42);
+            let d = decide(&svc, None, || None, &c.lookup, 42);
             assert_eq!(&*d.revision.name, c.revision, "{}", c.name);
             assert_eq!(d.want, c.want, "{}", c.name);
             assert_eq!(d.origin, c.origin, "{}", c.name);
@@ -310,12 +311,12 @@ mod tests {
         let svc = service(&[50, 50], &[vec![1], vec![1]]);
         let r1 = svc.routes_to("svc-1").unwrap().clone();
         for roll in [0, 99] {
-            assert_eq!(&*decide(&svc, Some(&r1), None, &Lookup::default(), roll).revision.name, "svc-1");
+            assert_eq!(&*decide(&svc, Some(&r1), || None, &Lookup::default(), roll).revision.name, "svc-1");
         }
         let pinned = lookup(None, Some(Some(Pin::flow("svc-0"))));
-        assert_eq!(&*decide(&svc, Some(&r1), None, &pinned, 0).revision.name, "svc-0");
-        assert_eq!(decide(&svc, Some(&r1), None, &Lookup::default(), 0).origin, Origin::Ingress);
-        assert_eq!(decide(&svc, Some(&r1), None, &lookup(Some(None), None), 0).origin, Origin::NewPin);
+        assert_eq!(&*decide(&svc, Some(&r1), || None, &pinned, 0).revision.name, "svc-0");
+        assert_eq!(decide(&svc, Some(&r1), || None, &Lookup::default(), 0).origin, Origin::Ingress);
+        assert_eq!(decide(&svc, Some(&r1), || None, &lookup(Some(None), None), 0).origin, Origin::NewPin);
     }
 
     #[test]
@@ -335,7 +336,7 @@ mod tests {
         ];
         for (name, lookup, expected) in cases {
             let r0 = svc.routes_to("svc-0").unwrap().clone();
-            let mut decision = decide(&svc, Some(&r0), None, &lookup, 0);
+            let mut decision = decide(&svc, Some(&r0), || None, &lookup, 0);
             assert!(decision.flow_write.is_some(), "{name}: the flow is written");
             follow_flow_winner(&mut decision, &svc, &lookup, &winner);
             assert_eq!(&*decision.revision.name, expected, "{name}");
@@ -384,7 +385,7 @@ mod tests {
         #[test]
         fn decisions_respect_the_snapshot((percents, pods, lookup, roll) in arb_case()) {
             let svc = service(&percents, &pods);
-            let d = decide(&svc, None, None, &lookup, roll);
+            let d = decide(&svc, None, || None, &lookup, roll);
             prop_assert!(svc.routes_to(&d.revision.name).is_some(), "always a valid target");
             if let Want::Pod(p) = d.want {
                 prop_assert!(d.revision.throttler.is_ready(p), "never a pod that is not ready");

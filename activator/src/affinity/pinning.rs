@@ -88,7 +88,7 @@ impl<'a> Pinning<'a> {
             revision.throttler.await_first_probe(pod).await;
         }
         let lookup = Lookup { has_session, has_flow: keys.flow.is_some(), session, flow };
-        let under_served = service.affinity.split_by_requests().then(|| share::most_under_served(service)).flatten();
+        let under_served = || service.affinity.split_by_requests().then(|| share::most_under_served(service)).flatten();
         let mut decision = decide(service, ingress_pick, under_served, &lookup, fastrand::u32(..100));
         if let (Some(key), Some(write)) = (&keys.flow, &decision.flow_write) {
             let ours = Pin::flow(&decision.revision.name);

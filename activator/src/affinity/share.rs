@@ -11,7 +11,8 @@
 //! carry through other replicas. Without Redis, or while it does not answer, each replica
 //! balances its own share.
 //!
-//! Counting is two relaxed atomic adds on the request path; choosing reads the window. Must not
+//! Counting, for the services that split by requests only, is two relaxed atomic adds on the
+//! request path; choosing reads the window, only for requests that make a new pin. Must not
 //! decide anything else.
 
 use std::sync::Arc;
@@ -40,10 +41,8 @@ pub struct Served {
     unsent: AtomicU64,
     /// Every replica's requests within the window, as Redis last said.
     shared: AtomicU64,
-    /// When Redis last said so, in milliseconds since `start` plus one; 0 for never.
-    shared_at: AtomicU64,
-    /// How long shared totals are trusted, in milliseconds; 0 while nothing is exchanged.
-    shared_for: AtomicU64,
+    /// Until when, in milliseconds since `start`, `shared` is trusted; 0 before any exchange.
+    shared_until: AtomicU64,
 }
 
 impl Default for Served {
@@ -55,8 +54,7 @@ impl Default for Served {
             seconds: zeros(),
             unsent: AtomicU64::new(0),
             shared: AtomicU64::new(0),
-            shared_at: AtomicU64::new(0),
-            shared_for: AtomicU64::new(0),
+            shared_until: AtomicU64::new(0),
         }
     }
 }
@@ -73,8 +71,9 @@ impl Served {
     pub fn record(&self) {
         let now = self.now();
         let slot = (now % WINDOW_SECONDS) as usize;
-        // The first request of a second claims its slot and clears what an older second left.
-        if self.seconds[slot].swap(now, Ordering::AcqRel) != now {
+        // The first request of a second claims its slot and clears what an older second left;
+        // the others only read, so concurrent requests do not all write one cache line.
+        if self.seconds[slot].load(Ordering::Acquire) != now && self.seconds[slot].swap(now, Ordering::AcqRel) != now {
             self.counts[slot].store(0, Ordering::Release);
         }
         self.counts[slot].fetch_add(1, Ordering::Relaxed);
@@ -84,8 +83,7 @@ impl Served {
     /// Requests within the window: every replica's while Redis's totals are fresh (plus this
     /// replica's since), else this replica's own.
     pub fn total(&self) -> u64 {
-        let at = self.shared_at.load(Ordering::Acquire);
-        if at > 0 && self.now_ms().saturating_sub(at - 1) < self.shared_for.load(Ordering::Relaxed) {
+        if self.now_ms() < self.shared_until.load(Ordering::Acquire) {
             return self.shared.load(Ordering::Relaxed) + self.unsent.load(Ordering::Relaxed);
         }
         let now = self.now();
@@ -103,8 +101,8 @@ impl Served {
     /// Redis answered: `total` requests within the window, ours included; trusted for `fresh_for`.
     fn shared_total(&self, total: u64, fresh_for: Duration) {
         self.shared.store(total, Ordering::Relaxed);
-        self.shared_for.store(u64::try_from(fresh_for.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
-        self.shared_at.store(self.now_ms() + 1, Ordering::Release);
+        let fresh_for = u64::try_from(fresh_for.as_millis()).unwrap_or(u64::MAX);
+        self.shared_until.store(self.now_ms().saturating_add(fresh_for), Ordering::Release);
     }
 
     /// Redis did not answer: what was taken is sent with the next exchange.

@@ -124,19 +124,15 @@ impl Table {
         }
     }
 
-    /// Puts `entry` at `key`. The session a replaced pin was watched for goes on being watched
-    /// under the new pin; the old pin ended unless the new one is the same pin (a refresh).
-    fn put(&mut self, key: &PinKey, mut entry: Entry, now: Instant) {
-        let old = self.map.pop(key);
-        if let Some(watch) = old.as_ref().and_then(|old| old.watch.clone()) {
-            entry.watch.get_or_insert(watch);
-        }
-        if entry.watch.is_some() {
-            self.watched.insert(key.clone());
-        }
-        let ended = old.filter(|old| old.pin != entry.pin || unix_millis(old.written) != unix_millis(entry.written));
-        self.map.put(key.clone(), entry);
-        if let Some(old) = ended {
+    /// Puts `entry` (new, so unwatched) at `key`. The session a replaced pin was watched for goes
+    /// on being watched under the new pin; the old pin ended unless the new one is the same pin
+    /// (a refresh). An unwatched key costs the one map operation it did before watches existed.
+    fn put(&mut self, key: &PinKey, entry: Entry, now: Instant) {
+        let Some(old) = self.map.put(key.clone(), entry) else { return };
+        let Some(watch) = old.watch.clone() else { return };
+        let new = self.map.peek_mut(key).expect("just put");
+        new.watch = Some(watch);
+        if old.pin != new.pin || unix_millis(old.written) != unix_millis(new.written) {
             let moved = old.is_live(now);
             self.ended(key, old, moved);
         }

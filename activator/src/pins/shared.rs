@@ -793,7 +793,6 @@ fn server_version(info: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.ok()?, parts.next()?.ok()?))
 }
 
-/// A pin as the operator sees it: key, raw value, decoded target, remaining TTL.
 /// Where a drained session pin points: no pod is ever ready there, so the session's next request
 /// is re-pinned to another pod of its revision, as when its pod leaves.
 pub const DRAINED_POD: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
@@ -860,6 +859,7 @@ pub async fn drain_pod(
     Ok(drained)
 }
 
+/// A pin as the operator sees it: key, raw value, decoded target, remaining TTL.
 pub async fn key_report(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> RedisResult<Option<String>> {
     let (value, ttl_ms): (Option<Vec<u8>>, i64) =
         redis::pipe().cmd("GET").arg(key).cmd("PTTL").arg(key).query_async(conn).await?;
