@@ -41,33 +41,28 @@ impl RequestBody {
     }
 
     /// Reads the client's body until `limit` bytes of data (or its end, its trailers, an error,
-    /// or `within`), and returns them gathered with the body that sends them first and then the
-    /// rest as it arrives.
-    pub async fn read_prefix(mut rest: Incoming, limit: usize, within: std::time::Duration) -> (Bytes, Self) {
-        let mut read = VecDeque::new();
+    /// or `within`), and returns them gathered; the body sends them first, then the rest as it
+    /// arrives.
+    pub async fn read_prefix(&mut self, limit: usize, within: std::time::Duration) -> Bytes {
         let mut gathered = bytes::BytesMut::new();
-        let mut broke = None;
         let reading = async {
-            while gathered.len() < limit {
-                match std::future::poll_fn(|cx| Pin::new(&mut rest).poll_frame(cx)).await {
+            while gathered.len() < limit && self.broke.is_none() {
+                match std::future::poll_fn(|cx| Pin::new(&mut self.rest).poll_frame(cx)).await {
                     Some(Ok(frame)) => {
                         let data = frame.data_ref().cloned();
-                        read.push_back(frame);
+                        self.read.push_back(frame);
                         match data {
                             Some(data) => gathered.extend_from_slice(&data[..data.len().min(limit - gathered.len())]),
                             None => break,
                         }
                     }
-                    Some(Err(e)) => {
-                        broke = Some(e);
-                        break;
-                    }
+                    Some(Err(e)) => self.broke = Some(e),
                     None => break,
                 }
             }
         };
         let _ = tokio::time::timeout(within, reading).await;
-        (gathered.freeze(), RequestBody { read, broke, rest })
+        gathered.freeze()
     }
 }
 

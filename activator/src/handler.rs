@@ -6,10 +6,12 @@
 //! Decides nothing itself: where a request goes is `affinity`'s, what the activator answers by
 //! itself is `respond`'s.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use futures_util::future::Either;
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -69,43 +71,54 @@ impl Handler {
     /// A request's way through the activator: probes answered, the target resolved, its ids read,
     /// its route settled with the pins, admission by the revision's throttler, forwarding, and
     /// accounting.
-    pub async fn handle(&self, mut req: Request<Incoming>, client: SocketAddr) -> Response<ResponseBody> {
+    ///
+    /// A request may wait long for a slot, so what its future holds is kept small: the request is
+    /// boxed once here and passed down as a pointer (each async step would otherwise keep its own
+    /// copy), and steps that are over before it can wait, or that only begin after, are boxed
+    /// where they are awaited.
+    pub fn handle(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send + 'static {
         let started = Instant::now();
         if let Some(resp) = probes::answer(&mut req, &self.health) {
-            return resp;
+            return Either::Left(std::future::ready(resp));
         }
         let protocol = Protocol::of(req.method(), req.version());
         let span = self.telemetry.server_span(&req, protocol);
-        self.route_and_forward(req, client, protocol, started, &span).instrument(span.clone()).await
+        let req = Box::new(req.map(RequestBody::new));
+        let routed = self.clone().route_and_forward(req, client, protocol, started, span.clone());
+        Either::Right(routed.instrument(span))
     }
 
     async fn route_and_forward(
-        &self,
-        req: Request<Incoming>,
+        self: Arc<Self>,
+        mut req: Box<Request<RequestBody>>,
         client: SocketAddr,
         protocol: Protocol,
         started: Instant,
-        span: &Span,
+        span: Span,
     ) -> Response<ResponseBody> {
+        let span = &span;
         let (service, ingress_pick) = match resolve(&self.world.load(), &req, &self.cluster_domain) {
             Ok(target) => target,
             Err(message) => return self.unrouted(StatusCode::NOT_FOUND, &message, protocol, started, span),
         };
         // A chat request's conversation is its session: its body's beginning is read to name it,
         // and goes to the pod first, the rest streaming after it.
-        let (mut req, conversation) = if service.affinity.chat_prefix() && req.method() == http::Method::POST {
-            let (parts, body) = req.into_parts();
-            let (prefix, body) = RequestBody::read_prefix(body, chat::PREFIX_LIMIT, CHAT_PREFIX_WAIT).await;
-            (Request::from_parts(parts, body), chat::conversation_id(&prefix))
+        let conversation = if service.affinity.chat_prefix() && req.method() == http::Method::POST {
+            let prefix = Box::pin(req.body_mut().read_prefix(chat::PREFIX_LIMIT, CHAT_PREFIX_WAIT)).await;
+            chat::conversation_id(&prefix)
         } else {
-            (req.map(RequestBody::new), None)
+            None
         };
         let keys = match extract(&service.affinity, &req, conversation.as_deref()) {
             Ok(keys) => keys,
             Err(e) => return self.unrouted(StatusCode::BAD_REQUEST, &e.to_string(), protocol, started, span),
         };
         self.telemetry.inject(span, req.headers_mut());
-        let (pinning, mut route) = Pinning::route(&self.pins, &service, &keys, ingress_pick.as_ref()).await;
+        let (pinning, mut route) = Box::pin(Pinning::route(&self.pins, &service, &keys, ingress_pick.as_ref())).await;
         if service.affinity.split_by_requests() {
             route.revision.served.record();
         }
@@ -168,7 +181,7 @@ impl Handler {
     /// session is re-pinned there. `route` ends up naming the revision that answered.
     async fn admit_and_forward(
         &self,
-        req: Request<RequestBody>,
+        req: Box<Request<RequestBody>>,
         pinning: &Pinning<'_>,
         route: &mut Route,
         mut in_flight: InFlight,
@@ -182,11 +195,11 @@ impl Handler {
                 Ok(admitted) => admitted,
                 Err(refused) => return refused,
             };
-            let failed =
-                match proxy::forward(outbound, Exchange { lease, in_flight: counted, tunnels: &self.tunnels }).await {
-                    Ok(resp) => return resp,
-                    Err(failed) => failed,
-                };
+            let exchange = Exchange { lease, in_flight: counted, tunnels: &self.tunnels };
+            let failed = match Box::pin(proxy::forward(outbound, exchange)).await {
+                Ok(resp) => return resp,
+                Err(failed) => failed,
+            };
             let revision = &route.revision;
             tracing::warn!(revision = %revision.name, error = %failed.error, "proxy error");
             if attempt == 0 && failed.unsent.is_some() && revision.throttler.mark_unreachable(failed.error.pod) {
@@ -219,7 +232,7 @@ impl Handler {
         route.queued += waiting.elapsed();
         let lease = lease.map_err(|e| refused(&route.revision, e))?;
         route.pod = Some(lease.pod().addr);
-        let moved = pinning.pin_session(route, lease.pod().addr).await;
+        let moved = Box::pin(pinning.pin_session(route, lease.pod().addr)).await;
         pinning.watch_end();
         let Some(moved) = moved else { return Ok((lease, in_flight)) };
         drop(lease);

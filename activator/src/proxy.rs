@@ -72,7 +72,8 @@ pub struct Unsent {
 /// A client's request made ready for a pod of its revision, whichever pod that turns out to be:
 /// its headers are cleaned once, and only its address is set per attempt.
 pub struct Outbound {
-    req: Request<RequestBody>,
+    /// Boxed: a request waiting for a slot holds a pointer to it, not a copy per step.
+    req: Box<Request<RequestBody>>,
     /// The authority the pod is addressed by; `None` for the pod's own address.
     authority: Option<Authority>,
     /// The client's side of an upgrade it asked for.
@@ -82,10 +83,10 @@ pub struct Outbound {
 impl Outbound {
     /// Cleans the request's headers for the pod: hop-by-hop ones out, `X-Forwarded-For`,
     /// Knative's proxy headers, `Host` as `host` says.
-    pub fn new(mut req: Request<RequestBody>, client_ip: IpAddr, host: &HostRewrite) -> Self {
+    pub fn new(mut req: Box<Request<RequestBody>>, client_ip: IpAddr, host: &HostRewrite) -> Self {
         let upgrade = upgrade_protocol(&req);
         let authority = prepare_request(&mut req, upgrade.as_ref(), client_ip, host);
-        let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut *req));
         Outbound { req, authority, client_side }
     }
 }
@@ -105,14 +106,15 @@ pub async fn forward(outbound: Outbound, exchange: Exchange<'_>) -> Result<Respo
     let pod = lease.pod().clone();
     address(&mut req, authority.as_ref(), pod.addr);
     let sent = match req.version() {
-        Version::HTTP_2 => pod.client.send_http2(req).await.map(|resp| (resp, None)),
-        _ => pod.client.send_http1(req).await.map(|(resp, lent)| (resp, Some(lent))),
+        Version::HTTP_2 => pod.client.send_http2(*req).await.map(|resp| (resp, None)),
+        _ => pod.client.send_http1(*req).await.map(|(resp, lent)| (resp, Some(lent))),
     };
     let (mut resp, lent) = match sent {
         Ok(sent) => sent,
         Err(failed) => {
-            let unsent =
-                failed.unsent.map(|req| Unsent { outbound: Outbound { req, authority, client_side }, in_flight });
+            let unsent = failed
+                .unsent
+                .map(|req| Unsent { outbound: Outbound { req: Box::new(req), authority, client_side }, in_flight });
             return Err(Failed { error: ForwardError { pod: pod.addr, source: failed.error }, unsent });
         }
     };

@@ -2,23 +2,33 @@
 //! and h2c prior knowledge on one port, closes connections that stay idle, and drains on
 //! shutdown (upgraded connections included).
 //!
+//! Every connection may be held for as long as its revision takes to scale from zero, so what one
+//! costs while it waits is kept small: the protocol is told from peeked bytes, hyper's room for
+//! a request is a pointer until a request comes, and the connection is not held twice.
+//!
 //! Owns connection lifetimes only; every request goes to the `handler`.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
+use futures_util::future::Either;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::handler::{H2_STREAM_WINDOW, Handler};
 use crate::socket::{SendTimeout, keep_alive};
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Pause after a failed accept (for example out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -29,6 +39,11 @@ const H2_MAX_STREAMS: u32 = 250;
 /// The most header bytes one HTTP/2 request may send (Envoy's default is 60 KiB, nginx's 32 KiB):
 /// enough for large cookies and tokens, and a bound on what one connection can make us hold.
 const H2_MAX_HEADER_LIST: u32 = 64 << 10;
+/// The client preface of HTTP/2 (RFC 9113 §3.4), with which an h2c prior-knowledge client begins.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Pause before peeking again at a preface that arrived in part: the bytes already there would
+/// end the next peek at once.
+const PREFACE_PAUSE: Duration = Duration::from_millis(1);
 
 /// How connections are bounded.
 #[derive(Clone, Copy, Debug)]
@@ -54,10 +69,10 @@ pub async fn serve(
     grace: Duration,
     limits: Limits,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
-    builder
-        .http2()
+    let mut http1 = http1::Builder::new();
+    http1.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .keep_alive_interval(H2_KEEP_ALIVE)
         .initial_stream_window_size(H2_STREAM_WINDOW)
@@ -65,7 +80,8 @@ pub async fn serve(
         .max_header_list_size(H2_MAX_HEADER_LIST);
     let (shutdown, shutting_down) = watch::channel(false);
     let acceptor = Arc::new(Acceptor {
-        builder,
+        http1,
+        http2,
         handler: handler.clone(),
         slots: Arc::new(Semaphore::new(limits.max_connections)),
         at_limit: AtomicBool::new(false),
@@ -97,7 +113,8 @@ pub async fn serve(
 
 /// What every accept loop shares: the connection bound, the shutdown signal, the open connections.
 struct Acceptor {
-    builder: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
     handler: Arc<Handler>,
     slots: Arc<Semaphore>,
     /// Set while at the connection bound, so it is logged once per episode.
@@ -147,57 +164,106 @@ impl Acceptor {
     }
 
     fn serve_connection(
-        &self,
-        stream: tokio::net::TcpStream,
+        self: &Arc<Self>,
+        stream: TcpStream,
         client: std::net::SocketAddr,
         slot: tokio::sync::OwnedSemaphorePermit,
     ) {
         let _ = stream.set_nodelay(true);
         keep_alive(&stream);
-        let started = Arc::new(AtomicU64::new(0));
-        let service = {
-            let (handler, started) = (self.handler.clone(), started.clone());
-            service_fn(move |req| {
-                started.fetch_add(1, Ordering::Relaxed);
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler.handle(req, client).await) }
-            })
-        };
-        let io = TokioIo::new(SendTimeout::new(stream, self.limits.send_timeout));
-        let conn = self.builder.serve_connection_with_upgrades(io, service).into_owned();
-        let mut shutting_down = self.shutting_down.clone();
-        let (idle_timeout, header_read_timeout) = (self.limits.idle_timeout, self.limits.header_read_timeout);
         let open = self.handler.stats.open_connections.clone();
         open.inc();
+        let acceptor = self.clone();
         self.connections.spawn(async move {
-            tokio::pin!(conn);
-            let mut idle_check = Box::pin(tokio::time::sleep(header_read_timeout.min(idle_timeout)));
-            let mut seen = 0;
-            let mut closing = false;
-            let ended = loop {
-                tokio::select! {
-                    ended = conn.as_mut() => break ended,
-                    () = stopped(&mut shutting_down), if !closing => {
-                        closing = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    () = idle_check.as_mut(), if !closing => {
-                        let now = started.load(Ordering::Relaxed);
-                        if now == seen {
-                            closing = true;
-                            conn.as_mut().graceful_shutdown();
-                        }
-                        seen = now;
-                        idle_check.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
-                    }
-                }
-            };
-            if let Err(e) = ended {
-                tracing::debug!(%client, error = %e, "connection ended with an error");
-            }
+            acceptor.connection(stream, client).await;
             open.dec();
             drop(slot);
         });
+    }
+
+    /// Serves one connection in the protocol its first bytes ask for, until it ends, until it
+    /// stays idle, or until shutdown closes it gracefully.
+    async fn connection(&self, stream: TcpStream, client: std::net::SocketAddr) {
+        let mut shutting_down = self.shutting_down.clone();
+        let (idle_timeout, header_read_timeout) = (self.limits.idle_timeout, self.limits.header_read_timeout);
+        let mut idle_check = Box::pin(tokio::time::sleep(header_read_timeout.min(idle_timeout)));
+        let h2 = tokio::select! {
+            h2 = speaks_h2(&stream) => h2,
+            // Silent until the first deadline, or no request will be served: nothing to finish.
+            () = idle_check.as_mut() => return,
+            () = stopped(&mut shutting_down) => return,
+        };
+        let h2 = match h2 {
+            Ok(Some(h2)) => h2,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(%client, error = %e, "connection failed before its first request");
+                return;
+            }
+        };
+        let started = Arc::new(AtomicU64::new(0));
+        let service = {
+            let (handler, started) = (self.handler.clone(), started.clone());
+            // hyper keeps room for one request's future per connection from the moment it opens;
+            // boxed, that room is a pointer, and a request's state is allocated when it arrives.
+            service_fn(move |req| -> BoxFuture<Result<_, Infallible>> {
+                started.fetch_add(1, Ordering::Relaxed);
+                Box::pin(handler.handle(req, client).map(Ok))
+            })
+        };
+        let io = TokioIo::new(SendTimeout::new(stream, self.limits.send_timeout));
+        // Boxed so this future does not hold the connection twice (as moved in and as pinned).
+        let mut conn = Box::pin(if h2 {
+            Either::Right(self.http2.serve_connection(io, service))
+        } else {
+            Either::Left(self.http1.serve_connection(io, service).with_upgrades())
+        });
+        let mut closing = false;
+        let mut seen = 0;
+        let ended = loop {
+            let close = tokio::select! {
+                ended = conn.as_mut() => break ended,
+                () = stopped(&mut shutting_down), if !closing => true,
+                () = idle_check.as_mut(), if !closing => {
+                    let now = started.load(Ordering::Relaxed);
+                    let idle = now == seen;
+                    seen = now;
+                    idle_check.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                    idle
+                }
+            };
+            if close {
+                closing = true;
+                match conn.as_mut().as_pin_mut() {
+                    Either::Left(http1) => http1.graceful_shutdown(),
+                    Either::Right(http2) => http2.graceful_shutdown(),
+                }
+            }
+        };
+        if let Err(e) = ended {
+            tracing::debug!(%client, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// Whether a client speaks HTTP/2 with prior knowledge, told from its first bytes. They are
+/// peeked, not read: they stay in the socket for hyper, so an HTTP/1.1 connection's read buffer
+/// starts empty instead of being grown to take them back, which doubled what every held
+/// HTTP/1.1 connection cost. `None`: the client closed before sending a byte.
+async fn speaks_h2(stream: &TcpStream) -> io::Result<Option<bool>> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut first).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if !H2_PREFACE.starts_with(&first[..n]) {
+            return Ok(Some(false));
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Some(true));
+        }
+        tokio::time::sleep(PREFACE_PAUSE).await;
     }
 }
 
@@ -205,4 +271,44 @@ impl Acceptor {
 async fn stopped(signal: &mut watch::Receiver<bool>) {
     // An error means the sender is gone, which only happens once shutdown is over anyway.
     let _ = signal.wait_for(|stop| *stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A connected pair: what the client writes, and the server's side of it.
+    async fn connected() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn the_protocol_is_told_from_first_bytes_that_stay_for_hyper() {
+        let (mut client, mut server) = connected().await;
+        client.write_all(b"PUT / HTTP/1.1\r\n").await.unwrap();
+        assert_eq!(speaks_h2(&server).await.unwrap(), Some(false));
+        let mut read = [0u8; 16];
+        server.read_exact(&mut read).await.unwrap();
+        assert_eq!(&read, b"PUT / HTTP/1.1\r\n", "peeked bytes are still there to read");
+
+        // A preface that arrives in two pieces is waited for, not taken for HTTP/1.1.
+        let (mut client, mut server) = connected().await;
+        client.write_all(&H2_PREFACE[..10]).await.unwrap();
+        let partial = tokio::time::timeout(Duration::from_millis(50), speaks_h2(&server)).await;
+        assert!(partial.is_err(), "part of a preface decides nothing");
+        client.write_all(&H2_PREFACE[10..]).await.unwrap();
+        assert_eq!(speaks_h2(&server).await.unwrap(), Some(true));
+        let mut read = [0u8; 24];
+        server.read_exact(&mut read).await.unwrap();
+        assert_eq!(&read, H2_PREFACE);
+
+        let (client, server) = connected().await;
+        drop(client);
+        assert_eq!(speaks_h2(&server).await.unwrap(), None, "a client that closes at once sent nothing");
+    }
 }

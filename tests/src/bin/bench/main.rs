@@ -6,6 +6,9 @@
 //! Placement: the backend, nginx (1 worker) and the activator (1 worker thread) share CPU 1; the
 //! load generators (wrk, h2load, this process's constant-rate and cold-start clients) run on CPU 0.
 //! The latency distribution at a constant rate is also drawn into `docs/latency.svg`.
+//!
+//! Arguments name sections to run (`proxy`, `rate`, `affinity`, `cold`, `held`, `h2c`); none runs
+//! them all. `rate` needs `proxy`, which measures nginx's saturation rate.
 
 mod plot;
 mod rate;
@@ -78,22 +81,30 @@ async fn main() {
         }
     }
     let have = |tool: &str| tools.iter().any(|(t, found)| *t == tool && *found);
+    let sections: Vec<String> = std::env::args().skip(1).collect();
+    let run = |section: &str| sections.is_empty() || sections.iter().any(|s| s == section);
 
     let activator = env.activator(&["--worker-threads", "1", "--topology-poll-interval", "2ms"]).await;
     pin_to_cpu(&activator, 1);
     let (idle_rss, _) = activator.memory_kib();
     figures.add("idle_rss", idle_rss as f64 / 1024.0, "MiB", "<= 15 MiB");
 
-    if have("wrk") {
+    if have("wrk") && run("proxy") {
         let nginx_saturation = proxy_overhead(&env, &backend, &activator, have("nginx"), &mut figures).await;
-        if let Some(saturation) = nginx_saturation {
+        if let Some(saturation) = nginx_saturation.filter(|_| run("rate")) {
             constant_rate(&env, &backend, &activator, saturation, &mut figures).await;
         }
+    }
+    if have("wrk") && run("affinity") {
         affinity_overhead(&env, &activator, have("redis-server"), &mut figures).await;
     }
-    cold_start(&env, &activator, &backend, &topology, &mut figures).await;
-    buffered_memory(&env, &activator, &backend, &topology, &mut figures).await;
-    if have("h2load") {
+    if run("cold") {
+        cold_start(&env, &activator, &backend, &topology, &mut figures).await;
+    }
+    if run("held") {
+        buffered_memory(&env, &activator, &backend, &topology, &mut figures).await;
+    }
+    if have("h2load") && run("h2c") {
         let direct = h2load(backend.addr("http"));
         let proxied = h2load(activator.addr("proxy"));
         figures.add("h2c_direct_rps", direct, "req/s", "");
@@ -292,7 +303,9 @@ async fn cold_start(
     env.reload(activator, &topology(&[])).await;
 }
 
-/// Figure 5: the activator's resident memory with 10 000 requests held for a revision at zero.
+/// Figure 5: the activator's resident memory with 10 000 requests held for a revision at zero,
+/// as HTTP/2 streams over 40 connections (250 each, the most one connection may open) and each on
+/// its own HTTP/1.1 connection.
 async fn buffered_memory(
     env: &Env,
     activator: &Process,
@@ -301,30 +314,44 @@ async fn buffered_memory(
     figures: &mut Figures,
 ) {
     const HELD: usize = 10_000;
-    let admin = activator.addr("admin");
-    env.reload(activator, &topology(&[("held", &[])])).await;
-    let (before, _) = activator.memory_kib();
-    let client = Client::new(activator.addr("proxy"));
-    let burst = tokio::spawn(async move {
-        futures_util::stream::iter(0..HELD)
-            .map(|_| {
-                let client = client.clone();
-                async move { client.try_send(client.request(reqwest::Method::GET, "held.test", "/incr")).await.is_ok() }
-            })
-            .buffer_unordered(HELD)
-            .filter(|ok| std::future::ready(*ok))
-            .count()
-            .await
-    });
-    wait_until(Duration::from_secs(120), "10 000 requests are held", || async {
-        queued(admin, "held-1").await == Some(HELD as f64)
-    })
-    .await;
-    let (held, _) = activator.memory_kib();
-    figures.add("rss_growth_10000_buffered", held.saturating_sub(before) as f64 / 1024.0, "MiB", "<= +50 MiB");
-    env.write_topology(&topology(&[("held", &[backend.addr("http")])]));
-    let answered = burst.await.expect("burst task");
-    figures.add("buffered_requests_answered", answered as f64, "requests", "10000");
+    const H2_CONNECTIONS: usize = 40;
+    let proxy = activator.addr("proxy");
+    let url = format!("http://held.test:{}/incr", proxy.port());
+    let build = |h2: bool| {
+        let builder =
+            reqwest::Client::builder().no_proxy().resolve("held.test", proxy).timeout(Duration::from_secs(60));
+        let builder = if h2 { builder.http2_prior_knowledge() } else { builder.http1_only() };
+        builder.build().expect("building a bench client")
+    };
+    let http1 = vec![build(false)];
+    let h2: Vec<reqwest::Client> = (0..H2_CONNECTIONS).map(|_| build(true)).collect();
+    // Streams first: what they free, the connections' run would reuse.
+    for (figure, clients) in [("rss_growth_10000_buffered_h2_streams", h2), ("rss_growth_10000_buffered", http1)] {
+        env.reload(activator, &topology(&[("held", &[])])).await;
+        let (before, _) = activator.memory_kib();
+        let url = url.clone();
+        let burst = tokio::spawn(async move {
+            futures_util::stream::iter(0..HELD)
+                .map(|i| {
+                    let client = clients[i % clients.len()].clone();
+                    let url = url.clone();
+                    async move { client.get(url).send().await.is_ok_and(|r| r.status() == 200) }
+                })
+                .buffer_unordered(HELD)
+                .filter(|ok| std::future::ready(*ok))
+                .count()
+                .await
+        });
+        wait_until(Duration::from_secs(120), "10 000 requests are held", || async {
+            queued(activator.addr("admin"), "held-1").await == Some(HELD as f64)
+        })
+        .await;
+        let (held, _) = activator.memory_kib();
+        figures.add(figure, held.saturating_sub(before) as f64 / 1024.0, "MiB", "<= +50 MiB");
+        env.write_topology(&topology(&[("held", &[backend.addr("http")])]));
+        let answered = burst.await.expect("burst task");
+        figures.add(&format!("{figure}_answered"), answered as f64, "requests", "10000");
+    }
 }
 
 async fn queued(admin: SocketAddr, revision: &str) -> Option<f64> {
