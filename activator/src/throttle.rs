@@ -19,7 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use arc_swap::ArcSwap;
 use prometheus::IntGauge;
@@ -38,6 +38,20 @@ const FIRST_AVAILABLE_MAX_CC: usize = 3;
 const FIRST_PROBE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Cancelled waiters left in the queues before they are swept out; they are skipped meanwhile.
 const MIN_SWEEP: usize = 64;
+/// Waiters taking any pod that are let go at once. When more could go together (a pod turned
+/// ready under a queue, as at scale from zero), the rest are paced like TCP's slow start: each
+/// exchange that ends lets `RELEASE_GROWTH` more go, so requests leave the queue as fast as the
+/// pod and the activator finish them, and the first ones are not slowed by a thousand others
+/// starting at once on the same CPUs (Knative #9888, the thundering herd).
+const RELEASE_BATCH: usize = 8;
+const RELEASE_GROWTH: usize = 2;
+/// Requests on one pod past which an ending exchange lets only one more go: the window stops
+/// growing once it is large enough to keep the pod busy, so a burst reuses connections rather
+/// than opening one per waiter.
+const RELEASE_WINDOW: usize = 32;
+/// While paced, a batch also goes whenever this passes with no exchange ending, so long requests
+/// (streams, long polls) do not hold the rest of the queue.
+const RELEASE_STALL: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Bounds of the wait queues.
 #[derive(Clone, Debug)]
@@ -332,6 +346,12 @@ pub struct Throttler {
     queue: Mutex<Queue>,
     /// Woken when pods become ready or leave, for requests waiting for a pod's first probe.
     probed: Notify,
+    /// Set while waiters are let go at a pace (`RELEASE_BATCH`).
+    releasing: AtomicBool,
+    /// Waiters taking any pod let go so far, for the pace's stall check.
+    released: AtomicU64,
+    /// This throttler, for the task that releases waiters in batches.
+    me: Weak<Throttler>,
 }
 
 /// What a throttler reports.
@@ -373,8 +393,8 @@ impl Drop for Lease {
 }
 
 impl Throttler {
-    pub fn new(container_concurrency: u32, limits: QueueLimits, metrics: ThrottleMetrics) -> Self {
-        Throttler {
+    pub fn new(container_concurrency: u32, limits: QueueLimits, metrics: ThrottleMetrics) -> Arc<Self> {
+        Arc::new_cyclic(|me| Throttler {
             container_concurrency: AtomicUsize::new(container_concurrency as usize),
             through_cluster_ip: AtomicBool::new(false),
             cluster_ip_slots: AtomicUsize::new(0),
@@ -396,7 +416,10 @@ impl Throttler {
             waiting_any: AtomicUsize::new(0),
             queue: Mutex::new(Queue::default()),
             probed: Notify::new(),
-        }
+            releasing: AtomicBool::new(false),
+            released: AtomicU64::new(0),
+            me: me.clone(),
+        })
     }
 
     /// Slots per pod; 0 for unlimited. Through the private Service, the Service's slots.
@@ -571,11 +594,45 @@ impl Throttler {
         true
     }
 
-    /// Requests waiting for pods that just left take any pod now.
+    /// Requests waiting for pods that just left take any pod now; when more could go than a
+    /// batch, the rest go at a pace.
     fn dispatch_if_waiting(&self) {
-        if self.waiting.load(Ordering::SeqCst) > 0 {
-            self.dispatch_all();
+        if self.waiting.load(Ordering::SeqCst) > 0 && self.dispatch_all() {
+            self.pace_release();
         }
+    }
+
+    /// Paces the release of the waiters that could go: ending exchanges let more go (`serve`),
+    /// and a task lets a batch go whenever none ended for `RELEASE_STALL`, until the queue of
+    /// waiters taking any pod is empty or no pod has room. Without a runtime (never the case
+    /// in the activator) they all go at once.
+    fn pace_release(&self) {
+        let (Some(me), Ok(runtime)) = (self.me.upgrade(), tokio::runtime::Handle::try_current()) else {
+            while self.dispatch_all() {}
+            return;
+        };
+        if self.releasing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        runtime.spawn(async move {
+            let mut seen = me.released.load(Ordering::SeqCst);
+            loop {
+                tokio::time::sleep(RELEASE_STALL).await;
+                let released = me.released.load(Ordering::SeqCst);
+                if released == seen && !me.dispatch_all() {
+                    break;
+                }
+                seen = me.released.load(Ordering::SeqCst);
+                let Queue { any, cancelled, .. } = &mut *me.lock_queue();
+                Queue::skip_cancelled(any, cancelled);
+                if any.is_empty() {
+                    break;
+                }
+            }
+            me.releasing.store(false, Ordering::SeqCst);
+            // Slots freed while the pace ended may have been left to it.
+            me.dispatch_if_waiting();
+        });
     }
 
     fn has_probe_work(pending: &Pending, through_cluster_ip: bool) -> bool {
@@ -818,9 +875,15 @@ impl Throttler {
     }
 
     /// Gives `pod`'s free slots to the oldest waiters that can use it: those pinned to it and
-    /// those that take any pod, in arrival order. Only the fronts of two deques are looked at.
+    /// those that take any pod, in arrival order (at most `RELEASE_GROWTH` of the latter while
+    /// the release is paced). Only the fronts of two deques are looked at.
     fn serve(&self, queue: &mut Queue, pod: &Arc<Pod>) {
         let capacity = self.capacity();
+        let mut any_left = match self.releasing.load(Ordering::SeqCst) {
+            false => usize::MAX,
+            true if pod.in_flight() < RELEASE_WINDOW => RELEASE_GROWTH,
+            true => 1,
+        };
         loop {
             let Queue { any, pinned, cancelled, .. } = &mut *queue;
             Queue::skip_cancelled(any, cancelled);
@@ -829,7 +892,7 @@ impl Throttler {
                 Queue::skip_cancelled(mine, cancelled);
             }
             let pinned_front = pinned.get(&pod.addr).and_then(VecDeque::front).map(|w| w.id);
-            let any_front = any.front().filter(|_| pod.is_assigned()).map(|w| w.id);
+            let any_front = any.front().filter(|_| pod.is_assigned() && any_left > 0).map(|w| w.id);
             let from_pinned = match (pinned_front, any_front) {
                 (Some(p), Some(a)) => p < a,
                 (Some(_), None) => true,
@@ -848,7 +911,9 @@ impl Throttler {
                 pod.pinned_waiting.fetch_sub(1, Ordering::SeqCst);
                 waiter
             } else {
+                any_left -= 1;
                 self.waiting_any.fetch_sub(1, Ordering::SeqCst);
+                self.released.fetch_add(1, Ordering::SeqCst);
                 any.pop_front().expect("has a front")
             };
             self.granted(queue, waiter, pod.clone());
@@ -867,9 +932,10 @@ impl Throttler {
     }
 
     /// Hands free slots to waiters after the pods or their capacity changed: requests pinned to a
-    /// pod that left now take any pod; pinned waiters get their pods' slots, then the others get
-    /// pods by the revision's policy.
-    fn dispatch_all(&self) {
+    /// pod that left now take any pod; pinned waiters get their pods' slots, then up to
+    /// `RELEASE_BATCH` others get pods by the revision's policy. True when more of those could
+    /// have gone.
+    fn dispatch_all(&self) -> bool {
         let mut queue = self.lock_queue();
         let pods = self.pods.load();
         let orphaned: Vec<SocketAddr> =
@@ -891,19 +957,23 @@ impl Throttler {
             }
         }
         let capacity = self.capacity();
-        loop {
+        for _ in 0..RELEASE_BATCH {
             let Queue { any, cancelled, .. } = &mut *queue;
             Queue::skip_cancelled(any, cancelled);
             if any.is_empty() {
-                break;
+                return false;
             }
             let Some(pod) = self.pick(&pods, capacity, Pod::open_to_any) else {
-                break;
+                return false;
             };
             self.waiting_any.fetch_sub(1, Ordering::SeqCst);
+            self.released.fetch_add(1, Ordering::SeqCst);
             let waiter = queue.any.pop_front().expect("not empty");
             self.granted(&mut queue, waiter, pod);
         }
+        let Queue { any, cancelled, .. } = &mut *queue;
+        Queue::skip_cancelled(any, cancelled);
+        !any.is_empty()
     }
 }
 
@@ -985,7 +1055,7 @@ mod tests {
     }
 
     fn throttler(cc: u32, pods: u16) -> Arc<Throttler> {
-        let t = Arc::new(Throttler::new(cc, limits(4, 1 << 20, 1000), gauge()));
+        let t = Throttler::new(cc, limits(4, 1 << 20, 1000), gauge());
         set(&t, &addrs(pods), Probe::None);
         t
     }
@@ -1154,8 +1224,7 @@ mod tests {
     async fn body_bytes_bound_the_queue_per_revision_and_in_total() {
         let total = Arc::new(QueueBudget::new(3, 1 << 30));
         let shared = |max_bytes| QueueLimits { max_waiting: 100, max_bytes, total: total.clone() };
-        let (a, b) =
-            (Arc::new(Throttler::new(1, shared(1000), gauge())), Arc::new(Throttler::new(1, shared(1000), gauge())));
+        let (a, b) = (Throttler::new(1, shared(1000), gauge()), Throttler::new(1, shared(1000), gauge()));
         let mut waiters = Vec::new();
         for (t, bytes) in [(&a, 600), (&b, 10), (&b, 10)] {
             let t = t.clone();
@@ -1195,7 +1264,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_release_serves_the_oldest_waiter_that_can_use_the_pod() {
-        let t = Arc::new(Throttler::new(1, limits(1000, 1 << 20, 1000), gauge()));
+        let t = Throttler::new(1, limits(1000, 1 << 20, 1000), gauge());
         set(&t, &addrs(2), Probe::None);
         let [p0, p1] = [addrs(2)[0], addrs(2)[1]];
         let hold0 = t.acquire(Want::Pod(p0), 0).await.unwrap();
@@ -1239,7 +1308,7 @@ mod tests {
 
     #[tokio::test]
     async fn given_up_waiters_free_their_bounds_at_once_and_are_swept() {
-        let t = Arc::new(Throttler::new(1, limits(10_000, 1 << 30, 100_000), gauge()));
+        let t = Throttler::new(1, limits(10_000, 1 << 30, 100_000), gauge());
         set(&t, &addrs(1), Probe::None);
         let _busy = t.acquire(Want::Any, 0).await.unwrap();
         for round in 0..3 {
@@ -1258,7 +1327,7 @@ mod tests {
 
     #[tokio::test]
     async fn trusted_pods_serve_at_once_and_demoted_ones_wait_for_the_probe() {
-        let t = Arc::new(Throttler::new(0, limits(10, 1 << 20, 100), gauge()));
+        let t = Throttler::new(0, limits(10, 1 << 20, 100), gauge());
         let probe = Probe::Queue { path: "/healthz".into(), passthrough_host: None };
         let pods = addrs(3);
         let backends = Backends { trusted: vec![pods[0]], probed: vec![pods[1], pods[2]], ..Backends::default() };
@@ -1300,7 +1369,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_request_pinned_to_a_pod_not_yet_probed_here_waits_for_its_probe_briefly() {
-        let t = Arc::new(Throttler::new(0, limits(10, 1 << 20, 100), gauge()));
+        let t = Throttler::new(0, limits(10, 1 << 20, 100), gauge());
         let probe = Probe::Http { path: "/healthz".into() };
         let pods = addrs(2);
         t.set_backends(&Backends { probed: pods.clone(), ..Backends::default() }, probe.clone());
@@ -1329,7 +1398,7 @@ mod tests {
 
     /// The pods (by port) activator `index` of `count` gets of `n` pods.
     fn subset_of(n: u16, index: usize, count: usize) -> Vec<u16> {
-        let t = Arc::new(Throttler::new(1, limits(10, 1 << 20, 100), gauge()));
+        let t = Throttler::new(1, limits(10, 1 << 20, 100), gauge());
         let backends = Backends { trusted: addrs(n), subset: Some(Subset { index, count }), ..Backends::default() };
         t.set_backends(&backends, Probe::None);
         t.ready().iter().filter(|p| p.is_assigned()).map(|p| p.addr.port() - 9000).collect()
@@ -1356,7 +1425,7 @@ mod tests {
 
     #[tokio::test]
     async fn unpinned_requests_stay_in_the_subset_pinned_ones_reach_any_pod() {
-        let t = Arc::new(Throttler::new(1, limits(10, 1 << 20, 100), gauge()));
+        let t = Throttler::new(1, limits(10, 1 << 20, 100), gauge());
         let pods = addrs(4);
         let backends =
             Backends { trusted: pods.clone(), subset: Some(Subset { index: 1, count: 2 }), ..Backends::default() };
@@ -1375,7 +1444,7 @@ mod tests {
 
     #[tokio::test]
     async fn through_the_private_service_when_pods_cannot_be_reached() {
-        let t = Arc::new(Throttler::new(2, limits(10, 1 << 20, 100), gauge()));
+        let t = Throttler::new(2, limits(10, 1 << 20, 100), gauge());
         let probe = Probe::Queue { path: "/healthz".into(), passthrough_host: None };
         let service = SocketAddr::from(([10, 96, 0, 1], 80));
         let cluster_ip = ClusterIp { addr: service, always: false, ready_pods: 3 };
@@ -1405,10 +1474,64 @@ mod tests {
             ProbePlan { probe: probe.clone(), pods: vec![], cluster_ip: Some(service) }
         );
         // A mesh known to be there: the Service only, pods never probed.
-        let always = Arc::new(Throttler::new(0, limits(10, 1 << 20, 100), gauge()));
+        let always = Throttler::new(0, limits(10, 1 << 20, 100), gauge());
         let cluster_ip = Some(ClusterIp { always: true, ..cluster_ip });
         always.set_backends(&Backends { cluster_ip, ..backends.clone() }, probe.clone());
         assert_eq!(always.probe_plan().unwrap().pods, Vec::<SocketAddr>::new());
+    }
+
+    /// Lets every task that can run do so, without letting (paused) time pass.
+    async fn settle() {
+        for _ in 0..200 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_at_a_pod_turning_ready_goes_at_the_pace_exchanges_end() {
+        let t = Throttler::new(0, limits(1000, 1 << 30, 100_000), gauge());
+        let mut waiters: VecDeque<_> = (0..100).map(|_| spawn_acquire(&t, Want::Any)).collect();
+        settle().await;
+        assert_eq!(t.waiting(), 100);
+        set(&t, &addrs(1), Probe::None);
+        settle().await;
+        assert_eq!(t.waiting(), 100 - RELEASE_BATCH, "a first batch goes at once");
+        assert!(waiters.iter().take(RELEASE_BATCH).all(|w| w.is_finished()), "the oldest go first");
+
+        let mut leases = Vec::new();
+        for _ in 0..RELEASE_BATCH {
+            leases.push(waiters.pop_front().unwrap().await.unwrap().unwrap());
+        }
+        leases.pop();
+        settle().await;
+        assert_eq!(t.waiting(), 100 - RELEASE_BATCH - RELEASE_GROWTH, "an ended exchange lets two more go");
+
+        tokio::time::advance(RELEASE_STALL).await;
+        settle().await;
+        assert_eq!(t.waiting(), 100 - RELEASE_BATCH - RELEASE_GROWTH, "an exchange ended in that period");
+        tokio::time::advance(RELEASE_STALL).await;
+        settle().await;
+        let stalled = 100 - 2 * RELEASE_BATCH - RELEASE_GROWTH;
+        assert_eq!(t.waiting(), stalled, "with no exchange ending for a period, a batch goes");
+
+        while t.ready()[0].in_flight() < RELEASE_WINDOW {
+            tokio::time::advance(RELEASE_STALL).await;
+            settle().await;
+        }
+        let before = t.waiting();
+        let granted = waiters.iter().position(|w| !w.is_finished()).unwrap();
+        waiters
+            .drain(..granted)
+            .for_each(|w| leases.push(futures_util::FutureExt::now_or_never(w).unwrap().unwrap().unwrap()));
+        leases.pop();
+        settle().await;
+        assert_eq!(t.waiting(), before - 1, "past the window an ended exchange lets one go");
+
+        tokio::time::advance(RELEASE_STALL * 50).await;
+        wait_for(|| t.waiting() == 0).await;
+        wait_for(|| !t.releasing.load(Ordering::SeqCst)).await;
+        let slow = spawn_acquire(&t, Want::Any);
+        assert!(slow.await.unwrap().is_ok(), "after the burst, requests go at once");
     }
 
     async fn wait_for(cond: impl Fn() -> bool) {

@@ -151,7 +151,7 @@ impl Publisher {
                     stats.in_flight.clone(),
                     stats.knative.concurrency.clone(),
                 );
-                (Arc::new(throttler), stats, Arc::new(concurrency), Arc::default())
+                (throttler, stats, Arc::new(concurrency), Arc::default())
             }
         };
         if throttler.set_backends(&rev.backends, rev.probe.clone()) {
