@@ -278,18 +278,11 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-
-    /// A connected pair: what the client writes, and the server's side of it.
-    async fn connected() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        (client, server)
-    }
+    use crate::socket::tests::pair;
 
     #[tokio::test]
     async fn the_protocol_is_told_from_first_bytes_that_stay_for_hyper() {
-        let (mut client, mut server) = connected().await;
+        let (mut server, mut client) = pair().await;
         client.write_all(b"PUT / HTTP/1.1\r\n").await.unwrap();
         assert_eq!(speaks_h2(&server).await.unwrap(), Some(false));
         let mut read = [0u8; 16];
@@ -297,7 +290,7 @@ mod tests {
         assert_eq!(&read, b"PUT / HTTP/1.1\r\n", "peeked bytes are still there to read");
 
         // A preface that arrives in two pieces is waited for, not taken for HTTP/1.1.
-        let (mut client, mut server) = connected().await;
+        let (mut server, mut client) = pair().await;
         client.write_all(&H2_PREFACE[..10]).await.unwrap();
         let partial = tokio::time::timeout(Duration::from_millis(50), speaks_h2(&server)).await;
         assert!(partial.is_err(), "part of a preface decides nothing");
@@ -307,7 +300,7 @@ mod tests {
         server.read_exact(&mut read).await.unwrap();
         assert_eq!(&read, H2_PREFACE);
 
-        let (client, server) = connected().await;
+        let (server, client) = pair().await;
         drop(client);
         assert_eq!(speaks_h2(&server).await.unwrap(), None, "a client that closes at once sent nothing");
     }

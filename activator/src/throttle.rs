@@ -623,9 +623,7 @@ impl Throttler {
                     break;
                 }
                 seen = me.released.load(Ordering::SeqCst);
-                let Queue { any, cancelled, .. } = &mut *me.lock_queue();
-                Queue::skip_cancelled(any, cancelled);
-                if any.is_empty() {
+                if me.waiting_any.load(Ordering::SeqCst) == 0 {
                     break;
                 }
             }
@@ -971,9 +969,7 @@ impl Throttler {
             let waiter = queue.any.pop_front().expect("not empty");
             self.granted(&mut queue, waiter, pod);
         }
-        let Queue { any, cancelled, .. } = &mut *queue;
-        Queue::skip_cancelled(any, cancelled);
-        !any.is_empty()
+        self.waiting_any.load(Ordering::SeqCst) > 0
     }
 }
 
