@@ -115,18 +115,18 @@ pub struct Config {
     pub topology_poll_interval: Duration,
 
     /// Data-plane listener (HTTP/1.1 and h2c). Port 0 picks a free port; the bound address is
-    /// printed on stdout as `listening proxy <addr>`. Default: 127.0.0.1:8012, and 0.0.0.0:8012
-    /// in knative mode.
+    /// printed on stdout as `listening proxy <addr>`. Default: 127.0.0.1:8012, and [::]:8012 (every
+    /// address, IPv4 and IPv6) in knative mode.
     #[arg(long, env = "ACTIVATOR_LISTEN")]
     pub listen: Option<SocketAddr>,
 
     /// A second data-plane listener with the same handling, for h2c revisions (Knative's port
-    /// 8013), printed as `listening h2c <addr>`. Default: none, and 0.0.0.0:8013 in knative mode.
+    /// 8013), printed as `listening h2c <addr>`. Default: none, and [::]:8013 in knative mode.
     #[arg(long, env = "ACTIVATOR_LISTEN_H2C")]
     pub listen_h2c: Option<SocketAddr>,
 
     /// Admin listener (/metrics, /readyz, /livez), printed as `listening admin <addr>`. Default:
-    /// 127.0.0.1:9090, and 0.0.0.0:9090 in knative mode.
+    /// 127.0.0.1:9090, and [::]:9090 in knative mode.
     #[arg(long, env = "ACTIVATOR_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
 
@@ -139,6 +139,15 @@ pub struct Config {
     #[arg(long, env = "SYSTEM_NAMESPACE", default_value = "knative-serving")]
     pub system_namespace: String,
 
+    /// The ConfigMap (in the system namespace) whose `loglevel.activator` sets the log level
+    /// live in knative mode, as upstream's.
+    #[arg(long, env = "CONFIG_LOGGING_NAME", default_value = "config-logging")]
+    pub config_logging_name: String,
+
+    /// The ConfigMap (in the system namespace) that says what is exported (knative mode).
+    #[arg(long, env = "CONFIG_OBSERVABILITY_NAME", default_value = "config-observability")]
+    pub config_observability_name: String,
+
     /// The cluster's DNS domain. Default: the `svc.<domain>` search domain of /etc/resolv.conf,
     /// else cluster.local.
     #[arg(long, env = "CLUSTER_DOMAIN")]
@@ -149,9 +158,10 @@ pub struct Config {
     #[arg(long, env = "ACTIVATOR_DRAIN_PERIOD", default_value = "45s", value_parser = humantime::parse_duration)]
     pub drain_period: Duration,
 
-    /// After the drain period: how long open requests may take to finish before exiting.
-    #[arg(long, env = "ACTIVATOR_GRACE_TIMEOUT", default_value = "600s", value_parser = humantime::parse_duration)]
-    pub grace_timeout: Duration,
+    /// After the drain period: how long open requests may take to finish before exiting. Unset:
+    /// as long as they take, as upstream (the pod's terminationGracePeriodSeconds bounds it).
+    #[arg(long, env = "ACTIVATOR_GRACE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub grace_timeout: Option<Duration>,
 
     /// Client connections served at once; beyond it new connections wait in the listen backlog.
     /// Default: half the open-files limit (each connection may need a pod connection too).
@@ -305,8 +315,10 @@ impl Config {
     }
 
     pub fn listeners(&self) -> Listeners {
-        let (any, local) = (std::net::Ipv4Addr::UNSPECIFIED, std::net::Ipv4Addr::LOCALHOST);
-        let host = if self.mode == Mode::Knative { any } else { local };
+        // Knative mode binds every address of both families, as upstream's `:8012`: an IPv6-only
+        // cluster's kubelet and ingress must reach it too.
+        let any = std::net::IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED);
+        let host = if self.mode == Mode::Knative { any } else { std::net::Ipv4Addr::LOCALHOST.into() };
         Listeners {
             proxy: self.listen.unwrap_or(SocketAddr::from((host, 8012))),
             h2c: self.listen_h2c.or((self.mode == Mode::Knative).then(|| SocketAddr::from((any, 8013)))),
@@ -368,9 +380,9 @@ mod tests {
         let knative =
             Cli::try_parse_from(["activator", "--mode", "knative", "--system-namespace", "kn"]).unwrap().serve;
         let listeners = knative.listeners();
-        assert_eq!(listeners.proxy.to_string(), "0.0.0.0:8012");
-        assert_eq!(listeners.h2c.map(|a| a.to_string()).as_deref(), Some("0.0.0.0:8013"));
-        assert_eq!(listeners.admin.to_string(), "0.0.0.0:9090");
+        assert_eq!(listeners.proxy.to_string(), "[::]:8012");
+        assert_eq!(listeners.h2c.map(|a| a.to_string()).as_deref(), Some("[::]:8013"));
+        assert_eq!(listeners.admin.to_string(), "[::]:9090");
         let resolv =
             "nameserver 10.96.0.10\nsearch kn.svc.corp.example svc.corp.example corp.example\noptions ndots:5\n";
         let domain = knative.cluster_domain(resolv);

@@ -103,7 +103,9 @@ impl Handler {
         let span = &span;
         let (service, ingress_pick) = match resolve(&self.world.load(), &req, &self.cluster_domain) {
             Ok(target) => target,
-            Err(message) => return self.unrouted(StatusCode::NOT_FOUND, &message, protocol, started, span),
+            Err(NotFound(name)) => {
+                return self.unrouted(respond::revision_not_found(&name), protocol, started, span);
+            }
         };
         // A chat request's conversation is its session: its body's beginning is read to name it,
         // and goes to the pod first, the rest streaming after it.
@@ -115,7 +117,7 @@ impl Handler {
         };
         let keys = match extract(&service.affinity, &req, conversation.as_deref()) {
             Ok(keys) => keys,
-            Err(e) => return self.unrouted(StatusCode::BAD_REQUEST, &e.to_string(), protocol, started, span),
+            Err(e) => return self.unrouted(reply(StatusCode::BAD_REQUEST, &e.to_string()), protocol, started, span),
         };
         self.telemetry.inject(span, req.headers_mut());
         let (pinning, mut route) = Box::pin(Pinning::route(&self.pins, &service, &keys, ingress_pick.as_ref())).await;
@@ -161,18 +163,17 @@ impl Handler {
 
     fn unrouted(
         &self,
-        status: StatusCode,
-        message: &str,
+        resp: Response<ResponseBody>,
         protocol: Protocol,
         started: Instant,
         span: &Span,
     ) -> Response<ResponseBody> {
-        let elapsed = started.elapsed();
-        self.stats.unrouted(status.as_u16(), protocol, elapsed);
+        let (status, elapsed) = (resp.status().as_u16(), started.elapsed());
+        self.stats.unrouted(status, protocol, elapsed);
         if self.telemetry.wants_outcome(span) {
-            self.telemetry.finish(span, &Outcome { protocol, status: status.as_u16(), elapsed, routed: None });
+            self.telemetry.finish(span, &Outcome { protocol, status, elapsed, routed: None });
         }
-        reply(status, message)
+        resp
     }
 
     /// Takes a slot on a pod of the route's revision, pins the session to it (or follows the pin
@@ -294,7 +295,7 @@ fn resolve<B>(
     snapshot: &Snapshot,
     req: &Request<B>,
     cluster_domain: &str,
-) -> Result<(Arc<Service>, Option<Arc<Revision>>), String> {
+) -> Result<(Arc<Service>, Option<Arc<Revision>>), NotFound> {
     let headers = req.headers();
     let host = req
         .uri()
@@ -307,8 +308,7 @@ fn resolve<B>(
             Ok((snapshot.revision_alone(ns, name).unwrap_or(service).clone(), Some(revision.clone())))
         }
         Some((service, revision)) => Ok((service.clone(), Some(revision.clone()))),
-        // Upstream's body, so tools that read it keep working.
-        None => Err(format!("Error getting active endpoint: revision.serving.knative.dev {name:?} not found")),
+        None => Err(NotFound(name.to_owned())),
     };
     if let (Some(ns), Some(name)) = (headers.get(KNATIVE_NAMESPACE), headers.get(KNATIVE_REVISION)) {
         let name = String::from_utf8_lossy(name.as_bytes());
@@ -320,9 +320,14 @@ fn resolve<B>(
     }
     match revision_host(host, cluster_domain) {
         Some((name, ns)) => named(ns, name, &|_| true),
-        None => Err(format!("no service for host {host:?}")),
+        // Upstream looks up the revision its Host fallback found, here none: its answer names "".
+        None => Err(NotFound(String::new())),
     }
 }
+
+/// The request names no revision or service the activator knows; upstream's lister error names
+/// the revision it looked for.
+struct NotFound(String);
 
 /// `<name>.<namespace>.svc.<domain>[:port]` split into name and namespace.
 fn revision_host<'h>(host: &'h str, cluster_domain: &str) -> Option<(&'h str, &'h str)> {
@@ -336,7 +341,10 @@ fn revision_host<'h>(host: &'h str, cluster_domain: &str) -> Option<(&'h str, &'
 
 fn refused(revision: &Revision, error: AcquireError) -> Response<ResponseBody> {
     match error {
-        AcquireError::QueueFull => respond::queue_full(&revision.namespace, &revision.name),
+        AcquireError::QueueFull => {
+            tracing::debug!(namespace = %revision.namespace, revision = %revision.name, "the revision's wait queue is full");
+            respond::queue_full()
+        }
     }
 }
 

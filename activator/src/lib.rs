@@ -7,6 +7,7 @@ pub mod autoscaler;
 pub mod backoff;
 pub mod body;
 pub mod config;
+pub mod go;
 pub mod handler;
 pub mod headers;
 pub mod health;

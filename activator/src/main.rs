@@ -12,27 +12,26 @@ use activator::health::Health;
 use activator::pins::{CookieKeys, Pins, SharedConfig};
 use activator::readiness::{ProbeTiming, Prober};
 use activator::server::Limits;
-use activator::source::knative::{KnativeConfig, KnativeSource};
+use activator::source::knative::{ConfigMapNames, KnativeConfig, KnativeSource};
 use activator::source::local::LocalSource;
 use activator::stats::Stats;
-use activator::telemetry::{ObservabilityConfig, SPAN_TARGET, Telemetry};
+use activator::telemetry::{LogLevel, ObservabilityConfig, Telemetry};
 use activator::throttle::{QueueBudget, QueueLimits};
 use activator::world::Publisher;
-use activator::{admin, inspect, memory, server, session_end};
+use activator::{admin, inspect, memory, server, session_end, socket};
 use anyhow::Context;
 use clap::Parser;
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::task::TaskTracker;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
-use tracing_subscriber::{EnvFilter, Layer as _};
 
 fn main() -> ExitCode {
     let Cli { command, serve: config } = Cli::parse();
     let stats = Stats::new();
     let telemetry = Telemetry::new(stats.knative.clone(), stats.request_log_dropped.clone());
-    init_logging(config.log_format, &telemetry);
+    let log_level = init_logging(config.log_format, &telemetry);
     // rediss:// needs a TLS crypto provider; ring is the one compiled in.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -45,7 +44,7 @@ fn main() -> ExitCode {
                 Some(Command::Pins { action, redis_url }) => {
                     inspect::run(action, redis_url, &config.redis_tls(), config.redis_deployment()).await
                 }
-                None => run(config, stats, telemetry).await.map(|()| ExitCode::SUCCESS),
+                None => run(config, stats, telemetry, log_level).await.map(|()| ExitCode::SUCCESS),
             }
         })
     });
@@ -56,20 +55,21 @@ fn main() -> ExitCode {
 }
 
 /// Logs on stderr, and our spans to `telemetry`'s layer only: log lines never format them.
-fn init_logging(format: LogFormat, telemetry: &Telemetry) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let filter = filter.add_directive(format!("{SPAN_TARGET}=off").parse().expect("a static directive"));
+/// Returns what changes the log level later.
+fn init_logging(format: LogFormat, telemetry: &Telemetry) -> LogLevel {
+    let (filter, level) = LogLevel::start();
     let json = match format {
         LogFormat::Auto => !std::io::stderr().is_terminal(),
         LogFormat::Json => true,
         LogFormat::Text => false,
     };
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let logs = if json { logs.json().with_filter(filter).boxed() } else { logs.with_filter(filter).boxed() };
-    tracing_subscriber::registry().with(logs).with(telemetry.layer()).init();
+    let logs = if json { logs.json().boxed() } else { logs.boxed() };
+    tracing_subscriber::registry().with(logs.with_filter(filter)).with(telemetry.layer()).init();
+    level
 }
 
-async fn run(config: Config, stats: Stats, telemetry: Telemetry) -> anyhow::Result<()> {
+async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogLevel) -> anyhow::Result<()> {
     let observability = ObservabilityConfig::from_env(|name| std::env::var(name).ok(), config.request_log, &mut |w| {
         tracing::warn!("{w}")
     });
@@ -115,8 +115,7 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry) -> anyhow::Resu
     }
 
     let addrs = config.listeners();
-    let bind =
-        |addr: SocketAddr| async move { TcpListener::bind(addr).await.with_context(|| format!("binding {addr}")) };
+    let bind = |addr: SocketAddr| async move { socket::listen(addr).with_context(|| format!("binding {addr}")) };
     let mut listeners = vec![bind(addrs.proxy).await?];
     println!("listening proxy {}", listeners[0].local_addr()?);
     if let Some(h2c) = addrs.h2c {
@@ -128,8 +127,16 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry) -> anyhow::Resu
     tokio::spawn(admin::serve(admin_listener, health.clone(), stats.clone()));
 
     if config.mode == Mode::Knative {
-        let knative =
-            KnativeConfig { system_namespace: config.system_namespace.clone(), pod_ip: config.pod_ip, observability };
+        let knative = KnativeConfig {
+            system_namespace: config.system_namespace.clone(),
+            pod_ip: config.pod_ip,
+            observability,
+            config_maps: ConfigMapNames {
+                logging: config.config_logging_name.clone(),
+                observability: config.config_observability_name.clone(),
+            },
+            log_level,
+        };
         let source =
             KnativeSource::connect(knative, publisher, health.clone(), stats.clone(), telemetry.clone()).await?;
         tokio::spawn(source.run());

@@ -6,9 +6,10 @@
 use http::{HeaderValue, Request, Response, StatusCode};
 
 use crate::body::ResponseBody;
+use crate::go;
 use crate::headers::{KUBELET_PROBE, NETWORK_HASH, NETWORK_PROBE};
 use crate::health::Health;
-use crate::respond::reply;
+use crate::respond::{exact, reply, status};
 
 /// Answers the request if it is a probe meant for the activator. Strips a stray
 /// `K-Network-Hash` from requests that pass through, as upstream does.
@@ -18,7 +19,7 @@ pub fn answer<B>(req: &mut Request<B>, health: &Health) -> Option<Response<Respo
         || headers.get(KUBELET_PROBE).is_some_and(|v| !v.is_empty());
     if is_kubelet {
         return Some(match health.check() {
-            Ok(()) => reply(StatusCode::OK, ""),
+            Ok(()) => status(StatusCode::OK),
             Err(reason) => reply(StatusCode::INTERNAL_SERVER_ERROR, reason),
         });
     }
@@ -29,7 +30,7 @@ pub fn answer<B>(req: &mut Request<B>, health: &Health) -> Option<Response<Respo
         }
         Some(b"probe") => Some(match headers.get(NETWORK_HASH).filter(|h| !h.is_empty()) {
             Some(hash) => {
-                let mut resp = reply(StatusCode::OK, "");
+                let mut resp = status(StatusCode::OK);
                 resp.headers_mut().insert(NETWORK_HASH, hash.clone());
                 resp
             }
@@ -37,12 +38,29 @@ pub fn answer<B>(req: &mut Request<B>, health: &Health) -> Option<Response<Respo
                 reply(StatusCode::BAD_REQUEST, "a probe request must contain a non-empty \"K-Network-Hash\" header")
             }
         }),
-        Some(b"activator") => Some(reply(StatusCode::OK, "activator")),
+        // The autoscaler compares this body's bytes before it lets a revision scale to zero.
+        Some(b"activator") => Some(exact(StatusCode::OK, "activator")),
         Some(other) => Some(reply(
             StatusCode::BAD_REQUEST,
-            &format!("unexpected probe header value: {:?}", String::from_utf8_lossy(other)),
+            &format!("unexpected probe header value: {}", go::quote(&html_escape(&String::from_utf8_lossy(other)))),
         )),
     }
+}
+
+/// What Go's `html.EscapeString` escapes, as upstream escapes an unexpected probe value.
+fn html_escape(s: &str) -> String {
+    let mut escaped = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => escaped.push_str("&lt;"),
+            '>' => escaped.push_str("&gt;"),
+            '&' => escaped.push_str("&amp;"),
+            '\'' => escaped.push_str("&#39;"),
+            '"' => escaped.push_str("&#34;"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
 }
 
 #[cfg(test)]
@@ -75,6 +93,26 @@ mod tests {
         assert_eq!(probe(&[("k-network-probe", "activator")], &health).unwrap().status(), 200);
         assert_eq!(probe(&[("k-network-probe", "queue")], &health).unwrap().status(), 400);
         assert!(probe(&[("user-agent", "curl/8")], &health).is_none());
+    }
+
+    async fn body(resp: Response<ResponseBody>) -> Vec<u8> {
+        use http_body_util::BodyExt;
+        resp.into_body().collect().await.unwrap().to_bytes().to_vec()
+    }
+
+    /// `pkg/activator/handler/probe_handler.go` `ProbeHandler.ServeHTTP`: `io.WriteString(w,
+    /// activator.Name)` for the autoscaler's probe, which the KPA compares byte for byte
+    /// (`pkg/reconciler/autoscaling/kpa/scaler.go` `activatorProbe`), and `http.Error` with the
+    /// html-escaped value quoted by `%q` for any other value.
+    #[tokio::test]
+    async fn probe_bodies_are_upstreams_bytes() {
+        let health = Health::default();
+        let activator = probe(&[("k-network-probe", "activator")], &health).unwrap();
+        assert_eq!(body(activator).await, b"activator", "no newline, nothing trimmed");
+        let other = probe(&[("k-network-probe", "<q\"&'>")], &health).unwrap();
+        assert_eq!(body(other).await, b"unexpected probe header value: \"&lt;q&#34;&amp;&#39;&gt;\"\n");
+        let ok = probe(&[("user-agent", "kube-probe/1.33")], &health).unwrap();
+        assert!(body(ok).await.is_empty());
     }
 
     #[test]

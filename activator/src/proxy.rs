@@ -48,12 +48,38 @@ pub enum HostRewrite {
     Passthrough(String),
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("forwarding to pod {pod} failed: {source}")]
+/// Why a pod gave no response; displayed as Go's transport words it, which upstream's 502
+/// carries: `dial tcp 10.0.0.5:8012: connect: connection refused`.
+#[derive(Debug)]
 pub struct ForwardError {
     pub pod: SocketAddr,
-    #[source]
     source: SendError,
+}
+
+impl std::fmt::Display for ForwardError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.source {
+            SendError::Connect(e) if e.kind() == std::io::ErrorKind::TimedOut && e.raw_os_error().is_none() => {
+                write!(f, "dial tcp {}: i/o timeout", self.pod)
+            }
+            SendError::Connect(e) => match e.raw_os_error() {
+                Some(errno) => {
+                    let text = nix::errno::Errno::from_raw(errno).desc();
+                    let mut chars = text.chars();
+                    let first = chars.next().map(|c| c.to_ascii_lowercase()).into_iter();
+                    write!(f, "dial tcp {}: connect: {}", self.pod, first.chain(chars).collect::<String>())
+                }
+                None => write!(f, "dial tcp {}: {e}", self.pod),
+            },
+            SendError::Http(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for ForwardError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
 }
 
 /// A forward that failed; with the request back when none of it reached the pod.
@@ -295,6 +321,22 @@ mod tests {
     }
 
     const POD: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9000);
+
+    /// Upstream's 502 carries Go's transport error (`knative.dev/pkg/network/error_handler.go`
+    /// `ErrorHandler`); a refused dial reads as Go's `net.OpError` does.
+    #[test]
+    fn a_refused_dial_reads_as_gos() {
+        let refused = ForwardError {
+            pod: "[fd00::5]:8012".parse().unwrap(),
+            source: SendError::Connect(std::io::Error::from_raw_os_error(nix::libc::ECONNREFUSED)),
+        };
+        assert_eq!(refused.to_string(), "dial tcp [fd00::5]:8012: connect: connection refused");
+        let timed_out = ForwardError {
+            pod: POD,
+            source: SendError::Connect(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 1s")),
+        };
+        assert_eq!(timed_out.to_string(), "dial tcp 127.0.0.1:9000: i/o timeout");
+    }
 
     #[test]
     fn removes_hop_by_hop_and_headers_named_in_connection() {

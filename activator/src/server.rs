@@ -26,7 +26,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::handler::{H2_STREAM_WINDOW, Handler};
-use crate::socket::{SendTimeout, keep_alive};
+use crate::socket::{self, SendTimeout, keep_alive};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -61,12 +61,14 @@ pub struct Limits {
 }
 
 /// Serves every listener with the same handling until `stop_accepting` completes, then lets
-/// open connections and upgraded tunnels finish for at most `grace`.
+/// open connections and upgraded tunnels finish: for at most `grace` when one is set, else for as
+/// long as they take, as upstream's `Shutdown` (the pod's `terminationGracePeriodSeconds` is then
+/// the bound, and no request it allows is cut before it).
 pub async fn serve(
     listeners: Vec<TcpListener>,
     handler: Arc<Handler>,
     stop_accepting: impl Future<Output = ()>,
-    grace: Duration,
+    grace: Option<Duration>,
     limits: Limits,
 ) {
     let mut http1 = http1::Builder::new();
@@ -99,15 +101,28 @@ pub async fn serve(
     // The accept loops drop their listeners as they see the shutdown.
     accepting.wait().await;
     tracing::info!("stopped accepting; waiting for open requests and upgraded connections to finish");
-    acceptor.connections.close();
-    handler.tunnels.close();
+    if drain(&acceptor.connections, &handler.tunnels, grace).await {
+        tracing::info!("all connections closed");
+    } else {
+        tracing::warn!(?grace, "grace timeout expired with connections still open");
+    }
+}
+
+/// Waits for the connections and tunnels open now to end, within `grace` if there is one; `false`
+/// when it ran out first.
+async fn drain(connections: &TaskTracker, tunnels: &TaskTracker, grace: Option<Duration>) -> bool {
+    connections.close();
+    tunnels.close();
     let drained = async {
-        acceptor.connections.wait().await;
-        handler.tunnels.wait().await;
+        connections.wait().await;
+        tunnels.wait().await;
     };
-    tokio::select! {
-        () = drained => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace timeout expired with connections still open"),
+    match grace {
+        Some(grace) => tokio::time::timeout(grace, drained).await.is_ok(),
+        None => {
+            drained.await;
+            true
+        }
     }
 }
 
@@ -159,7 +174,7 @@ impl Acceptor {
                 },
                 () = stopped(&mut stop) => return,
             };
-            self.serve_connection(stream, client, slot);
+            self.serve_connection(stream, socket::canonical(client), slot);
         }
     }
 
@@ -279,6 +294,22 @@ mod tests {
 
     use super::*;
     use crate::socket::tests::pair;
+
+    /// Upstream's drain (`cmd/activator/main.go`) calls `Shutdown(context.Background())`: no
+    /// deadline of its own, so a request the pod's grace period allows is never cut.
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_waits_as_long_as_requests_take_unless_bounded() {
+        let (connections, tunnels) = (TaskTracker::new(), TaskTracker::new());
+        let long = Duration::from_secs(3600);
+        connections.spawn(tokio::time::sleep(long));
+        let started = tokio::time::Instant::now();
+        assert!(drain(&connections, &tunnels, None).await);
+        assert_eq!(started.elapsed(), long, "an hour-long request finished, far past any cap of ours");
+
+        let (connections, tunnels) = (TaskTracker::new(), TaskTracker::new());
+        tunnels.spawn(tokio::time::sleep(long));
+        assert!(!drain(&connections, &tunnels, Some(Duration::from_secs(30))).await, "an operator's bound holds");
+    }
 
     #[tokio::test]
     async fn the_protocol_is_told_from_first_bytes_that_stay_for_hyper() {

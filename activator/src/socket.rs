@@ -3,6 +3,8 @@
 //! a minute rather than hours; and a send timeout on client connections, so a client that stops
 //! reading cannot hold a pod's slot for as long as it likes.
 //!
+//! Listeners bind as upstream's do: `[::]` takes both address families.
+//!
 //! Owns socket options and the timing of writes; knows nothing of HTTP.
 
 use std::future::Future;
@@ -11,9 +13,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use socket2::{SockRef, TcpKeepalive};
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
 
 /// Idle time before the first keepalive probe, then the gap between probes and how many may go
@@ -23,6 +27,44 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_PROBES: u32 = 3;
 /// How long sent data may go unacknowledged before the kernel gives up on the peer.
 const USER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Connections waiting to be accepted, as tokio's and Go's listeners ask of the kernel.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// A listener on `addr`. The unspecified IPv6 address (`[::]`) takes IPv4 clients too, as Go's
+/// `:port` does for upstream on a dual-stack node; where the kernel has no IPv6 at all, `[::]`
+/// falls back to `0.0.0.0` with a log line, so one default serves IPv4-only, IPv6-only and
+/// dual-stack clusters.
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let dual_stack = matches!(addr, SocketAddr::V6(v6) if v6.ip().is_unspecified());
+    match bind(addr, dual_stack) {
+        Err(e) if dual_stack && e.raw_os_error() == Some(nix::libc::EAFNOSUPPORT) => {
+            let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, addr.port()));
+            tracing::info!(%addr, fallback = %v4, "this node has no IPv6; listening on IPv4 only");
+            bind(v4, false)
+        }
+        bound => bound,
+    }
+}
+
+fn bind(addr: SocketAddr, dual_stack: bool) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if dual_stack {
+        socket.set_only_v6(false)?;
+    }
+    // As tokio's `TcpListener::bind`: a restarted activator rebinds while old connections linger.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// A peer's address as a person reads it: an IPv4 client of a dual-stack listener arrives as
+/// `::ffff:a.b.c.d`, which `X-Forwarded-For`, logs and pods should see as `a.b.c.d`.
+pub fn canonical(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
+}
 
 /// Sets keepalive and the user timeout on a connected socket. Failures are logged, not fatal:
 /// the connection still works, it only notices a vanished peer later.
@@ -128,14 +170,25 @@ pub(crate) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    use tokio::net::TcpListener;
-
     /// A connected pair over loopback: the server's side, then the client's.
     pub(crate) async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
         (server, client)
+    }
+
+    /// Upstream listens on `:8012`, which Go binds as both families; `[::]` does the same here.
+    #[tokio::test]
+    async fn the_unspecified_ipv6_address_takes_both_families() {
+        let listener = listen("[::]:0".parse().unwrap()).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        for client in ["127.0.0.1", "::1"] {
+            let ip: std::net::IpAddr = client.parse().unwrap();
+            let _stream = TcpStream::connect((ip, port)).await.unwrap();
+            let (_, peer) = listener.accept().await.unwrap();
+            assert_eq!(canonical(peer).ip(), ip, "{client} is seen as itself");
+        }
     }
 
     #[tokio::test]

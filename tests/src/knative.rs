@@ -20,6 +20,9 @@ pub struct Revision {
     pub service: String,
     pub container_concurrency: u32,
     pub timeout_seconds: u64,
+    /// `spec.responseStartTimeoutSeconds` and `spec.idleTimeoutSeconds`, when set.
+    pub response_start_timeout_seconds: Option<u64>,
+    pub idle_timeout_seconds: Option<u64>,
     pub annotations: BTreeMap<String, String>,
     /// The first container port's name: `http1`, or `h2c` for a gRPC revision.
     pub port_name: &'static str,
@@ -33,6 +36,8 @@ impl Revision {
             service: service.into(),
             container_concurrency: 0,
             timeout_seconds: 300,
+            response_start_timeout_seconds: None,
+            idle_timeout_seconds: None,
             annotations: BTreeMap::new(),
             port_name: "http1",
         }
@@ -43,7 +48,7 @@ impl Revision {
     }
 
     pub fn to_json(&self) -> Value {
-        json!({
+        let mut revision = json!({
             "apiVersion": "serving.knative.dev/v1",
             "kind": "Revision",
             "metadata": {
@@ -80,7 +85,16 @@ impl Revision {
                 "actualReplicas": 1,
                 "desiredReplicas": 1,
             },
-        })
+        });
+        for (field, value) in [
+            ("responseStartTimeoutSeconds", self.response_start_timeout_seconds),
+            ("idleTimeoutSeconds", self.idle_timeout_seconds),
+        ] {
+            if let Some(value) = value {
+                revision["spec"][field] = json!(value);
+            }
+        }
+        revision
     }
 }
 

@@ -334,22 +334,17 @@ impl Env {
 
     /// An activator in knative mode watching `api`, as upstream's Deployment starts it (POD_NAME,
     /// POD_IP, SYSTEM_NAMESPACE), on loopback, with a short drain for tests and `extra` flags.
+    /// Flags in `extra` replace the defaults of the same name (`--listen [::1]:0` for IPv6).
     pub async fn knative_activator(&self, api: &kube_api::ApiServer, pod_ip: &str, extra: &[&str]) -> Process {
-        let mut args = strings(&[
-            "--mode",
-            "knative",
-            "--listen",
-            "127.0.0.1:0",
-            "--listen-h2c",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--drain-period",
-            "1s",
-            "--log-format",
-            "json",
-        ]);
-        args.extend(strings(extra));
+        let defaults = [
+            ("--mode", "knative"),
+            ("--listen", "127.0.0.1:0"),
+            ("--listen-h2c", "127.0.0.1:0"),
+            ("--admin-listen", "127.0.0.1:0"),
+            ("--drain-period", "1s"),
+            ("--log-format", "json"),
+        ];
+        let args = with_defaults(extra, &defaults);
         let env = [
             ("KUBECONFIG", api.kubeconfig(self.dir.path()).display().to_string()),
             ("POD_NAME", format!("activator-{pod_ip}")),
@@ -381,12 +376,7 @@ impl Env {
             ("--log-format", "json"),
             ("--topology", topology.as_str()),
         ];
-        let mut args = strings(extra);
-        for (flag, value) in defaults {
-            if !extra.contains(&flag) {
-                args.extend(strings(&[flag, value]));
-            }
-        }
+        let args = with_defaults(extra, &defaults);
         let mut env = env.to_vec();
         if !env.iter().any(|(name, _)| *name == "ACTIVATOR_REDIS_TIMEOUT") {
             env.push(("ACTIVATOR_REDIS_TIMEOUT", LOADED_MACHINE_REDIS_BUDGET.to_owned()));
@@ -403,6 +393,17 @@ impl Env {
 /// change what a test about sharing observes. Tests of outages make Redis fail for seconds, which
 /// this budget still tells apart.
 const LOADED_MACHINE_REDIS_BUDGET: &str = "250ms";
+
+/// `extra`, then each default flag `extra` does not name.
+fn with_defaults(extra: &[&str], defaults: &[(&str, &str)]) -> Vec<String> {
+    let mut args = strings(extra);
+    for (flag, value) in defaults {
+        if !extra.contains(flag) {
+            args.extend(strings(&[flag, value]));
+        }
+    }
+    args
+}
 
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| (*s).to_owned()).collect()

@@ -334,7 +334,9 @@ async fn readiness_waits_for_the_first_sync_and_the_autoscaler_and_probes_are_an
     let activator_probe = client
         .get_with("", "/healthz", &[("K-Network-Probe", "activator"), ("User-Agent", "Knative-Autoscaling-Probe")])
         .await;
-    assert_eq!((activator_probe.status, activator_probe.body.as_str()), (200, "activator\n"));
+    // The KPA lets a revision scale to zero only once this body is exactly `activator`
+    // (`pkg/reconciler/autoscaling/kpa/scaler.go` `activatorProbe` compares the bytes).
+    assert_eq!((activator_probe.status, activator_probe.body.as_bytes()), (200, &b"activator"[..]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -543,4 +545,53 @@ async fn config_observability_changes_exports_live() {
         assert!(names.contains(name), "{name} not pushed: {names:?}");
     }
     assert!(!upstream_names().await, "pushed, not scraped");
+}
+
+/// An IPv6-only cluster: the activator listens on IPv6, its kubelet probe passes, the pod's
+/// address from the Endpoints is an IPv6 one, and a session stays on its pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_cluster_is_served() {
+    let c = Cluster::new().await;
+    let v6: std::net::SocketAddr = "[::1]:0".parse().unwrap();
+    let pods =
+        [c.env.demo_at("v6-pod-0", "counter-00001", v6).await, c.env.demo_at("v6-pod-1", "counter-00001", v6).await];
+    let revision = Revision::new("counter", "counter-00001");
+    c.revision(&revision, &addrs(&pods));
+    c.service("counter", &[Target::new("counter-00001", 100)], &[]);
+    let autoscaler = c.autoscaler().await;
+    let listen = ["--listen", "[::1]:0", "--listen-h2c", "[::1]:0", "--admin-listen", "[::1]:0"];
+    let activator = c.activator(&autoscaler, "fd00::1", &listen).await;
+    assert!(activator.addr("proxy").is_ipv6());
+    let client = Client::new(activator.addr("proxy"));
+
+    let kubelet = client.get_with("", "/", &[("User-Agent", "kube-probe/1.33")]).await;
+    assert_eq!((kubelet.status, kubelet.body.as_str()), (200, ""));
+    let headers = send(&client, "/headers", "counter-00001", &[]).await;
+    assert!(headers.body.contains("x-forwarded-for: ::1\n"), "the client's IPv6 address: {}", headers.body);
+    let pod = counts_up(&client, "/incr?session_id=v6", "counter-00001", &[("K-Session", "v6")], 3, "v6").await;
+    assert!(pod.starts_with("v6-pod-"), "{pod}");
+    // Pod addresses are written `[ip]:port` wherever they appear, metric labels included.
+    let admin = activator.addr("admin");
+    wait_until(Duration::from_secs(10), "the pin is counted per pod", || async {
+        integration_tests::Metrics::scrape(admin).await.0.contains("pod=\"[::1]:")
+    })
+    .await;
+}
+
+/// As in local mode: upstream's timeout handler takes 0 as off for the response-start and idle
+/// timeouts (`pkg/http/handler/timeout.go` `ServeHTTP` starts them only when `> 0`), and a
+/// `timeoutSeconds` at the int64 limit is clamped rather than overflowing the clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_and_huge_revision_timeouts_serve_normally() {
+    let c = Cluster::new().await;
+    let pods = c.env.pods("limits-00001", 1).await;
+    let mut revision = Revision::new("limits", "limits-00001");
+    revision.timeout_seconds = i64::MAX as u64;
+    (revision.response_start_timeout_seconds, revision.idle_timeout_seconds) = (Some(0), Some(0));
+    c.revision(&revision, &addrs(&pods));
+    c.service("limits", &[Target::new("limits-00001", 100)], &[]);
+    let autoscaler = c.autoscaler().await;
+    let activator = c.activator(&autoscaler, "10.0.0.1", &[]).await;
+    let client = Client::new(activator.addr("proxy"));
+    counts_up(&client, "/incr?session_id=t", "limits-00001", &[("K-Session", "t")], 3, "t").await;
 }

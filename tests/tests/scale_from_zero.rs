@@ -74,7 +74,7 @@ async fn beyond_the_queue_bound_requests_get_503_at_once() {
         let reply = request.await.unwrap();
         if reply.status == 503 {
             assert_eq!(reply.header("retry-after"), "1");
-            assert_eq!(reply.body, "request queue of revision default/cold-1 is full\n");
+            assert_eq!(reply.body, "pending request queue full\n", "upstream's breaker's text");
         }
         *answers.entry(reply.status).or_insert(0) += 1;
     }
@@ -91,7 +91,7 @@ async fn a_pod_that_never_becomes_ready_ends_in_504_and_an_empty_queue() {
     let activator = env.activator(&[]).await;
     let client = Client::new(activator.addr("proxy"));
     let reply = client.get("stuck.test", "/incr").await;
-    assert_eq!((reply.status, reply.body.as_str()), (504, "activator request timeout\n"));
+    assert_eq!((reply.status, reply.body.as_str()), (504, "activator request timeout"));
     assert_eq!(queued(activator.addr("admin"), "stuck-1").await, Some(0.0));
 }
 

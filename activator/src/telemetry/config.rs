@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::go;
+
 /// Upstream's default `metrics-export-interval`.
 pub const DEFAULT_EXPORT_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -56,6 +58,9 @@ pub struct ObservabilityConfig {
     pub tracing: Tracing,
     /// One JSON line per request on stdout (`logging.enable-request-log`).
     pub request_log: bool,
+    /// `OTEL_TRACES_SAMPLER_ARG`, which wins over `tracing-sampling-rate` as upstream's provider
+    /// lets it.
+    pub sampler_arg: Option<f64>,
 }
 
 impl Default for ObservabilityConfig {
@@ -66,6 +71,7 @@ impl Default for ObservabilityConfig {
             metrics_export_interval: DEFAULT_EXPORT_INTERVAL,
             tracing: Tracing::default(),
             request_log: false,
+            sampler_arg: None,
         }
     }
 }
@@ -88,16 +94,16 @@ impl ObservabilityConfig {
                 TracingProtocol::HttpProtobuf
             }
         };
-        let sampling_rate =
-            var("OTEL_TRACES_SAMPLER_ARG").map_or(1.0, |arg| ratio(&arg, "OTEL_TRACES_SAMPLER_ARG", warn));
+        let sampler_arg = var("OTEL_TRACES_SAMPLER_ARG").map(|arg| ratio(&arg, "OTEL_TRACES_SAMPLER_ARG", warn));
         ObservabilityConfig {
             metrics_protocol: MetricsProtocol::Prometheus,
             metrics_endpoint: None,
             metrics_export_interval: DEFAULT_EXPORT_INTERVAL,
             // The exporter reads the endpoint variables itself, adding `/v1/traces` where the
             // standard says to.
-            tracing: Tracing { protocol, endpoint: None, sampling_rate },
+            tracing: Tracing { protocol, endpoint: None, sampling_rate: sampler_arg.unwrap_or(1.0) },
             request_log,
+            sampler_arg,
         }
     }
 
@@ -139,14 +145,24 @@ impl ObservabilityConfig {
         if let Some(endpoint) = get("tracing-endpoint") {
             tracing.endpoint = Some(endpoint.to_owned());
         }
-        if let Some(rate) = get("tracing-sampling-rate") {
-            tracing.sampling_rate = ratio(rate, "tracing-sampling-rate", warn);
-        }
-        let request_log = match get("logging.enable-request-log") {
+        // Upstream's default rate is 0: with a protocol but no rate, new traces are not sampled.
+        let configured = get("tracing-sampling-rate").map(|rate| ratio(rate, "tracing-sampling-rate", warn));
+        tracing.sampling_rate = fallback.sampler_arg.or(configured).unwrap_or(0.0);
+        let request_log = match data.get("logging.enable-request-log") {
             None => fallback.request_log,
-            Some(v) => v.eq_ignore_ascii_case("true"),
+            Some(v) => go::parse_bool(v).unwrap_or_else(|| {
+                warn(format!("logging.enable-request-log {v:?} is not a boolean (true, false, 1, 0, …); ignored"));
+                fallback.request_log
+            }),
         };
-        ObservabilityConfig { metrics_protocol, metrics_endpoint, metrics_export_interval, tracing, request_log }
+        ObservabilityConfig {
+            metrics_protocol,
+            metrics_endpoint,
+            metrics_export_interval,
+            tracing,
+            request_log,
+            sampler_arg: fallback.sampler_arg,
+        }
     }
 }
 
@@ -176,7 +192,13 @@ mod tests {
         let read = |pairs: &[(&str, &str)], warnings: &mut Vec<String>| {
             ObservabilityConfig::from_config_map(&map(pairs), &fallback, &mut |w| warnings.push(w))
         };
-        assert_eq!(read(&[], &mut warnings), fallback, "upstream's defaults: nothing exported");
+        let defaults = read(&[], &mut warnings);
+        assert_eq!(defaults.tracing.sampling_rate, 0.0, "upstream's default rate");
+        assert_eq!(
+            defaults,
+            ObservabilityConfig { tracing: Tracing { sampling_rate: 0.0, ..Tracing::default() }, ..fallback.clone() },
+            "upstream's defaults: nothing exported"
+        );
         let full = read(
             &[
                 ("metrics-protocol", "prometheus"),
@@ -208,6 +230,12 @@ mod tests {
         );
         assert_eq!(bad.metrics_protocol, MetricsProtocol::None);
         assert_eq!((bad.tracing.protocol, bad.tracing.sampling_rate), (TracingProtocol::None, 1.0));
+        let go_bool = read(&[("logging.enable-request-log", "T")], &mut warnings);
+        assert!(go_bool.request_log, "Go's strconv.ParseBool");
+        let with_arg = ObservabilityConfig { sampler_arg: Some(0.5), ..fallback.clone() };
+        let overridden =
+            ObservabilityConfig::from_config_map(&map(&[("tracing-sampling-rate", "0.1")]), &with_arg, &mut |_| {});
+        assert_eq!(overridden.tracing.sampling_rate, 0.5, "OTEL_TRACES_SAMPLER_ARG wins, as upstream's provider");
         assert_eq!(bad.metrics_export_interval, DEFAULT_EXPORT_INTERVAL);
         assert_eq!(warnings.len(), 4, "{warnings:?}");
     }

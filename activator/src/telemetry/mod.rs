@@ -8,6 +8,7 @@
 
 mod access_log;
 mod config;
+mod logs;
 mod push;
 mod tracer;
 
@@ -31,6 +32,7 @@ use tracing_subscriber::registry::LookupSpan;
 
 pub use access_log::AccessLog;
 pub use config::{MetricsProtocol, ObservabilityConfig, Tracing, TracingProtocol};
+pub use logs::{LogLevel, level_from_config_logging};
 
 use crate::stats::knative::{KnativeMetrics, Protocol};
 use crate::sync::lock;

@@ -15,6 +15,15 @@ use crate::throttle::{Backends, Probe};
 
 /// Knative's default `timeoutSeconds`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest revision timeout honoured: a year. Longer ones (Knative's fields are int64
+/// seconds) are clamped to it, so adding one to a request's arrival can never overflow the clock.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A `*TimeoutSeconds` field as read from any source: 0 is "off", as upstream's timeout handler
+/// treats it for the response-start and idle timeouts; anything above [`MAX_TIMEOUT`] is clamped.
+pub fn timeout_seconds(seconds: u64) -> Option<Duration> {
+    (seconds > 0).then(|| Duration::from_secs(seconds).min(MAX_TIMEOUT))
+}
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WorldSpec {

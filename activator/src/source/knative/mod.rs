@@ -25,7 +25,7 @@ use kube::runtime::watcher::{self, Event};
 
 use crate::health::Health;
 use crate::stats::Stats;
-use crate::telemetry::{ObservabilityConfig, Telemetry};
+use crate::telemetry::{LogLevel, ObservabilityConfig, Telemetry, level_from_config_logging};
 use crate::world::Publisher;
 use crate::world::spec::{self, WorldSpec};
 use objects::{EndpointsInfo, Key};
@@ -107,7 +107,21 @@ pub struct KnativeConfig {
     pub pod_ip: Option<IpAddr>,
     /// What applies where `config-observability` says nothing (flags and `OTEL_*` variables).
     pub observability: ObservabilityConfig,
+    pub config_maps: ConfigMapNames,
+    /// Follows `config-logging`.
+    pub log_level: LogLevel,
 }
+
+/// The names of the ConfigMaps upstream lets the Deployment rename (`CONFIG_LOGGING_NAME`,
+/// `CONFIG_OBSERVABILITY_NAME`).
+#[derive(Clone, Debug)]
+pub struct ConfigMapNames {
+    pub logging: String,
+    pub observability: String,
+}
+
+/// Upstream's network configuration, whose name is fixed.
+const CONFIG_NETWORK: &str = "config-network";
 
 /// One watch's progress.
 #[derive(Default)]
@@ -324,30 +338,43 @@ impl KnativeSource {
         }
     }
 
-    /// A ConfigMap of the system namespace changed; `config-network` shapes the world,
-    /// `config-observability` what is exported about it.
+    /// A ConfigMap of the system namespace changed: `config-network` shapes the world,
+    /// `config-observability` what is exported about it, `config-logging` the log level. One
+    /// that does not read is refused with a log line and a metric, and the last good one stays
+    /// (upstream's watchers keep the previous config too); a deleted one leaves the defaults.
     fn config_map(&mut self, key: Key, data: Option<BTreeMap<String, String>>) {
-        if key.1 == "config-observability" {
-            let empty = BTreeMap::new();
-            let observability = ObservabilityConfig::from_config_map(
-                data.as_ref().unwrap_or(&empty),
-                &self.config.observability,
-                &mut |w| tracing::warn!(configmap = "config-observability", "{w}"),
-            );
+        let empty = BTreeMap::new();
+        let read = data.as_ref().unwrap_or(&empty);
+        let name = key.1.as_str();
+        let refused = |stats: &Stats, problem: String| {
+            stats.kube_rejected.with_label_values(&["configmaps"]).inc();
+            tracing::warn!(configmap = name, %problem, "refusing the ConfigMap; the last good one stays");
+        };
+        if name == self.config.config_maps.observability {
+            let observability = ObservabilityConfig::from_config_map(read, &self.config.observability, &mut |w| {
+                tracing::warn!(configmap = name, "{w}")
+            });
             self.telemetry.apply(&observability);
         }
-        if key.1 == "config-network" {
-            let empty = BTreeMap::new();
-            let network = objects::network_config(data.as_ref().unwrap_or(&empty), &mut |w| {
-                tracing::warn!(configmap = "config-network", "{w}")
-            });
-            if network.internal_tls {
-                tracing::warn!(
-                    "config-network asks for system-internal-tls, which this activator does not serve; traffic to pods stays plain HTTP"
-                );
+        if name == self.config.config_maps.logging {
+            match level_from_config_logging(read, "activator") {
+                Ok(level) => self.config.log_level.set(level),
+                Err(problem) => refused(&self.stats, problem),
             }
-            self.reflection.network = network;
-            self.dirty.world = true;
+        }
+        if name == CONFIG_NETWORK {
+            match objects::network_config(read, &mut |w| tracing::warn!(configmap = name, "{w}")) {
+                Ok(network) => {
+                    if network.internal_tls {
+                        tracing::warn!(
+                            "config-network asks for system-internal-tls, which this activator does not serve; traffic to pods stays plain HTTP"
+                        );
+                    }
+                    self.reflection.network = network;
+                    self.dirty.world = true;
+                }
+                Err(problem) => refused(&self.stats, problem),
+            }
         }
         match data {
             Some(data) => self.config_maps.insert(key, data),

@@ -13,7 +13,8 @@ use kube::api::DynamicObject;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::world::spec::{DEFAULT_TIMEOUT, TagSpec};
+use crate::go;
+use crate::world::spec::{self, DEFAULT_TIMEOUT, TagSpec};
 
 pub const SERVICE_LABEL: &str = "serving.knative.dev/service";
 pub const CONFIGURATION_LABEL: &str = "serving.knative.dev/configuration";
@@ -128,11 +129,11 @@ fn part<T: DeserializeOwned + Default>(obj: &DynamicObject, field: &str) -> Resu
     }
 }
 
+/// A timeout field: unset or 0 is off, longer than a year is clamped (`spec::timeout_seconds`).
 fn seconds(value: Option<i64>, field: &str) -> Result<Option<Duration>, String> {
     match value {
         None => Ok(None),
-        Some(s) if s >= 0 => Ok(Some(Duration::from_secs(s as u64))),
-        Some(s) => Err(format!("spec.{field} is negative: {s}")),
+        Some(s) => u64::try_from(s).map(spec::timeout_seconds).map_err(|_| format!("spec.{field} is negative: {s}")),
     }
 }
 
@@ -173,7 +174,7 @@ pub fn revision(obj: &DynamicObject) -> Result<RevisionInfo, String> {
         None => 0,
         Some(cc) => u32::try_from(cc).map_err(|_| format!("spec.containerConcurrency is out of range: {cc}"))?,
     };
-    let timeout = seconds(spec.timeout_seconds, "timeoutSeconds")?.filter(|t| !t.is_zero()).unwrap_or(DEFAULT_TIMEOUT);
+    let timeout = seconds(spec.timeout_seconds, "timeoutSeconds")?.unwrap_or(DEFAULT_TIMEOUT);
     // The serving container is the one that declares ports (upstream's GetContainer).
     let serving = spec.containers.iter().find(|c| !c.ports.is_empty()).or(spec.containers.first());
     let h2c = serving.and_then(|c| c.ports.first()).and_then(|p| p.name.as_deref()) == Some("h2c");
@@ -185,7 +186,7 @@ pub fn revision(obj: &DynamicObject) -> Result<RevisionInfo, String> {
         container_concurrency,
         timeout,
         response_start_timeout: seconds(spec.response_start_timeout_seconds, "responseStartTimeoutSeconds")?,
-        idle_timeout: seconds(spec.idle_timeout_seconds, "idleTimeoutSeconds")?.filter(|t| !t.is_zero()),
+        idle_timeout: seconds(spec.idle_timeout_seconds, "idleTimeoutSeconds")?,
         annotations: obj.metadata.annotations.clone().unwrap_or_default(),
         h2c,
         probe_optimisation: !exec_readiness && !startup_probe,
@@ -333,24 +334,34 @@ pub fn config_map(obj: &DynamicObject) -> Result<(Key, BTreeMap<String, String>)
     Ok((identity(obj)?, part(obj, "data")?))
 }
 
-/// `config-network`: unknown values are reported through `warn` and read as the defaults.
-pub fn network_config(data: &BTreeMap<String, String>, warn: &mut dyn FnMut(String)) -> NetworkConfig {
-    let mesh = match data.get("mesh-compatibility-mode").map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-        None | Some("" | "auto") => MeshMode::Auto,
-        Some("enabled") => MeshMode::Enabled,
-        Some("disabled") => MeshMode::Disabled,
+/// `config-network`, as upstream's `NewConfigFromMap` reads the keys the activator uses: a value
+/// that does not parse fails the whole ConfigMap (the caller keeps the last good one), except
+/// `mesh-compatibility-mode`, whose unknown values upstream ignores (reported through `warn`).
+pub fn network_config(data: &BTreeMap<String, String>, warn: &mut dyn FnMut(String)) -> Result<NetworkConfig, String> {
+    let mesh = match data.get("mesh-compatibility-mode") {
+        None => MeshMode::Auto,
+        Some(v) if v.eq_ignore_ascii_case("auto") => MeshMode::Auto,
+        Some(v) if v.eq_ignore_ascii_case("enabled") => MeshMode::Enabled,
+        Some(v) if v.eq_ignore_ascii_case("disabled") => MeshMode::Disabled,
         Some(other) => {
             warn(format!("mesh-compatibility-mode {other:?} is not auto, enabled or disabled; using auto"));
             MeshMode::Auto
         }
     };
-    let flag = |key: &str| data.get(key).is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
-    let enabled = |key: &str| data.get(key).is_some_and(|v| v.trim().eq_ignore_ascii_case("enabled"));
-    NetworkConfig {
-        mesh,
-        passthrough: flag("enable-mesh-pod-addressability"),
-        internal_tls: enabled("system-internal-tls") || enabled("internal-encryption"),
-    }
+    let flag = |key: &str| match data.get(key) {
+        None => Ok(false),
+        Some(v) => go::parse_bool(v).ok_or_else(|| format!("{key} {v:?} is not a boolean (true, false, 1, 0, …)")),
+    };
+    let legacy = flag("internal-encryption")?;
+    let internal_tls = match data.get("system-internal-tls").map(|v| v.to_ascii_lowercase()).as_deref() {
+        // The deprecated key still turns it on while the new one says nothing or "disabled".
+        None | Some("" | "disabled") => legacy,
+        Some("enabled") => true,
+        Some(_) => {
+            return Err(format!("system-internal-tls {:?} is not enabled or disabled", data["system-internal-tls"]));
+        }
+    };
+    Ok(NetworkConfig { mesh, passthrough: flag("enable-mesh-pod-addressability")?, internal_tls })
 }
 
 #[cfg(test)]
@@ -401,6 +412,18 @@ mod tests {
             json!({"containers": [{"ports": [{}]}, {"startupProbe": {"tcpSocket": {"port": 1}}}]}),
         ));
         assert!(!startup.unwrap().probe_optimisation, "a startup probe on any container");
+    }
+
+    #[test]
+    fn zero_timeouts_are_off_and_huge_ones_clamped() {
+        let rev = revision(&revision_json(json!({
+            "timeoutSeconds": i64::MAX, "responseStartTimeoutSeconds": 0, "idleTimeoutSeconds": i64::MAX,
+        })))
+        .unwrap();
+        assert_eq!((rev.timeout, rev.response_start_timeout), (spec::MAX_TIMEOUT, None));
+        assert_eq!(rev.idle_timeout, Some(spec::MAX_TIMEOUT));
+        let zero = revision(&revision_json(json!({"timeoutSeconds": 0}))).unwrap();
+        assert_eq!(zero.timeout, DEFAULT_TIMEOUT, "no timeout at all is the default one");
     }
 
     #[test]
@@ -495,17 +518,29 @@ mod tests {
     fn config_network_reads_mesh_mode_and_passthrough() {
         let data = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         let mut warnings = Vec::new();
-        let config = network_config(
-            &data(&[("mesh-compatibility-mode", "Enabled"), ("enable-mesh-pod-addressability", "true")]),
-            &mut |w| warnings.push(w),
-        );
-        assert_eq!(config, NetworkConfig { mesh: MeshMode::Enabled, passthrough: true, internal_tls: false });
-        let config = network_config(
-            &data(&[("mesh-compatibility-mode", "sometimes"), ("system-internal-tls", "enabled")]),
-            &mut |w| warnings.push(w),
-        );
+        let mut read = |pairs: &[(&str, &str)]| network_config(&data(pairs), &mut |w| warnings.push(w));
+        let config = read(&[("mesh-compatibility-mode", "Enabled"), ("enable-mesh-pod-addressability", "T")]);
+        assert_eq!(config, Ok(NetworkConfig { mesh: MeshMode::Enabled, passthrough: true, internal_tls: false }));
+        let config = read(&[("mesh-compatibility-mode", "sometimes"), ("system-internal-tls", "Enabled")]).unwrap();
         assert_eq!((config.mesh, config.internal_tls), (MeshMode::Auto, true));
+        assert_eq!(read(&[]), Ok(NetworkConfig::default()));
         assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert_eq!(network_config(&BTreeMap::new(), &mut |_| {}), NetworkConfig::default());
+    }
+
+    /// Upstream's `NewConfigFromMap` (vendored `knative.dev/networking/pkg/config/config.go`):
+    /// booleans through `strconv.ParseBool`, `system-internal-tls` lower-cased, and the deprecated
+    /// `internal-encryption` still enabling TLS while the new key is unset or `disabled`.
+    #[test]
+    fn config_network_parses_as_upstream() {
+        let data = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let read = |pairs: &[(&str, &str)]| network_config(&data(pairs), &mut |_| {});
+        let tls = |pairs: &[(&str, &str)]| read(pairs).map(|c| c.internal_tls);
+        assert_eq!(tls(&[("internal-encryption", "1")]), Ok(true));
+        assert_eq!(tls(&[("internal-encryption", "TRUE"), ("system-internal-tls", "Disabled")]), Ok(true));
+        assert_eq!(tls(&[("internal-encryption", "f"), ("system-internal-tls", "ENABLED")]), Ok(true));
+        assert_eq!(tls(&[("system-internal-tls", "")]), Ok(false));
+        assert!(tls(&[("system-internal-tls", "on")]).is_err());
+        assert!(tls(&[("internal-encryption", "yes")]).is_err(), "not a Go boolean");
+        assert!(read(&[("enable-mesh-pod-addressability", " true")]).is_err(), "Go does not trim");
     }
 }

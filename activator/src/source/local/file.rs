@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -197,9 +196,9 @@ impl RevisionEntry {
         RevisionSpec {
             name: self.name.clone(),
             container_concurrency: self.container_concurrency,
-            timeout: Duration::from_secs(self.timeout_seconds),
-            response_start_timeout: self.response_start_timeout_seconds.map(Duration::from_secs),
-            idle_timeout: self.idle_timeout_seconds.filter(|s| *s > 0).map(Duration::from_secs),
+            timeout: spec::timeout_seconds(self.timeout_seconds).unwrap_or_default(),
+            response_start_timeout: self.response_start_timeout_seconds.and_then(spec::timeout_seconds),
+            idle_timeout: self.idle_timeout_seconds.and_then(spec::timeout_seconds),
             annotations: self.annotations.clone(),
             backends,
             probe,
@@ -244,7 +243,7 @@ services:
         assert_eq!(svc.traffic[1].tag.as_deref(), Some("next"));
         let spec = file.to_spec(&EndpointsFile::new());
         assert_eq!(spec.services[0].hosts, ["counter.example.com"]);
-        assert_eq!(spec.services[0].revisions[1].timeout, Duration::from_secs(5));
+        assert_eq!(spec.services[0].revisions[1].timeout, std::time::Duration::from_secs(5));
         assert_eq!(spec.services[0].revisions[2].probe, Probe::Http { path: "/healthz".into() });
         assert_eq!(svc.revisions[1].container_concurrency, 2);
         assert_eq!(svc.revisions[0].timeout_seconds, spec::DEFAULT_TIMEOUT.as_secs());
