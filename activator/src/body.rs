@@ -9,6 +9,8 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -32,12 +34,23 @@ pub struct RequestBody {
     /// broke, never a body cut short that looks complete.
     broke: Option<hyper::Error>,
     rest: Incoming,
+    /// Data bytes handed on so far, where someone asked (`counted`).
+    passed: Option<Arc<AtomicU64>>,
 }
 
 impl RequestBody {
     /// The client's body as it arrives.
     pub fn new(rest: Incoming) -> Self {
-        RequestBody { read: VecDeque::new(), broke: None, rest }
+        RequestBody { read: VecDeque::new(), broke: None, rest, passed: None }
+    }
+
+    /// Counts the data bytes handed on from now, for the body-size metrics; `None` for a body
+    /// that is over already (a GET), which costs nothing to count.
+    pub fn counted(&mut self) -> Option<Arc<AtomicU64>> {
+        if self.read.is_empty() && self.rest.is_end_stream() {
+            return None;
+        }
+        Some(self.passed.get_or_insert_with(Arc::default).clone())
     }
 
     /// Reads the client's body until `limit` bytes of data (or its end, its trailers, an error,
@@ -72,13 +85,19 @@ impl Body for RequestBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        if let Some(frame) = this.read.pop_front() {
-            return Poll::Ready(Some(Ok(frame)));
-        }
-        if let Some(broke) = this.broke.take() {
+        let polled = if let Some(frame) = this.read.pop_front() {
+            Poll::Ready(Some(Ok(frame)))
+        } else if let Some(broke) = this.broke.take() {
             return Poll::Ready(Some(Err(broke)));
+        } else {
+            Pin::new(&mut this.rest).poll_frame(cx)
+        };
+        if let (Some(passed), Poll::Ready(Some(Ok(frame)))) = (&this.passed, &polled)
+            && let Some(data) = frame.data_ref()
+        {
+            passed.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
-        Pin::new(&mut this.rest).poll_frame(cx)
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -119,8 +138,16 @@ impl Held {
 #[error("the revision's timeout ended the response")]
 struct TimedOut;
 
+/// Told once a response has ended (its last byte sent, the body cut, or the client gone), with
+/// the body bytes handed to the client.
+pub trait Finished: Send + 'static {
+    fn finished(self: Box<Self>, sent: u64);
+}
+
 pub struct ResponseBody {
     kind: Kind,
+    sent: u64,
+    finished: Option<Box<dyn Finished>>,
 }
 
 enum Kind {
@@ -137,7 +164,8 @@ struct Idle {
 impl ResponseBody {
     /// A pod's body, kept with what its exchange holds.
     pub fn upstream(body: Incoming, held: Held) -> Self {
-        ResponseBody { kind: Kind::Upstream { body, held: Some(held), deadline: None, idle: None } }
+        let kind = Kind::Upstream { body, held: Some(held), deadline: None, idle: None };
+        ResponseBody { kind, sent: 0, finished: None }
     }
 
     /// Cuts a pod's body at `deadline`, the end of the revision's timeout (as upstream does for a
@@ -158,11 +186,22 @@ impl ResponseBody {
     }
 
     pub fn text(text: impl Into<Bytes>) -> Self {
-        ResponseBody { kind: Kind::Local(Full::new(text.into())) }
+        ResponseBody { kind: Kind::Local(Full::new(text.into())), sent: 0, finished: None }
     }
 
     pub fn empty() -> Self {
         Self::text(Bytes::new())
+    }
+
+    /// Calls `finished` once the response has ended.
+    pub fn when_finished(&mut self, finished: Box<dyn Finished>) {
+        self.finished = Some(finished);
+    }
+
+    fn finish(&mut self) {
+        if let Some(finished) = self.finished.take() {
+            finished.finished(self.sent);
+        }
     }
 }
 
@@ -171,7 +210,34 @@ impl Body for ResponseBody {
     type Error = BodyError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match &mut self.get_mut().kind {
+        let this = self.get_mut();
+        let polled = this.poll_kind(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => this.sent += frame.data_ref().map_or(0, |d| d.len() as u64),
+            Poll::Ready(None | Some(Err(_))) => this.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Upstream { body, .. } => body.is_end_stream(),
+            Kind::Local(full) => full.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Local(full) => full.size_hint(),
+        }
+    }
+}
+
+impl ResponseBody {
+    fn poll_kind(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match &mut self.kind {
             Kind::Upstream { body, held, deadline, idle } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
                 if polled.is_ready()
@@ -206,20 +272,6 @@ impl Body for ResponseBody {
             Kind::Local(full) => Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
         }
     }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Upstream { body, .. } => body.is_end_stream(),
-            Kind::Local(full) => full.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Upstream { body, .. } => body.size_hint(),
-            Kind::Local(full) => full.size_hint(),
-        }
-    }
 }
 
 impl Drop for ResponseBody {
@@ -232,5 +284,6 @@ impl Drop for ResponseBody {
         {
             held.release();
         }
+        self.finish();
     }
 }

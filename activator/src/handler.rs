@@ -29,8 +29,8 @@ use crate::proxy::{self, Exchange, Outbound};
 use crate::readiness::Prober;
 use crate::respond::{self, reply};
 use crate::stats::Stats;
-use crate::stats::knative::Protocol;
-use crate::telemetry::{Outcome, Routed, Telemetry};
+use crate::stats::knative::{ClientSeries, Protocol, Scheme};
+use crate::telemetry::{Ending, Entry, LoggedRoute, Outcome, Routed, Telemetry};
 use crate::throttle::{AcquireError, Lease, Want};
 use crate::world::{Revision, Service, Snapshot};
 use prometheus::IntCounter;
@@ -87,24 +87,25 @@ impl Handler {
         }
         let protocol = Protocol::of(req.method(), req.version());
         let span = self.telemetry.server_span(&req, protocol);
+        let log = self.telemetry.log_entry(&req, protocol, client, &span);
         let req = Box::new(req.map(RequestBody::new));
-        let routed = self.clone().route_and_forward(req, client, protocol, started, span.clone());
+        let arrived = Arrived { client, protocol, started, log };
+        let routed = self.clone().route_and_forward(req, arrived, span.clone());
         Either::Right(routed.instrument(span))
     }
 
     async fn route_and_forward(
         self: Arc<Self>,
         mut req: Box<Request<RequestBody>>,
-        client: SocketAddr,
-        protocol: Protocol,
-        started: Instant,
+        arrived: Arrived,
         span: Span,
     ) -> Response<ResponseBody> {
         let span = &span;
+        let Arrived { client, protocol, started, mut log } = arrived;
         let (service, ingress_pick) = match resolve(&self.world.load(), &req, &self.cluster_domain) {
             Ok(target) => target,
             Err(NotFound(name)) => {
-                return self.unrouted(respond::revision_not_found(&name), protocol, started, span);
+                return self.unrouted(respond::revision_not_found(&name), protocol, started, span, log);
             }
         };
         // A chat request's conversation is its session: its body's beginning is read to name it,
@@ -117,7 +118,9 @@ impl Handler {
         };
         let keys = match extract(&service.affinity, &req, conversation.as_deref()) {
             Ok(keys) => keys,
-            Err(e) => return self.unrouted(reply(StatusCode::BAD_REQUEST, &e.to_string()), protocol, started, span),
+            Err(e) => {
+                return self.unrouted(reply(StatusCode::BAD_REQUEST, &e.to_string()), protocol, started, span, log);
+            }
         };
         self.telemetry.inject(span, req.headers_mut());
         let (pinning, mut route) = Box::pin(Pinning::route(&self.pins, &service, &keys, ingress_pick.as_ref())).await;
@@ -129,8 +132,10 @@ impl Handler {
         // exchange, the wait for the response to start, and pauses in its body.
         let mut deadline = Box::pin(tokio::time::sleep_until(started + route.revision.timeout));
         let first_byte = route.revision.response_start_timeout.map(|t| started + t);
+        let request_bytes = req.body_mut().counted();
+        let mut exchange = None;
         let mut resp = tokio::select! {
-            resp = self.admit_and_forward(req, &pinning, &mut route, in_flight, client) => resp,
+            resp = self.admit_and_forward(req, &pinning, &mut route, in_flight, client, &mut exchange) => resp,
             () = deadline.as_mut() => respond::timed_out(),
             () = sleep_until_some(first_byte) => respond::timed_out(),
         };
@@ -139,7 +144,7 @@ impl Handler {
             resp.body_mut().cut_when_idle(idle);
         }
         let (status, elapsed) = (resp.status().as_u16(), started.elapsed());
-        route.revision.stats.record(status, protocol, elapsed);
+        let server = route.revision.stats.record(status, protocol, elapsed);
         route.revision.stats.queue_wait.observe(route.queued.as_secs_f64());
         self.decisions[route.origin as usize].inc();
         self.annotate(&mut resp, &keys, &route);
@@ -158,6 +163,24 @@ impl Handler {
             };
             self.telemetry.finish(span, &Outcome { protocol, status, elapsed, routed: Some(routed) });
         }
+        if let Some(entry) = &mut log {
+            let revision = &route.revision;
+            entry.routed(LoggedRoute {
+                namespace: revision.namespace.as_str().into(),
+                service: revision.service.as_str().into(),
+                configuration: revision.stats.names().configuration.as_str().into(),
+                revision: revision.name.as_str().into(),
+                decision: route.origin.as_str(),
+                pin_source: route.pin_source.map(PinSource::as_str),
+                pod: route.pod,
+                queued: route.queued,
+                session: keys.session.as_ref().map(PinKey::short_hash),
+                flow: keys.flow.as_ref().map(PinKey::short_hash),
+            });
+        }
+        let client_size = exchange.map(|series: ClientSeries| series.request_size);
+        let ending = Ending { started, status, server, client_size, request_bytes, log };
+        resp.body_mut().when_finished(self.telemetry.ending(ending));
         resp
     }
 
@@ -167,11 +190,16 @@ impl Handler {
         protocol: Protocol,
         started: Instant,
         span: &Span,
+        log: Option<Box<Entry>>,
     ) -> Response<ResponseBody> {
         let (status, elapsed) = (resp.status().as_u16(), started.elapsed());
-        self.stats.unrouted(status, protocol, elapsed);
+        let size = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+        self.stats.unrouted(status, protocol, elapsed, size);
         if self.telemetry.wants_outcome(span) {
             self.telemetry.finish(span, &Outcome { protocol, status, elapsed, routed: None });
+        }
+        if let Some(entry) = log {
+            self.telemetry.log_answered(&entry, status, size, elapsed);
         }
         resp
     }
@@ -187,7 +215,9 @@ impl Handler {
         route: &mut Route,
         mut in_flight: InFlight,
         client: SocketAddr,
+        exchange: &mut Option<ClientSeries>,
     ) -> Response<ResponseBody> {
+        let protocol = Protocol::of(req.method(), req.version());
         let body_bytes = waiting_body_bytes(&req);
         let mut outbound = Outbound::new(req, client.ip(), &route.revision.host);
         let mut want = route.want;
@@ -196,8 +226,14 @@ impl Handler {
                 Ok(admitted) => admitted,
                 Err(refused) => return refused,
             };
-            let exchange = Exchange { lease, in_flight: counted, tunnels: &self.tunnels };
-            let failed = match Box::pin(proxy::forward(outbound, exchange)).await {
+            let held = Exchange { lease, in_flight: counted, tunnels: &self.tunnels };
+            let sending = Instant::now();
+            let forwarded = Box::pin(proxy::forward(outbound, held)).await;
+            let code = forwarded.as_ref().ok().map(|resp| resp.status().as_u16());
+            let series = route.revision.stats.client(code, protocol, Scheme::Http);
+            series.duration.observe(sending.elapsed().as_secs_f64());
+            *exchange = Some(series);
+            let failed = match forwarded {
                 Ok(resp) => return resp,
                 Err(failed) => failed,
             };
@@ -264,6 +300,15 @@ impl Handler {
             headers.insert(DECISION, HeaderValue::from_static(route.origin.as_str()));
         }
     }
+}
+
+/// What is known of a request from its arrival on.
+struct Arrived {
+    client: SocketAddr,
+    protocol: Protocol,
+    started: Instant,
+    /// Its request-log entry, while the log is on.
+    log: Option<Box<Entry>>,
 }
 
 /// Sleeps until `at`, or forever without one.

@@ -124,6 +124,7 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogL
     }
     let admin_listener = bind(addrs.admin).await?;
     println!("listening admin {}", admin_listener.local_addr()?);
+    telemetry.serve_prometheus_with(Arc::new(admin::MovedMetrics::new(stats.clone(), admin_listener.local_addr()?)));
     tokio::spawn(admin::serve(admin_listener, health.clone(), stats.clone()));
 
     if config.mode == Mode::Knative {

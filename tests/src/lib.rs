@@ -336,6 +336,17 @@ impl Env {
     /// POD_IP, SYSTEM_NAMESPACE), on loopback, with a short drain for tests and `extra` flags.
     /// Flags in `extra` replace the defaults of the same name (`--listen [::1]:0` for IPv6).
     pub async fn knative_activator(&self, api: &kube_api::ApiServer, pod_ip: &str, extra: &[&str]) -> Process {
+        self.knative_activator_with_env(api, pod_ip, extra, &[]).await
+    }
+
+    /// `knative_activator`, with more environment variables set.
+    pub async fn knative_activator_with_env(
+        &self,
+        api: &kube_api::ApiServer,
+        pod_ip: &str,
+        extra: &[&str],
+        more_env: &[(&str, String)],
+    ) -> Process {
         let defaults = [
             ("--mode", "knative"),
             ("--listen", "127.0.0.1:0"),
@@ -354,6 +365,7 @@ impl Env {
             ("OTEL_BSP_SCHEDULE_DELAY", "50".to_owned()),
             ("ACTIVATOR_REDIS_TIMEOUT", LOADED_MACHINE_REDIS_BUDGET.to_owned()),
         ];
+        let env = [&env[..], more_env].concat();
         Process::start_with_env(self.dir.path(), "activator", &args, &env, &["proxy", "h2c", "admin"])
             .await
             .expect("the activator starts in knative mode")
@@ -561,6 +573,14 @@ pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
     socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("binding a loopback port");
     let addr = socket.local_addr().expect("the bound address");
     (socket, addr)
+}
+
+/// A loopback port free now, for a listener a process opens itself later on a port it is told
+/// (another process could take it in between; tests use it only where the address must be named
+/// before the listener exists).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
+    listener.local_addr().expect("the bound address").port()
 }
 
 /// The addresses demo pods listen on.

@@ -34,6 +34,16 @@ async fn session_header_keeps_a_session_on_one_pod() {
     env.write_topology(&yaml(&[Service::new("counter").revision("counter-1", 100, &addrs(&pods))]));
     let activator = env.activator(&["--debug-headers"]).await;
     let client = Client::new(activator.addr("proxy"));
+    // Every pod passes its first probe before sessions start, or the first ready pod gets them
+    // all on a loaded machine.
+    let seen = std::sync::Mutex::new(HashSet::new());
+    wait_until(Duration::from_secs(20), "every pod takes requests", || async {
+        let pod = client.get("counter.test", "/healthz").await.pod().to_owned();
+        let mut seen = seen.lock().unwrap();
+        seen.insert(pod);
+        seen.len() == 3
+    })
+    .await;
 
     let mut landed = HashSet::new();
     for session in ["abc", "def", "ghi", "jkl", "mno", "pqr"] {

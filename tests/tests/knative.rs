@@ -504,7 +504,7 @@ async fn config_observability_changes_exports_live() {
     assert!(receiver.spans().iter().all(|s| s.trace_id != unsampled_trace), "rate 0 samples no new trace");
 
     let http = receiver.http_endpoint();
-    observe(&[("tracing-protocol", "http/protobuf"), ("tracing-endpoint", &http)]);
+    observe(&[("tracing-protocol", "http/protobuf"), ("tracing-endpoint", &http), ("tracing-sampling-rate", "1")]);
     wait_until(Duration::from_secs(10), "upstream's names are no longer exported", || async {
         !upstream_names().await
     })
@@ -541,7 +541,16 @@ async fn config_observability_changes_exports_live() {
         "{duration:?}"
     );
     let names: HashSet<&str> = pushed.iter().map(|m| m.name.as_str()).collect();
-    for name in ["kn.revision.request.concurrency", "kn.activator.stats.conn.reachable", "kn.revision.request.active"] {
+    for name in [
+        "kn.revision.request.concurrency",
+        "kn.activator.stats.conn.reachable",
+        "kn.revision.request.active",
+        "http.server.request.body.size",
+        "http.server.response.body.size",
+        "http.client.request.duration",
+        "http.client.request.body.size",
+        "kn.k8s.client.http.response.status_code",
+    ] {
         assert!(names.contains(name), "{name} not pushed: {names:?}");
     }
     assert!(!upstream_names().await, "pushed, not scraped");
@@ -594,4 +603,106 @@ async fn zero_and_huge_revision_timeouts_serve_normally() {
     let activator = c.activator(&autoscaler, "10.0.0.1", &[]).await;
     let client = Client::new(activator.addr("proxy"));
     counts_up(&client, "/incr?session_id=t", "limits-00001", &[("K-Session", "t")], 3, "t").await;
+}
+
+/// The ConfigMaps upstream's activator reads, read as it reads them and applied live: their names
+/// from `CONFIG_LOGGING_NAME` / `CONFIG_OBSERVABILITY_NAME`, booleans as Go's `strconv.ParseBool`
+/// (`cmd/activator/request_log.go` `updateRequestLogFromConfigMap` via `configmap.As`),
+/// `loglevel.activator` (`knative.dev/pkg/logging` `UpdateLevelFromConfigMap`), the request-log
+/// template (`pkg/http/request_log.go`; one that does not parse keeps the previous one), and
+/// `metrics-endpoint` moving the Prometheus listener (`knative.dev/pkg/observability/metrics/
+/// prometheus` `NewServer`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renamed_config_maps_are_read_as_upstream_reads_them_live() {
+    let c = Cluster::new().await;
+    let pods = c.env.pods("counter-00001", 1).await;
+    c.revision(&Revision::new("counter", "counter-00001"), &addrs(&pods));
+    c.service("counter", &[Target::new("counter-00001", 100)], &[]);
+    let autoscaler = c.autoscaler().await;
+    let url = format!("ws://{}", autoscaler.addr("stats"));
+    let env = [
+        ("CONFIG_LOGGING_NAME", "team-logging".to_owned()),
+        ("CONFIG_OBSERVABILITY_NAME", "team-observability".to_owned()),
+    ];
+    let activator = c.env.knative_activator_with_env(&c.api, "10.0.0.1", &["--autoscaler-url", &url], &env).await;
+    let (client, admin) = (Client::new(activator.addr("proxy")), activator.addr("admin"));
+    wait_until(Duration::from_secs(30), "ready", || async { admin_get(admin, "/readyz").await.0 == 200 }).await;
+    let observe = |pairs: &[(&str, &str)]| c.api.put(Kind::ConfigMap, config_map("team-observability", pairs));
+    let logging = |pairs: &[(&str, &str)]| c.api.put(Kind::ConfigMap, config_map("team-logging", pairs));
+    let lines = |process: &integration_tests::Process| {
+        process.stdout().into_iter().filter(|l| l.starts_with("line ")).collect::<Vec<_>>()
+    };
+
+    // The stock name is not ours to read any more; the renamed one is.
+    c.api.put(Kind::ConfigMap, config_map("config-observability", &[("logging.enable-request-log", "true")]));
+    let template =
+        "line {{.Request.Method}} {{.Revision.Name}} {{.Revision.Namespace}} {{.Response.Code}} {{.Response.Size}}";
+    observe(&[("logging.enable-request-log", "T"), ("logging.request-log-template", template)]);
+    wait_until(Duration::from_secs(10), "the renamed ConfigMap's template writes lines", || async {
+        send(&client, "/incr?session_id=log", "counter-00001", &[]).await;
+        !lines(&activator).is_empty()
+    })
+    .await;
+    // Written once the response has ended, with its size: `session=log, count=N` and a newline.
+    let first = lines(&activator)[0].clone();
+    assert!(first.starts_with("line GET counter-00001 default 200 "), "{first}");
+    let size: usize = first.rsplit(' ').next().unwrap().parse().unwrap();
+    assert_eq!(size, "session=log, count=1\n".len(), "{first}");
+
+    // A template this cannot render is refused, and the previous one keeps writing.
+    observe(&[("logging.enable-request-log", "1"), ("logging.request-log-template", "{{if .TraceID}}x{{end}}")]);
+    wait_until(Duration::from_secs(10), "the refusal is logged", || async {
+        activator.logs().contains("refusing logging.request-log-template")
+    })
+    .await;
+    let before = lines(&activator).len();
+    send(&client, "/incr?session_id=log", "counter-00001", &[]).await;
+    wait_until(Duration::from_secs(10), "the previous template wrote the line", || async {
+        lines(&activator).len() > before
+    })
+    .await;
+
+    // loglevel.activator: debug lines appear once asked for, and stop at error.
+    let debug_lines = || activator.logs().matches("a ConfigMap of the system namespace changed").count();
+    assert_eq!(debug_lines(), 0, "info by default");
+    logging(&[("loglevel.activator", "DEBUG")]);
+    observe(&[("logging.enable-request-log", "false")]);
+    wait_until(Duration::from_secs(10), "debug lines are written", || async { debug_lines() > 0 }).await;
+    let before_error = debug_lines();
+    assert_eq!(before_error, 1, "the level change's own line was written at info, so not at all");
+    logging(&[("loglevel.activator", "error")]);
+    // One watch delivers the system namespace's ConfigMaps in order: once this one's template
+    // writes, the level change before it was applied too.
+    observe(&[("logging.enable-request-log", "t"), ("logging.request-log-template", "line {{.Response.Code}}")]);
+    wait_until(Duration::from_secs(10), "the request log is on again", || async {
+        send(&client, "/incr", "counter-00001", &[]).await;
+        lines(&activator).iter().any(|l| l == "line 200")
+    })
+    .await;
+    assert_eq!(
+        debug_lines(),
+        before_error + 1,
+        "the level change's own line (written at debug, before it applied), none after"
+    );
+    // A level zap does not know refuses the ConfigMap.
+    logging(&[("loglevel.activator", "chatty")]);
+    wait_until(Duration::from_secs(10), "the refusal is counted", || async {
+        metric(admin, "activator_kube_objects_rejected_total", &[("resource", "configmaps")]).await == Some(1.0)
+    })
+    .await;
+
+    // metrics-endpoint moves upstream's Prometheus listener, which answers /metrics alone.
+    let moved = integration_tests::free_port();
+    observe(&[("metrics-protocol", "prometheus"), ("metrics-endpoint", &format!("127.0.0.1:{moved}"))]);
+    let moved: std::net::SocketAddr = format!("127.0.0.1:{moved}").parse().unwrap();
+    wait_until(Duration::from_secs(10), "the moved listener serves upstream's names", || async {
+        send(&client, "/incr", "counter-00001", &[]).await;
+        let text = admin_get(moved, "/metrics").await.1;
+        text.contains("http_server_response_body_size_bytes_bucket")
+            && text.contains("server_address=\"counter.default.svc.cluster.local\"")
+            && text.contains("http_client_request_duration_seconds_bucket")
+            && text.contains("kn_k8s_client_http_response_status_code_total")
+    })
+    .await;
+    assert_eq!(admin_get(moved, "/readyz").await.0, 404, "the moved listener is /metrics only");
 }

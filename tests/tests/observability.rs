@@ -161,7 +161,34 @@ async fn spans_say_where_the_pin_came_from_with_redis_and_without_it() {
 }
 
 /// Each upstream name with its type and label names, as upstream's Prometheus exporter writes them.
-const UPSTREAM: [(&str, &str, &[&str]); 6] = [
+/// otelhttp's server attributes, with `server.address` (the service's host) and the revision's.
+const SERVER: &[&str] = &[
+    "http_request_method",
+    "http_response_status_code",
+    "k8s_namespace_name",
+    "kn_configuration_name",
+    "kn_revision_name",
+    "kn_service_name",
+    "network_protocol_name",
+    "network_protocol_version",
+    "server_address",
+    "url_scheme",
+];
+/// otelhttp's client attributes (the exchange with the pod) and the revision's.
+const CLIENT: &[&str] = &[
+    "http_request_method",
+    "http_response_status_code",
+    "error_type",
+    "k8s_namespace_name",
+    "kn_configuration_name",
+    "kn_revision_name",
+    "kn_service_name",
+    "network_protocol_name",
+    "network_protocol_version",
+    "url_scheme",
+];
+
+const UPSTREAM: [(&str, &str, &[&str]); 10] = [
     (
         "kn_revision_request_concurrency",
         "gauge",
@@ -171,21 +198,11 @@ const UPSTREAM: [(&str, &str, &[&str]); 6] = [
     ("kn_revision_request_active", "gauge", &["k8s_namespace_name", "kn_revision_name"]),
     ("kn_activator_stats_conn_reachable", "gauge", &["peer"]),
     ("kn_activator_stats_conn_errors_total", "counter", &["peer"]),
-    (
-        "http_server_request_duration_seconds",
-        "histogram",
-        &[
-            "http_request_method",
-            "http_response_status_code",
-            "k8s_namespace_name",
-            "kn_configuration_name",
-            "kn_revision_name",
-            "kn_service_name",
-            "network_protocol_name",
-            "network_protocol_version",
-            "url_scheme",
-        ],
-    ),
+    ("http_server_request_duration_seconds", "histogram", SERVER),
+    ("http_server_request_body_size_bytes", "histogram", SERVER),
+    ("http_server_response_body_size_bytes", "histogram", SERVER),
+    ("http_client_request_duration_seconds", "histogram", CLIENT),
+    ("http_client_request_body_size_bytes", "histogram", CLIENT),
 ];
 
 /// Each family's type and the label names of its samples.
@@ -314,4 +331,54 @@ async fn the_request_log_has_one_line_per_request_and_no_ids() {
     let unrouted = lines.iter().find(|l| l["status"] == 404).expect("the unrouted request's line");
     assert!(unrouted.get("revision").is_none(), "{unrouted}");
     assert!(!activator.stdout().join("\n").contains("secret-session-id"), "no raw ids in the log");
+}
+
+/// Upstream's otelhttp records `http.server.request.duration` and the body sizes after the handler
+/// returns, the response written: a streamed response counts in full, while our own
+/// `activator_request_duration_seconds` stops at its headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_server_series_are_recorded_when_the_response_ends() {
+    let env = Env::new();
+    let (_pod, activator) = env.one_pod_service("streamer", &[]).await;
+    let (client, admin) = (Client::new(activator.addr("proxy")), activator.addr("admin"));
+    let streamed = client.get("streamer.test", "/stream?chunks=5&interval=200ms").await;
+    assert_eq!((streamed.status, streamed.body.len()), (200, 40));
+    let revision = [("kn_revision_name", "streamer-1"), ("http_response_status_code", "200")];
+    wait_until(Duration::from_secs(10), "the ended response is recorded", || async {
+        Metrics::scrape(admin).await.value("http_server_response_body_size_bytes_count", &revision) == Some(1.0)
+    })
+    .await;
+    let metrics = Metrics::scrape(admin).await;
+    assert_eq!(metrics.value("http_server_response_body_size_bytes_sum", &revision), Some(40.0));
+    assert_eq!(metrics.value("http_server_request_body_size_bytes_sum", &revision), Some(0.0));
+    let upstreams = metrics.value("http_server_request_duration_seconds_sum", &revision).unwrap();
+    let ours = metrics.value("activator_request_duration_seconds_sum", &[("revision", "streamer-1")]).unwrap();
+    assert!(upstreams >= 0.8, "the whole stream, four pauses of 200 ms: {upstreams}");
+    assert!(ours < upstreams, "ours ends at the headers: {ours}");
+    assert!(
+        metrics.value("http_server_request_duration_seconds_count", &[("server_address", "streamer.test")])
+            == Some(1.0),
+        "server.address is the service's host: {metrics}"
+    );
+    let client_count = metrics.value("http_client_request_duration_seconds_count", &revision);
+    assert_eq!(client_count, Some(1.0), "the exchange with the pod: {metrics}");
+
+    // A request body is counted as it passes to the pod.
+    let echoed =
+        client.send(client.request(reqwest::Method::POST, "streamer.test", "/echo").body(vec![b'x'; 3000])).await;
+    assert_eq!(echoed.body.len(), 3000);
+    wait_until(Duration::from_secs(10), "the upload is counted", || async {
+        Metrics::scrape(admin)
+            .await
+            .value("http_server_request_body_size_bytes_sum", &[("http_request_method", "POST")])
+            == Some(3000.0)
+    })
+    .await;
+    let client_body =
+        metric_sum(admin, "http_client_request_body_size_bytes_sum", &[("http_request_method", "POST")]).await;
+    assert_eq!(client_body, 3000.0);
+}
+
+async fn metric_sum(admin: std::net::SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    Metrics::scrape(admin).await.value(name, labels).unwrap_or(0.0)
 }

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use crate::sync::lock;
 use std::time::Duration;
 
-use knative::{KnativeMetrics, KnativeRevision, PROTOCOLS, Protocol, RevisionNames};
+use knative::{
+    ClientSeries, KnativeMetrics, KnativeRevision, PROTOCOLS, Protocol, RevisionNames, Scheme, ServerSeries,
+};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -335,6 +337,7 @@ impl Stats {
         let created = Arc::new(RevisionStats {
             common: Default::default(),
             rare: Mutex::default(),
+            rare_clients: Mutex::default(),
             in_flight: self.in_flight.with_label_values(&ours),
             queued: self.queued.with_label_values(&ours),
             queue_wait: self.queue_wait.with_label_values(&ours),
@@ -349,10 +352,11 @@ impl Stats {
         created
     }
 
-    /// A request that never reached a revision (unknown host, bad request).
-    pub fn unrouted(&self, code: u16, protocol: Protocol, elapsed: Duration) {
+    /// A request that never reached a revision (unknown host, bad request), answered at once
+    /// with `body_bytes`.
+    pub fn unrouted(&self, code: u16, protocol: Protocol, elapsed: Duration, body_bytes: u64) {
         self.record(["", "", ""], code, elapsed);
-        self.knative.duration(None, protocol, code).observe(elapsed.as_secs_f64());
+        self.knative.server(None, protocol, code).record(elapsed, 0, body_bytes);
     }
 
     pub fn topology_reload(&self, applied: bool) {
@@ -389,11 +393,13 @@ impl Stats {
     }
 }
 
-/// The series of one status code of one revision: ours, and upstream's duration per protocol.
+/// The series of one status code of one revision: ours, and upstream's per protocol (the
+/// client's per protocol and scheme).
 struct CodeSeries {
     count: IntCounter,
     latency: Histogram,
-    duration: [OnceLock<Histogram>; PROTOCOLS],
+    server: [OnceLock<ServerSeries>; PROTOCOLS],
+    client: [OnceLock<ClientSeries>; PROTOCOLS * 2],
 }
 
 /// Registers `collectors` in `registry` and returns the names of their families.
@@ -411,6 +417,7 @@ pub struct RevisionStats {
     common: [OnceLock<CodeSeries>; COMMON_CODES.len()],
     /// Other (protocol, status code) pairs recorded, so their series can be removed too.
     rare: Mutex<Vec<(Protocol, u16)>>,
+    rare_clients: Mutex<Vec<(Protocol, Option<u16>, Scheme)>>,
     pub in_flight: IntGauge,
     pub queued: IntGauge,
     pub queue_wait: Histogram,
@@ -422,7 +429,13 @@ pub struct RevisionStats {
 }
 
 impl RevisionStats {
-    pub fn record(&self, code: u16, protocol: Protocol, elapsed: Duration) {
+    pub fn names(&self) -> &RevisionNames {
+        &self.names
+    }
+
+    /// Counts a request answered with `code`, its time to response headers in ours, and returns
+    /// upstream's server series to record once the response has ended.
+    pub fn record(&self, code: u16, protocol: Protocol, elapsed: Duration) -> ServerSeries {
         let seconds = elapsed.as_secs_f64();
         let Some(slot) = COMMON_CODES.iter().position(|&c| c == code) else {
             let mut rare = lock(&self.rare);
@@ -432,23 +445,45 @@ impl RevisionStats {
             drop(rare);
             let names = &self.names;
             self.stats.record([&names.namespace, &names.service, &names.revision], code, elapsed);
-            return self.stats.knative.duration(Some(names), protocol, code).observe(seconds);
+            return self.stats.knative.server(Some(names), protocol, code);
         };
-        let series = self.common[slot].get_or_init(|| {
-            let code = code.to_string();
+        let series = self.series(slot);
+        series.count.inc();
+        series.latency.observe(seconds);
+        series.server[protocol.index()]
+            .get_or_init(|| self.stats.knative.server(Some(&self.names), protocol, code))
+            .clone()
+    }
+
+    /// Upstream's client series of an exchange with a pod that ended with `code` (`None`: no
+    /// status, the exchange failed).
+    pub fn client(&self, code: Option<u16>, protocol: Protocol, scheme: Scheme) -> ClientSeries {
+        let common = code.and_then(|code| COMMON_CODES.iter().position(|&c| c == code));
+        let Some(slot) = common else {
+            let mut rare = lock(&self.rare_clients);
+            if !rare.contains(&(protocol, code, scheme)) {
+                rare.push((protocol, code, scheme));
+            }
+            return self.stats.knative.client(&self.names, protocol, code, scheme);
+        };
+        let index = protocol.index() * 2 + usize::from(scheme == Scheme::Https);
+        self.series(slot).client[index]
+            .get_or_init(|| self.stats.knative.client(&self.names, protocol, code, scheme))
+            .clone()
+    }
+
+    fn series(&self, slot: usize) -> &CodeSeries {
+        self.common[slot].get_or_init(|| {
+            let code = COMMON_CODES[slot].to_string();
             let names = &self.names;
             let labels = [names.namespace.as_str(), &names.service, &names.revision, &code];
             CodeSeries {
                 count: self.stats.requests.with_label_values(&labels),
                 latency: self.stats.latency.with_label_values(&labels),
-                duration: Default::default(),
+                server: Default::default(),
+                client: std::array::from_fn(|_| OnceLock::new()),
             }
-        });
-        series.count.inc();
-        series.latency.observe(seconds);
-        series.duration[protocol.index()]
-            .get_or_init(|| self.stats.knative.duration(Some(&self.names), protocol, code))
-            .observe(seconds);
+        })
     }
 }
 
@@ -470,10 +505,22 @@ impl Drop for RevisionStats {
             .filter_map(|(code, slot)| Some((*code, slot.get()?)))
             .flat_map(|(code, series)| {
                 (0..PROTOCOLS)
-                    .filter(|p| series.duration[*p].get().is_some())
+                    .filter(|p| series.server[*p].get().is_some())
                     .map(move |p| (Protocol::from_index(p), code))
             })
             .chain(lock(&self.rare).iter().copied())
+            .collect();
+        let clients: Vec<(Protocol, Option<u16>, Scheme)> = COMMON_CODES
+            .iter()
+            .zip(&self.common)
+            .filter_map(|(code, slot)| Some((*code, slot.get()?)))
+            .flat_map(|(code, series)| {
+                (0..PROTOCOLS * 2).filter(|i| series.client[*i].get().is_some()).map(move |i| {
+                    let scheme = if i % 2 == 1 { Scheme::Https } else { Scheme::Http };
+                    (Protocol::from_index(i / 2), Some(code), scheme)
+                })
+            })
+            .chain(lock(&self.rare_clients).iter().copied())
             .collect();
         let codes = COMMON_CODES.iter().zip(&self.common).filter(|(_, slot)| slot.get().is_some()).map(|(c, _)| *c);
         for code in codes.chain(lock(&self.rare).iter().map(|(_, code)| *code)) {
@@ -481,7 +528,7 @@ impl Drop for RevisionStats {
             let _ = self.stats.requests.remove_label_values(&[ns, svc, rev, &code]);
             let _ = self.stats.latency.remove_label_values(&[ns, svc, rev, &code]);
         }
-        self.stats.knative.forget(names, used.into_iter());
+        self.stats.knative.forget(names, used.into_iter(), clients.into_iter());
         let _ = self.stats.in_flight.remove_label_values(&[ns, svc, rev]);
         let _ = self.stats.queued.remove_label_values(&[ns, svc, rev]);
         let _ = self.stats.queue_wait.remove_label_values(&[ns, svc, rev]);
@@ -501,6 +548,7 @@ mod tests {
             service: "svc".into(),
             configuration: "svc".into(),
             revision: revision.into(),
+            server_address: "svc.example.com".into(),
         }
     }
 
@@ -513,7 +561,7 @@ mod tests {
         rev.record(200, GET_11(), Duration::from_millis(3));
         rev.record(200, GET_11(), Duration::from_millis(3));
         rev.record(418, GET_11(), Duration::from_millis(3));
-        stats.unrouted(404, GET_11(), Duration::from_millis(1));
+        stats.unrouted(404, GET_11(), Duration::from_millis(1), 10);
         let text = String::from_utf8(stats.encode()).unwrap();
         assert!(
             text.contains(r#"activator_requests_total{code="200",namespace="ns",revision="svc-1",service="svc"} 2"#),
@@ -534,8 +582,11 @@ mod tests {
             text.lines().filter(|l| l.contains("\"gone-1\"")).count()
         };
         let first = stats.revision(names("gone-1"));
-        first.record(200, GET_11(), Duration::from_millis(1));
-        first.record(418, GET_11(), Duration::from_millis(1));
+        first.record(200, GET_11(), Duration::from_millis(1)).record(Duration::from_millis(1), 0, 1);
+        first.record(418, GET_11(), Duration::from_millis(1)).record(Duration::from_millis(1), 0, 1);
+        first.client(Some(200), GET_11(), Scheme::Http).duration.observe(0.001);
+        first.client(Some(418), GET_11(), Scheme::Https).request_size.observe(1.0);
+        first.client(None, GET_11(), Scheme::Http).duration.observe(0.001);
         first.in_flight.inc();
         assert!(series(&stats) > 0);
         let again = stats.revision(names("gone-1"));
@@ -575,12 +626,12 @@ mod tests {
     fn upstream_names_have_upstreams_types_and_labels() {
         let stats = Stats::new();
         let rev = stats.revision(names("svc-1"));
-        rev.record(200, GET_11(), Duration::from_millis(3));
-        rev.record(
-            503,
-            Protocol::of(&http::Method::from_bytes(b"BREW").unwrap(), http::Version::HTTP_2),
-            Duration::ZERO,
-        );
+        rev.record(200, GET_11(), Duration::from_millis(3)).record(Duration::from_millis(4), 0, 12);
+        let brew = Protocol::of(&http::Method::from_bytes(b"BREW").unwrap(), http::Version::HTTP_2);
+        rev.record(503, brew, Duration::ZERO).record(Duration::ZERO, 5, 0);
+        rev.client(Some(200), GET_11(), Scheme::Http).duration.observe(0.002);
+        rev.client(None, GET_11(), Scheme::Http).request_size.observe(0.0);
+        stats.knative.kube_response("10.96.0.1:443", "get", Some(200));
         rev.knative.concurrency.set(0.5);
         rev.knative.queued.set(1);
         rev.knative.active.inc();
@@ -595,13 +646,24 @@ mod tests {
             "network_protocol_version",
             "url_scheme",
         ];
-        let expected: [(&str, &str, Vec<&str>); 6] = [
+        let server = [&http[..], &["server_address"], &revision[..]].concat();
+        let client = [&http[..], &["error_type"], &revision[..]].concat();
+        let expected: [(&str, &str, Vec<&str>); 11] = [
             ("kn_revision_request_concurrency", "gauge", revision.to_vec()),
             ("kn_revision_request_queued", "gauge", short.to_vec()),
             ("kn_revision_request_active", "gauge", short.to_vec()),
             ("kn_activator_stats_conn_reachable", "gauge", vec!["peer"]),
             ("kn_activator_stats_conn_errors_total", "counter", vec!["peer"]),
-            ("http_server_request_duration_seconds", "histogram", [&http[..], &revision[..]].concat()),
+            ("http_server_request_duration_seconds", "histogram", server.clone()),
+            ("http_server_request_body_size_bytes", "histogram", server.clone()),
+            ("http_server_response_body_size_bytes", "histogram", server),
+            ("http_client_request_duration_seconds", "histogram", client.clone()),
+            ("http_client_request_body_size_bytes", "histogram", client),
+            (
+                "kn_k8s_client_http_response_status_code_total",
+                "counter",
+                vec!["server_address", "http_request_method", "http_response_status_code"],
+            ),
         ];
         let text = String::from_utf8(stats.encode()).unwrap();
         let found = families(&text);

@@ -3,6 +3,7 @@
 //! `Telemetry`'s.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::go;
@@ -61,6 +62,13 @@ pub struct ObservabilityConfig {
     /// `OTEL_TRACES_SAMPLER_ARG`, which wins over `tracing-sampling-rate` as upstream's provider
     /// lets it.
     pub sampler_arg: Option<f64>,
+    /// `logging.request-log-template`: lines in this Go template instead of our JSON.
+    pub request_log_template: Option<String>,
+    /// Where `metrics-endpoint` (with `metrics-protocol: prometheus`) moves upstream's Prometheus
+    /// listener, `METRICS_PROMETHEUS_HOST` / `_PORT` overriding it as upstream's server does.
+    pub prometheus_listen: Option<SocketAddr>,
+    /// `METRICS_PROMETHEUS_HOST` and `METRICS_PROMETHEUS_PORT`.
+    pub prometheus_env: (Option<String>, Option<String>),
 }
 
 impl Default for ObservabilityConfig {
@@ -72,6 +80,9 @@ impl Default for ObservabilityConfig {
             tracing: Tracing::default(),
             request_log: false,
             sampler_arg: None,
+            request_log_template: None,
+            prometheus_listen: None,
+            prometheus_env: (None, None),
         }
     }
 }
@@ -104,6 +115,9 @@ impl ObservabilityConfig {
             tracing: Tracing { protocol, endpoint: None, sampling_rate: sampler_arg.unwrap_or(1.0) },
             request_log,
             sampler_arg,
+            request_log_template: None,
+            prometheus_listen: None,
+            prometheus_env: (var("METRICS_PROMETHEUS_HOST"), var("METRICS_PROMETHEUS_PORT")),
         }
     }
 
@@ -155,15 +169,70 @@ impl ObservabilityConfig {
                 fallback.request_log
             }),
         };
+        let prometheus_listen = match metrics_protocol {
+            MetricsProtocol::Prometheus => {
+                prometheus_listen(metrics_endpoint.as_deref(), &fallback.prometheus_env, warn)
+            }
+            _ => None,
+        };
         ObservabilityConfig {
+            prometheus_listen,
+            prometheus_env: fallback.prometheus_env.clone(),
             metrics_protocol,
             metrics_endpoint,
             metrics_export_interval,
             tracing,
             request_log,
             sampler_arg: fallback.sampler_arg,
+            request_log_template: get("logging.request-log-template").map(str::to_owned),
         }
     }
+}
+
+/// Upstream's Prometheus server address (`knative.dev/pkg/observability/metrics/prometheus`
+/// `NewServer`): `metrics-endpoint` as `host:port`, each part overridden by its variable; an empty
+/// host is every address; the port must be 1024 to 65535. `None`: the admin port's `/metrics`.
+fn prometheus_listen(
+    endpoint: Option<&str>,
+    env: &(Option<String>, Option<String>),
+    warn: &mut dyn FnMut(String),
+) -> Option<SocketAddr> {
+    let (mut host, mut port) = match endpoint {
+        Some(endpoint) => match endpoint.rsplit_once(':') {
+            Some((host, port)) => (host.trim_start_matches('[').trim_end_matches(']').to_owned(), port.to_owned()),
+            None => {
+                warn(format!("metrics-endpoint {endpoint:?} for prometheus should be \"host:port\"; ignored"));
+                return None;
+            }
+        },
+        None => (String::new(), String::new()),
+    };
+    if let Some(h) = &env.0 {
+        host = h.clone();
+    }
+    if let Some(p) = &env.1 {
+        port = p.clone();
+    }
+    if endpoint.is_none() && env.0.is_none() && env.1.is_none() {
+        return None;
+    }
+    let port = if port.is_empty() { "9090" } else { port.as_str() };
+    let Some(port) = port.parse::<u16>().ok().filter(|p| *p >= 1024) else {
+        warn(format!("the Prometheus port {port:?} is not 1024 to 65535; ignored"));
+        return None;
+    };
+    let ip = if host.is_empty() {
+        std::net::IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
+    } else {
+        match host.parse() {
+            Ok(ip) => ip,
+            Err(_) => {
+                warn(format!("the Prometheus host {host:?} is not an IP address; ignored"));
+                return None;
+            }
+        }
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 /// A sampling ratio in `[0, 1]`; anything else is reported and read as 1.
@@ -238,6 +307,25 @@ mod tests {
         assert_eq!(overridden.tracing.sampling_rate, 0.5, "OTEL_TRACES_SAMPLER_ARG wins, as upstream's provider");
         assert_eq!(bad.metrics_export_interval, DEFAULT_EXPORT_INTERVAL);
         assert_eq!(warnings.len(), 4, "{warnings:?}");
+    }
+
+    /// Upstream's `NewServer` (`knative.dev/pkg/observability/metrics/prometheus/server.go`):
+    /// `host:port`, the variables winning, the port 1024 to 65535.
+    #[test]
+    fn metrics_endpoint_moves_the_prometheus_listener() {
+        let mut warnings = Vec::new();
+        let none = (None, None);
+        let at = |endpoint: Option<&str>, env: &(Option<String>, Option<String>), w: &mut Vec<String>| {
+            prometheus_listen(endpoint, env, &mut |m| w.push(m))
+        };
+        assert_eq!(at(None, &none, &mut warnings), None, "unmoved: the admin port serves it");
+        assert_eq!(at(Some(":9091"), &none, &mut warnings), Some("[::]:9091".parse().unwrap()));
+        assert_eq!(at(Some("127.0.0.1:9092"), &none, &mut warnings), Some("127.0.0.1:9092".parse().unwrap()));
+        let port = (None, Some("9093".to_owned()));
+        assert_eq!(at(Some("127.0.0.1:9092"), &port, &mut warnings), Some("127.0.0.1:9093".parse().unwrap()));
+        assert_eq!(at(Some(":80"), &none, &mut warnings), None);
+        assert_eq!(at(Some("9091"), &none, &mut warnings), None);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
     }
 
     #[test]

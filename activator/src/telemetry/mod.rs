@@ -10,10 +10,11 @@ mod access_log;
 mod config;
 mod logs;
 mod push;
+mod template;
 mod tracer;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use opentelemetry::propagation::{TextMapCompositePropagator, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
-use prometheus::IntCounter;
+use prometheus::{Histogram, IntCounter};
 use tracing::Span;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -30,11 +31,12 @@ use tracing_subscriber::Layer;
 use tracing_subscriber::filter::DynFilterFn;
 use tracing_subscriber::registry::LookupSpan;
 
-pub use access_log::AccessLog;
+pub use access_log::{AccessLog, Entry, Routed as LoggedRoute};
 pub use config::{MetricsProtocol, ObservabilityConfig, Tracing, TracingProtocol};
 pub use logs::{LogLevel, level_from_config_logging};
 
-use crate::stats::knative::{KnativeMetrics, Protocol};
+use crate::body::Finished;
+use crate::stats::knative::{KnativeMetrics, Protocol, ServerSeries};
 use crate::sync::lock;
 
 /// The target of our spans; log output never formats them.
@@ -55,6 +57,14 @@ struct Inner {
     applied: Mutex<Option<ObservabilityConfig>>,
     /// The task pushing upstream's metrics, while `metrics-protocol` asks for it.
     pushing: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Serves `/metrics` where `metrics-endpoint` moves it.
+    prometheus: std::sync::OnceLock<Arc<dyn PrometheusListener>>,
+}
+
+/// Serves `/metrics` on a listener of its own, where `config-observability` moves upstream's
+/// Prometheus endpoint (`None`: no such listener, the admin port serves it).
+pub trait PrometheusListener: Send + Sync {
+    fn listen_at(&self, at: Option<SocketAddr>);
 }
 
 /// What became of one request, for its span and its request-log line.
@@ -110,8 +120,15 @@ impl Telemetry {
                 propagator,
                 applied: Mutex::new(None),
                 pushing: Mutex::new(None),
+                prometheus: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// What serves `/metrics` where `metrics-endpoint` says (set once, before any `apply` that
+    /// could move it).
+    pub fn serve_prometheus_with(&self, listener: Arc<dyn PrometheusListener>) {
+        let _ = self.inner.prometheus.set(listener);
     }
 
     /// The tracing layer that turns our spans into OTLP spans while tracing is on. The pin-store
@@ -148,12 +165,27 @@ impl Telemetry {
                 Err(e) => tracing::warn!(error = %e, tracing = ?config.tracing, "trace export not changed"),
             }
         }
+        if applied.as_ref().map(|a| &a.request_log_template) != Some(&config.request_log_template) {
+            match config.request_log_template.as_deref().map(template::Template::parse).transpose() {
+                Ok(template) => self.inner.access_log.set_template(template),
+                Err(problem) => tracing::warn!(
+                    template = config.request_log_template.as_deref(),
+                    %problem,
+                    "refusing logging.request-log-template; the previous one stays"
+                ),
+            }
+        }
         self.inner.request_log.store(config.request_log, Ordering::Relaxed);
         self.inner.knative.set_exported(config.metrics_protocol == MetricsProtocol::Prometheus);
         let push =
             |c: &ObservabilityConfig| (c.metrics_protocol, c.metrics_endpoint.clone(), c.metrics_export_interval);
         if applied.as_ref().map(push) != Some(push(config)) {
             self.push_metrics(config);
+        }
+        if applied.as_ref().map(|a| a.prometheus_listen) != Some(config.prometheus_listen)
+            && let Some(listener) = self.inner.prometheus.get()
+        {
+            listener.listen_at(config.prometheus_listen);
         }
         *applied = Some(config.clone());
     }
@@ -217,40 +249,95 @@ impl Telemetry {
 
     /// Whether `finish` has anything to do, so callers skip building an `Outcome` otherwise.
     pub fn wants_outcome(&self, span: &Span) -> bool {
-        !span.is_disabled() || self.inner.request_log.load(Ordering::Relaxed)
+        !span.is_disabled()
     }
 
-    /// Records the outcome on the span and in the request log.
+    /// Records the outcome on the span.
     pub fn finish(&self, span: &Span, outcome: &Outcome<'_>) {
-        if !span.is_disabled() {
-            span.record("http.response.status_code", outcome.status);
-            if outcome.status >= 500 {
-                span.record("otel.status_code", "ERROR");
+        if span.is_disabled() {
+            return;
+        }
+        span.record("http.response.status_code", outcome.status);
+        if outcome.status >= 500 {
+            span.record("otel.status_code", "ERROR");
+        }
+        if let Some(r) = &outcome.routed {
+            span.record("k8s.namespace.name", r.namespace);
+            span.record("kn.service.name", r.service);
+            span.record("kn.revision.name", r.revision);
+            span.record("activator.decision", r.decision);
+            span.record("activator.queued_seconds", r.queued.as_secs_f64());
+            if let Some(source) = r.pin_source {
+                span.record("activator.pin.source", source);
             }
-            if let Some(r) = &outcome.routed {
-                span.record("k8s.namespace.name", r.namespace);
-                span.record("kn.service.name", r.service);
-                span.record("kn.revision.name", r.revision);
-                span.record("activator.decision", r.decision);
-                span.record("activator.queued_seconds", r.queued.as_secs_f64());
-                if let Some(source) = r.pin_source {
-                    span.record("activator.pin.source", source);
-                }
-                if let Some(pod) = r.pod {
-                    span.record("activator.pod", tracing::field::display(pod));
-                }
-                if let Some(session) = &r.session {
-                    span.record("activator.session", session.as_str());
-                }
-                if let Some(flow) = &r.flow {
-                    span.record("activator.flow", flow.as_str());
-                }
+            if let Some(pod) = r.pod {
+                span.record("activator.pod", tracing::field::display(pod));
+            }
+            if let Some(session) = &r.session {
+                span.record("activator.session", session.as_str());
+            }
+            if let Some(flow) = &r.flow {
+                span.record("activator.flow", flow.as_str());
             }
         }
-        if self.inner.request_log.load(Ordering::Relaxed) {
-            let trace_id = span.context().span().span_context().trace_id();
-            let trace_id = (trace_id != opentelemetry::trace::TraceId::INVALID).then_some(trace_id);
-            self.inner.access_log.write(outcome, trace_id);
+    }
+
+    /// The request-log entry of a request that just arrived, while the log is on.
+    pub fn log_entry<B>(
+        &self,
+        req: &Request<B>,
+        protocol: Protocol,
+        client: SocketAddr,
+        span: &Span,
+    ) -> Option<Box<Entry>> {
+        if !self.inner.request_log.load(Ordering::Relaxed) {
+            return None;
+        }
+        let trace_id = span.context().span().span_context().trace_id();
+        let trace_id = (trace_id != opentelemetry::trace::TraceId::INVALID).then_some(trace_id);
+        Some(Box::new(Entry::new(req, protocol, client, trace_id)))
+    }
+
+    /// Writes the line of a request answered at once, without reaching a revision.
+    pub fn log_answered(&self, entry: &Entry, status: u16, size: u64, elapsed: Duration) {
+        self.inner.access_log.write(entry, status, size, elapsed);
+    }
+
+    /// What to record once a routed request's response has ended.
+    pub fn ending(&self, ending: Ending) -> Box<dyn Finished> {
+        Box::new(Finishing { ending, telemetry: self.clone() })
+    }
+}
+
+/// What is recorded when a routed request's response ends: upstream's server series (otelhttp
+/// records after the handler returns, the response written), the request body size sent to the
+/// pod, and the request-log line.
+pub struct Ending {
+    pub started: tokio::time::Instant,
+    pub status: u16,
+    pub server: ServerSeries,
+    /// The body-size series of the exchange with the pod that answered.
+    pub client_size: Option<Histogram>,
+    pub request_bytes: Option<Arc<AtomicU64>>,
+    pub log: Option<Box<Entry>>,
+}
+
+struct Finishing {
+    ending: Ending,
+    telemetry: Telemetry,
+}
+
+impl Finished for Finishing {
+    fn finished(self: Box<Self>, sent: u64) {
+        let Ending { started, status, server, client_size, request_bytes, log } = self.ending;
+        let elapsed = started.elapsed();
+        let received = request_bytes.map_or(0, |b| b.load(Ordering::Relaxed));
+        server.record(elapsed, received, sent);
+        if let Some(client_size) = client_size {
+            client_size.observe(received as f64);
+        }
+        if let Some(entry) = log {
+            self.telemetry.inner.access_log.write(&entry, status, sent, elapsed);
         }
     }
 }

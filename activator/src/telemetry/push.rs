@@ -105,13 +105,18 @@ async fn send_grpc(
 }
 
 /// Upstream's instrument for each of our Prometheus names: its OTLP name and unit.
-const INSTRUMENTS: [(&str, &str, &str); 6] = [
+const INSTRUMENTS: [(&str, &str, &str); 11] = [
     ("kn_revision_request_concurrency", "kn.revision.request.concurrency", "{request}"),
     ("kn_revision_request_queued", "kn.revision.request.queued", "{request}"),
     ("kn_revision_request_active", "kn.revision.request.active", "{request}"),
     ("kn_activator_stats_conn_reachable", "kn.activator.stats.conn.reachable", "{reachable}"),
     ("kn_activator_stats_conn_errors_total", "kn.activator.stats.conn.errors", "{error}"),
     ("http_server_request_duration_seconds", "http.server.request.duration", "s"),
+    ("http_server_request_body_size_bytes", "http.server.request.body.size", "By"),
+    ("http_server_response_body_size_bytes", "http.server.response.body.size", "By"),
+    ("http_client_request_duration_seconds", "http.client.request.duration", "s"),
+    ("http_client_request_body_size_bytes", "http.client.request.body.size", "By"),
+    ("kn_k8s_client_http_response_status_code_total", "kn.k8s.client.http.response.status_code", "{item}"),
 ];
 
 /// Upstream's attribute key for each of our label names: dots for underscores, except inside
@@ -140,7 +145,9 @@ pub fn export_request(families: &[MetricFamily], now: SystemTime) -> ExportMetri
         .filter_map(|family| {
             let (_, name, unit) = INSTRUMENTS.iter().find(|(prom, ..)| *prom == family.name())?;
             let attributes = |m: &prometheus::proto::Metric| {
-                m.get_label().iter().map(|l| text(attribute_key(l.name()), l.value())).collect::<Vec<_>>()
+                // An empty label is an attribute upstream does not set (no status, no revision).
+                let labels = m.get_label().iter().filter(|l| !l.value().is_empty());
+                labels.map(|l| text(attribute_key(l.name()), l.value())).collect::<Vec<_>>()
             };
             let number = |m: &prometheus::proto::Metric, value: number_data_point::Value| NumberDataPoint {
                 attributes: attributes(m),
@@ -250,11 +257,12 @@ mod tests {
             service: "svc".into(),
             configuration: "svc".into(),
             revision: "svc-1".into(),
+            server_address: "svc.example.com".into(),
         };
         let rev = stats.revision(names);
         let get = Protocol::of(&http::Method::GET, http::Version::HTTP_11);
         for ms in [3, 3, 40, 20_000] {
-            rev.record(200, get, Duration::from_millis(ms));
+            rev.record(200, get, Duration::from_millis(ms)).record(Duration::from_millis(ms), 0, 10);
         }
         rev.knative.queued.set(2);
         rev.knative.concurrency.set(1.5);

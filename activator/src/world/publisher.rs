@@ -138,6 +138,11 @@ impl Publisher {
                     service: rev.owners.service.clone().unwrap_or_else(|| svc.name.clone()),
                     configuration: rev.owners.configuration.clone().unwrap_or_else(|| svc.name.clone()),
                     revision: rev.name.clone(),
+                    server_address: svc
+                        .hosts
+                        .first()
+                        .cloned()
+                        .unwrap_or_else(|| ServiceSpec::default_host(&svc.namespace, &svc.name)),
                 });
                 let metrics = ThrottleMetrics {
                     queued: [stats.queued.clone(), stats.knative.queued.clone()],

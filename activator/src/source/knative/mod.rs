@@ -11,6 +11,7 @@
 //! RBAC), requests are still served as upstream serves them, each revision on its own: one log
 //! line says which rule is missing, and a gauge stays 1 until it is granted.
 
+mod client;
 pub mod objects;
 mod world;
 
@@ -166,9 +167,7 @@ impl KnativeSource {
         stats: Stats,
         telemetry: Telemetry,
     ) -> anyhow::Result<Self> {
-        let client = kube::Client::try_default()
-            .await
-            .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API (service account or KUBECONFIG): {e}"))?;
+        let client = client::connect(stats.knative.clone()).await?;
         let reflection = Reflection { pod_ip: config.pod_ip, ..Reflection::default() };
         Ok(KnativeSource {
             client,
@@ -346,6 +345,7 @@ impl KnativeSource {
         let empty = BTreeMap::new();
         let read = data.as_ref().unwrap_or(&empty);
         let name = key.1.as_str();
+        tracing::debug!(configmap = name, deleted = data.is_none(), "a ConfigMap of the system namespace changed");
         let refused = |stats: &Stats, problem: String| {
             stats.kube_rejected.with_label_values(&["configmaps"]).inc();
             tracing::warn!(configmap = name, %problem, "refusing the ConfigMap; the last good one stays");
