@@ -125,6 +125,13 @@ pub struct Config {
     #[arg(long, env = "ACTIVATOR_LISTEN_H2C")]
     pub listen_h2c: Option<SocketAddr>,
 
+    /// The TLS data-plane listener of system-internal TLS (Knative's port 8112, with the same
+    /// handling), printed as `listening tls <addr>`; it serves while `config-network` enables
+    /// `system-internal-tls` and Secret `routing-serving-certs` holds a certificate. Default: none,
+    /// and [::]:8112 in knative mode.
+    #[arg(long, env = "ACTIVATOR_LISTEN_TLS")]
+    pub listen_tls: Option<SocketAddr>,
+
     /// Admin listener (/metrics, /readyz, /livez), printed as `listening admin <addr>`. Default:
     /// 127.0.0.1:9090, and [::]:9090 in knative mode.
     #[arg(long, env = "ACTIVATOR_ADMIN_LISTEN")]
@@ -294,6 +301,7 @@ pub enum Mode {
 pub struct Listeners {
     pub proxy: SocketAddr,
     pub h2c: Option<SocketAddr>,
+    pub tls: Option<SocketAddr>,
     pub admin: SocketAddr,
 }
 
@@ -322,6 +330,7 @@ impl Config {
         Listeners {
             proxy: self.listen.unwrap_or(SocketAddr::from((host, 8012))),
             h2c: self.listen_h2c.or((self.mode == Mode::Knative).then(|| SocketAddr::from((any, 8013)))),
+            tls: self.listen_tls.or((self.mode == Mode::Knative).then(|| SocketAddr::from((any, 8112)))),
             admin: self.admin_listen.unwrap_or(SocketAddr::from((host, 9090))),
         }
     }
@@ -383,6 +392,7 @@ mod tests {
         assert_eq!(listeners.proxy.to_string(), "[::]:8012");
         assert_eq!(listeners.h2c.map(|a| a.to_string()).as_deref(), Some("[::]:8013"));
         assert_eq!(listeners.admin.to_string(), "[::]:9090");
+        assert_eq!(listeners.tls.map(|a| a.to_string()).as_deref(), Some("[::]:8112"));
         let resolv =
             "nameserver 10.96.0.10\nsearch kn.svc.corp.example svc.corp.example corp.example\noptions ndots:5\n";
         let domain = knative.cluster_domain(resolv);

@@ -239,6 +239,9 @@ impl Handler {
             };
             let revision = &route.revision;
             tracing::warn!(revision = %revision.name, error = %failed.error, "proxy error");
+            if failed.error.is_tls() {
+                self.stats.tls_refused.with_label_values(&["pod"]).inc();
+            }
             if attempt == 0 && failed.unsent.is_some() && revision.throttler.mark_unreachable(failed.error.pod) {
                 revision.stats.unreachable.inc();
                 self.prober.watch(revision.throttler.clone());

@@ -27,4 +27,5 @@ pub mod stats;
 pub mod sync;
 pub mod telemetry;
 pub mod throttle;
+pub mod tls;
 pub mod world;

@@ -11,12 +11,13 @@ use activator::handler::Handler;
 use activator::health::Health;
 use activator::pins::{CookieKeys, Pins, SharedConfig};
 use activator::readiness::{ProbeTiming, Prober};
-use activator::server::Limits;
+use activator::server::{Limits, Listener, TlsServing};
 use activator::source::knative::{ConfigMapNames, KnativeConfig, KnativeSource};
 use activator::source::local::LocalSource;
 use activator::stats::Stats;
 use activator::telemetry::{LogLevel, ObservabilityConfig, Telemetry};
 use activator::throttle::{QueueBudget, QueueLimits};
+use activator::tls::{InternalTls, ServerSettings};
 use activator::world::Publisher;
 use activator::{admin, inspect, memory, server, session_end, socket};
 use anyhow::Context;
@@ -106,7 +107,9 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogL
     let reporter = Reporter::start(autoscaler, health.clone(), metrics);
     let timing = ProbeTiming { period: config.probe_frequency, timeout: config.probe_timeout };
     let prober = Prober::start(timing);
-    let publisher = Arc::new(Publisher::new(stats.clone(), queue, prober.clone()));
+    let internal_tls = Arc::new(InternalTls::default());
+    let publisher =
+        Arc::new(Publisher::new(stats.clone(), queue, prober.clone()).with_internal_tls(internal_tls.clone()));
     let world = publisher.world();
     if config.mode == Mode::Local {
         let path = config.topology.as_deref().context("--topology is required in local mode")?;
@@ -116,11 +119,20 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogL
 
     let addrs = config.listeners();
     let bind = |addr: SocketAddr| async move { socket::listen(addr).with_context(|| format!("binding {addr}")) };
-    let mut listeners = vec![bind(addrs.proxy).await?];
-    println!("listening proxy {}", listeners[0].local_addr()?);
-    if let Some(h2c) = addrs.h2c {
-        listeners.push(bind(h2c).await?);
-        println!("listening h2c {}", listeners[1].local_addr()?);
+    let mut listeners = Vec::new();
+    for (name, addr, tls) in [("proxy", Some(addrs.proxy), false), ("h2c", addrs.h2c, false), ("tls", addrs.tls, true)]
+    {
+        let Some(addr) = addr else { continue };
+        let socket = bind(addr).await?;
+        println!("listening {name} {}", socket.local_addr()?);
+        let tls = if tls {
+            // Upstream refuses to start with settings it cannot use.
+            let settings = ServerSettings::from_env(|name| std::env::var(name).ok()).map_err(anyhow::Error::msg)?;
+            Some(TlsServing { tls: internal_tls.clone(), settings })
+        } else {
+            None
+        };
+        listeners.push(Listener { socket, tls });
     }
     let admin_listener = bind(addrs.admin).await?;
     println!("listening admin {}", admin_listener.local_addr()?);
@@ -137,6 +149,7 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogL
                 observability: config.config_observability_name.clone(),
             },
             log_level,
+            internal_tls,
         };
         let source =
             KnativeSource::connect(knative, publisher, health.clone(), stats.clone(), telemetry.clone()).await?;

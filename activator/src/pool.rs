@@ -11,6 +11,9 @@
 //! `MAX_DIALS_PER_POD` dials run at a time, and a request waiting for one takes a connection an
 //! earlier request gives back if that comes first.
 //!
+//! With system-internal TLS a pod's connections go to queue-proxy's TLS port, verified by `tls`;
+//! a pool whose transport changes drops the connections it made the old way.
+//!
 //! Owns sockets and hyper's client connections; must not rewrite requests (that is `proxy`) or
 //! choose pods (that is `throttle`).
 
@@ -18,15 +21,20 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
 use crossbeam_queue::ArrayQueue;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::body::RequestBody;
+use crate::tls::InternalTls;
 
 /// Knative's `MAX_IDLE_PROXY_CONNS_PER_HOST` default.
 const MAX_IDLE_PER_POD: usize = 100;
@@ -45,8 +53,89 @@ const MAX_DIALS_PER_POD: usize = 32;
 pub enum SendError {
     #[error("connecting to the pod: {0}")]
     Connect(#[source] std::io::Error),
+    /// The pod's TLS handshake failed or its certificate was refused: nothing was sent.
+    #[error("TLS with the pod: {0}")]
+    Tls(#[source] std::io::Error),
     #[error("{0}")]
     Http(#[source] hyper::Error),
+}
+
+/// How a pod's connections are made.
+#[derive(Clone, Debug)]
+pub enum Transport {
+    /// Plain TCP to the pod's address: HTTP/1.1, or h2c with prior knowledge.
+    Plain,
+    /// TLS to `to` (queue-proxy's TLS port, or the private Service's 443), verified for a
+    /// revision of `namespace`.
+    Tls { tls: Arc<InternalTls>, namespace: Arc<str>, to: SocketAddr },
+}
+
+impl PartialEq for Transport {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Transport::Plain, Transport::Plain) => true,
+            (Transport::Tls { tls: a, namespace: n, to: t }, Transport::Tls { tls: b, namespace: m, to: u }) => {
+                Arc::ptr_eq(a, b) && n == m && t == u
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A connection to a pod, plain or TLS.
+pub enum PodStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for PodStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PodStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            PodStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for PodStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            PodStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            PodStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PodStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            PodStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PodStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            PodStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            PodStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            PodStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            PodStream::Plain(s) => s.is_write_vectored(),
+            PodStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
 }
 
 /// A failed send, with the request if none of it reached the pod.
@@ -67,6 +156,7 @@ struct Idle {
 
 pub struct PodClient {
     addr: SocketAddr,
+    transport: ArcSwap<Transport>,
     /// Created on first use: most pods of a large cluster never hold an idle connection at once.
     idle: OnceLock<ArrayQueue<Idle>>,
     /// Signalled when a connection is given back, for requests waiting for a dial slot.
@@ -78,9 +168,10 @@ pub struct PodClient {
 }
 
 impl PodClient {
-    pub fn new(addr: SocketAddr) -> Self {
+    pub fn new(addr: SocketAddr, transport: Transport) -> Self {
         PodClient {
             addr,
+            transport: ArcSwap::from_pointee(transport),
             idle: OnceLock::new(),
             returned: tokio::sync::Notify::new(),
             dials: tokio::sync::Semaphore::const_new(MAX_DIALS_PER_POD),
@@ -91,6 +182,27 @@ impl PodClient {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Whether the pod is reached over TLS, and the address its connections go to.
+    pub fn target(&self) -> (bool, SocketAddr) {
+        match &**self.transport.load() {
+            Transport::Plain => (false, self.addr),
+            Transport::Tls { to, .. } => (true, *to),
+        }
+    }
+
+    /// Makes the pod's connections as `transport` says from now on: the ones made otherwise are
+    /// not reused (requests already on them finish).
+    pub fn retarget(&self, transport: Transport) {
+        if **self.transport.load() == transport {
+            return;
+        }
+        self.transport.store(Arc::new(transport));
+        if let Some(idle) = self.idle.get() {
+            while idle.pop().is_some() {}
+        }
+        self.h2.store(None);
     }
 
     /// Sends an HTTP/1.1 request (origin-form URI) on an idle connection or a new one. The
@@ -190,19 +302,35 @@ impl PodClient {
         None
     }
 
-    async fn dial(&self) -> Result<TokioIo<TcpStream>, SendError> {
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.addr))
+    async fn dial(&self, h2: bool) -> Result<TokioIo<PodStream>, SendError> {
+        let transport = self.transport.load_full();
+        let to = match &*transport {
+            Transport::Plain => self.addr,
+            Transport::Tls { to, .. } => *to,
+        };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer in {CONNECT_TIMEOUT:?}")))
             .and_then(|connected| connected)
             .map_err(SendError::Connect)?;
         let _ = stream.set_nodelay(true);
         crate::socket::keep_alive(&stream);
-        Ok(TokioIo::new(stream))
+        match &*transport {
+            Transport::Plain => Ok(TokioIo::new(PodStream::Plain(stream))),
+            Transport::Tls { tls, namespace, .. } => {
+                let handshake = tls.connect(stream, namespace, h2);
+                let tls = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+                    .await
+                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no TLS handshake in time"))
+                    .and_then(|done| done)
+                    .map_err(SendError::Tls)?;
+                Ok(TokioIo::new(PodStream::Tls(Box::new(tls))))
+            }
+        }
     }
 
     async fn dial_http1(&self) -> Result<http1::SendRequest<RequestBody>, SendError> {
-        let io = self.dial().await?;
+        let io = self.dial(false).await?;
         let (conn, driver) = http1::Builder::new().handshake(io).await.map_err(SendError::Http)?;
         let pod = self.addr;
         tokio::spawn(async move {
@@ -221,7 +349,7 @@ impl PodClient {
         if let Some(conn) = self.usable_h2() {
             return Ok(conn);
         }
-        let io = self.dial().await?;
+        let io = self.dial(true).await?;
         let (conn, driver) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(H2_KEEP_ALIVE)
@@ -318,7 +446,7 @@ mod tests {
     async fn one_pool_per_pod_whatever_the_host_says() {
         let (pod_addr, accepted) = pod().await;
         let (relay_addr, mut requests) = relay().await;
-        let client = PodClient::new(pod_addr);
+        let client = PodClient::new(pod_addr, Transport::Plain);
         let http = reqwest_like(relay_addr);
         for port in 1..=20 {
             let sending = tokio::spawn(http(format!("svc.example:{port}")));
@@ -346,7 +474,7 @@ mod tests {
         let http = reqwest_like(relay_addr);
         let sending = tokio::spawn(http("svc".to_owned()));
         let (req, done) = requests.recv().await.unwrap();
-        let failed = PodClient::new(closed).send_http1(req).await.err().expect("nobody listens");
+        let failed = PodClient::new(closed, Transport::Plain).send_http1(req).await.err().expect("nobody listens");
         assert!(matches!(failed.error, SendError::Connect(_)), "{:?}", failed.error);
         assert!(failed.unsent.is_some(), "nothing was written, so the request can go elsewhere");
         done.send(String::new()).unwrap();

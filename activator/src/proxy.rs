@@ -71,8 +71,16 @@ impl std::fmt::Display for ForwardError {
                 }
                 None => write!(f, "dial tcp {}: {e}", self.pod),
             },
+            SendError::Tls(e) => write!(f, "tls: {e}"),
             SendError::Http(e) => write!(f, "{e}"),
         }
+    }
+}
+
+impl ForwardError {
+    /// The pod's TLS handshake failed, or its certificate was refused.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.source, SendError::Tls(_))
     }
 }
 
@@ -130,7 +138,8 @@ pub async fn forward(outbound: Outbound, exchange: Exchange<'_>) -> Result<Respo
     let Exchange { lease, in_flight, tunnels } = exchange;
     let Outbound { mut req, authority, client_side } = outbound;
     let pod = lease.pod().clone();
-    address(&mut req, authority.as_ref(), pod.addr);
+    let (tls, target) = pod.client.target();
+    address(&mut req, authority.as_ref(), target, tls);
     let sent = match req.version() {
         Version::HTTP_2 => pod.client.send_http2(*req).await.map(|resp| (resp, None)),
         _ => pod.client.send_http1(*req).await.map(|(resp, lent)| (resp, Some(lent))),
@@ -261,8 +270,9 @@ fn prepare_request<B>(
     }
 }
 
-/// Sets the request target each HTTP version needs, addressed to `authority` or else the pod.
-fn address<B>(req: &mut Request<B>, authority: Option<&Authority>, pod: SocketAddr) {
+/// Sets the request target each HTTP version needs, addressed to `authority` or else the pod (at
+/// the address its connections go to, `https` when they are TLS).
+fn address<B>(req: &mut Request<B>, authority: Option<&Authority>, pod: SocketAddr, tls: bool) {
     let authority = authority
         .cloned()
         .unwrap_or_else(|| Authority::try_from(pod.to_string()).expect("a socket address is an authority"));
@@ -270,7 +280,7 @@ fn address<B>(req: &mut Request<B>, authority: Option<&Authority>, pod: SocketAd
     if req.version() == Version::HTTP_2 {
         // HTTP/2 carries the authority in `:authority`, built from an absolute URI.
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
+        parts.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
         parts.authority = Some(authority);
         parts.path_and_query = Some(path);
         if let Ok(uri) = Uri::from_parts(parts) {
@@ -317,7 +327,7 @@ mod tests {
     const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 2, 3));
     fn prepare<B>(req: &mut Request<B>, upgrade: Option<&HeaderValue>, host: &HostRewrite) {
         let authority = prepare_request(req, upgrade, CLIENT, host);
-        address(req, authority.as_ref(), POD);
+        address(req, authority.as_ref(), POD, false);
     }
 
     const POD: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9000);
@@ -417,9 +427,9 @@ mod tests {
     fn a_request_resent_to_another_pod_is_addressed_to_it_and_cleaned_once() {
         let mut req = request(&[("host", "svc.example.com"), ("x-forwarded-for", "1.1.1.1")]);
         let authority = prepare_request(&mut req, None, CLIENT, &HostRewrite::ToOriginalHost);
-        address(&mut req, authority.as_ref(), POD);
+        address(&mut req, authority.as_ref(), POD, false);
         let other = SocketAddr::new(POD.ip(), 9001);
-        address(&mut req, authority.as_ref(), other);
+        address(&mut req, authority.as_ref(), other, false);
         assert_eq!(req.headers()["host"], "127.0.0.1:9001");
         assert_eq!(req.headers()["k-original-host"], "svc.example.com");
         assert_eq!(req.headers()["x-forwarded-for"], "1.1.1.1, 10.1.2.3", "this hop is listed once");

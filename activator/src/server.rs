@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::handler::{H2_STREAM_WINDOW, Handler};
 use crate::socket::{self, SendTimeout, keep_alive};
+use crate::tls::{InternalTls, ServerSettings};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -44,6 +45,21 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Pause before peeking again at a preface that arrived in part: the bytes already there would
 /// end the next peek at once.
 const PREFACE_PAUSE: Duration = Duration::from_millis(1);
+
+/// A listener, and for the TLS port (system-internal TLS) what it serves with.
+pub struct Listener {
+    pub socket: TcpListener,
+    pub tls: Option<TlsServing>,
+}
+
+/// What the TLS port serves with: the certificates of system-internal TLS as the watches last
+/// gave them, and `ACTIVATOR_TLS_*`. It takes connections only while TLS is enabled and a
+/// certificate is there; others are closed at once.
+#[derive(Clone)]
+pub struct TlsServing {
+    pub tls: Arc<InternalTls>,
+    pub settings: ServerSettings,
+}
 
 /// How connections are bounded.
 #[derive(Clone, Copy, Debug)]
@@ -65,7 +81,7 @@ pub struct Limits {
 /// long as they take, as upstream's `Shutdown` (the pod's `terminationGracePeriodSeconds` is then
 /// the bound, and no request it allows is cut before it).
 pub async fn serve(
-    listeners: Vec<TcpListener>,
+    listeners: Vec<Listener>,
     handler: Arc<Handler>,
     stop_accepting: impl Future<Output = ()>,
     grace: Option<Duration>,
@@ -92,8 +108,8 @@ pub async fn serve(
         connections: TaskTracker::new(),
     });
     let accepting = TaskTracker::new();
-    for listener in listeners {
-        accepting.spawn(acceptor.clone().accept(listener));
+    for Listener { socket, tls } in listeners {
+        accepting.spawn(acceptor.clone().accept(socket, tls));
     }
     accepting.close();
     stop_accepting.await;
@@ -140,7 +156,7 @@ struct Acceptor {
 }
 
 impl Acceptor {
-    async fn accept(self: Arc<Self>, listener: TcpListener) {
+    async fn accept(self: Arc<Self>, listener: TcpListener, tls: Option<TlsServing>) {
         let mut stop = self.shutting_down.clone();
         loop {
             let slot = match self.slots.clone().try_acquire_owned() {
@@ -174,7 +190,7 @@ impl Acceptor {
                 },
                 () = stopped(&mut stop) => return,
             };
-            self.serve_connection(stream, socket::canonical(client), slot);
+            self.serve_connection(stream, socket::canonical(client), slot, tls.clone());
         }
     }
 
@@ -183,6 +199,7 @@ impl Acceptor {
         stream: TcpStream,
         client: std::net::SocketAddr,
         slot: tokio::sync::OwnedSemaphorePermit,
+        tls: Option<TlsServing>,
     ) {
         let _ = stream.set_nodelay(true);
         keep_alive(&stream);
@@ -190,32 +207,75 @@ impl Acceptor {
         open.inc();
         let acceptor = self.clone();
         self.connections.spawn(async move {
-            acceptor.connection(stream, client).await;
+            match tls {
+                None => acceptor.connection(stream, client).await,
+                Some(tls) => acceptor.tls_connection(stream, client, tls).await,
+            }
             open.dec();
             drop(slot);
         });
     }
 
-    /// Serves one connection in the protocol its first bytes ask for, until it ends, until it
-    /// stays idle, or until shutdown closes it gracefully.
+    /// Serves one plain connection in the protocol its first bytes ask for.
     async fn connection(&self, stream: TcpStream, client: std::net::SocketAddr) {
         let mut shutting_down = self.shutting_down.clone();
-        let (idle_timeout, header_read_timeout) = (self.limits.idle_timeout, self.limits.header_read_timeout);
-        let mut idle_check = Box::pin(tokio::time::sleep(header_read_timeout.min(idle_timeout)));
+        let mut idle_check = self.first_deadline();
         let h2 = tokio::select! {
             h2 = speaks_h2(&stream) => h2,
             // Silent until the first deadline, or no request will be served: nothing to finish.
             () = idle_check.as_mut() => return,
             () = stopped(&mut shutting_down) => return,
         };
-        let h2 = match h2 {
-            Ok(Some(h2)) => h2,
-            Ok(None) => return,
+        match h2 {
+            Ok(Some(h2)) => self.serve_http(stream, client, h2, idle_check).await,
+            Ok(None) => {}
+            Err(e) => tracing::debug!(%client, error = %e, "connection failed before its first request"),
+        }
+    }
+
+    /// Serves one connection to the TLS port: the handshake (within the time a client has for
+    /// its first request's headers), then HTTP/2 or HTTP/1.1 as ALPN chose.
+    async fn tls_connection(&self, stream: TcpStream, client: std::net::SocketAddr, tls: TlsServing) {
+        let Some(acceptor) = tls.tls.acceptor(&tls.settings) else {
+            tracing::debug!(%client, "system-internal TLS is off, or has no certificate yet: closing");
+            return;
+        };
+        let mut shutting_down = self.shutting_down.clone();
+        let mut idle_check = self.first_deadline();
+        let accepted = tokio::select! {
+            accepted = acceptor.accept(stream) => accepted,
+            () = idle_check.as_mut() => return,
+            () = stopped(&mut shutting_down) => return,
+        };
+        let stream = match accepted {
+            Ok(stream) => stream,
             Err(e) => {
-                tracing::debug!(%client, error = %e, "connection failed before its first request");
-                return;
+                self.handler.stats.tls_refused.with_label_values(&["client"]).inc();
+                return tracing::debug!(%client, error = %e, "TLS handshake with a client failed");
             }
         };
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        self.serve_http(stream, client, h2, idle_check).await;
+    }
+
+    /// When a new connection that has served nothing is given up.
+    fn first_deadline(&self) -> Pin<Box<tokio::time::Sleep>> {
+        Box::pin(tokio::time::sleep(self.limits.header_read_timeout.min(self.limits.idle_timeout)))
+    }
+
+    /// Serves HTTP on a connection until it ends, until it stays idle, or until shutdown closes
+    /// it gracefully.
+    async fn serve_http<I>(
+        &self,
+        stream: I,
+        client: std::net::SocketAddr,
+        h2: bool,
+        mut idle_check: Pin<Box<tokio::time::Sleep>>,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut shutting_down = self.shutting_down.clone();
+        let idle_timeout = self.limits.idle_timeout;
         let started = Arc::new(AtomicU64::new(0));
         let service = {
             let (handler, started) = (self.handler.clone(), started.clone());

@@ -26,7 +26,7 @@ use prometheus::IntGauge;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use crate::pool::PodClient;
+use crate::pool::{PodClient, Transport};
 use crate::sync::lock;
 
 /// Above this `containerConcurrency`, round robin spreads better than first-available
@@ -143,6 +143,17 @@ pub struct Backends {
     pub cluster_ip: Option<ClusterIp>,
     /// This activator's share of the pods, when several activators split a revision.
     pub subset: Option<Subset>,
+    /// With system-internal TLS: how each pod (and the private Service) is reached over TLS.
+    pub tls: Option<TlsPorts>,
+}
+
+/// Where a revision's pods take TLS, and the namespace their certificates must name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsPorts {
+    pub namespace: String,
+    /// The TLS port of each pod by its serving address (and 443 of the private Service); a pod
+    /// missing here is reached on queue-proxy's 8112.
+    pub ports: std::collections::BTreeMap<SocketAddr, u16>,
 }
 
 impl Backends {
@@ -211,10 +222,10 @@ pub struct Pod {
 }
 
 impl Pod {
-    fn new(addr: SocketAddr) -> Arc<Self> {
+    fn new(addr: SocketAddr, transport: Transport) -> Arc<Self> {
         Arc::new(Pod {
             addr,
-            client: PodClient::new(addr),
+            client: PodClient::new(addr, transport),
             in_flight: AtomicUsize::new(0),
             pinned_waiting: AtomicUsize::new(0),
             assigned: AtomicBool::new(true),
@@ -260,6 +271,7 @@ struct Pending {
     pods_addressable: bool,
     has_pods: bool,
     subset: Option<Subset>,
+    tls: Option<TlsPorts>,
 }
 
 impl Pending {
@@ -352,6 +364,8 @@ pub struct Throttler {
     released: AtomicU64,
     /// This throttler, for the task that releases waiters in batches.
     me: Weak<Throttler>,
+    /// The certificates pods are verified with when they are reached over TLS.
+    internal_tls: std::sync::OnceLock<Arc<crate::tls::InternalTls>>,
 }
 
 /// What a throttler reports.
@@ -410,6 +424,7 @@ impl Throttler {
                 pods_addressable: true,
                 has_pods: false,
                 subset: None,
+                tls: None,
             }),
             cursor: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
@@ -419,6 +434,7 @@ impl Throttler {
             releasing: AtomicBool::new(false),
             released: AtomicU64::new(0),
             me: me.clone(),
+            internal_tls: std::sync::OnceLock::new(),
         })
     }
 
@@ -494,6 +510,12 @@ impl Throttler {
     /// `probe` passes against them (see `readiness`). Returns whether the prober has work.
     pub fn set_backends(&self, backends: &Backends, probe: Probe) -> bool {
         let mut pending = self.lock_pending();
+        if pending.tls != backends.tls {
+            pending.tls = backends.tls.clone();
+            for pod in self.pods.load().iter() {
+                pod.client.retarget(self.transport(&pending, pod.addr));
+            }
+        }
         pending.probe = probe.clone();
         pending.cluster_ip = backends.cluster_ip;
         pending.subset = backends.subset;
@@ -529,7 +551,7 @@ impl Throttler {
                     match current.binary_search_by_key(&addr, |p| p.addr) {
                         Ok(i) => ready.push(current[i].clone()),
                         Err(_) if pending.unreachable.contains(&addr) => pending.endpoints.push(addr),
-                        Err(_) if trusted || probe == Probe::None => ready.push(Pod::new(addr)),
+                        Err(_) if trusted || probe == Probe::None => ready.push(self.new_pod(&pending, addr)),
                         Err(_) => {
                             pending.endpoints.push(addr);
                             pending.first_listed.entry(addr).or_insert_with(Instant::now);
@@ -549,6 +571,27 @@ impl Throttler {
         drop(pending);
         self.dispatch_if_waiting();
         work
+    }
+
+    /// The certificates to reach pods with once their revision's backends ask for TLS.
+    pub fn verify_tls_with(&self, tls: Arc<crate::tls::InternalTls>) {
+        let _ = self.internal_tls.set(tls);
+    }
+
+    fn new_pod(&self, pending: &Pending, addr: SocketAddr) -> Arc<Pod> {
+        Pod::new(addr, self.transport(pending, addr))
+    }
+
+    /// How the pod at `addr` (or the private Service) is reached now.
+    fn transport(&self, pending: &Pending, addr: SocketAddr) -> Transport {
+        match (&pending.tls, self.internal_tls.get()) {
+            (Some(ports), Some(tls)) => Transport::Tls {
+                tls: tls.clone(),
+                namespace: Arc::from(ports.namespace.as_str()),
+                to: SocketAddr::new(addr.ip(), ports.ports.get(&addr).copied().unwrap_or(crate::tls::POD_TLS_PORT)),
+            },
+            _ => Transport::Plain,
+        }
     }
 
     /// Pods the platform now reports not ready: they stop taking traffic and must pass the probe
@@ -667,7 +710,7 @@ impl Throttler {
         };
         let mut pods: Vec<Arc<Pod>> = self.pods.load().iter().cloned().collect();
         if let Err(i) = pods.binary_search_by_key(&addr, |p| p.addr) {
-            pods.insert(i, Pod::new(addr));
+            pods.insert(i, self.new_pod(&pending, addr));
         }
         self.pods.store(Arc::new(pods));
         self.probed.notify_waiters();
@@ -689,7 +732,8 @@ impl Throttler {
             pending.first_listed.clear();
             self.set_cluster_ip_slots(&pending);
             let current = self.pods.load();
-            let service = current.iter().find(|p| p.addr == addr).cloned().unwrap_or_else(|| Pod::new(addr));
+            let service =
+                current.iter().find(|p| p.addr == addr).cloned().unwrap_or_else(|| self.new_pod(&pending, addr));
             self.through_cluster_ip.store(true, Ordering::Release);
             self.pods.store(Arc::new(vec![service]));
             self.reassign(&pending);

@@ -7,6 +7,7 @@
 //! `demo.v1.Counter` (`grpc`) counts the same sessions on the same port.
 
 mod grpc;
+mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -49,6 +50,15 @@ struct Args {
     /// How long after start `/healthz` and the queue probe keep answering 503 (a cold start).
     #[arg(long, env = "DEMO_STARTUP_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
     startup_delay: Duration,
+    /// A TLS listener with the same service, standing in for queue-proxy's 8112 under Knative's
+    /// system-internal TLS; printed as `listening https <ip:port>`. Needs `--tls-cert` and
+    /// `--tls-key` (PEM).
+    #[arg(long, env = "DEMO_TLS_LISTEN", requires_all = ["tls_cert", "tls_key"])]
+    tls_listen: Option<SocketAddr>,
+    #[arg(long, env = "DEMO_TLS_CERT")]
+    tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, env = "DEMO_TLS_KEY")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 struct Demo {
@@ -106,6 +116,12 @@ async fn main() -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     println!("listening http {}", listener.local_addr()?);
+    if let (Some(addr), Some(cert), Some(key)) = (args.tls_listen, &args.tls_cert, &args.tls_key) {
+        let acceptor = tls::acceptor(cert, key)?;
+        let tls_listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        println!("listening https {}", tls_listener.local_addr()?);
+        tokio::spawn(tls::serve(tls_listener, acceptor, app.clone()));
+    }
     let app = app.into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
     Ok(())

@@ -202,6 +202,33 @@ pub fn private_endpoints(revision: &Revision, ready: &[SocketAddr], not_ready: &
     })
 }
 
+/// The private Endpoints of a revision whose pods also take TLS (system-internal TLS): each
+/// ready pod with its serving port and, in the same subset, its `https` port.
+pub fn private_endpoints_tls(revision: &Revision, ready: &[(SocketAddr, u16)]) -> Value {
+    let mut endpoints = private_endpoints(revision, &ready.iter().map(|(a, _)| *a).collect::<Vec<_>>(), &[]);
+    for (subset, (_, https)) in endpoints["subsets"].as_array_mut().expect("subsets").iter_mut().zip(ready) {
+        subset["ports"].as_array_mut().expect("ports").push(json!({"name": "https", "port": https, "protocol": "TCP"}));
+    }
+    endpoints
+}
+
+/// A Secret of the system namespace, its values base64-encoded as the API serves them.
+pub fn secret(name: &str, data: &[(&str, &str)]) -> Value {
+    use base64::Engine as _;
+    let encode = |v: &str| base64::engine::general_purpose::STANDARD.encode(v.as_bytes());
+    let data: BTreeMap<&str, String> = data.iter().map(|(k, v)| (*k, encode(v))).collect();
+    json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+           "metadata": {"name": name, "namespace": SYSTEM_NAMESPACE}, "data": data})
+}
+
+/// A ConfigMap of the system namespace labelled as a trust bundle (`networking.knative.dev/
+/// trust-bundle`), one CA bundle per key.
+pub fn trust_bundle(name: &str, data: &[(&str, &str)]) -> Value {
+    let mut map = config_map(name, data);
+    map["metadata"]["labels"] = json!({"networking.knative.dev/trust-bundle": "true"});
+    map
+}
+
 /// The public Endpoints of a revision in Proxy mode: the activators the SKS controller put in its
 /// path, on the revision's port.
 pub fn public_endpoints(revision: &Revision, activators: &[IpAddr]) -> Value {

@@ -32,11 +32,19 @@ pub enum Kind {
     Endpoints,
     Service,
     ConfigMap,
+    Secret,
 }
 
 impl Kind {
-    const ALL: [Kind; 6] =
-        [Kind::Revision, Kind::Route, Kind::KnativeService, Kind::Endpoints, Kind::Service, Kind::ConfigMap];
+    const ALL: [Kind; 7] = [
+        Kind::Revision,
+        Kind::Route,
+        Kind::KnativeService,
+        Kind::Endpoints,
+        Kind::Service,
+        Kind::ConfigMap,
+        Kind::Secret,
+    ];
 
     /// API group prefix and resource plural, as in the request path.
     fn resource(self) -> (&'static str, &'static str) {
@@ -47,6 +55,7 @@ impl Kind {
             Kind::Endpoints => ("api/v1", "endpoints"),
             Kind::Service => ("api/v1", "services"),
             Kind::ConfigMap => ("api/v1", "configmaps"),
+            Kind::Secret => ("api/v1", "secrets"),
         }
     }
 
@@ -58,6 +67,7 @@ impl Kind {
             Kind::Endpoints => "EndpointsList",
             Kind::Service => "ServiceList",
             Kind::ConfigMap => "ConfigMapList",
+            Kind::Secret => "SecretList",
         }
     }
 

@@ -27,6 +27,7 @@ pub mod knative;
 pub mod kube_api;
 pub mod load;
 pub mod otlp;
+pub mod pki;
 pub mod redis;
 pub mod topology;
 

@@ -706,3 +706,135 @@ async fn renamed_config_maps_are_read_as_upstream_reads_them_live() {
     .await;
     assert_eq!(admin_get(moved, "/readyz").await.0, 404, "the moved listener is /metrics only");
 }
+
+/// A pod standing in for queue-proxy under system-internal TLS: plain HTTP (probes) and TLS
+/// with `leaf`, returned with the TLS port.
+async fn tls_pod(
+    c: &Cluster,
+    name: &str,
+    revision: &str,
+    leaf: &integration_tests::pki::Leaf,
+) -> (integration_tests::Process, u16) {
+    let dir = c.env.dir.path();
+    let (cert, key) = (dir.join(format!("{name}-cert.pem")), dir.join(format!("{name}-key.pem")));
+    std::fs::write(&cert, &leaf.cert).unwrap();
+    std::fs::write(&key, &leaf.key).unwrap();
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let flags = ["--tls-listen", "127.0.0.1:0", "--tls-cert", &cert, "--tls-key", &key];
+    let pod = c.env.demo_with(name, revision, &flags).await;
+    wait_until(Duration::from_secs(10), "the pod's TLS listener", || async {
+        pod.stdout().iter().any(|l| l.starts_with("listening https "))
+    })
+    .await;
+    let port = pod
+        .stdout()
+        .iter()
+        .find_map(|l| l.strip_prefix("listening https ")?.parse::<std::net::SocketAddr>().ok())
+        .expect("a TLS listener")
+        .port();
+    (pod, port)
+}
+
+/// `system-internal-tls: enabled` (upstream's `cmd/activator/main.go`, `pkg/activator/
+/// certificate`): the activator serves its TLS port with Secret `routing-serving-certs`,
+/// rotated live; it reaches pods over TLS on their `https` port, trusting that Secret's `ca.crt`
+/// and the trust-bundle ConfigMaps, for `data-plane.knative.dev` and `kn-user-<namespace>`
+/// (`tls_context.go` `verifySAN`); a pod whose certificate is not trusted or names another
+/// namespace gets nothing, and the client a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_internal_tls_serves_and_verifies_pods() {
+    use integration_tests::knative::{private_endpoints_tls, secret, trust_bundle};
+    use integration_tests::pki::{self, Authority};
+    let c = Cluster::new().await;
+    let (routing, pods_ca, stranger) =
+        (Authority::new("routing CA"), Authority::new("pods CA"), Authority::new("stranger"));
+    let served = routing.issue(&["kn-routing", "data-plane.knative.dev"]);
+    c.api.put(
+        Kind::Secret,
+        secret(
+            "routing-serving-certs",
+            &[("tls.crt", &served.cert), ("tls.key", &served.key), ("ca.crt", &routing.pem())],
+        ),
+    );
+    c.api.put(Kind::ConfigMap, trust_bundle("pods-trust", &[("cert.pem", &pods_ca.pem())]));
+    c.api.put(Kind::ConfigMap, config_map("config-network", &[("system-internal-tls", "Enabled")]));
+
+    let good = pods_ca.issue(&["kn-user-default", "data-plane.knative.dev"]);
+    let (pod, tls_port) = tls_pod(&c, "tls-pod", "counter-00001", &good).await;
+    let revision = Revision::new("counter", "counter-00001");
+    c.api.put(Kind::Revision, revision.to_json());
+    c.api.put(Kind::Endpoints, private_endpoints_tls(&revision, &[(pod.addr("http"), tls_port)]));
+    c.service("counter", &[Target::new("counter-00001", 100)], &[]);
+    // Two that must never be sent a request: an untrusted CA, and another namespace's name.
+    let mut bad = Vec::new();
+    for (name, leaf) in [
+        ("untrusted-00001", stranger.issue(&["kn-user-default", "data-plane.knative.dev"])),
+        ("elsewhere-00001", pods_ca.issue(&["kn-user-other", "data-plane.knative.dev"])),
+    ] {
+        let (pod, port) = tls_pod(&c, name, name, &leaf).await;
+        let revision = Revision::new(name, name);
+        c.api.put(Kind::Revision, revision.to_json());
+        c.api.put(Kind::Endpoints, private_endpoints_tls(&revision, &[(pod.addr("http"), port)]));
+        c.service(name, &[Target::new(name, 100)], &[]);
+        bad.push((name, pod));
+    }
+    let autoscaler = c.autoscaler().await;
+    let activator = c.activator(&autoscaler, "10.0.0.1", &["--listen-tls", "127.0.0.1:0"]).await;
+    let (tls_addr, admin) = (activator.addr("tls"), activator.addr("admin"));
+
+    // Client → activator's TLS port → pod's TLS port.
+    let ingress: Vec<(&str, String)> = ingress("counter-00001");
+    let headers: Vec<(&str, &str)> = ingress.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let reply = std::sync::Mutex::new(None);
+    wait_until(Duration::from_secs(20), "the TLS port serves", || async {
+        let got = pki::get(tls_addr, &routing.pem(), "kn-routing", "/incr?session_id=t", &headers).await.ok();
+        let served = got.as_ref().is_some_and(|r| r.status == 200);
+        *reply.lock().unwrap() = got;
+        served
+    })
+    .await;
+    let first = reply.into_inner().unwrap().unwrap();
+    assert_eq!(first.body, "session=t, count=1\n");
+    assert_eq!(first.headers["x-demo-tls"], "1", "the activator reached the pod over TLS");
+    assert_eq!(first.headers["x-demo-pod"], "tls-pod");
+
+    // Rotation: the next handshake shows the new certificate, no restart.
+    let rotated = routing.issue(&["kn-routing", "data-plane.knative.dev"]);
+    c.api.put(
+        Kind::Secret,
+        secret(
+            "routing-serving-certs",
+            &[("tls.crt", &rotated.cert), ("tls.key", &rotated.key), ("ca.crt", &routing.pem())],
+        ),
+    );
+    wait_until(Duration::from_secs(10), "the rotated certificate is served", || async {
+        let reply = pki::get(tls_addr, &routing.pem(), "kn-routing", "/incr?session_id=r", &headers).await;
+        reply.is_ok_and(|r| r.served != first.served && r.status == 200)
+    })
+    .await;
+
+    // Refused pods: 502, counted, logged, and the pod saw nothing.
+    let client = Client::new(activator.addr("proxy"));
+    for (name, pod) in &bad {
+        let reply = send_status(&client, "/incr?session_id=never", name).await;
+        assert_eq!(reply.status, 502, "{name}: {reply:?}");
+        let direct = Client::new(pod.addr("http")).get("x", "/incr?session_id=never").await;
+        assert_eq!(direct.body, "session=never, count=1\n", "{name} was never sent the request");
+    }
+    let refused = metric(admin, "activator_tls_handshakes_failed_total", &[("peer", "pod")]).await.unwrap_or(0.0);
+    assert!(refused >= 2.0, "{refused}");
+    assert!(activator.logs().contains("tls: invalid peer certificate"), "{}", activator.logs());
+
+    // Plain 8012 keeps serving, as upstream's.
+    let plain = send(&client, "/incr?session_id=t", "counter-00001", &[]).await;
+    assert_eq!((plain.body.as_str(), plain.header("x-demo-tls")), ("session=t, count=2\n", "1"));
+}
+
+/// A request through the ingress's headers, whatever its status.
+async fn send_status(client: &Client, path: &str, revision: &str) -> Reply {
+    let mut req = client.request(reqwest::Method::GET, "counter.default.example.com", path);
+    for (k, v) in ingress(revision) {
+        req = req.header(k, v);
+    }
+    client.send(req).await
+}

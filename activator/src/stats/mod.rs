@@ -68,6 +68,8 @@ pub struct Stats {
     pub kube_forbidden: IntGaugeVec,
     pub kube_rejected: IntCounterVec,
     pub kube_errors: IntCounterVec,
+    /// System-internal TLS handshakes that failed, by peer (`client` on the TLS port, `pod`).
+    pub tls_refused: IntCounterVec,
 }
 
 impl Default for Stats {
@@ -253,6 +255,14 @@ impl Stats {
             &["resource"],
         )
         .expect("static metric definition");
+        let tls_refused = IntCounterVec::new(
+            Opts::new(
+                "activator_tls_handshakes_failed_total",
+                "System-internal TLS handshakes that failed: with clients of the TLS port, or with pods whose certificate was refused",
+            ),
+            &["peer"],
+        )
+        .expect("static metric definition");
         let registry = Registry::new();
         let mut families = register(
             &registry,
@@ -286,6 +296,7 @@ impl Stats {
                 Box::new(kube_forbidden.clone()),
                 Box::new(kube_rejected.clone()),
                 Box::new(kube_errors.clone()),
+                Box::new(tls_refused.clone()),
             ],
         );
         let knative = KnativeMetrics::new();
@@ -324,6 +335,7 @@ impl Stats {
             kube_forbidden,
             kube_rejected,
             kube_errors,
+            tls_refused,
         }
     }
 

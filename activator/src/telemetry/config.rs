@@ -270,7 +270,7 @@ mod tests {
         );
         let full = read(
             &[
-                ("metrics-protocol", "prometheus"),
+                ("metrics-protocol", "http/protobuf"),
                 ("metrics-endpoint", "http://collector:4318"),
                 ("metrics-export-interval", "15s"),
                 ("tracing-protocol", "grpc"),
@@ -280,7 +280,7 @@ mod tests {
             ],
             &mut warnings,
         );
-        assert_eq!(full.metrics_protocol, MetricsProtocol::Prometheus);
+        assert_eq!(full.metrics_protocol, MetricsProtocol::HttpProtobuf);
         assert_eq!(full.metrics_endpoint.as_deref(), Some("http://collector:4318"));
         assert_eq!(full.metrics_export_interval, Duration::from_secs(15));
         assert_eq!(full.tracing.protocol, TracingProtocol::Grpc);

@@ -20,18 +20,32 @@ use crate::readiness::Prober;
 use crate::stats::Stats;
 use crate::stats::knative::RevisionNames;
 use crate::throttle::{Backends, QueueLimits, ThrottleMetrics, Throttler};
+use crate::tls::InternalTls;
 
 pub struct Publisher {
     current: Arc<ArcSwap<Snapshot>>,
     stats: Stats,
     queue: QueueLimits,
     prober: Prober,
+    internal_tls: Arc<InternalTls>,
 }
 
 impl Publisher {
     /// Starts with an empty world.
     pub fn new(stats: Stats, queue: QueueLimits, prober: Prober) -> Self {
-        Publisher { current: Arc::new(ArcSwap::from_pointee(Snapshot::default())), stats, queue, prober }
+        Publisher {
+            current: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
+            stats,
+            queue,
+            prober,
+            internal_tls: Arc::default(),
+        }
+    }
+
+    /// Pods whose backends ask for TLS are verified with `tls`.
+    pub fn with_internal_tls(mut self, tls: Arc<InternalTls>) -> Self {
+        self.internal_tls = tls;
+        self
     }
 
     /// The published snapshot, for readers.
@@ -150,6 +164,7 @@ impl Publisher {
                     outside_subset: stats.outside_subset.clone(),
                 };
                 let throttler = Throttler::new(rev.container_concurrency, self.queue.clone(), metrics);
+                throttler.verify_tls_with(self.internal_tls.clone());
                 let concurrency = Concurrency::new(
                     &svc.namespace,
                     &rev.name,

@@ -27,6 +27,7 @@ use kube::runtime::watcher::{self, Event};
 use crate::health::Health;
 use crate::stats::Stats;
 use crate::telemetry::{LogLevel, ObservabilityConfig, Telemetry, level_from_config_logging};
+use crate::tls::{InternalTls, TRUST_BUNDLE_LABEL};
 use crate::world::Publisher;
 use crate::world::spec::{self, WorldSpec};
 use objects::{EndpointsInfo, Key};
@@ -42,6 +43,7 @@ pub struct Watched {
     /// Only in the system namespace (a Role there), rather than cluster-wide (a ClusterRole).
     pub in_system_namespace: bool,
     pub label_selector: Option<&'static str>,
+    pub field_selector: Option<&'static str>,
     /// What upstream's activator does not watch, so the stock RBAC lacks.
     pub beyond_upstream: bool,
 }
@@ -51,7 +53,7 @@ const PRIVATE: &str = "serving.knative.dev/revisionUID,networking.internal.knati
 const PUBLIC: &str = "serving.knative.dev/revision,networking.internal.knative.dev/serviceType=Public";
 
 /// What Knative mode watches; the manifests' RBAC is checked against this list.
-pub const WATCHED: [Watched; 7] = [
+pub const WATCHED: [Watched; 8] = [
     watched(SERVING, "Revision", "revisions", false, None, false),
     watched(SERVING, "Route", "routes", false, None, true),
     watched(SERVING, "Service", "services", false, None, true),
@@ -59,7 +61,11 @@ pub const WATCHED: [Watched; 7] = [
     watched("", "Endpoints", "endpoints", false, Some(PUBLIC), false),
     watched("", "Service", "services", false, Some(PRIVATE), false),
     watched("", "ConfigMap", "configmaps", true, None, false),
+    // The certificate of system-internal TLS, as upstream's CertCache reads it.
+    Watched { field_selector: Some(TLS_SECRET), ..watched("", "Secret", "secrets", true, None, false) },
 ];
+
+const TLS_SECRET: &str = "metadata.name=routing-serving-certs";
 
 const fn watched(
     group: &'static str,
@@ -69,7 +75,16 @@ const fn watched(
     label_selector: Option<&'static str>,
     beyond_upstream: bool,
 ) -> Watched {
-    Watched { group, version: "v1", kind, plural, in_system_namespace, label_selector, beyond_upstream }
+    Watched {
+        group,
+        version: "v1",
+        kind,
+        plural,
+        in_system_namespace,
+        label_selector,
+        field_selector: None,
+        beyond_upstream,
+    }
 }
 
 /// Indexes into `WATCHED`.
@@ -80,6 +95,7 @@ const PRIVATE_ENDPOINTS: usize = 3;
 const PUBLIC_ENDPOINTS: usize = 4;
 const PRIVATE_SERVICES: usize = 5;
 const CONFIG_MAPS: usize = 6;
+const SECRETS: usize = 7;
 
 impl Watched {
     /// `routes.serving.knative.dev`, as RBAC errors and the logs name it.
@@ -111,6 +127,8 @@ pub struct KnativeConfig {
     pub config_maps: ConfigMapNames,
     /// Follows `config-logging`.
     pub log_level: LogLevel,
+    /// Follows Secret `routing-serving-certs` and the trust-bundle ConfigMaps.
+    pub internal_tls: Arc<InternalTls>,
 }
 
 /// The names of the ConfigMaps upstream lets the Deployment rename (`CONFIG_LOGGING_NAME`,
@@ -152,6 +170,8 @@ pub struct KnativeSource {
     feeds: [Feed; WATCHED.len()],
     reflection: Reflection,
     config_maps: BTreeMap<Key, BTreeMap<String, String>>,
+    /// The ConfigMaps labelled as trust bundles, by key.
+    trust_bundles: BTreeMap<Key, BTreeMap<String, String>>,
     dirty: Dirty,
     published: bool,
 }
@@ -179,6 +199,7 @@ impl KnativeSource {
             feeds: Default::default(),
             reflection,
             config_maps: BTreeMap::new(),
+            trust_bundles: BTreeMap::new(),
             dirty: Dirty::default(),
             published: false,
         })
@@ -196,6 +217,9 @@ impl KnativeSource {
             let mut config = watcher::Config::default();
             if let Some(selector) = w.label_selector {
                 config = config.labels(selector);
+            }
+            if let Some(selector) = w.field_selector {
+                config = config.fields(selector);
             }
             watcher::watcher(api, config).default_backoff().map(move |item| (i, item)).boxed()
         });
@@ -306,7 +330,14 @@ impl KnativeSource {
             }
             CONFIG_MAPS => {
                 let (_, data) = objects::config_map(object)?;
+                let bundle = object.metadata.labels.as_ref().is_some_and(|l| l.contains_key(TRUST_BUNDLE_LABEL));
+                self.trust_bundle(&key, bundle.then_some(&data));
                 self.config_map(key, Some(data));
+            }
+            SECRETS => {
+                let (_, data) = objects::secret(object)?;
+                self.config.internal_tls.set_secret(&data)?;
+                tracing::info!(secret = %key.1, "the certificate of system-internal TLS is (re)loaded");
             }
             _ => unreachable!("an index into WATCHED"),
         }
@@ -332,7 +363,14 @@ impl KnativeSource {
                 r.private_services.remove(&key);
                 self.dirty.revisions.insert(key);
             }
-            CONFIG_MAPS => self.config_map(key, None),
+            CONFIG_MAPS => {
+                self.trust_bundle(&key, None);
+                self.config_map(key, None);
+            }
+            // As upstream's CertCache, which has no delete handler: the last certificate stays.
+            SECRETS => {
+                tracing::warn!(secret = %key.1, "the TLS Secret was deleted; its last certificate keeps serving")
+            }
             _ => unreachable!("an index into WATCHED"),
         }
     }
@@ -365,10 +403,12 @@ impl KnativeSource {
         if name == CONFIG_NETWORK {
             match objects::network_config(read, &mut |w| tracing::warn!(configmap = name, "{w}")) {
                 Ok(network) => {
-                    if network.internal_tls {
-                        tracing::warn!(
-                            "config-network asks for system-internal-tls, which this activator does not serve; traffic to pods stays plain HTTP"
+                    if network.internal_tls != self.reflection.network.internal_tls {
+                        tracing::info!(
+                            enabled = network.internal_tls,
+                            "system-internal-tls changes: pods are reached accordingly, and the TLS port serves while enabled"
                         );
+                        self.config.internal_tls.set_enabled(network.internal_tls);
                     }
                     self.reflection.network = network;
                     self.dirty.world = true;
@@ -392,7 +432,35 @@ impl KnativeSource {
             PRIVATE_ENDPOINTS => r.private_endpoints.retain(|k, _| seen.contains(k)),
             PUBLIC_ENDPOINTS => r.public_endpoints.retain(|k, _| seen.contains(k)),
             PRIVATE_SERVICES => r.private_services.retain(|k, _| seen.contains(k)),
-            _ => self.config_maps.retain(|k, _| seen.contains(k)),
+            CONFIG_MAPS => {
+                self.config_maps.retain(|k, _| seen.contains(k));
+                let gone: Vec<Key> = self.trust_bundles.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+                for key in gone {
+                    self.trust_bundle(&key, None);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A trust-bundle ConfigMap changed (`None`: gone, or no longer labelled): pods are verified
+    /// against every bundle there is now.
+    fn trust_bundle(&mut self, key: &Key, data: Option<&BTreeMap<String, String>>) {
+        let changed = match data {
+            Some(data) => self.trust_bundles.insert(key.clone(), data.clone()).as_ref() != Some(data),
+            None => self.trust_bundles.remove(key).is_some(),
+        };
+        if !changed {
+            return;
+        }
+        let values = self
+            .trust_bundles
+            .iter()
+            .flat_map(|((_, name), data)| data.iter().map(move |(k, v)| (format!("{name}/{k}"), v.as_str())));
+        let values: Vec<(String, &str)> = values.collect();
+        for problem in self.config.internal_tls.set_bundles(values.iter().map(|(n, v)| (n.as_str(), *v))) {
+            self.stats.kube_rejected.with_label_values(&["configmaps"]).inc();
+            tracing::warn!(%problem, "a trust bundle that does not read is skipped");
         }
     }
 
@@ -521,7 +589,8 @@ mod tests {
                 "endpoints",
                 "endpoints",
                 "services",
-                "configmaps"
+                "configmaps",
+                "secrets"
             ]
         );
         let beyond: Vec<&str> = WATCHED.iter().filter(|w| w.beyond_upstream).map(|w| w.plural).collect();
@@ -535,11 +604,13 @@ mod tests {
             revision: "r".into(),
             ready: [("http".to_owned(), vec![addr("10.0.0.1:8012"), addr("10.0.0.2:8012")])].into(),
             not_ready: BTreeMap::new(),
+            tls_ports: BTreeMap::new(),
         };
         let now = EndpointsInfo {
             revision: "r".into(),
             ready: [("http".to_owned(), vec![addr("10.0.0.2:8012")])].into(),
             not_ready: [("http".to_owned(), vec![addr("10.0.0.1:8012"), addr("10.0.0.3:8012")])].into(),
+            tls_ports: BTreeMap::new(),
         };
         assert_eq!(became_not_ready(&before, &now), [addr("10.0.0.1:8012")]);
     }

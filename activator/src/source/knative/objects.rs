@@ -72,6 +72,9 @@ pub struct EndpointsInfo {
     pub revision: String,
     pub ready: Ports<SocketAddr>,
     pub not_ready: Ports<SocketAddr>,
+    /// Each pod's TLS port (the port named `https`, queue-proxy's 8112), by every other address
+    /// of the pod in the same subset.
+    pub tls_ports: BTreeMap<SocketAddr, u16>,
 }
 
 /// A revision's private Service.
@@ -283,12 +286,17 @@ pub fn private_endpoints(obj: &DynamicObject) -> Result<(Key, EndpointsInfo), St
     let key = revision_key(obj)?;
     let mut info = EndpointsInfo { revision: key.1.clone(), ..EndpointsInfo::default() };
     for subset in subsets(obj)? {
+        let https = subset.ports.iter().find(|p| p.name.as_deref() == Some("https")).map(|p| p.port);
         for port in subset.ports.iter().filter_map(|p| Some((p.name.clone()?, p.port))) {
             for (addresses, into) in
                 [(&subset.addresses, &mut info.ready), (&subset.not_ready_addresses, &mut info.not_ready)]
             {
                 for address in addresses {
-                    into.entry(port.0.clone()).or_default().push(SocketAddr::new(ip(address)?, port.1));
+                    let addr = SocketAddr::new(ip(address)?, port.1);
+                    into.entry(port.0.clone()).or_default().push(addr);
+                    if let Some(https) = https {
+                        info.tls_ports.insert(addr, https);
+                    }
                 }
             }
         }
@@ -327,6 +335,20 @@ pub fn private_service(obj: &DynamicObject) -> Result<(Key, Option<ServiceInfo>)
     let cluster_ip = cluster_ip.parse().map_err(|_| format!("spec.clusterIP {cluster_ip:?} is not an IP address"))?;
     let ports = spec.ports.into_iter().filter_map(|p| Some((p.name?, p.port))).collect();
     Ok((key.clone(), Some(ServiceInfo { revision: key.1, cluster_ip, ports })))
+}
+
+/// A Secret's data, decoded from the base64 the API serves it in.
+pub fn secret(obj: &DynamicObject) -> Result<(Key, BTreeMap<String, Vec<u8>>), String> {
+    use base64::Engine as _;
+    let encoded: BTreeMap<String, String> = part(obj, "data")?;
+    let mut data = BTreeMap::new();
+    for (key, value) in encoded {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(value.as_bytes())
+            .map_err(|e| format!("data.{key} is not base64: {e}"))?;
+        data.insert(key, decoded);
+    }
+    Ok((identity(obj)?, data))
 }
 
 /// A ConfigMap's data.

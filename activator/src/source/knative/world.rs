@@ -12,7 +12,7 @@ use super::objects::{
     Annotations, EndpointsInfo, Key, MeshMode, NetworkConfig, Ports, RevisionInfo, RouteInfo, ServiceInfo,
 };
 use crate::proxy::HostRewrite;
-use crate::throttle::{Backends, ClusterIp, Probe, Subset};
+use crate::throttle::{Backends, ClusterIp, Probe, Subset, TlsPorts};
 use crate::world::spec::{Owners, RevisionSpec, ServiceSpec, TrafficSpec, WorldSpec};
 
 /// queue-proxy's readiness path for the activator's probe.
@@ -144,16 +144,34 @@ impl Reflection {
             service.filter(|_| !passthrough).map(|addr| ClusterIp { addr, always, ready_pods: ready.len() })
         };
         let subset = self.subset(&key, port);
+        let tls = self.network.internal_tls.then(|| self.tls_ports(&key, rev));
         match self.network.mesh {
             MeshMode::Auto => Backends {
                 probed: [ready.clone(), unready].concat(),
                 trusted: vec![],
                 cluster_ip: through(false),
                 subset,
+                tls,
             },
-            MeshMode::Enabled => Backends { probed: ready.clone(), trusted: vec![], cluster_ip: through(true), subset },
-            MeshMode::Disabled => Backends { probed: unready, trusted: ready, cluster_ip: None, subset },
+            MeshMode::Enabled => {
+                Backends { probed: ready.clone(), trusted: vec![], cluster_ip: through(true), subset, tls }
+            }
+            MeshMode::Disabled => Backends { probed: unready, trusted: ready, cluster_ip: None, subset, tls },
         }
+    }
+
+    /// With system-internal TLS, where a revision's pods take TLS: the port named `https` of each
+    /// pod's Endpoints subset (queue-proxy's 8112), and the private Service's `https` port (443)
+    /// for its ClusterIP, as upstream's `useSecurePort`.
+    fn tls_ports(&self, key: &Key, rev: &RevisionInfo) -> TlsPorts {
+        let mut ports = self.private_endpoints.get(key).map(|e| e.tls_ports.clone()).unwrap_or_default();
+        if let Some(service) = self.private_services.get(key)
+            && let Some(port) = service.ports.get(rev.port_name())
+        {
+            let https = service.ports.get("https").copied().unwrap_or(crate::tls::SERVICE_TLS_PORT);
+            ports.insert(SocketAddr::new(service.cluster_ip, *port), https);
+        }
+        TlsPorts { namespace: rev.namespace.clone(), ports }
     }
 
     /// Where this activator stands among the activators in a revision's path, by upstream's
@@ -277,6 +295,7 @@ mod tests {
                 revision: "a-2".into(),
                 ready: [("http".to_owned(), ready.clone())].into(),
                 not_ready: [("http".to_owned(), not_ready.clone())].into(),
+                tls_ports: BTreeMap::new(),
             },
         );
         r.private_services.insert(
