@@ -5,13 +5,18 @@
 //!
 //! Owns the readiness state only; the probes that report it are answered in `probes` and `admin`.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwapOption;
 
 #[derive(Default)]
 pub struct Health {
     draining: AtomicBool,
     needs_sync: AtomicBool,
     synced: AtomicBool,
+    /// Why the sync cannot complete (a watch RBAC forbids), while it cannot.
+    sync_blocked: ArcSwapOption<String>,
     needs_pin_store: AtomicBool,
     pin_store_tried: AtomicBool,
     needs_autoscaler: AtomicBool,
@@ -36,6 +41,11 @@ impl Health {
         self.synced.store(true, Ordering::SeqCst);
     }
 
+    /// What keeps the sync from completing, said by readiness until it clears.
+    pub fn set_sync_blocked(&self, reason: Option<String>) {
+        self.sync_blocked.store(reason.map(std::sync::Arc::new));
+    }
+
     /// A shared pin store must try Redis once before the replica is ready; Redis being down
     /// afterwards never makes it unready (the store fails open).
     pub fn require_pin_store(&self) {
@@ -55,15 +65,18 @@ impl Health {
     }
 
     /// `Ok` when this replica should receive traffic, else the reason.
-    pub fn check(&self) -> Result<(), &'static str> {
+    pub fn check(&self) -> Result<(), Cow<'static, str>> {
         if self.is_draining() {
-            Err("received SIGTERM from kubelet")
+            Err("received SIGTERM from kubelet".into())
         } else if self.needs_sync.load(Ordering::SeqCst) && !self.synced.load(Ordering::SeqCst) {
-            Err("the view of revisions and endpoints has not synced yet")
+            match self.sync_blocked.load().as_deref() {
+                Some(reason) => Err(reason.clone().into()),
+                None => Err("the view of revisions and endpoints has not synced yet".into()),
+            }
         } else if self.needs_pin_store.load(Ordering::SeqCst) && !self.pin_store_tried.load(Ordering::SeqCst) {
-            Err("the shared pin store has not tried Redis yet")
+            Err("the shared pin store has not tried Redis yet".into())
         } else if self.needs_autoscaler.load(Ordering::SeqCst) && !self.autoscaler_connected.load(Ordering::SeqCst) {
-            Err("connection has not yet been established")
+            Err("connection has not yet been established".into())
         } else {
             Ok(())
         }
@@ -79,16 +92,18 @@ mod tests {
         let health = Health::default();
         assert!(health.check().is_ok(), "nothing required");
         health.require_sync();
-        assert_eq!(health.check(), Err("the view of revisions and endpoints has not synced yet"));
+        assert_eq!(health.check(), Err("the view of revisions and endpoints has not synced yet".into()));
+        health.set_sync_blocked(Some("forbidden".into()));
+        assert_eq!(health.check(), Err("forbidden".into()));
         health.set_synced();
         health.require_pin_store();
-        assert_eq!(health.check(), Err("the shared pin store has not tried Redis yet"));
+        assert_eq!(health.check(), Err("the shared pin store has not tried Redis yet".into()));
         health.set_pin_store_tried();
         health.require_autoscaler();
-        assert_eq!(health.check(), Err("connection has not yet been established"));
+        assert_eq!(health.check(), Err("connection has not yet been established".into()));
         health.set_autoscaler_connected(true);
         assert!(health.check().is_ok());
         health.start_draining();
-        assert_eq!(health.check(), Err("received SIGTERM from kubelet"));
+        assert_eq!(health.check(), Err("received SIGTERM from kubelet".into()));
     }
 }

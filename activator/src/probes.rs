@@ -20,7 +20,7 @@ pub fn answer<B>(req: &mut Request<B>, health: &Health) -> Option<Response<Respo
     if is_kubelet {
         return Some(match health.check() {
             Ok(()) => status(StatusCode::OK),
-            Err(reason) => reply(StatusCode::INTERNAL_SERVER_ERROR, reason),
+            Err(reason) => reply(StatusCode::INTERNAL_SERVER_ERROR, &reason),
         });
     }
     match headers.get(NETWORK_PROBE).map(HeaderValue::as_bytes) {

@@ -190,6 +190,11 @@ impl ApiServer {
         self.shared.store.lock().unwrap().forbidden.insert(kind);
     }
 
+    /// Lets list and watch of `kind` through again.
+    pub fn permit(&self, kind: Kind) {
+        self.shared.store.lock().unwrap().forbidden.remove(&kind);
+    }
+
     /// Ends every open watch stream; clients resume from the version they last saw.
     pub fn close_watches(&self) {
         self.shared.closing.send_modify(|n| *n += 1);

@@ -352,6 +352,7 @@ impl Env {
             ("--mode", "knative"),
             ("--listen", "127.0.0.1:0"),
             ("--listen-h2c", "127.0.0.1:0"),
+            ("--listen-tls", "127.0.0.1:0"),
             ("--admin-listen", "127.0.0.1:0"),
             ("--drain-period", "1s"),
             ("--log-format", "json"),

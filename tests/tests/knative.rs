@@ -301,6 +301,20 @@ async fn activators_split_the_pods_and_a_pinned_session_reaches_its_pod_through_
     let outside =
         metric(b.addr("admin"), "activator_pinned_outside_subset_total", &[("revision", "counter-00001")]).await;
     assert_eq!(outside, Some(1.0));
+
+    // The SKS switches to Serve: the public Endpoints list pods, not activators. Upstream keeps
+    // each activator's last index rather than letting it use every pod.
+    c.api.put(Kind::Endpoints, public_endpoints(&revision, &["10.9.0.1".parse().unwrap()]));
+    wait_until(Duration::from_secs(10), "B saw the update", || async {
+        b.logs().contains("no longer list this activator")
+    })
+    .await;
+    let client = Client::new(b.addr("proxy"));
+    let held =
+        futures_util::future::join_all((0..2).map(|_| send(&client, "/slow?delay=500ms", "counter-00001", &[]))).await;
+    let mut used: Vec<String> = held.iter().map(|r| r.pod().to_owned()).collect();
+    used.sort();
+    assert_eq!(&used, &subsets[1], "B keeps its share, not the first pods of all");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -433,6 +447,36 @@ async fn under_the_stock_rbac_requests_are_served_and_the_missing_rule_is_named(
     let named: Vec<&str> = logs.lines().filter(|l| l.contains("cannot list routes.serving.knative.dev")).collect();
     assert_eq!(named.len(), 1, "{named:?}");
     assert!(named[0].contains(r#"resources: [\"routes\"], verbs: [\"get\", \"list\", \"watch\"]"#), "{}", named[0]);
+}
+
+/// Upstream's activator never gets ready without its informers of Revisions and Endpoints: a
+/// 403 there keeps ours unready too, saying which rule is missing, until the rule is granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_list_of_endpoints_keeps_it_unready_and_names_the_rule() {
+    let c = Cluster::new().await;
+    c.api.forbid(Kind::Endpoints);
+    let pods = c.env.pods("counter-00001", 1).await;
+    c.revision(&Revision::new("counter", "counter-00001"), &addrs(&pods));
+    c.service("counter", &[Target::new("counter-00001", 100)], &[]);
+    let autoscaler = c.autoscaler().await;
+    let url = format!("ws://{}", autoscaler.addr("stats"));
+    let activator = c.env.knative_activator(&c.api, "10.0.0.1", &["--autoscaler-url", &url]).await;
+    let admin = activator.addr("admin");
+    wait_until(Duration::from_secs(20), "readiness names the missing rule", || async {
+        let (status, body) = admin_get(admin, "/readyz").await;
+        status == 503 && body.contains("forbidden to list endpoints") && body.contains(r#"resources: ["endpoints"]"#)
+    })
+    .await;
+    let kubelet = Client::new(activator.addr("proxy")).get_with("", "/", &[("User-Agent", "kube-probe/1.33")]).await;
+    assert_eq!(kubelet.status, 500);
+    assert!(kubelet.body.contains("forbidden to list endpoints"), "{kubelet:?}");
+    assert_eq!(metric(admin, "activator_kube_watch_forbidden", &[("resource", "endpoints")]).await, Some(1.0));
+    c.api.permit(Kind::Endpoints);
+    wait_until(Duration::from_secs(60), "ready once the rule is granted", || async {
+        admin_get(admin, "/readyz").await.0 == 200
+    })
+    .await;
+    send(&Client::new(activator.addr("proxy")), "/incr", "counter-00001", &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -697,7 +741,9 @@ async fn renamed_config_maps_are_read_as_upstream_reads_them_live() {
     let moved: std::net::SocketAddr = format!("127.0.0.1:{moved}").parse().unwrap();
     wait_until(Duration::from_secs(10), "the moved listener serves upstream's names", || async {
         send(&client, "/incr", "counter-00001", &[]).await;
-        let text = admin_get(moved, "/metrics").await.1;
+        // Refused until the listener is up: that is not an answer yet.
+        let Ok(resp) = reqwest::get(format!("http://{moved}/metrics")).await else { return false };
+        let text = resp.text().await.unwrap_or_default();
         text.contains("http_server_response_body_size_bytes_bucket")
             && text.contains("server_address=\"counter.default.svc.cluster.local\"")
             && text.contains("http_client_request_duration_seconds_bucket")
@@ -779,7 +825,7 @@ async fn system_internal_tls_serves_and_verifies_pods() {
         bad.push((name, pod));
     }
     let autoscaler = c.autoscaler().await;
-    let activator = c.activator(&autoscaler, "10.0.0.1", &["--listen-tls", "127.0.0.1:0"]).await;
+    let activator = c.activator(&autoscaler, "10.0.0.1", &[]).await;
     let (tls_addr, admin) = (activator.addr("tls"), activator.addr("admin"));
 
     // Client → activator's TLS port → pod's TLS port.

@@ -172,6 +172,8 @@ pub struct KnativeSource {
     config_maps: BTreeMap<Key, BTreeMap<String, String>>,
     /// The ConfigMaps labelled as trust bundles, by key.
     trust_bundles: BTreeMap<Key, BTreeMap<String, String>>,
+    /// Why each required watch that RBAC forbids keeps the activator unready.
+    blocked: BTreeMap<usize, String>,
     dirty: Dirty,
     published: bool,
 }
@@ -200,6 +202,7 @@ impl KnativeSource {
             reflection,
             config_maps: BTreeMap::new(),
             trust_bundles: BTreeMap::new(),
+            blocked: BTreeMap::new(),
             dirty: Dirty::default(),
             published: false,
         })
@@ -249,6 +252,10 @@ impl KnativeSource {
             Event::InitDone => {
                 let seen = feed.relisting.take().unwrap_or_default();
                 feed.synced = true;
+                if self.blocked.remove(&i).is_some() {
+                    self.health.set_sync_blocked(self.blocked.values().next().cloned());
+                }
+                let feed = &mut self.feeds[i];
                 if std::mem::take(&mut feed.forbidden) {
                     self.stats.kube_forbidden.with_label_values(&[&watched.resource()]).set(0);
                     tracing::info!(resource = %watched.resource(), "can list {} now; affinity across a Route's revisions is on", watched.resource());
@@ -317,8 +324,20 @@ impl KnativeSource {
                 self.dirty.revisions.insert(key);
             }
             PUBLIC_ENDPOINTS => {
-                r.public_endpoints.insert(key.clone(), objects::public_endpoints(object)?.1);
-                self.dirty.revisions.insert(key);
+                let activators = objects::public_endpoints(object)?.1;
+                // Upstream's revision backends ignore an update that no longer lists this
+                // activator (the SKS switched to Serve): the last index stays.
+                let listed =
+                    |ips: &objects::Ports<IpAddr>| r.pod_ip.is_some_and(|me| ips.values().any(|ips| ips.contains(&me)));
+                if listed(&activators) || !r.public_endpoints.get(&key).is_some_and(listed) {
+                    r.public_endpoints.insert(key.clone(), activators);
+                    self.dirty.revisions.insert(key);
+                } else {
+                    tracing::info!(
+                        namespace = %key.0, revision = %key.1,
+                        "the revision's public Endpoints no longer list this activator; its share of the pods stays"
+                    );
+                }
             }
             PRIVATE_SERVICES => {
                 // A headless Service is no way in: as good as none.
@@ -348,17 +367,19 @@ impl KnativeSource {
     fn forget(&mut self, i: usize, key: Key) {
         let r = &mut self.reflection;
         match i {
-            REVISIONS => self.dirty.world |= r.revisions.remove(&key).is_some(),
+            REVISIONS => {
+                // The subset a revision kept when it left the activators' path goes with it.
+                r.public_endpoints.remove(&key);
+                self.dirty.world |= r.revisions.remove(&key).is_some();
+            }
             ROUTES => self.dirty.world |= r.routes.get_or_insert_default().remove(&key).is_some(),
             KNATIVE_SERVICES => self.dirty.world |= r.services.get_or_insert_default().remove(&key).is_some(),
             PRIVATE_ENDPOINTS => {
                 r.private_endpoints.remove(&key);
                 self.dirty.revisions.insert(key);
             }
-            PUBLIC_ENDPOINTS => {
-                r.public_endpoints.remove(&key);
-                self.dirty.revisions.insert(key);
-            }
+            // As an update that no longer lists this activator: the last index stays.
+            PUBLIC_ENDPOINTS => {}
             PRIVATE_SERVICES => {
                 r.private_services.remove(&key);
                 self.dirty.revisions.insert(key);
@@ -430,7 +451,10 @@ impl KnativeSource {
             ROUTES => r.routes.get_or_insert_default().retain(|k, _| seen.contains(k)),
             KNATIVE_SERVICES => r.services.get_or_insert_default().retain(|k, _| seen.contains(k)),
             PRIVATE_ENDPOINTS => r.private_endpoints.retain(|k, _| seen.contains(k)),
-            PUBLIC_ENDPOINTS => r.public_endpoints.retain(|k, _| seen.contains(k)),
+            PUBLIC_ENDPOINTS => {
+                let revisions = &r.revisions;
+                r.public_endpoints.retain(|k, _| seen.contains(k) || revisions.contains_key(k));
+            }
             PRIVATE_SERVICES => r.private_services.retain(|k, _| seen.contains(k)),
             CONFIG_MAPS => {
                 self.config_maps.retain(|k, _| seen.contains(k));
@@ -474,8 +498,11 @@ impl KnativeSource {
             tracing::warn!(%resource, error = %error, "watch failed; listing again after a back-off, the last view keeps serving");
             return;
         }
+        // What upstream's activator watches it cannot do without: it stays unready, as upstream
+        // never gets ready without its informers; what is ours (or only for TLS) it serves without.
+        let required = !matches!(i, ROUTES | KNATIVE_SERVICES | SECRETS);
         let feed = &mut self.feeds[i];
-        feed.synced = true;
+        feed.synced |= !required;
         if std::mem::replace(&mut feed.forbidden, true) {
             return;
         }
@@ -491,16 +518,18 @@ impl KnativeSource {
                        with session affinity inside the revision the ingress chose"
             }
             KNATIVE_SERVICES => "annotations on Knative Services are not read; revisions' own annotations still are",
-            _ => "requests to what it would show cannot be routed",
+            SECRETS => "system-internal TLS has no certificate to serve",
+            _ => "the activator stays unready, as upstream's does without it",
         };
-        tracing::error!(
-            %resource,
-            "cannot list {resource} (forbidden by RBAC): {effect}. Grant it with {scope} rule \
-             `apiGroups: [\"{}\"], resources: [\"{}\"], verbs: [\"get\", \"list\", \"watch\"]` \
-             (manifests/knative adds it)",
-            watched.group,
-            watched.plural
+        let rule = format!(
+            "{scope} rule `apiGroups: [\"{}\"], resources: [\"{}\"], verbs: [\"get\", \"list\", \"watch\"]`",
+            watched.group, watched.plural
         );
+        tracing::error!(%resource, "cannot list {resource} (forbidden by RBAC): {effect}. Grant it with {rule}");
+        if required {
+            self.blocked.insert(i, format!("forbidden to list {resource}: grant it with {rule}"));
+            self.health.set_sync_blocked(self.blocked.values().next().cloned());
+        }
         match i {
             ROUTES => self.reflection.routes = None,
             KNATIVE_SERVICES => self.reflection.services = None,
