@@ -196,7 +196,8 @@ pub struct Config {
 
     /// Body bytes the requests waiting in one revision may make the activator hold (what each
     /// connection reads ahead of a waiting request: at most 64 KiB for HTTP/1.1, the 1 MiB
-    /// stream window for HTTP/2).
+    /// stream window for HTTP/2, and one 1 MiB connection window for all the waiting streams of
+    /// an HTTP/2 connection together).
     #[arg(long, env = "ACTIVATOR_MAX_QUEUE_BYTES", default_value_t = throttle::DEFAULT_MAX_BYTES)]
     pub max_queue_bytes: u64,
 

@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use futures_util::future::Either;
@@ -45,6 +46,8 @@ const CHAT_PREFIX_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// An HTTP/2 stream may send this much request body before the client must wait (the server's
 /// stream window), which is also the most a waiting HTTP/2 request can make the activator hold.
 pub const H2_STREAM_WINDOW: u32 = 1 << 20;
+/// What one HTTP/2 client connection may send before the activator reads, over all its streams.
+pub const H2_CONNECTION_WINDOW: u32 = 1 << 20;
 
 pub struct Handler {
     pub world: Arc<ArcSwap<Snapshot>>,
@@ -76,10 +79,13 @@ impl Handler {
     /// boxed once here and passed down as a pointer (each async step would otherwise keep its own
     /// copy), and steps that are over before it can wait, or that only begin after, are boxed
     /// where they are awaited.
+    /// `inflow` is the HTTP/2 connection's share of what its waiting requests may hold (`None`
+    /// for HTTP/1.1).
     pub fn handle(
         self: &Arc<Self>,
         mut req: Request<Incoming>,
         client: SocketAddr,
+        inflow: Option<Arc<Inflow>>,
     ) -> impl Future<Output = Response<ResponseBody>> + Send + 'static {
         let started = Instant::now();
         if let Some(resp) = probes::answer(&mut req, &self.health) {
@@ -89,7 +95,7 @@ impl Handler {
         let span = self.telemetry.server_span(&req, protocol);
         let log = self.telemetry.log_entry(&req, protocol, client, &span);
         let req = Box::new(req.map(RequestBody::new));
-        let arrived = Arrived { client, protocol, started, log };
+        let arrived = Arrived { client, protocol, started, log, inflow };
         let routed = self.clone().route_and_forward(req, arrived, span.clone());
         Either::Right(routed.instrument(span))
     }
@@ -101,7 +107,7 @@ impl Handler {
         span: Span,
     ) -> Response<ResponseBody> {
         let span = &span;
-        let Arrived { client, protocol, started, mut log } = arrived;
+        let Arrived { client, protocol, started, mut log, inflow } = arrived;
         let (service, ingress_pick) = match resolve(&self.world.load(), &req, &self.cluster_domain) {
             Ok(target) => target,
             Err(NotFound(name)) => {
@@ -135,7 +141,7 @@ impl Handler {
         let request_bytes = req.body_mut().counted();
         let mut exchange = None;
         let mut resp = tokio::select! {
-            resp = self.admit_and_forward(req, &pinning, &mut route, in_flight, client, &mut exchange) => resp,
+            resp = self.admit_and_forward(req, &pinning, &mut route, in_flight, (client, inflow), &mut exchange) => resp,
             () = deadline.as_mut() => respond::timed_out(),
             () = sleep_until_some(first_byte) => respond::timed_out(),
         };
@@ -214,11 +220,13 @@ impl Handler {
         pinning: &Pinning<'_>,
         route: &mut Route,
         mut in_flight: InFlight,
-        client: SocketAddr,
+        (client, inflow): (SocketAddr, Option<Arc<Inflow>>),
         exchange: &mut Option<ClientSeries>,
     ) -> Response<ResponseBody> {
         let protocol = Protocol::of(req.method(), req.version());
-        let body_bytes = waiting_body_bytes(&req);
+        // What may arrive while it waits is charged until it is admitted.
+        let mut charge = waiting_body_bytes(&req, inflow.as_ref());
+        let body_bytes = charge.bytes;
         let mut outbound = Outbound::new(req, client.ip(), &route.revision.host);
         let mut want = route.want;
         for attempt in 0..2 {
@@ -226,6 +234,7 @@ impl Handler {
                 Ok(admitted) => admitted,
                 Err(refused) => return refused,
             };
+            charge.release();
             let held = Exchange { lease, in_flight: counted, tunnels: &self.tunnels };
             let sending = Instant::now();
             let forwarded = Box::pin(proxy::forward(outbound, held)).await;
@@ -312,6 +321,36 @@ struct Arrived {
     started: Instant,
     /// Its request-log entry, while the log is on.
     log: Option<Box<Entry>>,
+    inflow: Option<Arc<Inflow>>,
+}
+
+/// What one HTTP/2 connection's waiting requests can make the activator hold, together: no more
+/// than the connection's flow-control window, however many streams wait on it (a client's
+/// thousand waiting gRPC calls hold one window, not a thousand).
+#[derive(Debug, Default)]
+pub struct Inflow {
+    charged: AtomicU64,
+}
+
+/// A waiting request's charge: the bytes its queue counts, and its part of the connection's
+/// window until it is admitted.
+struct Charge {
+    bytes: u64,
+    share: Option<(Arc<Inflow>, u64)>,
+}
+
+impl Charge {
+    fn release(&mut self) {
+        if let Some((inflow, bytes)) = self.share.take() {
+            inflow.charged.fetch_sub(bytes, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// Sleeps until `at`, or forever without one.
@@ -323,12 +362,21 @@ async fn sleep_until_some(at: Option<Instant>) {
 }
 
 /// What a waiting request may make the activator buffer: its body, but no more than the
-/// connection reads ahead before the client has to wait.
-fn waiting_body_bytes<B: http_body::Body>(req: &Request<B>) -> u64 {
+/// connection reads ahead before the client has to wait; on HTTP/2, no more than its stream's
+/// window nor what is left of its connection's.
+fn waiting_body_bytes<B: http_body::Body>(req: &Request<B>, inflow: Option<&Arc<Inflow>>) -> Charge {
     let hint = req.body().size_hint();
     let declared = hint.exact().or(hint.upper()).unwrap_or(u64::MAX);
-    let read_ahead = if req.version() == Version::HTTP_2 { u64::from(H2_STREAM_WINDOW) } else { HTTP1_READ_AHEAD };
-    declared.min(read_ahead)
+    let Some(inflow) = inflow.filter(|_| req.version() == Version::HTTP_2) else {
+        return Charge { bytes: declared.min(HTTP1_READ_AHEAD), share: None };
+    };
+    let want = declared.min(u64::from(H2_STREAM_WINDOW));
+    let mut bytes = 0;
+    let _ = inflow.charged.fetch_update(Ordering::AcqRel, Ordering::Acquire, |charged| {
+        bytes = want.min(u64::from(H2_CONNECTION_WINDOW).saturating_sub(charged));
+        Some(charged + bytes)
+    });
+    Charge { bytes, share: Some((inflow.clone(), bytes)) }
 }
 
 /// Which service the request is for, and the revision it names if it names one: by Knative's

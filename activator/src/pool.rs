@@ -18,13 +18,14 @@
 //! choose pods (that is `throttle`).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -47,6 +48,12 @@ const SETTLE_TIME: Duration = Duration::from_secs(1);
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// New HTTP/1.1 connections being opened to one pod at once.
 const MAX_DIALS_PER_POD: usize = 32;
+/// HTTP/2 connections to one pod: past this, streams wait on the least busy one.
+const MAX_H2_CONNECTIONS: usize = 32;
+/// HTTP/2's frame header, and the type and setting the pod's first SETTINGS frame is read for.
+const FRAME_HEADER: usize = 9;
+const SETTINGS_FRAME: u8 = 0x4;
+const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
 
 /// Why a request did not get a response from the pod.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +86,86 @@ impl PartialEq for Transport {
             }
             _ => false,
         }
+    }
+}
+
+/// Reads the pod's first HTTP/2 frame as it passes (a server starts with its SETTINGS) for the
+/// streams it allows at once; every byte goes on to hyper unchanged, and after that frame the
+/// tap only passes reads through.
+struct SettingsTap<T> {
+    inner: T,
+    /// The first frame's bytes so far; `None` once it has been read.
+    first: Option<Vec<u8>>,
+    settings: Arc<PeerSettings>,
+}
+
+impl<T> SettingsTap<T> {
+    fn new(inner: T, settings: Arc<PeerSettings>) -> Self {
+        SettingsTap { inner, first: Some(Vec::new()), settings }
+    }
+
+    fn observe(&mut self, read: &[u8]) {
+        let Some(first) = &mut self.first else { return };
+        first.extend_from_slice(read);
+        if first.len() < FRAME_HEADER {
+            return;
+        }
+        let length = usize::from(first[0]) << 16 | usize::from(first[1]) << 8 | usize::from(first[2]);
+        if first[3] != SETTINGS_FRAME || length % 6 != 0 || length > 16 * 6 {
+            // Not a SETTINGS frame a pod would send first: the pod's limit stays unknown (none).
+            self.first = None;
+            return self.settings.read();
+        }
+        if first.len() < FRAME_HEADER + length {
+            return;
+        }
+        for setting in first[FRAME_HEADER..FRAME_HEADER + length].chunks_exact(6) {
+            if u16::from_be_bytes([setting[0], setting[1]]) == SETTINGS_MAX_CONCURRENT_STREAMS {
+                let allowed = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
+                self.settings.allowed.store(allowed.max(1), Ordering::Release);
+            }
+        }
+        self.first = None;
+        self.settings.read();
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for SettingsTap<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.first.is_some() && polled.is_ready() {
+            let read = buf.filled()[before..].to_vec();
+            this.observe(&read);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for SettingsTap<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
@@ -145,9 +232,73 @@ pub struct Failed {
     pub unsent: Option<Request<RequestBody>>,
 }
 
-/// An HTTP/1.1 connection lent to one exchange: give it back with [`PodClient::give_back`] once
-/// the response body has ended, so the next request to the pod reuses it.
-pub struct Lent(http1::SendRequest<RequestBody>);
+/// What an exchange holds of the pod's connections until its response body has ended: an
+/// HTTP/1.1 connection, given back with [`PodClient::give_back`] so the next request reuses it;
+/// or a stream of a shared HTTP/2 connection, free again when this is dropped.
+pub struct Lent(Held);
+
+enum Held {
+    Http1(http1::SendRequest<RequestBody>),
+    Http2(#[allow(dead_code, reason = "held for its Drop")] StreamSlot),
+}
+
+/// One HTTP/2 connection to the pod, with the streams the activator has open on it and how many
+/// the pod allows (`SETTINGS_MAX_CONCURRENT_STREAMS`, read off the pod's first SETTINGS frame).
+struct H2Conn {
+    send: http2::SendRequest<RequestBody>,
+    open: AtomicU32,
+    settings: Arc<PeerSettings>,
+}
+
+/// What the pod's first SETTINGS frame said, once it arrived.
+#[derive(Default)]
+struct PeerSettings {
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`; unlimited until said.
+    allowed: AtomicU32,
+    arrived: tokio::sync::Notify,
+    read: std::sync::atomic::AtomicBool,
+}
+
+impl PeerSettings {
+    fn new() -> Arc<Self> {
+        Arc::new(PeerSettings { allowed: AtomicU32::new(u32::MAX), ..Default::default() })
+    }
+
+    fn read(&self) {
+        self.read.store(true, Ordering::Release);
+        self.arrived.notify_waiters();
+    }
+
+    /// Until the pod's SETTINGS have been read (a server sends them at once), or `within`.
+    async fn wait(&self, within: Duration) {
+        let arrived = self.arrived.notified();
+        tokio::pin!(arrived);
+        arrived.as_mut().enable();
+        if !self.read.load(Ordering::Acquire) {
+            let _ = tokio::time::timeout(within, arrived).await;
+        }
+    }
+}
+
+impl H2Conn {
+    /// Takes a stream if the pod allows another on this connection.
+    fn take_stream(self: &Arc<Self>) -> Option<StreamSlot> {
+        let allowed = self.settings.allowed.load(Ordering::Acquire);
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| (open < allowed).then_some(open + 1))
+            .ok()?;
+        Some(StreamSlot(self.clone()))
+    }
+}
+
+/// A stream an exchange has open on an HTTP/2 connection.
+struct StreamSlot(Arc<H2Conn>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 struct Idle {
     conn: http1::SendRequest<RequestBody>,
@@ -162,8 +313,10 @@ pub struct PodClient {
     /// Signalled when a connection is given back, for requests waiting for a dial slot.
     returned: tokio::sync::Notify,
     dials: tokio::sync::Semaphore,
-    h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
-    /// Held while dialling the h2c connection, so a burst opens one, not one per request.
+    /// The HTTP/2 connections to the pod: one, and more while every one is at the pod's limit of
+    /// concurrent streams (as Go's transport opens them), rather than queueing streams here.
+    h2: ArcSwap<Vec<Arc<H2Conn>>>,
+    /// Held while dialling an HTTP/2 connection, so a burst opens one, not one per request.
     h2_dialling: tokio::sync::Mutex<()>,
 }
 
@@ -175,7 +328,7 @@ impl PodClient {
             idle: OnceLock::new(),
             returned: tokio::sync::Notify::new(),
             dials: tokio::sync::Semaphore::const_new(MAX_DIALS_PER_POD),
-            h2: ArcSwapOption::empty(),
+            h2: ArcSwap::default(),
             h2_dialling: Default::default(),
         }
     }
@@ -202,7 +355,7 @@ impl PodClient {
         if let Some(idle) = self.idle.get() {
             while idle.pop().is_some() {}
         }
-        self.h2.store(None);
+        self.h2.store(Arc::default());
     }
 
     /// Sends an HTTP/1.1 request (origin-form URI) on an idle connection or a new one. The
@@ -218,7 +371,7 @@ impl PodClient {
                 Err(error) => return Err(Failed { error, unsent: Some(req) }),
             };
             match conn.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, Lent(conn))),
+                Ok(resp) => return Ok((resp, Lent(Held::Http1(conn)))),
                 Err(mut e) => match e.take_message() {
                     // The pod closed this kept-alive connection while it sat idle: try another.
                     Some(unsent) if reused => req = unsent,
@@ -228,15 +381,16 @@ impl PodClient {
         }
     }
 
-    /// Sends an HTTP/2 request (absolute URI) on the pod's shared h2c connection.
-    pub async fn send_http2(&self, mut req: Request<RequestBody>) -> Result<Response<Incoming>, Failed> {
+    /// Sends an HTTP/2 request (absolute URI) on a shared HTTP/2 connection with a stream free;
+    /// the stream is held until the returned `Lent` is dropped.
+    pub async fn send_http2(&self, mut req: Request<RequestBody>) -> Result<(Response<Incoming>, Lent), Failed> {
         for attempt in 0..2 {
-            let mut conn = match self.h2_connection().await {
-                Ok(conn) => conn,
+            let (mut conn, slot) = match self.h2_stream().await {
+                Ok(stream) => stream,
                 Err(error) => return Err(Failed { error, unsent: Some(req) }),
             };
             match conn.try_send_request(req).await {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => return Ok((resp, Lent(Held::Http2(slot)))),
                 Err(mut e) => match e.take_message() {
                     // The shared connection was going away (GOAWAY, closed): one new one.
                     Some(unsent) if attempt == 0 && conn.is_closed() => req = unsent,
@@ -247,8 +401,9 @@ impl PodClient {
         unreachable!("the second attempt returns")
     }
 
-    /// Puts a connection whose exchange ended back in the idle queue.
-    pub fn give_back(&self, Lent(conn): Lent) {
+    /// Puts a connection whose exchange ended back in the idle queue; an HTTP/2 stream is freed.
+    pub fn give_back(&self, Lent(held): Lent) {
+        let Held::Http1(conn) = held else { return };
         if conn.is_closed() {
             return;
         }
@@ -341,16 +496,26 @@ impl PodClient {
         Ok(conn)
     }
 
-    async fn h2_connection(&self) -> Result<http2::SendRequest<RequestBody>, SendError> {
-        if let Some(conn) = self.usable_h2() {
-            return Ok(conn);
+    /// A stream on an open HTTP/2 connection with room, or on a new one when every one is at the
+    /// pod's limit (up to `MAX_H2_CONNECTIONS`, past which the least busy one queues it).
+    async fn h2_stream(&self) -> Result<(http2::SendRequest<RequestBody>, StreamSlot), SendError> {
+        if let Some(stream) = self.free_h2_stream() {
+            return Ok(stream);
         }
         let _dialling = self.h2_dialling.lock().await;
-        if let Some(conn) = self.usable_h2() {
-            return Ok(conn);
+        if let Some(stream) = self.free_h2_stream() {
+            return Ok(stream);
         }
-        let io = self.dial(true).await?;
-        let (conn, driver) = http2::Builder::new(TokioExecutor::new())
+        let open: Vec<Arc<H2Conn>> = self.h2.load().iter().filter(|c| !c.send.is_closed()).cloned().collect();
+        if open.len() >= MAX_H2_CONNECTIONS
+            && let Some(least) = open.iter().min_by_key(|c| c.open.load(Ordering::Acquire))
+        {
+            least.open.fetch_add(1, Ordering::AcqRel);
+            return Ok((least.send.clone(), StreamSlot(least.clone())));
+        }
+        let settings = PeerSettings::new();
+        let io = TokioIo::new(SettingsTap::new(self.dial(true).await?.into_inner(), settings.clone()));
+        let (send, driver) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(H2_KEEP_ALIVE)
             .keep_alive_while_idle(true)
@@ -360,15 +525,28 @@ impl PodClient {
         let pod = self.addr;
         tokio::spawn(async move {
             if let Err(e) = driver.await {
-                tracing::debug!(%pod, error = %e, "h2c connection to the pod ended with an error");
+                tracing::debug!(%pod, error = %e, "HTTP/2 connection to the pod ended with an error");
             }
         });
-        self.h2.store(Some(Arc::new(conn.clone())));
-        Ok(conn)
+        // Streams are handed out by the pod's limit, so it is known before the next one is.
+        settings.wait(CONNECT_TIMEOUT).await;
+        let conn = Arc::new(H2Conn { send, open: AtomicU32::new(1), settings });
+        let mut conns = open;
+        conns.push(conn.clone());
+        self.h2.store(Arc::new(conns));
+        Ok((conn.send.clone(), StreamSlot(conn)))
     }
 
-    fn usable_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
-        self.h2.load().as_deref().filter(|conn| !conn.is_closed()).cloned()
+    fn free_h2_stream(&self) -> Option<(http2::SendRequest<RequestBody>, StreamSlot)> {
+        let conns = self.h2.load();
+        let slot = conns.iter().filter(|c| !c.send.is_closed()).find_map(H2Conn::take_stream)?;
+        Some((slot.0.send.clone(), slot))
+    }
+
+    /// HTTP/2 connections open to the pod now.
+    #[cfg(test)]
+    pub fn h2_connections(&self) -> usize {
+        self.h2.load().iter().filter(|c| !c.send.is_closed()).count()
     }
 }
 
@@ -479,6 +657,79 @@ mod tests {
         assert!(failed.unsent.is_some(), "nothing was written, so the request can go elsewhere");
         done.send(String::new()).unwrap();
         sending.await.unwrap();
+    }
+
+    /// An HTTP/2 pod that allows `streams` at once per connection and answers each request
+    /// with a permit of `answer`; it counts the connections it accepts.
+    async fn h2_pod(streams: u32, answer: Arc<tokio::sync::Semaphore>) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, Ordering::SeqCst);
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |_req: Request<Incoming>| {
+                        let answer = answer.clone();
+                        async move {
+                            answer.acquire().await.unwrap().forget();
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                        }
+                    });
+                    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                    builder.max_concurrent_streams(streams);
+                    let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// As Go's transport: a pod at its limit of concurrent streams gets another connection
+    /// rather than streams queued on the one there is (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    #[tokio::test]
+    async fn a_pod_at_its_stream_limit_gets_another_connection() {
+        let answer = Arc::new(tokio::sync::Semaphore::new(0));
+        let (pod_addr, accepted) = h2_pod(2, answer.clone()).await;
+        let client = Arc::new(PodClient::new(pod_addr, Transport::Plain));
+        let (relay_addr, mut requests) = relay().await;
+        let http = reqwest_like(relay_addr);
+        let mut sending = Vec::new();
+        let mut exchanges = Vec::new();
+        for i in 0..4 {
+            sending.push(tokio::spawn(http(format!("svc-{i}"))));
+            let (mut req, done) = requests.recv().await.unwrap();
+            *req.version_mut() = http::Version::HTTP_2;
+            *req.uri_mut() = format!("http://{pod_addr}/").parse().unwrap();
+            req.headers_mut().remove("connection");
+            req.headers_mut().remove("host");
+            let sender = client.clone();
+            exchanges.push(tokio::spawn(async move {
+                let (resp, lent) = sender.send_http2(req).await.map_err(|f| f.error).unwrap();
+                let body = drain(resp).await;
+                drop(lent);
+                done.send(body).unwrap();
+            }));
+            // The first connection's SETTINGS arrive with its handshake; wait for each stream to
+            // be open before the next, so the count is the pool's choice, not a race.
+            while client.h2.load().iter().map(|c| c.open.load(Ordering::Acquire)).sum::<u32>() < i + 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert_eq!(client.h2_connections(), 2, "four streams, two allowed per connection");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        answer.add_permits(4);
+        for exchange in exchanges {
+            exchange.await.unwrap();
+        }
+        for s in sending {
+            s.await.unwrap();
+        }
+        let streams: u32 = client.h2.load().iter().map(|c| c.open.load(Ordering::Acquire)).sum();
+        assert_eq!(streams, 0, "every stream is free again once its exchange ended");
     }
 
     /// A client of the relay: a raw HTTP/1.1 GET with the given Host.

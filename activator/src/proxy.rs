@@ -141,7 +141,7 @@ pub async fn forward(outbound: Outbound, exchange: Exchange<'_>) -> Result<Respo
     let (tls, target) = pod.client.target();
     address(&mut req, authority.as_ref(), target, tls);
     let sent = match req.version() {
-        Version::HTTP_2 => pod.client.send_http2(*req).await.map(|resp| (resp, None)),
+        Version::HTTP_2 => pod.client.send_http2(*req).await.map(|(resp, lent)| (resp, Some(lent))),
         _ => pod.client.send_http1(*req).await.map(|(resp, lent)| (resp, Some(lent))),
     };
     let (mut resp, lent) = match sent {

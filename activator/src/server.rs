@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::task::TaskTracker;
 
-use crate::handler::{H2_STREAM_WINDOW, Handler};
+use crate::handler::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, Handler, Inflow};
 use crate::socket::{self, SendTimeout, keep_alive};
 use crate::tls::{InternalTls, ServerSettings};
 
@@ -94,6 +94,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .keep_alive_interval(H2_KEEP_ALIVE)
         .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .max_concurrent_streams(H2_MAX_STREAMS)
         .max_header_list_size(H2_MAX_HEADER_LIST);
     let (shutdown, shutting_down) = watch::channel(false);
@@ -279,11 +280,12 @@ impl Acceptor {
         let started = Arc::new(AtomicU64::new(0));
         let service = {
             let (handler, started) = (self.handler.clone(), started.clone());
+            let inflow = h2.then(|| Arc::new(Inflow::default()));
             // hyper keeps room for one request's future per connection from the moment it opens;
             // boxed, that room is a pointer, and a request's state is allocated when it arrives.
             service_fn(move |req| -> BoxFuture<Result<_, Infallible>> {
                 started.fetch_add(1, Ordering::Relaxed);
-                Box::pin(handler.handle(req, client).map(Ok))
+                Box::pin(handler.handle(req, client, inflow.clone()).map(Ok))
             })
         };
         let io = TokioIo::new(SendTimeout::new(stream, self.limits.send_timeout));

@@ -7,7 +7,7 @@
 //! `demo.v1.Counter` (`grpc`) counts the same sessions on the same port.
 
 mod grpc;
-mod tls;
+mod serve;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -59,6 +59,10 @@ struct Args {
     tls_cert: Option<std::path::PathBuf>,
     #[arg(long, env = "DEMO_TLS_KEY")]
     tls_key: Option<std::path::PathBuf>,
+    /// HTTP/2 streams one connection may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`);
+    /// default hyper's.
+    #[arg(long, env = "DEMO_H2_MAX_STREAMS")]
+    h2_max_streams: Option<u32>,
 }
 
 struct Demo {
@@ -109,21 +113,33 @@ async fn main() -> anyhow::Result<()> {
         .route("/session/end", post(session_end))
         .route("/v1/chat/completions", post(chat_completion))
         .route("/session/ends", get(session_ends))
-        .layer(middleware::from_fn_with_state(demo.clone(), queue_probe_and_identity))
         .with_state(demo.clone())
-        .merge(tonic::service::Routes::new(grpc::Grpc::server(demo)).into_axum_router());
+        .merge(tonic::service::Routes::new(grpc::Grpc::server(demo.clone())).into_axum_router())
+        // Every answer, gRPC's included, says where it landed.
+        .layer(middleware::from_fn_with_state(demo, queue_probe_and_identity));
 
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     println!("listening http {}", listener.local_addr()?);
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let stopped = |mut stopping: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopping.wait_for(|stop| *stop).await;
+    };
+    let mut servers = Vec::new();
     if let (Some(addr), Some(cert), Some(key)) = (args.tls_listen, &args.tls_cert, &args.tls_key) {
-        let acceptor = tls::acceptor(cert, key)?;
+        let acceptor = serve::acceptor(cert, key)?;
         let tls_listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         println!("listening https {}", tls_listener.local_addr()?);
-        tokio::spawn(tls::serve(tls_listener, acceptor, app.clone()));
+        let serving =
+            serve::serve(tls_listener, Some(acceptor), app.clone(), args.h2_max_streams, stopped(stopping.clone()));
+        servers.push(tokio::spawn(serving));
     }
-    let app = app.into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    servers.push(tokio::spawn(serve::serve(listener, None, app, args.h2_max_streams, stopped(stopping))));
+    shutdown_signal().await;
+    let _ = stop.send(true);
+    for server in servers {
+        let _ = server.await;
+    }
     Ok(())
 }
 

@@ -110,3 +110,65 @@ async fn a_grpc_call_to_a_revision_at_zero_waits_and_succeeds() {
     assert_eq!((first.count, first.revision.as_str()), (1, "cold-1"));
     assert_eq!(incr(&mut client, "dave").await.count, 2);
 }
+
+/// A burst of gRPC calls (no content-length, so each could send a whole stream window) to a
+/// revision at zero: they wait on a handful of connections, each charged what its connection's
+/// window lets arrive, not a window per call, so the 2,000 fit the queue's byte budget and all
+/// succeed once the pod comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_grpc_calls_wait_for_a_cold_revision_and_all_succeed() {
+    integration_tests::raise_open_files_limit();
+    let env = Env::new();
+    env.write_topology(&yaml(&[Service::new("cold").revision("cold-1", 100, &[])]));
+    let command = demo_command("--startup-delay 1s");
+    let shim = env.shim(&["--command", &command, "--scale-to-zero-grace", "60s"]).await;
+    let activator = env.activator_with_shim(&shim, &[]).await;
+    // The activator allows 250 streams a connection, as Go's server: eight clients hold 2,000.
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(client(activator.addr("proxy"), "cold.test").await);
+    }
+    let calls = (0..2_000).map(|i| {
+        let mut client = clients[i % clients.len()].clone();
+        async move { client.incr(with_session(IncrRequest { session: format!("s{i}") }, &format!("s{i}"))).await }
+    });
+    let answers = tokio::time::timeout(Duration::from_secs(120), futures_util::future::join_all(calls))
+        .await
+        .expect("answered in time");
+    let failed: Vec<_> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert!(failed.is_empty(), "{} of 2,000 failed, e.g. {:?}", failed.len(), failed.first());
+    assert!(answers.iter().all(|a| a.as_ref().is_ok_and(|c| c.get_ref().count == 1)));
+}
+
+/// As Go's transport: a pod that allows 10 concurrent streams a connection gets a second
+/// connection while 20 calls are open, rather than 10 of them waiting in the activator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_at_its_stream_limit_gets_a_second_connection() {
+    let env = Env::new();
+    let pod = env.demo_with("narrow", "narrow-1", &["--h2-max-streams", "10"]).await;
+    env.write_topology(&yaml(&[Service::new("narrow").revision("narrow-1", 100, &[pod.addr("http")])]));
+    let activator = env.activator(&[]).await;
+    let client = client(activator.addr("proxy"), "narrow.test").await;
+    let mut open = Vec::new();
+    let mut peers = HashSet::new();
+    for i in 0..20 {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut client = client.clone();
+        let session = format!("open-{i}");
+        let stream =
+            tokio::time::timeout(Duration::from_secs(10), client.stream(with_session(tokio_stream_from(rx), &session)))
+                .await
+                .unwrap_or_else(|_| panic!("stream {i} opened: its headers did not wait for another to end"))
+                .expect("the stream opens");
+        let peer = stream.metadata().get("x-demo-peer").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        peers.insert(peer);
+        open.push((tx, stream));
+    }
+    assert_eq!(peers.len(), 2, "twenty open streams, ten a connection: {peers:?}");
+    // Each stream still works.
+    for (i, (tx, stream)) in open.iter_mut().enumerate() {
+        tx.send(IncrRequest { session: format!("open-{i}") }).await.unwrap();
+        let count = stream.get_mut().message().await.expect("no error").expect("a message");
+        assert_eq!(count.count, 1);
+    }
+}
