@@ -155,6 +155,10 @@ pub struct Config {
     #[arg(long, env = "CONFIG_OBSERVABILITY_NAME", default_value = "config-observability")]
     pub config_observability_name: String,
 
+    /// Knative mode: objects per page when listing (client-go's default, 500).
+    #[arg(long, env = "ACTIVATOR_KUBE_PAGE_SIZE", default_value_t = 500)]
+    pub kube_page_size: u32,
+
     /// The cluster's DNS domain. Default: the `svc.<domain>` search domain of /etc/resolv.conf,
     /// else cluster.local.
     #[arg(long, env = "CLUSTER_DOMAIN")]

@@ -399,12 +399,16 @@ fn resolve<B>(
         .map(|a| a.as_str())
         .or_else(|| headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
         .unwrap_or_default();
-    let named = |ns: &str, name: &str, explicit: &dyn Fn(&Service) -> bool| match snapshot.revision(ns, name) {
-        Some((service, revision)) if explicit(service) => {
-            Ok((snapshot.revision_alone(ns, name).unwrap_or(service).clone(), Some(revision.clone())))
+    // The revision is served in the service (Route) the request came in by; asked for
+    // explicitly, or by no service of its, it is served on its own.
+    let named = |ns: &str, name: &str, explicit: &dyn Fn(&Service) -> bool| {
+        match snapshot.route_for(ns, name, host) {
+            Some((service, revision)) if !explicit(service) => return Ok((service.clone(), Some(revision.clone()))),
+            _ => {}
         }
-        Some((service, revision)) => Ok((service.clone(), Some(revision.clone()))),
-        None => Err(NotFound(name.to_owned())),
+        let alone = snapshot.revision_alone(ns, name).ok_or_else(|| NotFound(name.to_owned()))?;
+        let revision = alone.routes_to(name).cloned();
+        Ok((alone.clone(), revision))
     };
     if let (Some(ns), Some(name)) = (headers.get(KNATIVE_NAMESPACE), headers.get(KNATIVE_REVISION)) {
         let name = String::from_utf8_lossy(name.as_bytes());

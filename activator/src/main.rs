@@ -150,6 +150,7 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogL
             },
             log_level,
             internal_tls,
+            page_size: config.kube_page_size,
         };
         let source =
             KnativeSource::connect(knative, publisher, health.clone(), stats.clone(), telemetry.clone()).await?;

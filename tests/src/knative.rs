@@ -8,8 +8,12 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use serde_json::{Value, json};
+
+use crate::kube_api::{ApiServer, Kind};
+use crate::{Client, Env, Process, Reply, admin_get, metric, wait_until};
 
 pub const SYSTEM_NAMESPACE: &str = "knative-serving";
 
@@ -285,4 +289,113 @@ fn uid(name: &str) -> String {
     }
     let hex = format!("{hash:032x}");
     format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}
+
+/// The prefix of the activator's annotations.
+pub const P: &str = "activator.knative.dev/";
+
+/// An API server with knative-serving's ConfigMaps, and the processes of one test.
+pub struct Cluster {
+    pub env: Env,
+    pub api: ApiServer,
+}
+
+impl Cluster {
+    pub async fn new() -> Cluster {
+        let api = ApiServer::start().await;
+        api.put(Kind::ConfigMap, config_map("config-network", &[("mesh-compatibility-mode", "auto")]));
+        api.put(Kind::ConfigMap, config_map("config-observability", &[]));
+        Cluster { env: Env::new(), api }
+    }
+
+    /// A revision and its private Endpoints with `ready` pods.
+    pub fn revision(&self, revision: &Revision, ready: &[SocketAddr]) {
+        self.api.put(Kind::Revision, revision.to_json());
+        self.api.put(Kind::Endpoints, private_endpoints(revision, ready, &[]));
+    }
+
+    /// A Knative Service named `name` with its Route over `traffic`.
+    pub fn service(&self, name: &str, traffic: &[Target], annotations: &[(&str, &str)]) {
+        self.reroute(name, traffic);
+        self.annotate(name, annotations);
+    }
+
+    /// Replaces the Knative Service's `activator.knative.dev/` annotations: one watch event.
+    pub fn annotate(&self, name: &str, annotations: &[(&str, &str)]) {
+        let annotations: BTreeMap<String, String> =
+            annotations.iter().map(|(k, v)| (format!("{P}{k}"), (*v).to_owned())).collect();
+        self.api.put(Kind::KnativeService, knative_service("default", name, &annotations));
+    }
+
+    /// Replaces the Route's traffic: one watch event.
+    pub fn reroute(&self, name: &str, traffic: &[Target]) {
+        self.api.put(Kind::Route, route("default", name, traffic));
+    }
+
+    /// An autoscaler-shim that prints the stats it gets and starts no pods.
+    pub async fn autoscaler(&self) -> Process {
+        self.env.shim(&["--print-stats", "--command", "false"]).await
+    }
+
+    /// An activator in knative mode reporting to `autoscaler`, once ready.
+    pub async fn activator(&self, autoscaler: &Process, pod_ip: &str, extra: &[&str]) -> Process {
+        let url = format!("ws://{}", autoscaler.addr("stats"));
+        let mut flags = vec!["--autoscaler-url", url.as_str(), "--debug-headers"];
+        flags.extend_from_slice(extra);
+        let activator = self.env.knative_activator(&self.api, pod_ip, &flags).await;
+        let admin = activator.addr("admin");
+        wait_until(Duration::from_secs(30), "the activator is ready", || async {
+            admin_get(admin, "/readyz").await.0 == 200
+        })
+        .await;
+        activator
+    }
+}
+
+/// The headers Knative's ingress adds, naming the revision it picked.
+pub fn ingress(revision: &str) -> Vec<(&'static str, String)> {
+    vec![("Knative-Serving-Namespace", "default".into()), ("Knative-Serving-Revision", revision.to_owned())]
+}
+
+pub async fn send(client: &Client, path: &str, revision: &str, extra: &[(&str, &str)]) -> Reply {
+    let mut req = client.request(reqwest::Method::GET, "counter.default.example.com", path);
+    for (k, v) in ingress(revision) {
+        req = req.header(k, v);
+    }
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let reply = client.send(req).await;
+    assert_eq!(reply.status, 200, "{path} via {revision}: {reply:?}");
+    reply
+}
+
+pub async fn applied(admin: SocketAddr) -> f64 {
+    metric(admin, "activator_topology_reloads_total", &[("result", "applied")]).await.unwrap_or(0.0)
+}
+
+/// Runs `change`, then waits until the activator has published a new world.
+pub async fn and_wait_applied(activator: &Process, change: impl FnOnce()) {
+    let admin = activator.addr("admin");
+    let before = applied(admin).await;
+    change();
+    wait_until(Duration::from_secs(10), "the change is applied", || async { applied(admin).await > before }).await;
+}
+
+/// Sends `n` requests and asserts the counter reads 1, 2, … on one pod; returns the pod.
+pub async fn counts_up(
+    client: &Client,
+    path: &str,
+    revision: &str,
+    extra: &[(&str, &str)],
+    n: usize,
+    id: &str,
+) -> String {
+    let mut pod = None;
+    for i in 1..=n {
+        let reply = send(client, path, revision, extra).await;
+        assert_eq!(reply.body, format!("session={id}, count={i}\n"), "request {i} of {path}");
+        assert_eq!(pod.get_or_insert_with(|| reply.pod().to_owned()), reply.pod(), "request {i} of {path}");
+    }
+    pod.unwrap_or_default()
 }

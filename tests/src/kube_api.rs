@@ -1,8 +1,11 @@
 //! An in-process Kubernetes API server for the tests: list and watch over real HTTP, as the API
-//! server speaks them, for the kinds the activator reads. Objects carry resource versions; a watch
-//! replays what changed after the version it asks for, then streams changes as chunked JSON lines;
-//! a watch from before a compaction gets `410 Gone`; a kind can be forbidden (`403`, as under the
-//! stock RBAC); every open watch can be closed at once. Tests put and delete objects (see
+//! server speaks them, for the kinds the activator reads. Objects carry resource versions; lists
+//! come a page at a time when asked (`limit`, `continue`, `410 Gone` for a token from before a
+//! compaction); a watch replays what changed after the version it asks for, then streams changes
+//! as chunked JSON lines, sends bookmarks when asked, sees an object that stops matching its
+//! selector leave, and ends after its `timeoutSeconds`; a watch from before a compaction gets
+//! `410 Gone`; a kind can be forbidden (`403`, as under the stock RBAC); every open watch can be
+//! closed at once. Tests put and delete objects (see
 //! `knative` for Knative-shaped ones) and the activator sees them through kube-rs.
 //!
 //! One server serves any number of tests' objects; each test starts its own.
@@ -89,6 +92,22 @@ struct Change {
     version: u64,
     event: &'static str,
     object: Value,
+    /// What the object was before (`MODIFIED` and `DELETED`), so a watch with a selector sees an
+    /// object that stops matching it leave, as the API server's watch cache sends it.
+    previous: Option<Value>,
+}
+
+impl Change {
+    /// The event a watch selecting with `keep` gets for this change, if any.
+    fn seen_by(&self, keep: &dyn Fn(&Value) -> bool) -> Option<(&'static str, &Value)> {
+        let was = self.previous.as_ref().is_some_and(keep);
+        match self.event {
+            "DELETED" => was.then(|| ("DELETED", self.previous.as_ref().unwrap_or(&self.object))),
+            _ if keep(&self.object) => Some((if was { "MODIFIED" } else { "ADDED" }, &self.object)),
+            _ if was => Some(("DELETED", &self.object)),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -156,8 +175,9 @@ impl ApiServer {
         store.version += 1;
         let version = store.version;
         object["metadata"]["resourceVersion"] = json!(version.to_string());
-        let existed = store.objects.entry(kind).or_default().insert(key, object.clone()).is_some();
-        let change = Change { kind, version, event: if existed { "MODIFIED" } else { "ADDED" }, object };
+        let previous = store.objects.entry(kind).or_default().insert(key, object.clone());
+        let event = if previous.is_some() { "MODIFIED" } else { "ADDED" };
+        let change = Change { kind, version, event, object, previous };
         store.history.push(change.clone());
         let _ = self.shared.changes.send(change);
     }
@@ -171,7 +191,7 @@ impl ApiServer {
         store.version += 1;
         let version = store.version;
         object["metadata"]["resourceVersion"] = json!(version.to_string());
-        let change = Change { kind, version, event: "DELETED", object };
+        let change = Change { kind, version, event: "DELETED", previous: Some(object.clone()), object };
         store.history.push(change.clone());
         let _ = self.shared.changes.send(change);
     }
@@ -288,27 +308,63 @@ async fn serve(State(shared): State<Arc<Shared>>, uri: Uri, Query(query): Query<
     }
     let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
     if !watching {
-        let store = shared.store.lock().unwrap();
-        let items: Vec<&Value> = store
-            .objects
-            .get(&kind)
-            .into_iter()
-            .flat_map(|objects| objects.values())
-            .filter(|o| selected(o, namespace.as_deref(), &query))
-            .collect();
-        let (group, _) = kind.resource();
-        let list = json!({"apiVersion": group.trim_start_matches("apis/").trim_start_matches("api/"),
-                          "kind": kind.list_kind(), "metadata": {"resourceVersion": store.version.to_string()},
-                          "items": items});
-        return axum::Json(list).into_response();
+        return list(&shared.store.lock().unwrap(), kind, namespace.as_deref(), &query);
     }
     watch(shared, kind, namespace, query)
 }
 
+/// A list, a page at a time when `limit` asks: the `continue` token names the version the list
+/// began at and the last key given; once that version is compacted away the token is `410 Gone`,
+/// and the client lists again from the start.
+fn list(store: &Store, kind: Kind, namespace: Option<&str>, query: &BTreeMap<String, String>) -> Response {
+    let limit: usize = query.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+    let (version, after) = match query.get("continue").filter(|c| !c.is_empty()) {
+        None => (store.version, None),
+        Some(token) => {
+            let parsed =
+                token.split_once('|').and_then(|(v, key)| Some((v.parse::<u64>().ok()?, key.split_once('/')?)));
+            match parsed {
+                Some((version, _)) if version < store.compacted_to => {
+                    let expired = status(410, "Expired", "The provided continue parameter is too old");
+                    return (StatusCode::GONE, axum::Json(expired)).into_response();
+                }
+                Some((version, (ns, name))) => (version, Some((ns.to_owned(), name.to_owned()))),
+                None => {
+                    let bad = status(400, "BadRequest", "invalid continue token");
+                    return (StatusCode::BAD_REQUEST, axum::Json(bad)).into_response();
+                }
+            }
+        }
+    };
+    let mut items = store
+        .objects
+        .get(&kind)
+        .into_iter()
+        .flat_map(|objects| objects.iter())
+        .filter(|(key, _)| after.as_ref().is_none_or(|after| *key > after))
+        .filter(|(_, o)| selected(o, namespace, query));
+    let page: Vec<(&(String, String), &Value)> = items.by_ref().take(limit).collect();
+    let more = items.next().is_some();
+    let continue_token = match (more, page.last()) {
+        (true, Some(((ns, name), _))) => format!("{version}|{ns}/{name}"),
+        _ => String::new(),
+    };
+    let (group, _) = kind.resource();
+    let page: Vec<&Value> = page.into_iter().map(|(_, o)| o).collect();
+    let list = json!({"apiVersion": group.trim_start_matches("apis/").trim_start_matches("api/"),
+                      "kind": kind.list_kind(),
+                      "metadata": {"resourceVersion": version.to_string(), "continue": continue_token},
+                      "items": page});
+    axum::Json(list).into_response()
+}
+
 /// A watch: the changes after the asked version, then live ones, one JSON line each, until the
-/// test closes watches.
+/// test closes watches or the watch's `timeoutSeconds` passes (as the API server ends watches);
+/// with `allowWatchBookmarks`, a `BOOKMARK` with the current version every second.
 fn watch(shared: Arc<Shared>, kind: Kind, namespace: Option<String>, query: BTreeMap<String, String>) -> Response {
     let since: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let timeout = query.get("timeoutSeconds").and_then(|t| t.parse().ok()).map(std::time::Duration::from_secs);
+    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|b| b == "true");
     let mut live = shared.changes.subscribe();
     let mut closing = shared.closing.subscribe();
     closing.mark_unchanged();
@@ -325,22 +381,44 @@ fn watch(shared: Arc<Shared>, kind: Kind, namespace: Option<String>, query: BTre
         return Response::new(Body::from_stream(futures_util::stream::iter([line(error)])));
     }
     let last = replay.last().map_or(since, |c| c.version);
-    let keep = move |c: &Change| c.kind == kind && selected(&c.object, namespace.as_deref(), &query);
-    let first: Vec<_> =
-        replay.into_iter().filter(&keep).map(|c| line(json!({"type": c.event, "object": c.object}))).collect();
+    let keep = move |o: &Value| selected(o, namespace.as_deref(), &query);
+    let event = move |c: &Change| {
+        (c.kind == kind).then(|| c.seen_by(&keep)).flatten().map(|(t, o)| json!({"type": t, "object": o}))
+    };
+    let first: Vec<_> = replay.iter().filter_map(&event).map(line).collect();
     let (events, mut sent) = tokio::sync::mpsc::channel::<Value>(64);
+    let (api_version, list_kind) =
+        (kind.resource().0.trim_start_matches("apis/").trim_start_matches("api/"), kind.list_kind());
+    let object_kind = list_kind.trim_end_matches("List");
     tokio::spawn(async move {
+        let ends = async {
+            match timeout {
+                Some(timeout) => tokio::time::sleep(timeout).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(ends);
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
             tokio::select! {
                 change = live.recv() => match change {
-                    Ok(change) if change.version > last && keep(&change) => {
-                        if events.send(json!({"type": change.event, "object": change.object})).await.is_err() {
+                    Ok(change) if change.version > last => {
+                        if let Some(event) = event(&change) && events.send(event).await.is_err() {
                             return;
                         }
                     }
                     Ok(_) => {}
                     Err(_) => return,
                 },
+                _ = tick.tick(), if bookmarks => {
+                    let version = shared.store.lock().unwrap().version.to_string();
+                    let bookmark = json!({"type": "BOOKMARK", "object": {"apiVersion": api_version, "kind": object_kind,
+                                                                       "metadata": {"resourceVersion": version}}});
+                    if events.send(bookmark).await.is_err() {
+                        return;
+                    }
+                }
+                () = &mut ends => return,
                 _ = closing.changed() => return,
                 () = events.closed() => return,
             }

@@ -4,118 +4,17 @@
 //! Knative's ingress sets.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use integration_tests::knative::{
-    Revision, Target, config_map, knative_service, private_endpoints, public_endpoints, route,
+    Cluster, Revision, Target, and_wait_applied, config_map, counts_up, ingress, private_endpoints, public_endpoints,
+    route, send,
 };
-use integration_tests::kube_api::{ApiServer, Kind};
+use integration_tests::kube_api::Kind;
 use integration_tests::redis::Redis;
-use integration_tests::{Client, Env, Process, Reply, addrs, admin_get, metric, wait_until};
-
-const P: &str = "activator.knative.dev/";
-
-/// An API server with knative-serving's ConfigMaps, and the processes of one test.
-struct Cluster {
-    env: Env,
-    api: ApiServer,
-}
-
-impl Cluster {
-    async fn new() -> Cluster {
-        let api = ApiServer::start().await;
-        api.put(Kind::ConfigMap, config_map("config-network", &[("mesh-compatibility-mode", "auto")]));
-        api.put(Kind::ConfigMap, config_map("config-observability", &[]));
-        Cluster { env: Env::new(), api }
-    }
-
-    /// A revision and its private Endpoints with `ready` pods.
-    fn revision(&self, revision: &Revision, ready: &[SocketAddr]) {
-        self.api.put(Kind::Revision, revision.to_json());
-        self.api.put(Kind::Endpoints, private_endpoints(revision, ready, &[]));
-    }
-
-    /// A Knative Service named `name` with its Route over `traffic`.
-    fn service(&self, name: &str, traffic: &[Target], annotations: &[(&str, &str)]) {
-        self.reroute(name, traffic);
-        self.annotate(name, annotations);
-    }
-
-    /// Replaces the Knative Service's `activator.knative.dev/` annotations: one watch event.
-    fn annotate(&self, name: &str, annotations: &[(&str, &str)]) {
-        let annotations: BTreeMap<String, String> =
-            annotations.iter().map(|(k, v)| (format!("{P}{k}"), (*v).to_owned())).collect();
-        self.api.put(Kind::KnativeService, knative_service("default", name, &annotations));
-    }
-
-    /// Replaces the Route's traffic: one watch event.
-    fn reroute(&self, name: &str, traffic: &[Target]) {
-        self.api.put(Kind::Route, route("default", name, traffic));
-    }
-
-    /// An autoscaler-shim that prints the stats it gets and starts no pods.
-    async fn autoscaler(&self) -> Process {
-        self.env.shim(&["--print-stats", "--command", "false"]).await
-    }
-
-    /// An activator in knative mode reporting to `autoscaler`, once ready.
-    async fn activator(&self, autoscaler: &Process, pod_ip: &str, extra: &[&str]) -> Process {
-        let url = format!("ws://{}", autoscaler.addr("stats"));
-        let mut flags = vec!["--autoscaler-url", url.as_str(), "--debug-headers"];
-        flags.extend_from_slice(extra);
-        let activator = self.env.knative_activator(&self.api, pod_ip, &flags).await;
-        let admin = activator.addr("admin");
-        wait_until(Duration::from_secs(30), "the activator is ready", || async {
-            admin_get(admin, "/readyz").await.0 == 200
-        })
-        .await;
-        activator
-    }
-}
-
-/// The headers Knative's ingress adds, naming the revision it picked.
-fn ingress(revision: &str) -> Vec<(&'static str, String)> {
-    vec![("Knative-Serving-Namespace", "default".into()), ("Knative-Serving-Revision", revision.to_owned())]
-}
-
-async fn send(client: &Client, path: &str, revision: &str, extra: &[(&str, &str)]) -> Reply {
-    let mut req = client.request(reqwest::Method::GET, "counter.default.example.com", path);
-    for (k, v) in ingress(revision) {
-        req = req.header(k, v);
-    }
-    for (k, v) in extra {
-        req = req.header(*k, *v);
-    }
-    let reply = client.send(req).await;
-    assert_eq!(reply.status, 200, "{path} via {revision}: {reply:?}");
-    reply
-}
-
-async fn applied(admin: SocketAddr) -> f64 {
-    metric(admin, "activator_topology_reloads_total", &[("result", "applied")]).await.unwrap_or(0.0)
-}
-
-/// Runs `change`, then waits until the activator has published a new world.
-async fn and_wait_applied(activator: &Process, change: impl FnOnce()) {
-    let admin = activator.addr("admin");
-    let before = applied(admin).await;
-    change();
-    wait_until(Duration::from_secs(10), "the change is applied", || async { applied(admin).await > before }).await;
-}
-
-/// Sends `n` requests and asserts the counter reads 1, 2, … on one pod; returns the pod.
-async fn counts_up(client: &Client, path: &str, revision: &str, extra: &[(&str, &str)], n: usize, id: &str) -> String {
-    let mut pod = None;
-    for i in 1..=n {
-        let reply = send(client, path, revision, extra).await;
-        assert_eq!(reply.body, format!("session={id}, count={i}\n"), "request {i} of {path}");
-        assert_eq!(pod.get_or_insert_with(|| reply.pod().to_owned()), reply.pod(), "request {i} of {path}");
-    }
-    pod.unwrap_or_default()
-}
+use integration_tests::{Client, Reply, addrs, admin_get, metric, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_knative_service_spreads_unkeyed_requests_and_keeps_sessions() {
@@ -745,7 +644,7 @@ async fn renamed_config_maps_are_read_as_upstream_reads_them_live() {
         let Ok(resp) = reqwest::get(format!("http://{moved}/metrics")).await else { return false };
         let text = resp.text().await.unwrap_or_default();
         text.contains("http_server_response_body_size_bytes_bucket")
-            && text.contains("server_address=\"counter.default.svc.cluster.local\"")
+            && text.contains("server_address=\"counter.default.example.com\"")
             && text.contains("http_client_request_duration_seconds_bucket")
             && text.contains("kn_k8s_client_http_response_status_code_total")
     })

@@ -89,8 +89,8 @@ pub struct Decision {
 /// Decides where a request goes. `ingress_pick` is the revision Knative's ingress named, used
 /// in place of the split; `roll` is uniform in `0..100` and picks from the split.
 /// `under_served` gives the revision a new pin goes to when the service splits by requests
-/// (`affinity::share`); it replaces the roll for requests that will be pinned, and is asked only
-/// for those.
+/// (`affinity::share`); it replaces the roll (and the ingress's pick) for requests that will be
+/// pinned, and is asked only for those.
 pub fn decide<'s>(
     service: &'s Service,
     ingress_pick: Option<&Arc<Revision>>,
@@ -130,8 +130,10 @@ pub fn decide<'s>(
     }
 
     let pinning = lookup.has_session || lookup.has_flow;
-    let steered = || if pinning { under_served() } else { None };
-    let revision = ingress_pick.or_else(steered).cloned().unwrap_or_else(|| service.split(roll).clone());
+    // A service that splits by requests steers new pins by its own percents, in Knative mode
+    // too: sticky requests skew what the ingress's per-request pick would give them.
+    let steered = if pinning { under_served() } else { None };
+    let revision = steered.or(ingress_pick).cloned().unwrap_or_else(|| service.split(roll).clone());
     let stale = matches!(session_write, Some(PinWrite::Replace(_))) || matches!(flow_write, Some(PinWrite::Replace(_)));
     let origin = match (lookup.has_session || lookup.has_flow, stale, ingress_pick.is_some()) {
         (true, true, _) => Origin::RePin,

@@ -68,6 +68,8 @@ pub struct Stats {
     pub kube_forbidden: IntGaugeVec,
     pub kube_rejected: IntCounterVec,
     pub kube_errors: IntCounterVec,
+    /// Objects that claim to be what they are not (a revision's Endpoints under another name).
+    pub kube_ignored: IntCounterVec,
     /// System-internal TLS handshakes that failed, by peer (`client` on the TLS port, `pod`).
     pub tls_refused: IntCounterVec,
 }
@@ -255,6 +257,14 @@ impl Stats {
             &["resource"],
         )
         .expect("static metric definition");
+        let kube_ignored = IntCounterVec::new(
+            Opts::new(
+                "activator_kube_objects_ignored_total",
+                "Watched objects ignored for claiming to be what they are not (a revision's Endpoints under another name)",
+            ),
+            &["resource"],
+        )
+        .expect("static metric definition");
         let tls_refused = IntCounterVec::new(
             Opts::new(
                 "activator_tls_handshakes_failed_total",
@@ -296,6 +306,7 @@ impl Stats {
                 Box::new(kube_forbidden.clone()),
                 Box::new(kube_rejected.clone()),
                 Box::new(kube_errors.clone()),
+                Box::new(kube_ignored.clone()),
                 Box::new(tls_refused.clone()),
             ],
         );
@@ -335,6 +346,7 @@ impl Stats {
             kube_forbidden,
             kube_rejected,
             kube_errors,
+            kube_ignored,
             tls_refused,
         }
     }

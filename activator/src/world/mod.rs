@@ -11,7 +11,7 @@ pub mod policy;
 pub mod publisher;
 pub mod spec;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,9 +102,21 @@ impl Service {
 #[derive(Default)]
 pub struct Snapshot {
     by_host: HashMap<String, Arc<Service>>,
-    by_revision: HashMap<(String, String), (Arc<Service>, Arc<Revision>)>,
+    /// Every service (a Route, in Knative mode), once.
+    services: Vec<Arc<Service>>,
+    by_revision: HashMap<(String, String), Listed>,
     /// Each revision as a service of its own, for requests that ask for it and no other.
     alone: HashMap<(String, String), Arc<Service>>,
+}
+
+/// A revision and the services whose traffic lists it.
+struct Listed {
+    /// Its own service (the one its Knative Service owns), else the first that lists it.
+    primary: (Arc<Service>, Arc<Revision>),
+    /// Every service that lists it, with the revision as that service sees it.
+    routes: Vec<(Arc<Service>, Arc<Revision>)>,
+    /// The Knative Service the revision belongs to (its `serving.knative.dev/service` label).
+    owner: Option<String>,
 }
 
 impl Snapshot {
@@ -118,15 +130,42 @@ impl Snapshot {
         }
     }
 
-    /// A revision by namespace and name (as Knative's ingress names it), and its service.
+    /// A revision by namespace and name, with the service it is primarily served in (its own
+    /// Knative Service's Route), for what concerns the revision alone (its pods).
     pub fn revision(&self, namespace: &str, name: &str) -> Option<&(Arc<Service>, Arc<Revision>)> {
-        self.by_revision.get(&(namespace.to_owned(), name.to_owned()))
+        self.by_revision.get(&(namespace.to_owned(), name.to_owned())).map(|listed| &listed.primary)
     }
 
-    /// Every service with a revision, once.
+    /// The service a request for a revision (as Knative's ingress names it) belongs to: the one
+    /// whose host it came in on, if that one lists the revision; else the Route of the
+    /// revision's own Knative Service; else the only service that lists it. `None`: the revision
+    /// is unknown, or only other services list it and the request names none of them, so it is
+    /// served as asked, on its own.
+    pub fn route_for(&self, namespace: &str, name: &str, host: &str) -> Option<&(Arc<Service>, Arc<Revision>)> {
+        let listed = self.by_revision.get(&(namespace.to_owned(), name.to_owned()))?;
+        let in_service = |svc: &Arc<Service>| listed.routes.iter().find(|(s, _)| Arc::ptr_eq(s, svc));
+        if let Some(found) = self.service_for_host(host).and_then(in_service) {
+            return Some(found);
+        }
+        if let Some(owner) = &listed.owner
+            && let Some(found) = listed.routes.iter().find(|(s, _)| &s.name == owner)
+        {
+            return Some(found);
+        }
+        match listed.routes.as_slice() {
+            [only] => Some(only),
+            _ => None,
+        }
+    }
+
+    /// Whether a revision of that name exists in the namespace.
+    pub fn knows_revision(&self, namespace: &str, name: &str) -> bool {
+        self.by_revision.contains_key(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// Every service, once.
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
-        let mut seen = HashSet::new();
-        self.by_revision.values().map(|(service, _)| service).filter(move |service| seen.insert(Arc::as_ptr(service)))
+        self.services.iter()
     }
 
     /// A revision as the only target of a service of its own name: what a request that asks for

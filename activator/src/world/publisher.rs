@@ -14,13 +14,22 @@ use arc_swap::ArcSwap;
 
 use super::policy::{Annotated, Policy};
 use super::spec::{RevisionSpec, ServiceSpec, WorldSpec};
-use super::{Revision, Service, Snapshot, TrafficTarget};
+use super::{Listed, Revision, Service, Snapshot, TrafficTarget};
+use crate::affinity::share::Served;
 use crate::autoscaler::Concurrency;
 use crate::readiness::Prober;
-use crate::stats::Stats;
 use crate::stats::knative::RevisionNames;
+use crate::stats::{RevisionStats, Stats};
 use crate::throttle::{Backends, QueueLimits, ThrottleMetrics, Throttler};
 use crate::tls::InternalTls;
+
+/// What a revision keeps across snapshots and shares among the services that list it.
+#[derive(Clone)]
+struct Runtime {
+    throttler: Arc<Throttler>,
+    stats: Arc<RevisionStats>,
+    concurrency: Arc<Concurrency>,
+}
 
 pub struct Publisher {
     current: Arc<ArcSwap<Snapshot>>,
@@ -89,17 +98,29 @@ impl Publisher {
 
     fn build(&self, spec: &WorldSpec, previous: &Snapshot) -> Snapshot {
         let mut snapshot = Snapshot::default();
+        // A revision several services list is one revision: one set of pods, one throttler.
+        let mut runtimes: HashMap<(String, String), Runtime> = HashMap::new();
+        let before: HashMap<(&str, &str), &Arc<Service>> =
+            previous.services().map(|s| ((s.namespace.as_str(), s.name.as_str()), s)).collect();
         for svc in &spec.services {
+            let served_before = before.get(&(svc.namespace.as_str(), svc.name.as_str()));
             let service_affinity = self.annotated(&format!("service {}/{}", svc.namespace, svc.name), &svc.annotations);
-            let revisions: HashMap<&str, Arc<Revision>> = svc
+            let revisions: Vec<(&str, Arc<Revision>)> = svc
                 .revisions
                 .iter()
-                .map(|rev| (rev.name.as_str(), self.revision(svc, rev, &service_affinity, previous)))
+                .map(|rev| {
+                    let key = (svc.namespace.clone(), rev.name.clone());
+                    let runtime = runtimes.entry(key).or_insert_with(|| self.runtime(svc, rev, previous)).clone();
+                    // The service's split counts for the revision stay with it.
+                    let served = served_before.and_then(|s| s.routes_to(&rev.name)).map(|r| r.served.clone());
+                    (rev.name.as_str(), self.revision(svc, rev, &service_affinity, runtime, served))
+                })
                 .collect();
+            let by_name: HashMap<&str, &Arc<Revision>> = revisions.iter().map(|(n, r)| (*n, r)).collect();
             let traffic: Vec<TrafficTarget> = svc
                 .traffic
                 .iter()
-                .map(|t| TrafficTarget { revision: revisions[t.revision.as_str()].clone(), percent: t.percent })
+                .map(|t| TrafficTarget { revision: by_name[t.revision.as_str()].clone(), percent: t.percent })
                 .collect();
             let affinity = Policy::new(&svc.namespace, &svc.name, traffic.iter().map(|t| &t.revision.affinity));
             let service = Arc::new(Service {
@@ -112,52 +133,62 @@ impl Publisher {
             for host in &svc.hosts {
                 snapshot.by_host.insert(host.clone(), service.clone());
             }
-            for (name, revision) in revisions {
+            snapshot.services.push(service.clone());
+            for (rev, (name, revision)) in svc.revisions.iter().zip(revisions) {
                 let key = (svc.namespace.clone(), name.to_owned());
-                let alone = if service.traffic.len() == 1 && service.name == name {
-                    service.clone()
-                } else {
-                    Arc::new(Service {
-                        namespace: svc.namespace.clone(),
-                        name: name.to_owned(),
-                        affinity: Policy::new(&svc.namespace, name, [&revision.affinity]),
-                        traffic: vec![TrafficTarget { revision: revision.clone(), percent: 100 }],
-                        tags: Vec::new(),
-                    })
-                };
-                snapshot.alone.insert(key.clone(), alone);
-                snapshot.by_revision.insert(key, (service.clone(), revision));
+                let owner = rev.owners.service.clone();
+                let owned = owner.as_deref() == Some(svc.name.as_str());
+                let listed = snapshot.by_revision.entry(key.clone()).or_insert_with(|| Listed {
+                    primary: (service.clone(), revision.clone()),
+                    routes: Vec::new(),
+                    owner,
+                });
+                if owned {
+                    listed.primary = (service.clone(), revision.clone());
+                }
+                listed.routes.push((service.clone(), revision.clone()));
+                if !snapshot.alone.contains_key(&key) || owned {
+                    let alone = if service.traffic.len() == 1 && service.name == name {
+                        service.clone()
+                    } else {
+                        Arc::new(Service {
+                            namespace: svc.namespace.clone(),
+                            name: name.to_owned(),
+                            affinity: Policy::new(&svc.namespace, name, [&revision.affinity]),
+                            traffic: vec![TrafficTarget { revision: revision.clone(), percent: 100 }],
+                            tags: Vec::new(),
+                        })
+                    };
+                    snapshot.alone.insert(key, alone);
+                }
             }
         }
         snapshot
     }
 
-    /// One revision, with the long-lived state of the same revision in `previous` if it had one.
-    fn revision(
-        &self,
-        svc: &ServiceSpec,
-        rev: &RevisionSpec,
-        service: &Annotated,
-        previous: &Snapshot,
-    ) -> Arc<Revision> {
-        let reused = previous.revision(&svc.namespace, &rev.name).map(|(_, r)| r).filter(|r| r.service == svc.name);
-        let (throttler, stats, concurrency, served) = match reused {
+    /// What one revision keeps across snapshots and shares among the services that list it: its
+    /// throttler (pods, slots, queue), its series and its concurrency, from `previous` if the
+    /// revision was there under the same names.
+    fn runtime(&self, svc: &ServiceSpec, rev: &RevisionSpec, previous: &Snapshot) -> Runtime {
+        let names = RevisionNames {
+            namespace: svc.namespace.clone(),
+            service: rev.owners.service.clone().unwrap_or_else(|| svc.name.clone()),
+            configuration: rev.owners.configuration.clone().unwrap_or_else(|| svc.name.clone()),
+            revision: rev.name.clone(),
+            server_address: svc
+                .hosts
+                .first()
+                .cloned()
+                .unwrap_or_else(|| ServiceSpec::default_host(&svc.namespace, &svc.name)),
+        };
+        let reused = previous.revision(&svc.namespace, &rev.name).map(|(_, r)| r).filter(|r| *r.stats.names() == names);
+        let runtime = match reused {
             Some(r) => {
                 r.throttler.set_container_concurrency(rev.container_concurrency);
-                (r.throttler.clone(), r.stats.clone(), r.concurrency.clone(), r.served.clone())
+                Runtime { throttler: r.throttler.clone(), stats: r.stats.clone(), concurrency: r.concurrency.clone() }
             }
             None => {
-                let stats = self.stats.revision(RevisionNames {
-                    namespace: svc.namespace.clone(),
-                    service: rev.owners.service.clone().unwrap_or_else(|| svc.name.clone()),
-                    configuration: rev.owners.configuration.clone().unwrap_or_else(|| svc.name.clone()),
-                    revision: rev.name.clone(),
-                    server_address: svc
-                        .hosts
-                        .first()
-                        .cloned()
-                        .unwrap_or_else(|| ServiceSpec::default_host(&svc.namespace, &svc.name)),
-                });
+                let stats = self.stats.revision(names);
                 let metrics = ThrottleMetrics {
                     queued: [stats.queued.clone(), stats.knative.queued.clone()],
                     active: stats.knative.active.clone(),
@@ -171,13 +202,28 @@ impl Publisher {
                     stats.in_flight.clone(),
                     stats.knative.concurrency.clone(),
                 );
-                (throttler, stats, Arc::new(concurrency), Arc::default())
+                Runtime { throttler, stats, concurrency: Arc::new(concurrency) }
             }
         };
-        if throttler.set_backends(&rev.backends, rev.probe.clone()) {
-            self.prober.watch(throttler.clone());
+        if runtime.throttler.set_backends(&rev.backends, rev.probe.clone()) {
+            self.prober.watch(runtime.throttler.clone());
         }
+        runtime
+    }
+
+    /// One revision as one service sees it: its runtime, its annotations over the service's, and
+    /// the service's split counts for it (`served`, kept from the previous snapshot).
+    fn revision(
+        &self,
+        svc: &ServiceSpec,
+        rev: &RevisionSpec,
+        service: &Annotated,
+        runtime: Runtime,
+        served: Option<Arc<Served>>,
+    ) -> Arc<Revision> {
+        let served = served.unwrap_or_default();
         let scope = format!("revision {}/{}", svc.namespace, rev.name);
+        let Runtime { throttler, stats, concurrency } = runtime;
         Arc::new(Revision {
             namespace: svc.namespace.clone(),
             service: svc.name.clone(),
@@ -278,6 +324,40 @@ pub(crate) mod tests {
         assert!(Arc::ptr_eq(&before, &after), "a new containerConcurrency keeps the throttler");
         let world = publisher.world().load_full();
         assert_eq!(world.revision("default", "counter-0").unwrap().1.container_concurrency, 3);
+    }
+
+    /// Knative Routes may share a revision: one throttler for its pods, a service per Route, and
+    /// the Route a request belongs to told by its host, else the revision's own Service's Route,
+    /// else the only one that lists it.
+    #[test]
+    fn routes_that_share_a_revision_share_its_pods_and_are_told_apart() {
+        let publisher = publisher();
+        let own = service("shop", &[(100, vec![addr(1)])]);
+        let mut preview = service("preview", &[(50, vec![addr(1)]), (50, vec![])]);
+        preview.revisions[0].name = "shop-0".into();
+        preview.traffic[0].revision = "shop-0".into();
+        let mut shop = own.clone();
+        shop.revisions[0].owners.service = Some("shop".into());
+        preview.revisions[0].owners.service = Some("shop".into());
+        publisher.apply(&WorldSpec { services: vec![preview, shop] });
+        let world = publisher.world().load_full();
+        let in_route = |host: &str| world.route_for("default", "shop-0", host).map(|(s, _)| s.name.clone());
+        assert_eq!(in_route("preview.test").as_deref(), Some("preview"));
+        assert_eq!(in_route("shop.test").as_deref(), Some("shop"));
+        assert_eq!(in_route("nobody.test").as_deref(), Some("shop"), "its own Service's Route");
+        let (a, b) = (
+            world.route_for("default", "shop-0", "preview.test").unwrap(),
+            world.route_for("default", "shop-0", "shop.test").unwrap(),
+        );
+        assert!(Arc::ptr_eq(&a.1.throttler, &b.1.throttler), "one revision, one set of pods");
+        assert!(!Arc::ptr_eq(&a.1.served, &b.1.served), "each Route counts its own split");
+        assert_eq!(
+            world.route_for("default", "preview-1", "nobody.test").map(|(s, _)| s.name.as_str()),
+            Some("preview"),
+            "the only Route"
+        );
+        assert!(world.route_for("default", "nope", "shop.test").is_none());
+        assert_eq!(world.services().count(), 2);
     }
 
     #[test]

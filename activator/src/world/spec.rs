@@ -171,12 +171,12 @@ pub fn validate_service(svc: &ServiceSpec) -> Result<(), SpecError> {
     Ok(())
 }
 
-/// Checks every service, and what services must not share: a name, a host, a revision name in
-/// one namespace.
+/// Checks every service, and what services must not share: a name, a host. Services of one
+/// namespace may list the same revision (as several Knative Routes do), described alike.
 pub fn validate(spec: &WorldSpec) -> Result<(), SpecError> {
     let mut services = HashSet::new();
     let mut hosts = HashMap::new();
-    let mut revisions = HashSet::new();
+    let mut revisions: HashMap<(&String, &String), &RevisionSpec> = HashMap::new();
     for svc in &spec.services {
         validate_service(svc)?;
         if !services.insert((&svc.namespace, &svc.name)) {
@@ -188,10 +188,10 @@ pub fn validate(spec: &WorldSpec) -> Result<(), SpecError> {
             }
         }
         for rev in &svc.revisions {
-            if !revisions.insert((&svc.namespace, &rev.name)) {
+            if revisions.insert((&svc.namespace, &rev.name), rev).is_some_and(|before| before != rev) {
                 return Err(error(
                     svc,
-                    format!("revision {} is defined more than once in namespace {}", rev.name, svc.namespace),
+                    format!("revision {} is defined differently elsewhere in namespace {}", rev.name, svc.namespace),
                 ));
             }
         }
@@ -269,7 +269,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn services_may_not_share_names_hosts_or_revisions() {
+    fn services_may_not_share_names_or_hosts_nor_describe_a_revision_twice() {
         let a = service("a", &[(100, vec![])]);
         let twice = WorldSpec { services: vec![a.clone(), a.clone()] };
         assert!(validate(&twice).unwrap_err().message.contains("defined twice"));
@@ -280,8 +280,11 @@ pub(crate) mod tests {
         b.hosts = vec!["b.test".into()];
         b.revisions[0].name = "a-0".into();
         b.traffic[0].revision = "a-0".into();
-        let shared_revision = WorldSpec { services: vec![a, b] };
-        assert!(validate(&shared_revision).unwrap_err().message.contains("more than once"));
+        let shared_revision = WorldSpec { services: vec![a.clone(), b.clone()] };
+        assert_eq!(validate(&shared_revision), Ok(()), "two Routes may list one revision");
+        b.revisions[0].container_concurrency = 7;
+        let different = WorldSpec { services: vec![a, b] };
+        assert!(validate(&different).unwrap_err().message.contains("defined differently"));
     }
 
     #[test]

@@ -129,6 +129,8 @@ pub struct KnativeConfig {
     pub log_level: LogLevel,
     /// Follows Secret `routing-serving-certs` and the trust-bundle ConfigMaps.
     pub internal_tls: Arc<InternalTls>,
+    /// Objects per page when listing.
+    pub page_size: u32,
 }
 
 /// The names of the ConfigMaps upstream lets the Deployment rename (`CONFIG_LOGGING_NAME`,
@@ -217,7 +219,7 @@ impl KnativeSource {
             } else {
                 Api::all_with(self.client.clone(), &resource)
             };
-            let mut config = watcher::Config::default();
+            let mut config = watcher::Config::default().page_size(self.config.page_size.max(1));
             if let Some(selector) = w.label_selector {
                 config = config.labels(selector);
             }
@@ -267,6 +269,15 @@ impl KnativeSource {
             Event::InitApply(object) | Event::Apply(object) => (object, false),
             Event::Delete(object) => (object, true),
         };
+        if let Some(expected) = Self::impostor(i, &object) {
+            self.stats.kube_ignored.with_label_values(&[&watched.resource()]).inc();
+            let (ns, name) =
+                (object.metadata.namespace.as_deref().unwrap_or(""), object.metadata.name.as_deref().unwrap_or(""));
+            return tracing::warn!(
+                resource = %watched.resource(), object = %format!("{ns}/{name}"),
+                "ignoring an object labelled for a revision whose own is named {expected}: only that one says where its pods are"
+            );
+        }
         let read = Self::key_of(i, &object).and_then(|key| {
             // A relisted object that does not read is still there: it keeps its last good version.
             if let Some(seen) = &mut self.feeds[i].relisting {
@@ -285,6 +296,20 @@ impl KnativeSource {
                 (object.metadata.namespace.as_deref().unwrap_or(""), object.metadata.name.as_deref().unwrap_or(""));
             tracing::warn!(resource = %watched.resource(), object = %format!("{ns}/{name}"), %reason, "skipping an object that does not read; its last good version stays");
         }
+    }
+
+    /// A revision's Endpoints or private Service not named as serving's controllers name them
+    /// (`<revision>-private`, the public Endpoints `<revision>`), with the name its own has: any
+    /// Endpoints a tenant can write may carry a revision's labels, and must not say where the
+    /// activator connects. `None` for anything else.
+    fn impostor(i: usize, object: &DynamicObject) -> Option<String> {
+        let revision = object.metadata.labels.as_ref()?.get(objects::REVISION_LABEL)?;
+        let expected = match i {
+            PRIVATE_ENDPOINTS | PRIVATE_SERVICES => format!("{revision}-private"),
+            PUBLIC_ENDPOINTS => revision.clone(),
+            _ => return None,
+        };
+        (object.metadata.name.as_deref() != Some(expected.as_str())).then_some(expected)
     }
 
     /// What an object of watch `i` is filed under: a revision's Endpoints and Services under the

@@ -61,6 +61,10 @@ pub struct RouteInfo {
     pub service: Option<String>,
     pub traffic: Vec<(String, u32)>,
     pub tags: Vec<TagSpec>,
+    /// The hosts the ingress routes by this Route (lower case): its URL's, its cluster-local
+    /// address's with the short forms Knative's ingress also answers (`<name>.<namespace>`,
+    /// `<name>.<namespace>.svc`), and each tag's, public and cluster-local.
+    pub hosts: Vec<String>,
 }
 
 /// Pod addresses by port name.
@@ -202,6 +206,13 @@ pub fn revision(obj: &DynamicObject) -> Result<RevisionInfo, String> {
 struct RouteStatus {
     #[serde(default)]
     traffic: Vec<TrafficTarget>,
+    url: Option<String>,
+    address: Option<Addressable>,
+}
+
+#[derive(Default, Deserialize)]
+struct Addressable {
+    url: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -213,15 +224,35 @@ struct TrafficTarget {
     url: Option<String>,
 }
 
+/// A Route as its controller reports it in `status`, which is what the ingress has been
+/// programmed with (a spec not reconciled yet routes nothing).
 pub fn route(obj: &DynamicObject) -> Result<RouteInfo, String> {
     let (namespace, name) = identity(obj)?;
     let status: RouteStatus = part(obj, "status")?;
+    let mut hosts = Vec::new();
+    let cluster_local = status.address.as_ref().and_then(|a| a.url.as_deref()).and_then(url_host);
+    // The cluster's domain, as the Route's own cluster-local address spells it.
+    let domain = cluster_local.as_deref().and_then(|h| h.strip_prefix(&format!("{name}.{namespace}.svc.")));
+    let local_forms = |label: &str, hosts: &mut Vec<String>| {
+        hosts.push(format!("{label}.{namespace}"));
+        hosts.push(format!("{label}.{namespace}.svc"));
+        if let Some(domain) = domain {
+            hosts.push(format!("{label}.{namespace}.svc.{domain}"));
+        }
+    };
+    hosts.extend(status.url.as_deref().and_then(url_host));
+    hosts.extend(cluster_local.clone());
+    local_forms(&name, &mut hosts);
     let mut traffic: Vec<(String, u32)> = Vec::new();
     let mut tags = Vec::new();
     for target in status.traffic {
         let Some(revision) = target.revision_name.filter(|r| !r.is_empty()) else { continue };
         if let Some(tag) = target.tag.filter(|t| !t.is_empty()) {
             let host_label = target.url.as_deref().and_then(host_label);
+            hosts.extend(target.url.as_deref().and_then(url_host));
+            if let Some(label) = &host_label {
+                local_forms(label, &mut hosts);
+            }
             tags.push(TagSpec { tag, revision: revision.clone(), host_label });
         }
         let percent = match target.percent {
@@ -236,7 +267,21 @@ pub fn route(obj: &DynamicObject) -> Result<RouteInfo, String> {
             None => traffic.push((revision, percent)),
         }
     }
-    Ok(RouteInfo { service: label(obj, SERVICE_LABEL), namespace, name, traffic, tags })
+    // The Route's URL first: the host it is known by (`server.address`).
+    let mut seen = std::collections::HashSet::new();
+    hosts.retain(|h| seen.insert(h.clone()));
+    Ok(RouteInfo { service: label(obj, SERVICE_LABEL), namespace, name, traffic, tags, hosts })
+}
+
+/// The host of a URL, lower case, without its port.
+fn url_host(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => format!("[{}]", v6.split(']').next()?),
+        None => authority.split(':').next()?.to_owned(),
+    };
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
 }
 
 /// The first DNS label of a URL's host: `canary-counter` of `http://canary-counter.ns.example.com`.
@@ -491,6 +536,30 @@ mod tests {
         assert_eq!(info.tags, [tag("canary", Some("canary-counter")), tag("latest", None)]);
         assert!(route(&route_json(json!([{"revisionName": "x", "percent": 150}]))).is_err());
         assert!(route(&route_json(json!({"revisionName": "x"}))).is_err());
+    }
+
+    /// The hosts Knative's ingress routes by a Route: `status.url`, `status.address.url` with its
+    /// short forms, and each tag's (`pkg/reconciler/route/resources/ingress.go` builds the
+    /// KIngress rules from the same status).
+    #[test]
+    fn a_route_gives_the_hosts_the_ingress_routes_by() {
+        let info = route(&object(json!({"apiVersion": "serving.knative.dev/v1", "kind": "Route",
+            "metadata": {"name": "counter", "namespace": "shop"},
+            "status": {"url": "https://Counter.shop.example.com", "address": {"url": "http://counter.shop.svc.corp.local"},
+                       "traffic": [{"revisionName": "counter-00002", "percent": 100, "tag": "canary",
+                                    "url": "https://canary-counter.shop.example.com"}]}})))
+        .unwrap();
+        let expected = [
+            "counter.shop.example.com",
+            "counter.shop.svc.corp.local",
+            "counter.shop",
+            "counter.shop.svc",
+            "canary-counter.shop.example.com",
+            "canary-counter.shop",
+            "canary-counter.shop.svc",
+            "canary-counter.shop.svc.corp.local",
+        ];
+        assert_eq!(info.hosts, expected);
     }
 
     #[test]

@@ -36,41 +36,28 @@ pub struct Reflection {
 }
 
 impl Reflection {
+    /// One service per Route with traffic, at the Route's hosts, over the revisions its status
+    /// lists (a revision two Routes list is in both); one per revision no Route lists, served as
+    /// named. Each revision's annotations are its own Knative Service's with its own over them,
+    /// whichever Route it is reached by.
     pub fn world(&self) -> WorldSpec {
-        let mut claimed: BTreeSet<&Key> = BTreeSet::new();
+        let mut listed: BTreeSet<&Key> = BTreeSet::new();
         let mut services = Vec::new();
         for route in self.routes.iter().flat_map(BTreeMap::values) {
             let ns = &route.namespace;
             let known = |rev: &str| self.revisions.get_key_value(&(ns.clone(), rev.to_owned())).map(|(k, _)| k);
-            let traffic: Vec<(&Key, u32)> = route
-                .traffic
-                .iter()
-                .filter_map(|(rev, percent)| Some((known(rev)?, *percent)))
-                .filter(|(key, _)| !claimed.contains(key))
-                .collect();
+            let traffic: Vec<(&Key, u32)> =
+                route.traffic.iter().filter_map(|(rev, percent)| Some((known(rev)?, *percent))).collect();
+            // A Route with no traffic yet routes nothing at the ingress; nor here.
             if traffic.is_empty() {
                 continue;
             }
-            let configurations: BTreeSet<&str> =
-                traffic.iter().filter_map(|(key, _)| self.revisions[*key].configuration.as_deref()).collect();
-            let members: Vec<&Key> = self
-                .revisions
-                .iter()
-                .filter(|(key, rev)| {
-                    &rev.namespace == ns
-                        && !claimed.contains(key)
-                        && (traffic.iter().any(|(t, _)| t == key)
-                            || rev.configuration.as_deref().is_some_and(|c| configurations.contains(c)))
-                })
-                .map(|(key, _)| key)
-                .collect();
-            claimed.extend(members.iter().copied());
-            let knative_service = route.service.as_deref().unwrap_or(&route.name);
+            listed.extend(traffic.iter().map(|(key, _)| *key));
             services.push(ServiceSpec {
                 namespace: ns.clone(),
                 name: route.name.clone(),
-                hosts: Vec::new(),
-                annotations: self.service_annotations(ns, knative_service),
+                hosts: route.hosts.clone(),
+                annotations: Annotations::new(),
                 traffic: traffic
                     .iter()
                     .map(|(key, percent)| TrafficSpec { revision: key.1.clone(), percent: *percent })
@@ -81,17 +68,17 @@ impl Reflection {
                     .filter(|t| traffic.iter().any(|(key, _)| key.1 == t.revision))
                     .cloned()
                     .collect(),
-                revisions: members.iter().map(|key| self.revision_spec(&self.revisions[*key])).collect(),
+                revisions: traffic.iter().map(|(key, _)| self.revision_spec(&self.revisions[*key])).collect(),
             });
         }
-        // Revisions no Route routes to (or all of them, without Routes): served as named, and
+        // Revisions no Route lists (or all of them, without Routes): served as named, and
         // affinity scoped to the revision.
-        for (key, rev) in self.revisions.iter().filter(|(key, _)| !claimed.contains(key)) {
+        for (key, rev) in self.revisions.iter().filter(|(key, _)| !listed.contains(key)) {
             services.push(ServiceSpec {
                 namespace: key.0.clone(),
                 name: rev.name.clone(),
                 hosts: Vec::new(),
-                annotations: rev.service.as_deref().map(|s| self.service_annotations(&key.0, s)).unwrap_or_default(),
+                annotations: Annotations::new(),
                 traffic: vec![TrafficSpec { revision: rev.name.clone(), percent: 100 }],
                 tags: Vec::new(),
                 revisions: vec![self.revision_spec(rev)],
@@ -100,9 +87,14 @@ impl Reflection {
         WorldSpec { services }
     }
 
-    fn service_annotations(&self, namespace: &str, service: &str) -> Annotations {
+    /// A revision's annotations: its own Knative Service's (by its `serving.knative.dev/service`
+    /// label, never another Service whose Route lists it), with its own over them.
+    fn annotations(&self, rev: &RevisionInfo) -> Annotations {
         let services = self.services.as_ref();
-        services.and_then(|s| s.get(&(namespace.to_owned(), service.to_owned()))).cloned().unwrap_or_default()
+        let owner = rev.service.as_ref().and_then(|s| services?.get(&(rev.namespace.clone(), s.clone())));
+        let mut annotations = owner.cloned().unwrap_or_default();
+        annotations.extend(rev.annotations.iter().map(|(k, v)| (k.clone(), v.clone())));
+        annotations
     }
 
     pub fn revision_spec(&self, rev: &RevisionInfo) -> RevisionSpec {
@@ -114,7 +106,7 @@ impl Reflection {
             timeout: rev.timeout,
             response_start_timeout: rev.response_start_timeout,
             idle_timeout: rev.idle_timeout,
-            annotations: rev.annotations.clone(),
+            annotations: self.annotations(rev),
             backends: self.backends(rev),
             probe: Probe::Queue {
                 path: PROBE_PATH.into(),
@@ -232,11 +224,15 @@ mod tests {
                 .filter(|(_, r)| traffic.iter().any(|(t, _)| t == r))
                 .map(|(tag, r)| TagSpec { tag: (*tag).into(), revision: (*r).into(), host_label: None })
                 .collect(),
+            hosts: vec![format!("{name}.ns.example.com")],
         };
         r.routes = Some(
             [
                 (key("ns", "a"), route("a", &[("a-2", 90), ("a-3", 10), ("a-gone", 0)])),
                 (key("ns", "b"), route("b", &[("b-1", 100)])),
+                // A Route of its own over a's and b's revisions, and one with no traffic yet.
+                (key("ns", "preview"), route("preview", &[("a-3", 50), ("b-1", 50)])),
+                (key("ns", "empty"), route("empty", &[])),
             ]
             .into(),
         );
@@ -246,7 +242,7 @@ mod tests {
     }
 
     #[test]
-    fn one_service_per_route_and_one_per_revision_no_route_claims() {
+    fn one_service_per_route_at_its_hosts_and_one_per_revision_no_route_lists() {
         let world = reflection().world();
         type Summary<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, u32)>);
         let names: Vec<Summary> = world
@@ -261,13 +257,23 @@ mod tests {
         assert_eq!(
             names,
             [
-                ("a", vec!["a-1", "a-2", "a-3"], vec![("a-2", 90), ("a-3", 10)]),
+                ("a", vec!["a-2", "a-3"], vec![("a-2", 90), ("a-3", 10)]),
                 ("b", vec!["b-1"], vec![("b-1", 100)]),
+                ("preview", vec!["a-3", "b-1"], vec![("a-3", 50), ("b-1", 50)]),
+                ("a-1", vec!["a-1"], vec![("a-1", 100)]),
                 ("lone-1", vec!["lone-1"], vec![("lone-1", 100)]),
             ],
-            "a-1 belongs to a's Configuration though out of its traffic; a revision not seen yet is left out"
+            "a revision not seen yet is left out; one no Route lists is served as named; a Route with no \
+             traffic is none"
         );
-        assert_eq!(world.services[0].annotations["activator.knative.dev/sticky-ttl"], "5m");
+        assert_eq!(world.services[0].hosts, ["a.ns.example.com"]);
+        // Annotations are each revision's own Knative Service's, whichever Route lists it.
+        let of = |svc: usize, rev: usize| {
+            world.services[svc].revisions[rev].annotations.get("activator.knative.dev/sticky-ttl").cloned()
+        };
+        assert_eq!((of(0, 1), of(2, 0), of(2, 1)), (Some("5m".into()), Some("5m".into()), None));
+        assert!(world.services.iter().all(|s| s.annotations.is_empty()));
+        assert_eq!(crate::world::spec::validate(&world), Ok(()), "a revision two Routes list is described alike");
         let tags: Vec<(&str, &str)> =
             world.services[0].tags.iter().map(|t| (t.tag.as_str(), t.revision.as_str())).collect();
         assert_eq!(tags, [("canary", "a-3")], "a tag of a revision not seen yet is left out with it");
