@@ -96,7 +96,12 @@ impl Redis {
     pub async fn restart(&mut self) {
         let log = std::fs::File::create(&self.log).expect("redis log");
         let port = self.port.to_string();
-        let mut secured: Vec<&str> = Vec::new();
+        // A directory of its own for what a replica or a snapshot writes, never the working tree
+        // (a role's own `--dir` comes later and wins).
+        let dir = self.log.with_extension("dir");
+        std::fs::create_dir_all(&dir).expect("a Redis directory");
+        let dir = dir.to_str().expect("a UTF-8 temp path").to_owned();
+        let mut secured: Vec<&str> = vec!["--dir", &dir];
         if let Some(password) = &self.security.password {
             secured.extend(["--requirepass", password]);
         }

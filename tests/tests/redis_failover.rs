@@ -155,3 +155,16 @@ async fn pins_follow_the_primary_sentinels_promote_and_no_request_fails() {
         set.replica.cli(&["KEYS", "*"]).await
     );
 }
+
+/// Issue 25, item 11: what a test's `redis-server` writes (a snapshot, a replica's copy) goes to a
+/// directory of its own in the test's scratch space, never into the working tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_redis_writes_nothing_into_the_working_tree() {
+    let env = Env::new();
+    let redis = integration_tests::redis::Redis::start(env.dir.path()).await;
+    let before = std::path::Path::new("dump.rdb").exists();
+    assert_eq!(redis.cli(&["SAVE"]).await.trim(), "OK");
+    let own = env.dir.path().join(format!("redis-{}.dir", redis.port())).join("dump.rdb");
+    assert!(own.exists(), "the snapshot is in the server's own directory");
+    assert!(before || !std::path::Path::new("dump.rdb").exists(), "nothing written where the test runs");
+}

@@ -125,14 +125,20 @@ impl Table {
     }
 
     /// Puts `entry` (new, so unwatched) at `key`. The session a replaced pin was watched for goes
-    /// on being watched under the new pin; the old pin ended unless the new one is the same pin
-    /// (a refresh). An unwatched key costs the one map operation it did before watches existed.
+    /// on being watched under the new pin. A live session ended only if its target (revision,
+    /// pod) changed: replicas converging on one pin after an outage write the same target at
+    /// another time, and the session never moved. An expired one ended idle when pinned anew. An
+    /// unwatched key costs the one map operation it did before watches existed.
     fn put(&mut self, key: &PinKey, entry: Entry, now: Instant) {
         let Some(old) = self.map.put(key.clone(), entry) else { return };
         let Some(watch) = old.watch.clone() else { return };
         let new = self.map.peek_mut(key).expect("just put");
         new.watch = Some(watch);
-        if old.pin != new.pin || unix_millis(old.written) != unix_millis(new.written) {
+        let ended = match old.is_live(now) {
+            true => old.pin != new.pin,
+            false => old.pin != new.pin || unix_millis(old.written) != unix_millis(new.written),
+        };
+        if ended {
             let moved = old.is_live(now);
             self.ended(key, old, moved);
         }
@@ -475,6 +481,7 @@ mod tests {
         // The shared store confirming the same pin is no end.
         let touched = pins.take_touched().into_iter().find(|t| t.key == moving).unwrap();
         pins.put_verified(&moving, touched.pin, LONG, touched.written);
+
         // A re-pin is.
         assert!(pins.write(&moving, Some(&Pin::session("r1", POD_A)), Pin::session("r1", POD_B), LONG).won);
 
@@ -491,6 +498,31 @@ mod tests {
         assert!(pins.take_ended().is_empty(), "each end once; the moved session is watched on its new pod");
         pins.remove(&moving);
         assert_eq!(summary(pins.take_ended()), [(HeaderValue::from_static("moving"), POD_B, true)]);
+    }
+
+    /// Issue 25, item 1: replicas converging on one pin after a Redis outage write the same
+    /// target (revision, pod) at different times; adopting the other's is no end of the session.
+    #[test]
+    fn a_session_that_never_moved_is_not_told_it_ended() {
+        use crate::world::policy::SessionEnd;
+        use http::{HeaderName, HeaderValue};
+
+        let pins = MemoryPins::near_cache(100);
+        let call = Arc::new(SessionEnd { path: "/end".parse().unwrap(), header: HeaderName::from_static("k-session") });
+        let session = key("ns/svc", "converging");
+        pins.write(&session, None, Pin::session("r1", POD_A), LONG);
+        pins.watch(&session, || Watch { id: HeaderValue::from_static("converging"), call });
+        let ours = pins.take_touched().into_iter().find(|t| t.key == session).unwrap();
+        // The other replica's pin, written 1.5 s later while Redis was away, wins the convergence.
+        pins.put_verified(&session, Pin::session("r1", POD_A), LONG, ours.written + Duration::from_millis(1500));
+        assert!(pins.take_ended().is_empty(), "same revision and pod: the session never moved");
+        pins.put_verified(&session, Pin::session("r1", POD_B), LONG, ours.written + Duration::from_millis(3000));
+        let ended = pins.take_ended();
+        assert_eq!(
+            ended.iter().map(|e| (e.pin.pod, e.moved)).collect::<Vec<_>>(),
+            [(Some(POD_A), true)],
+            "a new pod is"
+        );
     }
 
     #[test]

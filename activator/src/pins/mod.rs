@@ -390,7 +390,12 @@ impl Pins {
     /// With the shared store, adds `counts` (requests per revision routed here since the last
     /// exchange) to every replica's and returns the window's totals per revision
     /// (`affinity::share`); `None` without the shared store or while Redis does not answer.
-    pub async fn exchange_counts(&self, scope: &str, counts: &[(&str, u64)], window_seconds: u64) -> Option<Vec<u64>> {
+    pub async fn exchange_counts(
+        &self,
+        scope: &str,
+        counts: &[(&str, &[(u64, u64)])],
+        window_seconds: u64,
+    ) -> Option<Vec<u64>> {
         self.shared.as_ref()?.exchange_counts(scope, counts, window_seconds).await
     }
 

@@ -68,6 +68,35 @@ redis.call('PUBLISH', ARGV[4], KEYS[1] .. ' ' .. ARGV[5])
 return false
 ";
 
+/// Adds this replica's request counts to the service's per-period hashes and reads the window's
+/// back, in one step. KEYS: the window's period hashes, oldest first. ARGV: the TTL, the most a
+/// period may plausibly count, the number of revisions, the revisions, then (key index, revision
+/// index, count) triples. A count already there that is not a plausible one (written by no
+/// activator) is replaced rather than added to, where `HINCRBY` would fail the whole exchange.
+/// Returns the number replaced and, per period, each revision's count as stored.
+const COUNT_SCRIPT: &str = r"
+local ttl, most, revisions = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local replaced = 0
+local i = 4 + revisions
+while i + 2 <= #ARGV do
+  local key, field, n = KEYS[tonumber(ARGV[i])], ARGV[3 + tonumber(ARGV[i + 1])], ARGV[i + 2]
+  local held = tonumber(redis.call('HGET', key, field))
+  if held and held >= 0 and held + tonumber(n) <= most then
+    redis.call('HINCRBY', key, field, n)
+  else
+    if redis.call('HEXISTS', key, field) == 1 then replaced = replaced + 1 end
+    redis.call('HSET', key, field, n)
+  end
+  redis.call('EXPIRE', key, ttl)
+  i = i + 3
+end
+local fields = {}
+for r = 1, revisions do fields[r] = ARGV[3 + r] end
+local rows = {}
+for k = 1, #KEYS do rows[k] = redis.call('HMGET', KEYS[k], unpack(fields)) end
+return {replaced, rows}
+";
+
 #[derive(Clone, Debug)]
 pub struct SharedConfig {
     /// `redis://[user:password@]host:port/db` or `rediss://` for TLS.
@@ -104,7 +133,10 @@ const OPS: [&str; 9] = ["get", "create", "replace", "refresh", "decode", "connec
 /// same end, each within a second or two.
 const END_CLAIM_TTL: Duration = Duration::from_secs(3600);
 /// Shared request counts are kept per this many seconds, one hash per service and period.
-const COUNT_PERIOD_SECONDS: u64 = 10;
+const COUNT_PERIOD_SECONDS: u64 = crate::affinity::share::COUNT_PERIOD_SECONDS;
+/// More requests in one period than every activator could route (a hundred million a second):
+/// a value in Redis above it was not written by one, and is left out.
+const MAX_PERIOD_COUNT: u64 = 100_000_000 * COUNT_PERIOD_SECONDS;
 
 /// Whether the request path may ask Redis now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -247,6 +279,7 @@ pub struct SharedPins {
     /// Tags this replica's invalidations so it does not drop its own fresh entries.
     replica: String,
     repin: redis::Script,
+    counts: redis::Script,
     metrics: StoreMetrics,
     /// Set once the first connection attempt ended, however it ended.
     tried: tokio::sync::watch::Sender<bool>,
@@ -270,6 +303,7 @@ impl SharedPins {
             breaker: Breaker::new(),
             replica: format!("{:016x}", u64::from_ne_bytes(id)),
             repin: redis::Script::new(REPIN_SCRIPT),
+            counts: redis::Script::new(COUNT_SCRIPT),
             config,
             metrics,
             tried: tokio::sync::watch::Sender::new(false),
@@ -406,30 +440,67 @@ impl SharedPins {
         }
     }
 
-    /// Adds `counts` (per revision, requests routed here since the last exchange) to the
-    /// service's shared counts, and returns each revision's requests over the last
-    /// `window_seconds` through every replica: one pipeline on the background connection, keys
-    /// under the service's hash tag so a cluster takes it whole. `None` if Redis did not answer.
-    pub async fn exchange_counts(&self, scope: &str, counts: &[(&str, u64)], window_seconds: u64) -> Option<Vec<u64>> {
+    /// Adds `counts` (per revision, requests routed here since the last exchange, by period) to
+    /// the service's shared counts, and returns each revision's requests over the last
+    /// `window_seconds` through every replica: one script on the background connection, keys
+    /// under the service's hash tag so a cluster takes it whole. A period's count that no
+    /// activator could have made (above `MAX_PERIOD_COUNT`, or not a count at all) is left out
+    /// (and replaced where this replica adds to it), counted as a malformed value; sums
+    /// saturate. `None` if Redis did not answer.
+    pub async fn exchange_counts(
+        &self,
+        scope: &str,
+        counts: &[(&str, &[(u64, u64)])],
+        window_seconds: u64,
+    ) -> Option<Vec<u64>> {
         let mut conn = self.conn.get()?.background.clone();
         let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs();
         let (now, periods) = (unix / COUNT_PERIOD_SECONDS, window_seconds.div_ceil(COUNT_PERIOD_SECONDS).max(1));
-        let key = |period: u64| format!("aa:split:{{{scope}}}:{period}");
-        let mut pipe = redis::pipe();
-        for (revision, n) in counts.iter().filter(|(_, n)| *n > 0) {
-            pipe.cmd("HINCRBY").arg(key(now)).arg(*revision).arg(*n).ignore();
+        let first = now + 1 - periods;
+        let mut script = self.counts.prepare_invoke();
+        for period in first..=now {
+            script.key(format!("aa:split:{{{scope}}}:{period}"));
         }
-        pipe.cmd("EXPIRE").arg(key(now)).arg((periods + 1) * COUNT_PERIOD_SECONDS).ignore();
-        for period in now + 1 - periods..=now {
-            pipe.cmd("HMGET").arg(key(period)).arg(counts.iter().map(|(revision, _)| *revision).collect::<Vec<_>>());
+        script.arg((periods + 1) * COUNT_PERIOD_SECONDS).arg(MAX_PERIOD_COUNT).arg(counts.len());
+        for (revision, _) in counts {
+            script.arg(*revision);
         }
-        let sent = pipe.query_async::<Vec<Vec<Option<u64>>>>(&mut conn);
+        for (r, (_, by_period)) in counts.iter().enumerate() {
+            for &(period, n) in by_period.iter().filter(|(period, n)| *n > 0 && *period >= first && *period <= now) {
+                script.arg(period - first + 1).arg(r + 1).arg(n.min(MAX_PERIOD_COUNT));
+            }
+        }
+        let sent = script.invoke_async::<(u64, Vec<Vec<Option<redis::Value>>>)>(&mut conn);
         match self.timed(Op::Split, REFRESH_TIMEOUT, sent).await {
-            Ok(periods) => Some(
-                (0..counts.len()).map(|i| periods.iter().filter_map(|p| p.get(i).copied().flatten()).sum()).collect(),
-            ),
+            Ok((replaced, periods)) => {
+                if replaced > 0 {
+                    self.metrics.errors[Op::Decode as usize].inc_by(replaced);
+                    tracing::warn!(%scope, replaced, "replaced implausible request counts in Redis");
+                }
+                Some(
+                    (0..counts.len())
+                        .map(|i| {
+                            let values = periods.iter().filter_map(|p| p.get(i).cloned().flatten());
+                            values.filter_map(|v| self.plausible_count(scope, &v)).fold(0u64, u64::saturating_add)
+                        })
+                        .collect(),
+                )
+            }
             Err(error) => {
                 tracing::debug!(%scope, %error, "exchanging request counts failed; this replica's counts decide");
+                None
+            }
+        }
+    }
+
+    /// A period's shared count, if it is one activators could have made.
+    fn plausible_count(&self, scope: &str, value: &redis::Value) -> Option<u64> {
+        let count = redis::from_redis_value::<i64>(value.clone()).ok().and_then(|n| u64::try_from(n).ok());
+        match count.filter(|n| *n <= MAX_PERIOD_COUNT) {
+            Some(n) => Some(n),
+            None => {
+                self.metrics.errors[Op::Decode as usize].inc();
+                tracing::warn!(%scope, ?value, "ignoring an implausible request count in Redis");
                 None
             }
         }

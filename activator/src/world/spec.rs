@@ -128,6 +128,11 @@ pub fn validate_service(svc: &ServiceSpec) -> Result<(), SpecError> {
     if svc.name.is_empty() || svc.namespace.is_empty() {
         return Err(error(svc, "name and namespace must not be empty"));
     }
+    // Pins, cookies and split counts are scoped by `<namespace>/<service>`: a `/` in either
+    // would let two services share one scope (Kubernetes names never hold one).
+    if svc.name.contains('/') || svc.namespace.contains('/') {
+        return Err(error(svc, "name and namespace must not contain '/'"));
+    }
     let mut own = HashSet::new();
     for rev in &svc.revisions {
         if rev.name.is_empty() {
@@ -265,6 +270,19 @@ pub(crate) mod tests {
         for (change, needle) in cases {
             let message = broken(change);
             assert!(message.contains(needle) && message.starts_with("service default/"), "{needle}: {message}");
+        }
+    }
+
+    /// Issue 25, item 10: `a` in namespace `b/c` and `c/a` in namespace `b` would both be scoped
+    /// `b/c/a`, sharing pins, cookies and split counts.
+    #[test]
+    fn the_scope_string_is_unambiguous() {
+        let mut one = service("a", &[(100, vec![])]);
+        one.namespace = "b/c".into();
+        let mut two = service("c/a", &[(100, vec![])]);
+        two.namespace = "b".into();
+        for svc in [one, two] {
+            assert!(validate_service(&svc).unwrap_err().message.contains("must not contain '/'"), "{}", svc.name);
         }
     }
 
