@@ -12,6 +12,7 @@ pub mod handler;
 pub mod headers;
 pub mod health;
 pub mod inspect;
+pub mod keys;
 pub mod memory;
 pub mod pins;
 pub mod pool;

@@ -203,7 +203,7 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogL
     });
     tokio::spawn(maintain_pins(handler.clone()));
     let ending = handler.clone();
-    tokio::spawn(async move { session_end::run(&ending.pins, &ending.stats).await });
+    tokio::spawn(async move { session_end::run(&ending.pins, &ending.stats, &ending.world).await });
     if config.pin_store == PinStore::Redis {
         let exchanging = handler.clone();
         let interval = config.pin_refresh_interval;

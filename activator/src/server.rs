@@ -42,9 +42,6 @@ const H2_MAX_STREAMS: u32 = 250;
 const H2_MAX_HEADER_LIST: u32 = 64 << 10;
 /// The client preface of HTTP/2 (RFC 9113 §3.4), with which an h2c prior-knowledge client begins.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// Pause before peeking again at a preface that arrived in part: the bytes already there would
-/// end the next peek at once.
-const PREFACE_PAUSE: Duration = Duration::from_millis(1);
 
 /// A listener, and for the TLS port (system-internal TLS) what it serves with.
 pub struct Listener {
@@ -326,21 +323,39 @@ impl Acceptor {
 /// Whether a client speaks HTTP/2 with prior knowledge, told from its first bytes. They are
 /// peeked, not read: they stay in the socket for hyper, so an HTTP/1.1 connection's read buffer
 /// starts empty instead of being grown to take them back, which doubled what every held
-/// HTTP/1.1 connection cost. `None`: the client closed before sending a byte.
+/// HTTP/1.1 connection cost. A preface that arrived in part is waited for on the socket's
+/// readiness, peeked again only when more bytes come, never on a timer (a thousand half-sent
+/// prefaces cost nothing while they wait). `None`: the client closed before sending a byte.
 async fn speaks_h2(stream: &TcpStream) -> io::Result<Option<bool>> {
-    let mut first = [0u8; H2_PREFACE.len()];
+    let mut first = [std::mem::MaybeUninit::<u8>::uninit(); H2_PREFACE.len()];
+    let mut seen = 0;
     loop {
-        let n = stream.peek(&mut first).await?;
+        stream.readable().await?;
+        // Nothing new since the last peek: tokio clears the readiness, and the next wait lasts
+        // until the client sends more (or closes).
+        let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
+            #[cfg(test)]
+            tests::PEEKS.with(|p| p.set(p.get() + 1));
+            let n = socket2::SockRef::from(stream).peek(&mut first)?;
+            if n == seen && n > 0 { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(n) }
+        });
+        let n = match peeked {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             return Ok(None);
         }
-        if !H2_PREFACE.starts_with(&first[..n]) {
+        // SAFETY: `peek` initialised the first `n` bytes of `first`, and `n <= first.len()`.
+        let bytes = unsafe { std::slice::from_raw_parts(first.as_ptr().cast::<u8>(), n) };
+        if !H2_PREFACE.starts_with(bytes) {
             return Ok(Some(false));
         }
         if n == H2_PREFACE.len() {
             return Ok(Some(true));
         }
-        tokio::time::sleep(PREFACE_PAUSE).await;
+        seen = n;
     }
 }
 
@@ -371,6 +386,30 @@ mod tests {
         let (connections, tunnels) = (TaskTracker::new(), TaskTracker::new());
         tunnels.spawn(tokio::time::sleep(long));
         assert!(!drain(&connections, &tunnels, Some(Duration::from_secs(30))).await, "an operator's bound holds");
+    }
+
+    thread_local! {
+        /// Peeks `speaks_h2` made on this thread.
+        pub(super) static PEEKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// Issue 25, item 6: a partial HTTP/2 preface is waited for on readiness; while no more
+    /// bytes come, no peek is made (a timer would peek every millisecond, a thousand a second).
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_http2_preface_does_not_busy_poll() {
+        let (server, mut client) = pair().await;
+        client.write_all(&H2_PREFACE[..16]).await.unwrap();
+        let waiting = tokio::spawn(async move {
+            let told = speaks_h2(&server).await;
+            (told, PEEKS.with(std::cell::Cell::get))
+        });
+        // A second of (paused) time passes with the preface half-sent.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiting.is_finished());
+        client.write_all(&H2_PREFACE[16..]).await.unwrap();
+        let (told, peeks) = waiting.await.unwrap();
+        assert_eq!(told.unwrap(), Some(true));
+        assert!(peeks <= 4, "{peeks} peeks for two pieces of a preface");
     }
 
     #[tokio::test]

@@ -5,18 +5,21 @@
 //! moved are taken from the pin table. For each that this replica claims (`Pins::claim_end`: with
 //! Redis, the first replica to claim a pin's end; a pin still in use through another replica has
 //! not ended), one `POST` goes to the pod the session was pinned to, with the session id in the
-//! service's session header and `idle` or `moved` in `K-Session-End`. Best effort and off the
+//! service's session header and `idle` or `moved` in `K-Session-End`, if that pod is still one
+//! of its revision's: an address that left may be another pod's by now. Best effort and off the
 //! request path: at most `CONCURRENT_CALLS` at once, each within `CALL_TIMEOUT`, never retried.
 //! Must not route requests nor change pins.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use prometheus::IntCounter;
 use tokio::sync::Semaphore;
 
 use crate::pins::{Ended, Pins};
 use crate::stats::Stats;
+use crate::world::Snapshot;
 
 /// The header naming why a session ended: `idle` or `moved`.
 pub const REASON: &str = "k-session-end";
@@ -32,18 +35,19 @@ enum Outcome {
     Failed,
     /// Another replica claimed the call, or the session lives on through another replica.
     Elsewhere,
+    /// The pod is no longer one of its revision's: its address may be another pod's by now, which
+    /// must not hear of this session.
+    Gone,
 }
 
 /// `[idle, moved][Outcome]`.
-struct Counters([[IntCounter; 3]; 2]);
+struct Counters([[IntCounter; 4]; 2]);
 
 impl Counters {
     fn new(stats: &Stats) -> Self {
-        Counters(
-            ["idle", "moved"].map(|reason| {
-                ["sent", "failed", "elsewhere"].map(|r| stats.session_ends.with_label_values(&[reason, r]))
-            }),
-        )
+        Counters(["idle", "moved"].map(|reason| {
+            ["sent", "failed", "elsewhere", "gone"].map(|r| stats.session_ends.with_label_values(&[reason, r]))
+        }))
     }
 
     fn count(&self, ended: &Ended, outcome: Outcome) {
@@ -51,8 +55,9 @@ impl Counters {
     }
 }
 
-/// Collects ended sessions from `pins` and makes the calls, forever.
-pub async fn run(pins: &Pins, stats: &Stats) {
+/// Collects ended sessions from `pins` and makes the calls, forever, to pods `world` still lists
+/// for their revision.
+pub async fn run(pins: &Pins, stats: &Stats, world: &ArcSwap<Snapshot>) {
     let counters = Arc::new(Counters::new(stats));
     let client =
         reqwest::Client::builder().no_proxy().timeout(CALL_TIMEOUT).build().expect("a plain HTTP client builds");
@@ -62,6 +67,11 @@ pub async fn run(pins: &Pins, stats: &Stats) {
     loop {
         tick.tick().await;
         for ended in pins.take_ended() {
+            if !still_listed(&world.load(), &ended) {
+                tracing::debug!(session = %ended.key.short_hash(), "the session's pod left; nobody to tell of its end");
+                counters.count(&ended, Outcome::Gone);
+                continue;
+            }
             if !pins.claim_end(&ended).await {
                 counters.count(&ended, Outcome::Elsewhere);
                 continue;
@@ -75,6 +85,13 @@ pub async fn run(pins: &Pins, stats: &Stats) {
             });
         }
     }
+}
+
+/// Whether the pod `ended` was pinned to is still one of its revision's (ready, or waiting for a
+/// probe): only such a pod is told, never an address that left and may serve another by now.
+fn still_listed(world: &Snapshot, ended: &Ended) -> bool {
+    let (Some(pod), Some((namespace, _))) = (ended.pin.pod, ended.key.scope().split_once('/')) else { return false };
+    world.revision(namespace, &ended.pin.revision).is_some_and(|(_, revision)| revision.throttler.lists(pod))
 }
 
 /// One `POST` to the pod `ended` was pinned to; whether the pod answered with a success.

@@ -272,7 +272,13 @@ struct Pending {
     has_pods: bool,
     subset: Option<Subset>,
     tls: Option<TlsPorts>,
+    /// Pods that left the revision lately, and when: a session's end is still told to them for
+    /// `LEFT_GRACE`, never after (their address may be another pod's by then).
+    departed: HashMap<SocketAddr, Instant>,
 }
+
+/// How long a pod that left its revision is still told of its sessions' ends.
+pub const LEFT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Pending {
     /// Traffic goes through the private Service rather than to pods.
@@ -425,6 +431,7 @@ impl Throttler {
                 has_pods: false,
                 subset: None,
                 tls: None,
+                departed: HashMap::new(),
             }),
             cursor: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
@@ -505,6 +512,16 @@ impl Throttler {
         self.pods.load().binary_search_by_key(&addr, |p| p.addr).is_ok()
     }
 
+    /// Whether the revision lists `addr` as a pod of its (ready, or waiting for a probe), or did
+    /// until less than `LEFT_GRACE` ago.
+    pub fn lists(&self, addr: SocketAddr) -> bool {
+        if self.is_ready(addr) {
+            return true;
+        }
+        let pending = self.lock_pending();
+        pending.endpoints.contains(&addr) || pending.departed.get(&addr).is_some_and(|at| at.elapsed() < LEFT_GRACE)
+    }
+
     /// Replaces the revision's pods. Pods already taking traffic keep doing so, with their
     /// in-flight counts and connection pools; trusted ones take traffic at once, probed ones once
     /// `probe` passes against them (see `readiness`). Returns whether the prober has work.
@@ -517,6 +534,14 @@ impl Throttler {
             }
         }
         pending.probe = probe.clone();
+        let now = Instant::now();
+        let listed = |a: &SocketAddr| backends.trusted.contains(a) || backends.probed.contains(a);
+        let before: Vec<SocketAddr> =
+            self.pods.load().iter().map(|p| p.addr).chain(pending.endpoints.iter().copied()).collect();
+        pending.departed.retain(|a, at| !listed(a) && now.duration_since(*at) < LEFT_GRACE);
+        for addr in before.into_iter().filter(|a| !listed(a)) {
+            pending.departed.entry(addr).or_insert(now);
+        }
         pending.cluster_ip = backends.cluster_ip;
         pending.subset = backends.subset;
         pending.has_pods = backends.has_pods();

@@ -132,3 +132,33 @@ async fn a_moved_session_is_ended_once_on_the_pod_it_left() {
         }
     }
 }
+
+/// Issue 25, item 8: a session whose pod left its revision is not told it ended once the pod has
+/// been gone longer than the grace (5 s): that address may be another pod's by then, which must
+/// not learn the session's id. The end is counted as `gone`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_end_goes_only_to_a_pod_still_listed() {
+    let env = Env::new();
+    let pods = env.pods("counter-1", 2).await;
+    let topology = |pods: &[SocketAddr]| {
+        yaml(&[Service::new("counter")
+            .annotation(&format!("{P}sticky-session-end-path"), "/session/end")
+            .annotation(&format!("{P}sticky-ttl"), "8s")
+            .revision("counter-1", 100, pods)])
+    };
+    env.write_topology(&topology(&addrs(&pods)));
+    let activator = env.activator(&[]).await;
+    let client = Client::new(activator.addr("proxy"));
+    let pinned = client.get_with("counter.test", "/incr", &[("K-Session", "left-behind")]).await.pod().to_owned();
+    let named = |i: usize| format!("counter-1-pod-{i}") == pinned;
+    let (left, stays) = if named(0) { (&pods[0], &pods[1]) } else { (&pods[1], &pods[0]) };
+    env.reload(&activator, &topology(&[stays.addr("http")])).await;
+    let admin = activator.addr("admin");
+    wait_until(Duration::from_secs(30), "the idle session's end is counted as gone", || async {
+        let metrics = Metrics::scrape(admin).await;
+        metrics.value("activator_session_ends_total", &[("reason", "idle"), ("result", "gone")]) == Some(1.0)
+    })
+    .await;
+    let (status, heard) = admin_get(left.addr("http"), "/session/ends").await;
+    assert_eq!((status, heard.as_str()), (200, ""), "the pod that left heard nothing");
+}

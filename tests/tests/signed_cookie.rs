@@ -77,7 +77,10 @@ async fn a_signed_cookie_keeps_a_session_on_its_pod_through_every_replica_withou
     }
 
     // Changed, foreign or garbage: refused, balanced anew, and replaced.
-    let changed = cookie.replacen("|counter-1|", "|counter-2|", 1);
+    let mut changed = cookie.clone().into_bytes();
+    let last = changed.len() - 2;
+    changed[last] = if changed[last] == b'A' { b'B' } else { b'A' };
+    let changed = String::from_utf8(changed).unwrap();
     for (host, value) in
         [("counter.test", changed.as_str()), ("other.test", &cookie), ("counter.test", "activator-pin=1|2|x")]
     {
@@ -126,4 +129,44 @@ async fn a_signed_cookie_keeps_a_session_on_its_pod_through_every_replica_withou
         get(&via_a, "counter.test", Some(&cookie)).await.header("x-activator-decision") == "new-pin"
     })
     .await;
+}
+
+/// Issue 25, item 3: in signed-cookie mode, ids the client sends (`K-Session`, the service's own
+/// header, its application cookie) keep their store pins, as in the default mode; the signed pin
+/// cookie serves only clients without one, under its own name, never overwriting theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_cookie_mode_keeps_every_other_session_source() {
+    let env = Env::new();
+    let pods = env.pods("counter-1", 3).await;
+    env.write_topology(&yaml(&[Service::new("counter")
+        .annotation(&format!("{P}sticky-session-mode"), "signed-cookie")
+        .annotation(&format!("{P}sticky-session-cookie-name"), "app")
+        .revision("counter-1", 100, &addrs(&pods))]));
+    let keys = env.dir.path().join("cookie-keys");
+    write_keys(&keys, &[K1]);
+    let activator = activator(&env, &keys).await;
+    let client = Client::new(activator.addr("proxy"));
+    for (header, value) in [("K-Session", "hdr"), ("Cookie", "app=mine")] {
+        let mut landed = std::collections::HashSet::new();
+        for n in 1..=8 {
+            let reply = client.get_with("counter.test", "/incr?session_id=x", &[(header, value)]).await;
+            assert_eq!(reply.status, 200);
+            assert!(pin_cookie(&reply).is_none(), "{header}: an id of its own needs no pin cookie");
+            let cookies: Vec<&str> =
+                reply.headers.get_all("set-cookie").iter().filter_map(|v| v.to_str().ok()).collect();
+            assert!(
+                cookies.iter().all(|c| !c.starts_with("app=")),
+                "the application's cookie is never set: {cookies:?}"
+            );
+            assert_eq!(
+                reply.header("x-activator-decision"),
+                if n == 1 { "new-pin" } else { "session-pin" },
+                "{header} {n}"
+            );
+            landed.insert(reply.pod().to_owned());
+        }
+        assert_eq!(landed.len(), 1, "{header}: one pod for the session");
+    }
+    let without = get(&client, "counter.test", None).await;
+    assert!(pin_cookie(&without).is_some(), "a client without an id gets the pin cookie");
 }

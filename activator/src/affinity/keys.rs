@@ -18,8 +18,13 @@ pub const MAX_ID_BYTES: usize = 1024;
 pub fn extract<B>(policy: &Policy, req: &Request<B>, conversation: Option<&str>) -> Result<Keys, KeyError> {
     let flow = first_id(policy.flow_sources(), req, PinKind::Flow)?;
     let scope = policy.scope();
-    // A session whose pin travels in a signed cookie has no id and no key in the store.
-    if let Some((name, secure)) = policy.signed_cookie() {
+    let session = first_id(policy.session_sources(), req, PinKind::Session)?
+        .or_else(|| conversation.map(|id| id.as_bytes().to_vec()));
+    // A session without an id of its own, in `sticky-session-mode: signed-cookie`: its pin travels
+    // in the pin cookie, with no key in the store. Explicit ids keep their store pins.
+    if session.is_none()
+        && let Some((name, secure)) = policy.signed_cookie()
+    {
         let value = cookie(req, name).filter(|v| !v.is_empty() && v.len() <= MAX_ID_BYTES).map(str::to_owned);
         return Ok(Keys {
             session: None,
@@ -29,8 +34,6 @@ pub fn extract<B>(policy: &Policy, req: &Request<B>, conversation: Option<&str>)
             signed: Some(SignedCookie { name: name.to_owned(), secure, value }),
         });
     }
-    let session = first_id(policy.session_sources(), req, PinKind::Session)?
-        .or_else(|| conversation.map(|id| id.as_bytes().to_vec()));
     // The raw id is kept only for a service that wants to hear when sessions end.
     let end_id = |id: &[u8]| policy.session_end().and_then(|_| HeaderValue::from_bytes(id).ok());
     let mut keys = Keys {

@@ -1,122 +1,134 @@
 //! Session pins that need no store (`sticky-session-mode: signed-cookie`): the pin (revision and
-//! pod) travels in a cookie signed with HMAC-SHA256 over the service's scope, so any replica can
-//! verify it without Redis, and a cookie of another service, a changed one or an expired one is
-//! refused. Keys come from a file (a mounted Secret) of one key per line: the first signs, every
-//! one verifies, so a key is rotated by putting the new one first, then removing the old.
+//! pod) travels in a cookie sealed with an AEAD (ChaCha20-Poly1305) under a key of the key file,
+//! bound to the service's scope, so any replica can open it without Redis, the client learns
+//! nothing of the cluster from it, and a cookie of another service, a changed one or an expired
+//! one is refused. Keys rotate as `keys::KeyFile` says. Cookies of the earlier, signed-only
+//! formats are still read, so sessions keep their pods across an upgrade.
 //!
-//! Owns the cookie's format and its keys; where the request goes stays with `affinity`.
+//! Owns the cookie's format; where the request goes stays with `affinity`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
-use ring::hmac;
+use base64::Engine as _;
+use ring::{aead, digest, hmac};
 
 use super::Pin;
+use crate::keys::KeyFile;
 
-/// The format's version, first in every cookie: 2 carries when the pin was first made, for
-/// `sticky-max-age`; 1, which did not, is still read.
-const VERSION: &str = "2";
+/// The sealed format's marker, first in every cookie made now.
+const SEALED: &str = "3.";
+/// Earlier, signed-only formats: 2 carries when the pin was first made, 1 did not.
+const VERSION_WITH_WRITTEN: &str = "2";
 const VERSION_WITHOUT_WRITTEN: &str = "1";
-/// The shortest key accepted, in bytes.
-pub const MIN_KEY_BYTES: usize = 32;
+const NONCE_BYTES: usize = 12;
 
-/// The keys of a key file; empty until one is read.
+/// The keys of `--pin-cookie-keys`; empty until one is read.
 pub struct CookieKeys {
-    path: Option<PathBuf>,
-    keys: ArcSwap<Vec<hmac::Key>>,
-    /// The file's content last applied, so an unchanged file is not re-applied.
-    applied: std::sync::Mutex<Option<String>>,
+    file: KeyFile,
 }
 
 impl CookieKeys {
     /// Keys read from `path` (re-read by `reload`); without a path, signed cookies are off.
     pub fn from_file(path: Option<PathBuf>) -> anyhow::Result<Self> {
-        let keys = CookieKeys { path, keys: ArcSwap::default(), applied: Default::default() };
-        if let Some(path) = &keys.path {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("reading --pin-cookie-keys {}: {e}", path.display()))?;
-            keys.apply(&text)?;
-        }
-        Ok(keys)
+        Ok(CookieKeys { file: KeyFile::from_file("--pin-cookie-keys", path)? })
     }
 
     pub fn enabled(&self) -> bool {
-        !self.keys.load().is_empty()
+        self.file.enabled()
     }
 
-    /// Re-reads the key file if it changed (a rotated Secret); a file that does not read keeps
-    /// the keys in force, with one log line.
     pub fn reload(&self) {
-        let Some(path) = &self.path else { return };
-        match std::fs::read_to_string(path).map_err(anyhow::Error::from).and_then(|text| self.apply(&text)) {
-            Ok(()) => {}
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cookie keys not reloaded; the previous keys stay")
-            }
-        }
+        self.file.reload();
     }
 
-    fn apply(&self, text: &str) -> anyhow::Result<()> {
-        let mut applied = crate::sync::lock(&self.applied);
-        if applied.as_deref() == Some(text) {
-            return Ok(());
-        }
-        let keys: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-        if keys.is_empty() {
-            anyhow::bail!("no key in the file");
-        }
-        if let Some(short) = keys.iter().position(|k| k.len() < MIN_KEY_BYTES) {
-            anyhow::bail!("key {} is shorter than {MIN_KEY_BYTES} bytes", short + 1);
-        }
-        self.keys.store(Arc::new(keys.iter().map(|k| hmac::Key::new(hmac::HMAC_SHA256, k.as_bytes())).collect()));
-        if applied.is_some() {
-            tracing::info!(keys = keys.len(), "cookie keys reloaded");
-        }
-        *applied = Some(text.to_owned());
-        Ok(())
-    }
-
-    /// The cookie value carrying `pin` for `scope`, first made at `written`, until `expires`.
+    /// The cookie value carrying `pin` for `scope`, first made at `written`, until `expires`:
+    /// sealed, so it reads as random bytes.
     pub fn sign(&self, scope: &str, pin: &Pin, written: SystemTime, expires: SystemTime) -> Option<String> {
         let pod = pin.pod?;
-        let keys = self.keys.load();
-        let key = keys.first()?;
+        let keys = self.file.keys();
+        let key = sealing_key(keys.first()?);
         let secs = |at: SystemTime| at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let body = format!("{VERSION}|{}|{}|{}|{pod}", secs(expires), secs(written), pin.revision);
-        let tag = hmac::sign(key, signed(scope, &body).as_bytes());
-        Some(format!("{body}|{}", hex(tag.as_ref())))
+        let mut sealed = format!("{}|{}|{}|{pod}", secs(expires), secs(written), pin.revision).into_bytes();
+        let mut nonce = [0u8; NONCE_BYTES];
+        getrandom::fill(&mut nonce).ok()?;
+        key.seal_in_place_append_tag(
+            aead::Nonce::assume_unique_for_key(nonce),
+            aead::Aad::from(scope.as_bytes()),
+            &mut sealed,
+        )
+        .ok()?;
+        let mut raw = nonce.to_vec();
+        raw.extend_from_slice(&sealed);
+        Some(format!("{SEALED}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)))
     }
 
-    /// What a cookie value carries for `scope`, if a key in force signed it for this scope and it
-    /// has not expired.
+    /// What a cookie value carries for `scope`, if a key in force sealed (or, for a cookie of
+    /// the earlier format, signed) it for this scope and it has not expired.
     pub fn verify(&self, scope: &str, value: &str, now: SystemTime) -> Option<SignedPin> {
-        let (body, tag) = value.rsplit_once('|')?;
-        let tag = unhex(tag)?;
-        let message = signed(scope, body);
-        // `hmac::verify` compares in constant time.
-        let genuine = self.keys.load().iter().any(|key| hmac::verify(key, message.as_bytes(), &tag).is_ok());
-        if !genuine {
-            return None;
-        }
-        let at = |secs: &str| secs.parse().ok().map(|secs| UNIX_EPOCH + Duration::from_secs(secs));
-        let mut fields = body.split('|');
-        let (version, expires) = (fields.next()?, at(fields.next()?)?);
-        let written = match version {
-            VERSION => Some(at(fields.next()?)?),
-            VERSION_WITHOUT_WRITTEN => None,
-            _ => return None,
+        let keys = self.file.keys();
+        let body = match value.strip_prefix(SEALED) {
+            Some(sealed) => {
+                let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sealed).ok()?;
+                if raw.len() < NONCE_BYTES + aead::CHACHA20_POLY1305.tag_len() {
+                    return None;
+                }
+                let (nonce, sealed) = raw.split_at(NONCE_BYTES);
+                let nonce: [u8; NONCE_BYTES] = nonce.try_into().ok()?;
+                keys.iter().find_map(|key| {
+                    let mut opened = sealed.to_vec();
+                    let aad = aead::Aad::from(scope.as_bytes());
+                    let plain = sealing_key(key)
+                        .open_in_place(aead::Nonce::assume_unique_for_key(nonce), aad, &mut opened)
+                        .ok()?;
+                    String::from_utf8(plain.to_vec()).ok().map(|body| format!("{VERSION_WITH_WRITTEN}|{body}"))
+                })?
+            }
+            None => verify_signed(&keys, scope, value)?,
         };
-        let (revision, pod) = (fields.next()?, fields.next()?);
-        let pod: SocketAddr = pod.parse().ok()?;
-        (fields.next().is_none() && expires > now && !revision.is_empty()).then(|| SignedPin {
-            pin: Pin::session(revision, pod),
-            expires,
-            written,
-        })
+        read_body(&body, now)
     }
+}
+
+/// The AEAD key a key of the file makes: SHA-256 of it, with a label so the same line used for
+/// something else makes another key.
+fn sealing_key(key: &[u8]) -> aead::LessSafeKey {
+    let mut material = digest::Context::new(&digest::SHA256);
+    material.update(b"affinity-activator pin cookie\0");
+    material.update(key);
+    let bytes = material.finish();
+    aead::LessSafeKey::new(aead::UnboundKey::new(&aead::CHACHA20_POLY1305, bytes.as_ref()).expect("32 bytes"))
+}
+
+/// The body of a cookie of the earlier format, if a key in force signed it for `scope`.
+fn verify_signed(keys: &[std::sync::Arc<[u8]>], scope: &str, value: &str) -> Option<String> {
+    let (body, tag) = value.rsplit_once('|')?;
+    let tag = unhex(tag)?;
+    let message = format!("{scope}|{body}");
+    // `hmac::verify` compares in constant time.
+    let genuine =
+        keys.iter().any(|key| hmac::verify(&hmac::Key::new(hmac::HMAC_SHA256, key), message.as_bytes(), &tag).is_ok());
+    genuine.then(|| body.to_owned())
+}
+
+/// `<version>|<expires>|[<written>|]<revision>|<pod>`, if unexpired.
+fn read_body(body: &str, now: SystemTime) -> Option<SignedPin> {
+    let at = |secs: &str| secs.parse().ok().map(|secs| UNIX_EPOCH + Duration::from_secs(secs));
+    let mut fields = body.split('|');
+    let (version, expires) = (fields.next()?, at(fields.next()?)?);
+    let written = match version {
+        VERSION_WITH_WRITTEN => Some(at(fields.next()?)?),
+        VERSION_WITHOUT_WRITTEN => None,
+        _ => return None,
+    };
+    let (revision, pod) = (fields.next()?, fields.next()?);
+    let pod: SocketAddr = pod.parse().ok()?;
+    (fields.next().is_none() && expires > now && !revision.is_empty()).then(|| SignedPin {
+        pin: Pin::session(revision, pod),
+        expires,
+        written,
+    })
 }
 
 /// A verified pin cookie's content.
@@ -126,16 +138,6 @@ pub struct SignedPin {
     pub expires: SystemTime,
     /// When the pin was first made; `None` in cookies of the first version.
     pub written: Option<SystemTime>,
-}
-
-/// What is signed: the scope (not sent, so a cookie of one service means nothing to another) and
-/// the cookie's body.
-fn signed(scope: &str, body: &str) -> String {
-    format!("{scope}|{body}")
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
@@ -153,51 +155,73 @@ mod tests {
     const K2: &str = "second-key-of-at-least-thirty-two-bytes";
 
     fn keys(lines: &[&str]) -> CookieKeys {
-        let keys = CookieKeys { path: None, keys: ArcSwap::default(), applied: Default::default() };
-        keys.apply(&lines.join("\n")).unwrap();
-        keys
+        CookieKeys { file: KeyFile::of(lines) }
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     #[test]
-    fn a_signed_pin_verifies_for_its_scope_until_it_expires() {
+    fn a_sealed_pin_opens_for_its_scope_until_it_expires() {
         let (k, now) = (keys(&[K1]), SystemTime::now());
         let pin = Pin::session("counter-1", "10.0.0.7:8012".parse().unwrap());
         let value = k.sign("ns/svc", &pin, now, now + Duration::from_secs(60)).unwrap();
-        assert!(value.starts_with("2|") && !value.contains(';') && !value.contains(' '), "{value}");
+        assert!(value.starts_with("3.") && !value.contains(';') && !value.contains(' '), "{value}");
         let verified = k.verify("ns/svc", &value, now).unwrap();
         assert_eq!(verified.pin, pin);
         let secs = |at: SystemTime| at.duration_since(UNIX_EPOCH).unwrap().as_secs();
         assert_eq!(verified.written.map(secs), Some(secs(now)), "when the pin was made travels along");
         assert_eq!(k.verify("ns/other", &value, now), None, "another service's cookie");
         assert_eq!(k.verify("ns/svc", &value, now + Duration::from_secs(61)), None, "expired");
-        let tampered = value.replace("10.0.0.7", "10.0.0.8");
-        assert_eq!(k.verify("ns/svc", &tampered, now), None, "changed");
-        for garbage in ["", "|", "1|x|r|p|zz", "no-separator", "1|1|r|10.0.0.7:1|0123"] {
+        let mut tampered = value.clone().into_bytes();
+        let last = tampered.len() - 3;
+        tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
+        assert_eq!(k.verify("ns/svc", std::str::from_utf8(&tampered).unwrap(), now), None, "changed");
+        for garbage in ["", "|", "3.", "3.!!", "3.AAAA", "1|x|r|p|zz", "no-separator", "1|1|r|10.0.0.7:1|0123"] {
             assert_eq!(k.verify("ns/svc", garbage, now), None, "{garbage:?}");
         }
     }
 
+    /// Issue 25, item 3: the cookie reveals nothing of the cluster (no revision, no pod address).
     #[test]
-    fn a_cookie_of_the_first_version_still_verifies() {
-        let k = keys(&[K1]);
-        let expires = (SystemTime::now() + Duration::from_secs(60)).duration_since(UNIX_EPOCH).unwrap().as_secs();
-        let body = format!("1|{expires}|r|10.0.0.7:8012");
-        let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, K1.as_bytes()), signed("s", &body).as_bytes());
-        let verified = k.verify("s", &format!("{body}|{}", hex(tag.as_ref())), SystemTime::now()).unwrap();
-        assert_eq!((verified.pin, verified.written), (Pin::session("r", "10.0.0.7:8012".parse().unwrap()), None));
+    fn a_pin_cookie_reveals_nothing_of_the_cluster() {
+        let (k, now) = (keys(&[K1]), SystemTime::now());
+        let pin = Pin::session("counter-00001", "10.0.0.7:8012".parse().unwrap());
+        let one = k.sign("ns/svc", &pin, now, now + Duration::from_secs(60)).unwrap();
+        let two = k.sign("ns/svc", &pin, now, now + Duration::from_secs(60)).unwrap();
+        for value in [&one, &two] {
+            for clear in ["10.0.0.7", "8012", "counter", "|"] {
+                assert!(!value.contains(clear), "{value} shows {clear}");
+            }
+        }
+        assert_ne!(one, two, "a fresh nonce each time: equal pins make unequal cookies");
     }
 
     #[test]
-    fn rotation_signs_with_the_first_key_and_verifies_with_every_one() {
+    fn cookies_of_the_signed_formats_still_verify() {
+        let k = keys(&[K1]);
+        let expires = (SystemTime::now() + Duration::from_secs(60)).duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let key = hmac::Key::new(hmac::HMAC_SHA256, K1.as_bytes());
+        for (body, written) in
+            [(format!("1|{expires}|r|10.0.0.7:8012"), false), (format!("2|{expires}|{expires}|r|10.0.0.7:8012"), true)]
+        {
+            let tag = hmac::sign(&key, format!("s|{body}").as_bytes());
+            let verified = k.verify("s", &format!("{body}|{}", hex(tag.as_ref())), SystemTime::now()).unwrap();
+            assert_eq!(verified.pin, Pin::session("r", "10.0.0.7:8012".parse().unwrap()));
+            assert_eq!(verified.written.is_some(), written);
+        }
+    }
+
+    #[test]
+    fn rotation_seals_with_the_first_key_and_opens_with_every_one() {
         let now = SystemTime::now();
         let pin = Pin::session("r", "10.0.0.7:8012".parse().unwrap());
         let old = keys(&[K1]).sign("s", &pin, now, now + Duration::from_secs(60)).unwrap();
         let rotating = keys(&[K2, K1]);
-        assert!(rotating.verify("s", &old, now).is_some(), "the old key still verifies");
+        assert!(rotating.verify("s", &old, now).is_some(), "the old key still opens");
         let new = rotating.sign("s", &pin, now, now + Duration::from_secs(60)).unwrap();
-        assert!(keys(&[K2]).verify("s", &new, now).is_some(), "signed with the new key");
+        assert!(keys(&[K2]).verify("s", &new, now).is_some(), "sealed with the new key");
         assert!(keys(&[K2]).verify("s", &old, now).is_none(), "the old key retired");
-        let refused = CookieKeys { path: None, keys: ArcSwap::default(), applied: Default::default() };
-        assert!(refused.apply("short").is_err() && refused.apply("\n\n").is_err());
     }
 }

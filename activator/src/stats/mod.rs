@@ -237,7 +237,7 @@ impl Stats {
             Opts::new(
                 "activator_session_ends_total",
                 "Watched sessions whose pin ended here (reason idle or moved), by what this replica did: \
-                 sent or failed the pod's end call, or left it to another replica (elsewhere)",
+                 sent or failed the pod's end call, left it to another replica (elsewhere), or found the pod gone",
             ),
             &["reason", "result"],
         )

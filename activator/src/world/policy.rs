@@ -39,6 +39,8 @@ pub struct Annotated {
     cookie_secure: Option<bool>,
     /// `sticky-session-mode: signed-cookie`: session pins travel in a signed cookie, not a store.
     signed_cookie: Option<bool>,
+    /// `sticky-session-pin-cookie-name`: the cookie signed pins travel in.
+    pin_cookie: Option<String>,
     /// `sticky-split-mode: requests`: new pins steer the request share to the percents.
     split_by_requests: Option<bool>,
     /// `sticky-session-end-path`: the pod's path told when a session ends.
@@ -58,7 +60,7 @@ pub struct SessionEnd {
     pub header: HeaderName,
 }
 
-/// The cookie a signed pin travels in when `sticky-session-cookie-name` names none.
+/// The cookie a signed pin travels in when `sticky-session-pin-cookie-name` names none.
 pub const DEFAULT_PIN_COOKIE: &str = "activator-pin";
 
 impl Annotated {
@@ -89,6 +91,13 @@ impl Annotated {
                     Ok(IdSource::Cookie(value.to_owned()))
                 }
                 (Some(PinKind::Session), "cookie-name") => Err("not a valid cookie name"),
+                (Some(PinKind::Session), "pin-cookie-name") => {
+                    match is_cookie_name(value) {
+                        true => out.pin_cookie = Some(value.to_owned()),
+                        false => rejected(key, format!("{value:?}: not a valid cookie name")),
+                    }
+                    continue;
+                }
                 (None, "sticky-ttl" | "sticky-max-age") => {
                     let Some(mut d) = humantime::parse_duration(value).ok().filter(|d| !d.is_zero()) else {
                         rejected(key, format!("{value:?} is not a positive duration such as 600s"));
@@ -167,6 +176,7 @@ impl Annotated {
         self.max_age = self.max_age.or(base.max_age);
         self.cookie_secure = self.cookie_secure.or(base.cookie_secure);
         self.signed_cookie = self.signed_cookie.or(base.signed_cookie);
+        self.pin_cookie = self.pin_cookie.or_else(|| base.pin_cookie.clone());
         self.split_by_requests = self.split_by_requests.or(base.split_by_requests);
         self.end_path = self.end_path.or_else(|| base.end_path.clone());
         self.chat_prefix = self.chat_prefix.or(base.chat_prefix);
@@ -206,26 +216,33 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The policy of a service whose traffic lists revisions `annotated` so. Signed pin cookies
+    /// are the service's only when every one of them asks for them: a revision in the store mode
+    /// (the default) keeps the service's sessions in the store, so one revision, a 0 % canary
+    /// included, never changes where the others' sessions live.
     pub fn new<'a>(namespace: &str, service: &str, annotated: impl IntoIterator<Item = &'a Annotated>) -> Self {
         let mut session = Vec::new();
         let mut flow = Vec::new();
-        let (mut secure, mut signed, mut split_by_requests, mut chat_prefix) = (false, false, false, false);
-        let mut end_path = None;
+        let (mut secure, mut split_by_requests, mut chat_prefix) = (false, false, false);
+        let (mut signed, mut any) = (true, false);
+        let (mut end_path, mut pin_cookie) = (None, None);
         for a in annotated {
+            any = true;
             chat_prefix |= a.chat_prefix.unwrap_or(false);
             split_by_requests |= a.split_by_requests.unwrap_or(false);
             end_path = end_path.or_else(|| a.end_path.clone());
+            pin_cookie = pin_cookie.or_else(|| a.pin_cookie.clone());
             extend_unique(&mut session, &a.session);
             extend_unique(&mut flow, &a.flow);
             secure |= a.cookie_secure.unwrap_or(false);
-            signed |= a.signed_cookie.unwrap_or(false);
+            signed &= a.signed_cookie.unwrap_or(false);
         }
         let cookie = session.iter().find_map(|s| match s {
             IdSource::Cookie(name) => Some((name.clone(), secure)),
             _ => None,
         });
         let signed_cookie =
-            signed.then(|| (cookie.as_ref().map_or(DEFAULT_PIN_COOKIE, |(name, _)| name.as_str()).to_owned(), secure));
+            (signed && any).then(|| (pin_cookie.unwrap_or_else(|| DEFAULT_PIN_COOKIE.to_owned()), secure));
         extend_unique(&mut session, &[IdSource::Header(DEFAULT_SESSION)]);
         extend_unique(&mut flow, &[IdSource::Header(DEFAULT_FLOW)]);
         // The pod hears the id in the header its clients send it in, else in the default one.
@@ -366,16 +383,26 @@ pub(crate) mod tests {
         }
     }
 
+    /// Issue 25, item 3: the pin cookie has a name of its own (an application's session cookie is
+    /// never overwritten), and one revision does not turn the mode on for a whole service.
     #[test]
-    fn signed_cookie_mode_names_its_cookie() {
+    fn signed_cookie_mode_names_its_own_cookie_and_needs_every_revision() {
         let (signed, errors) = annotated(&[("sticky-session-mode", "signed-cookie")]);
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(Policy::new("ns", "svc", [&signed]).signed_cookie(), Some((DEFAULT_PIN_COOKIE, false)));
-        let (named, _) = annotated(&[("sticky-session-cookie-name", "pin"), ("sticky-session-cookie-secure", "true")]);
-        assert_eq!(Policy::new("ns", "svc", [&signed.clone().over(&named)]).signed_cookie(), Some(("pin", true)));
+        let (app, _) = annotated(&[("sticky-session-cookie-name", "app"), ("sticky-session-cookie-secure", "true")]);
+        assert_eq!(
+            Policy::new("ns", "svc", [&signed.clone().over(&app)]).signed_cookie(),
+            Some((DEFAULT_PIN_COOKIE, true)),
+            "the application's session cookie is an id, never the pin cookie"
+        );
+        let (named, _) = annotated(&[("sticky-session-pin-cookie-name", "pin")]);
+        assert_eq!(Policy::new("ns", "svc", [&signed.clone().over(&named)]).signed_cookie(), Some(("pin", false)));
         let (store, _) = annotated(&[("sticky-session-mode", "store")]);
         assert_eq!(Policy::new("ns", "svc", [&store.over(&signed)]).signed_cookie(), None, "the revision's mode wins");
-        assert_eq!(Policy::new("ns", "svc", [&named]).signed_cookie(), None, "the store is the default");
+        assert_eq!(Policy::new("ns", "svc", [&app]).signed_cookie(), None, "the store is the default");
+        let (plain, _) = annotated(&[]);
+        assert_eq!(Policy::new("ns", "svc", [&plain, &signed]).signed_cookie(), None, "a canary alone changes nothing");
     }
 
     #[test]

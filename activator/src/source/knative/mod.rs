@@ -568,18 +568,23 @@ impl KnativeSource {
         if !self.feeds.iter().all(|f| f.synced) {
             return;
         }
-        if !self.published {
+        let first = !self.published;
+        if first {
             self.published = true;
             self.dirty.world = true;
-            self.health.set_synced();
-            tracing::info!(
-                revisions = self.reflection.revisions.len(),
-                "the view of Knative's objects is complete; ready"
-            );
         }
         let dirty = std::mem::take(&mut self.dirty);
         if dirty.world {
             self.publisher.apply(&valid(self.reflection.world(), &self.publisher));
+            // Ready once the first world is published, not before: a request the kubelet's
+            // probe lets in finds its revision.
+            if first {
+                self.health.set_synced();
+                tracing::info!(
+                    revisions = self.reflection.revisions.len(),
+                    "the view of Knative's objects is complete; ready"
+                );
+            }
         } else {
             for key in &dirty.revisions {
                 if let Some(rev) = self.reflection.revisions.get(key) {
