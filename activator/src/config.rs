@@ -286,6 +286,12 @@ pub struct Config {
     #[arg(long, env = "ACTIVATOR_PIN_COOKIE_KEYS")]
     pub pin_cookie_keys: Option<PathBuf>,
 
+    /// Keys that sign the calls telling a pod a session ended (`sticky-session-end-path`), so the
+    /// pod can check they came from the activator: a file of one key (32 bytes or more) per line,
+    /// the first signing; re-read within a second of changing. Without it the calls go unsigned.
+    #[arg(long, env = "ACTIVATOR_SESSION_END_KEYS")]
+    pub session_end_keys: Option<PathBuf>,
+
     /// One JSON line per request on stdout (no raw ids: hashed key prefixes at most). In Knative
     /// mode `config-observability`'s `logging.enable-request-log` overrides it live.
     #[arg(long, env = "ACTIVATOR_REQUEST_LOG")]

@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use crate::affinity::{Keys, Origin, Pinning, Route, chat, extract};
+use crate::affinity::{Keys, Origin, Pinning, Route, chat, extract, names_its_conversation};
 use crate::autoscaler::{InFlight, Reporter};
 use crate::body::{RequestBody, ResponseBody};
 use crate::headers::{DECISION, KNATIVE_NAMESPACE, KNATIVE_REVISION, KNATIVE_TAG};
@@ -114,9 +114,12 @@ impl Handler {
                 return self.unrouted(respond::revision_not_found(&name), protocol, started, span, log);
             }
         };
+        if service.affinity.session_end().is_some_and(|end| end.is_addressed_by(req.uri().path())) {
+            return self.unrouted(respond::forged_session_end(), protocol, started, span, log);
+        }
         // A chat request's conversation is its session: its body's beginning is read to name it,
         // and goes to the pod first, the rest streaming after it.
-        let conversation = if service.affinity.chat_prefix() && req.method() == http::Method::POST {
+        let conversation = if names_its_conversation(&service.affinity, &req) {
             let prefix = Box::pin(req.body_mut().read_prefix(chat::PREFIX_LIMIT, CHAT_PREFIX_WAIT)).await;
             chat::conversation_id(&prefix)
         } else {

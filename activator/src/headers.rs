@@ -27,5 +27,12 @@ pub const PASSTHROUGH_LB: HeaderName = HeaderName::from_static("k-passthrough-lb
 pub const DEFAULT_SESSION: HeaderName = HeaderName::from_static("k-session");
 pub const DEFAULT_FLOW: HeaderName = HeaderName::from_static("k-revision");
 
+/// The activator's call telling a pod a session ended (`session_end`): why (`idle` or `moved`),
+/// when (Unix seconds), and its signature under `--session-end-keys`. A client never sends them:
+/// they are taken off every request.
+pub const SESSION_END: HeaderName = HeaderName::from_static("k-session-end");
+pub const SESSION_END_TIME: HeaderName = HeaderName::from_static("k-session-end-time");
+pub const SESSION_END_SIGNATURE: HeaderName = HeaderName::from_static("k-session-end-signature");
+
 /// With `--debug-headers`: why the request went where it went.
 pub const DECISION: HeaderName = HeaderName::from_static("x-activator-decision");

@@ -9,6 +9,7 @@ use activator::autoscaler::{Reporter, ReporterConfig, ReporterMetrics};
 use activator::config::{Cli, Command, Config, LogFormat, Mode, PinStore};
 use activator::handler::Handler;
 use activator::health::Health;
+use activator::keys::KeyFile;
 use activator::pins::{CookieKeys, Pins, SharedConfig};
 use activator::readiness::{ProbeTiming, Prober};
 use activator::server::{Limits, Listener, TlsServing};
@@ -203,7 +204,8 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogL
     });
     tokio::spawn(maintain_pins(handler.clone()));
     let ending = handler.clone();
-    tokio::spawn(async move { session_end::run(&ending.pins, &ending.stats, &ending.world).await });
+    let end_keys = KeyFile::from_file("--session-end-keys", config.session_end_keys.clone())?;
+    tokio::spawn(async move { session_end::run(&ending.pins, &ending.stats, &ending.world, end_keys).await });
     if config.pin_store == PinStore::Redis {
         let exchanging = handler.clone();
         let interval = config.pin_refresh_interval;

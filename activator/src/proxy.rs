@@ -16,7 +16,8 @@ use tokio_util::task::TaskTracker;
 use crate::autoscaler::InFlight;
 use crate::body::{Held, RequestBody, ResponseBody};
 use crate::headers::{
-    KNATIVE_NAMESPACE, KNATIVE_REVISION, ORIGINAL_HOST, PASSTHROUGH_LB, PROXY_REQUEST, X_FORWARDED_FOR,
+    KNATIVE_NAMESPACE, KNATIVE_REVISION, ORIGINAL_HOST, PASSTHROUGH_LB, PROXY_REQUEST, SESSION_END,
+    SESSION_END_SIGNATURE, SESSION_END_TIME, X_FORWARDED_FOR,
 };
 use crate::pool::SendError;
 use crate::throttle::Lease;
@@ -241,6 +242,10 @@ fn prepare_request<B>(
     // The ingress named the revision with these; the pod must not see them (as upstream).
     headers.remove(KNATIVE_REVISION);
     headers.remove(KNATIVE_NAMESPACE);
+    // Only the activator tells a pod that a session ended; a client's word would end another's.
+    for forged in [SESSION_END, SESSION_END_TIME, SESSION_END_SIGNATURE] {
+        headers.remove(forged);
+    }
     headers.insert(PROXY_REQUEST, HeaderValue::from_static("activator"));
 
     // The authority the client addressed: the URI's (HTTP/2, or an absolute-form HTTP/1.1
@@ -360,12 +365,23 @@ mod tests {
             ("upgrade", "websocket"),
             ("x-kept", "yes"),
             ("knative-serving-revision", "r"),
+            ("k-session-end", "idle"),
+            ("k-session-end-time", "1"),
+            ("k-session-end-signature", "v1=00"),
         ]);
         prepare(&mut req, None, &HostRewrite::Keep);
         let h = req.headers();
-        for gone in
-            ["connection", "x-secret", "keep-alive", "proxy-authorization", "upgrade", "knative-serving-revision"]
-        {
+        for gone in [
+            "connection",
+            "x-secret",
+            "keep-alive",
+            "proxy-authorization",
+            "upgrade",
+            "knative-serving-revision",
+            "k-session-end",
+            "k-session-end-time",
+            "k-session-end-signature",
+        ] {
             assert!(!h.contains_key(gone), "{gone} should be removed");
         }
         assert_eq!(h["te"], "trailers");

@@ -66,6 +66,12 @@ pub fn bad_gateway(error: &dyn std::error::Error) -> Response<ResponseBody> {
     reply(StatusCode::BAD_GATEWAY, &error.to_string())
 }
 
+/// A client addressed its service's session-end path (`sticky-session-end-path`): only the
+/// activator tells a pod that a session ended, or any client could end another's session.
+pub fn forged_session_end() -> Response<ResponseBody> {
+    reply(StatusCode::FORBIDDEN, "the session-end path is the activator's to call")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,21 +8,26 @@
 //! service's session header and `idle` or `moved` in `K-Session-End`, if that pod is still one
 //! of its revision's: an address that left may be another pod's by now. Best effort and off the
 //! request path: at most `CONCURRENT_CALLS` at once, each within `CALL_TIMEOUT`, never retried.
+//!
+//! With `--session-end-keys` each call is signed (`signature`), so a pod can tell the activator's
+//! word from a client's: clients cannot reach the end path through the activator, but with
+//! Knative's burst capacity they reach queue-proxy directly once the activator leaves the path.
 //! Must not route requests nor change pins.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use prometheus::IntCounter;
+use ring::hmac;
 use tokio::sync::Semaphore;
 
+use crate::headers::{SESSION_END, SESSION_END_SIGNATURE, SESSION_END_TIME};
+use crate::keys::KeyFile;
 use crate::pins::{Ended, Pins};
 use crate::stats::Stats;
 use crate::world::Snapshot;
 
-/// The header naming why a session ended: `idle` or `moved`.
-pub const REASON: &str = "k-session-end";
 /// How often ended pins are collected.
 const INTERVAL: Duration = Duration::from_secs(1);
 const CONCURRENT_CALLS: usize = 16;
@@ -56,8 +61,13 @@ impl Counters {
 }
 
 /// Collects ended sessions from `pins` and makes the calls, forever, to pods `world` still lists
-/// for their revision.
-pub async fn run(pins: &Pins, stats: &Stats, world: &ArcSwap<Snapshot>) {
+/// for their revision, signed with the first of `keys` when there are any.
+pub async fn run(pins: &Pins, stats: &Stats, world: &ArcSwap<Snapshot>, keys: KeyFile) {
+    if !keys.enabled() {
+        tracing::info!(
+            "session ends are sent unsigned: a pod cannot tell them from a client's without --session-end-keys"
+        );
+    }
     let counters = Arc::new(Counters::new(stats));
     let client =
         reqwest::Client::builder().no_proxy().timeout(CALL_TIMEOUT).build().expect("a plain HTTP client builds");
@@ -66,6 +76,7 @@ pub async fn run(pins: &Pins, stats: &Stats, world: &ArcSwap<Snapshot>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        keys.reload();
         for ended in pins.take_ended() {
             if !still_listed(&world.load(), &ended) {
                 tracing::debug!(session = %ended.key.short_hash(), "the session's pod left; nobody to tell of its end");
@@ -78,8 +89,9 @@ pub async fn run(pins: &Pins, stats: &Stats, world: &ArcSwap<Snapshot>) {
             }
             let Ok(slot) = slots.clone().acquire_owned().await else { return };
             let (client, counters) = (client.clone(), counters.clone());
+            let key = keys.keys().first().map(|key| hmac::Key::new(hmac::HMAC_SHA256, key));
             tokio::spawn(async move {
-                let outcome = if call(&client, &ended).await { Outcome::Sent } else { Outcome::Failed };
+                let outcome = if call(&client, &ended, key.as_ref()).await { Outcome::Sent } else { Outcome::Failed };
                 counters.count(&ended, outcome);
                 drop(slot);
             });
@@ -94,13 +106,19 @@ fn still_listed(world: &Snapshot, ended: &Ended) -> bool {
     world.revision(namespace, &ended.pin.revision).is_some_and(|(_, revision)| revision.throttler.lists(pod))
 }
 
-/// One `POST` to the pod `ended` was pinned to; whether the pod answered with a success.
-async fn call(client: &reqwest::Client, ended: &Ended) -> bool {
+/// One `POST` to the pod `ended` was pinned to, signed with `key` if given; whether the pod
+/// answered with a success.
+async fn call(client: &reqwest::Client, ended: &Ended, key: Option<&hmac::Key>) -> bool {
     let Some(pod) = ended.pin.pod else { return false };
     let watch = &ended.watch;
     let url = format!("http://{pod}{}", watch.call.path);
     let reason = if ended.moved { "moved" } else { "idle" };
-    let sent = client.post(&url).header(&watch.call.header, watch.id.clone()).header(REASON, reason).send().await;
+    let mut req = client.post(&url).header(&watch.call.header, watch.id.clone()).header(SESSION_END, reason);
+    if let Some(key) = key {
+        let time = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        req = req.header(SESSION_END_TIME, time).header(SESSION_END_SIGNATURE, signature(key, time, reason, &watch.id));
+    }
+    let sent = req.send().await;
     match sent {
         Ok(resp) if resp.status().is_success() => true,
         Ok(resp) => {
@@ -111,5 +129,33 @@ async fn call(client: &reqwest::Client, ended: &Ended) -> bool {
             tracing::debug!(%pod, %error, session = %ended.key.short_hash(), "a session end did not reach its pod");
             false
         }
+    }
+}
+
+/// `v1=` and the hex HMAC-SHA256 under `key` of `<time>\n<reason>\n<session id>`: what a pod
+/// recomputes with its copy of the key to know the activator sent the end, and when.
+fn signature(key: &hmac::Key, time: u64, reason: &str, id: &http::HeaderValue) -> String {
+    let mut mac = hmac::Context::with_key(key);
+    for part in [time.to_string().as_bytes(), b"\n", reason.as_bytes(), b"\n", id.as_bytes()] {
+        mac.update(part);
+    }
+    format!("v1={}", hex::encode(mac.sign()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented construction, as Python's `hmac` computes it
+    /// (`hmac.new(key, b"1700000000\nidle\nalice", hashlib.sha256).hexdigest()`): a service in
+    /// any language that follows the README gets the same value.
+    #[test]
+    fn the_signature_is_the_documented_hmac() {
+        let key = b"a-session-end-key-of-32-bytes-or-more";
+        let id = http::HeaderValue::from_static("alice");
+        let signed = signature(&hmac::Key::new(hmac::HMAC_SHA256, key), 1_700_000_000, "idle", &id);
+        assert_eq!(signed, "v1=4bac2eeb341a5eae63c8779118b006757fc6e5ad0b0f0ebf3472617f27477a50");
+        let other_reason = signature(&hmac::Key::new(hmac::HMAC_SHA256, key), 1_700_000_000, "moved", &id);
+        assert_ne!(signed, other_reason);
     }
 }

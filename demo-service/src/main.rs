@@ -8,6 +8,7 @@
 
 mod grpc;
 mod serve;
+mod session_end;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -63,6 +64,10 @@ struct Args {
     /// default hyper's.
     #[arg(long, env = "DEMO_H2_MAX_STREAMS")]
     h2_max_streams: Option<u32>,
+    /// The activator's `--session-end-keys`: session ends not signed with one of them are
+    /// refused with 401, as a service that checks them would.
+    #[arg(long, env = "DEMO_SESSION_END_KEYS")]
+    session_end_keys: Option<std::path::PathBuf>,
 }
 
 struct Demo {
@@ -72,6 +77,8 @@ struct Demo {
     counts: Mutex<HashMap<String, u64>>,
     /// `<session> <reason>` for each session the activator said ended, in order.
     ended: Mutex<Vec<String>>,
+    /// Checks that a session end came from the activator, with `--session-end-keys`.
+    end_verifier: Option<session_end::Verifier>,
 }
 
 type Shared = Arc<Demo>;
@@ -90,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
         ready: AtomicBool::new(args.startup_delay.is_zero()),
         counts: Mutex::new(HashMap::new()),
         ended: Mutex::new(Vec::new()),
+        end_verifier: args.session_end_keys.as_deref().map(session_end::Verifier::from_file).transpose()?,
     });
     if !args.startup_delay.is_zero() {
         let demo = demo.clone();
@@ -208,15 +216,22 @@ fn bump(demo: &Demo, id: &str) -> u64 {
 }
 
 /// The activator's call when a session pinned here ended (`sticky-session-end-path`): the
-/// session's count is dropped, as a stateful service frees what it keeps for a session.
-async fn session_end(State(demo): State<Shared>, headers: axum::http::HeaderMap) -> StatusCode {
+/// session's count is dropped, as a stateful service frees what it keeps for a session. With
+/// `--session-end-keys` an end the activator did not sign is refused and changes nothing.
+async fn session_end(State(demo): State<Shared>, headers: axum::http::HeaderMap) -> (StatusCode, String) {
     let field = |name: &str| headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let (Some(session), reason) = (field("k-session"), field("k-session-end")) else {
-        return StatusCode::BAD_REQUEST;
+    let (Some(session), reason) = (field("k-session"), field("k-session-end").unwrap_or_default()) else {
+        return (StatusCode::BAD_REQUEST, "no k-session\n".into());
     };
+    if let Some(verifier) = &demo.end_verifier
+        && let Err(why) = verifier.check(&headers, &session, &reason)
+    {
+        tracing::warn!(%session, why, "a session end refused");
+        return (StatusCode::UNAUTHORIZED, format!("not the activator's session end: {why}\n"));
+    }
     demo.counts.lock().unwrap().remove(&session);
-    demo.ended.lock().unwrap().push(format!("{session} {}", reason.unwrap_or_default()));
-    StatusCode::NO_CONTENT
+    demo.ended.lock().unwrap().push(format!("{session} {reason}"));
+    (StatusCode::NO_CONTENT, String::new())
 }
 
 /// An OpenAI-compatible chat completion that reads the request as it streams in, holding none

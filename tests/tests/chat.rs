@@ -109,3 +109,66 @@ async fn a_ten_mib_turn_streams_through_to_the_conversations_pod() {
     let grew = (peak_after - peak_before) / 1024;
     assert!(grew < 4, "the activator's peak memory grew by {grew} MiB for a 10 MiB body");
 }
+
+/// Review item 4: only a chat request without a session id waits for its body's beginning. A
+/// `POST` elsewhere streams from its first byte (here the pod echoes the first chunk while the
+/// client still holds the rest back) and is routed as any request without a session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_prefix_holds_back_only_chat_requests_without_an_id() {
+    let env = Env::new();
+    let (_pods, activator) = setup(&env).await;
+    let client = Client::new(activator.addr("proxy"));
+    let body = conversation(0, 1).remove(0);
+    // The first chunk names the conversation: were the body read, it would be pinned.
+    let (head, rest) = body.split_at(body.find(r#"?"}"#).expect("the first user message") + 3);
+    let (send, chunks) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    send.send(Ok(Bytes::copy_from_slice(head.as_bytes()))).await.unwrap();
+    let stream = futures_util::stream::unfold(chunks, |mut chunks| async { chunks.recv().await.map(|c| (c, chunks)) });
+    let req = client.request(reqwest::Method::POST, HOST, "/echo").body(reqwest::Body::wrap_stream(stream));
+    let mut resp = req.send().await.expect("the echo starts before its body ends");
+    assert_eq!(resp.headers()["x-activator-decision"], "split", "not the chat path: no conversation read");
+    let echoed = resp.chunk().await.unwrap().expect("the first chunk comes back");
+    assert!(head.as_bytes().starts_with(&echoed), "{echoed:?}");
+    send.send(Ok(Bytes::copy_from_slice(rest.as_bytes()))).await.unwrap();
+    drop(send);
+    let mut whole = echoed.to_vec();
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        whole.extend_from_slice(&chunk);
+    }
+    assert_eq!(whole, body.as_bytes());
+
+    // On the chat path, an id of its own is the session; the conversation is not read for it.
+    let req = client
+        .request(reqwest::Method::POST, HOST, PATH)
+        .header("k-session", "own-id")
+        .header("content-type", "application/json");
+    let with_id = client.send(req.body(body.clone())).await;
+    assert_eq!(with_id.header("x-activator-decision"), "new-pin");
+    let without = post(&client, body).await;
+    assert_eq!(without.header("x-activator-decision"), "new-pin", "the conversation was not pinned by the id's turn");
+}
+
+/// Review item 5: a client that sends `messages` before `model` keeps its conversation's pod when
+/// a turn passes the 64 KiB the activator reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_keeps_its_pod_past_64_kib_whatever_its_field_order() {
+    let env = Env::new();
+    let (_pods, activator) = setup(&env).await;
+    let client = Client::new(activator.addr("proxy"));
+    let messages_first =
+        |messages: serde_json::Value| format!(r#"{{"messages": {messages}, "model": "demo-llm", "stream": false}}"#);
+    let mut messages = vec![
+        serde_json::json!({"role": "system", "content": "You are a helpful assistant."}),
+        serde_json::json!({"role": "user", "content": "Summarise the attached report."}),
+    ];
+    let first = post(&client, messages_first(serde_json::json!(messages))).await;
+    assert_eq!(first.header("x-activator-decision"), "new-pin");
+    for turn in 0..3 {
+        messages.push(serde_json::json!({"role": "assistant", "content": "r".repeat(30 * 1024)}));
+        messages.push(serde_json::json!({"role": "user", "content": format!("And part {turn}?")}));
+        let body = messages_first(serde_json::json!(messages));
+        let reply = post(&client, body.clone()).await;
+        assert_eq!(reply.header("x-activator-decision"), "session-pin", "turn {turn} of {} bytes", body.len());
+        assert_eq!(reply.pod(), first.pod(), "turn {turn} of {} bytes", body.len());
+    }
+}

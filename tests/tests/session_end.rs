@@ -162,3 +162,60 @@ async fn an_idle_session_end_goes_only_to_a_pod_still_listed() {
     let (status, heard) = admin_get(left.addr("http"), "/session/ends").await;
     assert_eq!((status, heard.as_str()), (200, ""), "the pod that left heard nothing");
 }
+
+/// Issue 25, item 2: no client can end another's session. Through the activator the end path
+/// is refused however it is spelled, and the headers of an end never reach a pod from a client.
+/// Straight to the pod (as clients reach queue-proxy once Knative's burst capacity takes the
+/// activator off the path), an unsigned end is refused by a pod that checks signatures, while
+/// the activator's own signed end is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_forge_another_clients_session_end() {
+    let env = Env::new();
+    let keys = env.dir.path().join("session-end.keys");
+    std::fs::write(&keys, "a-session-end-key-of-at-least-32-bytes\n").unwrap();
+    let keys = keys.display().to_string();
+    let pod = env.demo_with("counter-1-pod-0", "counter-1", &["--session-end-keys", &keys]).await;
+    env.write_topology(&service(&[pod.addr("http")]));
+    let activator = env.activator(&["--session-end-keys", &keys]).await;
+    let client = Client::new(activator.addr("proxy"));
+    let victim = [("K-Session", "victim")];
+    for _ in 0..3 {
+        assert_eq!(client.get_with("counter.test", "/incr", &victim).await.status, 200);
+    }
+
+    let forged = [("K-Session", "victim"), ("K-Session-End", "idle")];
+    for path in ["/session/end", "//session/end", "/session/./end", "/session%2Fend", "/session/end?x=1"] {
+        let req = client.request(reqwest::Method::POST, "counter.test", path);
+        let reply = client.send(forged.iter().fold(req, |req, (k, v)| req.header(*k, *v))).await;
+        assert_eq!(reply.status, 403, "{path}: {reply:?}");
+    }
+    let sneaked = [("K-Session-End", "idle"), ("K-Session-End-Time", "1"), ("K-Session-End-Signature", "v1=00")];
+    let seen = client.get_with("counter.test", "/headers", &sneaked).await;
+    assert_eq!(seen.status, 200);
+    assert!(
+        !seen.body.to_ascii_lowercase().contains("k-session-end"),
+        "a client's end headers reached the pod: {}",
+        seen.body
+    );
+
+    let direct = reqwest::Client::new();
+    let unsigned = direct
+        .post(format!("http://{}/session/end", pod.addr("http")))
+        .header("K-Session", "victim")
+        .header("K-Session-End", "idle")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), 401, "the pod refuses an end the activator did not sign");
+
+    let next = client.get_with("counter.test", "/incr", &victim).await;
+    assert!(next.body.contains("count=4"), "the victim's session lived on: {}", next.body);
+    let (_, heard) = admin_get(pod.addr("http"), "/session/ends").await;
+    assert_eq!(heard, "", "no forged end was heard");
+
+    // The activator's own end, signed, is heard once the session goes idle (`sticky-ttl: 3s`).
+    wait_until(Duration::from_secs(30), "the pod heard the activator's signed end", || async {
+        admin_get(pod.addr("http"), "/session/ends").await.1 == "victim idle\n"
+    })
+    .await;
+}

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use http::Request;
 use http::header::{self, HeaderValue};
+use http::{Method, Request};
 
 use crate::pins::{PinKey, PinKind};
 use crate::world::policy::{IdSource, Policy};
@@ -52,6 +52,14 @@ pub fn extract<B>(policy: &Policy, req: &Request<B>, conversation: Option<&str>)
         keys.new_cookie = Some(NewCookie { name: name.to_owned(), id, secure });
     }
     Ok(keys)
+}
+
+/// Whether `req`'s conversation would name its session (`sticky-session-chat-prefix`): a `POST`
+/// to the service's chat path that carries no session id of its own. Only such a request's body
+/// is held back to be read; any other streams from its first byte.
+pub fn names_its_conversation<B>(policy: &Policy, req: &Request<B>) -> bool {
+    policy.chat_path().is_some_and(|path| req.method() == Method::POST && req.uri().path() == path)
+        && matches!(first_id(policy.session_sources(), req, PinKind::Session), Ok(None))
 }
 
 /// The ids of one request, already hashed into pin keys.
@@ -156,12 +164,13 @@ fn cookie<'r, B>(req: &'r Request<B>, name: &str) -> Option<&'r str> {
 fn new_session_id() -> String {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).expect("the OS random source is available");
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use std::sync::Arc;
 
     use crate::world::policy::tests::annotated;
@@ -186,6 +195,24 @@ mod tests {
 
     fn flow_key(id: &str) -> Option<PinKey> {
         Some(PinKey::new(&Arc::from("ns/svc"), PinKind::Flow, id.as_bytes()))
+    }
+
+    #[test]
+    fn only_a_chat_post_without_a_session_id_is_read_for_its_conversation() {
+        let chat = policy(&[("sticky-session-chat-prefix", "true")]);
+        let post = |uri: &str, headers: &[(&str, &str)]| {
+            let mut r = req(uri, headers);
+            *r.method_mut() = Method::POST;
+            r
+        };
+        assert!(names_its_conversation(&chat, &post("/v1/chat/completions", &[])));
+        assert!(!names_its_conversation(&chat, &post("/v1/chat/completions", &[("k-session", "s")])), "has an id");
+        assert!(!names_its_conversation(&chat, &post("/echo", &[])), "not the chat path");
+        assert!(!names_its_conversation(&chat, &req("/v1/chat/completions", &[])), "not a POST");
+        assert!(!names_its_conversation(&policy(&[]), &post("/v1/chat/completions", &[])), "not asked for");
+        let elsewhere = policy(&[("sticky-session-chat-prefix", "true"), ("sticky-session-chat-path", "/api/chat")]);
+        assert!(names_its_conversation(&elsewhere, &post("/api/chat?x=1", &[])));
+        assert!(!names_its_conversation(&elsewhere, &post("/v1/chat/completions", &[])));
     }
 
     #[test]
@@ -257,5 +284,39 @@ mod tests {
         let err = extract(&policy(&[]), &req("/", &[("k-revision", &long)]), None).unwrap_err();
         assert_eq!(err.to_string(), "flow id is longer than 1024 bytes");
         assert!(extract(&policy(&[]), &req("/", &[("k-session", &long[1..])]), None).is_ok());
+    }
+
+    proptest! {
+        /// Whatever a client puts in its headers, query, path and cookies gives keys or a clear
+        /// error, under a policy reading every kind of source.
+        #[test]
+        fn any_request_gives_keys_or_a_clear_error(
+            header in proptest::collection::vec(any::<u8>(), 0..1200),
+            query in "\\PC{0,80}",
+            path in "(/[^/?#]{0,12}){0,6}",
+            cookie in "\\PC{0,80}",
+        ) {
+            let policy = policy(&[
+                ("sticky-session-header-name", "x-user"),
+                ("sticky-session-query-parameter", "sid"),
+                ("sticky-session-path-segment", "2"),
+                ("sticky-session-cookie-name", "sid"),
+                ("sticky-revision-query-parameter", "flow"),
+            ]);
+            let mut req = Request::builder();
+            if let Ok(value) = HeaderValue::from_bytes(&header) {
+                req = req.header("x-user", value.clone()).header("k-revision", value);
+            }
+            if let Ok(value) = HeaderValue::from_str(&cookie) {
+                req = req.header(header::COOKIE, value);
+            }
+            let encoded: String = form_urlencoded::Serializer::new(String::new()).append_pair("sid", &query).finish();
+            let uri = format!("{path}?{encoded}&flow={encoded}");
+            let Ok(req) = req.uri(uri.as_str()).body(()) else { return Ok(()) };
+            match extract(&policy, &req, None) {
+                Ok(keys) => prop_assert!(keys.session.is_some(), "a cookie policy always has a session"),
+                Err(KeyError { .. }) => prop_assert!(header.len() > MAX_ID_BYTES || uri.len() > MAX_ID_BYTES),
+            }
+        }
     }
 }

@@ -10,5 +10,5 @@ pub mod chat;
 pub mod share;
 
 pub use decide::Origin;
-pub use keys::{Keys, extract};
+pub use keys::{Keys, extract, names_its_conversation};
 pub use pinning::{Pinning, Route};

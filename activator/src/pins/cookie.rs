@@ -104,7 +104,7 @@ fn sealing_key(key: &[u8]) -> aead::LessSafeKey {
 /// The body of a cookie of the earlier format, if a key in force signed it for `scope`.
 fn verify_signed(keys: &[std::sync::Arc<[u8]>], scope: &str, value: &str) -> Option<String> {
     let (body, tag) = value.rsplit_once('|')?;
-    let tag = unhex(tag)?;
+    let tag = hex::decode(tag).ok()?;
     let message = format!("{scope}|{body}");
     // `hmac::verify` compares in constant time.
     let genuine =
@@ -114,7 +114,7 @@ fn verify_signed(keys: &[std::sync::Arc<[u8]>], scope: &str, value: &str) -> Opt
 
 /// `<version>|<expires>|[<written>|]<revision>|<pod>`, if unexpired.
 fn read_body(body: &str, now: SystemTime) -> Option<SignedPin> {
-    let at = |secs: &str| secs.parse().ok().map(|secs| UNIX_EPOCH + Duration::from_secs(secs));
+    let at = |secs: &str| UNIX_EPOCH.checked_add(Duration::from_secs(secs.parse().ok()?));
     let mut fields = body.split('|');
     let (version, expires) = (fields.next()?, at(fields.next()?)?);
     let written = match version {
@@ -140,26 +140,16 @@ pub struct SignedPin {
     pub written: Option<SystemTime>,
 }
 
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     const K1: &str = "first-key-of-at-least-thirty-two-bytes";
     const K2: &str = "second-key-of-at-least-thirty-two-bytes";
 
     fn keys(lines: &[&str]) -> CookieKeys {
         CookieKeys { file: KeyFile::of(lines) }
-    }
-
-    fn hex(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     #[test]
@@ -207,7 +197,7 @@ mod tests {
             [(format!("1|{expires}|r|10.0.0.7:8012"), false), (format!("2|{expires}|{expires}|r|10.0.0.7:8012"), true)]
         {
             let tag = hmac::sign(&key, format!("s|{body}").as_bytes());
-            let verified = k.verify("s", &format!("{body}|{}", hex(tag.as_ref())), SystemTime::now()).unwrap();
+            let verified = k.verify("s", &format!("{body}|{}", hex::encode(tag.as_ref())), SystemTime::now()).unwrap();
             assert_eq!(verified.pin, Pin::session("r", "10.0.0.7:8012".parse().unwrap()));
             assert_eq!(verified.written.is_some(), written);
         }
@@ -223,5 +213,39 @@ mod tests {
         let new = rotating.sign("s", &pin, now, now + Duration::from_secs(60)).unwrap();
         assert!(keys(&[K2]).verify("s", &new, now).is_some(), "sealed with the new key");
         assert!(keys(&[K2]).verify("s", &old, now).is_none(), "the old key retired");
+    }
+
+    proptest! {
+        #[test]
+        fn any_cookie_value_verifies_or_is_refused_without_panicking(value in "\\PC{0,120}") {
+            let k = keys(&[K1]);
+            prop_assert!(k.verify("ns/svc", &value, SystemTime::now()).is_none());
+            let sealed = format!("{SEALED}{value}");
+            prop_assert!(k.verify("ns/svc", &sealed, SystemTime::now()).is_none());
+        }
+
+        #[test]
+        fn any_sealed_content_reads_as_a_pin_or_nothing(
+            body in "[0-9a-z|.:\\[\\]-]{0,60}",
+            expires in any::<u64>(),
+            written in any::<u64>(),
+        ) {
+            let _ = read_body(&format!("{VERSION_WITH_WRITTEN}|{body}"), SystemTime::now());
+            let _ = read_body(&body, SystemTime::now());
+            let _ = read_body(&format!("{VERSION_WITH_WRITTEN}|{expires}|{written}|r|10.0.0.1:80"), SystemTime::now());
+        }
+
+        #[test]
+        fn a_genuine_cookie_changed_anywhere_is_refused(at in any::<prop::sample::Index>(), to in any::<u8>()) {
+            let (k, now) = (keys(&[K1]), SystemTime::now());
+            let pin = Pin::session("counter-1", "10.0.0.7:8012".parse().unwrap());
+            let genuine = k.sign("ns/svc", &pin, now, now + Duration::from_secs(60)).unwrap();
+            let mut bytes = genuine.clone().into_bytes();
+            let i = at.index(bytes.len());
+            prop_assume!(bytes[i] != to);
+            bytes[i] = to;
+            let changed = String::from_utf8_lossy(&bytes);
+            prop_assert!(k.verify("ns/svc", &changed, now).is_none(), "{changed} from {genuine}");
+        }
     }
 }

@@ -466,7 +466,7 @@ mod tests {
         use http::{HeaderName, HeaderValue};
 
         let pins = MemoryPins::near_cache(100);
-        let call = Arc::new(SessionEnd { path: "/end".parse().unwrap(), header: HeaderName::from_static("k-session") });
+        let call = Arc::new(SessionEnd::new("/end".parse().unwrap(), HeaderName::from_static("k-session")));
         let watch = |id: &'static str| {
             let call = call.clone();
             move || Watch { id: HeaderValue::from_static(id), call }
@@ -508,7 +508,7 @@ mod tests {
         use http::{HeaderName, HeaderValue};
 
         let pins = MemoryPins::near_cache(100);
-        let call = Arc::new(SessionEnd { path: "/end".parse().unwrap(), header: HeaderName::from_static("k-session") });
+        let call = Arc::new(SessionEnd::new("/end".parse().unwrap(), HeaderName::from_static("k-session")));
         let session = key("ns/svc", "converging");
         pins.write(&session, None, Pin::session("r1", POD_A), LONG);
         pins.watch(&session, || Watch { id: HeaderValue::from_static("converging"), call });

@@ -461,6 +461,7 @@ impl Pins {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn keys_are_scoped_hashed_stable_and_parse_back() {
@@ -501,5 +502,36 @@ mod tests {
         assert_eq!(capped.remaining(Duration::from_secs(0)), Duration::from_secs(600));
         assert_eq!(capped.remaining(Duration::from_secs(500)), Duration::from_secs(200));
         assert_eq!(capped.remaining(Duration::from_secs(800)), Duration::ZERO);
+    }
+
+    proptest! {
+        /// Redis holds what any client of it wrote: a value reads as a pin or as garbage.
+        #[test]
+        fn any_stored_value_reads_as_a_pin_or_nothing(value in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let _ = Pin::decode(&value);
+        }
+
+        #[test]
+        fn any_stored_text_reads_as_a_pin_or_nothing(value in "[0-9a-z. :\\[\\]-]{0,80}") {
+            let _ = Pin::decode(value.as_bytes());
+        }
+
+        #[test]
+        fn a_stored_pin_reads_back(
+            revision in "[a-z][a-z0-9-]{0,40}",
+            pod in proptest::option::of(any::<(std::net::IpAddr, u16)>().prop_map(SocketAddr::from)),
+            written_ms in 0u64..(1 << 45),
+        ) {
+            let pin = Pin { revision: revision.into(), pod };
+            let written = UNIX_EPOCH + Duration::from_millis(written_ms);
+            prop_assert_eq!(Pin::decode(pin.encode(written).as_bytes()), Some((pin, written)));
+        }
+
+        #[test]
+        fn any_key_name_parses_or_is_refused_without_panicking(key in "(aa:\\{)?\\PC{0,60}") {
+            if let Ok(parsed) = key.parse::<PinKey>() {
+                prop_assert_eq!(parsed.to_string(), key);
+            }
+        }
     }
 }

@@ -495,8 +495,7 @@ impl SharedPins {
 
     /// A period's shared count, if it is one activators could have made.
     fn plausible_count(&self, scope: &str, value: &redis::Value) -> Option<u64> {
-        let count = redis::from_redis_value::<i64>(value.clone()).ok().and_then(|n| u64::try_from(n).ok());
-        match count.filter(|n| *n <= MAX_PERIOD_COUNT) {
+        match plausible(value) {
             Some(n) => Some(n),
             None => {
                 self.metrics.errors[Op::Decode as usize].inc();
@@ -930,6 +929,13 @@ pub async fn drain_pod(
     Ok(drained)
 }
 
+/// A count Redis answered, if activators could have made it: a whole number from 0 to
+/// `MAX_PERIOD_COUNT`, whatever else another client of Redis may have written there.
+fn plausible(value: &redis::Value) -> Option<u64> {
+    let count = redis::from_redis_value::<i64>(value.clone()).ok().and_then(|n| u64::try_from(n).ok());
+    count.filter(|n| *n <= MAX_PERIOD_COUNT)
+}
+
 /// A pin as the operator sees it: key, raw value, decoded target, remaining TTL.
 pub async fn key_report(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> RedisResult<Option<String>> {
     let (value, ttl_ms): (Option<Vec<u8>>, i64) =
@@ -952,6 +958,40 @@ pub async fn key_report(conn: &mut impl redis::aio::ConnectionLike, key: &str) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Any reply a Redis server (or whatever answers on its port) could give.
+    fn any_reply() -> impl Strategy<Value = redis::Value> {
+        let leaf = prop_oneof![
+            Just(redis::Value::Nil),
+            Just(redis::Value::Okay),
+            any::<i64>().prop_map(redis::Value::Int),
+            proptest::collection::vec(any::<u8>(), 0..24).prop_map(redis::Value::BulkString),
+            "[0-9 .+-]{0,24}".prop_map(|s| redis::Value::BulkString(s.into_bytes())),
+            "\\PC{0,24}".prop_map(redis::Value::SimpleString),
+            any::<f64>().prop_map(redis::Value::Double),
+        ];
+        leaf.prop_recursive(2, 8, 4, |inner| proptest::collection::vec(inner, 0..4).prop_map(redis::Value::Array))
+    }
+
+    proptest! {
+        #[test]
+        fn any_count_reply_is_plausible_or_ignored_without_panicking(value in any_reply()) {
+            if let Some(n) = plausible(&value) {
+                prop_assert!(n <= MAX_PERIOD_COUNT);
+            }
+        }
+    }
+
+    #[test]
+    fn implausible_counts_are_refused() {
+        let counts = [("12", Some(12)), ("-1", None), ("x", None), ("99999999999999999999", None)];
+        for (text, want) in counts {
+            assert_eq!(plausible(&redis::Value::BulkString(text.into())), want, "{text}");
+        }
+        assert_eq!(plausible(&redis::Value::Int(i64::try_from(MAX_PERIOD_COUNT).unwrap() + 1)), None);
+        assert_eq!(plausible(&redis::Value::Nil), None);
+    }
 
     #[test]
     fn reads_the_server_version() {

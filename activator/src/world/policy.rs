@@ -47,10 +47,12 @@ pub struct Annotated {
     end_path: Option<String>,
     /// `sticky-session-chat-prefix`: a chat request's conversation is its session.
     chat_prefix: Option<bool>,
+    /// `sticky-session-chat-path`: the path of the service's chat requests.
+    chat_path: Option<String>,
 }
 
-/// Longest `sticky-session-end-path` accepted.
-const MAX_END_PATH: usize = 256;
+/// Longest `sticky-session-end-path` or `sticky-session-chat-path` accepted.
+const MAX_PATH: usize = 256;
 
 /// How a service hears that a session ended (`sticky-session-end-path`): a `POST` to `path` on
 /// the pod the session was pinned to, the session id in `header`.
@@ -58,7 +60,45 @@ const MAX_END_PATH: usize = 256;
 pub struct SessionEnd {
     pub path: http::uri::PathAndQuery,
     pub header: HeaderName,
+    /// `path`'s segments as servers match them (`path_segments`).
+    segments: Vec<Vec<u8>>,
 }
+
+impl SessionEnd {
+    pub fn new(path: http::uri::PathAndQuery, header: HeaderName) -> Self {
+        SessionEnd { segments: path_segments(path.path()), path, header }
+    }
+
+    /// Whether a client request for `path` would reach the pod's end path, however it spells it:
+    /// only the activator may call it, or any client could end another's session.
+    pub fn is_addressed_by(&self, path: &str) -> bool {
+        path_segments(path) == self.segments
+    }
+}
+
+/// A path's segments as web servers and routers commonly resolve them before matching: percent
+/// decoded (an encoded `/` included), empty and `.` segments dropped, `..` taking one back, and
+/// `;` parameters cut. Refusing every spelling a server might take for the end path is safer than
+/// guessing which one the pod's takes.
+fn path_segments(path: &str) -> Vec<Vec<u8>> {
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(path).collect();
+    let mut segments: Vec<Vec<u8>> = Vec::new();
+    for segment in decoded.split(|b| *b == b'/') {
+        let segment = segment.split(|b| *b == b';').next().unwrap_or_default();
+        match segment {
+            b"" | b"." => {}
+            b".." => {
+                segments.pop();
+            }
+            _ => segments.push(segment.to_vec()),
+        }
+    }
+    segments
+}
+
+/// The path of chat requests when `sticky-session-chat-path` names none: OpenAI's chat
+/// completions, which vLLM, llama.cpp, TGI and Ollama serve alike.
+pub const DEFAULT_CHAT_PATH: &str = "/v1/chat/completions";
 
 /// The cookie a signed pin travels in when `sticky-session-pin-cookie-name` names none.
 pub const DEFAULT_PIN_COOKIE: &str = "activator-pin";
@@ -133,10 +173,19 @@ impl Annotated {
                 }
                 (Some(PinKind::Session), "end-path") => {
                     match value.parse::<http::uri::PathAndQuery>() {
-                        Ok(path) if value.starts_with('/') && value.len() <= MAX_END_PATH => {
+                        Ok(path) if value.starts_with('/') && value.len() <= MAX_PATH => {
                             out.end_path = Some(path.to_string());
                         }
                         _ => rejected(key, format!("{value:?} is not a path such as /session/end")),
+                    }
+                    continue;
+                }
+                (Some(PinKind::Session), "chat-path") => {
+                    match value.parse::<http::uri::PathAndQuery>() {
+                        Ok(path) if value.starts_with('/') && value.len() <= MAX_PATH && path.query().is_none() => {
+                            out.chat_path = Some(path.path().to_owned());
+                        }
+                        _ => rejected(key, format!("{value:?} is not a path such as {DEFAULT_CHAT_PATH}")),
                     }
                     continue;
                 }
@@ -180,6 +229,7 @@ impl Annotated {
         self.split_by_requests = self.split_by_requests.or(base.split_by_requests);
         self.end_path = self.end_path.or_else(|| base.end_path.clone());
         self.chat_prefix = self.chat_prefix.or(base.chat_prefix);
+        self.chat_path = self.chat_path.or_else(|| base.chat_path.clone());
         self
     }
 
@@ -211,8 +261,9 @@ pub struct Policy {
     split_by_requests: bool,
     /// `sticky-session-end-path` on the service or a revision of its traffic.
     session_end: Option<Arc<SessionEnd>>,
-    /// `sticky-session-chat-prefix: "true"` on the service or a revision of its traffic.
-    chat_prefix: bool,
+    /// With `sticky-session-chat-prefix: "true"` on the service or a revision of its traffic:
+    /// the path of its chat requests.
+    chat_path: Option<Arc<str>>,
 }
 
 impl Policy {
@@ -225,9 +276,10 @@ impl Policy {
         let mut flow = Vec::new();
         let (mut secure, mut split_by_requests, mut chat_prefix) = (false, false, false);
         let (mut signed, mut any) = (true, false);
-        let (mut end_path, mut pin_cookie) = (None, None);
+        let (mut end_path, mut pin_cookie, mut chat_path) = (None, None, None);
         for a in annotated {
             any = true;
+            chat_path = chat_path.or_else(|| a.chat_path.clone());
             chat_prefix |= a.chat_prefix.unwrap_or(false);
             split_by_requests |= a.split_by_requests.unwrap_or(false);
             end_path = end_path.or_else(|| a.end_path.clone());
@@ -251,10 +303,11 @@ impl Policy {
                 IdSource::Header(name) => Some(name.clone()),
                 _ => None,
             });
-            Arc::new(SessionEnd { path, header: header.unwrap_or(DEFAULT_SESSION) })
+            Arc::new(SessionEnd::new(path, header.unwrap_or(DEFAULT_SESSION)))
         });
+        let chat_path = chat_prefix.then(|| chat_path.as_deref().unwrap_or(DEFAULT_CHAT_PATH).into());
         let scope = format!("{namespace}/{service}").into();
-        Policy { scope, session, flow, cookie, signed_cookie, split_by_requests, session_end, chat_prefix }
+        Policy { scope, session, flow, cookie, signed_cookie, split_by_requests, session_end, chat_path }
     }
 
     /// `<namespace>/<service>`: the scope of this service's pin keys.
@@ -282,10 +335,10 @@ impl Policy {
         self.split_by_requests
     }
 
-    /// Whether a chat request's conversation (`affinity::chat`) is its session when it names no
-    /// session id.
-    pub fn chat_prefix(&self) -> bool {
-        self.chat_prefix
+    /// With `sticky-session-chat-prefix`, the path whose requests are chat requests: their
+    /// conversation (`affinity::chat`) is their session when they name no session id.
+    pub fn chat_path(&self) -> Option<&str> {
+        self.chat_path.as_deref()
     }
 
     /// How the service hears that a session ended, if it asked to.
@@ -362,9 +415,68 @@ pub(crate) mod tests {
         let (chat, errors) = annotated(&[("sticky-session-chat-prefix", "TRUE")]);
         assert!(errors.is_empty(), "{errors:?}");
         let (plain, _) = annotated(&[]);
-        assert!(Policy::new("ns", "svc", [&plain, &chat]).chat_prefix());
-        assert!(!Policy::new("ns", "svc", [&plain]).chat_prefix());
+        assert_eq!(Policy::new("ns", "svc", [&plain, &chat]).chat_path(), Some(DEFAULT_CHAT_PATH));
+        assert_eq!(Policy::new("ns", "svc", [&plain]).chat_path(), None);
         assert_eq!(annotated(&[("sticky-session-chat-prefix", "yes")]).1.len(), 1);
+    }
+
+    #[test]
+    fn the_chat_path_is_configurable_and_only_matters_with_the_prefix() {
+        let (chat, errors) =
+            annotated(&[("sticky-session-chat-prefix", "true"), ("sticky-session-chat-path", "/api/chat")]);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(Policy::new("ns", "svc", [&chat]).chat_path(), Some("/api/chat"));
+        let (path_only, _) = annotated(&[("sticky-session-chat-path", "/api/chat")]);
+        assert_eq!(Policy::new("ns", "svc", [&path_only]).chat_path(), None);
+        for bad in ["api/chat", "/chat?stream=1", &format!("/{}", "x".repeat(MAX_PATH))] {
+            let (_, errors) = annotated(&[("sticky-session-chat-path", bad)]);
+            assert_eq!(errors.len(), 1, "{bad:?} refused");
+        }
+    }
+
+    #[test]
+    fn every_spelling_of_the_end_path_addresses_it() {
+        let end = SessionEnd::new("/session/end".parse().unwrap(), DEFAULT_SESSION);
+        for same in [
+            "/session/end",
+            "//session//end/",
+            "/session/./end",
+            "/other/../session/end",
+            "/session%2Fend",
+            "/%73ession/end",
+            "/session/end;v=1",
+        ] {
+            assert!(end.is_addressed_by(same), "{same}");
+        }
+        for other in ["/session/ends", "/session", "/Session/End", "/session/end/more", "/"] {
+            assert!(!end.is_addressed_by(other), "{other}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_annotation_value_is_read_or_refused_without_panicking(
+            name in proptest::sample::select(vec![
+                "sticky-session-header-name", "sticky-session-query-parameter", "sticky-session-path-segment",
+                "sticky-session-cookie-name", "sticky-session-pin-cookie-name", "sticky-session-mode",
+                "sticky-session-end-path", "sticky-session-chat-prefix", "sticky-session-chat-path",
+                "sticky-session-cookie-secure", "sticky-revision-header-name", "sticky-ttl", "sticky-max-age",
+                "sticky-split-mode", "sticky-unknown",
+            ]),
+            value in "\\PC{0,40}",
+        ) {
+            let (parsed, _) = annotated(&[(name, &value)]);
+            let policy = Policy::new("ns", "svc", [&parsed]);
+            if let Some(end) = policy.session_end() {
+                proptest::prop_assert!(end.is_addressed_by(end.path.path()));
+            }
+        }
+
+        #[test]
+        fn any_request_path_is_matched_without_panicking(path in "\\PC{0,40}") {
+            let end = SessionEnd::new("/session/end".parse().unwrap(), DEFAULT_SESSION);
+            let _ = end.is_addressed_by(&path);
+        }
     }
 
     #[test]
@@ -377,7 +489,7 @@ pub(crate) mod tests {
         assert_eq!((call.path.as_str(), call.header.as_str()), ("/session/end", "x-user"));
         assert_eq!(Policy::new("ns", "svc", [&end]).session_end().unwrap().header, DEFAULT_SESSION);
         assert!(Policy::new("ns", "svc", [&header]).session_end().is_none());
-        for bad in ["session/end", "/a b", &format!("/{}", "x".repeat(MAX_END_PATH))] {
+        for bad in ["session/end", "/a b", &format!("/{}", "x".repeat(MAX_PATH))] {
             let (_, errors) = annotated(&[("sticky-session-end-path", bad)]);
             assert_eq!(errors.len(), 1, "{bad:?}");
         }

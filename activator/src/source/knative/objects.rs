@@ -634,4 +634,120 @@ mod tests {
         assert!(tls(&[("internal-encryption", "yes")]).is_err(), "not a Go boolean");
         assert!(read(&[("enable-mesh-pod-addressability", " true")]).is_err(), "Go does not trim");
     }
+
+    /// Any JSON a tenant or a broken controller could put in a field.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<u64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_filter("JSON numbers are finite", |f| f.is_finite()).prop_map(serde_json::Value::from),
+            "\\PC{0,16}".prop_map(serde_json::Value::from),
+            prop_oneof![Just("10.0.0.1"), Just("::1"), Just("http://x.y"), Just("None"), Just("")]
+                .prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map("[a-zA-Z]{1,8}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// One object of each kind the activator watches, every field it reads set.
+    fn watched_objects() -> Vec<serde_json::Value> {
+        let meta = json!({"name": "counter-00001", "namespace": "shop",
+                          "labels": {SERVICE_LABEL: "counter", CONFIGURATION_LABEL: "counter", REVISION_LABEL: "counter-00001"},
+                          "annotations": {"activator.knative.dev/sticky-ttl": "60s"}});
+        vec![
+            json!({"apiVersion": "serving.knative.dev/v1", "kind": "Revision", "metadata": meta,
+                   "spec": {"containerConcurrency": 3, "timeoutSeconds": 30, "responseStartTimeoutSeconds": 10,
+                            "containers": [{"ports": [{"name": "h2c", "containerPort": 8080}],
+                                            "readinessProbe": {"httpGet": {"path": "/"}}}]}}),
+            json!({"apiVersion": "serving.knative.dev/v1", "kind": "Route", "metadata": meta,
+                   "status": {"url": "http://counter.shop.example.com", "address": {"url": "http://counter.shop.svc.cluster.local"},
+                              "traffic": [{"revisionName": "counter-00001", "percent": 100, "tag": "t", "url": "http://t-counter.shop"}]}}),
+            json!({"apiVersion": "serving.knative.dev/v1", "kind": "Service", "metadata": meta, "spec": {}}),
+            json!({"apiVersion": "v1", "kind": "Endpoints", "metadata": meta,
+                   "subsets": [{"addresses": [{"ip": "10.0.0.1"}], "notReadyAddresses": [{"ip": "10.0.0.2"}],
+                                "ports": [{"name": "http", "port": 8012}]}]}),
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": meta,
+                   "spec": {"clusterIP": "10.96.0.7", "ports": [{"name": "http", "port": 80}]}}),
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": meta, "data": {"ca.crt": "AAAA"}}),
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"system-internal-tls": "enabled"}}),
+        ]
+    }
+
+    /// Where `watched_objects` carry what the activator reads.
+    const READ_FIELDS: &[&str] = &[
+        "/metadata/name",
+        "/metadata/namespace",
+        "/metadata/labels",
+        "/metadata/annotations",
+        "/spec",
+        "/spec/containerConcurrency",
+        "/spec/timeoutSeconds",
+        "/spec/responseStartTimeoutSeconds",
+        "/spec/idleTimeoutSeconds",
+        "/spec/containers",
+        "/spec/containers/0/ports",
+        "/spec/containers/0/ports/0/name",
+        "/spec/containers/0/readinessProbe",
+        "/status",
+        "/status/url",
+        "/status/address",
+        "/status/address/url",
+        "/status/traffic",
+        "/status/traffic/0",
+        "/status/traffic/0/percent",
+        "/status/traffic/0/revisionName",
+        "/status/traffic/0/url",
+        "/subsets",
+        "/subsets/0/addresses",
+        "/subsets/0/addresses/0/ip",
+        "/subsets/0/ports",
+        "/subsets/0/ports/0/port",
+        "/subsets/0/ports/0/name",
+        "/spec/clusterIP",
+        "/spec/ports",
+        "/spec/ports/0/port",
+        "/data",
+        "/data/ca.crt",
+        "/data/system-internal-tls",
+    ];
+
+    proptest::proptest! {
+        /// Each watched object with any one field replaced by anything, read as every kind: a
+        /// value or an error naming what is wrong, never a panic.
+        #[test]
+        fn any_field_of_a_watched_object_reads_or_is_refused(
+            which in proptest::sample::select((0..7).collect::<Vec<usize>>()),
+            field in proptest::sample::select(READ_FIELDS.to_vec()),
+            value in any_json(),
+        ) {
+            let mut obj = watched_objects().swap_remove(which);
+            let (parent, last) = field.rsplit_once('/').expect("a pointer");
+            match obj.pointer_mut(parent) {
+                Some(serde_json::Value::Object(map)) => {
+                    map.insert(last.to_owned(), value);
+                }
+                Some(serde_json::Value::Array(items)) => {
+                    if let Some(item) = last.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                        *item = value;
+                    }
+                }
+                _ => {}
+            }
+            // What does not deserialise as an object at all is refused by the watch itself.
+            let Ok(obj) = serde_json::from_value::<DynamicObject>(obj) else { return Ok(()) };
+            let _ = (identity(&obj), revision_key(&obj), revision(&obj), route(&obj), knative_service(&obj));
+            let _ = (private_endpoints(&obj), public_endpoints(&obj), private_service(&obj), secret(&obj));
+            if let Ok((_, data)) = config_map(&obj) {
+                let _ = network_config(&data, &mut |_| {});
+            }
+        }
+    }
 }

@@ -211,6 +211,7 @@ impl RevisionEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     const TWO_REVISIONS: &str = r#"
 services:
@@ -305,5 +306,32 @@ services:
         assert_eq!(probed.backends.probed.len(), 2);
         assert!(parse_endpoints("").unwrap().is_empty());
         assert!(parse_endpoints("x: [nope]").unwrap_err().location.is_some());
+    }
+
+    proptest! {
+        /// A topology file edited anywhere, into anything: it parses into a world, or the error
+        /// says why; never a panic.
+        #[test]
+        fn any_edit_of_a_topology_file_parses_or_is_refused(
+            at in any::<prop::sample::Index>(),
+            cut in 0usize..12,
+            insert in prop_oneof!["\\PC{0,10}", "[0-9]{1,25}", Just("-1".to_owned()), Just("[::1]:0".to_owned())],
+        ) {
+            let start = at.index(TWO_REVISIONS.len());
+            let Some(end) = (start..=TWO_REVISIONS.len().min(start + cut)).rev().find(|i| TWO_REVISIONS.is_char_boundary(*i))
+            else {
+                return Ok(());
+            };
+            let text = format!("{}{insert}{}", &TWO_REVISIONS[..start], &TWO_REVISIONS[end..]);
+            if let Ok(file) = parse(&text) {
+                let _ = file.to_spec(&EndpointsFile::new());
+            }
+        }
+
+        #[test]
+        fn any_text_is_a_topology_or_an_error(text in "\\PC{0,200}") {
+            let _ = parse(&text);
+            let _ = parse_endpoints(&text);
+        }
     }
 }
