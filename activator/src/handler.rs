@@ -26,9 +26,10 @@ use crate::health::Health;
 use crate::pins::Pins;
 use crate::pins::{PinKey, PinSource};
 use crate::probes;
-use crate::proxy::{self, Exchange, Outbound};
+use crate::proxy::{self, Exchange, Outbound, Replay};
 use crate::readiness::Prober;
 use crate::respond::{self, reply};
+use crate::retry;
 use crate::stats::Stats;
 use crate::stats::knative::{ClientSeries, Protocol, Scheme};
 use crate::telemetry::{Ending, Entry, LoggedRoute, Outcome, Routed, Telemetry};
@@ -215,8 +216,9 @@ impl Handler {
 
     /// Takes a slot on a pod of the route's revision, pins the session to it (or follows the pin
     /// another writer made first), and forwards. A request none of which reached its pod (the
-    /// pod refused or dropped the connection) goes to another pod of the revision, once; its
-    /// session is re-pinned there. `route` ends up naming the revision that answered.
+    /// pod refused or dropped the connection) goes to another pod of the revision, once; so does
+    /// one its pod failed before answering, if it may be sent twice (`retry`). Its session is
+    /// re-pinned there. `route` ends up naming the revision that answered.
     async fn admit_and_forward(
         &self,
         req: Box<Request<RequestBody>>,
@@ -230,6 +232,7 @@ impl Handler {
         // What may arrive while it waits is charged until it is admitted.
         let mut charge = waiting_body_bytes(&req, inflow.as_ref());
         let body_bytes = charge.bytes;
+        let repeatable = route.revision.affinity.retry().allows(&req);
         let mut outbound = Outbound::new(req, client.ip(), &route.revision.host);
         let mut want = route.want;
         for attempt in 0..2 {
@@ -238,6 +241,12 @@ impl Handler {
                 Err(refused) => return refused,
             };
             charge.release();
+            let replay = if attempt == 0 {
+                route.revision.retries.sent();
+                repeatable.then(|| outbound.keep_for_replay(retry::BODY_LIMIT))
+            } else {
+                None
+            };
             let held = Exchange { lease, in_flight: counted, tunnels: &self.tunnels };
             let sending = Instant::now();
             let forwarded = Box::pin(proxy::forward(outbound, held)).await;
@@ -254,19 +263,47 @@ impl Handler {
             if failed.error.is_tls() {
                 self.stats.tls_refused.with_label_values(&["pod"]).inc();
             }
-            if attempt == 0 && failed.unsent.is_some() && revision.throttler.mark_unreachable(failed.error.pod) {
+            if attempt > 0 {
+                return respond::bad_gateway(&failed.error);
+            }
+            // A pod whose connection was refused, or failed mid-exchange, takes no more traffic
+            // until a probe passes.
+            if (failed.unsent.is_some() || failed.error.connection_failed())
+                && revision.throttler.mark_unreachable(failed.error.pod)
+            {
                 revision.stats.unreachable.inc();
                 self.prober.watch(revision.throttler.clone());
             }
-            // Resent once, and only to a pod that is up now: with none left the client hears at
-            // once, as upstream answers, rather than waiting for the revision's timeout.
-            let Some(unsent) = failed.unsent.filter(|_| attempt == 0 && revision.throttler.has_ready_pods()) else {
-                return respond::bad_gateway(&failed.error);
+            (outbound, in_flight) = match failed.unsent {
+                // Resent only to a pod that is up now: with none left the client hears at once,
+                // as upstream answers, rather than waiting for the revision's timeout.
+                Some(unsent) if revision.throttler.has_ready_pods() => {
+                    revision.stats.resent.inc();
+                    (unsent.outbound, unsent.in_flight)
+                }
+                Some(_) => return respond::bad_gateway(&failed.error),
+                None => match replay.map(|kept| self.retry(revision, kept)) {
+                    Some(Ok(outbound)) => (outbound, self.reporter.arrive(&revision.concurrency)),
+                    Some(Err(())) | None => return respond::bad_gateway(&failed.error),
+                },
             };
-            revision.stats.resent.inc();
-            (outbound, in_flight, want) = (unsent.outbound, unsent.in_flight, Want::Any);
+            want = route.elsewhere();
         }
         unreachable!("the second attempt returns")
+    }
+
+    /// The request `kept` again, for another pod of `revision` after its pod failed it, if its
+    /// body was kept, another pod is ready and the revision's budget allows; counted either way.
+    fn retry(&self, revision: &Revision, kept: Option<Replay>) -> Result<Outbound, ()> {
+        let outbound = kept.and_then(Replay::outbound);
+        let outcome = match &outbound {
+            None => retry::Outcome::NotKept,
+            Some(_) if !revision.throttler.has_ready_pods() => retry::Outcome::NoPod,
+            Some(_) if !revision.retries.try_retry() => retry::Outcome::OverBudget,
+            Some(_) => retry::Outcome::Retried,
+        };
+        revision.stats.retried[outcome as usize].inc();
+        outbound.filter(|_| outcome == retry::Outcome::Retried).ok_or(())
     }
 
     /// A slot on a pod of the route's revision, with the session pinned to that pod; or on the pod

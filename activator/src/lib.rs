@@ -20,6 +20,7 @@ pub mod probes;
 pub mod proxy;
 pub mod readiness;
 pub mod respond;
+pub mod retry;
 pub mod server;
 pub mod session_end;
 pub mod socket;

@@ -2,19 +2,20 @@
 //! `X-Forwarded-For`, Knative's proxy headers), the request target each HTTP version needs,
 //! HTTP/1.1 upgrades spliced both ways, and the response handed back with what it holds.
 //!
-//! Bodies stream in both directions; nothing here buffers or retries. Must not choose the pod:
-//! it is handed a [`Lease`] from `throttle`, and the pod's connections from `pool`.
+//! Bodies stream in both directions; nothing here buffers or retries, though a request may be
+//! copied as it goes (`Replay`) for the caller to send again. Must not choose the pod: it is
+//! handed a [`Lease`] from `throttle`, and the pod's connections from `pool`.
 
 use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tokio_util::task::TaskTracker;
 
 use crate::autoscaler::InFlight;
-use crate::body::{Held, RequestBody, ResponseBody};
+use crate::body::{Held, Kept, RequestBody, ResponseBody};
 use crate::headers::{
     KNATIVE_NAMESPACE, KNATIVE_REVISION, ORIGINAL_HOST, PASSTHROUGH_LB, PROXY_REQUEST, SESSION_END,
     SESSION_END_SIGNATURE, SESSION_END_TIME, X_FORWARDED_FOR,
@@ -83,6 +84,24 @@ impl ForwardError {
     pub fn is_tls(&self) -> bool {
         matches!(self.source, SendError::Tls(_))
     }
+
+    /// Whether the pod's connection failed (refused, closed or reset, as when the pod dies), not
+    /// just this one exchange: a stream the pod reset on a connection that lives on is not.
+    pub fn connection_failed(&self) -> bool {
+        match &self.source {
+            SendError::Connect(_) | SendError::Tls(_) => true,
+            SendError::Http(e) => {
+                let mut cause = std::error::Error::source(e);
+                let io = std::iter::from_fn(|| {
+                    let this = cause?;
+                    cause = this.source();
+                    Some(this)
+                })
+                .any(|c| c.is::<std::io::Error>());
+                e.is_closed() || e.is_incomplete_message() || io
+            }
+        }
+    }
 }
 
 impl std::error::Error for ForwardError {
@@ -123,6 +142,54 @@ impl Outbound {
         let authority = prepare_request(&mut req, upgrade.as_ref(), client_ip, host);
         let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut *req));
         Outbound { req, authority, client_side }
+    }
+}
+
+impl Outbound {
+    /// Keeps what it takes to send this request again should its pod fail before answering: its
+    /// head as it goes out, and up to `limit` bytes of its body (if it has one) as they pass.
+    /// `None` for an upgrade, whose connection is the client's own.
+    pub fn keep_for_replay(&mut self, limit: usize) -> Option<Replay> {
+        if self.client_side.is_some() {
+            return None;
+        }
+        let body = self.req.body_mut().keep(limit);
+        let req = &self.req;
+        Some(Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+            authority: self.authority.clone(),
+            body,
+        })
+    }
+}
+
+/// A request as it went to a pod, to send again (`Outbound::keep_for_replay`).
+pub struct Replay {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    authority: Option<Authority>,
+    /// `None`: the request had no body.
+    body: Option<std::sync::Arc<Kept>>,
+}
+
+impl Replay {
+    /// The request again, if the whole of its body passed and was kept.
+    pub fn outbound(self) -> Option<Outbound> {
+        let body = match &self.body {
+            Some(kept) => kept.replay()?,
+            None => RequestBody::empty(),
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        Some(Outbound { req: Box::new(req), authority: self.authority, client_side: None })
     }
 }
 

@@ -36,6 +36,15 @@ const FIRST_AVAILABLE_MAX_CC: usize = 3;
 /// probe of it, rather than moving its session: another replica already found it ready, and the
 /// probe here takes one probe period.
 const FIRST_PROBE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a request pinned to a pod this replica does not list yet waits for it to be listed:
+/// another replica saw it join first, and the world here follows within moments. An address
+/// waited for in vain, or that left, is not waited for within `UNLISTED_MEMORY` (the default pin
+/// lifetime): it is gone, not new.
+const UNLISTED_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+const UNLISTED_MEMORY: std::time::Duration = std::time::Duration::from_secs(600);
+/// Pods ready for less than this are left out of `rendezvous`: replicas find a new pod ready a
+/// probe period apart, and would place keys apart meanwhile.
+const RENDEZVOUS_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Cancelled waiters left in the queues before they are swept out; they are skipped meanwhile.
 const MIN_SWEEP: usize = 64;
 /// Waiters taking any pod that are let go at once. When more could go together (a pod turned
@@ -203,6 +212,9 @@ pub enum Want {
     Any,
     /// This pod, waiting for its capacity if it is busy; any pod if it is no longer ready.
     Pod(SocketAddr),
+    /// This pod if it has room now, else any: where a new session goes when every replica is to
+    /// place it alike (`rendezvous`).
+    Prefer(SocketAddr),
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -219,6 +231,8 @@ pub struct Pod {
     pinned_waiting: AtomicUsize,
     /// Whether the pod is in this activator's subset, which unpinned requests are balanced over.
     assigned: AtomicBool,
+    /// When it began to take traffic here.
+    ready_since: Instant,
 }
 
 impl Pod {
@@ -229,6 +243,7 @@ impl Pod {
             in_flight: AtomicUsize::new(0),
             pinned_waiting: AtomicUsize::new(0),
             assigned: AtomicBool::new(true),
+            ready_since: Instant::now(),
         })
     }
 
@@ -272,9 +287,12 @@ struct Pending {
     has_pods: bool,
     subset: Option<Subset>,
     tls: Option<TlsPorts>,
-    /// Pods that left the revision lately, and when: a session's end is still told to them for
-    /// `LEFT_GRACE`, never after (their address may be another pod's by then).
+    /// Pods that left the revision within `UNLISTED_MEMORY`, and when: a session's end is still
+    /// told to them for `LEFT_GRACE`, never after (their address may be another pod's by then),
+    /// and a request pinned to one does not wait for it to come back.
     departed: HashMap<SocketAddr, Instant>,
+    /// Addresses not listed here that a pinned request waited for, and when it began to.
+    awaited: HashMap<SocketAddr, Instant>,
 }
 
 /// How long a pod that left its revision is still told of its sessions' ends.
@@ -432,6 +450,7 @@ impl Throttler {
                 subset: None,
                 tls: None,
                 departed: HashMap::new(),
+                awaited: HashMap::new(),
             }),
             cursor: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
@@ -484,7 +503,9 @@ impl Throttler {
 
     /// Returns once `addr` is ready, unless it is a pod just listed that this replica has not
     /// probed yet: then it waits for that probe, for at most `FIRST_PROBE_GRACE` after the pod
-    /// was listed. A session pinned to a new pod by another replica so stays on it.
+    /// was listed; or a pod not listed here at all, which may be new: then it waits for the
+    /// world to list it, for at most `UNLISTED_GRACE` (once per address: one that never comes
+    /// is gone). A session pinned to a new pod by another replica so stays on it.
     pub async fn await_first_probe(&self, addr: SocketAddr) {
         loop {
             if self.is_ready(addr) {
@@ -493,13 +514,25 @@ impl Throttler {
             let probed = self.probed.notified();
             tokio::pin!(probed);
             probed.as_mut().enable();
-            let Some(&listed) = self.lock_pending().first_listed.get(&addr) else { return };
-            if self.is_ready(addr) {
-                return;
-            }
+            let deadline = {
+                let mut pending = self.lock_pending();
+                if self.is_ready(addr) {
+                    return;
+                }
+                let now = Instant::now();
+                match pending.first_listed.get(&addr) {
+                    Some(&listed) => listed + FIRST_PROBE_GRACE,
+                    None if pending.endpoints.contains(&addr) || pending.departed.contains_key(&addr) => return,
+                    None => {
+                        pending.awaited.retain(|_, at| now.duration_since(*at) < UNLISTED_MEMORY);
+                        let since = *pending.awaited.entry(addr).or_insert(now);
+                        since + UNLISTED_GRACE
+                    }
+                }
+            };
             tokio::select! {
                 () = probed => {}
-                () = tokio::time::sleep_until(listed + FIRST_PROBE_GRACE) => return,
+                () = tokio::time::sleep_until(deadline) => return,
             }
         }
     }
@@ -538,7 +571,7 @@ impl Throttler {
         let listed = |a: &SocketAddr| backends.trusted.contains(a) || backends.probed.contains(a);
         let before: Vec<SocketAddr> =
             self.pods.load().iter().map(|p| p.addr).chain(pending.endpoints.iter().copied()).collect();
-        pending.departed.retain(|a, at| !listed(a) && now.duration_since(*at) < LEFT_GRACE);
+        pending.departed.retain(|a, at| !listed(a) && now.duration_since(*at) < UNLISTED_MEMORY);
         for addr in before.into_iter().filter(|a| !listed(a)) {
             pending.departed.entry(addr).or_insert(now);
         }
@@ -843,7 +876,7 @@ impl Throttler {
             // A request for a pod that is not ready takes any pod, so it waits with those.
             let pod = match want {
                 Want::Pod(addr) => self.ready_pod(addr),
-                Want::Any => None,
+                Want::Any | Want::Prefer(_) => None,
             };
             let pinned = Arc::new(AtomicBool::new(pod.is_some()));
             let waiter = Waiter { id: queue.next_id, bytes: body_bytes, pinned: pinned.clone(), grant: tx };
@@ -868,6 +901,23 @@ impl Throttler {
         let pod = (&mut waiting.grant).await.map_err(|_| AcquireError::QueueFull)?;
         waiting.served = true;
         Ok(self.lease(pod))
+    }
+
+    /// The ready pod `hash` picks by rendezvous hashing: replicas that list the same pods pick
+    /// the same one with nothing to agree through, and a pod leaving moves only the keys it had.
+    pub fn rendezvous(&self, hash: u64) -> Option<SocketAddr> {
+        let weight = |addr: SocketAddr| {
+            let mut bytes = [0u8; 18];
+            match addr.ip() {
+                std::net::IpAddr::V4(ip) => bytes[..4].copy_from_slice(&ip.octets()),
+                std::net::IpAddr::V6(ip) => bytes[..16].copy_from_slice(&ip.octets()),
+            }
+            bytes[16..].copy_from_slice(&addr.port().to_be_bytes());
+            xxhash_rust::xxh3::xxh3_64_with_seed(&bytes, hash)
+        };
+        let pods = self.pods.load();
+        let settled = pods.iter().filter(|p| p.ready_since.elapsed() >= RENDEZVOUS_SETTLE).map(|p| p.addr);
+        settled.max_by_key(|addr| weight(*addr)).or_else(|| pods.iter().map(|p| p.addr).max_by_key(|a| weight(*a)))
     }
 
     fn ready_pod(&self, addr: SocketAddr) -> Option<Arc<Pod>> {
@@ -897,6 +947,13 @@ impl Throttler {
             let pod = &pods[i];
             let free = pod.pinned_waiting.load(Ordering::SeqCst) == 0 && pod.try_reserve(capacity);
             return free.then(|| pod.clone());
+        }
+        if let Want::Prefer(addr) = want
+            && let Ok(i) = pods.binary_search_by_key(&addr, |p| p.addr)
+            && pods[i].pinned_waiting.load(Ordering::SeqCst) == 0
+            && pods[i].try_reserve(capacity)
+        {
+            return Some(pods[i].clone());
         }
         self.pick(&pods, capacity, Pod::open_to_any)
     }
@@ -1127,6 +1184,22 @@ mod tests {
 
     fn in_flight(t: &Throttler) -> Vec<usize> {
         t.ready().iter().map(|p| p.in_flight()).collect()
+    }
+
+    #[test]
+    fn rendezvous_places_a_key_alike_everywhere_and_moves_only_a_leaving_pods_keys() {
+        let (one, other) = (throttler(0, 4), throttler(0, 4));
+        let placed: Vec<SocketAddr> = (0..400u64).map(|hash| one.rendezvous(hash).unwrap()).collect();
+        assert!((0..400u64).all(|hash| other.rendezvous(hash) == Some(placed[hash as usize])), "replicas agree");
+        let per_pod = |pod: SocketAddr| placed.iter().filter(|p| **p == pod).count();
+        assert!(addrs(4).into_iter().all(|pod| per_pod(pod) > 50), "keys spread over the pods");
+        let gone = addrs(4)[1];
+        set(&one, &addrs(4).into_iter().filter(|a| *a != gone).collect::<Vec<_>>(), Probe::None);
+        for (hash, before) in placed.iter().enumerate() {
+            let after = one.rendezvous(hash as u64).unwrap();
+            assert!(after == *before || *before == gone, "key {hash} moved from a pod that stayed");
+        }
+        assert_eq!(throttler(0, 0).rendezvous(7), None);
     }
 
     #[tokio::test]
@@ -1430,6 +1503,29 @@ mod tests {
         assert!(t.is_ready(pods[1]));
         assert!(!t.set_backends(&Backends { trusted: pods.clone(), ..Backends::default() }, Probe::None));
         assert!(t.is_ready(pods[1]), "probed back in, it is an ordinary pod again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_pinned_to_a_pod_not_listed_here_waits_for_the_world_briefly_once() {
+        let t = throttler(0, 2);
+        let new = SocketAddr::from(([127, 0, 0, 1], 9100));
+        let waiting = tokio::spawn({
+            let t = t.clone();
+            async move { t.await_first_probe(new).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert!(!waiting.is_finished(), "another replica saw it join first: wait for the world here");
+        set(&t, &[addrs(2), vec![new]].concat(), Probe::None);
+        waiting.await.unwrap();
+        assert!(t.is_ready(new));
+
+        let gone = SocketAddr::from(([127, 0, 0, 1], 9200));
+        let started = Instant::now();
+        t.await_first_probe(gone).await;
+        assert_eq!(started.elapsed(), UNLISTED_GRACE, "never listed: waited for the grace");
+        let again = Instant::now();
+        t.await_first_probe(gone).await;
+        assert_eq!(again.elapsed(), std::time::Duration::ZERO, "waited for in vain once: gone, not new");
     }
 
     #[tokio::test(start_paused = true)]

@@ -12,7 +12,7 @@ mod session_end;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -79,6 +79,9 @@ struct Demo {
     ended: Mutex<Vec<String>>,
     /// Checks that a session end came from the activator, with `--session-end-keys`.
     end_verifier: Option<session_end::Verifier>,
+    /// Requests `/slow` has started, and those still waiting.
+    slow_started: AtomicUsize,
+    slow_waiting: AtomicUsize,
 }
 
 type Shared = Arc<Demo>;
@@ -98,6 +101,8 @@ async fn main() -> anyhow::Result<()> {
         counts: Mutex::new(HashMap::new()),
         ended: Mutex::new(Vec::new()),
         end_verifier: args.session_end_keys.as_deref().map(session_end::Verifier::from_file).transpose()?,
+        slow_started: AtomicUsize::new(0),
+        slow_waiting: AtomicUsize::new(0),
     });
     if !args.startup_delay.is_zero() {
         let demo = demo.clone();
@@ -113,7 +118,8 @@ async fn main() -> anyhow::Result<()> {
         .route("/incr/{id}", get(incr_path))
         .route("/healthz", get(healthz))
         .route("/stream", get(stream_chunks))
-        .route("/slow", get(slow))
+        .route("/slow", any(slow))
+        .route("/slow/stats", get(slow_stats))
         .route("/echo", any(echo))
         .route("/ws", get(websocket_echo))
         .route("/headers", any(headers))
@@ -319,15 +325,25 @@ struct SlowQuery {
     delay: Option<String>,
 }
 
-/// Waits before sending headers: a backend that is slower than a revision's timeout.
-async fn slow(Query(q): Query<SlowQuery>) -> Response {
+/// Waits before sending headers, whatever the method: a backend that is slower than a
+/// revision's timeout, or one a test kills while it holds a request.
+async fn slow(State(demo): State<Shared>, Query(q): Query<SlowQuery>) -> Response {
     match q.delay.as_deref().map(humantime::parse_duration).transpose() {
         Ok(d) => {
+            demo.slow_started.fetch_add(1, Ordering::SeqCst);
+            demo.slow_waiting.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(d.unwrap_or(Duration::from_secs(1))).await;
+            demo.slow_waiting.fetch_sub(1, Ordering::SeqCst);
             "slow done\n".into_response()
         }
         Err(e) => (StatusCode::BAD_REQUEST, format!("bad delay: {e}\n")).into_response(),
     }
+}
+
+/// `started <n> waiting <m>`: the `/slow` requests this pod took, and those it still holds.
+async fn slow_stats(State(demo): State<Shared>) -> String {
+    let (started, waiting) = (demo.slow_started.load(Ordering::SeqCst), demo.slow_waiting.load(Ordering::SeqCst));
+    format!("started {started} waiting {waiting}\n")
 }
 
 /// Streams the request body back as it arrives.

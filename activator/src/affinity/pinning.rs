@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use super::decide::{Lookup, Origin, PinWrite, decide, follow_flow_winner};
 use super::keys::{Keys, SignedCookie};
 use super::share;
-use crate::pins::{Found, Pin, PinSource, Pins, Watch};
+use crate::pins::{Found, Pin, PinKey, PinSource, Pins, Watch};
 use crate::throttle::Want;
 use crate::world::{Revision, Service};
 
@@ -34,6 +34,18 @@ pub struct Route {
     /// A newly signed pin cookie for the response (`sticky-session-mode: signed-cookie`).
     pub set_cookie: Option<String>,
     session_write: Option<PinWrite>,
+    /// The session's hash, by which it is placed when it is pinned anew.
+    placement: Option<u64>,
+}
+
+impl Route {
+    /// What to ask the throttler for when the request must go to another pod of its revision
+    /// (its pod failed it): for a session, the pod its hash prefers among those ready now, so
+    /// replicas re-pin it alike; else any.
+    pub fn elsewhere(&self) -> Want {
+        let preferred = self.placement.and_then(|hash| self.revision.throttler.rendezvous(hash));
+        preferred.map_or(Want::Any, Want::Prefer)
+    }
 }
 
 /// Another writer pinned the session to a ready pod first: the request goes there, as it will
@@ -87,9 +99,27 @@ impl<'a> Pinning<'a> {
         {
             revision.throttler.await_first_probe(pod).await;
         }
+        // A key without a pin is placed by its hash: the split's roll, then (for a session) the
+        // pod, by rendezvous over the revision's ready pods when that pod has room. Replicas that
+        // decide apart (one cannot reach Redis, or finds it just emptied) then decide alike, and
+        // the pins they push agree.
+        let unpinned =
+            |key: Option<&PinKey>, pin: &Option<Pin>| key.filter(|_| pin.is_none()).map(PinKey::placement_hash);
+        let placed_by_hash = unpinned(keys.session.as_ref(), &session).or_else(|| unpinned(keys.flow.as_ref(), &flow));
+        let unshared = [sources[0], sources[1]].contains(&PinSource::Fallback);
         let lookup = Lookup { has_session, has_flow: keys.flow.is_some(), session, flow };
-        let under_served = || service.affinity.split_by_requests().then(|| share::most_under_served(service)).flatten();
-        let mut decision = decide(service, ingress_pick, under_served, &lookup, fastrand::u32(..100));
+        // Steering to the under-served revision needs the shared counts: not without the store.
+        let under_served = || {
+            let steered = service.affinity.split_by_requests() && !unshared;
+            steered.then(|| share::most_under_served(service)).flatten()
+        };
+        let roll = placed_by_hash.map_or_else(|| fastrand::u32(..100), |hash| (hash % 100) as u32);
+        let mut decision = decide(service, ingress_pick, under_served, &lookup, roll);
+        if let (Some(key), Want::Any, Some(_)) = (&keys.session, decision.want, &decision.session_write)
+            && let Some(pod) = decision.revision.throttler.rendezvous(key.placement_hash())
+        {
+            decision.want = Want::Prefer(pod);
+        }
         if let (Some(key), Some(write)) = (&keys.flow, &decision.flow_write) {
             let ours = Pin::flow(&decision.revision.name);
             let lifetime = decision.revision.affinity.lifetime();
@@ -109,6 +139,7 @@ impl<'a> Pinning<'a> {
             queued: Duration::ZERO,
             set_cookie: None,
             session_write: decision.session_write,
+            placement: keys.session.as_ref().map(PinKey::placement_hash),
         };
         (Pinning { pins, service, keys, lookup, cookie }, route)
     }

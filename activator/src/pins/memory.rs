@@ -378,6 +378,19 @@ impl MemoryPins {
         out
     }
 
+    /// Every live pin held, for writing back to a shared store that lost its pins. Walks one
+    /// shard at a time, so a request waits at most for one shard's walk.
+    pub fn live(&self) -> Vec<Touched> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let table = lock(shard);
+            let live = table.map.iter().filter(|(_, e)| e.is_live(now));
+            out.extend(live.map(|(key, entry)| entry.touched(key.clone(), now)));
+        }
+        out
+    }
+
     /// Live session pins by service scope, revision and pod. Walks one shard at a time, so a
     /// request waits at most for one shard's walk.
     pub fn sessions_by_pod(&self) -> HashMap<(Arc<str>, Arc<str>, SocketAddr), u64> {

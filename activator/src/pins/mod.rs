@@ -79,6 +79,12 @@ impl PinKey {
 
     /// The first eight hex digits of the id's hash: enough to tell sessions apart in a log,
     /// nothing that gives the id away.
+    /// 64 bits of the key's hash, the same in every replica: for placing the key by hash when
+    /// no store can say where it goes.
+    pub fn placement_hash(&self) -> u64 {
+        self.id_hash as u64
+    }
+
     pub fn short_hash(&self) -> String {
         format!("{:08x}", (self.id_hash >> 96) as u32)
     }

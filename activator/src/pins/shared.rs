@@ -18,6 +18,13 @@
 //! A re-pin reaches other replicas through pub/sub within milliseconds; if that message is lost,
 //! a pin in use is corrected by the next refresh, and after a resubscribe every near-cache entry
 //! is re-read on its next use.
+//!
+//! A store that lost its pins (restarted without persistence, failed over to an empty replica,
+//! flushed) is told by its generation (`GENERATION_KEY`), checked every refresh interval and
+//! often after an outage. Each replica that finds a generation it has not seen writes back every
+//! pin it holds, first writer wins, and until then (and for a grace after, while the
+//! other replicas write back theirs) a key it does not hold waits rather than being pinned anew,
+//! so no session that any replica still knows changes pods.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -54,6 +61,19 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const REFRESH_CHUNK: usize = 500;
 /// Budget for one refresh pipeline; off the request path, so it can afford to be generous.
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The key whose value names what the store holds: set (`SET … NX`) by the first replica to find
+/// it missing. A value other than the one last seen, or none, means the store lost its data.
+const GENERATION_KEY: &str = "aa:generation";
+/// How often the generation is checked from an outage until a check passes.
+const RESTORE_POLL: Duration = Duration::from_millis(100);
+/// After writing back its pins to a store that lost them, a replica leaves the others this many
+/// refresh intervals to write back theirs before it pins keys it does not hold: each checks the
+/// generation every interval, and within a poll of an outage ending.
+const RESTORE_GRACE_INTERVALS: u32 = 2;
+/// The longest a request for a key this replica does not hold waits beyond the grace for the
+/// store's pins to be written back; after it, the request is decided with the store as it is.
+const RESTORE_WAIT_BEYOND_GRACE: Duration = Duration::from_secs(1);
 
 /// Compare-and-set on the target part (`<revision> <pod>`) of the stored value. Returns nothing
 /// when it wrote, else the value that won.
@@ -126,9 +146,11 @@ enum Op {
     Split,
     /// Claiming the call that tells a pod a session ended.
     End,
+    /// Checking the store's generation, and writing pins back to a store that lost them.
+    Restore,
 }
 
-const OPS: [&str; 9] = ["get", "create", "replace", "refresh", "decode", "connect", "ping", "split", "end"];
+const OPS: [&str; 10] = ["get", "create", "replace", "refresh", "decode", "connect", "ping", "split", "end", "restore"];
 /// How long a claim on a pin's end call is kept: far longer than replicas take to notice the
 /// same end, each within a second or two.
 const END_CLAIM_TTL: Duration = Duration::from_secs(3600);
@@ -175,6 +197,11 @@ impl Breaker {
         millis(self.origin.elapsed()).max(1)
     }
 
+    /// Whether calls go through now (no back-off), without claiming anything.
+    fn is_closed(&self) -> bool {
+        self.open_until_ms.load(Ordering::Acquire) == 0
+    }
+
     fn permit(&self) -> Option<Permit> {
         let until = self.open_until_ms.load(Ordering::Acquire);
         if until == 0 {
@@ -197,6 +224,14 @@ impl Breaker {
         self.open_until_ms.store(0, Ordering::Release);
         self.probing.store(false, Ordering::Release);
         true
+    }
+
+    /// Closes the breaker: Redis answered a call off the request path. Returns whether it was
+    /// open.
+    fn reset(&self) -> bool {
+        let was_open = self.open_until_ms.swap(0, Ordering::AcqRel) != 0;
+        self.failures.store(0, Ordering::Relaxed);
+        was_open
     }
 
     /// Opens the breaker unless a failure of this window already did; returns the back-off and
@@ -262,6 +297,8 @@ struct StoreMetrics {
     errors: [IntCounter; OPS.len()],
     latency: [Histogram; OPS.len()],
     up: IntGauge,
+    restores: IntCounter,
+    restored_pins: IntCounter,
 }
 
 /// The two connections to Redis: one for the request path, one for the batched refresh, so a
@@ -283,6 +320,19 @@ pub struct SharedPins {
     metrics: StoreMetrics,
     /// Set once the first connection attempt ended, however it ended.
     tried: tokio::sync::watch::Sender<bool>,
+    /// The store's generation as this replica last saw it; `None` before the first check.
+    generation: std::sync::Mutex<Option<String>>,
+    /// Set from an outage (and from the start) until a generation check passes: meanwhile the
+    /// store may lack pins that replicas hold, so a key this replica does not hold waits.
+    restoring: AtomicBool,
+    /// When a generation check last passed.
+    checked: std::sync::Mutex<Option<Instant>>,
+    /// The hash of `generation`, for the request path to compare without a lock; 0 before the
+    /// first check.
+    generation_hash: AtomicU64,
+    /// Asks the guard loop to check the generation now.
+    check_now: tokio::sync::Notify,
+    restored: tokio::sync::Notify,
 }
 
 impl SharedPins {
@@ -294,6 +344,8 @@ impl SharedPins {
             errors: OPS.map(|op| stats.pin_store_errors.with_label_values(&[op])),
             latency: OPS.map(|op| stats.pin_store_latency.with_label_values(&[op])),
             up: stats.pin_store_up.clone(),
+            restores: stats.pin_store_restores.clone(),
+            restored_pins: stats.pin_store_restored_pins.clone(),
         };
         let mut id = [0u8; 8];
         getrandom::fill(&mut id).map_err(|e| anyhow::anyhow!("reading OS randomness: {e}"))?;
@@ -307,10 +359,17 @@ impl SharedPins {
             config,
             metrics,
             tried: tokio::sync::watch::Sender::new(false),
+            generation: std::sync::Mutex::new(None),
+            restoring: AtomicBool::new(true),
+            checked: std::sync::Mutex::new(None),
+            generation_hash: AtomicU64::new(0),
+            check_now: tokio::sync::Notify::new(),
+            restored: tokio::sync::Notify::new(),
         });
         tokio::spawn(shared.clone().connect(client.clone()));
         tokio::spawn(shared.clone().follow_invalidations(client));
         tokio::spawn(shared.clone().refresh_loop());
+        tokio::spawn(shared.clone().guard_loop());
         Ok(shared)
     }
 
@@ -327,19 +386,53 @@ impl SharedPins {
         keys: [Option<&PinKey>; N],
         lifetime_of: LifetimeOf<'_>,
     ) -> [(Option<Pin>, PinSource); N] {
+        match self.lookup_once(keys, lifetime_of, true).await {
+            Some(found) => found,
+            // The store came back empty just now: its pins are written back first.
+            None => {
+                self.wait_restored().await;
+                self.lookup_once(keys, lifetime_of, false).await.expect("the generation goes unchecked")
+            }
+        }
+    }
+
+    /// One `lookup`; `None` if `check_generation` and the round trip found a store that lost its
+    /// pins, for a key this replica does not hold.
+    async fn lookup_once<const N: usize>(
+        &self,
+        keys: [Option<&PinKey>; N],
+        lifetime_of: LifetimeOf<'_>,
+        check_generation: bool,
+    ) -> Option<[(Option<Pin>, PinSource); N]> {
         let mut found: [(Option<Pin>, PinSource); N] = std::array::from_fn(|_| (None, PinSource::NearCache));
         let mut ask = Vec::new();
+        // While the store may lack pins replicas hold, this replica's own stand until it has
+        // written them back, and a key it does not hold waits for the writing back to end.
+        let restoring = self.restoring.load(Ordering::Acquire);
+        let mut absent = false;
         for (i, key) in keys.iter().enumerate() {
             let Some(key) = key else { continue };
             match self.memory.near(key, self.config.revalidate_after, lifetime_of) {
                 Near::Fresh(pin) => found[i].0 = Some(pin),
-                Near::Stale | Near::Absent => ask.push((i, *key, None)),
+                Near::Stale if restoring => found[i] = (self.memory.get(key, lifetime_of), PinSource::Fallback),
+                Near::Stale => ask.push((i, *key, None)),
+                Near::Absent => {
+                    absent = true;
+                    ask.push((i, *key, None));
+                }
                 Near::Local(local) => ask.push((i, *key, Some(local))),
             }
         }
         if ask.is_empty() {
-            return found;
+            return Some(found);
         }
+        if absent && restoring {
+            self.wait_restored().await;
+        }
+        // A key this replica does not hold is read with the store's generation, in the same
+        // round trip: a store restarted empty is seen by the first request that would otherwise
+        // pin anew what another replica still holds. A cluster pipeline takes one slot only.
+        let generation = check_generation && absent && !self.is_cluster();
         let replies = match self.available() {
             Some((mut conn, granted)) => {
                 let mut pipe = redis::pipe();
@@ -353,17 +446,26 @@ impl SharedPins {
                         }
                     }
                 }
+                if generation {
+                    pipe.get(GENERATION_KEY);
+                }
                 let read = async move { pipe.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await };
-                self.call(Op::Get, granted, read).await.filter(|replies| replies.len() == ask.len())
+                let expected = ask.len() + usize::from(generation);
+                self.call(Op::Get, granted, read).await.filter(|replies| replies.len() == expected)
             }
             None => None,
         };
-        let Some(replies) = replies else {
+        let Some(mut replies) = replies else {
             for (i, key, _) in ask {
                 found[i] = (self.memory.get(key, lifetime_of), PinSource::Fallback);
             }
-            return found;
+            return Some(found);
         };
+        if generation && !self.is_current_generation(replies.pop().flatten().as_deref()) {
+            self.restoring.store(true, Ordering::Release);
+            self.check_now.notify_one();
+            return None;
+        }
         for ((i, key, local), reply) in ask.into_iter().zip(replies) {
             found[i].1 = PinSource::Redis;
             found[i].0 = match (reply, local) {
@@ -380,7 +482,18 @@ impl SharedPins {
                 (None, None) => self.memory.get(key, lifetime_of),
             };
         }
-        found
+        Some(found)
+    }
+
+    fn is_cluster(&self) -> bool {
+        self.conn.get().is_some_and(|c| matches!(c.requests, RedisConnection::Cluster(_)))
+    }
+
+    /// Whether `generation` (as read from the store) is the one this replica last saw; any value
+    /// is, before it has seen one.
+    fn is_current_generation(&self, generation: Option<&[u8]>) -> bool {
+        let known = self.generation_hash.load(Ordering::Acquire);
+        known == 0 || generation.is_some_and(|g| xxhash_rust::xxh3::xxh3_64(g).max(1) == known)
     }
 
     pub async fn write(
@@ -582,6 +695,7 @@ impl SharedPins {
             }
             (Err(Some((backoff, true))), Err(error)) => {
                 tracing::warn!(op = OPS[op as usize], %error, ?backoff, "Redis unavailable; routing with this replica's pins");
+                self.restoring.store(true, Ordering::Release);
                 None
             }
             _ => None,
@@ -618,7 +732,9 @@ impl SharedPins {
                 Ok::<_, redis::RedisError>((Connections { requests, background }, info))
             };
             let connected = connected.await;
-            self.tried.send_replace(true);
+            if connected.is_err() {
+                self.tried.send_replace(true);
+            }
             match connected {
                 Ok((conn, info)) => {
                     let version = server_version(&info);
@@ -633,6 +749,12 @@ impl SharedPins {
                     self.metrics.up.set(1);
                     tracing::info!(version = ?version, "connected to Redis; pins are shared");
                     let _ = self.conn.set(conn);
+                    // Before this replica is ready: pins it made while connecting go in, and it
+                    // learns the store's generation.
+                    if let Err(error) = self.check_store().await {
+                        tracing::warn!(%error, "reading the pin store's generation failed; retried shortly");
+                    }
+                    self.tried.send_replace(true);
                     return;
                 }
                 Err(e) => {
@@ -680,6 +802,108 @@ impl SharedPins {
             self.memory.distrust_all();
             tokio::time::sleep(backoff.next_pause()).await;
         }
+    }
+
+    /// Checks the store's generation every refresh interval, and every `RESTORE_POLL` from an
+    /// outage until a check passes.
+    async fn guard_loop(self: Arc<Self>) {
+        loop {
+            let restoring = self.restoring.load(Ordering::Acquire);
+            let pause = if restoring { RESTORE_POLL } else { self.config.refresh_interval };
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = self.check_now.notified() => {}
+            }
+            let recent = crate::sync::lock(&self.checked).is_some_and(|at| at.elapsed() < self.config.refresh_interval);
+            if recent && !self.restoring.load(Ordering::Acquire) {
+                continue;
+            }
+            if self.conn.get().is_some()
+                && let Err(error) = self.check_store().await
+            {
+                // The store may have restarted: until a check passes, what it holds is in doubt.
+                self.restoring.store(true, Ordering::Release);
+                tracing::debug!(%error, "checking the pin store's generation failed; retried shortly");
+            }
+        }
+    }
+
+    /// Reads the store's generation (making one if there is none). One this replica has not
+    /// seen means the store lost its pins: every pin held here goes back in, first writer wins
+    /// (a pin another replica wrote back first is adopted), and keys this replica does not hold
+    /// wait a grace more while the others write back theirs. Ends `restoring` unless Redis
+    /// failed.
+    async fn check_store(&self) -> Result<(), String> {
+        let mut conn = self.conn.get().ok_or("not connected")?.background.clone();
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).map_err(|e| e.to_string())?;
+        let candidate = hex::encode(id);
+        let mut set = redis::cmd("SET");
+        set.arg(GENERATION_KEY).arg(&candidate).arg("NX").arg("GET");
+        let read = async move { set.query_async::<Option<Vec<u8>>>(&mut conn).await };
+        let held = self.timed(Op::Restore, REFRESH_TIMEOUT, read).await?;
+        // Redis answers: the request path need not wait for its back-off to end to ask it again.
+        if self.breaker.reset() {
+            self.metrics.up.set(1);
+            tracing::info!("Redis answers again; pins are shared");
+        }
+        let current = held.map_or(candidate, |held| String::from_utf8_lossy(&held).into_owned());
+        let previous = crate::sync::lock(&self.generation).clone();
+        if previous.as_deref() != Some(current.as_str()) {
+            let lost = previous.is_some();
+            // Keys this replica does not hold wait from now until the pins are back.
+            self.restoring.store(true, Ordering::Release);
+            let pins: Vec<Touched> = self.memory.live().into_iter().map(|t| Touched { synced: false, ..t }).collect();
+            let count = pins.len() as u64;
+            if lost {
+                self.metrics.restores.inc();
+                tracing::warn!(
+                    pins = count,
+                    previous = previous.as_deref().unwrap_or_default(),
+                    current = current.as_str(),
+                    "the pin store lost its pins; writing back this replica's"
+                );
+            }
+            self.write_back(pins).await?;
+            self.generation_hash.store(xxhash_rust::xxh3::xxh3_64(current.as_bytes()).max(1), Ordering::Release);
+            *crate::sync::lock(&self.generation) = Some(current);
+            if lost {
+                self.metrics.restored_pins.inc_by(count);
+                tokio::time::sleep(self.config.refresh_interval * RESTORE_GRACE_INTERVALS).await;
+            }
+        }
+        *crate::sync::lock(&self.checked) = Some(Instant::now());
+        if self.restoring.swap(false, Ordering::AcqRel) {
+            self.restored.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Puts `pins` into the store where it has none for their keys, in the refresh's pipelines.
+    async fn write_back(&self, pins: Vec<Touched>) -> Result<(), String> {
+        let conn = self.conn.get().ok_or("not connected")?.background.clone();
+        let pins = pins.into_iter().filter(|t| millis(t.remaining) > 0);
+        for chunk in chunks(pins, matches!(conn, RedisConnection::Cluster(_))) {
+            let failed = self.refresh_chunk(conn.clone(), chunk).await;
+            if !failed.is_empty() {
+                return Err(format!("{} pins not written back", failed.len()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits, at most the grace and `RESTORE_WAIT_BEYOND_GRACE`, for the store's pins to be
+    /// written back, unless Redis is out of reach (the request then routes with this replica's
+    /// pins at once).
+    async fn wait_restored(&self) {
+        let restored = self.restored.notified();
+        tokio::pin!(restored);
+        restored.as_mut().enable();
+        if !self.restoring.load(Ordering::Acquire) || !self.breaker.is_closed() {
+            return;
+        }
+        let wait = self.config.refresh_interval * RESTORE_GRACE_INTERVALS + RESTORE_WAIT_BEYOND_GRACE;
+        let _ = tokio::time::timeout(wait, restored).await;
     }
 
     async fn refresh_loop(self: Arc<Self>) {

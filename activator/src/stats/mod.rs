@@ -10,6 +10,7 @@ pub mod knative;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use crate::retry::Outcome;
 use crate::sync::lock;
 use std::time::Duration;
 
@@ -42,6 +43,7 @@ pub struct Stats {
     queue_wait: HistogramVec,
     outside_subset: IntCounterVec,
     resent: IntCounterVec,
+    retried: IntCounterVec,
     unreachable: IntCounterVec,
     topology_reloads: IntCounterVec,
     annotation_errors: IntCounterVec,
@@ -56,6 +58,9 @@ pub struct Stats {
     pub pin_store_errors: IntCounterVec,
     pub pin_store_latency: HistogramVec,
     pub pin_store_up: IntGauge,
+    /// Times the shared store was found without its pins, and the pins written back to it.
+    pub pin_store_restores: IntCounter,
+    pub pin_store_restored_pins: IntCounter,
     pub autoscaler_connected: IntGauge,
     pub autoscaler_dropped: IntCounter,
     pub autoscaler_pokes: IntCounter,
@@ -144,6 +149,15 @@ impl Stats {
             &labels[..3],
         )
         .expect("static metric definition");
+        let retried = IntCounterVec::new(
+            Opts::new(
+                "activator_requests_retried_total",
+                "Requests whose pod failed them before any response byte that were safe to send again, by what \
+                 became of them: retried on another pod, or not (over-budget, not-kept, no-pod)",
+            ),
+            &[labels[0], labels[1], labels[2], "result"],
+        )
+        .expect("static metric definition");
         let unreachable = IntCounterVec::new(
             Opts::new(
                 "activator_pods_unreachable_total",
@@ -221,6 +235,16 @@ impl Stats {
             "1 while the shared pin store answers, 0 while this replica routes with its own pins",
         )
         .expect("static metric definition");
+        let pin_store_restores = IntCounter::new(
+            "activator_pin_store_restores_total",
+            "Times the shared pin store was found without its pins (restarted empty, failed over, flushed)",
+        )
+        .expect("static metric definition");
+        let pin_store_restored_pins = IntCounter::new(
+            "activator_pin_store_restored_pins_total",
+            "Pins this replica wrote back to the shared store because the store lacked them",
+        )
+        .expect("static metric definition");
         let open_connections = IntGauge::new("activator_open_connections", "Client connections open on the data port")
             .expect("static metric definition");
         let connection_limit_reached = IntCounter::new(
@@ -285,6 +309,7 @@ impl Stats {
                 Box::new(decisions.clone()),
                 Box::new(outside_subset.clone()),
                 Box::new(resent.clone()),
+                Box::new(retried.clone()),
                 Box::new(unreachable.clone()),
                 Box::new(topology_reloads.clone()),
                 Box::new(annotation_errors.clone()),
@@ -295,6 +320,8 @@ impl Stats {
                 Box::new(pin_store_errors.clone()),
                 Box::new(pin_store_latency.clone()),
                 Box::new(pin_store_up.clone()),
+                Box::new(pin_store_restores.clone()),
+                Box::new(pin_store_restored_pins.clone()),
                 Box::new(autoscaler_connected.clone()),
                 Box::new(autoscaler_dropped.clone()),
                 Box::new(autoscaler_pokes.clone()),
@@ -325,6 +352,7 @@ impl Stats {
             queued,
             outside_subset,
             resent,
+            retried,
             unreachable,
             topology_reloads,
             annotation_errors,
@@ -335,6 +363,8 @@ impl Stats {
             pin_store_errors,
             pin_store_latency,
             pin_store_up,
+            pin_store_restores,
+            pin_store_restored_pins,
             autoscaler_connected,
             autoscaler_dropped,
             autoscaler_pokes,
@@ -367,6 +397,7 @@ impl Stats {
             queue_wait: self.queue_wait.with_label_values(&ours),
             outside_subset: self.outside_subset.with_label_values(&ours),
             resent: self.resent.with_label_values(&ours),
+            retried: Outcome::LABELS.map(|result| self.retried.with_label_values(&[&ours[..], &[result]].concat())),
             unreachable: self.unreachable.with_label_values(&ours),
             knative: self.knative.revision(&names),
             stats: self.clone(),
@@ -447,6 +478,8 @@ pub struct RevisionStats {
     pub queue_wait: Histogram,
     pub outside_subset: IntCounter,
     pub resent: IntCounter,
+    /// By `retry::Outcome`.
+    pub retried: [IntCounter; Outcome::LABELS.len()],
     pub unreachable: IntCounter,
     pub knative: KnativeRevision,
     stats: Stats,
@@ -558,6 +591,9 @@ impl Drop for RevisionStats {
         let _ = self.stats.queue_wait.remove_label_values(&[ns, svc, rev]);
         for per_revision in [&self.stats.outside_subset, &self.stats.resent, &self.stats.unreachable] {
             let _ = per_revision.remove_label_values(&[ns, svc, rev]);
+        }
+        for result in Outcome::LABELS {
+            let _ = self.stats.retried.remove_label_values(&[ns, svc, rev, result]);
         }
     }
 }

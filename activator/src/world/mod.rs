@@ -19,6 +19,7 @@ use crate::affinity::share::Served;
 use crate::autoscaler::Concurrency;
 use crate::pins::Lifetime;
 use crate::proxy::HostRewrite;
+use crate::retry::Budget;
 use crate::stats::RevisionStats;
 use crate::throttle::{Probe, Throttler};
 
@@ -46,6 +47,8 @@ pub struct Revision {
     pub concurrency: Arc<Concurrency>,
     /// Requests served over a sliding window, for `sticky-split-mode: requests`.
     pub served: Arc<Served>,
+    /// How many more requests may be sent again after their pod failed them.
+    pub retries: Arc<Budget>,
 }
 
 pub struct TrafficTarget {

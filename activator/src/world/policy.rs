@@ -1,5 +1,6 @@
 //! What a service's `activator.knative.dev/*` annotations configure: where session and flow ids
-//! are read from, the cookie made up for clients without one, and how long pins live.
+//! are read from, the cookie made up for clients without one, how long pins live, and which
+//! requests may be sent again.
 //!
 //! Annotations are parsed once per world change, never per request. A malformed annotation is
 //! reported to the caller (who logs and counts it) and ignored. Must not read requests; the
@@ -14,6 +15,7 @@ use http::header::HeaderName;
 
 use crate::headers::{DEFAULT_FLOW, DEFAULT_SESSION};
 use crate::pins::{Lifetime, MAX_LIFETIME, PinKind};
+use crate::retry::Retry;
 
 pub const ANNOTATION_PREFIX: &str = "activator.knative.dev/";
 pub const DEFAULT_TTL: Duration = Duration::from_secs(600);
@@ -49,6 +51,8 @@ pub struct Annotated {
     chat_prefix: Option<bool>,
     /// `sticky-session-chat-path`: the path of the service's chat requests.
     chat_path: Option<String>,
+    /// `retry`: which requests may be sent again after their pod failed them.
+    retry: Option<Retry>,
 }
 
 /// Longest `sticky-session-end-path` or `sticky-session-chat-path` accepted.
@@ -163,6 +167,13 @@ impl Annotated {
                     }
                     continue;
                 }
+                (None, "retry") => {
+                    match Retry::parse(value) {
+                        Some(retry) => out.retry = Some(retry),
+                        None => rejected(key, format!("{value:?} is none of off, safe and all")),
+                    }
+                    continue;
+                }
                 (None, "sticky-split-mode") => {
                     match value {
                         "requests" => out.split_by_requests = Some(true),
@@ -230,7 +241,13 @@ impl Annotated {
         self.end_path = self.end_path.or_else(|| base.end_path.clone());
         self.chat_prefix = self.chat_prefix.or(base.chat_prefix);
         self.chat_path = self.chat_path.or_else(|| base.chat_path.clone());
+        self.retry = self.retry.or(base.retry);
         self
+    }
+
+    /// Which requests into this revision may be sent again (`retry`; `safe` by default).
+    pub fn retry(&self) -> Retry {
+        self.retry.unwrap_or_default()
     }
 
     /// Pin lifetime for pins into this revision.
@@ -400,6 +417,18 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn retry_is_the_revisions_over_the_services_and_safe_by_default() {
+        let (off, errors) = annotated(&[("retry", "off")]);
+        assert!(errors.is_empty(), "{errors:?}");
+        let (all, _) = annotated(&[("retry", "all")]);
+        let (plain, _) = annotated(&[]);
+        assert_eq!(plain.retry(), Retry::Safe);
+        assert_eq!(all.over(&off).retry(), Retry::All, "the revision's own wins");
+        assert_eq!(plain.over(&off).retry(), Retry::Off, "else the service's");
+        assert_eq!(annotated(&[("retry", "always")]).1.len(), 1);
+    }
+
+    #[test]
     fn split_mode_is_read_from_any_of_the_services_annotations() {
         let (requests, errors) = annotated(&[("sticky-split-mode", "requests")]);
         assert!(errors.is_empty(), "{errors:?}");
@@ -461,7 +490,7 @@ pub(crate) mod tests {
                 "sticky-session-cookie-name", "sticky-session-pin-cookie-name", "sticky-session-mode",
                 "sticky-session-end-path", "sticky-session-chat-prefix", "sticky-session-chat-path",
                 "sticky-session-cookie-secure", "sticky-revision-header-name", "sticky-ttl", "sticky-max-age",
-                "sticky-split-mode", "sticky-unknown",
+                "sticky-split-mode", "retry", "sticky-unknown",
             ]),
             value in "\\PC{0,40}",
         ) {

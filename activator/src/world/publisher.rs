@@ -18,6 +18,7 @@ use super::{Listed, Revision, Service, Snapshot, TrafficTarget};
 use crate::affinity::share::Served;
 use crate::autoscaler::Concurrency;
 use crate::readiness::Prober;
+use crate::retry::Budget;
 use crate::stats::knative::RevisionNames;
 use crate::stats::{RevisionStats, Stats};
 use crate::throttle::{Backends, QueueLimits, ThrottleMetrics, Throttler};
@@ -29,6 +30,7 @@ struct Runtime {
     throttler: Arc<Throttler>,
     stats: Arc<RevisionStats>,
     concurrency: Arc<Concurrency>,
+    retries: Arc<Budget>,
 }
 
 pub struct Publisher {
@@ -167,7 +169,7 @@ impl Publisher {
     }
 
     /// What one revision keeps across snapshots and shares among the services that list it: its
-    /// throttler (pods, slots, queue), its series and its concurrency, from `previous` if the
+    /// throttler (pods, slots, queue), its series, its concurrency and its retry budget, from `previous` if the
     /// revision was there under the same names.
     fn runtime(&self, svc: &ServiceSpec, rev: &RevisionSpec, previous: &Snapshot) -> Runtime {
         let names = RevisionNames {
@@ -185,7 +187,12 @@ impl Publisher {
         let runtime = match reused {
             Some(r) => {
                 r.throttler.set_container_concurrency(rev.container_concurrency);
-                Runtime { throttler: r.throttler.clone(), stats: r.stats.clone(), concurrency: r.concurrency.clone() }
+                Runtime {
+                    throttler: r.throttler.clone(),
+                    stats: r.stats.clone(),
+                    concurrency: r.concurrency.clone(),
+                    retries: r.retries.clone(),
+                }
             }
             None => {
                 let stats = self.stats.revision(names);
@@ -202,7 +209,7 @@ impl Publisher {
                     stats.in_flight.clone(),
                     stats.knative.concurrency.clone(),
                 );
-                Runtime { throttler, stats, concurrency: Arc::new(concurrency) }
+                Runtime { throttler, stats, concurrency: Arc::new(concurrency), retries: Arc::default() }
             }
         };
         if runtime.throttler.set_backends(&rev.backends, rev.probe.clone()) {
@@ -223,7 +230,7 @@ impl Publisher {
     ) -> Arc<Revision> {
         let served = served.unwrap_or_default();
         let scope = format!("revision {}/{}", svc.namespace, rev.name);
-        let Runtime { throttler, stats, concurrency } = runtime;
+        let Runtime { throttler, stats, concurrency, retries } = runtime;
         Arc::new(Revision {
             namespace: svc.namespace.clone(),
             service: svc.name.clone(),
@@ -239,6 +246,7 @@ impl Publisher {
             stats,
             concurrency,
             served,
+            retries,
         })
     }
 

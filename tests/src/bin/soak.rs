@@ -2,7 +2,9 @@
 //! Two activators sharing pins through Redis behind HAProxy take steady load at about 70 % of
 //! what they can serve, with sessions starting and ending all the time, while the topology's
 //! split changes every few seconds, pods are killed and new ones added, Redis is restarted and
-//! one activator is restarted. Once a minute it prints the requests that failed, each
+//! one activator is restarted. One request in `POST_EVERY` is a `POST`, which the activator
+//! never sends twice; the rest are `GET`s, which it sends again when their pod dies under them.
+//! Once a minute it prints the requests that failed (the `GET`s, then the `POST`s apart), each
 //! activator's memory and open files against the first minute's, and the pins lost: sessions
 //! that changed pods although their pod was still there (`SOAK_VERBOSE=1` prints each, with the
 //! decision that moved it). Not part of CI.
@@ -26,12 +28,17 @@ const SESSIONS_PER_EPOCH: usize = 200;
 /// send (it has fallen behind) rather than queueing them.
 const MAX_OPEN: usize = 512;
 const REVISIONS: [&str; 2] = ["soak-a", "soak-b"];
+/// One request in this many is a `POST`: not safe to send twice, so a pod dying under it fails it.
+const POST_EVERY: u64 = 10;
 
 /// What the load has seen so far.
 #[derive(Default)]
 struct Tally {
     ok: AtomicU64,
+    /// Failed `GET`s, by status (0: no answer); the activator retries these.
     failed: Mutex<HashMap<u16, u64>>,
+    /// Failed `POST`s, which nobody may retry.
+    failed_posts: Mutex<HashMap<u16, u64>>,
     /// The pod each session was last answered by.
     homes: Mutex<HashMap<String, String>>,
     /// Sessions that changed pods although the pod they left was still serving (counted once
@@ -92,6 +99,9 @@ async fn main() {
         if ticks.is_multiple_of(4) {
             // The replacement joins the same revision, so neither revision is ever left empty.
             let victim = pods.remove(fastrand::usize(..pods.len()));
+            if std::env::var_os("SOAK_VERBOSE").is_some() {
+                println!("{:>7.1} s  killing {}", started.elapsed().as_secs_f32(), victim.name);
+            }
             live.lock().unwrap().remove(&victim.name);
             victim.process.signal(Signal::SIGKILL);
             pods.push(Pod::start(&env, &mut next_pod, victim.revision).await);
@@ -203,6 +213,7 @@ async fn generate(client: Client, rate: f64, tally: Arc<Tally>, live: Live, stop
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
+    let mut sent = 0u64;
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
         while tasks.try_join_next().is_some() {}
@@ -213,15 +224,26 @@ async fn generate(client: Client, rate: f64, tally: Arc<Tally>, live: Live, stop
         let epoch = started.elapsed().as_secs() / SESSION_EPOCH.as_secs();
         let session = format!("s-{epoch}-{}", fastrand::usize(..SESSIONS_PER_EPOCH));
         let (client, tally, live) = (client.clone(), tally.clone(), live.clone());
+        sent += 1;
+        let post = sent.is_multiple_of(POST_EVERY);
         tasks.spawn(async move {
-            let req = client.request(reqwest::Method::GET, "soak.test", "/incr").header("K-Session", &session);
+            let req = match post {
+                true => client.request(reqwest::Method::POST, "soak.test", "/echo").body("order"),
+                false => client.request(reqwest::Method::GET, "soak.test", "/incr"),
+            };
+            let req = req.header("K-Session", &session);
             let status = match client.try_send(req).await {
                 Ok(reply) if reply.status == 200 => {
                     tally.ok.fetch_add(1, Ordering::Relaxed);
-                    if record_home(&tally, &live, session.clone(), reply.pod().to_owned()) && verbose {
+                    if let Some(left) = record_home(&tally, &live, session.clone(), reply.pod().to_owned())
+                        && verbose
+                    {
                         let decision = reply.header("x-activator-decision");
                         let at = started.elapsed().as_secs_f32();
-                        println!("{at:>7.1} s  pin lost: session {session} now on {} ({decision})", reply.pod());
+                        println!(
+                            "{at:>7.1} s  pin lost: session {session} left {left} for {} ({decision})",
+                            reply.pod()
+                        );
                     }
                     200
                 }
@@ -229,7 +251,8 @@ async fn generate(client: Client, rate: f64, tally: Arc<Tally>, live: Live, stop
                 Err(_) => 0,
             };
             if status != 200 {
-                *tally.failed.lock().unwrap().entry(status).or_default() += 1;
+                let failed = if post { &tally.failed_posts } else { &tally.failed };
+                *failed.lock().unwrap().entry(status).or_default() += 1;
             }
             drop(slot);
         });
@@ -238,18 +261,19 @@ async fn generate(client: Client, rate: f64, tally: Arc<Tally>, live: Live, stop
 }
 
 /// Notes the pod that answered a session; a change of pod is a lost pin if the pod it left is
-/// still in the topology. Returns whether the session lost its pin just now, the first time.
-fn record_home(tally: &Tally, live: &Live, session: String, pod: String) -> bool {
+/// still in the topology. Returns the pod left if the session lost its pin just now, the first
+/// time.
+fn record_home(tally: &Tally, live: &Live, session: String, pod: String) -> Option<String> {
     let previous = tally.homes.lock().unwrap().insert(session.clone(), pod.clone());
     match previous {
         Some(previous) if previous != pod => {
             if live.lock().unwrap().contains(&previous) {
-                return tally.lost.lock().unwrap().insert(session);
+                return tally.lost.lock().unwrap().insert(session).then_some(previous);
             }
             tally.moved.lock().unwrap().insert(session);
-            false
+            None
         }
-        _ => false,
+        _ => None,
     }
 }
 
@@ -277,6 +301,8 @@ async fn report(
     }
     let failed: HashMap<u16, u64> = tally.failed.lock().unwrap().clone();
     let failed_total: u64 = failed.values().sum();
+    let failed_posts: HashMap<u16, u64> = tally.failed_posts.lock().unwrap().clone();
+    let failed_posts_total: u64 = failed_posts.values().sum();
     let drift: Vec<String> = first
         .iter()
         .zip(now)
@@ -291,8 +317,9 @@ async fn report(
         })
         .collect();
     println!(
-        "{:>5} s  ok {}  failed {failed_total} {failed:?}  sessions that lost their pin {}  moved with their pod {}  \
-         Redis calls failed {redis_errors}  not sent (generator behind) {}  |  {}",
+        "{:>5} s  ok {}  failed {failed_total} {failed:?}  POSTs failed (not retryable) {failed_posts_total} \
+         {failed_posts:?}  sessions that lost their pin {}  moved with their pod {}  Redis calls failed {redis_errors}  \
+         not sent (generator behind) {}  |  {}",
         elapsed.as_secs(),
         tally.ok.load(Ordering::Relaxed),
         tally.lost.lock().unwrap().len(),
