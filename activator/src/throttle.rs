@@ -212,8 +212,8 @@ pub enum Want {
     Any,
     /// This pod, waiting for its capacity if it is busy; any pod if it is no longer ready.
     Pod(SocketAddr),
-    /// This pod if it has room now, else any: where a new session goes when every replica is to
-    /// place it alike (`rendezvous`).
+    /// This pod if it has room now (and is in this activator's subset), else any: where a new
+    /// session goes when every replica is to place it alike (`rendezvous`).
     Prefer(SocketAddr),
 }
 
@@ -948,9 +948,10 @@ impl Throttler {
             let free = pod.pinned_waiting.load(Ordering::SeqCst) == 0 && pod.try_reserve(capacity);
             return free.then(|| pod.clone());
         }
+        // A preferred pod outside this activator's subset is another activator's to fill.
         if let Want::Prefer(addr) = want
             && let Ok(i) = pods.binary_search_by_key(&addr, |p| p.addr)
-            && pods[i].pinned_waiting.load(Ordering::SeqCst) == 0
+            && pods[i].open_to_any()
             && pods[i].try_reserve(capacity)
         {
             return Some(pods[i].clone());
