@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use integration_tests::topology::{Service, yaml};
-use integration_tests::{Client, Env, Metrics, admin_get, metric, wait_until};
+use integration_tests::{Client, Env, Metrics, Process, admin_get, metric, wait_until};
 use nix::sys::signal::Signal;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -196,6 +196,31 @@ async fn activator_answers_for_itself_with_clear_status_codes() {
     assert_eq!(count("dead-1", "502"), Some(1.0));
     assert_eq!(count("slow-1", "504"), Some(1.0));
     assert_eq!(count("", "404"), Some(1.0));
+}
+
+/// A topology replaced by rename (as editors and ConfigMap mounts do), or rewritten in place,
+/// applies at once, long before the next poll: replicas reading one file change together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_changes_apply_without_waiting_for_the_poll() {
+    let env = Env::new();
+    let (blue, green) = (env.demo("blue", "app-1").await, env.demo("green", "app-2").await);
+    let to = |revision: &str, pod: &Process| yaml(&[Service::new("app").revision(revision, 100, &[pod.addr("http")])]);
+    env.write_topology(&to("app-1", &blue));
+    let activator = env.activator(&["--topology-poll-interval", "1h"]).await;
+    let client = Client::new(activator.addr("proxy"));
+    assert_eq!(client.get("app.test", "/incr").await.revision(), "app-1");
+
+    env.write_topology(&to("app-2", &green));
+    wait_until(Duration::from_secs(5), "the renamed file applies", || async {
+        client.get("app.test", "/incr").await.revision() == "app-2"
+    })
+    .await;
+
+    std::fs::write(env.topology_path(), to("app-1", &blue)).expect("rewriting the topology in place");
+    wait_until(Duration::from_secs(5), "the rewritten file applies", || async {
+        client.get("app.test", "/incr").await.revision() == "app-1"
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

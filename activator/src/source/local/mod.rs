@@ -3,9 +3,12 @@
 //! whenever their content changes. A broken file is logged with its location and counted, and
 //! the last good world keeps serving.
 //!
-//! The files are polled rather than watched with inotify: editors and Kubernetes ConfigMap
-//! mounts replace files by rename or symlink swap, which inotify watches on the file itself
-//! miss, and re-reading a few kilobytes a few times a second costs nothing measurable.
+//! A change is seen through inotify on the files' folders, not on the files themselves: editors
+//! and Kubernetes ConfigMap mounts replace files by rename or symlink swap, which a watch on the
+//! file misses. Replicas reading the same file so take a change within moments of each other,
+//! which is what lets them place new sessions alike while the pin store is out of reach. The
+//! files are also polled, for file systems without inotify (some network and overlay mounts);
+//! re-reading a few kilobytes a few times a second costs nothing measurable.
 
 pub mod file;
 
@@ -17,6 +20,9 @@ use anyhow::Context;
 
 use crate::world::Publisher;
 use file::{EndpointsFile, TopologyError, TopologyFile};
+
+/// How long after a change in a watched folder its files are read.
+const WRITE_SETTLE: Duration = Duration::from_millis(10);
 
 /// A watched file and the content last seen in it.
 pub struct Watched {
@@ -83,12 +89,21 @@ impl LocalSource {
         Ok(source)
     }
 
-    /// Polls the files forever.
+    /// Re-reads the files whenever their folders change, and every `interval`, forever.
     pub async fn watch(mut self, interval: Duration) {
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let folders = std::iter::once(&self.topology).chain(&self.endpoints).map(|w| w.path());
+        // Dropping the watcher ends the watch: it lives as long as this loop.
+        let _watcher = watch_folders(folders, changed.clone());
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticker.tick().await;
+            tokio::select! {
+                _ = ticker.tick() => {}
+                // A file written in place raises an event per write: the rest of its writes land
+                // before it is read.
+                () = changed.notified() => tokio::time::sleep(WRITE_SETTLE).await,
+            }
             let mut changed = false;
             if let Some(text) = self.topology.changed() {
                 let path = self.topology.path().to_owned();
@@ -131,4 +146,30 @@ impl LocalSource {
     fn publish(&self) {
         self.publisher.apply(&self.file.to_spec(&self.published));
     }
+}
+
+/// Wakes `changed` on any change in the folders holding `files`; `None` (logged) where inotify is
+/// not available, and polling alone sees changes.
+fn watch_folders<'a>(
+    files: impl Iterator<Item = &'a Path>,
+    changed: Arc<tokio::sync::Notify>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            changed.notify_one();
+        }
+    })
+    .inspect_err(|error| tracing::warn!(%error, "file change notifications unavailable; polling only"))
+    .ok()?;
+    for file in files {
+        let folder = match file.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        if let Err(error) = watcher.watch(folder, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(folder = %folder.display(), %error, "cannot watch the folder for changes; polling it only");
+        }
+    }
+    Some(watcher)
 }
