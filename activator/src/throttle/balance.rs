@@ -1,0 +1,144 @@
+//! Which pod a request takes among those with a free slot, by the revision's policy as Knative's
+//! activator chooses it from `containerConcurrency` (power of two choices when unlimited, first
+//! available when small, round robin otherwise), and which pod a key is placed on by rendezvous
+//! hashing, so replicas that list the same pods place a new session alike.
+//!
+//! Must not change the ready set or the queue: it reads the pods it is given.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::{Pod, Throttler};
+
+/// Above this `containerConcurrency`, round robin spreads better than first-available
+/// (the same cut-over as Knative's activator).
+const FIRST_AVAILABLE_MAX_CC: usize = 3;
+
+/// Pods ready for less than this are left out of `rendezvous`: replicas find a new pod ready a
+/// probe period apart, and would place keys apart meanwhile.
+const RENDEZVOUS_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Policy {
+    /// CC = 0: two random pods, the one with fewer requests in flight.
+    PowerOfTwo,
+    /// Small CC: the first pod, in address order, with a free slot.
+    FirstAvailable,
+    /// Large CC: round robin over pods with a free slot.
+    RoundRobin,
+}
+
+impl Throttler {
+    fn policy(capacity: usize) -> Policy {
+        match capacity {
+            0 => Policy::PowerOfTwo,
+            cc if cc <= FIRST_AVAILABLE_MAX_CC => Policy::FirstAvailable,
+            _ => Policy::RoundRobin,
+        }
+    }
+
+    /// A pod with a free slot by the revision's policy, among those `eligible` allows.
+    pub(super) fn pick(&self, pods: &[Arc<Pod>], capacity: usize, eligible: impl Fn(&Pod) -> bool) -> Option<Arc<Pod>> {
+        let n = pods.len();
+        if n == 0 {
+            return None;
+        }
+        let chosen = match Self::policy(capacity) {
+            Policy::PowerOfTwo => {
+                // Unlimited slots: nobody waits for a pod that is ready, and every pod is in every
+                // activator's subset, so all are eligible.
+                let a = fastrand::usize(..n);
+                let chosen = if n == 1 {
+                    a
+                } else {
+                    let mut b = fastrand::usize(..n - 1);
+                    if b >= a {
+                        b += 1;
+                    }
+                    if pods[b].in_flight() < pods[a].in_flight() { b } else { a }
+                };
+                pods[chosen].try_reserve(capacity);
+                return Some(pods[chosen].clone());
+            }
+            Policy::FirstAvailable => pods.iter().find(|p| eligible(p) && p.try_reserve(capacity)),
+            Policy::RoundRobin => {
+                let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+                (0..n).map(|k| &pods[(start + k) % n]).find(|p| eligible(p) && p.try_reserve(capacity))
+            }
+        };
+        chosen.cloned()
+    }
+
+    /// The ready pod `hash` picks by rendezvous hashing: replicas that list the same pods pick
+    /// the same one with nothing to agree through, and a pod leaving moves only the keys it had.
+    pub fn rendezvous(&self, hash: u64) -> Option<SocketAddr> {
+        let weight = |addr: SocketAddr| {
+            let mut bytes = [0u8; 18];
+            match addr.ip() {
+                std::net::IpAddr::V4(ip) => bytes[..4].copy_from_slice(&ip.octets()),
+                std::net::IpAddr::V6(ip) => bytes[..16].copy_from_slice(&ip.octets()),
+            }
+            bytes[16..].copy_from_slice(&addr.port().to_be_bytes());
+            xxhash_rust::xxh3::xxh3_64_with_seed(&bytes, hash)
+        };
+        let pods = self.pods.load();
+        let settled = pods.iter().filter(|p| p.ready_since.elapsed() >= RENDEZVOUS_SETTLE).map(|p| p.addr);
+        settled.max_by_key(|addr| weight(*addr)).or_else(|| pods.iter().map(|p| p.addr).max_by_key(|a| weight(*a)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use crate::throttle::*;
+
+    #[test]
+    fn rendezvous_places_a_key_alike_everywhere_and_moves_only_a_leaving_pods_keys() {
+        let (one, other) = (throttler(0, 4), throttler(0, 4));
+        let placed: Vec<SocketAddr> = (0..400u64).map(|hash| one.rendezvous(hash).unwrap()).collect();
+        assert!((0..400u64).all(|hash| other.rendezvous(hash) == Some(placed[hash as usize])), "replicas agree");
+        let per_pod = |pod: SocketAddr| placed.iter().filter(|p| **p == pod).count();
+        assert!(addrs(4).into_iter().all(|pod| per_pod(pod) > 50), "keys spread over the pods");
+        let gone = addrs(4)[1];
+        set(&one, &addrs(4).into_iter().filter(|a| *a != gone).collect::<Vec<_>>(), Probe::None);
+        for (hash, before) in placed.iter().enumerate() {
+            let after = one.rendezvous(hash as u64).unwrap();
+            assert!(after == *before || *before == gone, "key {hash} moved from a pod that stayed");
+        }
+        assert_eq!(throttler(0, 0).rendezvous(7), None);
+    }
+
+    #[tokio::test]
+    async fn first_available_fills_pods_in_order() {
+        let t = throttler(2, 3);
+        let mut leases = Vec::new();
+        for _ in 0..5 {
+            leases.push(t.acquire(Want::Any, 0).await.unwrap());
+        }
+        assert_eq!(in_flight(&t), vec![2, 2, 1]);
+        drop(leases);
+        assert_eq!(in_flight(&t), vec![0, 0, 0]);
+    }
+
+    #[tokio::test]
+    async fn round_robin_spreads() {
+        let t = throttler(10, 3);
+        let leases: Vec<_> = futures_join(&t, 6).await;
+        assert_eq!(in_flight(&t), vec![2, 2, 2]);
+        drop(leases);
+    }
+
+    #[tokio::test]
+    async fn power_of_two_prefers_the_idle_pod() {
+        let t = throttler(0, 2);
+        let mut busy = Vec::new();
+        for _ in 0..10 {
+            busy.push(t.acquire(Want::Pod(addrs(2)[0]), 0).await.unwrap());
+        }
+        for _ in 0..20 {
+            let lease = t.acquire(Want::Any, 0).await.unwrap();
+            assert_eq!(lease.pod().addr, addrs(2)[1]);
+        }
+    }
+}
