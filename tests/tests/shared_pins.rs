@@ -671,3 +671,40 @@ async fn redis_restarted_empty_keeps_every_session_a_replica_knows() {
     let restored = metric(a.addr("admin"), "activator_pin_store_restored_pins_total", &[]).await;
     assert!(restored >= Some(8.0), "A wrote back its own and the shared sessions: {restored:?}");
 }
+
+/// A replica asked early in a Redis outage for a session it never saw waits for Redis to answer
+/// again rather than place the session anew: another replica pinned it before the outage, on a
+/// world that changed since (two more pods), and writes it back once Redis restarts empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_early_in_an_outage_waits_for_the_pins_another_holds() {
+    let env = Env::new();
+    let mut redis = Redis::start(env.dir.path()).await;
+    let pods = env.pods("counter-1", 3).await;
+    let topology = |n: usize| yaml(&[Service::new("counter").revision("counter-1", 100, &addrs(&pods[..n]))]);
+    env.write_topology(&topology(1));
+    let (a, b) = (env.shared_activator(&redis).await, env.shared_activator(&redis).await);
+    let (via_a, via_b) = (Client::new(a.addr("proxy")), Client::new(b.addr("proxy")));
+    let ids: Vec<String> = (0..6).map(|i| format!("before-the-outage-{i}")).collect();
+    for id in &ids {
+        assert_eq!(session(&via_a, id).await.pod(), "counter-1-pod-0");
+    }
+    env.reload_all(&[&a, &b], &topology(3)).await;
+
+    redis.kill().await;
+    let asked: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (via_b, id) = (via_b.clone(), id.clone());
+            tokio::spawn(async move { session(&via_b, &id).await.pod().to_owned() })
+        })
+        .collect();
+    let admin = b.addr("admin");
+    wait_until(Duration::from_secs(5), "B finds Redis gone", || async {
+        metric(admin, "activator_pin_store_up", &[]).await == Some(0.0)
+    })
+    .await;
+    redis.restart().await;
+    for (id, asked) in ids.iter().zip(asked) {
+        assert_eq!(asked.await.unwrap(), "counter-1-pod-0", "{id} through B\nA:\n{}\nB:\n{}", a.logs(), b.logs());
+    }
+}

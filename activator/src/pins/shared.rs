@@ -74,6 +74,14 @@ const RESTORE_GRACE_INTERVALS: u32 = 2;
 /// The longest a request for a key this replica does not hold waits beyond the grace for the
 /// store's pins to be written back; after it, the request is decided with the store as it is.
 const RESTORE_WAIT_BEYOND_GRACE: Duration = Duration::from_secs(1);
+/// How long into an outage that began with the connection lost a request for a key this replica
+/// does not hold waits for Redis to answer again before it is decided without it. Another replica
+/// may have pinned the key just before the outage, on a world that has changed since; a Redis
+/// restarted in place answers within this, and the pin is then written back before the request
+/// is decided. Later in an outage (a Redis that stays down), or in one that began with Redis slow
+/// to answer (its pins are still there, and holding would add its slowness to every new session),
+/// requests are decided at once.
+const OUTAGE_HOLD: Duration = Duration::from_secs(1);
 
 /// Compare-and-set on the target part (`<revision> <pod>`) of the stored value. Returns nothing
 /// when it wrote, else the value that won.
@@ -333,6 +341,20 @@ pub struct SharedPins {
     /// Asks the guard loop to check the generation now.
     check_now: tokio::sync::Notify,
     restored: tokio::sync::Notify,
+    /// When the request path's current outage began, in the breaker's milliseconds; 0 when none.
+    outage_since_ms: AtomicU64,
+    /// Woken whenever a generation check gets an answer from Redis.
+    answered: tokio::sync::Notify,
+}
+
+/// What one pass of `lookup` found.
+enum Looked<const N: usize> {
+    Found([(Option<Pin>, PinSource); N]),
+    /// The store lost its pins: they are being written back.
+    StoreLost,
+    /// Redis did not answer early in an outage, for a key this replica does not hold: what this
+    /// replica's own pins say, if waiting for Redis is in vain.
+    Unreachable([(Option<Pin>, PinSource); N]),
 }
 
 impl SharedPins {
@@ -365,6 +387,8 @@ impl SharedPins {
             generation_hash: AtomicU64::new(0),
             check_now: tokio::sync::Notify::new(),
             restored: tokio::sync::Notify::new(),
+            outage_since_ms: AtomicU64::new(0),
+            answered: tokio::sync::Notify::new(),
         });
         tokio::spawn(shared.clone().connect(client.clone()));
         tokio::spawn(shared.clone().follow_invalidations(client));
@@ -386,24 +410,36 @@ impl SharedPins {
         keys: [Option<&PinKey>; N],
         lifetime_of: LifetimeOf<'_>,
     ) -> [(Option<Pin>, PinSource); N] {
-        match self.lookup_once(keys, lifetime_of, true).await {
-            Some(found) => found,
-            // The store came back empty just now: its pins are written back first.
-            None => {
-                self.wait_restored().await;
-                self.lookup_once(keys, lifetime_of, false).await.expect("the generation goes unchecked")
+        let (mut check_generation, mut hold) = (true, true);
+        // Each of the two waits happens once, so this ends by the third pass.
+        loop {
+            match self.lookup_once(keys, lifetime_of, check_generation, hold).await {
+                Looked::Found(found) => return found,
+                // The store came back empty just now: its pins are written back first.
+                Looked::StoreLost => {
+                    self.wait_restored().await;
+                    check_generation = false;
+                }
+                Looked::Unreachable(found) => {
+                    hold = false;
+                    if !self.wait_answer().await {
+                        return found;
+                    }
+                }
             }
         }
     }
 
-    /// One `lookup`; `None` if `check_generation` and the round trip found a store that lost its
-    /// pins, for a key this replica does not hold.
+    /// One pass of `lookup`. For a key this replica does not hold: `StoreLost` if
+    /// `check_generation` and the round trip found a store that lost its pins; `Unreachable` if
+    /// `hold` and Redis did not answer early in an outage.
     async fn lookup_once<const N: usize>(
         &self,
         keys: [Option<&PinKey>; N],
         lifetime_of: LifetimeOf<'_>,
         check_generation: bool,
-    ) -> Option<[(Option<Pin>, PinSource); N]> {
+        hold: bool,
+    ) -> Looked<N> {
         let mut found: [(Option<Pin>, PinSource); N] = std::array::from_fn(|_| (None, PinSource::NearCache));
         let mut ask = Vec::new();
         // While the store may lack pins replicas hold, this replica's own stand until it has
@@ -424,7 +460,7 @@ impl SharedPins {
             }
         }
         if ask.is_empty() {
-            return Some(found);
+            return Looked::Found(found);
         }
         if absent && restoring {
             self.wait_restored().await;
@@ -456,15 +492,20 @@ impl SharedPins {
             None => None,
         };
         let Some(mut replies) = replies else {
+            let mut held_here = true;
             for (i, key, _) in ask {
                 found[i] = (self.memory.get(key, lifetime_of), PinSource::Fallback);
+                held_here &= found[i].0.is_some();
             }
-            return Some(found);
+            return match hold && !held_here && self.outage_is_young() {
+                true => Looked::Unreachable(found),
+                false => Looked::Found(found),
+            };
         };
         if generation && !self.is_current_generation(replies.pop().flatten().as_deref()) {
             self.restoring.store(true, Ordering::Release);
             self.check_now.notify_one();
-            return None;
+            return Looked::StoreLost;
         }
         for ((i, key, local), reply) in ask.into_iter().zip(replies) {
             found[i].1 = PinSource::Redis;
@@ -482,7 +523,32 @@ impl SharedPins {
                 (None, None) => self.memory.get(key, lifetime_of),
             };
         }
-        Some(found)
+        Looked::Found(found)
+    }
+
+    /// Whether the request path's outage began less than `OUTAGE_HOLD` ago.
+    fn outage_is_young(&self) -> bool {
+        let since = self.outage_since_ms.load(Ordering::Acquire);
+        since != 0 && self.breaker.now_ms().saturating_sub(since) < millis(OUTAGE_HOLD)
+    }
+
+    /// Waits, until `OUTAGE_HOLD` into the outage, for Redis to answer a generation check, then
+    /// for the pins it lost to be written back. Whether Redis answered.
+    async fn wait_answer(&self) -> bool {
+        let answered = self.answered.notified();
+        tokio::pin!(answered);
+        answered.as_mut().enable();
+        if self.breaker.is_closed() {
+            return true;
+        }
+        let since = self.outage_since_ms.load(Ordering::Acquire);
+        let left = (since + millis(OUTAGE_HOLD)).saturating_sub(self.breaker.now_ms());
+        self.check_now.notify_one();
+        if tokio::time::timeout(Duration::from_millis(left), answered).await.is_err() {
+            return false;
+        }
+        self.wait_restored().await;
+        true
     }
 
     fn is_cluster(&self) -> bool {
@@ -680,6 +746,11 @@ impl SharedPins {
             db.system.name = "redis",
             db.operation.name = OPS[op as usize],
         );
+        let mut connection_lost = false;
+        let call = futures_util::TryFutureExt::inspect_err(call, |e: &redis::RedisError| {
+            connection_lost =
+                !e.is_timeout() && (e.is_connection_dropped() || e.is_connection_refusal() || e.is_io_error());
+        });
         let result = self.timed(op, self.config.timeout, call).instrument(span.clone()).await;
         if result.is_err() {
             span.record("otel.status_code", "ERROR");
@@ -689,12 +760,16 @@ impl SharedPins {
         match (granted.settle(&result), result) {
             (Ok(outage_ended), Ok(value)) => {
                 if outage_ended {
+                    self.outage_since_ms.store(0, Ordering::Release);
                     tracing::info!("Redis answers again; pins are shared");
                 }
                 Some(value)
             }
             (Err(Some((backoff, true))), Err(error)) => {
                 tracing::warn!(op = OPS[op as usize], %error, ?backoff, "Redis unavailable; routing with this replica's pins");
+                // Only a lost connection (a restart, a failover) is worth holding new keys for.
+                let since = if connection_lost { self.breaker.now_ms() } else { 0 };
+                self.outage_since_ms.store(since, Ordering::Release);
                 self.restoring.store(true, Ordering::Release);
                 None
             }
@@ -847,6 +922,8 @@ impl SharedPins {
             self.metrics.up.set(1);
             tracing::info!("Redis answers again; pins are shared");
         }
+        self.outage_since_ms.store(0, Ordering::Release);
+        self.answered.notify_waiters();
         let current = held.map_or(candidate, |held| String::from_utf8_lossy(&held).into_owned());
         let previous = crate::sync::lock(&self.generation).clone();
         if previous.as_deref() != Some(current.as_str()) {
