@@ -20,7 +20,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::affinity::{Keys, Origin, Pinning, Route, chat, extract, names_its_conversation};
 use crate::autoscaler::{InFlight, Reporter};
-use crate::body::{RequestBody, ResponseBody};
 use crate::headers::{DECISION, KNATIVE_NAMESPACE, KNATIVE_REVISION, KNATIVE_TAG};
 use crate::health::Health;
 use crate::pins::Pins;
@@ -28,7 +27,9 @@ use crate::pins::{PinKey, PinSource};
 use crate::probes;
 use crate::proxy::{self, Exchange, Outbound, Replay};
 use crate::readiness::Prober;
+use crate::request_body::RequestBody;
 use crate::respond::{self, reply};
+use crate::response_body::ResponseBody;
 use crate::retry;
 use crate::stats::Stats;
 use crate::stats::knative::{ClientSeries, Protocol, Scheme};

@@ -34,7 +34,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::body::RequestBody;
+use crate::request_body::RequestBody;
 use crate::tls::InternalTls;
 
 /// Knative's `MAX_IDLE_PROXY_CONNS_PER_HOST` default.

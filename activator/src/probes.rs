@@ -5,11 +5,11 @@
 
 use http::{HeaderValue, Request, Response, StatusCode};
 
-use crate::body::ResponseBody;
 use crate::go;
 use crate::headers::{KUBELET_PROBE, NETWORK_HASH, NETWORK_PROBE};
 use crate::health::Health;
 use crate::respond::{exact, reply, status};
+use crate::response_body::ResponseBody;
 
 /// Answers the request if it is a probe meant for the activator. Strips a stray
 /// `K-Network-Hash` from requests that pass through, as upstream does.

@@ -15,12 +15,14 @@ use hyper_util::rt::TokioIo;
 use tokio_util::task::TaskTracker;
 
 use crate::autoscaler::InFlight;
-use crate::body::{Held, Kept, RequestBody, ResponseBody};
 use crate::headers::{
     KNATIVE_NAMESPACE, KNATIVE_REVISION, ORIGINAL_HOST, PASSTHROUGH_LB, PROXY_REQUEST, SESSION_END,
     SESSION_END_SIGNATURE, SESSION_END_TIME, X_FORWARDED_FOR,
 };
 use crate::pool::SendError;
+use crate::request_body::{Kept, RequestBody};
+use crate::response_body::{Held, ResponseBody};
+use crate::spec::HostRewrite;
 use crate::throttle::Lease;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1, RFC 9113 §8.2.2),
@@ -35,20 +37,6 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
     HeaderName::from_static("http2-settings"),
 ];
-
-/// How the client's `Host` reaches the pod.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HostRewrite {
-    /// As the client sent it: the pod is the application itself (local mode).
-    Keep,
-    /// Moved to `K-Original-Host` (one already there is kept), with the pod's address as `Host`:
-    /// queue-proxy puts it back, as upstream's activator expects.
-    ToOriginalHost,
-    /// As `ToOriginalHost`, but `Host` names the revision's private Service and
-    /// `K-Passthrough-Lb: true` asks a mesh to deliver to the pod anyway (upstream's
-    /// `enable-mesh-pod-addressability`).
-    Passthrough(String),
-}
 
 /// Why a pod gave no response; displayed as Go's transport words it, which upstream's 502
 /// carries: `dial tcp 10.0.0.5:8012: connect: connection refused`.

@@ -22,8 +22,9 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::Notify;
 
 use crate::headers::{NETWORK_PROBE, PASSTHROUGH_LB};
+use crate::spec::Probe;
 use crate::sync::lock;
-use crate::throttle::{Probe, Throttler};
+use crate::throttle::Throttler;
 
 const PROBE_USER_AGENT: HeaderValue = HeaderValue::from_static("Knative-Activator-Probe");
 
@@ -182,7 +183,8 @@ async fn accepts_connections(addr: SocketAddr, timeout: Duration) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::throttle::{Backends, QueueLimits, ThrottleMetrics};
+    use crate::spec::Backends;
+    use crate::throttle::{QueueLimits, ThrottleMetrics};
     use prometheus::IntGauge;
 
     /// A pod that answers `GET /healthz` with `status`, counting the probes.

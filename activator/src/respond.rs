@@ -5,8 +5,8 @@
 
 use http::{HeaderValue, Response, StatusCode};
 
-use crate::body::ResponseBody;
 use crate::go;
+use crate::response_body::ResponseBody;
 
 /// Seconds a client is asked to wait after a 503 for a full queue.
 const RETRY_AFTER_SECONDS: &str = "1";

@@ -162,8 +162,8 @@ mod tests {
 
     use proptest::prelude::*;
 
+    use crate::spec::tests::service as spec;
     use crate::world::publisher::tests::world;
-    use crate::world::spec::tests::service as spec;
 
     fn pod(n: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 9000 + n))

@@ -475,7 +475,7 @@ mod tests {
 
     #[test]
     fn a_watched_pin_ends_once_when_it_expires_is_replaced_or_is_removed() {
-        use crate::world::policy::SessionEnd;
+        use crate::spec::SessionEnd;
         use http::{HeaderName, HeaderValue};
 
         let pins = MemoryPins::near_cache(100);
@@ -517,7 +517,7 @@ mod tests {
     /// target (revision, pod) at different times; adopting the other's is no end of the session.
     #[test]
     fn a_session_that_never_moved_is_not_told_it_ended() {
-        use crate::world::policy::SessionEnd;
+        use crate::spec::SessionEnd;
         use http::{HeaderName, HeaderValue};
 
         let pins = MemoryPins::near_cache(100);

@@ -29,8 +29,8 @@ pub use memory::MemoryPins;
 pub use redis::{Deployment, RedisClient, RedisTls};
 pub use shared::{DRAINED_POD, INVALIDATIONS, SharedConfig, SharedPins, drain_pod, key_report, pin_targets};
 
+use crate::spec::SessionEnd;
 use crate::stats::Stats;
-use crate::world::policy::SessionEnd;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PinKind {

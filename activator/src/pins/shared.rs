@@ -43,6 +43,7 @@ use super::memory::{MemoryPins, Near, Touched};
 use super::redis::{Deployment, RedisClient, RedisConnection, RedisTls};
 use super::{Ended, Lifetime, LifetimeOf, Pin, PinKey, PinSource, Written, millis, unix_millis};
 use crate::backoff::Backoff;
+use crate::served::COUNT_PERIOD_SECONDS;
 use crate::stats::Stats;
 use crate::telemetry::SPAN_TARGET;
 
@@ -162,8 +163,6 @@ const OPS: [&str; 10] = ["get", "create", "replace", "refresh", "decode", "conne
 /// How long a claim on a pin's end call is kept: far longer than replicas take to notice the
 /// same end, each within a second or two.
 const END_CLAIM_TTL: Duration = Duration::from_secs(3600);
-/// Shared request counts are kept per this many seconds, one hash per service and period.
-const COUNT_PERIOD_SECONDS: u64 = crate::affinity::share::COUNT_PERIOD_SECONDS;
 /// More requests in one period than every activator could route (a hundred million a second):
 /// a value in Redis above it was not written by one, and is left out.
 const MAX_PERIOD_COUNT: u64 = 100_000_000 * COUNT_PERIOD_SECONDS;

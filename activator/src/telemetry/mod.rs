@@ -35,7 +35,7 @@ pub use access_log::{AccessLog, Entry, Routed as LoggedRoute};
 pub use config::{MetricsProtocol, ObservabilityConfig, Tracing, TracingProtocol};
 pub use logs::{LogLevel, level_from_config_logging};
 
-use crate::body::Finished;
+use crate::response_body::Finished;
 use crate::stats::knative::{KnativeMetrics, Protocol, ServerSeries};
 use crate::sync::lock;
 

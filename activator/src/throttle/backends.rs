@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use super::{Pod, Throttler};
 use crate::pool::Transport;
+use crate::spec::{Backends, ClusterIp, Probe, Subset, TlsPorts};
 use crate::sync::lock;
 
 /// How long after a pod is first listed a request pinned to it waits for this replica's first
@@ -30,67 +31,6 @@ const FIRST_PROBE_GRACE: std::time::Duration = std::time::Duration::from_secs(1)
 /// lifetime): it is gone, not new.
 const UNLISTED_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 const UNLISTED_MEMORY: std::time::Duration = std::time::Duration::from_secs(600);
-
-/// How a revision's endpoints prove they are ready before they take traffic (see `readiness`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Probe {
-    /// Trusted as soon as they are listed.
-    None,
-    /// `GET <path>` answers 2xx.
-    Http { path: String },
-    /// Knative's queue-proxy probe: `GET <path>` with `K-Network-Probe: queue` answers 200 `queue`.
-    /// With `passthrough_host`, the probe names that host and asks a mesh to pass it through to
-    /// the pod (upstream's passthrough load balancing).
-    Queue { path: String, passthrough_host: Option<String> },
-}
-
-/// A revision's pods as its source sees them, and how to reach them.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Backends {
-    /// Pods that take traffic once the revision's probe passes against them.
-    pub probed: Vec<SocketAddr>,
-    /// Pods the platform vouches for: they take traffic at once.
-    pub trusted: Vec<SocketAddr>,
-    /// The revision's private Service, for when pods cannot be reached one by one.
-    pub cluster_ip: Option<ClusterIp>,
-    /// This activator's share of the pods, when several activators split a revision.
-    pub subset: Option<Subset>,
-    /// With system-internal TLS: how each pod (and the private Service) is reached over TLS.
-    pub tls: Option<TlsPorts>,
-}
-
-/// Where a revision's pods take TLS, and the namespace their certificates must name.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TlsPorts {
-    pub namespace: String,
-    /// The TLS port of each pod by its serving address (and 443 of the private Service); a pod
-    /// missing here is reached on queue-proxy's 8112.
-    pub ports: std::collections::BTreeMap<SocketAddr, u16>,
-}
-
-impl Backends {
-    fn has_pods(&self) -> bool {
-        !self.probed.is_empty() || !self.trusted.is_empty()
-    }
-}
-
-/// A revision's private Service address, and when to send traffic through it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ClusterIp {
-    pub addr: SocketAddr,
-    /// `true`: always (a mesh is known to be there); `false`: only once no pod answers a probe
-    /// directly, every failure looks like a mesh's, and the Service's address answers.
-    pub always: bool,
-    /// Pods the platform reports ready behind it, which sizes its capacity.
-    pub ready_pods: usize,
-}
-
-/// Which of the activators sharing a revision this one is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Subset {
-    pub index: usize,
-    pub count: usize,
-}
 
 /// What the readiness prober should try for a revision.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -35,7 +35,7 @@ use crate::pool::{PodClient, Transport};
 use backends::Pending;
 use queue::Queue;
 
-pub use backends::{Backends, ClusterIp, LEFT_GRACE, Probe, ProbePlan, Subset, TlsPorts};
+pub use backends::{LEFT_GRACE, ProbePlan};
 pub use queue::{
     DEFAULT_MAX_BYTES, DEFAULT_MAX_BYTES_TOTAL, DEFAULT_MAX_WAITING, DEFAULT_MAX_WAITING_TOTAL, QueueBudget,
     QueueLimits,

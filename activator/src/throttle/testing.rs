@@ -7,6 +7,7 @@ use std::time::Duration;
 use prometheus::IntGauge;
 
 use super::*;
+pub(super) use crate::spec::{Backends, Probe};
 
 pub(super) fn addrs(n: u16) -> Vec<SocketAddr> {
     (0..n).map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i))).collect()

@@ -2,30 +2,28 @@
 //! with the throttlers that hold their ready pods, as one immutable [`Snapshot`] swapped whole on
 //! every change and read without locking.
 //!
-//! `spec` is what sources describe, `policy` what annotations configure, `publisher` turns specs
+//! `policy` is what annotations configure, `publisher` turns the sources' specs (`crate::spec`)
 //! into snapshots. Must not know which source a spec came from (nothing here imports `source`),
 //! do file or network I/O, or hold per-request state: in-flight counts and queues live in
 //! `throttle`.
 
 pub mod policy;
 pub mod publisher;
-pub mod spec;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::affinity::share::Served;
 use crate::autoscaler::Concurrency;
 use crate::pins::Lifetime;
-use crate::proxy::HostRewrite;
 use crate::retry::Budget;
+use crate::served::Served;
+use crate::spec::{HostRewrite, Probe, TagSpec};
 use crate::stats::RevisionStats;
-use crate::throttle::{Probe, Throttler};
+use crate::throttle::Throttler;
 
 pub use policy::{Annotated, Policy};
 pub use publisher::Publisher;
-pub use spec::TagSpec;
 
 /// A revision as the request path sees it.
 pub struct Revision {

@@ -16,6 +16,7 @@ use http::header::HeaderName;
 use crate::headers::{DEFAULT_FLOW, DEFAULT_SESSION};
 use crate::pins::{Lifetime, MAX_LIFETIME, PinKind};
 use crate::retry::Retry;
+use crate::spec::SessionEnd;
 
 pub const ANNOTATION_PREFIX: &str = "activator.knative.dev/";
 pub const DEFAULT_TTL: Duration = Duration::from_secs(600);
@@ -57,48 +58,6 @@ pub struct Annotated {
 
 /// Longest `sticky-session-end-path` or `sticky-session-chat-path` accepted.
 const MAX_PATH: usize = 256;
-
-/// How a service hears that a session ended (`sticky-session-end-path`): a `POST` to `path` on
-/// the pod the session was pinned to, the session id in `header`.
-#[derive(Debug, PartialEq, Eq)]
-pub struct SessionEnd {
-    pub path: http::uri::PathAndQuery,
-    pub header: HeaderName,
-    /// `path`'s segments as servers match them (`path_segments`).
-    segments: Vec<Vec<u8>>,
-}
-
-impl SessionEnd {
-    pub fn new(path: http::uri::PathAndQuery, header: HeaderName) -> Self {
-        SessionEnd { segments: path_segments(path.path()), path, header }
-    }
-
-    /// Whether a client request for `path` would reach the pod's end path, however it spells it:
-    /// only the activator may call it, or any client could end another's session.
-    pub fn is_addressed_by(&self, path: &str) -> bool {
-        path_segments(path) == self.segments
-    }
-}
-
-/// A path's segments as web servers and routers commonly resolve them before matching: percent
-/// decoded (an encoded `/` included), empty and `.` segments dropped, `..` taking one back, and
-/// `;` parameters cut. Refusing every spelling a server might take for the end path is safer than
-/// guessing which one the pod's takes.
-fn path_segments(path: &str) -> Vec<Vec<u8>> {
-    let decoded: Vec<u8> = percent_encoding::percent_decode_str(path).collect();
-    let mut segments: Vec<Vec<u8>> = Vec::new();
-    for segment in decoded.split(|b| *b == b'/') {
-        let segment = segment.split(|b| *b == b';').next().unwrap_or_default();
-        match segment {
-            b"" | b"." => {}
-            b".." => {
-                segments.pop();
-            }
-            _ => segments.push(segment.to_vec()),
-        }
-    }
-    segments
-}
 
 /// The path of chat requests when `sticky-session-chat-path` names none: OpenAI's chat
 /// completions, which vLLM, llama.cpp, TGI and Ollama serve alike.
@@ -463,25 +422,6 @@ pub(crate) mod tests {
         }
     }
 
-    #[test]
-    fn every_spelling_of_the_end_path_addresses_it() {
-        let end = SessionEnd::new("/session/end".parse().unwrap(), DEFAULT_SESSION);
-        for same in [
-            "/session/end",
-            "//session//end/",
-            "/session/./end",
-            "/other/../session/end",
-            "/session%2Fend",
-            "/%73ession/end",
-            "/session/end;v=1",
-        ] {
-            assert!(end.is_addressed_by(same), "{same}");
-        }
-        for other in ["/session/ends", "/session", "/Session/End", "/session/end/more", "/"] {
-            assert!(!end.is_addressed_by(other), "{other}");
-        }
-    }
-
     proptest::proptest! {
         #[test]
         fn any_annotation_value_is_read_or_refused_without_panicking(
@@ -501,11 +441,6 @@ pub(crate) mod tests {
             }
         }
 
-        #[test]
-        fn any_request_path_is_matched_without_panicking(path in "\\PC{0,40}") {
-            let end = SessionEnd::new("/session/end".parse().unwrap(), DEFAULT_SESSION);
-            let _ = end.is_addressed_by(&path);
-        }
     }
 
     #[test]

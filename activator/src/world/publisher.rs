@@ -13,15 +13,15 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use super::policy::{Annotated, Policy};
-use super::spec::{RevisionSpec, ServiceSpec, WorldSpec};
 use super::{Listed, Revision, Service, Snapshot, TrafficTarget};
-use crate::affinity::share::Served;
 use crate::autoscaler::Concurrency;
 use crate::readiness::Prober;
 use crate::retry::Budget;
+use crate::served::Served;
+use crate::spec::{Backends, RevisionSpec, ServiceSpec, WorldSpec};
 use crate::stats::knative::RevisionNames;
 use crate::stats::{RevisionStats, Stats};
-use crate::throttle::{Backends, QueueLimits, ThrottleMetrics, Throttler};
+use crate::throttle::{QueueLimits, ThrottleMetrics, Throttler};
 use crate::tls::InternalTls;
 
 /// What a revision keeps across snapshots and shares among the services that list it.
@@ -270,8 +270,8 @@ pub(crate) mod tests {
     use super::*;
     use std::time::Duration;
 
-    use crate::throttle::Probe;
-    use crate::world::spec::tests::service;
+    use crate::spec::Probe;
+    use crate::spec::tests::service;
 
     pub(crate) fn publisher() -> Publisher {
         Publisher::new(Stats::new(), QueueLimits::default(), Prober::idle())

@@ -25,11 +25,11 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 
 use crate::health::Health;
+use crate::spec::{self, WorldSpec};
 use crate::stats::Stats;
 use crate::telemetry::{LogLevel, ObservabilityConfig, Telemetry, level_from_config_logging};
 use crate::tls::{InternalTls, TRUST_BUNDLE_LABEL};
 use crate::world::Publisher;
-use crate::world::spec::{self, WorldSpec};
 use objects::{EndpointsInfo, Key};
 use world::Reflection;
 

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::go;
-use crate::world::spec::{self, DEFAULT_TIMEOUT, TagSpec};
+use crate::spec::{self, DEFAULT_TIMEOUT, TagSpec};
 
 pub const SERVICE_LABEL: &str = "serving.knative.dev/service";
 pub const CONFIGURATION_LABEL: &str = "serving.knative.dev/configuration";

@@ -11,9 +11,8 @@ use std::net::{IpAddr, SocketAddr};
 use super::objects::{
     Annotations, EndpointsInfo, Key, MeshMode, NetworkConfig, Ports, RevisionInfo, RouteInfo, ServiceInfo,
 };
-use crate::proxy::HostRewrite;
-use crate::throttle::{Backends, ClusterIp, Probe, Subset, TlsPorts};
-use crate::world::spec::{Owners, RevisionSpec, ServiceSpec, TrafficSpec, WorldSpec};
+use crate::spec::{Backends, ClusterIp, HostRewrite, Probe, Subset, TlsPorts};
+use crate::spec::{Owners, RevisionSpec, ServiceSpec, TrafficSpec, WorldSpec};
 
 /// queue-proxy's readiness path for the activator's probe.
 const PROBE_PATH: &str = "/healthz";
@@ -182,7 +181,7 @@ impl Reflection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::world::spec::TagSpec;
+    use crate::spec::TagSpec;
     use std::time::Duration;
 
     fn revision(ns: &str, name: &str, configuration: &str) -> RevisionInfo {
@@ -273,11 +272,11 @@ mod tests {
         };
         assert_eq!((of(0, 1), of(2, 0), of(2, 1)), (Some("5m".into()), Some("5m".into()), None));
         assert!(world.services.iter().all(|s| s.annotations.is_empty()));
-        assert_eq!(crate::world::spec::validate(&world), Ok(()), "a revision two Routes list is described alike");
+        assert_eq!(crate::spec::validate(&world), Ok(()), "a revision two Routes list is described alike");
         let tags: Vec<(&str, &str)> =
             world.services[0].tags.iter().map(|t| (t.tag.as_str(), t.revision.as_str())).collect();
         assert_eq!(tags, [("canary", "a-3")], "a tag of a revision not seen yet is left out with it");
-        assert!(world.services.iter().all(|s| crate::world::spec::validate_service(s).is_ok()));
+        assert!(world.services.iter().all(|s| crate::spec::validate_service(s).is_ok()));
     }
 
     #[test]

@@ -11,9 +11,8 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
-use crate::proxy::HostRewrite;
-use crate::throttle::{Backends, Probe};
-use crate::world::spec::{self, Owners, RevisionSpec, ServiceSpec, TrafficSpec, WorldSpec};
+use crate::spec::{self, Owners, RevisionSpec, ServiceSpec, TrafficSpec, WorldSpec};
+use crate::spec::{Backends, HostRewrite, Probe};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

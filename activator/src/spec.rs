@@ -4,14 +4,19 @@
 //! [`validate`] checks what no source may get wrong; the `Publisher` turns it into the snapshot
 //! the request path reads.
 //!
+//! Also the plain-data parts of a spec the runtime parts take as they are: how a revision's pods
+//! are reached and proved ready (`Backends`, `Probe`), how the `Host` reaches them
+//! (`HostRewrite`), how a service hears of a session's end (`SessionEnd`). A leaf: it imports
+//! nothing of the activator's, so every part may import it.
+//!
 //! Must not know where a spec came from, nor build anything long-lived.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::proxy::HostRewrite;
-use crate::throttle::{Backends, Probe};
+use http::header::HeaderName;
 
 /// Knative's default `timeoutSeconds`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -23,6 +28,123 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 /// treats it for the response-start and idle timeouts; anything above [`MAX_TIMEOUT`] is clamped.
 pub fn timeout_seconds(seconds: u64) -> Option<Duration> {
     (seconds > 0).then(|| Duration::from_secs(seconds).min(MAX_TIMEOUT))
+}
+
+/// How the client's `Host` reaches the pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostRewrite {
+    /// As the client sent it: the pod is the application itself (local mode).
+    Keep,
+    /// Moved to `K-Original-Host` (one already there is kept), with the pod's address as `Host`:
+    /// queue-proxy puts it back, as upstream's activator expects.
+    ToOriginalHost,
+    /// As `ToOriginalHost`, but `Host` names the revision's private Service and
+    /// `K-Passthrough-Lb: true` asks a mesh to deliver to the pod anyway (upstream's
+    /// `enable-mesh-pod-addressability`).
+    Passthrough(String),
+}
+
+/// How a revision's endpoints prove they are ready before they take traffic (see `readiness`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// Trusted as soon as they are listed.
+    None,
+    /// `GET <path>` answers 2xx.
+    Http { path: String },
+    /// Knative's queue-proxy probe: `GET <path>` with `K-Network-Probe: queue` answers 200 `queue`.
+    /// With `passthrough_host`, the probe names that host and asks a mesh to pass it through to
+    /// the pod (upstream's passthrough load balancing).
+    Queue { path: String, passthrough_host: Option<String> },
+}
+
+/// A revision's pods as its source sees them, and how to reach them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Backends {
+    /// Pods that take traffic once the revision's probe passes against them.
+    pub probed: Vec<SocketAddr>,
+    /// Pods the platform vouches for: they take traffic at once.
+    pub trusted: Vec<SocketAddr>,
+    /// The revision's private Service, for when pods cannot be reached one by one.
+    pub cluster_ip: Option<ClusterIp>,
+    /// This activator's share of the pods, when several activators split a revision.
+    pub subset: Option<Subset>,
+    /// With system-internal TLS: how each pod (and the private Service) is reached over TLS.
+    pub tls: Option<TlsPorts>,
+}
+
+/// Where a revision's pods take TLS, and the namespace their certificates must name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsPorts {
+    pub namespace: String,
+    /// The TLS port of each pod by its serving address (and 443 of the private Service); a pod
+    /// missing here is reached on queue-proxy's 8112.
+    pub ports: std::collections::BTreeMap<SocketAddr, u16>,
+}
+
+impl Backends {
+    pub fn has_pods(&self) -> bool {
+        !self.probed.is_empty() || !self.trusted.is_empty()
+    }
+}
+
+/// A revision's private Service address, and when to send traffic through it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterIp {
+    pub addr: SocketAddr,
+    /// `true`: always (a mesh is known to be there); `false`: only once no pod answers a probe
+    /// directly, every failure looks like a mesh's, and the Service's address answers.
+    pub always: bool,
+    /// Pods the platform reports ready behind it, which sizes its capacity.
+    pub ready_pods: usize,
+}
+
+/// Which of the activators sharing a revision this one is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subset {
+    pub index: usize,
+    pub count: usize,
+}
+
+/// How a service hears that a session ended (`sticky-session-end-path`): a `POST` to `path` on
+/// the pod the session was pinned to, the session id in `header`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SessionEnd {
+    pub path: http::uri::PathAndQuery,
+    pub header: HeaderName,
+    /// `path`'s segments as servers match them (`path_segments`).
+    segments: Vec<Vec<u8>>,
+}
+
+impl SessionEnd {
+    pub fn new(path: http::uri::PathAndQuery, header: HeaderName) -> Self {
+        SessionEnd { segments: path_segments(path.path()), path, header }
+    }
+
+    /// Whether a client request for `path` would reach the pod's end path, however it spells it:
+    /// only the activator may call it, or any client could end another's session.
+    pub fn is_addressed_by(&self, path: &str) -> bool {
+        path_segments(path) == self.segments
+    }
+}
+
+/// A path's segments as web servers and routers commonly resolve them before matching: percent
+/// decoded (an encoded `/` included), empty and `.` segments dropped, `..` taking one back, and
+/// `;` parameters cut. Refusing every spelling a server might take for the end path is safer than
+/// guessing which one the pod's takes.
+fn path_segments(path: &str) -> Vec<Vec<u8>> {
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(path).collect();
+    let mut segments: Vec<Vec<u8>> = Vec::new();
+    for segment in decoded.split(|b| *b == b'/') {
+        let segment = segment.split(|b| *b == b';').next().unwrap_or_default();
+        match segment {
+            b"" | b"." => {}
+            b".." => {
+                segments.pop();
+            }
+            _ => segments.push(segment.to_vec()),
+        }
+    }
+    segments
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -207,6 +329,7 @@ pub fn validate(spec: &WorldSpec) -> Result<(), SpecError> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::headers::DEFAULT_SESSION;
     use std::net::SocketAddr;
 
     /// A service reached at `<name>.test` with revisions `<name>-<i>` at the given percents, each
@@ -312,5 +435,32 @@ pub(crate) mod tests {
         svc.revisions[0].annotations = [("k".to_owned(), "revision".to_owned())].into();
         let merged = svc.annotations_of(&svc.revisions[0]);
         assert_eq!((merged["k"].as_str(), merged["s"].as_str()), ("revision", "only"));
+    }
+
+    #[test]
+    fn every_spelling_of_the_end_path_addresses_it() {
+        let end = SessionEnd::new("/session/end".parse().unwrap(), DEFAULT_SESSION);
+        for same in [
+            "/session/end",
+            "//session//end/",
+            "/session/./end",
+            "/other/../session/end",
+            "/session%2Fend",
+            "/%73ession/end",
+            "/session/end;v=1",
+        ] {
+            assert!(end.is_addressed_by(same), "{same}");
+        }
+        for other in ["/session/ends", "/session", "/Session/End", "/session/end/more", "/"] {
+            assert!(!end.is_addressed_by(other), "{other}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_request_path_is_matched_without_panicking(path in "\\PC{0,40}") {
+            let end = SessionEnd::new("/session/end".parse().unwrap(), DEFAULT_SESSION);
+            let _ = end.is_addressed_by(&path);
+        }
     }
 }
