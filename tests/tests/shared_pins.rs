@@ -607,6 +607,30 @@ async fn a_pods_sessions_are_counted_and_drained_before_it_goes() {
     wait_until(Duration::from_secs(15), "the pod's count drops to zero", || async { counted().await == 0.0 }).await;
 }
 
+/// Two replicas sharing one Redis, serving revision `counter-1` with the first of its three pods;
+/// `topology(n)` lists the first `n`.
+struct Replicas {
+    env: Env,
+    redis: Redis,
+    pods: Vec<Process>,
+    a: Process,
+    b: Process,
+    via_a: Client,
+    via_b: Client,
+}
+
+impl Replicas {
+    async fn over_one_of_three_pods() -> Replicas {
+        let env = Env::new();
+        let redis = Redis::start(env.dir.path()).await;
+        let pods = env.pods("counter-1", 3).await;
+        env.write_topology(&yaml(&[Service::new("counter").revision("counter-1", 100, &addrs(&pods[..1]))]));
+        let (a, b) = (env.shared_activator(&redis).await, env.shared_activator(&redis).await);
+        let (via_a, via_b) = (Client::new(a.addr("proxy")), Client::new(b.addr("proxy")));
+        Replicas { env, redis, pods, a, b, via_a, via_b }
+    }
+}
+
 /// Issue 26: Redis restarted empty loses no session that a replica still holds. Sessions used
 /// through A only, through B only, and through both keep their pods, each asked first through
 /// the replica that never saw it: each replica writes back the pins it holds once it finds the
@@ -614,13 +638,8 @@ async fn a_pods_sessions_are_counted_and_drained_before_it_goes() {
 /// a replica that did not know a session would place it by its hash over all three.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_empty_keeps_every_session_a_replica_knows() {
-    let env = Env::new();
-    let mut redis = Redis::start(env.dir.path()).await;
-    let pods = env.pods("counter-1", 3).await;
+    let Replicas { env, mut redis, pods, a, b, via_a, via_b } = Replicas::over_one_of_three_pods().await;
     let topology = |n: usize| yaml(&[Service::new("counter").revision("counter-1", 100, &addrs(&pods[..n]))]);
-    env.write_topology(&topology(1));
-    let (a, b) = (env.shared_activator(&redis).await, env.shared_activator(&redis).await);
-    let (via_a, via_b) = (Client::new(a.addr("proxy")), Client::new(b.addr("proxy")));
     let mut homes = Vec::new();
     for i in 0..12 {
         let (id, first, then) = match i % 3 {
@@ -677,13 +696,8 @@ async fn redis_restarted_empty_keeps_every_session_a_replica_knows() {
 /// world that changed since (two more pods), and writes it back once Redis restarts empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_early_in_an_outage_waits_for_the_pins_another_holds() {
-    let env = Env::new();
-    let mut redis = Redis::start(env.dir.path()).await;
-    let pods = env.pods("counter-1", 3).await;
+    let Replicas { env, mut redis, pods, a, b, via_a, via_b } = Replicas::over_one_of_three_pods().await;
     let topology = |n: usize| yaml(&[Service::new("counter").revision("counter-1", 100, &addrs(&pods[..n]))]);
-    env.write_topology(&topology(1));
-    let (a, b) = (env.shared_activator(&redis).await, env.shared_activator(&redis).await);
-    let (via_a, via_b) = (Client::new(a.addr("proxy")), Client::new(b.addr("proxy")));
     let ids: Vec<String> = (0..6).map(|i| format!("before-the-outage-{i}")).collect();
     for id in &ids {
         assert_eq!(session(&via_a, id).await.pod(), "counter-1-pod-0");
