@@ -27,7 +27,8 @@ use prometheus::{IntCounter, IntGauge, IntGaugeVec};
 pub use cookie::{CookieKeys, SignedPin};
 pub use memory::MemoryPins;
 pub use redis::{Deployment, RedisClient, RedisTls};
-pub use shared::{DRAINED_POD, INVALIDATIONS, SharedConfig, SharedPins, drain_pod, key_report, pin_targets};
+pub use shared::admin::{DRAINED_POD, drain_pod, key_report, pin_targets};
+pub use shared::{INVALIDATIONS, SharedConfig, SharedPins};
 
 use crate::spec::SessionEnd;
 use crate::stats::Stats;
