@@ -447,6 +447,13 @@ impl SharedPins {
         }
         // Set on every answer rather than on transitions, which concurrent calls race.
         self.metrics.up.set(i64::from(result.is_ok()));
+        // An outage that begins with the connection lost (a restart, a failover) is worth holding
+        // new keys for. Noted before the breaker opens, so a request that finds it open finds
+        // this too; not once it is open, so an outage that began with timeouts holds nothing.
+        if connection_lost && self.breaker.is_closed() {
+            let now = self.breaker.now_ms();
+            let _ = self.outage_since_ms.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
+        }
         match (granted.settle(&result), result) {
             (Ok(outage_ended), Ok(value)) => {
                 if outage_ended {
@@ -457,9 +464,6 @@ impl SharedPins {
             }
             (Err(Some((backoff, true))), Err(error)) => {
                 tracing::warn!(op = OPS[op as usize], %error, ?backoff, "Redis unavailable; routing with this replica's pins");
-                // Only a lost connection (a restart, a failover) is worth holding new keys for.
-                let since = if connection_lost { self.breaker.now_ms() } else { 0 };
-                self.outage_since_ms.store(since, Ordering::Release);
                 self.restoring.store(true, Ordering::Release);
                 None
             }
