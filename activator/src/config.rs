@@ -1,5 +1,5 @@
-//! Command line and environment: every flag has an `ACTIVATOR_*` variable. Must not act on the
-//! values; `main` wires them.
+//! Command line and environment: every flag of the activator has an `ACTIVATOR_*` variable (the
+//! `activator pins` commands' flags have none). Must not act on the values; `main` wires them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -20,7 +20,7 @@ use activator::telemetry::{LogLevel, ObservabilityConfig, Telemetry};
 use activator::throttle::{QueueBudget, QueueLimits};
 use activator::tls::{InternalTls, ServerSettings};
 use activator::world::Publisher;
-use activator::{admin, inspect, memory, server, session_end, socket};
+use activator::{admin, inspect, server, session_end, socket, trim};
 use anyhow::Context;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
@@ -209,7 +209,7 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogL
     if config.pin_store == PinStore::Redis {
         let exchanging = handler.clone();
         let interval = config.pin_refresh_interval;
-        tokio::spawn(async move { share::sync(&exchanging.world, &exchanging.pins, interval).await });
+        tokio::spawn(async move { share::exchange_loop(&exchanging.world, &exchanging.pins, interval).await });
     }
     let tried = handler.clone();
     tokio::spawn(async move {
@@ -224,7 +224,7 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogL
 /// memory a burst freed.
 async fn maintain_pins(handler: Arc<Handler>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut trimmer = memory::Trimmer::default();
+    let mut trimmer = trim::Trimmer::default();
     loop {
         tick.tick().await;
         handler.pins.maintain();

@@ -227,7 +227,7 @@ impl AsyncWrite for PodStream {
 
 /// A failed send, with the request if none of it reached the pod.
 #[derive(Debug)]
-pub struct Failed {
+pub struct SendFailed {
     pub error: SendError,
     pub unsent: Option<Request<RequestBody>>,
 }
@@ -360,7 +360,7 @@ impl PodClient {
 
     /// Sends an HTTP/1.1 request (origin-form URI) on an idle connection or a new one. The
     /// connection comes back with the response, to be given back when its body has ended.
-    pub async fn send_http1(&self, mut req: Request<RequestBody>) -> Result<(Response<Incoming>, Lent), Failed> {
+    pub async fn send_http1(&self, mut req: Request<RequestBody>) -> Result<(Response<Incoming>, Lent), SendFailed> {
         loop {
             let next = match self.checkout() {
                 Some(conn) => Ok((conn, true)),
@@ -368,14 +368,14 @@ impl PodClient {
             };
             let (mut conn, reused) = match next {
                 Ok(next) => next,
-                Err(error) => return Err(Failed { error, unsent: Some(req) }),
+                Err(error) => return Err(SendFailed { error, unsent: Some(req) }),
             };
             match conn.try_send_request(req).await {
                 Ok(resp) => return Ok((resp, Lent(Held::Http1(conn)))),
                 Err(mut e) => match e.take_message() {
                     // The pod closed this kept-alive connection while it sat idle: try another.
                     Some(unsent) if reused => req = unsent,
-                    unsent => return Err(Failed { error: SendError::Http(e.into_error()), unsent }),
+                    unsent => return Err(SendFailed { error: SendError::Http(e.into_error()), unsent }),
                 },
             }
         }
@@ -383,18 +383,18 @@ impl PodClient {
 
     /// Sends an HTTP/2 request (absolute URI) on a shared HTTP/2 connection with a stream free;
     /// the stream is held until the returned `Lent` is dropped.
-    pub async fn send_http2(&self, mut req: Request<RequestBody>) -> Result<(Response<Incoming>, Lent), Failed> {
+    pub async fn send_http2(&self, mut req: Request<RequestBody>) -> Result<(Response<Incoming>, Lent), SendFailed> {
         for attempt in 0..2 {
             let (mut conn, slot) = match self.h2_stream().await {
                 Ok(stream) => stream,
-                Err(error) => return Err(Failed { error, unsent: Some(req) }),
+                Err(error) => return Err(SendFailed { error, unsent: Some(req) }),
             };
             match conn.try_send_request(req).await {
                 Ok(resp) => return Ok((resp, Lent(Held::Http2(slot)))),
                 Err(mut e) => match e.take_message() {
                     // The shared connection was going away (GOAWAY, closed): one new one.
                     Some(unsent) if attempt == 0 && conn.is_closed() => req = unsent,
-                    unsent => return Err(Failed { error: SendError::Http(e.into_error()), unsent }),
+                    unsent => return Err(SendFailed { error: SendError::Http(e.into_error()), unsent }),
                 },
             }
         }

@@ -99,7 +99,7 @@ impl std::error::Error for ForwardError {
 }
 
 /// A forward that failed; with the request back when none of it reached the pod.
-pub struct Failed {
+pub struct ForwardFailed {
     pub error: ForwardError,
     pub unsent: Option<Unsent>,
 }
@@ -190,7 +190,7 @@ pub struct Exchange<'a> {
 }
 
 /// Sends the request to the pod `exchange.lease` holds a slot on.
-pub async fn forward(outbound: Outbound, exchange: Exchange<'_>) -> Result<Response<ResponseBody>, Failed> {
+pub async fn forward(outbound: Outbound, exchange: Exchange<'_>) -> Result<Response<ResponseBody>, ForwardFailed> {
     let Exchange { lease, in_flight, tunnels } = exchange;
     let Outbound { mut req, authority, client_side } = outbound;
     let pod = lease.pod().clone();
@@ -206,7 +206,7 @@ pub async fn forward(outbound: Outbound, exchange: Exchange<'_>) -> Result<Respo
             let unsent = failed
                 .unsent
                 .map(|req| Unsent { outbound: Outbound { req: Box::new(req), authority, client_side }, in_flight });
-            return Err(Failed { error: ForwardError { pod: pod.addr, source: failed.error }, unsent });
+            return Err(ForwardFailed { error: ForwardError { pod: pod.addr, source: failed.error }, unsent });
         }
     };
     // The protocol the pod switched to, not the list the client offered.

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use activator::source::local::{Watched, file};
+use activator::source::local::{WatchedFile, file};
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use tokio::net::TcpListener;
@@ -213,13 +213,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// The revisions the topology leaves to the shim (listed without endpoints of their own), with
 /// their annotations (the service's overlaid by the revision's), re-read when the file changes.
 struct Managed {
-    file: Watched,
+    file: WatchedFile,
     revisions: std::collections::HashMap<(String, String), RevisionAnnotations>,
 }
 
 impl Managed {
     fn new(path: &std::path::Path) -> Self {
-        let mut managed = Managed { file: Watched::new(path), revisions: Default::default() };
+        let mut managed = Managed { file: WatchedFile::new(path), revisions: Default::default() };
         managed.refresh();
         managed
     }

@@ -1,8 +1,8 @@
 //! The routing decision as a pure function of the request's ids, the service as the snapshot
 //! has it, and the pins found for those ids: which revision, whether a particular pod, and
-//! which pins to write. No I/O; the handler performs the writes.
+//! which pins to write. No I/O; `pinning` reads the pins before and performs the writes after.
 //!
-//! Order (DESIGN §4.2): a session pin whose revision is still a valid target (listed in the
+//! Order (the README's "How a request is routed"): a session pin whose revision is still a valid target (listed in the
 //! traffic at any percent) wins, on its pod if that pod is ready; then a flow pin to a valid
 //! revision; then the ingress's pick or the weighted split. Pins to revisions that left the
 //! traffic are replaced; missing pins are created first-writer-wins.

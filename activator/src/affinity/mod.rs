@@ -1,6 +1,7 @@
-//! Affinity: which ids a request carries under its service's policy (`keys`), where those ids
-//! and their pins send it (`decide`, a pure function), and the one place that settles a
-//! request's route with the pin store (`pinning`).
+//! Affinity: which ids a request carries under its service's policy (`keys`, with a chat
+//! request's conversation from `chat`), where those ids and their pins send it (`decide`, a pure
+//! function), the one place that settles a request's route with the pin store (`pinning`), and
+//! the split by requests that new pins follow (`share`).
 
 mod decide;
 mod keys;

@@ -44,7 +44,7 @@ pub fn most_under_served(service: &Service) -> Option<&Arc<Revision>> {
 
 /// Exchanges the counts of every service that splits by requests with the other replicas
 /// through the pin store, every `interval`. Runs only with the Redis store.
-pub async fn sync(world: &ArcSwap<Snapshot>, pins: &Pins, interval: Duration) {
+pub async fn exchange_loop(world: &ArcSwap<Snapshot>, pins: &Pins, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let fresh_for = interval * STALE_AFTER_INTERVALS;

@@ -104,7 +104,7 @@ struct Table {
     touched: Vec<PinKey>,
     /// Keys whose entries carry a watch, so a sweep finds them wherever they are in the LRU.
     watched: HashSet<PinKey>,
-    /// Watched pins that left the table or were replaced, for `take_ended`.
+    /// Resource pins that left the table or were replaced, for `take_ended`.
     ended: Vec<Ended>,
 }
 

@@ -411,7 +411,7 @@ impl Pins {
         self.memory.watch(key, watch);
     }
 
-    /// Watched session pins that ended here since the last call.
+    /// Resource session pins that ended here since the last call.
     pub fn take_ended(&self) -> Vec<Ended> {
         self.memory.take_ended()
     }

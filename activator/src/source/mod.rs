@@ -1,7 +1,8 @@
 //! Where the world view comes from. Each source is a module of its own that turns what it
 //! watches into a `spec::WorldSpec` and hands it to the `world::Publisher`; nothing
-//! downstream knows which one ran. Only `source` modules may talk to the outside world
-//! (files, the Kubernetes API).
+//! downstream knows which one ran. Only `source` modules read what describes the world (the
+//! topology files, the Kubernetes API); other parts read only their own configuration (key
+//! files, certificates) and talk to the pods and the pin store.
 
 pub mod knative;
 pub mod local;

@@ -260,7 +260,7 @@ impl Stats {
         let session_ends = IntCounterVec::new(
             Opts::new(
                 "activator_session_ends_total",
-                "Watched sessions whose pin ended here (reason idle or moved), by what this replica did: \
+                "Resource sessions whose pin ended here (reason idle or moved), by what this replica did: \
                  sent or failed the pod's end call, left it to another replica (elsewhere), or found the pod gone",
             ),
             &["reason", "result"],
@@ -272,7 +272,7 @@ impl Stats {
         )
         .expect("static metric definition");
         let kube_rejected = IntCounterVec::new(
-            Opts::new("activator_kube_objects_rejected_total", "Watched objects skipped because they do not read"),
+            Opts::new("activator_kube_objects_rejected_total", "Resource objects skipped because they do not read"),
             &["resource"],
         )
         .expect("static metric definition");
@@ -284,7 +284,7 @@ impl Stats {
         let kube_ignored = IntCounterVec::new(
             Opts::new(
                 "activator_kube_objects_ignored_total",
-                "Watched objects ignored for claiming to be what they are not (a revision's Endpoints under another name)",
+                "Resource objects ignored for claiming to be what they are not (a revision's Endpoints under another name)",
             ),
             &["resource"],
         )

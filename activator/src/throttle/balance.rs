@@ -20,7 +20,7 @@ const FIRST_AVAILABLE_MAX_CC: usize = 3;
 const RENDEZVOUS_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Policy {
+enum LbPolicy {
     /// CC = 0: two random pods, the one with fewer requests in flight.
     PowerOfTwo,
     /// Small CC: the first pod, in address order, with a free slot.
@@ -30,11 +30,11 @@ enum Policy {
 }
 
 impl Throttler {
-    fn policy(capacity: usize) -> Policy {
+    fn policy(capacity: usize) -> LbPolicy {
         match capacity {
-            0 => Policy::PowerOfTwo,
-            cc if cc <= FIRST_AVAILABLE_MAX_CC => Policy::FirstAvailable,
-            _ => Policy::RoundRobin,
+            0 => LbPolicy::PowerOfTwo,
+            cc if cc <= FIRST_AVAILABLE_MAX_CC => LbPolicy::FirstAvailable,
+            _ => LbPolicy::RoundRobin,
         }
     }
 
@@ -45,7 +45,7 @@ impl Throttler {
             return None;
         }
         let chosen = match Self::policy(capacity) {
-            Policy::PowerOfTwo => {
+            LbPolicy::PowerOfTwo => {
                 // Unlimited slots: nobody waits for a pod that is ready, and every pod is in every
                 // activator's subset, so all are eligible.
                 let a = fastrand::usize(..n);
@@ -61,8 +61,8 @@ impl Throttler {
                 pods[chosen].try_reserve(capacity);
                 return Some(pods[chosen].clone());
             }
-            Policy::FirstAvailable => pods.iter().find(|p| eligible(p) && p.try_reserve(capacity)),
-            Policy::RoundRobin => {
+            LbPolicy::FirstAvailable => pods.iter().find(|p| eligible(p) && p.try_reserve(capacity)),
+            LbPolicy::RoundRobin => {
                 let start = self.cursor.fetch_add(1, Ordering::Relaxed);
                 (0..n).map(|k| &pods[(start + k) % n]).find(|p| eligible(p) && p.try_reserve(capacity))
             }

@@ -35,7 +35,7 @@ use world::Reflection;
 
 /// A resource Knative mode lists and watches, and so the RBAC it needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Watched {
+pub struct Resource {
     pub group: &'static str,
     pub version: &'static str,
     pub kind: &'static str,
@@ -53,7 +53,7 @@ const PRIVATE: &str = "serving.knative.dev/revisionUID,networking.internal.knati
 const PUBLIC: &str = "serving.knative.dev/revision,networking.internal.knative.dev/serviceType=Public";
 
 /// What Knative mode watches; the manifests' RBAC is checked against this list.
-pub const WATCHED: [Watched; 8] = [
+pub const WATCHED: [Resource; 8] = [
     watched(SERVING, "Revision", "revisions", false, None, false),
     watched(SERVING, "Route", "routes", false, None, true),
     watched(SERVING, "Service", "services", false, None, true),
@@ -62,7 +62,7 @@ pub const WATCHED: [Watched; 8] = [
     watched("", "Service", "services", false, Some(PRIVATE), false),
     watched("", "ConfigMap", "configmaps", true, None, false),
     // The certificate of system-internal TLS, as upstream's CertCache reads it.
-    Watched { field_selector: Some(TLS_SECRET), ..watched("", "Secret", "secrets", true, None, false) },
+    Resource { field_selector: Some(TLS_SECRET), ..watched("", "Secret", "secrets", true, None, false) },
 ];
 
 const TLS_SECRET: &str = "metadata.name=routing-serving-certs";
@@ -74,8 +74,8 @@ const fn watched(
     in_system_namespace: bool,
     label_selector: Option<&'static str>,
     beyond_upstream: bool,
-) -> Watched {
-    Watched {
+) -> Resource {
+    Resource {
         group,
         version: "v1",
         kind,
@@ -97,7 +97,7 @@ const PRIVATE_SERVICES: usize = 5;
 const CONFIG_MAPS: usize = 6;
 const SECRETS: usize = 7;
 
-impl Watched {
+impl Resource {
     /// `routes.serving.knative.dev`, as RBAC errors and the logs name it.
     pub fn resource(&self) -> String {
         if self.group.is_empty() { self.plural.to_owned() } else { format!("{}.{}", self.plural, self.group) }
@@ -638,7 +638,7 @@ mod tests {
 
     #[test]
     fn the_watched_resources_name_their_rbac() {
-        let resources: Vec<String> = WATCHED.iter().map(Watched::resource).collect();
+        let resources: Vec<String> = WATCHED.iter().map(Resource::resource).collect();
         assert_eq!(
             resources,
             [

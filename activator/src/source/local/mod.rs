@@ -25,15 +25,15 @@ use file::{EndpointsFile, TopologyError, TopologyFile};
 const WRITE_SETTLE: Duration = Duration::from_millis(10);
 
 /// A watched file and the content last seen in it.
-pub struct Watched {
+pub struct WatchedFile {
     path: PathBuf,
     seen: String,
 }
 
-impl Watched {
+impl WatchedFile {
     /// A file not read yet: its first content counts as a change.
     pub fn new(path: &Path) -> Self {
-        Watched { path: path.to_owned(), seen: String::new() }
+        WatchedFile { path: path.to_owned(), seen: String::new() }
     }
 
     pub fn path(&self) -> &Path {
@@ -58,8 +58,8 @@ impl Watched {
 }
 
 pub struct LocalSource {
-    topology: Watched,
-    endpoints: Option<Watched>,
+    topology: WatchedFile,
+    endpoints: Option<WatchedFile>,
     file: TopologyFile,
     published: EndpointsFile,
     publisher: Arc<Publisher>,
@@ -71,10 +71,10 @@ impl LocalSource {
     pub fn open(path: &Path, endpoints: Option<&Path>, publisher: Arc<Publisher>) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading topology {}", path.display()))?;
         let file = file::parse(&text).with_context(|| format!("topology {}", path.display()))?;
-        let topology = Watched { path: path.to_owned(), seen: text };
+        let topology = WatchedFile { path: path.to_owned(), seen: text };
         let mut source = LocalSource {
             topology,
-            endpoints: endpoints.map(Watched::new),
+            endpoints: endpoints.map(WatchedFile::new),
             file,
             published: EndpointsFile::new(),
             publisher,
