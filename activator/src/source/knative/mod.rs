@@ -87,15 +87,35 @@ const fn watched(
     }
 }
 
-/// Indexes into `WATCHED`.
-const REVISIONS: usize = 0;
-const ROUTES: usize = 1;
-const KNATIVE_SERVICES: usize = 2;
-const PRIVATE_ENDPOINTS: usize = 3;
-const PUBLIC_ENDPOINTS: usize = 4;
-const PRIVATE_SERVICES: usize = 5;
-const CONFIG_MAPS: usize = 6;
-const SECRETS: usize = 7;
+/// Which of the watches an object or an event came from, in `WATCHED`'s order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Revisions,
+    Routes,
+    KnativeServices,
+    PrivateEndpoints,
+    PublicEndpoints,
+    PrivateServices,
+    ConfigMaps,
+    Secrets,
+}
+
+impl Kind {
+    const ALL: [Kind; WATCHED.len()] = [
+        Kind::Revisions,
+        Kind::Routes,
+        Kind::KnativeServices,
+        Kind::PrivateEndpoints,
+        Kind::PublicEndpoints,
+        Kind::PrivateServices,
+        Kind::ConfigMaps,
+        Kind::Secrets,
+    ];
+
+    fn watched(self) -> &'static Resource {
+        &WATCHED[self as usize]
+    }
+}
 
 impl Resource {
     /// `routes.serving.knative.dev`, as RBAC errors and the logs name it.
@@ -175,7 +195,7 @@ pub struct KnativeSource {
     /// The ConfigMaps labelled as trust bundles, by key.
     trust_bundles: BTreeMap<Key, BTreeMap<String, String>>,
     /// Why each required watch that RBAC forbids keeps the activator unready.
-    blocked: BTreeMap<usize, String>,
+    blocked: BTreeMap<Kind, String>,
     dirty: Dirty,
     published: bool,
 }
@@ -212,7 +232,8 @@ impl KnativeSource {
 
     /// Watches forever, publishing the world as it changes.
     pub async fn run(mut self) {
-        let streams = WATCHED.iter().enumerate().map(|(i, w)| {
+        let streams = Kind::ALL.into_iter().map(|kind| {
+            let w = kind.watched();
             let resource = w.api_resource();
             let api: Api<DynamicObject> = if w.in_system_namespace {
                 Api::namespaced_with(self.client.clone(), &self.config.system_namespace, &resource)
@@ -226,26 +247,26 @@ impl KnativeSource {
             if let Some(selector) = w.field_selector {
                 config = config.fields(selector);
             }
-            watcher::watcher(api, config).default_backoff().map(move |item| (i, item)).boxed()
+            watcher::watcher(api, config).default_backoff().map(move |item| (kind, item)).boxed()
         });
         let mut all = futures_util::stream::select_all(streams);
-        while let Some((i, item)) = all.next().await {
-            self.handle(i, item);
+        while let Some((kind, item)) = all.next().await {
+            self.handle(kind, item);
             // Take whatever else has arrived too, so a burst is published once.
-            while let Some(Some((i, item))) = all.next().now_or_never() {
-                self.handle(i, item);
+            while let Some(Some((kind, item))) = all.next().now_or_never() {
+                self.handle(kind, item);
             }
             self.publish();
         }
     }
 
-    fn handle(&mut self, i: usize, item: Result<Event<DynamicObject>, watcher::Error>) {
-        let watched = &WATCHED[i];
+    fn handle(&mut self, kind: Kind, item: Result<Event<DynamicObject>, watcher::Error>) {
+        let watched = kind.watched();
         let event = match item {
             Ok(event) => event,
-            Err(error) => return self.failed(i, error),
+            Err(error) => return self.failed(kind, error),
         };
-        let feed = &mut self.feeds[i];
+        let feed = &mut self.feeds[kind as usize];
         let (object, deleted) = match event {
             Event::Init => {
                 feed.relisting = Some(BTreeSet::new());
@@ -254,22 +275,22 @@ impl KnativeSource {
             Event::InitDone => {
                 let seen = feed.relisting.take().unwrap_or_default();
                 feed.synced = true;
-                if self.blocked.remove(&i).is_some() {
+                if self.blocked.remove(&kind).is_some() {
                     self.health.set_sync_blocked(self.blocked.values().next().cloned());
                 }
-                let feed = &mut self.feeds[i];
+                let feed = &mut self.feeds[kind as usize];
                 if std::mem::take(&mut feed.forbidden) {
                     self.stats.kube_forbidden.with_label_values(&[&watched.resource()]).set(0);
                     tracing::info!(resource = %watched.resource(), "can list {} now; affinity across a Route's revisions is on", watched.resource());
                 }
-                self.sweep(i, &seen);
+                self.sweep(kind, &seen);
                 self.dirty.world = true;
                 return;
             }
             Event::InitApply(object) | Event::Apply(object) => (object, false),
             Event::Delete(object) => (object, true),
         };
-        if let Some(expected) = Self::impostor(i, &object) {
+        if let Some(expected) = Self::impostor(kind, &object) {
             self.stats.kube_ignored.with_label_values(&[&watched.resource()]).inc();
             let (ns, name) =
                 (object.metadata.namespace.as_deref().unwrap_or(""), object.metadata.name.as_deref().unwrap_or(""));
@@ -278,16 +299,16 @@ impl KnativeSource {
                 "ignoring an object labelled for a revision whose own is named {expected}: only that one says where its pods are"
             );
         }
-        let read = Self::key_of(i, &object).and_then(|key| {
+        let read = Self::key_of(kind, &object).and_then(|key| {
             // A relisted object that does not read is still there: it keeps its last good version.
-            if let Some(seen) = &mut self.feeds[i].relisting {
+            if let Some(seen) = &mut self.feeds[kind as usize].relisting {
                 seen.insert(key.clone());
             }
             if deleted {
-                self.forget(i, key);
+                self.forget(kind, key);
                 Ok(())
             } else {
-                self.take(i, &object, key)
+                self.take(kind, &object, key)
             }
         });
         if let Err(reason) = read {
@@ -302,42 +323,42 @@ impl KnativeSource {
     /// (`<revision>-private`, the public Endpoints `<revision>`), with the name its own has: any
     /// Endpoints a tenant can write may carry a revision's labels, and must not say where the
     /// activator connects. `None` for anything else.
-    fn impostor(i: usize, object: &DynamicObject) -> Option<String> {
+    fn impostor(kind: Kind, object: &DynamicObject) -> Option<String> {
         let revision = object.metadata.labels.as_ref()?.get(objects::REVISION_LABEL)?;
-        let expected = match i {
-            PRIVATE_ENDPOINTS | PRIVATE_SERVICES => format!("{revision}-private"),
-            PUBLIC_ENDPOINTS => revision.clone(),
+        let expected = match kind {
+            Kind::PrivateEndpoints | Kind::PrivateServices => format!("{revision}-private"),
+            Kind::PublicEndpoints => revision.clone(),
             _ => return None,
         };
         (object.metadata.name.as_deref() != Some(expected.as_str())).then_some(expected)
     }
 
-    /// What an object of watch `i` is filed under: a revision's Endpoints and Services under the
+    /// What an object of watch `kind` is filed under: a revision's Endpoints and Services under the
     /// revision, everything else under its own name.
-    fn key_of(i: usize, object: &DynamicObject) -> Result<Key, String> {
-        match i {
-            PRIVATE_ENDPOINTS | PUBLIC_ENDPOINTS | PRIVATE_SERVICES => objects::revision_key(object),
+    fn key_of(kind: Kind, object: &DynamicObject) -> Result<Key, String> {
+        match kind {
+            Kind::PrivateEndpoints | Kind::PublicEndpoints | Kind::PrivateServices => objects::revision_key(object),
             _ => objects::identity(object),
         }
     }
 
     /// Reads one object into the reflection, and notes what that changes.
-    fn take(&mut self, i: usize, object: &DynamicObject, key: Key) -> Result<(), String> {
+    fn take(&mut self, kind: Kind, object: &DynamicObject, key: Key) -> Result<(), String> {
         let r = &mut self.reflection;
-        match i {
-            REVISIONS => {
+        match kind {
+            Kind::Revisions => {
                 r.revisions.insert(key, objects::revision(object)?);
                 self.dirty.world = true;
             }
-            ROUTES => {
+            Kind::Routes => {
                 r.routes.get_or_insert_default().insert(key, objects::route(object)?);
                 self.dirty.world = true;
             }
-            KNATIVE_SERVICES => {
+            Kind::KnativeServices => {
                 r.services.get_or_insert_default().insert(key, objects::knative_service(object)?.1);
                 self.dirty.world = true;
             }
-            PRIVATE_ENDPOINTS => {
+            Kind::PrivateEndpoints => {
                 let (_, info) = objects::private_endpoints(object)?;
                 if let Some(before) = r.private_endpoints.get(&key) {
                     let pods = became_not_ready(before, &info);
@@ -348,7 +369,7 @@ impl KnativeSource {
                 r.private_endpoints.insert(key.clone(), info);
                 self.dirty.revisions.insert(key);
             }
-            PUBLIC_ENDPOINTS => {
+            Kind::PublicEndpoints => {
                 let activators = objects::public_endpoints(object)?.1;
                 // Upstream's revision backends ignore an update that no longer lists this
                 // activator (the SKS switched to Serve): the last index stays.
@@ -364,7 +385,7 @@ impl KnativeSource {
                     );
                 }
             }
-            PRIVATE_SERVICES => {
+            Kind::PrivateServices => {
                 // A headless Service is no way in: as good as none.
                 match objects::private_service(object)?.1 {
                     Some(service) => r.private_services.insert(key.clone(), service),
@@ -372,52 +393,50 @@ impl KnativeSource {
                 };
                 self.dirty.revisions.insert(key);
             }
-            CONFIG_MAPS => {
+            Kind::ConfigMaps => {
                 let (_, data) = objects::config_map(object)?;
                 let bundle = object.metadata.labels.as_ref().is_some_and(|l| l.contains_key(TRUST_BUNDLE_LABEL));
                 self.trust_bundle(&key, bundle.then_some(&data));
                 self.config_map(key, Some(data));
             }
-            SECRETS => {
+            Kind::Secrets => {
                 let (_, data) = objects::secret(object)?;
                 self.config.internal_tls.set_secret(&data)?;
                 tracing::info!(secret = %key.1, "the certificate of system-internal TLS is (re)loaded");
             }
-            _ => unreachable!("an index into WATCHED"),
         }
         Ok(())
     }
 
     /// Drops a deleted object, which needs no more of it than its key.
-    fn forget(&mut self, i: usize, key: Key) {
+    fn forget(&mut self, kind: Kind, key: Key) {
         let r = &mut self.reflection;
-        match i {
-            REVISIONS => {
+        match kind {
+            Kind::Revisions => {
                 // The subset a revision kept when it left the activators' path goes with it.
                 r.public_endpoints.remove(&key);
                 self.dirty.world |= r.revisions.remove(&key).is_some();
             }
-            ROUTES => self.dirty.world |= r.routes.get_or_insert_default().remove(&key).is_some(),
-            KNATIVE_SERVICES => self.dirty.world |= r.services.get_or_insert_default().remove(&key).is_some(),
-            PRIVATE_ENDPOINTS => {
+            Kind::Routes => self.dirty.world |= r.routes.get_or_insert_default().remove(&key).is_some(),
+            Kind::KnativeServices => self.dirty.world |= r.services.get_or_insert_default().remove(&key).is_some(),
+            Kind::PrivateEndpoints => {
                 r.private_endpoints.remove(&key);
                 self.dirty.revisions.insert(key);
             }
             // As an update that no longer lists this activator: the last index stays.
-            PUBLIC_ENDPOINTS => {}
-            PRIVATE_SERVICES => {
+            Kind::PublicEndpoints => {}
+            Kind::PrivateServices => {
                 r.private_services.remove(&key);
                 self.dirty.revisions.insert(key);
             }
-            CONFIG_MAPS => {
+            Kind::ConfigMaps => {
                 self.trust_bundle(&key, None);
                 self.config_map(key, None);
             }
             // As upstream's CertCache, which has no delete handler: the last certificate stays.
-            SECRETS => {
+            Kind::Secrets => {
                 tracing::warn!(secret = %key.1, "the TLS Secret was deleted; its last certificate keeps serving")
             }
-            _ => unreachable!("an index into WATCHED"),
         }
     }
 
@@ -469,19 +488,19 @@ impl KnativeSource {
     }
 
     /// At the end of a relist: drops what it did not see again.
-    fn sweep(&mut self, i: usize, seen: &BTreeSet<Key>) {
+    fn sweep(&mut self, kind: Kind, seen: &BTreeSet<Key>) {
         let r = &mut self.reflection;
-        match i {
-            REVISIONS => r.revisions.retain(|k, _| seen.contains(k)),
-            ROUTES => r.routes.get_or_insert_default().retain(|k, _| seen.contains(k)),
-            KNATIVE_SERVICES => r.services.get_or_insert_default().retain(|k, _| seen.contains(k)),
-            PRIVATE_ENDPOINTS => r.private_endpoints.retain(|k, _| seen.contains(k)),
-            PUBLIC_ENDPOINTS => {
+        match kind {
+            Kind::Revisions => r.revisions.retain(|k, _| seen.contains(k)),
+            Kind::Routes => r.routes.get_or_insert_default().retain(|k, _| seen.contains(k)),
+            Kind::KnativeServices => r.services.get_or_insert_default().retain(|k, _| seen.contains(k)),
+            Kind::PrivateEndpoints => r.private_endpoints.retain(|k, _| seen.contains(k)),
+            Kind::PublicEndpoints => {
                 let revisions = &r.revisions;
                 r.public_endpoints.retain(|k, _| seen.contains(k) || revisions.contains_key(k));
             }
-            PRIVATE_SERVICES => r.private_services.retain(|k, _| seen.contains(k)),
-            CONFIG_MAPS => {
+            Kind::PrivateServices => r.private_services.retain(|k, _| seen.contains(k)),
+            Kind::ConfigMaps => {
                 self.config_maps.retain(|k, _| seen.contains(k));
                 let gone: Vec<Key> = self.trust_bundles.keys().filter(|k| !seen.contains(*k)).cloned().collect();
                 for key in gone {
@@ -513,8 +532,8 @@ impl KnativeSource {
         }
     }
 
-    fn failed(&mut self, i: usize, error: watcher::Error) {
-        let watched = &WATCHED[i];
+    fn failed(&mut self, kind: Kind, error: watcher::Error) {
+        let watched = kind.watched();
         let resource = watched.resource();
         self.stats.kube_errors.with_label_values(&[&resource]).inc();
         let forbidden = matches!(&error, watcher::Error::InitialListFailed(kube::Error::Api(status))
@@ -525,8 +544,8 @@ impl KnativeSource {
         }
         // What upstream's activator watches it cannot do without: it stays unready, as upstream
         // never gets ready without its informers; what is ours (or only for TLS) it serves without.
-        let required = !matches!(i, ROUTES | KNATIVE_SERVICES | SECRETS);
-        let feed = &mut self.feeds[i];
+        let required = !matches!(kind, Kind::Routes | Kind::KnativeServices | Kind::Secrets);
+        let feed = &mut self.feeds[kind as usize];
         feed.synced |= !required;
         if std::mem::replace(&mut feed.forbidden, true) {
             return;
@@ -537,13 +556,15 @@ impl KnativeSource {
         } else {
             "a ClusterRole".to_owned()
         };
-        let effect = match i {
-            ROUTES => {
+        let effect = match kind {
+            Kind::Routes => {
                 "revision affinity across a Route's revisions is off, and each revision is served on its own \
                        with session affinity inside the revision the ingress chose"
             }
-            KNATIVE_SERVICES => "annotations on Knative Services are not read; revisions' own annotations still are",
-            SECRETS => "system-internal TLS has no certificate to serve",
+            Kind::KnativeServices => {
+                "annotations on Knative Services are not read; revisions' own annotations still are"
+            }
+            Kind::Secrets => "system-internal TLS has no certificate to serve",
             _ => "the activator stays unready, as upstream's does without it",
         };
         let rule = format!(
@@ -552,12 +573,12 @@ impl KnativeSource {
         );
         tracing::error!(%resource, "cannot list {resource} (forbidden by RBAC): {effect}. Grant it with {rule}");
         if required {
-            self.blocked.insert(i, format!("forbidden to list {resource}: grant it with {rule}"));
+            self.blocked.insert(kind, format!("forbidden to list {resource}: grant it with {rule}"));
             self.health.set_sync_blocked(self.blocked.values().next().cloned());
         }
-        match i {
-            ROUTES => self.reflection.routes = None,
-            KNATIVE_SERVICES => self.reflection.services = None,
+        match kind {
+            Kind::Routes => self.reflection.routes = None,
+            Kind::KnativeServices => self.reflection.services = None,
             _ => {}
         }
         self.dirty.world = true;
