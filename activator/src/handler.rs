@@ -141,8 +141,8 @@ impl Handler {
         let in_flight = self.reporter.arrive(&route.revision.concurrency);
         // The revision's timeouts run from arrival, queueing included, as upstream's: the whole
         // exchange, the wait for the response to start, and pauses in its body.
-        let mut deadline = Box::pin(tokio::time::sleep_until(started + route.revision.timeout));
-        let first_byte = route.revision.response_start_timeout.map(|t| started + t);
+        let mut deadline = Box::pin(tokio::time::sleep_until(started + route.revision.config.timeout));
+        let first_byte = route.revision.config.response_start_timeout.map(|t| started + t);
         let request_bytes = req.body_mut().counted();
         let mut exchange = None;
         let mut resp = tokio::select! {
@@ -151,7 +151,7 @@ impl Handler {
             () = sleep_until_some(first_byte) => respond::timed_out(),
         };
         resp.body_mut().cut_at(deadline);
-        if let Some(idle) = route.revision.idle_timeout {
+        if let Some(idle) = route.revision.config.idle_timeout {
             resp.body_mut().cut_when_idle(idle);
         }
         let (status, elapsed) = (resp.status().as_u16(), started.elapsed());

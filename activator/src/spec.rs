@@ -186,14 +186,7 @@ pub struct TrafficSpec {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RevisionSpec {
     pub name: String,
-    /// Requests a pod may hold at once; 0 means unlimited.
-    pub container_concurrency: u32,
-    /// From arrival to the end of the response (`timeoutSeconds`).
-    pub timeout: Duration,
-    /// Until the response's headers (`responseStartTimeoutSeconds`).
-    pub response_start_timeout: Option<Duration>,
-    /// The longest pause in the response body (`idleTimeoutSeconds`).
-    pub idle_timeout: Option<Duration>,
+    pub config: RevisionConfig,
     pub annotations: BTreeMap<String, String>,
     /// The pods and how to reach them.
     pub backends: Backends,
@@ -204,6 +197,19 @@ pub struct RevisionSpec {
     /// The Knative Service and Configuration the revision belongs to, as its labels say; without
     /// them, the service it is served under.
     pub owners: Owners,
+}
+
+/// A revision's settings, as its source reads them and the snapshot serves them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevisionConfig {
+    /// Requests a pod may hold at once; 0 means unlimited.
+    pub container_concurrency: u32,
+    /// From arrival to the end of the response (`timeoutSeconds`).
+    pub timeout: Duration,
+    /// Until the response's headers (`responseStartTimeoutSeconds`).
+    pub response_start_timeout: Option<Duration>,
+    /// The longest pause in the response body (`idleTimeoutSeconds`).
+    pub idle_timeout: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -263,7 +269,7 @@ pub fn validate_service(svc: &ServiceSpec) -> Result<(), SpecError> {
         if !own.insert(rev.name.as_str()) {
             return Err(error(svc, format!("revision {} is listed twice", rev.name)));
         }
-        if rev.timeout.is_zero() {
+        if rev.config.timeout.is_zero() {
             return Err(error(svc, format!("revision {}: timeoutSeconds must be > 0", rev.name)));
         }
         if let Probe::Http { path } | Probe::Queue { path, .. } = &rev.probe
@@ -349,10 +355,12 @@ pub(crate) mod tests {
                 .enumerate()
                 .map(|(i, (_, endpoints))| RevisionSpec {
                     name: format!("{name}-{i}"),
-                    container_concurrency: 0,
-                    timeout: DEFAULT_TIMEOUT,
-                    response_start_timeout: None,
-                    idle_timeout: None,
+                    config: RevisionConfig {
+                        container_concurrency: 0,
+                        timeout: DEFAULT_TIMEOUT,
+                        response_start_timeout: None,
+                        idle_timeout: None,
+                    },
                     annotations: BTreeMap::new(),
                     backends: Backends { trusted: endpoints.clone(), ..Backends::default() },
                     probe: Probe::None,
@@ -384,7 +392,7 @@ pub(crate) mod tests {
         type Change<'a> = &'a dyn Fn(&mut ServiceSpec);
         let cases: [(Change, &str); 6] = [
             (&|s| s.traffic[0].revision = "nope".into(), "nope"),
-            (&|s| s.revisions[0].timeout = Duration::ZERO, "timeoutSeconds"),
+            (&|s| s.revisions[0].config.timeout = Duration::ZERO, "timeoutSeconds"),
             (&|s| s.revisions[0].backends.trusted[1] = addr(1), "listed twice"),
             (&|s| s.revisions[0].probe = Probe::Http { path: "healthz".into() }, "probePath"),
             (&|s| s.traffic.clear(), "at least one"),
@@ -423,7 +431,7 @@ pub(crate) mod tests {
         b.traffic[0].revision = "a-0".into();
         let shared_revision = WorldSpec { services: vec![a.clone(), b.clone()] };
         assert_eq!(validate(&shared_revision), Ok(()), "two Routes may list one revision");
-        b.revisions[0].container_concurrency = 7;
+        b.revisions[0].config.container_concurrency = 7;
         let different = WorldSpec { services: vec![a, b] };
         assert!(validate(&different).unwrap_err().message.contains("defined differently"));
     }

@@ -12,13 +12,12 @@ pub mod publisher;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::autoscaler::Concurrency;
 use crate::pins::Lifetime;
 use crate::retry::Budget;
 use crate::served::Served;
-use crate::spec::{HostRewrite, Probe, TagSpec};
+use crate::spec::{HostRewrite, Probe, RevisionConfig, TagSpec};
 use crate::stats::RevisionStats;
 use crate::throttle::Throttler;
 
@@ -30,10 +29,7 @@ pub struct Revision {
     pub namespace: String,
     pub service: String,
     pub name: String,
-    pub container_concurrency: u32,
-    pub timeout: Duration,
-    pub response_start_timeout: Option<Duration>,
-    pub idle_timeout: Option<Duration>,
+    pub config: RevisionConfig,
     /// How new endpoints prove ready.
     pub probe: Probe,
     /// How the client's `Host` reaches the pod.

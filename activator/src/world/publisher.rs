@@ -186,7 +186,7 @@ impl Publisher {
         let reused = previous.revision(&svc.namespace, &rev.name).map(|(_, r)| r).filter(|r| *r.stats.names() == names);
         let runtime = match reused {
             Some(r) => {
-                r.throttler.set_container_concurrency(rev.container_concurrency);
+                r.throttler.set_container_concurrency(rev.config.container_concurrency);
                 Runtime {
                     throttler: r.throttler.clone(),
                     stats: r.stats.clone(),
@@ -201,7 +201,7 @@ impl Publisher {
                     active: stats.knative.active.clone(),
                     outside_subset: stats.outside_subset.clone(),
                 };
-                let throttler = Throttler::new(rev.container_concurrency, self.queue.clone(), metrics);
+                let throttler = Throttler::new(rev.config.container_concurrency, self.queue.clone(), metrics);
                 throttler.verify_tls_with(self.internal_tls.clone());
                 let concurrency = Concurrency::new(
                     &svc.namespace,
@@ -235,10 +235,7 @@ impl Publisher {
             namespace: svc.namespace.clone(),
             service: svc.name.clone(),
             name: rev.name.clone(),
-            container_concurrency: rev.container_concurrency,
-            timeout: rev.timeout,
-            response_start_timeout: rev.response_start_timeout,
-            idle_timeout: rev.idle_timeout,
+            config: rev.config,
             probe: rev.probe.clone(),
             host: rev.host.clone(),
             affinity: self.annotated(&scope, &rev.annotations).over(service),
@@ -326,12 +323,12 @@ pub(crate) mod tests {
         let mut svc = service("counter", &[(100, vec![addr(1)])]);
         publisher.apply(&WorldSpec { services: vec![svc.clone()] });
         let before = publisher.throttler("default", "counter-0").unwrap();
-        svc.revisions[0].container_concurrency = 3;
+        svc.revisions[0].config.container_concurrency = 3;
         publisher.apply(&WorldSpec { services: vec![svc] });
         let after = publisher.throttler("default", "counter-0").unwrap();
         assert!(Arc::ptr_eq(&before, &after), "a new containerConcurrency keeps the throttler");
         let world = publisher.world().load_full();
-        assert_eq!(world.revision("default", "counter-0").unwrap().1.container_concurrency, 3);
+        assert_eq!(world.revision("default", "counter-0").unwrap().1.config.container_concurrency, 3);
     }
 
     /// Knative Routes may share a revision: one throttler for its pods, a service per Route, and

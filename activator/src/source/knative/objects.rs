@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::go;
-use crate::spec::{self, DEFAULT_TIMEOUT, TagSpec};
+use crate::spec::{self, DEFAULT_TIMEOUT, RevisionConfig, TagSpec};
 
 pub const SERVICE_LABEL: &str = "serving.knative.dev/service";
 pub const CONFIGURATION_LABEL: &str = "serving.knative.dev/configuration";
@@ -33,10 +33,7 @@ pub struct RevisionInfo {
     /// The Knative Service and Configuration it belongs to, from its labels.
     pub service: Option<String>,
     pub configuration: Option<String>,
-    pub container_concurrency: u32,
-    pub timeout: Duration,
-    pub response_start_timeout: Option<Duration>,
-    pub idle_timeout: Option<Duration>,
+    pub config: RevisionConfig,
     pub annotations: Annotations,
     /// Its first container port is named `h2c`: its pods are reached on the port named `http2`.
     pub h2c: bool,
@@ -190,10 +187,12 @@ pub fn revision(obj: &DynamicObject) -> Result<RevisionInfo, String> {
     Ok(RevisionInfo {
         service: label(obj, SERVICE_LABEL),
         configuration: label(obj, CONFIGURATION_LABEL),
-        container_concurrency,
-        timeout,
-        response_start_timeout: seconds(spec.response_start_timeout_seconds, "responseStartTimeoutSeconds")?,
-        idle_timeout: seconds(spec.idle_timeout_seconds, "idleTimeoutSeconds")?,
+        config: RevisionConfig {
+            container_concurrency,
+            timeout,
+            response_start_timeout: seconds(spec.response_start_timeout_seconds, "responseStartTimeoutSeconds")?,
+            idle_timeout: seconds(spec.idle_timeout_seconds, "idleTimeoutSeconds")?,
+        },
         annotations: obj.metadata.annotations.clone().unwrap_or_default(),
         h2c,
         probe_optimisation: !exec_readiness && !startup_probe,
@@ -459,9 +458,9 @@ mod tests {
         .unwrap();
         assert_eq!((rev.namespace.as_str(), rev.name.as_str()), ("shop", "counter-00001"));
         assert_eq!((rev.service.as_deref(), rev.configuration.as_deref()), (Some("counter"), Some("counter")));
-        assert_eq!(rev.container_concurrency, 3);
+        assert_eq!(rev.config.container_concurrency, 3);
         assert_eq!(
-            (rev.timeout, rev.response_start_timeout, rev.idle_timeout),
+            (rev.config.timeout, rev.config.response_start_timeout, rev.config.idle_timeout),
             (Duration::from_secs(30), Some(Duration::from_secs(10)), None)
         );
         assert!(rev.h2c, "the serving container's first port is h2c");
@@ -470,7 +469,10 @@ mod tests {
         assert_eq!(rev.annotations["activator.knative.dev/sticky-ttl"], "60s");
 
         let defaults = revision(&revision_json(json!({"containers": [{"image": "x"}]}))).unwrap();
-        assert_eq!((defaults.container_concurrency, defaults.timeout, defaults.h2c), (0, DEFAULT_TIMEOUT, false));
+        assert_eq!(
+            (defaults.config.container_concurrency, defaults.config.timeout, defaults.h2c),
+            (0, DEFAULT_TIMEOUT, false)
+        );
         let exec = revision(&revision_json(
             json!({"containers": [{"ports": [{"name": "http1"}], "readinessProbe": {"exec": {"command": ["true"]}}}]}),
         ));
@@ -487,10 +489,10 @@ mod tests {
             "timeoutSeconds": i64::MAX, "responseStartTimeoutSeconds": 0, "idleTimeoutSeconds": i64::MAX,
         })))
         .unwrap();
-        assert_eq!((rev.timeout, rev.response_start_timeout), (spec::MAX_TIMEOUT, None));
-        assert_eq!(rev.idle_timeout, Some(spec::MAX_TIMEOUT));
+        assert_eq!((rev.config.timeout, rev.config.response_start_timeout), (spec::MAX_TIMEOUT, None));
+        assert_eq!(rev.config.idle_timeout, Some(spec::MAX_TIMEOUT));
         let zero = revision(&revision_json(json!({"timeoutSeconds": 0}))).unwrap();
-        assert_eq!(zero.timeout, DEFAULT_TIMEOUT, "no timeout at all is the default one");
+        assert_eq!(zero.config.timeout, DEFAULT_TIMEOUT, "no timeout at all is the default one");
     }
 
     #[test]

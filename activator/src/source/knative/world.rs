@@ -11,8 +11,10 @@ use std::net::{IpAddr, SocketAddr};
 use super::objects::{
     Annotations, EndpointsInfo, Key, MeshMode, NetworkConfig, Ports, RevisionInfo, RouteInfo, ServiceInfo,
 };
-use crate::spec::{Backends, ClusterIp, HostRewrite, Probe, Subset, TlsPorts};
-use crate::spec::{Owners, RevisionSpec, ServiceSpec, TrafficSpec, WorldSpec};
+use crate::spec::{
+    Backends, ClusterIp, HostRewrite, Owners, Probe, RevisionSpec, ServiceSpec, Subset, TlsPorts, TrafficSpec,
+    WorldSpec,
+};
 
 /// queue-proxy's readiness path for the activator's probe.
 const PROBE_PATH: &str = "/healthz";
@@ -101,10 +103,7 @@ impl Reflection {
         let passthrough = self.network.passthrough;
         RevisionSpec {
             name: rev.name.clone(),
-            container_concurrency: rev.container_concurrency,
-            timeout: rev.timeout,
-            response_start_timeout: rev.response_start_timeout,
-            idle_timeout: rev.idle_timeout,
+            config: rev.config,
             annotations: self.annotations(rev),
             backends: self.backends(rev),
             probe: Probe::Queue {
@@ -181,7 +180,7 @@ impl Reflection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::TagSpec;
+    use crate::spec::{RevisionConfig, TagSpec};
     use std::time::Duration;
 
     fn revision(ns: &str, name: &str, configuration: &str) -> RevisionInfo {
@@ -190,10 +189,12 @@ mod tests {
             name: name.into(),
             service: Some(configuration.into()),
             configuration: Some(configuration.into()),
-            container_concurrency: 1,
-            timeout: Duration::from_secs(300),
-            response_start_timeout: None,
-            idle_timeout: None,
+            config: RevisionConfig {
+                container_concurrency: 1,
+                timeout: Duration::from_secs(300),
+                response_start_timeout: None,
+                idle_timeout: None,
+            },
             annotations: Annotations::new(),
             h2c: false,
             probe_optimisation: true,

@@ -11,8 +11,9 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
-use crate::spec::{self, Owners, RevisionSpec, ServiceSpec, TrafficSpec, WorldSpec};
-use crate::spec::{Backends, HostRewrite, Probe};
+use crate::spec::{
+    self, Backends, HostRewrite, Owners, Probe, RevisionConfig, RevisionSpec, ServiceSpec, TrafficSpec, WorldSpec,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -194,10 +195,12 @@ impl RevisionEntry {
         };
         RevisionSpec {
             name: self.name.clone(),
-            container_concurrency: self.container_concurrency,
-            timeout: spec::timeout_seconds(self.timeout_seconds).unwrap_or_default(),
-            response_start_timeout: self.response_start_timeout_seconds.and_then(spec::timeout_seconds),
-            idle_timeout: self.idle_timeout_seconds.and_then(spec::timeout_seconds),
+            config: RevisionConfig {
+                container_concurrency: self.container_concurrency,
+                timeout: spec::timeout_seconds(self.timeout_seconds).unwrap_or_default(),
+                response_start_timeout: self.response_start_timeout_seconds.and_then(spec::timeout_seconds),
+                idle_timeout: self.idle_timeout_seconds.and_then(spec::timeout_seconds),
+            },
             annotations: self.annotations.clone(),
             backends,
             probe,
@@ -243,7 +246,7 @@ services:
         assert_eq!(svc.traffic[1].tag.as_deref(), Some("next"));
         let spec = file.to_spec(&EndpointsFile::new());
         assert_eq!(spec.services[0].hosts, ["counter.example.com"]);
-        assert_eq!(spec.services[0].revisions[1].timeout, std::time::Duration::from_secs(5));
+        assert_eq!(spec.services[0].revisions[1].config.timeout, std::time::Duration::from_secs(5));
         assert_eq!(spec.services[0].revisions[2].probe, Probe::Http { path: "/healthz".into() });
         assert_eq!(svc.revisions[1].container_concurrency, 2);
         assert_eq!(svc.revisions[0].timeout_seconds, spec::DEFAULT_TIMEOUT.as_secs());
