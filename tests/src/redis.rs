@@ -70,11 +70,20 @@ impl Redis {
         Self::start_as(dir, security, Vec::new()).await
     }
 
+    /// A server on a free port. The port is free when chosen, but another process may take it
+    /// before the server binds it (an outgoing connection's ephemeral port): then another one.
     async fn start_as(dir: &Path, security: Security, role: Vec<String>) -> Redis {
-        let port = free_port();
-        let mut redis = Redis { port, log: dir.join(format!("redis-{port}.log")), child: None, security, role };
-        redis.restart().await;
-        redis
+        let mut tries = 0;
+        loop {
+            let port = free_port();
+            let log = dir.join(format!("redis-{port}.log"));
+            let mut redis = Redis { port, log, child: None, security: security.clone(), role: role.clone() };
+            match redis.launch().await {
+                Ok(()) => return redis,
+                Err(log) if log.contains("Address already in use") && tries < 5 => tries += 1,
+                Err(log) => panic!("redis-server does not answer PING; its log:\n{log}"),
+            }
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -94,6 +103,13 @@ impl Redis {
 
     /// Starts the server (again, on the same port, empty) and waits until it answers.
     pub async fn restart(&mut self) {
+        if let Err(log) = self.launch().await {
+            panic!("redis-server does not answer PING; its log:\n{log}");
+        }
+    }
+
+    /// Starts the server and waits until it answers; its log if it exits first or never answers.
+    async fn launch(&mut self) -> Result<(), String> {
         let log = std::fs::File::create(&self.log).expect("redis log");
         let port = self.port.to_string();
         // A directory of its own for what a replica or a snapshot writes, never the working tree
@@ -128,10 +144,14 @@ impl Redis {
         self.child = Some(child);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !self.answers().await {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            assert!(tokio::time::Instant::now() < deadline, "redis-server does not answer PING; its log:\n{log}");
+            let exited = self.child.as_mut().is_some_and(|c| c.try_wait().is_ok_and(|status| status.is_some()));
+            if exited || tokio::time::Instant::now() >= deadline {
+                self.child = None;
+                return Err(std::fs::read_to_string(&self.log).unwrap_or_default());
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        Ok(())
     }
 
     /// Kills the server outright, as a crash would.
