@@ -1,3 +1,4 @@
+use std::future::Future;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -71,6 +72,8 @@ fn init_logging(format: LogFormat, telemetry: &Telemetry) -> LogLevel {
     level
 }
 
+/// Serves until SIGTERM (or Ctrl-C) and the drain end: health first, then the world and its
+/// source, the listeners, the pin store, and the request handler with its background tasks.
 async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogLevel) -> anyhow::Result<()> {
     let observability = ObservabilityConfig::from_env(|name| std::env::var(name).ok(), config.request_log, &mut |w| {
         tracing::warn!("{w}")
@@ -81,34 +84,16 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogL
         // Unready until the watches have listed once, from the first probe on.
         health.require_sync();
     }
-    let open_files = raise_open_files_limit();
-    let limits = Limits {
-        max_connections: config
-            .max_connections
-            .unwrap_or_else(|| usize::try_from(open_files / 2).unwrap_or(usize::MAX).max(1024)),
-        send_timeout: config.send_timeout,
-        idle_timeout: config.idle_timeout,
-        header_read_timeout: config.header_read_timeout,
-    };
+    let limits = connection_limits(&config);
+    let cluster_domain = config.cluster_domain(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
+    let reporter = start_reporter(&config, &cluster_domain, &health, &stats);
+    let prober = Prober::start(ProbeTiming { period: config.probe_frequency, timeout: config.probe_timeout });
+    let internal_tls = Arc::new(InternalTls::default());
     let queue = QueueLimits {
         max_waiting: config.max_queue,
         max_bytes: config.max_queue_bytes,
         total: Arc::new(QueueBudget::new(config.max_queue_total, config.max_queue_bytes_total)),
     };
-    let cluster_domain = config.cluster_domain(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
-    let metrics = ReporterMetrics {
-        connected: [stats.autoscaler_connected.clone(), stats.knative.stats_conn_reachable.clone()],
-        errors: stats.knative.stats_conn_errors.clone(),
-        dropped: stats.autoscaler_dropped.clone(),
-        pokes: stats.autoscaler_pokes.clone(),
-        frames: stats.autoscaler_frames.clone(),
-    };
-    let autoscaler =
-        config.autoscaler_url(&cluster_domain).map(|url| ReporterConfig { url, pod_name: config.pod_name.clone() });
-    let reporter = Reporter::start(autoscaler, health.clone(), metrics);
-    let timing = ProbeTiming { period: config.probe_frequency, timeout: config.probe_timeout };
-    let prober = Prober::start(timing);
-    let internal_tls = Arc::new(InternalTls::default());
     let publisher =
         Arc::new(Publisher::new(stats.clone(), queue, prober.clone()).with_internal_tls(internal_tls.clone()));
     let world = publisher.world();
@@ -117,7 +102,85 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogL
         let source = LocalSource::open(path, config.endpoints_file.as_deref(), publisher.clone())?;
         tokio::spawn(source.watch(config.topology_poll_interval));
     }
+    let listeners = bind_listeners(&config, &internal_tls, &health, &stats, &telemetry).await?;
+    if config.mode == Mode::Knative {
+        let knative = KnativeConfig {
+            system_namespace: config.system_namespace.clone(),
+            pod_ip: config.pod_ip,
+            observability,
+            config_maps: ConfigMapNames {
+                logging: config.config_logging_name.clone(),
+                observability: config.config_observability_name.clone(),
+            },
+            log_level,
+            internal_tls,
+            page_size: config.kube_page_size,
+        };
+        let source =
+            KnativeSource::connect(knative, publisher, health.clone(), stats.clone(), telemetry.clone()).await?;
+        tokio::spawn(source.run());
+    }
+    let stop_accepting = drain_on_signal(health.clone(), config.drain_period)?;
+    let pins = open_pins(&config, &stats)?;
+    if config.pin_store == PinStore::Redis {
+        health.require_pin_store();
+    }
+    let decisions = Origin::ALL.map(|o| stats.decisions.with_label_values(&[o.as_str()]));
+    let handler = Arc::new(Handler {
+        world,
+        health,
+        stats,
+        pins,
+        reporter,
+        prober,
+        debug_headers: config.debug_headers,
+        cluster_domain,
+        decisions,
+        telemetry,
+        tunnels: TaskTracker::new(),
+    });
+    spawn_pin_tasks(&handler, &config)?;
+    server::serve(listeners, handler, stop_accepting, config.grace_timeout, limits).await;
+    Ok(())
+}
 
+/// The bounds of client connections: as many as half the open files the process may hold (at
+/// least 1024) unless `--max-connections` says otherwise.
+fn connection_limits(config: &Config) -> Limits {
+    let open_files = raise_open_files_limit();
+    Limits {
+        max_connections: config
+            .max_connections
+            .unwrap_or_else(|| usize::try_from(open_files / 2).unwrap_or(usize::MAX).max(1024)),
+        send_timeout: config.send_timeout,
+        idle_timeout: config.idle_timeout,
+        header_read_timeout: config.header_read_timeout,
+    }
+}
+
+/// Reports demand to the autoscaler, where there is one to report to.
+fn start_reporter(config: &Config, cluster_domain: &str, health: &Arc<Health>, stats: &Stats) -> Reporter {
+    let metrics = ReporterMetrics {
+        connected: [stats.autoscaler_connected.clone(), stats.knative.stats_conn_reachable.clone()],
+        errors: stats.knative.stats_conn_errors.clone(),
+        dropped: stats.autoscaler_dropped.clone(),
+        pokes: stats.autoscaler_pokes.clone(),
+        frames: stats.autoscaler_frames.clone(),
+    };
+    let autoscaler =
+        config.autoscaler_url(cluster_domain).map(|url| ReporterConfig { url, pod_name: config.pod_name.clone() });
+    Reporter::start(autoscaler, health.clone(), metrics)
+}
+
+/// Binds the data-plane listeners (plain, h2c, TLS) and the admin port, which starts serving at
+/// once; prints each bound address.
+async fn bind_listeners(
+    config: &Config,
+    internal_tls: &Arc<InternalTls>,
+    health: &Arc<Health>,
+    stats: &Stats,
+    telemetry: &Telemetry,
+) -> anyhow::Result<Vec<Listener>> {
     let addrs = config.listeners();
     let bind = |addr: SocketAddr| async move { socket::listen(addr).with_context(|| format!("binding {addr}")) };
     let mut listeners = Vec::new();
@@ -139,39 +202,28 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogL
     println!("listening admin {}", admin_listener.local_addr()?);
     telemetry.serve_prometheus_with(Arc::new(admin::MovedMetrics::new(stats.clone(), admin_listener.local_addr()?)));
     tokio::spawn(admin::serve(admin_listener, health.clone(), stats.clone()));
+    Ok(listeners)
+}
 
-    if config.mode == Mode::Knative {
-        let knative = KnativeConfig {
-            system_namespace: config.system_namespace.clone(),
-            pod_ip: config.pod_ip,
-            observability,
-            config_maps: ConfigMapNames {
-                logging: config.config_logging_name.clone(),
-                observability: config.config_observability_name.clone(),
-            },
-            log_level,
-            internal_tls,
-            page_size: config.kube_page_size,
-        };
-        let source =
-            KnativeSource::connect(knative, publisher, health.clone(), stats.clone(), telemetry.clone()).await?;
-        tokio::spawn(source.run());
-    }
-
+/// Completes once SIGTERM (or Ctrl-C) came and the drain period passed: unready from the signal
+/// on, still serving until then.
+fn drain_on_signal(health: Arc<Health>, drain_period: Duration) -> anyhow::Result<impl Future<Output = ()>> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let drain_period = config.drain_period;
-    let draining = health.clone();
-    let stop_accepting = async move {
+    Ok(async move {
         tokio::select! {
             _ = sigterm.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
-        draining.start_draining();
+        health.start_draining();
         tracing::info!(?drain_period, "draining: unready now, still serving until the drain period ends");
         tokio::time::sleep(drain_period).await;
-    };
+    })
+}
+
+/// The pin store `--pin-store` names, signing with `--pin-cookie-keys` if given.
+fn open_pins(config: &Config, stats: &Stats) -> anyhow::Result<Pins> {
     let pins = match config.pin_store {
-        PinStore::Memory => Pins::local(config.max_pins, &stats),
+        PinStore::Memory => Pins::local(config.max_pins, stats),
         PinStore::Redis => {
             let shared = SharedConfig {
                 url: config.redis_url.clone().context("--pin-store redis needs --redis-url (or REDIS_URL)")?,
@@ -181,27 +233,15 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogL
                 tls: config.redis_tls(),
                 deployment: config.redis_deployment(),
             };
-            Pins::shared(config.max_pins, shared, &stats)?
+            Pins::shared(config.max_pins, shared, stats)?
         }
     };
-    let pins = pins.signing(CookieKeys::from_file(config.pin_cookie_keys.clone())?);
-    if config.pin_store == PinStore::Redis {
-        health.require_pin_store();
-    }
-    let decisions = Origin::ALL.map(|o| stats.decisions.with_label_values(&[o.as_str()]));
-    let handler = Arc::new(Handler {
-        world,
-        health,
-        stats,
-        pins,
-        reporter,
-        prober,
-        debug_headers: config.debug_headers,
-        cluster_domain,
-        decisions,
-        telemetry,
-        tunnels: TaskTracker::new(),
-    });
+    Ok(pins.signing(CookieKeys::from_file(config.pin_cookie_keys.clone())?))
+}
+
+/// The pin store's background work: upkeep, session ends, the split's count exchange (with
+/// Redis), and readiness once the store was tried.
+fn spawn_pin_tasks(handler: &Arc<Handler>, config: &Config) -> anyhow::Result<()> {
     tokio::spawn(maintain_pins(handler.clone()));
     let ending = handler.clone();
     let end_keys = KeyFile::from_file("--session-end-keys", config.session_end_keys.clone())?;
@@ -216,7 +256,6 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogL
         tried.pins.first_attempt().await;
         tried.health.set_pin_store_tried();
     });
-    server::serve(listeners, handler, stop_accepting, config.grace_timeout, limits).await;
     Ok(())
 }
 
