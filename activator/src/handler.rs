@@ -22,6 +22,7 @@ use crate::affinity::{Keys, Origin, Pinning, Route, chat, extract, names_its_con
 use crate::autoscaler::{InFlight, Reporter};
 use crate::headers::{DECISION, KNATIVE_NAMESPACE, KNATIVE_REVISION, KNATIVE_TAG};
 use crate::health::Health;
+use crate::labelled::Labelled;
 use crate::pins::Pins;
 use crate::pins::{PinKey, PinSource};
 use crate::probes;
@@ -63,8 +64,8 @@ pub struct Handler {
     pub debug_headers: bool,
     /// The cluster's DNS domain, for requests that name a revision by its cluster-local host.
     pub cluster_domain: String,
-    /// `activator_decisions_total`, one counter per `Origin` in `Origin::ALL`'s order.
-    pub decisions: [IntCounter; Origin::ALL.len()],
+    /// `activator_decisions_total`, one counter per `Origin`.
+    pub decisions: Labelled<Origin, IntCounter>,
     /// Spans, trace context and the request log.
     pub telemetry: Telemetry,
     /// Upgraded connections (websockets), which outlive their requests and the HTTP connections
@@ -157,7 +158,7 @@ impl Handler {
         let (status, elapsed) = (resp.status().as_u16(), started.elapsed());
         let server = route.revision.stats.record(status, protocol, elapsed);
         route.revision.stats.queue_wait.observe(route.queued.as_secs_f64());
-        self.decisions[route.origin as usize].inc();
+        self.decisions.get(route.origin).inc();
         self.annotate(&mut resp, &keys, &route);
         if self.telemetry.wants_outcome(span) {
             let revision = &route.revision;
@@ -303,7 +304,7 @@ impl Handler {
             Some(_) if !revision.retries.try_retry() => retry::Outcome::OverBudget,
             Some(_) => retry::Outcome::Retried,
         };
-        revision.stats.retried[outcome as usize].inc();
+        revision.stats.retried.get(outcome).inc();
         outbound.filter(|_| outcome == retry::Outcome::Retried).ok_or(())
     }
 

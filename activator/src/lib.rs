@@ -12,6 +12,7 @@ pub mod headers;
 pub mod health;
 pub mod inspect;
 pub mod keys;
+pub mod labelled;
 pub mod pins;
 pub mod pool;
 pub mod probes;

@@ -5,12 +5,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use activator::affinity::{Origin, share};
+use activator::affinity::share;
 use activator::autoscaler::{Reporter, ReporterConfig, ReporterMetrics};
 use activator::config::{Cli, Command, Config, LogFormat, Mode, PinStore};
 use activator::handler::Handler;
 use activator::health::Health;
 use activator::keys::KeyFile;
+use activator::labelled::Labelled;
 use activator::pins::{CookieKeys, Pins, SharedConfig};
 use activator::readiness::{ProbeTiming, Prober};
 use activator::server::{Limits, Listener, TlsServing};
@@ -125,7 +126,7 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogL
     if config.pin_store == PinStore::Redis {
         health.require_pin_store();
     }
-    let decisions = Origin::ALL.map(|o| stats.decisions.with_label_values(&[o.as_str()]));
+    let decisions = Labelled::new(&stats.decisions, &[]);
     let handler = Arc::new(Handler {
         world,
         health,

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use http::header::HeaderName;
 use http::{Method, Request};
 
+use crate::labelled::LabelValue;
+
 /// The most body kept to send a request again; a larger body makes its request go once.
 pub const BODY_LIMIT: usize = 64 * 1024;
 
@@ -71,8 +73,21 @@ pub enum Outcome {
     NoPod,
 }
 
-impl Outcome {
-    pub const LABELS: [&str; 4] = ["retried", "over-budget", "not-kept", "no-pod"];
+impl LabelValue for Outcome {
+    const ALL: &'static [Outcome] = &[Outcome::Retried, Outcome::OverBudget, Outcome::NotKept, Outcome::NoPod];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Retried => "retried",
+            Outcome::OverBudget => "over-budget",
+            Outcome::NotKept => "not-kept",
+            Outcome::NoPod => "no-pod",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// Each revision's retries stay within `MIN_RETRIES` plus `RATIO_PERCENT` of the requests it was

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use crate::labelled::LabelValue;
 use crate::pins::Pin;
 use crate::throttle::Want;
 use crate::world::{Revision, Service};
@@ -44,6 +45,18 @@ impl Origin {
             Origin::NewPin => "new-pin",
             Origin::RePin => "re-pin",
         }
+    }
+}
+
+impl LabelValue for Origin {
+    const ALL: &'static [Origin] = &Origin::ALL;
+
+    fn as_str(self) -> &'static str {
+        Origin::as_str(self)
+    }
+
+    fn index(self) -> usize {
+        self as usize
     }
 }
 

@@ -10,6 +10,7 @@ pub mod knative;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use crate::labelled::{LabelValue, Labelled};
 use crate::retry::Outcome;
 use crate::sync::lock;
 use std::time::Duration;
@@ -397,7 +398,7 @@ impl Stats {
             queue_wait: self.queue_wait.with_label_values(&ours),
             outside_subset: self.outside_subset.with_label_values(&ours),
             resent: self.resent.with_label_values(&ours),
-            retried: Outcome::LABELS.map(|result| self.retried.with_label_values(&[&ours[..], &[result]].concat())),
+            retried: Labelled::new(&self.retried, &ours),
             unreachable: self.unreachable.with_label_values(&ours),
             knative: self.knative.revision(&names),
             stats: self.clone(),
@@ -478,8 +479,7 @@ pub struct RevisionStats {
     pub queue_wait: Histogram,
     pub outside_subset: IntCounter,
     pub resent: IntCounter,
-    /// By `retry::Outcome`.
-    pub retried: [IntCounter; Outcome::LABELS.len()],
+    pub retried: Labelled<Outcome, IntCounter>,
     pub unreachable: IntCounter,
     pub knative: KnativeRevision,
     stats: Stats,
@@ -592,8 +592,8 @@ impl Drop for RevisionStats {
         for per_revision in [&self.stats.outside_subset, &self.stats.resent, &self.stats.unreachable] {
             let _ = per_revision.remove_label_values(&[ns, svc, rev]);
         }
-        for result in Outcome::LABELS {
-            let _ = self.stats.retried.remove_label_values(&[ns, svc, rev, result]);
+        for result in Outcome::ALL {
+            let _ = self.stats.retried.remove_label_values(&[ns, svc, rev, result.as_str()]);
         }
     }
 }

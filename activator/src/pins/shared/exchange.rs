@@ -81,7 +81,7 @@ impl SharedPins {
         match self.timed(Op::Split, REFRESH_TIMEOUT, sent).await {
             Ok((replaced, periods)) => {
                 if replaced > 0 {
-                    self.metrics.errors[Op::Decode as usize].inc_by(replaced);
+                    self.metrics.errors.get(Op::Decode).inc_by(replaced);
                     tracing::warn!(%scope, replaced, "replaced implausible request counts in Redis");
                 }
                 Some(
@@ -105,7 +105,7 @@ impl SharedPins {
         match plausible(value) {
             Some(n) => Some(n),
             None => {
-                self.metrics.errors[Op::Decode as usize].inc();
+                self.metrics.errors.get(Op::Decode).inc();
                 tracing::warn!(%scope, ?value, "ignoring an implausible request count in Redis");
                 None
             }

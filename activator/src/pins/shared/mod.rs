@@ -49,6 +49,7 @@ use redis::{AsyncCommands, RedisError, RedisResult};
 use tracing::Instrument as _;
 
 use crate::backoff::Backoff;
+use crate::labelled::{LabelValue, Labelled};
 use crate::pins::memory::{MemoryPins, Near, Touched};
 use crate::pins::redis::{Deployment, RedisClient, RedisConnection, RedisTls};
 use crate::pins::{Lifetime, LifetimeOf, Pin, PinKey, PinSource, Written, millis};
@@ -113,11 +114,43 @@ enum Op {
     Restore,
 }
 
-const OPS: [&str; 10] = ["get", "create", "replace", "refresh", "decode", "connect", "ping", "split", "end", "restore"];
+impl LabelValue for Op {
+    const ALL: &'static [Op] = &[
+        Op::Get,
+        Op::Create,
+        Op::Replace,
+        Op::Refresh,
+        Op::Decode,
+        Op::Connect,
+        Op::Ping,
+        Op::Split,
+        Op::End,
+        Op::Restore,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Op::Get => "get",
+            Op::Create => "create",
+            Op::Replace => "replace",
+            Op::Refresh => "refresh",
+            Op::Decode => "decode",
+            Op::Connect => "connect",
+            Op::Ping => "ping",
+            Op::Split => "split",
+            Op::End => "end",
+            Op::Restore => "restore",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
 
 struct StoreMetrics {
-    errors: [IntCounter; OPS.len()],
-    latency: [Histogram; OPS.len()],
+    errors: Labelled<Op, IntCounter>,
+    latency: Labelled<Op, Histogram>,
     up: IntGauge,
     restores: IntCounter,
     restored_pins: IntCounter,
@@ -177,8 +210,8 @@ impl SharedPins {
     pub fn start(config: SharedConfig, memory: Arc<MemoryPins>, stats: &Stats) -> anyhow::Result<Arc<Self>> {
         let client = RedisClient::new(&config.url, &config.deployment, &config.tls)?;
         let metrics = StoreMetrics {
-            errors: OPS.map(|op| stats.pin_store_errors.with_label_values(&[op])),
-            latency: OPS.map(|op| stats.pin_store_latency.with_label_values(&[op])),
+            errors: Labelled::new(&stats.pin_store_errors, &[]),
+            latency: Labelled::new(&stats.pin_store_latency, &[]),
             up: stats.pin_store_up.clone(),
             restores: stats.pin_store_restores.clone(),
             restored_pins: stats.pin_store_restored_pins.clone(),
@@ -418,7 +451,7 @@ impl SharedPins {
     fn decode(&self, key: &PinKey, value: &[u8]) -> Option<(Pin, SystemTime)> {
         let decoded = Pin::decode(value);
         if decoded.is_none() {
-            self.metrics.errors[Op::Decode as usize].inc();
+            self.metrics.errors.get(Op::Decode).inc();
             tracing::warn!(%key, value = %String::from_utf8_lossy(value), "ignoring a malformed pin in Redis; it will be overwritten");
         }
         decoded
@@ -434,7 +467,7 @@ impl SharedPins {
             otel.kind = "client",
             otel.status_code = tracing::field::Empty,
             db.system.name = "redis",
-            db.operation.name = OPS[op as usize],
+            db.operation.name = op.as_str(),
         );
         let mut connection_lost = false;
         let call = futures_util::TryFutureExt::inspect_err(call, |e: &redis::RedisError| {
@@ -463,7 +496,7 @@ impl SharedPins {
                 Some(value)
             }
             (Err(Some((backoff, true))), Err(error)) => {
-                tracing::warn!(op = OPS[op as usize], %error, ?backoff, "Redis unavailable; routing with this replica's pins");
+                tracing::warn!(op = op.as_str(), %error, ?backoff, "Redis unavailable; routing with this replica's pins");
                 self.restoring.store(true, Ordering::Release);
                 None
             }
@@ -480,13 +513,13 @@ impl SharedPins {
     ) -> Result<T, String> {
         let started = Instant::now();
         let result = tokio::time::timeout(budget, call).await;
-        self.metrics.latency[op as usize].observe(started.elapsed().as_secs_f64());
+        self.metrics.latency.get(op).observe(started.elapsed().as_secs_f64());
         let error = match result {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {budget:?}"),
         };
-        self.metrics.errors[op as usize].inc();
+        self.metrics.errors.get(op).inc();
         Err(error)
     }
 
@@ -527,7 +560,7 @@ impl SharedPins {
                     return;
                 }
                 Err(e) => {
-                    self.metrics.errors[Op::Connect as usize].inc();
+                    self.metrics.errors.get(Op::Connect).inc();
                     // Said once per cause, not once per retry.
                     let error = e.to_string();
                     if error != last_error {

@@ -88,7 +88,7 @@ impl SharedPins {
             let reply = match reply {
                 Ok(reply) => reply,
                 Err(e) => {
-                    self.metrics.errors[Op::Refresh as usize].inc();
+                    self.metrics.errors.get(Op::Refresh).inc();
                     tracing::debug!(key = %t.key, error = %e, "refreshing one pin failed; retried next tick");
                     retry.push(t);
                     continue;
@@ -127,7 +127,7 @@ impl SharedPins {
                     None => self.memory.put_verified(&t.key, t.pin.clone(), t.lifetime, t.written),
                 },
                 Err(_) => {
-                    self.metrics.errors[Op::Refresh as usize].inc();
+                    self.metrics.errors.get(Op::Refresh).inc();
                     retry.push(t);
                 }
             }
