@@ -3,8 +3,11 @@
 //! admission by the revision's throttler, forwarding (`proxy`), accounting.
 //!
 //! Reads the world through one snapshot load per request and never blocks on a world update.
-//! Decides nothing itself: where a request goes is `affinity`'s, what the activator answers by
-//! itself is `respond`'s.
+//! Where a request goes first is `affinity`'s, what the activator answers by itself is
+//! `respond`'s. This file still settles what follows admission: it resolves the target service
+//! from the request (`resolve`), counts the request for the split by requests, takes the slot
+//! again when another writer moved the session (`Moved`), and resends to another pod when the
+//! first failed before any byte reached it or, for a safe request, before any response byte.
 
 use std::future::Future;
 use std::net::SocketAddr;
