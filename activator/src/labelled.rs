@@ -31,6 +31,9 @@ impl<L: LabelValue, M> Labelled<L, M> {
     where
         B: MetricVecBuilder<M = M>,
     {
+        // `get` finds a value's series by its index: a value listed out of place would count
+        // under another value's label.
+        debug_assert!(L::ALL.iter().enumerate().all(|(i, value)| value.index() == i), "ALL is in index order");
         let series = L::ALL
             .iter()
             .map(|value| {

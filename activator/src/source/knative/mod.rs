@@ -658,6 +658,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn each_kind_reads_the_watch_it_names() {
+        assert!(Kind::ALL.iter().enumerate().all(|(i, kind)| *kind as usize == i));
+        let expected = [
+            (Kind::Revisions, "Revision", None),
+            (Kind::Routes, "Route", None),
+            (Kind::KnativeServices, "Service", None),
+            (Kind::PrivateEndpoints, "Endpoints", Some(PRIVATE)),
+            (Kind::PublicEndpoints, "Endpoints", Some(PUBLIC)),
+            (Kind::PrivateServices, "Service", Some(PRIVATE)),
+            (Kind::ConfigMaps, "ConfigMap", None),
+            (Kind::Secrets, "Secret", None),
+        ];
+        for (kind, name, selector) in expected {
+            let watched = kind.watched();
+            assert_eq!((watched.kind, watched.label_selector), (name, selector), "{kind:?}");
+        }
+        assert_eq!(Kind::KnativeServices.watched().group, SERVING);
+        assert_eq!(Kind::PrivateServices.watched().group, "");
+    }
+
+    #[test]
     fn the_watched_resources_name_their_rbac() {
         let resources: Vec<String> = WATCHED.iter().map(Resource::resource).collect();
         assert_eq!(

@@ -6,7 +6,7 @@
 //! A change is seen through inotify on the files' folders, not on the files themselves: editors
 //! and Kubernetes ConfigMap mounts replace files by rename or symlink swap, which a watch on the
 //! file misses. Replicas reading the same file so take a change within moments of each other,
-//! which is what lets them place new sessions alike while the pin store is out of reach. The
+//! and place new sessions by the same split while the pin store cannot arbitrate. The
 //! files are also polled, for file systems without inotify (some network and overlay mounts);
 //! re-reading a few kilobytes a few times a second costs nothing measurable.
 
@@ -91,10 +91,10 @@ impl LocalSource {
 
     /// Re-reads the files whenever their folders change, and every `interval`, forever.
     pub async fn watch(mut self, interval: Duration) {
-        let changed = Arc::new(tokio::sync::Notify::new());
+        let folder_changed = Arc::new(tokio::sync::Notify::new());
         let folders = std::iter::once(&self.topology).chain(&self.endpoints).map(|w| w.path());
         // Dropping the watcher ends the watch: it lives as long as this loop.
-        let _watcher = watch_folders(folders, changed.clone());
+        let _watcher = watch_folders(folders, folder_changed.clone());
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -102,7 +102,7 @@ impl LocalSource {
                 _ = ticker.tick() => {}
                 // A file written in place raises an event per write: the rest of its writes land
                 // before it is read.
-                () = changed.notified() => tokio::time::sleep(WRITE_SETTLE).await,
+                () = folder_changed.notified() => tokio::time::sleep(WRITE_SETTLE).await,
             }
             let mut changed = false;
             if let Some(text) = self.topology.changed() {
