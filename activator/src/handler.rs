@@ -1,13 +1,13 @@
-//! The request path as a list of steps, from a parsed request to a response: probes, resolving
-//! the target service, reading its affinity ids, settling its route (`affinity::Pinning`),
-//! admission by the revision's throttler, forwarding (`proxy`), accounting.
+//! The request path as a list of steps, from a parsed request to a response: probes, finding
+//! the target service (`world::Snapshot::resolve`), reading its affinity ids, its route
+//! (`affinity::Pinning`), admission by the revision's throttler, forwarding (`proxy`), and
+//! accounting.
 //!
 //! Reads the world through one snapshot load per request and never blocks on a world update.
-//! Where a request goes first is `affinity`'s, what the activator answers by itself is
-//! `respond`'s. This file still settles what follows admission: it resolves the target service
-//! from the request (`resolve`), counts the request for the split by requests, takes the slot
-//! again when another writer moved the session (`Moved`), and resends to another pod when the
-//! first failed before any byte reached it or, for a safe request, before any response byte.
+//! Decides nothing itself: where a request goes, once admitted and again after its pod failed
+//! it, is `affinity`'s; what the activator answers by itself is `respond`'s. This file sequences
+//! the steps, takes pods that fail out of rotation, and moves the request's in-flight count
+//! when it changes revision.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,9 +21,9 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use crate::affinity::{Keys, Origin, Pinning, Route, chat, extract, names_its_conversation};
+use crate::affinity::{Admitted, Failed, Keys, Origin, Pinning, Resend, Route, chat, extract, names_its_conversation};
 use crate::autoscaler::{InFlight, Reporter};
-use crate::headers::{DECISION, KNATIVE_NAMESPACE, KNATIVE_REVISION, KNATIVE_TAG};
+use crate::headers::DECISION;
 use crate::health::Health;
 use crate::labelled::Labelled;
 use crate::pins::Pins;
@@ -39,7 +39,7 @@ use crate::stats::Stats;
 use crate::stats::knative::{ClientSeries, Protocol, Scheme};
 use crate::telemetry::{Ending, Entry, LoggedRoute, Outcome, Routed, Telemetry};
 use crate::throttle::{AcquireError, Lease, Want};
-use crate::world::{Revision, Service, Snapshot};
+use crate::world::{NotFound, Revision, Snapshot, Target};
 use prometheus::IntCounter;
 use tracing::{Instrument as _, Span};
 
@@ -114,7 +114,7 @@ impl Handler {
     ) -> Response<ResponseBody> {
         let span = &span;
         let Arrived { client, protocol, started, mut log, inflow } = arrived;
-        let (service, ingress_pick) = match resolve(&self.world.load(), &req, &self.cluster_domain) {
+        let Target { service, ingress_pick } = match self.world.load().resolve(&req, &self.cluster_domain) {
             Ok(target) => target,
             Err(NotFound(name)) => {
                 return self.unrouted(respond::revision_not_found(&name), protocol, started, span, log);
@@ -139,9 +139,6 @@ impl Handler {
         };
         self.telemetry.inject(span, req.headers_mut());
         let (pinning, mut route) = Box::pin(Pinning::route(&self.pins, &service, &keys, ingress_pick.as_ref())).await;
-        if service.affinity.split_by_requests() {
-            route.revision.served.record();
-        }
         let in_flight = self.reporter.arrive(&route.revision.concurrency);
         // The revision's timeouts run from arrival, queueing included, as upstream's: the whole
         // exchange, the wait for the response to start, and pauses in its body.
@@ -219,11 +216,9 @@ impl Handler {
         resp
     }
 
-    /// Takes a slot on a pod of the route's revision, pins the session to it (or follows the pin
-    /// another writer made first), and forwards. A request none of which reached its pod (the
-    /// pod refused or dropped the connection) goes to another pod of the revision, once; so does
-    /// one its pod failed before answering, if it may be sent twice (`retry`). Its session is
-    /// re-pinned there. `route` ends up naming the revision that answered.
+    /// Takes a slot on a pod of the route's revision, lets affinity settle the session there, and
+    /// forwards; when the pod fails the request, affinity says whether it goes to another pod of
+    /// the revision (once). `route` ends up naming the revision that answered.
     async fn admit_and_forward(
         &self,
         req: Box<Request<RequestBody>>,
@@ -279,39 +274,25 @@ impl Handler {
                 revision.stats.unreachable.inc();
                 self.prober.watch(revision.throttler.clone());
             }
-            (outbound, in_flight) = match failed.unsent {
-                // Resent only to a pod that is up now: with none left the client hears at once,
-                // as upstream answers, rather than waiting for the revision's timeout.
-                Some(unsent) if revision.throttler.has_ready_pods() => {
-                    revision.stats.resent.inc();
-                    (unsent.outbound, unsent.in_flight)
-                }
-                Some(_) => return respond::bad_gateway(&failed.error),
-                None => match replay.map(|kept| self.retry(revision, kept)) {
-                    Some(Ok(outbound)) => (outbound, self.reporter.arrive(&revision.concurrency)),
-                    Some(Err(())) | None => return respond::bad_gateway(&failed.error),
-                },
+            let failure = match failed.unsent {
+                Some(unsent) => Failed::Unsent((unsent.outbound, Some(unsent.in_flight))),
+                None => Failed::Reached(match replay.map(|kept| kept.and_then(Replay::outbound)) {
+                    None => Resend::NotAllowed,
+                    Some(None) => Resend::NotKept,
+                    Some(Some(again)) => Resend::Kept((again, None)),
+                }),
             };
-            want = route.elsewhere();
+            let Some((elsewhere, (again, counted))) = route.after_failure(failure) else {
+                return respond::bad_gateway(&failed.error);
+            };
+            // A retry is a new request to the revision; a resend is the same one, still counted.
+            in_flight = counted.unwrap_or_else(|| self.reporter.arrive(&route.revision.concurrency));
+            (outbound, want) = (again, elsewhere);
         }
         unreachable!("the second attempt returns")
     }
 
-    /// The request `kept` again, for another pod of `revision` after its pod failed it, if its
-    /// body was kept, another pod is ready and the revision's budget allows; counted either way.
-    fn retry(&self, revision: &Revision, kept: Option<Replay>) -> Result<Outbound, ()> {
-        let outbound = kept.and_then(Replay::outbound);
-        let outcome = match &outbound {
-            None => retry::Outcome::NotKept,
-            Some(_) if !revision.throttler.has_ready_pods() => retry::Outcome::NoPod,
-            Some(_) if !revision.retries.try_retry() => retry::Outcome::OverBudget,
-            Some(_) => retry::Outcome::Retried,
-        };
-        revision.stats.retried.get(outcome).inc();
-        outbound.filter(|_| outcome == retry::Outcome::Retried).ok_or(())
-    }
-
-    /// A slot on a pod of the route's revision, with the session pinned to that pod; or on the pod
+    /// A slot on a pod of the route's revision, with the session settled there; or on the pod
     /// another writer pinned it to first, whose revision `route` then names.
     async fn admit(
         &self,
@@ -321,24 +302,17 @@ impl Handler {
         want: Want,
         body_bytes: u64,
     ) -> Result<(Lease, InFlight), Response<ResponseBody>> {
-        let waiting = Instant::now();
-        let lease = route.revision.throttler.acquire(want, body_bytes).await;
-        route.queued += waiting.elapsed();
-        let lease = lease.map_err(|e| refused(&route.revision, e))?;
-        route.pod = Some(lease.pod().addr);
-        let moved = Box::pin(pinning.pin_session(route, lease.pod().addr)).await;
-        pinning.watch_end();
-        let Some(moved) = moved else { return Ok((lease, in_flight)) };
-        drop(lease);
-        if !Arc::ptr_eq(&moved.revision, &route.revision) {
-            in_flight = self.reporter.redirect(in_flight, &moved.revision.concurrency);
+        let lease = acquire(route, want, body_bytes).await?;
+        match Box::pin(pinning.admitted(route, lease.pod().addr)).await {
+            Admitted::Keep => Ok((lease, in_flight)),
+            Admitted::Moved { pod, revision_changed } => {
+                drop(lease);
+                if revision_changed {
+                    in_flight = self.reporter.redirect(in_flight, &route.revision.concurrency);
+                }
+                Ok((acquire(route, Want::Pod(pod), body_bytes).await?, in_flight))
+            }
         }
-        route.revision = moved.revision;
-        route.pod = Some(moved.pod);
-        let waiting = Instant::now();
-        let lease = route.revision.throttler.acquire(Want::Pod(moved.pod), body_bytes).await;
-        route.queued += waiting.elapsed();
-        Ok((lease.map_err(|e| refused(&route.revision, e))?, in_flight))
     }
 
     /// What the activator adds to any response: a made-up session cookie, and with
@@ -424,64 +398,12 @@ fn waiting_body_bytes<B: http_body::Body>(req: &Request<B>, inflow: Option<&Arc<
     Charge { bytes, share: Some((inflow.clone(), bytes)) }
 }
 
-/// Which service the request is for, and the revision it names if it names one: by Knative's
-/// ingress headers, else by `Host` (or `:authority`): a service's host, or a revision's
-/// cluster-local name `<revision>.<namespace>.svc.<domain>` (upstream's fallback). The `Host`
-/// chooses a service or revision, never an address.
-///
-/// The ingress's pick by the split is a service's revision, which pins may override; a revision
-/// asked for by a traffic tag or by its own host is routed as a service of its own, which they
-/// may not.
-fn resolve<B>(
-    snapshot: &Snapshot,
-    req: &Request<B>,
-    cluster_domain: &str,
-) -> Result<(Arc<Service>, Option<Arc<Revision>>), NotFound> {
-    let headers = req.headers();
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
-        .unwrap_or_default();
-    // The revision is served in the service (Route) the request came in by; asked for
-    // explicitly, or by no service of its, it is served on its own.
-    let named = |ns: &str, name: &str, explicit: &dyn Fn(&Service) -> bool| {
-        match snapshot.route_for(ns, name, host) {
-            Some((service, revision)) if !explicit(service) => return Ok((service.clone(), Some(revision.clone()))),
-            _ => {}
-        }
-        let alone = snapshot.revision_alone(ns, name).ok_or_else(|| NotFound(name.to_owned()))?;
-        let revision = alone.routes_to(name).cloned();
-        Ok((alone.clone(), revision))
-    };
-    if let (Some(ns), Some(name)) = (headers.get(KNATIVE_NAMESPACE), headers.get(KNATIVE_REVISION)) {
-        let name = String::from_utf8_lossy(name.as_bytes());
-        let tag = headers.get(KNATIVE_TAG).map(HeaderValue::as_bytes);
-        return named(&String::from_utf8_lossy(ns.as_bytes()), &name, &|svc| svc.tagged(&name, tag, host));
-    }
-    if let Some(service) = snapshot.service_for_host(host) {
-        return Ok((service.clone(), None));
-    }
-    match revision_host(host, cluster_domain) {
-        Some((name, ns)) => named(ns, name, &|_| true),
-        // Upstream looks up the revision its Host fallback found, here none: its answer names "".
-        None => Err(NotFound(String::new())),
-    }
-}
-
-/// The request names no revision or service the activator knows; upstream's lister error names
-/// the revision it looked for.
-struct NotFound(String);
-
-/// `<name>.<namespace>.svc.<domain>[:port]` split into name and namespace.
-fn revision_host<'h>(host: &'h str, cluster_domain: &str) -> Option<(&'h str, &'h str)> {
-    let host =
-        host.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h);
-    let mut parts = host.splitn(4, '.');
-    let (name, namespace, svc, domain) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    (svc == "svc" && domain.eq_ignore_ascii_case(cluster_domain) && !name.is_empty() && !namespace.is_empty())
-        .then_some((name, namespace))
+/// A slot on a pod of the route's revision, the wait counted in the route.
+async fn acquire(route: &mut Route, want: Want, body_bytes: u64) -> Result<Lease, Response<ResponseBody>> {
+    let waiting = Instant::now();
+    let lease = route.revision.throttler.acquire(want, body_bytes).await;
+    route.queued += waiting.elapsed();
+    lease.map_err(|e| refused(&route.revision, e))
 }
 
 fn refused(revision: &Revision, error: AcquireError) -> Response<ResponseBody> {
@@ -489,35 +411,6 @@ fn refused(revision: &Revision, error: AcquireError) -> Response<ResponseBody> {
         AcquireError::QueueFull => {
             tracing::debug!(namespace = %revision.namespace, revision = %revision.name, "the revision's wait queue is full");
             respond::queue_full()
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_revisions_cluster_local_host_names_it() {
-        assert_eq!(
-            revision_host("counter-00001.shop.svc.cluster.local", "cluster.local"),
-            Some(("counter-00001", "shop"))
-        );
-        assert_eq!(
-            revision_host("counter-00001.shop.svc.cluster.local:80", "cluster.local"),
-            Some(("counter-00001", "shop"))
-        );
-        assert_eq!(
-            revision_host("counter-00001.shop.svc.corp.example", "corp.example"),
-            Some(("counter-00001", "shop"))
-        );
-        for other in [
-            "counter-00001.shop",
-            "counter.shop.example.com",
-            "counter-00001.shop.svc.other.local",
-            ".shop.svc.cluster.local",
-        ] {
-            assert_eq!(revision_host(other, "cluster.local"), None, "{other}");
         }
     }
 }

@@ -12,4 +12,4 @@ pub mod share;
 
 pub use decide::Origin;
 pub use keys::{Keys, extract, names_its_conversation};
-pub use pinning::{Pinning, Route};
+pub use pinning::{Admitted, Failed, Pinning, Resend, Route};

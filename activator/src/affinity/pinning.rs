@@ -1,10 +1,12 @@
-//! Where a request goes, settled in one place. Before admission: the pins of its ids are read
-//! (one round trip at most, none for known pins), the pure decision is made, and a flow's pin is
-//! written first-writer-wins, following the winner if another writer was first. After admission,
-//! when the throttler has given the request a pod: its session is pinned to that pod, or sent to
-//! the pod another writer pinned it to.
+//! Where a request goes, settled in one place, in three steps the handler runs in turn.
+//! `Pinning::route`, before admission: the pins of its ids are read (one round trip at most, none
+//! for known pins), the pure decision is made, a flow's pin is written first-writer-wins
+//! (following the winner if another writer was first), and the split by requests counts it.
+//! `Pinning::admitted`, once the throttler gave the request a pod: its session is pinned there,
+//! or the request moves to the pod another writer pinned it to. `Route::after_failure`, when
+//! that pod failed it: another ready pod of the revision, or none.
 //!
-//! Talks to the pin store only; admission and forwarding stay with the caller.
+//! Talks to the pin store only; acquiring slots and forwarding stay with the caller.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use super::decide::{Lookup, Origin, PinWrite, decide, follow_flow_winner};
 use super::keys::{Keys, SignedCookie};
 use super::share;
 use crate::pins::{Found, Pin, PinKey, PinSource, Pins, Watch};
+use crate::retry;
 use crate::throttle::Want;
 use crate::world::{Revision, Service};
 
@@ -46,13 +49,63 @@ impl Route {
         let preferred = self.placement.and_then(|hash| self.revision.throttler.rendezvous(hash));
         preferred.map_or(Want::Any, Want::Prefer)
     }
+
+    /// Where the request goes after its pod failed it, with what is sent there: another pod of
+    /// its revision if one is ready now (with none left, the client hears at once, as upstream
+    /// answers, rather than waiting for the revision's timeout), and for a request that reached
+    /// its pod only if it was kept and the revision's retry budget allows. Counts resends and
+    /// retries.
+    pub fn after_failure<T>(&self, failed: Failed<T>) -> Option<(Want, T)> {
+        let revision = &self.revision;
+        let ready = revision.throttler.has_ready_pods();
+        let again = match failed {
+            Failed::Unsent(again) => {
+                if ready {
+                    revision.stats.resent.inc();
+                }
+                Some(again).filter(|_| ready)
+            }
+            Failed::Reached(Resend::NotAllowed) => None,
+            Failed::Reached(resend) => {
+                let (outcome, again) = match resend {
+                    Resend::Kept(_) if !ready => (retry::Outcome::NoPod, None),
+                    Resend::Kept(_) if !revision.retries.try_retry() => (retry::Outcome::OverBudget, None),
+                    Resend::Kept(again) => (retry::Outcome::Retried, Some(again)),
+                    Resend::NotKept | Resend::NotAllowed => (retry::Outcome::NotKept, None),
+                };
+                revision.stats.retried.get(outcome).inc();
+                again
+            }
+        };
+        again.map(|again| (self.elsewhere(), again))
+    }
 }
 
-/// Another writer pinned the session to a ready pod first: the request goes there, as it will
-/// through every replica.
-pub struct Moved {
-    pub revision: Arc<Revision>,
-    pub pod: SocketAddr,
+/// What the request does once it holds a slot on a pod.
+pub enum Admitted {
+    /// It stays: its session is pinned to the pod, or it has none.
+    Keep,
+    /// Another writer pinned the session first, to a ready pod that the route now names: the
+    /// request takes a slot there instead, as it will through every replica.
+    /// `revision_changed` when that pod serves another revision than the one admitted.
+    Moved { pod: SocketAddr, revision_changed: bool },
+}
+
+/// How the request's pod failed it, with what would be sent again (`T`).
+pub enum Failed<T> {
+    /// None of the request reached the pod: it may go to another whatever its method.
+    Unsent(T),
+    /// The pod failed it after it reached it, before any response byte.
+    Reached(Resend<T>),
+}
+
+/// Whether a request its pod failed can be sent again (`crate::retry`).
+pub enum Resend<T> {
+    /// Its service does not resend such requests.
+    NotAllowed,
+    /// Allowed, but its body was not kept whole.
+    NotKept,
+    Kept(T),
 }
 
 /// A request's ids, its service, and what the pin table said about them.
@@ -126,6 +179,9 @@ impl<'a> Pinning<'a> {
             let winner = pins.write(key, write.expected(), ours, lifetime, &lifetime_of).await;
             follow_flow_winner(&mut decision, service, &lookup, &winner);
         }
+        if service.affinity.split_by_requests() {
+            decision.revision.served.record();
+        }
         let pin_source = match decision.origin {
             Origin::RevisionPin => keys.flow.as_ref().map(|_| sources[1]),
             _ => has_session.then_some(sources[0]).or_else(|| keys.flow.as_ref().map(|_| sources[1])),
@@ -144,9 +200,23 @@ impl<'a> Pinning<'a> {
         (Pinning { pins, service, keys, lookup, cookie }, route)
     }
 
+    /// The request holds a slot on `pod` of `route.revision`: its session is pinned there, and
+    /// watched for its end; or, if another writer pinned it first to a pod that is ready, the
+    /// route names that pod (and its revision) instead.
+    pub async fn admitted(&self, route: &mut Route, pod: SocketAddr) -> Admitted {
+        route.pod = Some(pod);
+        let moved = self.pin_session(route, pod).await;
+        self.watch_end();
+        let Some((revision, pod)) = moved else { return Admitted::Keep };
+        let revision_changed = !Arc::ptr_eq(&revision, &route.revision);
+        route.revision = revision;
+        route.pod = Some(pod);
+        Admitted::Moved { pod, revision_changed }
+    }
+
     /// Watches the session's pin for its end, when the service asked to hear of it
     /// (`sticky-session-end-path`); the raw id stays in this replica's memory.
-    pub fn watch_end(&self) {
+    fn watch_end(&self) {
         if let (Some(key), Some(id), Some(call)) =
             (&self.keys.session, &self.keys.session_id, self.service.affinity.session_end())
         {
@@ -154,9 +224,9 @@ impl<'a> Pinning<'a> {
         }
     }
 
-    /// The request holds a slot on `pod` of `route.revision`: pins its session there. Returns
-    /// where it must go instead if another writer pinned the session to a pod that is ready.
-    pub async fn pin_session(&self, route: &mut Route, pod: SocketAddr) -> Option<Moved> {
+    /// Pins the session to `pod` of `route.revision`. Returns where the request must go instead
+    /// if another writer pinned the session to a pod that is ready.
+    async fn pin_session(&self, route: &mut Route, pod: SocketAddr) -> Option<(Arc<Revision>, SocketAddr)> {
         if let Some(cookie) = &self.keys.signed {
             self.sign_cookie(cookie, route, pod);
             return None;
@@ -180,7 +250,7 @@ impl<'a> Pinning<'a> {
         }
         let usable = self.service.routes_to(&winner.revision).zip(winner.pod).filter(|(r, p)| r.throttler.is_ready(*p));
         match usable {
-            Some((revision, pod)) => Some(Moved { revision: revision.clone(), pod }),
+            Some((revision, pod)) => Some((revision.clone(), pod)),
             // The pin already there points at a pod or revision that is gone: ours replaces it now,
             // so the session does not move on its next request.
             None => {

@@ -3,12 +3,13 @@
 //! every change and read without locking.
 //!
 //! `policy` is what annotations configure, `publisher` turns the sources' specs (`crate::spec`)
-//! into snapshots. Must not know which source a spec came from (nothing here imports `source`),
+//! into snapshots, `resolve` finds the service a request is for. Must not know which source a spec came from (nothing here imports `source`),
 //! do file or network I/O, or hold per-request state: in-flight counts and queues live in
 //! `throttle`.
 
 pub mod policy;
 pub mod publisher;
+mod resolve;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use crate::throttle::Throttler;
 
 pub use policy::{Annotated, Policy};
 pub use publisher::Publisher;
+pub use resolve::{NotFound, Target};
 
 /// A revision as the request path sees it.
 pub struct Revision {
@@ -138,7 +140,7 @@ impl Snapshot {
     /// revision's own Knative Service; else the only service that lists it. `None`: the revision
     /// is unknown, or only other services list it and the request names none of them, so it is
     /// served as asked, on its own.
-    pub fn route_for(&self, namespace: &str, name: &str, host: &str) -> Option<&(Arc<Service>, Arc<Revision>)> {
+    fn route_for(&self, namespace: &str, name: &str, host: &str) -> Option<&(Arc<Service>, Arc<Revision>)> {
         let listed = self.by_revision.get(&(namespace.to_owned(), name.to_owned()))?;
         let in_service = |svc: &Arc<Service>| listed.routes.iter().find(|(s, _)| Arc::ptr_eq(s, svc));
         if let Some(found) = self.service_for_host(host).and_then(in_service) {
@@ -168,7 +170,7 @@ impl Snapshot {
     /// A revision as the only target of a service of its own name: what a request that asks for
     /// it explicitly is routed in, so pins to its service's other revisions neither move the
     /// request nor are moved by it, while sessions still keep their pods inside it.
-    pub fn revision_alone(&self, namespace: &str, name: &str) -> Option<&Arc<Service>> {
+    fn revision_alone(&self, namespace: &str, name: &str) -> Option<&Arc<Service>> {
         self.alone.get(&(namespace.to_owned(), name.to_owned()))
     }
 }
