@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::backoff::Backoff;
 use crate::health::Health;
+use crate::metrics::Registrar;
 
 /// Knative's stat messages, generated from `proto/stat.proto`.
 pub mod wire {
@@ -139,6 +140,28 @@ pub struct ReporterMetrics {
     pub dropped: IntCounter,
     pub pokes: IntCounter,
     pub frames: IntCounter,
+}
+
+impl ReporterMetrics {
+    /// Ours, registered in `reg`, beside upstream's `reachable` and `errors` series.
+    pub fn register(reg: &Registrar, reachable: IntGauge, errors: IntCounter) -> Self {
+        ReporterMetrics {
+            connected: [
+                reg.gauge("activator_autoscaler_connected", "1 while the stat websocket to the autoscaler is up"),
+                reachable,
+            ],
+            errors,
+            dropped: reg.counter(
+                "activator_autoscaler_stats_dropped_total",
+                "Stat frames dropped because the autoscaler was unreachable or the frame went stale",
+            ),
+            pokes: reg.counter(
+                "activator_autoscaler_pokes_total",
+                "Immediate stats sent for the first request of an untracked revision",
+            ),
+            frames: reg.counter("activator_autoscaler_frames_total", "Stat frames sent to the autoscaler"),
+        }
+    }
 }
 
 struct Tracked {

@@ -21,11 +21,12 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use crate::affinity::{Admitted, Failed, Keys, Origin, Pinning, Resend, Route, chat, extract, names_its_conversation};
+use crate::affinity::{
+    Admitted, Decisions, Failed, Keys, Pinning, Resend, Route, chat, extract, names_its_conversation,
+};
 use crate::autoscaler::{InFlight, Reporter};
 use crate::headers::DECISION;
 use crate::health::Health;
-use crate::labelled::Labelled;
 use crate::pins::Pins;
 use crate::pins::{PinKey, PinSource};
 use crate::probes;
@@ -39,8 +40,8 @@ use crate::stats::Stats;
 use crate::stats::knative::{ClientSeries, Protocol, Scheme};
 use crate::telemetry::{Ending, Entry, LoggedRoute, Outcome, Routed, Telemetry};
 use crate::throttle::{AcquireError, Lease, Want};
+use crate::tls::{HandshakeFailures, Peer};
 use crate::world::{NotFound, Revision, Snapshot, Target};
-use prometheus::IntCounter;
 use tracing::{Instrument as _, Span};
 
 /// The most of an HTTP/1.1 request body a waiting request can make the activator hold: what
@@ -68,7 +69,8 @@ pub struct Handler {
     /// The cluster's DNS domain, for requests that name a revision by its cluster-local host.
     pub cluster_domain: String,
     /// `activator_decisions_total`, one counter per `Origin`.
-    pub decisions: Labelled<Origin, IntCounter>,
+    pub decisions: Decisions,
+    pub handshakes_failed: HandshakeFailures,
     /// Spans, trace context and the request log.
     pub telemetry: Telemetry,
     /// Upgraded connections (websockets), which outlive their requests and the HTTP connections
@@ -158,7 +160,7 @@ impl Handler {
         let (status, elapsed) = (resp.status().as_u16(), started.elapsed());
         let server = route.revision.stats.record(status, protocol, elapsed);
         route.revision.stats.queue_wait.observe(route.queued.as_secs_f64());
-        self.decisions.get(route.origin).inc();
+        self.decisions.count(route.origin);
         self.annotate(&mut resp, &keys, &route);
         if self.telemetry.wants_outcome(span) {
             let revision = &route.revision;
@@ -261,7 +263,7 @@ impl Handler {
             let revision = &route.revision;
             tracing::warn!(revision = %revision.name, error = %failed.error, "proxy error");
             if failed.error.is_tls() {
-                self.stats.tls_refused.with_label_values(&["pod"]).inc();
+                self.handshakes_failed.count(Peer::Pod);
             }
             if attempt > 0 {
                 return respond::bad_gateway(&failed.error);

@@ -11,10 +11,12 @@ use activator::config::{Cli, Command, Config, LogFormat, Mode, PinStore};
 use activator::handler::Handler;
 use activator::health::Health;
 use activator::keys::KeyFile;
-use activator::labelled::Labelled;
-use activator::pins::{CookieKeys, Pins, SharedConfig};
+
+use activator::instruments::Instruments;
+use activator::pins::{CookieKeys, PinMetrics, Pins, SharedConfig};
 use activator::readiness::{ProbeTiming, Prober};
 use activator::server::{Limits, Listener, TlsServing};
+use activator::session_end::SessionEndMetrics;
 use activator::source::knative::{ConfigMapNames, KnativeConfig, KnativeSource};
 use activator::source::local::LocalSource;
 use activator::stats::Stats;
@@ -33,8 +35,8 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 
 fn main() -> ExitCode {
     let Cli { command, serve: config } = Cli::parse();
-    let stats = Stats::new();
-    let telemetry = Telemetry::new(stats.knative.clone(), stats.request_log_dropped.clone());
+    let instruments = Instruments::register();
+    let telemetry = Telemetry::new(instruments.stats.knative.clone(), instruments.request_log_dropped.clone());
     let log_level = init_logging(config.log_format, &telemetry);
     // rediss:// needs a TLS crypto provider; ring is the one compiled in.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -48,7 +50,7 @@ fn main() -> ExitCode {
                 Some(Command::Pins { action, redis_url }) => {
                     inspect::run(action, redis_url, &config.redis_tls(), config.redis_deployment()).await
                 }
-                None => run(config, stats, telemetry, log_level).await.map(|()| ExitCode::SUCCESS),
+                None => run(config, instruments, telemetry, log_level).await.map(|()| ExitCode::SUCCESS),
             }
         })
     });
@@ -75,7 +77,16 @@ fn init_logging(format: LogFormat, telemetry: &Telemetry) -> LogLevel {
 
 /// Serves until SIGTERM (or Ctrl-C) and the drain end: health first, then the world and its
 /// source, the listeners, the pin store, and the request handler with its background tasks.
-async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogLevel) -> anyhow::Result<()> {
+async fn run(
+    config: Config,
+    instruments: Instruments,
+    telemetry: Telemetry,
+    log_level: LogLevel,
+) -> anyhow::Result<()> {
+    let Instruments {
+        stats, decisions, pins, session_ends, reporter, kube, world, connections, handshakes_failed, ..
+    } = instruments;
+    let (pin_metrics, reporter_metrics, world_metrics) = (pins, reporter, world);
     let observability = ObservabilityConfig::from_env(|name| std::env::var(name).ok(), config.request_log, &mut |w| {
         tracing::warn!("{w}")
     });
@@ -87,7 +98,7 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogL
     }
     let limits = connection_limits(&config);
     let cluster_domain = config.cluster_domain(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
-    let reporter = start_reporter(&config, &cluster_domain, &health, &stats);
+    let reporter = start_reporter(&config, &cluster_domain, &health, reporter_metrics);
     let prober = Prober::start(ProbeTiming { period: config.probe_frequency, timeout: config.probe_timeout });
     let internal_tls = Arc::new(InternalTls::default());
     let queue = QueueLimits {
@@ -95,8 +106,9 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogL
         max_bytes: config.max_queue_bytes,
         total: Arc::new(QueueBudget::new(config.max_queue_total, config.max_queue_bytes_total)),
     };
-    let publisher =
-        Arc::new(Publisher::new(stats.clone(), queue, prober.clone()).with_internal_tls(internal_tls.clone()));
+    let publisher = Arc::new(
+        Publisher::new(stats.clone(), world_metrics, queue, prober.clone()).with_internal_tls(internal_tls.clone()),
+    );
     let world = publisher.world();
     if config.mode == Mode::Local {
         let path = config.topology.as_deref().context("--topology is required in local mode")?;
@@ -117,16 +129,21 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogL
             internal_tls,
             page_size: config.kube_page_size,
         };
-        let source =
-            KnativeSource::connect(knative, publisher, health.clone(), stats.clone(), telemetry.clone()).await?;
+        let source = KnativeSource::connect(
+            knative,
+            publisher,
+            health.clone(),
+            (kube, stats.knative.clone()),
+            telemetry.clone(),
+        )
+        .await?;
         tokio::spawn(source.run());
     }
     let stop_accepting = drain_on_signal(health.clone(), config.drain_period)?;
-    let pins = open_pins(&config, &stats)?;
+    let pins = open_pins(&config, pin_metrics)?;
     if config.pin_store == PinStore::Redis {
         health.require_pin_store();
     }
-    let decisions = Labelled::new(&stats.decisions, &[]);
     let handler = Arc::new(Handler {
         world,
         health,
@@ -137,11 +154,12 @@ async fn run(config: Config, stats: Stats, telemetry: Telemetry, log_level: LogL
         debug_headers: config.debug_headers,
         cluster_domain,
         decisions,
+        handshakes_failed,
         telemetry,
         tunnels: TaskTracker::new(),
     });
-    spawn_pin_tasks(&handler, &config)?;
-    server::serve(listeners, handler, stop_accepting, config.grace_timeout, limits).await;
+    spawn_pin_tasks(&handler, &config, session_ends)?;
+    server::serve(listeners, handler, stop_accepting, config.grace_timeout, limits, connections).await;
     Ok(())
 }
 
@@ -160,14 +178,7 @@ fn connection_limits(config: &Config) -> Limits {
 }
 
 /// Reports demand to the autoscaler, where there is one to report to.
-fn start_reporter(config: &Config, cluster_domain: &str, health: &Arc<Health>, stats: &Stats) -> Reporter {
-    let metrics = ReporterMetrics {
-        connected: [stats.autoscaler_connected.clone(), stats.knative.stats_conn_reachable.clone()],
-        errors: stats.knative.stats_conn_errors.clone(),
-        dropped: stats.autoscaler_dropped.clone(),
-        pokes: stats.autoscaler_pokes.clone(),
-        frames: stats.autoscaler_frames.clone(),
-    };
+fn start_reporter(config: &Config, cluster_domain: &str, health: &Arc<Health>, metrics: ReporterMetrics) -> Reporter {
     let autoscaler =
         config.autoscaler_url(cluster_domain).map(|url| ReporterConfig { url, pod_name: config.pod_name.clone() });
     Reporter::start(autoscaler, health.clone(), metrics)
@@ -222,9 +233,9 @@ fn drain_on_signal(health: Arc<Health>, drain_period: Duration) -> anyhow::Resul
 }
 
 /// The pin store `--pin-store` names, signing with `--pin-cookie-keys` if given.
-fn open_pins(config: &Config, stats: &Stats) -> anyhow::Result<Pins> {
+fn open_pins(config: &Config, metrics: PinMetrics) -> anyhow::Result<Pins> {
     let pins = match config.pin_store {
-        PinStore::Memory => Pins::local(config.max_pins, stats),
+        PinStore::Memory => Pins::local(config.max_pins, metrics),
         PinStore::Redis => {
             let shared = SharedConfig {
                 url: config.redis_url.clone().context("--pin-store redis needs --redis-url (or REDIS_URL)")?,
@@ -234,7 +245,7 @@ fn open_pins(config: &Config, stats: &Stats) -> anyhow::Result<Pins> {
                 tls: config.redis_tls(),
                 deployment: config.redis_deployment(),
             };
-            Pins::shared(config.max_pins, shared, stats)?
+            Pins::shared(config.max_pins, shared, metrics)?
         }
     };
     Ok(pins.signing(CookieKeys::from_file(config.pin_cookie_keys.clone())?))
@@ -242,11 +253,11 @@ fn open_pins(config: &Config, stats: &Stats) -> anyhow::Result<Pins> {
 
 /// The pin store's background work: upkeep, session ends, the split's count exchange (with
 /// Redis), and readiness once the store was tried.
-fn spawn_pin_tasks(handler: &Arc<Handler>, config: &Config) -> anyhow::Result<()> {
+fn spawn_pin_tasks(handler: &Arc<Handler>, config: &Config, session_ends: SessionEndMetrics) -> anyhow::Result<()> {
     tokio::spawn(maintain_pins(handler.clone()));
     let ending = handler.clone();
     let end_keys = KeyFile::from_file("--session-end-keys", config.session_end_keys.clone())?;
-    tokio::spawn(async move { session_end::run(&ending.pins, &ending.stats, &ending.world, end_keys).await });
+    tokio::spawn(async move { session_end::run(&ending.pins, session_ends, &ending.world, end_keys).await });
     if config.pin_store == PinStore::Redis {
         let exchanging = handler.clone();
         let interval = config.pin_refresh_interval;

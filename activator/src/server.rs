@@ -21,13 +21,15 @@ use futures_util::future::Either;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::{IntCounter, IntGauge};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::handler::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, Handler, Inflow};
+use crate::metrics::Registrar;
 use crate::socket::{self, SendTimeout, keep_alive};
-use crate::tls::{InternalTls, ServerSettings};
+use crate::tls::{HandshakeFailures, InternalTls, Peer, ServerSettings};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -58,6 +60,27 @@ pub struct TlsServing {
     pub settings: ServerSettings,
 }
 
+/// Client connections open and turned away, and TLS handshakes that failed.
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    open: IntGauge,
+    limit_reached: IntCounter,
+    handshakes_failed: HandshakeFailures,
+}
+
+impl ConnectionMetrics {
+    pub fn register(reg: &Registrar, handshakes_failed: HandshakeFailures) -> Self {
+        ConnectionMetrics {
+            open: reg.gauge("activator_open_connections", "Client connections open on the data port"),
+            limit_reached: reg.counter(
+                "activator_connection_limit_reached_total",
+                "Times the data port reached --max-connections and left new connections in the listen backlog",
+            ),
+            handshakes_failed,
+        }
+    }
+}
+
 /// How connections are bounded.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -83,6 +106,7 @@ pub async fn serve(
     stop_accepting: impl Future<Output = ()>,
     grace: Option<Duration>,
     limits: Limits,
+    metrics: ConnectionMetrics,
 ) {
     let mut http1 = http1::Builder::new();
     http1.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
@@ -102,6 +126,7 @@ pub async fn serve(
         slots: Arc::new(Semaphore::new(limits.max_connections)),
         at_limit: AtomicBool::new(false),
         limits,
+        metrics,
         shutting_down,
         connections: TaskTracker::new(),
     });
@@ -149,6 +174,7 @@ struct Acceptor {
     /// Set while at the connection bound, so it is logged once per episode.
     at_limit: AtomicBool,
     limits: Limits,
+    metrics: ConnectionMetrics,
     shutting_down: watch::Receiver<bool>,
     connections: TaskTracker,
 }
@@ -164,7 +190,7 @@ impl Acceptor {
                 }
                 Err(_) => {
                     if !self.at_limit.swap(true, Ordering::Relaxed) {
-                        self.handler.stats.connection_limit_reached.inc();
+                        self.metrics.limit_reached.inc();
                         tracing::warn!(
                             max_connections = self.limits.max_connections,
                             "connection limit reached: new connections wait in the listen backlog until one closes \
@@ -201,7 +227,7 @@ impl Acceptor {
     ) {
         let _ = stream.set_nodelay(true);
         keep_alive(&stream);
-        let open = self.handler.stats.open_connections.clone();
+        let open = self.metrics.open.clone();
         open.inc();
         let acceptor = self.clone();
         self.connections.spawn(async move {
@@ -248,7 +274,7 @@ impl Acceptor {
         let stream = match accepted {
             Ok(stream) => stream,
             Err(e) => {
-                self.handler.stats.tls_refused.with_label_values(&["client"]).inc();
+                self.metrics.handshakes_failed.count(Peer::Client);
                 return tracing::debug!(%client, error = %e, "TLS handshake with a client failed");
             }
         };

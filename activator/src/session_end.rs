@@ -24,14 +24,22 @@ use tokio::sync::Semaphore;
 
 use crate::headers::{SESSION_END, SESSION_END_SIGNATURE, SESSION_END_TIME};
 use crate::keys::KeyFile;
+use crate::labelled::{LabelValue, Labelled};
+use crate::metrics::Registrar;
 use crate::pins::{Ended, Pins};
-use crate::stats::Stats;
 use crate::world::Snapshot;
 
 /// How often ended pins are collected.
 const INTERVAL: Duration = Duration::from_secs(1);
 const CONCURRENT_CALLS: usize = 16;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a session ended, as `activator_session_ends_total` labels it.
+#[derive(Clone, Copy)]
+enum Reason {
+    Idle,
+    Moved,
+}
 
 /// What this replica did about an ended session.
 #[derive(Clone, Copy)]
@@ -45,30 +53,68 @@ enum Outcome {
     Gone,
 }
 
-/// `[idle, moved][Outcome]`.
-struct Counters([[IntCounter; 4]; 2]);
+impl LabelValue for Reason {
+    const ALL: &'static [Reason] = &[Reason::Idle, Reason::Moved];
 
-impl Counters {
-    fn new(stats: &Stats) -> Self {
-        Counters(["idle", "moved"].map(|reason| {
-            ["sent", "failed", "elsewhere", "gone"].map(|r| stats.session_ends.with_label_values(&[reason, r]))
-        }))
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::Idle => "idle",
+            Reason::Moved => "moved",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl LabelValue for Outcome {
+    const ALL: &'static [Outcome] = &[Outcome::Sent, Outcome::Failed, Outcome::Elsewhere, Outcome::Gone];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Sent => "sent",
+            Outcome::Failed => "failed",
+            Outcome::Elsewhere => "elsewhere",
+            Outcome::Gone => "gone",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Ended sessions by why they ended and what this replica did.
+#[derive(Clone)]
+pub struct SessionEndMetrics(Labelled<(Reason, Outcome), IntCounter>);
+
+impl SessionEndMetrics {
+    pub fn register(reg: &Registrar) -> Self {
+        let family = reg.counter_vec(
+            "activator_session_ends_total",
+            "Resource sessions whose pin ended here (reason idle or moved), by what this replica did: \
+             sent or failed the pod's end call, left it to another replica (elsewhere), or found the pod gone",
+            &["reason", "result"],
+        );
+        SessionEndMetrics(Labelled::new(&family, &[]))
     }
 
     fn count(&self, ended: &Ended, outcome: Outcome) {
-        self.0[usize::from(ended.moved)][outcome as usize].inc();
+        let reason = if ended.moved { Reason::Moved } else { Reason::Idle };
+        self.0.get((reason, outcome)).inc();
     }
 }
 
 /// Collects ended sessions from `pins` and makes the calls, forever, to pods `world` still lists
 /// for their revision, signed with the first of `keys` when there are any.
-pub async fn run(pins: &Pins, stats: &Stats, world: &ArcSwap<Snapshot>, keys: KeyFile) {
+pub async fn run(pins: &Pins, counters: SessionEndMetrics, world: &ArcSwap<Snapshot>, keys: KeyFile) {
     if !keys.enabled() {
         tracing::info!(
             "session ends are sent unsigned: a pod cannot tell them from a client's without --session-end-keys"
         );
     }
-    let counters = Arc::new(Counters::new(stats));
+    let counters = Arc::new(counters);
     let client =
         reqwest::Client::builder().no_proxy().timeout(CALL_TIMEOUT).build().expect("a plain HTTP client builds");
     let slots = Arc::new(Semaphore::new(CONCURRENT_CALLS));

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use prometheus::IntCounter;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, SupportedKxGroup};
@@ -26,6 +27,8 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use crate::labelled::{LabelValue, Labelled};
+use crate::metrics::Registrar;
 use crate::sync::lock;
 
 /// The name queue-proxy's certificate carries for every namespace, sent as SNI
@@ -35,6 +38,49 @@ pub const DATA_PLANE_NAME: &str = "data-plane.knative.dev";
 pub const SECRET: &str = "routing-serving-certs";
 /// Marks a ConfigMap of the system namespace as a bundle of CAs to trust (any value).
 pub const TRUST_BUNDLE_LABEL: &str = "networking.knative.dev/trust-bundle";
+
+/// The side of a system-internal TLS handshake that failed.
+#[derive(Clone, Copy)]
+pub enum Peer {
+    /// A client of the TLS port.
+    Client,
+    /// A pod whose certificate was refused.
+    Pod,
+}
+
+impl LabelValue for Peer {
+    const ALL: &'static [Peer] = &[Peer::Client, Peer::Pod];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Peer::Client => "client",
+            Peer::Pod => "pod",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// System-internal TLS handshakes that failed, by peer.
+#[derive(Clone)]
+pub struct HandshakeFailures(Labelled<Peer, IntCounter>);
+
+impl HandshakeFailures {
+    pub fn register(reg: &Registrar) -> Self {
+        let family = reg.counter_vec(
+            "activator_tls_handshakes_failed_total",
+            "System-internal TLS handshakes that failed: with clients of the TLS port, or with pods whose certificate was refused",
+            &["peer"],
+        );
+        HandshakeFailures(Labelled::new(&family, &[]))
+    }
+
+    pub fn count(&self, peer: Peer) {
+        self.0.get(peer).inc();
+    }
+}
 /// queue-proxy's TLS port on a pod, and the private Service's.
 pub const POD_TLS_PORT: u16 = 8112;
 pub const SERVICE_TLS_PORT: u16 = 443;

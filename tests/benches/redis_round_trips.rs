@@ -13,8 +13,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use activator::pins::{Lifetime, Pin, PinKey, PinKind, Pins, SharedConfig};
-use activator::stats::Stats;
+use activator::metrics::Registrar;
+use activator::pins::{Lifetime, Pin, PinKey, PinKind, PinMetrics, Pins, SharedConfig};
 use futures_util::StreamExt;
 use integration_tests::redis::Redis;
 
@@ -79,10 +79,10 @@ async fn main() {
 /// resident memory (the near cache holding them) and Redis's data grew, in MiB.
 async fn million_pins(url: &str, admin: &Redis) -> (f64, f64) {
     const PINS: u32 = 1_000_000;
-    let stats = Stats::new();
-    let pins = Pins::shared(u64::from(PINS), config(url), &stats).unwrap();
+    let metrics = PinMetrics::register(&Registrar::default());
+    let pins = Pins::shared(u64::from(PINS), config(url), metrics.clone()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while stats.pin_store_up.get() != 1 {
+    while !metrics.store_up() {
         assert!(Instant::now() < deadline, "the shared store did not connect");
         let probe = PinKey::new(&Arc::from("default/probe"), PinKind::Session, b"probe");
         pins.lookup(Some(&probe), None, &|_| LIFETIME).await;
@@ -144,8 +144,8 @@ fn set_nx_get(key: String) -> redis::Cmd {
 
 /// Pins one session through the shared store, then looks it up `LOOKUPS` times.
 async fn known_pin_lookups(url: &str, admin: &Redis) -> Calls {
-    let stats = Stats::new();
-    let pins = Pins::shared(1_000_000, config(url), &stats).unwrap();
+    let metrics = PinMetrics::register(&Registrar::default());
+    let pins = Pins::shared(1_000_000, config(url), metrics.clone()).unwrap();
     let lifetime = LIFETIME;
     let key = PinKey::new(&Arc::from("default/counter"), PinKind::Session, b"known");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -153,7 +153,7 @@ async fn known_pin_lookups(url: &str, admin: &Redis) -> Calls {
     let lifetime_of = |_: &str| lifetime;
     // The store connects in the background; a pin written until then is held locally, and the
     // first lookup once connected pushes it to Redis.
-    while !found(&pins, &key, lifetime).await || stats.pin_store_up.get() != 1 {
+    while !found(&pins, &key, lifetime).await || !metrics.store_up() {
         assert!(Instant::now() < deadline, "the shared store did not connect");
         let pin = Pin::session("counter-00001", "127.0.0.1:8080".parse().unwrap());
         pins.write(&key, None, pin, lifetime, &lifetime_of).await;

@@ -595,7 +595,7 @@ fn metric_names(expr: &str) -> Vec<&str> {
 fn the_dashboard_queries_only_metrics_the_activator_exports() {
     let path = manifests().join("observability/dashboard.json");
     let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let families = activator::stats::Stats::new().family_names().to_vec();
+    let families = activator::instruments::Instruments::register().registrar.family_names();
     let exported = |name: &str| {
         let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
         families.iter().any(|f| f == family || f == name)

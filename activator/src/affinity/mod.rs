@@ -1,7 +1,8 @@
 //! Affinity: which ids a request carries under its service's policy (`keys`, with a chat
 //! request's conversation from `chat`), where those ids and their pins send it (`decide`, a pure
-//! function), the one place that settles a request's route with the pin store (`pinning`), and
-//! the split by requests that new pins follow (`share`).
+//! function), the one place that settles a request's route with the pin store (`pinning`), the
+//! split by requests that new pins follow (`share`), and the count of each decision
+//! (`Decisions`).
 
 mod decide;
 mod keys;
@@ -13,3 +14,27 @@ pub mod share;
 pub use decide::Origin;
 pub use keys::{Keys, extract, names_its_conversation};
 pub use pinning::{Admitted, Failed, Pinning, Resend, Route};
+
+use prometheus::IntCounter;
+
+use crate::labelled::Labelled;
+use crate::metrics::Registrar;
+
+/// Requests by the decision that sent them where they went.
+#[derive(Clone)]
+pub struct Decisions(Labelled<Origin, IntCounter>);
+
+impl Decisions {
+    pub fn register(reg: &Registrar) -> Self {
+        let family = reg.counter_vec(
+            "activator_decisions_total",
+            "Requests by routing decision: session-pin, revision-pin, split, ingress, new-pin, re-pin",
+            &["decision"],
+        );
+        Decisions(Labelled::new(&family, &[]))
+    }
+
+    pub fn count(&self, origin: Origin) {
+        self.0.get(origin).inc();
+    }
+}

@@ -10,6 +10,7 @@
 
 mod cookie;
 mod memory;
+mod metrics;
 mod redis;
 mod shared;
 
@@ -22,16 +23,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prometheus::{IntCounter, IntGauge, IntGaugeVec};
-
 pub use cookie::{CookieKeys, SignedPin};
 pub use memory::MemoryPins;
+pub use metrics::PinMetrics;
 pub use redis::{Deployment, RedisClient, RedisTls};
 pub use shared::admin::{DRAINED_POD, drain_pod, key_report, pin_targets};
 pub use shared::{INVALIDATIONS, SharedConfig, SharedPins};
 
 use crate::spec::SessionEnd;
-use crate::stats::Stats;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PinKind {
@@ -292,12 +291,7 @@ pub struct Written {
 pub struct Pins {
     memory: Arc<MemoryPins>,
     shared: Option<Arc<SharedPins>>,
-    /// `[kind][hit, miss]`, resolved once so a lookup never hashes label strings.
-    lookups: [[IntCounter; 2]; 2],
-    /// `[kind][new, repin, conflict]`.
-    writes: [[IntCounter; 3]; 2],
-    entries: IntGauge,
-    by_pod: IntGaugeVec,
+    metrics: PinMetrics,
     /// The keys of signed pin cookies.
     cookie_keys: CookieKeys,
     /// The label sets `by_pod` has series for, so a pod's series goes when its last pin does.
@@ -309,32 +303,24 @@ pub struct Pins {
 /// whole table.
 const COUNT_BY_POD_EVERY: u64 = 5;
 
-const KINDS: [PinKind; 2] = [PinKind::Session, PinKind::Flow];
-
 impl Pins {
     /// Pins kept in this replica only.
-    pub fn local(max_entries: u64, stats: &Stats) -> Self {
-        Self::with_memory(Arc::new(MemoryPins::new(max_entries)), None, stats)
+    pub fn local(max_entries: u64, metrics: PinMetrics) -> Self {
+        Self::with_memory(Arc::new(MemoryPins::new(max_entries)), None, metrics)
     }
 
     /// Pins shared through Redis, with this replica's pins as near cache and fallback.
-    pub fn shared(max_entries: u64, config: SharedConfig, stats: &Stats) -> anyhow::Result<Self> {
+    pub fn shared(max_entries: u64, config: SharedConfig, metrics: PinMetrics) -> anyhow::Result<Self> {
         let memory = Arc::new(MemoryPins::near_cache(max_entries));
-        let shared = SharedPins::start(config, memory.clone(), stats)?;
-        Ok(Self::with_memory(memory, Some(shared), stats))
+        let shared = SharedPins::start(config, memory.clone(), metrics.store.clone())?;
+        Ok(Self::with_memory(memory, Some(shared), metrics))
     }
 
-    fn with_memory(memory: Arc<MemoryPins>, shared: Option<Arc<SharedPins>>, stats: &Stats) -> Self {
-        let lookups = KINDS.map(|k| ["hit", "miss"].map(|r| stats.pin_lookups.with_label_values(&[k.as_str(), r])));
-        let writes =
-            KINDS.map(|k| ["new", "repin", "conflict"].map(|r| stats.pin_writes.with_label_values(&[k.as_str(), r])));
+    fn with_memory(memory: Arc<MemoryPins>, shared: Option<Arc<SharedPins>>, metrics: PinMetrics) -> Self {
         Pins {
             memory,
             shared,
-            lookups,
-            writes,
-            entries: stats.pin_entries.clone(),
-            by_pod: stats.pins_by_pod.clone(),
+            metrics,
             cookie_keys: CookieKeys::from_file(None).expect("no file, nothing to read"),
             published: Mutex::default(),
             maintained: AtomicU64::new(0),
@@ -363,7 +349,8 @@ impl Pins {
         };
         for (key, (pin, _)) in [session, flow].into_iter().zip(&found) {
             if let Some(key) = key {
-                self.lookups[key.kind as usize][usize::from(pin.is_none())].inc();
+                let looked = if pin.is_some() { metrics::Looked::Hit } else { metrics::Looked::Miss };
+                self.metrics.lookups.get((key.kind, looked)).inc();
             }
         }
         let [(session, session_source), (flow, flow_source)] = found;
@@ -385,12 +372,12 @@ impl Pins {
             Some(shared) => shared.write(key, expected, pin, lifetime, lifetime_of).await,
             None => self.memory.write(key, expected, pin, lifetime),
         };
-        let outcome = match (written.won, expected) {
-            (true, None) => 0,
-            (true, Some(_)) => 1,
-            (false, _) => 2,
+        let wrote = match (written.won, expected) {
+            (true, None) => metrics::Wrote::New,
+            (true, Some(_)) => metrics::Wrote::Repin,
+            (false, _) => metrics::Wrote::Conflict,
         };
-        self.writes[key.kind as usize][outcome].inc();
+        self.metrics.writes.get((key.kind, wrote)).inc();
         written.pin
     }
 
@@ -439,7 +426,7 @@ impl Pins {
     /// Drops expired pins and publishes the entry count, and every few runs the live session
     /// pins per pod; run once a second.
     pub fn maintain(&self) {
-        self.entries.set(i64::try_from(self.memory.sweep()).unwrap_or(i64::MAX));
+        self.metrics.entries.set(i64::try_from(self.memory.sweep()).unwrap_or(i64::MAX));
         self.cookie_keys.reload();
         if self.maintained.fetch_add(1, Ordering::Relaxed).is_multiple_of(COUNT_BY_POD_EVERY) {
             self.publish_by_pod();
@@ -454,12 +441,12 @@ impl Pins {
         for ((scope, revision, pod), n) in counts {
             let (namespace, service) = scope.split_once('/').unwrap_or(("", &scope));
             let labels = [namespace.to_owned(), service.to_owned(), revision.to_string(), pod.to_string()];
-            self.by_pod.with_label_values(&labels).set(i64::try_from(n).unwrap_or(i64::MAX));
+            self.metrics.by_pod.with_label_values(&labels).set(i64::try_from(n).unwrap_or(i64::MAX));
             now_published.insert(labels);
         }
         let mut published = crate::sync::lock(&self.published);
         for gone in published.difference(&now_published) {
-            let _ = self.by_pod.remove_label_values(&gone.each_ref().map(String::as_str));
+            let _ = self.metrics.by_pod.remove_label_values(&gone.each_ref().map(String::as_str));
         }
         *published = now_published;
     }

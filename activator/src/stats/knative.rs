@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use http::{Method, Version};
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
 };
+
+use crate::metrics::Registrar;
 
 /// `http.server.request.duration`'s boundaries as OpenTelemetry's HTTP semantic conventions
 /// advise, which otelhttp uses.
@@ -81,9 +82,8 @@ impl Protocol {
 /// (`metrics-protocol: none`) or pushed instead.
 #[derive(Clone)]
 pub struct KnativeMetrics {
-    registry: Registry,
-    /// The names of the families registered, series or not.
-    families: Arc<Vec<String>>,
+    /// Upstream's own registry, exposed only while exported.
+    registry: Registrar,
     exported: Arc<AtomicBool>,
     concurrency: GaugeVec,
     queued: IntGaugeVec,
@@ -243,26 +243,20 @@ impl KnativeMetrics {
             &["peer"],
         )
         .expect("static metric definition");
-        let registry = Registry::new();
-        let families = super::register(
-            &registry,
-            [
-                Box::new(concurrency.clone()) as Box<dyn prometheus::core::Collector>,
-                Box::new(queued.clone()),
-                Box::new(active.clone()),
-                Box::new(duration.clone()),
-                Box::new(request_size.clone()),
-                Box::new(response_size.clone()),
-                Box::new(client_duration.clone()),
-                Box::new(client_request_size.clone()),
-                Box::new(kube_requests.clone()),
-                Box::new(reachable.clone()),
-                Box::new(errors.clone()),
-            ],
-        );
+        let registry = Registrar::default();
+        registry.register(concurrency.clone());
+        registry.register(queued.clone());
+        registry.register(active.clone());
+        registry.register(duration.clone());
+        registry.register(request_size.clone());
+        registry.register(response_size.clone());
+        registry.register(client_duration.clone());
+        registry.register(client_request_size.clone());
+        registry.register(kube_requests.clone());
+        registry.register(reachable.clone());
+        registry.register(errors.clone());
         KnativeMetrics {
             registry,
-            families: Arc::new(families),
             exported: Arc::new(AtomicBool::new(true)),
             concurrency,
             queued,
@@ -287,8 +281,8 @@ impl KnativeMetrics {
         self.exported.load(Ordering::Relaxed)
     }
 
-    pub fn family_names(&self) -> &[String] {
-        &self.families
+    pub fn family_names(&self) -> Vec<String> {
+        self.registry.family_names()
     }
 
     pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {

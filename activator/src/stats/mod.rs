@@ -1,5 +1,6 @@
-//! Prometheus metrics: what is counted, under which names and labels, and the registry the admin
-//! port exposes.
+//! The per-revision request series, ours and upstream's: what is counted for each request a
+//! revision answers, under which names and labels. Other modules declare their own metrics
+//! (`crate::metrics`); `/metrics` exposes them all through `encode`.
 //!
 //! Per-revision handles are resolved once and kept with the revision, so recording a request
 //! touches only atomics and never formats or hashes label strings. Our own names are here;
@@ -11,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use crate::labelled::{LabelValue, Labelled};
+use crate::metrics::Registrar;
 use crate::retry::Outcome;
 use crate::sync::lock;
 use std::time::Duration;
@@ -18,20 +20,14 @@ use std::time::Duration;
 use knative::{
     ClientSeries, KnativeMetrics, KnativeRevision, PROTOCOLS, Protocol, RevisionNames, Scheme, ServerSeries,
 };
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
-};
+use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 
 /// Status codes common enough to keep pre-resolved handles for; others take the label lookup.
 const COMMON_CODES: [u16; 16] = [200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 429, 500, 502, 503, 504];
 
-const LATENCY_BUCKETS: [f64; 16] =
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
-
 #[derive(Clone)]
 pub struct Stats {
-    registry: Registry,
+    registrar: Registrar,
     /// The live per-revision handles, so a revision that leaves and comes back while its old
     /// requests finish shares one set of series, and the series go when the last holder does.
     revisions: Arc<Mutex<HashMap<RevisionNames, Weak<RevisionStats>>>>,
@@ -46,38 +42,6 @@ pub struct Stats {
     resent: IntCounterVec,
     retried: IntCounterVec,
     unreachable: IntCounterVec,
-    topology_reloads: IntCounterVec,
-    annotation_errors: IntCounterVec,
-    /// Requests by the routing decision that sent them (`affinity::Origin`).
-    pub decisions: IntCounterVec,
-    /// Every family name this registry and upstream's can expose.
-    families: Arc<Vec<String>>,
-    pub pin_lookups: IntCounterVec,
-    pub pin_writes: IntCounterVec,
-    pub pin_entries: IntGauge,
-    pub pins_by_pod: IntGaugeVec,
-    pub pin_store_errors: IntCounterVec,
-    pub pin_store_latency: HistogramVec,
-    pub pin_store_up: IntGauge,
-    /// Times the shared store was found without its pins, and the pins written back to it.
-    pub pin_store_restores: IntCounter,
-    pub pin_store_restored_pins: IntCounter,
-    pub autoscaler_connected: IntGauge,
-    pub autoscaler_dropped: IntCounter,
-    pub autoscaler_pokes: IntCounter,
-    pub autoscaler_frames: IntCounter,
-    pub open_connections: IntGauge,
-    pub connection_limit_reached: IntCounter,
-    pub request_log_dropped: IntCounter,
-    /// Ended sessions by why they ended and what this replica did (`session_end`).
-    pub session_ends: IntCounterVec,
-    pub kube_forbidden: IntGaugeVec,
-    pub kube_rejected: IntCounterVec,
-    pub kube_errors: IntCounterVec,
-    /// Objects that claim to be what they are not (a revision's Endpoints under another name).
-    pub kube_ignored: IntCounterVec,
-    /// System-internal TLS handshakes that failed, by peer (`client` on the TLS port, `pod`).
-    pub tls_refused: IntCounterVec,
 }
 
 impl Default for Stats {
@@ -87,298 +51,68 @@ impl Default for Stats {
 }
 
 impl Stats {
+    /// In a registry of their own, for tests and benchmarks.
     pub fn new() -> Self {
+        Self::register(&Registrar::default())
+    }
+
+    pub fn register(reg: &Registrar) -> Self {
         let labels = ["namespace", "service", "revision", "code"];
-        let requests = IntCounterVec::new(
-            Opts::new("activator_requests_total", "Requests answered, by revision and status code"),
-            &labels,
-        )
-        .expect("static metric definition");
-        let latency = HistogramVec::new(
-            HistogramOpts::new(
+        let revision = &labels[..3];
+        let knative = KnativeMetrics::new();
+        reg.note_families(&knative.family_names());
+        Stats {
+            registrar: reg.clone(),
+            revisions: Arc::default(),
+            knative,
+            requests: reg.counter_vec(
+                "activator_requests_total",
+                "Requests answered, by revision and status code",
+                &labels,
+            ),
+            latency: reg.histogram_vec(
                 "activator_request_duration_seconds",
                 "Time from receiving a request to sending its response headers, queueing included",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &labels,
-        )
-        .expect("static metric definition");
-        let in_flight = IntGaugeVec::new(
-            Opts::new(
+                &labels,
+            ),
+            in_flight: reg.gauge_vec(
                 "activator_in_flight_requests",
                 "Requests from arrival to the end of their response (queued ones included), by revision",
+                revision,
             ),
-            &labels[..3],
-        )
-        .expect("static metric definition");
-        let queued = IntGaugeVec::new(
-            Opts::new("activator_queued_requests", "Requests waiting for a ready pod or a free slot, by revision"),
-            &labels[..3],
-        )
-        .expect("static metric definition");
-        let queue_wait = HistogramVec::new(
-            HistogramOpts::new(
+            queued: reg.gauge_vec(
+                "activator_queued_requests",
+                "Requests waiting for a ready pod or a free slot, by revision",
+                revision,
+            ),
+            queue_wait: reg.histogram_vec(
                 "activator_queue_wait_seconds",
                 "Time a request waited for a ready pod or a free slot (zero for most), by revision",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &labels[..3],
-        )
-        .expect("static metric definition");
-        let decisions = IntCounterVec::new(
-            Opts::new(
-                "activator_decisions_total",
-                "Requests by routing decision: session-pin, revision-pin, split, ingress, new-pin, re-pin",
+                revision,
             ),
-            &["decision"],
-        )
-        .expect("static metric definition");
-        let outside_subset = IntCounterVec::new(
-            Opts::new(
+            outside_subset: reg.counter_vec(
                 "activator_pinned_outside_subset_total",
                 "Pinned requests sent to a pod outside this activator's subset of the revision's pods",
+                revision,
             ),
-            &labels[..3],
-        )
-        .expect("static metric definition");
-        let resent = IntCounterVec::new(
-            Opts::new(
+            resent: reg.counter_vec(
                 "activator_requests_resent_total",
                 "Requests sent to another pod of their revision because their pod refused or dropped the \
                  connection before any byte of the request reached it",
+                revision,
             ),
-            &labels[..3],
-        )
-        .expect("static metric definition");
-        let retried = IntCounterVec::new(
-            Opts::new(
+            retried: reg.counter_vec(
                 "activator_requests_retried_total",
                 "Requests whose pod failed them before any response byte that were safe to send again, by what \
                  became of them: retried on another pod, or not (over-budget, not-kept, no-pod)",
+                &[labels[0], labels[1], labels[2], "result"],
             ),
-            &[labels[0], labels[1], labels[2], "result"],
-        )
-        .expect("static metric definition");
-        let unreachable = IntCounterVec::new(
-            Opts::new(
+            unreachable: reg.counter_vec(
                 "activator_pods_unreachable_total",
                 "Ready pods taken out of rotation because they refused or dropped a connection; each is probed \
                  until it accepts connections again",
+                revision,
             ),
-            &labels[..3],
-        )
-        .expect("static metric definition");
-        let autoscaler_connected =
-            IntGauge::new("activator_autoscaler_connected", "1 while the stat websocket to the autoscaler is up")
-                .expect("static metric definition");
-        let autoscaler_dropped = IntCounter::new(
-            "activator_autoscaler_stats_dropped_total",
-            "Stat frames dropped because the autoscaler was unreachable or the frame went stale",
-        )
-        .expect("static metric definition");
-        let autoscaler_pokes = IntCounter::new(
-            "activator_autoscaler_pokes_total",
-            "Immediate stats sent for the first request of an untracked revision",
-        )
-        .expect("static metric definition");
-        let autoscaler_frames =
-            IntCounter::new("activator_autoscaler_frames_total", "Stat frames sent to the autoscaler")
-                .expect("static metric definition");
-        let topology_reloads = IntCounterVec::new(
-            Opts::new("activator_topology_reloads_total", "Topology reloads, by result (applied, rejected)"),
-            &["result"],
-        )
-        .expect("static metric definition");
-        let annotation_errors = IntCounterVec::new(
-            Opts::new("activator_annotation_errors_total", "Malformed or unknown activator annotations ignored"),
-            &["annotation"],
-        )
-        .expect("static metric definition");
-        let pin_lookups = IntCounterVec::new(
-            Opts::new("activator_pin_lookups_total", "Pin lookups by kind (session, flow) and result (hit, miss)"),
-            &["kind", "result"],
-        )
-        .expect("static metric definition");
-        let pin_writes = IntCounterVec::new(
-            Opts::new(
-                "activator_pin_writes_total",
-                "Pin writes by kind and result: new, repin (pod or revision gone), conflict (another writer won)",
-            ),
-            &["kind", "result"],
-        )
-        .expect("static metric definition");
-        let pin_entries = IntGauge::new("activator_pin_entries", "Pins held in this replica's memory store")
-            .expect("static metric definition");
-        let pins_by_pod = IntGaugeVec::new(
-            Opts::new(
-                "activator_pins",
-                "Live session pins this replica holds, by the pod they pin to (counted every 5 s)",
-            ),
-            &["namespace", "service", "revision", "pod"],
-        )
-        .expect("static metric definition");
-        let pin_store_errors = IntCounterVec::new(
-            Opts::new(
-                "activator_pin_store_errors_total",
-                "Redis pin-store failures and malformed values, by operation; each one fell back to local pins",
-            ),
-            &["op"],
-        )
-        .expect("static metric definition");
-        let pin_store_latency = HistogramVec::new(
-            HistogramOpts::new("activator_pin_store_duration_seconds", "Redis pin-store call latency, by operation")
-                .buckets(LATENCY_BUCKETS.to_vec()),
-            &["op"],
-        )
-        .expect("static metric definition");
-        let pin_store_up = IntGauge::new(
-            "activator_pin_store_up",
-            "1 while the shared pin store answers, 0 while this replica routes with its own pins",
-        )
-        .expect("static metric definition");
-        let pin_store_restores = IntCounter::new(
-            "activator_pin_store_restores_total",
-            "Times the shared pin store was found without its pins (restarted empty, failed over, flushed)",
-        )
-        .expect("static metric definition");
-        let pin_store_restored_pins = IntCounter::new(
-            "activator_pin_store_restored_pins_total",
-            "Pins this replica wrote back to the shared store because the store lacked them",
-        )
-        .expect("static metric definition");
-        let open_connections = IntGauge::new("activator_open_connections", "Client connections open on the data port")
-            .expect("static metric definition");
-        let connection_limit_reached = IntCounter::new(
-            "activator_connection_limit_reached_total",
-            "Times the data port reached --max-connections and left new connections in the listen backlog",
-        )
-        .expect("static metric definition");
-        let request_log_dropped = IntCounter::new(
-            "activator_request_log_dropped_total",
-            "Request-log lines dropped because stdout did not keep up",
-        )
-        .expect("static metric definition");
-        let session_ends = IntCounterVec::new(
-            Opts::new(
-                "activator_session_ends_total",
-                "Resource sessions whose pin ended here (reason idle or moved), by what this replica did: \
-                 sent or failed the pod's end call, left it to another replica (elsewhere), or found the pod gone",
-            ),
-            &["reason", "result"],
-        )
-        .expect("static metric definition");
-        let kube_forbidden = IntGaugeVec::new(
-            Opts::new("activator_kube_watch_forbidden", "1 while RBAC forbids listing this resource (Knative mode)"),
-            &["resource"],
-        )
-        .expect("static metric definition");
-        let kube_rejected = IntCounterVec::new(
-            Opts::new("activator_kube_objects_rejected_total", "Resource objects skipped because they do not read"),
-            &["resource"],
-        )
-        .expect("static metric definition");
-        let kube_errors = IntCounterVec::new(
-            Opts::new("activator_kube_watch_errors_total", "Watch and list failures, each retried after a back-off"),
-            &["resource"],
-        )
-        .expect("static metric definition");
-        let kube_ignored = IntCounterVec::new(
-            Opts::new(
-                "activator_kube_objects_ignored_total",
-                "Resource objects ignored for claiming to be what they are not (a revision's Endpoints under another name)",
-            ),
-            &["resource"],
-        )
-        .expect("static metric definition");
-        let tls_refused = IntCounterVec::new(
-            Opts::new(
-                "activator_tls_handshakes_failed_total",
-                "System-internal TLS handshakes that failed: with clients of the TLS port, or with pods whose certificate was refused",
-            ),
-            &["peer"],
-        )
-        .expect("static metric definition");
-        let registry = Registry::new();
-        let mut families = register(
-            &registry,
-            [
-                Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-                Box::new(latency.clone()),
-                Box::new(in_flight.clone()),
-                Box::new(queued.clone()),
-                Box::new(queue_wait.clone()),
-                Box::new(decisions.clone()),
-                Box::new(outside_subset.clone()),
-                Box::new(resent.clone()),
-                Box::new(retried.clone()),
-                Box::new(unreachable.clone()),
-                Box::new(topology_reloads.clone()),
-                Box::new(annotation_errors.clone()),
-                Box::new(pin_lookups.clone()),
-                Box::new(pin_writes.clone()),
-                Box::new(pin_entries.clone()),
-                Box::new(pins_by_pod.clone()),
-                Box::new(pin_store_errors.clone()),
-                Box::new(pin_store_latency.clone()),
-                Box::new(pin_store_up.clone()),
-                Box::new(pin_store_restores.clone()),
-                Box::new(pin_store_restored_pins.clone()),
-                Box::new(autoscaler_connected.clone()),
-                Box::new(autoscaler_dropped.clone()),
-                Box::new(autoscaler_pokes.clone()),
-                Box::new(autoscaler_frames.clone()),
-                Box::new(open_connections.clone()),
-                Box::new(connection_limit_reached.clone()),
-                Box::new(request_log_dropped.clone()),
-                Box::new(session_ends.clone()),
-                Box::new(kube_forbidden.clone()),
-                Box::new(kube_rejected.clone()),
-                Box::new(kube_errors.clone()),
-                Box::new(kube_ignored.clone()),
-                Box::new(tls_refused.clone()),
-            ],
-        );
-        let knative = KnativeMetrics::new();
-        families.extend_from_slice(knative.family_names());
-        Stats {
-            registry,
-            revisions: Arc::default(),
-            knative,
-            families: Arc::new(families),
-            decisions,
-            queue_wait,
-            requests,
-            latency,
-            in_flight,
-            queued,
-            outside_subset,
-            resent,
-            retried,
-            unreachable,
-            topology_reloads,
-            annotation_errors,
-            pin_lookups,
-            pin_writes,
-            pin_entries,
-            pins_by_pod,
-            pin_store_errors,
-            pin_store_latency,
-            pin_store_up,
-            pin_store_restores,
-            pin_store_restored_pins,
-            autoscaler_connected,
-            autoscaler_dropped,
-            autoscaler_pokes,
-            autoscaler_frames,
-            open_connections,
-            connection_limit_reached,
-            request_log_dropped,
-            session_ends,
-            kube_forbidden,
-            kube_rejected,
-            kube_errors,
-            kube_ignored,
-            tls_refused,
         }
     }
 
@@ -415,15 +149,6 @@ impl Stats {
         self.knative.server(None, protocol, code).record(elapsed, 0, body_bytes);
     }
 
-    pub fn topology_reload(&self, applied: bool) {
-        let result = if applied { "applied" } else { "rejected" };
-        self.topology_reloads.with_label_values(&[result]).inc();
-    }
-
-    pub fn annotation_error(&self, annotation: &str) {
-        self.annotation_errors.with_label_values(&[annotation]).inc();
-    }
-
     fn record(&self, labels: [&str; 3], code: u16, elapsed: Duration) {
         let code = code.to_string();
         let labels = [labels[0], labels[1], labels[2], code.as_str()];
@@ -431,21 +156,11 @@ impl Stats {
         self.latency.with_label_values(&labels).observe(elapsed.as_secs_f64());
     }
 
-    /// The name of every family `/metrics` can carry (histograms without their `_bucket`, `_sum`
-    /// and `_count` suffixes), whether it has series yet or not.
-    pub fn family_names(&self) -> &[String] {
-        &self.families
-    }
-
-    /// The text exposition format served on `/metrics`: ours, and upstream's while exported.
+    /// The text exposition format served on `/metrics`: every registered family, and upstream's
+    /// while exported.
     pub fn encode(&self) -> Vec<u8> {
-        let mut families = self.registry.gather();
-        if self.knative.exported() {
-            families.extend(self.knative.gather());
-        }
-        let mut out = Vec::new();
-        TextEncoder::new().encode(&families, &mut out).expect("encoding into a Vec cannot fail");
-        out
+        let upstream = if self.knative.exported() { self.knative.gather() } else { Vec::new() };
+        self.registrar.encode(upstream)
     }
 }
 
@@ -456,16 +171,6 @@ struct CodeSeries {
     latency: Histogram,
     server: [OnceLock<ServerSeries>; PROTOCOLS],
     client: [OnceLock<ClientSeries>; PROTOCOLS * 2],
-}
-
-/// Registers `collectors` in `registry` and returns the names of their families.
-fn register<const N: usize>(registry: &Registry, collectors: [Box<dyn prometheus::core::Collector>; N]) -> Vec<String> {
-    let mut families = Vec::with_capacity(N);
-    for c in collectors {
-        families.extend(c.desc().iter().map(|d| d.fq_name.clone()));
-        registry.register(c).expect("metric names are unique");
-    }
-    families
 }
 
 pub struct RevisionStats {

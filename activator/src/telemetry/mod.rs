@@ -35,6 +35,7 @@ pub use access_log::{AccessLog, Entry, Routed as LoggedRoute};
 pub use config::{MetricsProtocol, ObservabilityConfig, Tracing, TracingProtocol};
 pub use logs::{LogLevel, level_from_config_logging};
 
+use crate::metrics::Registrar;
 use crate::response_body::Finished;
 use crate::stats::knative::{KnativeMetrics, Protocol, ServerSeries};
 use crate::sync::lock;
@@ -103,6 +104,11 @@ impl opentelemetry::propagation::Injector for NonEmpty<'_> {
 }
 
 impl Telemetry {
+    /// The count of request-log lines lost to a full buffer, for `new`.
+    pub fn register_dropped_lines(reg: &Registrar) -> IntCounter {
+        reg.counter("activator_request_log_dropped_total", "Request-log lines dropped because stdout did not keep up")
+    }
+
     /// Everything off until `apply`; `dropped_lines` counts request-log lines lost to a full
     /// buffer.
     pub fn new(knative: KnativeMetrics, dropped_lines: IntCounter) -> Self {

@@ -23,7 +23,7 @@ use crate::stats::RevisionStats;
 use crate::throttle::Throttler;
 
 pub use policy::{Annotated, Policy};
-pub use publisher::Publisher;
+pub use publisher::{Publisher, WorldMetrics};
 pub use resolve::{NotFound, Target};
 
 /// A revision as the request path sees it.

@@ -11,10 +11,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use prometheus::IntCounterVec;
 
 use super::policy::{Annotated, Policy};
 use super::{Listed, Revision, Service, Snapshot, TrafficTarget};
 use crate::autoscaler::Concurrency;
+use crate::metrics::Registrar;
 use crate::readiness::Prober;
 use crate::retry::Budget;
 use crate::served::Served;
@@ -33,9 +35,34 @@ struct Runtime {
     retries: Arc<Budget>,
 }
 
+/// Updates of the world by whether they applied, and annotations ignored.
+#[derive(Clone)]
+pub struct WorldMetrics {
+    reloads: IntCounterVec,
+    annotation_errors: IntCounterVec,
+}
+
+impl WorldMetrics {
+    pub fn register(reg: &Registrar) -> Self {
+        WorldMetrics {
+            reloads: reg.counter_vec(
+                "activator_topology_reloads_total",
+                "Topology reloads, by result (applied, rejected)",
+                &["result"],
+            ),
+            annotation_errors: reg.counter_vec(
+                "activator_annotation_errors_total",
+                "Malformed or unknown activator annotations ignored",
+                &["annotation"],
+            ),
+        }
+    }
+}
+
 pub struct Publisher {
     current: Arc<ArcSwap<Snapshot>>,
     stats: Stats,
+    metrics: WorldMetrics,
     queue: QueueLimits,
     prober: Prober,
     internal_tls: Arc<InternalTls>,
@@ -43,10 +70,11 @@ pub struct Publisher {
 
 impl Publisher {
     /// Starts with an empty world.
-    pub fn new(stats: Stats, queue: QueueLimits, prober: Prober) -> Self {
+    pub fn new(stats: Stats, metrics: WorldMetrics, queue: QueueLimits, prober: Prober) -> Self {
         Publisher {
             current: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
             stats,
+            metrics,
             queue,
             prober,
             internal_tls: Arc::default(),
@@ -69,12 +97,12 @@ impl Publisher {
     pub fn apply(&self, spec: &WorldSpec) {
         let snapshot = self.build(spec, &self.current.load());
         self.current.store(Arc::new(snapshot));
-        self.stats.topology_reload(true);
+        self.metrics.reloads.with_label_values(&["applied"]).inc();
     }
 
     /// Counts an update a source had to reject; the source says why in its own log line.
     pub fn rejected(&self) {
-        self.stats.topology_reload(false);
+        self.metrics.reloads.with_label_values(&["rejected"]).inc();
     }
 
     /// Replaces one revision's pods in place. Returns `false` if the revision is not in the
@@ -250,7 +278,7 @@ impl Publisher {
     /// The activator's annotations of one object, each it has to ignore logged and counted.
     fn annotated(&self, scope: &str, annotations: &std::collections::BTreeMap<String, String>) -> Annotated {
         Annotated::parse(annotations, &mut |key, reason| {
-            self.stats.annotation_error(key);
+            self.metrics.annotation_errors.with_label_values(&[key]).inc();
             tracing::warn!(%scope, annotation = key, %reason, "ignoring annotation");
         })
     }
@@ -271,7 +299,8 @@ pub(crate) mod tests {
     use crate::spec::tests::service;
 
     pub(crate) fn publisher() -> Publisher {
-        Publisher::new(Stats::new(), QueueLimits::default(), Prober::idle())
+        let reg = crate::metrics::Registrar::default();
+        Publisher::new(Stats::register(&reg), WorldMetrics::register(&reg), QueueLimits::default(), Prober::idle())
     }
 
     /// The snapshot of a world made of `services`.

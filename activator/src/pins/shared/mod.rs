@@ -50,10 +50,10 @@ use tracing::Instrument as _;
 
 use crate::backoff::Backoff;
 use crate::labelled::{LabelValue, Labelled};
+use crate::metrics::Registrar;
 use crate::pins::memory::{MemoryPins, Near, Touched};
 use crate::pins::redis::{Deployment, RedisClient, RedisConnection, RedisTls};
 use crate::pins::{Lifetime, LifetimeOf, Pin, PinKey, PinSource, Written, millis};
-use crate::stats::Stats;
 use crate::telemetry::SPAN_TARGET;
 
 use breaker::{Breaker, Granted};
@@ -148,12 +148,49 @@ impl LabelValue for Op {
     }
 }
 
-struct StoreMetrics {
+#[derive(Clone)]
+pub struct StoreMetrics {
     errors: Labelled<Op, IntCounter>,
     latency: Labelled<Op, Histogram>,
     up: IntGauge,
+    /// Times the store was found without its pins, and the pins written back to it.
     restores: IntCounter,
     restored_pins: IntCounter,
+}
+
+impl StoreMetrics {
+    pub fn register(reg: &Registrar) -> Self {
+        let errors = reg.counter_vec(
+            "activator_pin_store_errors_total",
+            "Redis pin-store failures and malformed values, by operation; each one fell back to local pins",
+            &["op"],
+        );
+        let latency = reg.histogram_vec(
+            "activator_pin_store_duration_seconds",
+            "Redis pin-store call latency, by operation",
+            &["op"],
+        );
+        StoreMetrics {
+            errors: Labelled::new(&errors, &[]),
+            latency: Labelled::new(&latency, &[]),
+            up: reg.gauge(
+                "activator_pin_store_up",
+                "1 while the shared pin store answers, 0 while this replica routes with its own pins",
+            ),
+            restores: reg.counter(
+                "activator_pin_store_restores_total",
+                "Times the shared pin store was found without its pins (restarted empty, failed over, flushed)",
+            ),
+            restored_pins: reg.counter(
+                "activator_pin_store_restored_pins_total",
+                "Pins this replica wrote back to the shared store because the store lacked them",
+            ),
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.get() == 1
+    }
 }
 
 /// The two connections to Redis: one for the request path, one for the batched refresh, so a
@@ -207,15 +244,8 @@ enum Looked<const N: usize> {
 impl SharedPins {
     /// Starts connecting in the background: until Redis answers, pins stay local to this
     /// replica. Only a malformed URL is an error.
-    pub fn start(config: SharedConfig, memory: Arc<MemoryPins>, stats: &Stats) -> anyhow::Result<Arc<Self>> {
+    pub fn start(config: SharedConfig, memory: Arc<MemoryPins>, metrics: StoreMetrics) -> anyhow::Result<Arc<Self>> {
         let client = RedisClient::new(&config.url, &config.deployment, &config.tls)?;
-        let metrics = StoreMetrics {
-            errors: Labelled::new(&stats.pin_store_errors, &[]),
-            latency: Labelled::new(&stats.pin_store_latency, &[]),
-            up: stats.pin_store_up.clone(),
-            restores: stats.pin_store_restores.clone(),
-            restored_pins: stats.pin_store_restored_pins.clone(),
-        };
         let mut id = [0u8; 8];
         getrandom::fill(&mut id).map_err(|e| anyhow::anyhow!("reading OS randomness: {e}"))?;
         let shared = Arc::new(SharedPins {

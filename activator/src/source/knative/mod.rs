@@ -12,8 +12,11 @@
 //! line says which rule is missing, and a gauge stays 1 until it is granted.
 
 mod client;
+mod metrics;
 pub mod objects;
 mod world;
+
+pub use metrics::KubeMetrics;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -26,7 +29,7 @@ use kube::runtime::watcher::{self, Event};
 
 use crate::health::Health;
 use crate::spec::{self, WorldSpec};
-use crate::stats::Stats;
+use crate::stats::knative::KnativeMetrics;
 use crate::telemetry::{LogLevel, ObservabilityConfig, Telemetry, level_from_config_logging};
 use crate::tls::{InternalTls, TRUST_BUNDLE_LABEL};
 use crate::world::Publisher;
@@ -187,7 +190,7 @@ pub struct KnativeSource {
     config: KnativeConfig,
     publisher: Arc<Publisher>,
     health: Arc<Health>,
-    stats: Stats,
+    metrics: KubeMetrics,
     telemetry: Telemetry,
     feeds: [Feed; WATCHED.len()],
     reflection: Reflection,
@@ -208,17 +211,17 @@ impl KnativeSource {
         config: KnativeConfig,
         publisher: Arc<Publisher>,
         health: Arc<Health>,
-        stats: Stats,
+        (metrics, knative): (KubeMetrics, KnativeMetrics),
         telemetry: Telemetry,
     ) -> anyhow::Result<Self> {
-        let client = client::connect(stats.knative.clone()).await?;
+        let client = client::connect(knative).await?;
         let reflection = Reflection { pod_ip: config.pod_ip, ..Reflection::default() };
         Ok(KnativeSource {
             client,
             config,
             publisher,
             health,
-            stats,
+            metrics,
             telemetry,
             feeds: Default::default(),
             reflection,
@@ -280,7 +283,7 @@ impl KnativeSource {
                 }
                 let feed = &mut self.feeds[kind as usize];
                 if std::mem::take(&mut feed.forbidden) {
-                    self.stats.kube_forbidden.with_label_values(&[&watched.resource()]).set(0);
+                    self.metrics.forbidden.with_label_values(&[&watched.resource()]).set(0);
                     tracing::info!(resource = %watched.resource(), "can list {} now; affinity across a Route's revisions is on", watched.resource());
                 }
                 self.sweep(kind, &seen);
@@ -291,7 +294,7 @@ impl KnativeSource {
             Event::Delete(object) => (object, true),
         };
         if let Some(expected) = Self::impostor(kind, &object) {
-            self.stats.kube_ignored.with_label_values(&[&watched.resource()]).inc();
+            self.metrics.ignored.with_label_values(&[&watched.resource()]).inc();
             let (ns, name) =
                 (object.metadata.namespace.as_deref().unwrap_or(""), object.metadata.name.as_deref().unwrap_or(""));
             return tracing::warn!(
@@ -312,7 +315,7 @@ impl KnativeSource {
             }
         });
         if let Err(reason) = read {
-            self.stats.kube_rejected.with_label_values(&[&watched.resource()]).inc();
+            self.metrics.rejected.with_label_values(&[&watched.resource()]).inc();
             let (ns, name) =
                 (object.metadata.namespace.as_deref().unwrap_or(""), object.metadata.name.as_deref().unwrap_or(""));
             tracing::warn!(resource = %watched.resource(), object = %format!("{ns}/{name}"), %reason, "skipping an object that does not read; its last good version stays");
@@ -449,8 +452,8 @@ impl KnativeSource {
         let read = data.as_ref().unwrap_or(&empty);
         let name = key.1.as_str();
         tracing::debug!(configmap = name, deleted = data.is_none(), "a ConfigMap of the system namespace changed");
-        let refused = |stats: &Stats, problem: String| {
-            stats.kube_rejected.with_label_values(&["configmaps"]).inc();
+        let refused = |metrics: &KubeMetrics, problem: String| {
+            metrics.rejected.with_label_values(&["configmaps"]).inc();
             tracing::warn!(configmap = name, %problem, "refusing the ConfigMap; the last good one stays");
         };
         if name == self.config.config_maps.observability {
@@ -462,7 +465,7 @@ impl KnativeSource {
         if name == self.config.config_maps.logging {
             match level_from_config_logging(read, "activator") {
                 Ok(level) => self.config.log_level.set(level),
-                Err(problem) => refused(&self.stats, problem),
+                Err(problem) => refused(&self.metrics, problem),
             }
         }
         if name == CONFIG_NETWORK {
@@ -478,7 +481,7 @@ impl KnativeSource {
                     self.reflection.network = network;
                     self.dirty.world = true;
                 }
-                Err(problem) => refused(&self.stats, problem),
+                Err(problem) => refused(&self.metrics, problem),
             }
         }
         match data {
@@ -527,7 +530,7 @@ impl KnativeSource {
             .flat_map(|((_, name), data)| data.iter().map(move |(k, v)| (format!("{name}/{k}"), v.as_str())));
         let values: Vec<(String, &str)> = values.collect();
         for problem in self.config.internal_tls.set_bundles(values.iter().map(|(n, v)| (n.as_str(), *v))) {
-            self.stats.kube_rejected.with_label_values(&["configmaps"]).inc();
+            self.metrics.rejected.with_label_values(&["configmaps"]).inc();
             tracing::warn!(%problem, "a trust bundle that does not read is skipped");
         }
     }
@@ -535,7 +538,7 @@ impl KnativeSource {
     fn failed(&mut self, kind: Kind, error: watcher::Error) {
         let watched = kind.watched();
         let resource = watched.resource();
-        self.stats.kube_errors.with_label_values(&[&resource]).inc();
+        self.metrics.errors.with_label_values(&[&resource]).inc();
         let forbidden = matches!(&error, watcher::Error::InitialListFailed(kube::Error::Api(status))
             | watcher::Error::WatchStartFailed(kube::Error::Api(status)) if status.code == 403);
         if !forbidden {
@@ -550,7 +553,7 @@ impl KnativeSource {
         if std::mem::replace(&mut feed.forbidden, true) {
             return;
         }
-        self.stats.kube_forbidden.with_label_values(&[&resource]).set(1);
+        self.metrics.forbidden.with_label_values(&[&resource]).set(1);
         let scope = if watched.in_system_namespace {
             format!("a Role in {}", self.config.system_namespace)
         } else {
