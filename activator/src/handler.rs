@@ -29,7 +29,7 @@ use crate::headers::DECISION;
 use crate::health::Health;
 use crate::pins::Pins;
 use crate::pins::{PinKey, PinSource};
-use crate::probes;
+use crate::probe_answers;
 use crate::proxy::{self, Exchange, Outbound, Replay};
 use crate::readiness::Prober;
 use crate::request_body::RequestBody;
@@ -96,7 +96,7 @@ impl Handler {
         inflow: Option<Arc<Inflow>>,
     ) -> impl Future<Output = Response<ResponseBody>> + Send + 'static {
         let started = Instant::now();
-        if let Some(resp) = probes::answer(&mut req, &self.health) {
+        if let Some(resp) = probe_answers::answer(&mut req, &self.health) {
             return Either::Left(std::future::ready(resp));
         }
         let protocol = Protocol::of(req.method(), req.version());

@@ -3,7 +3,7 @@
 //! tried Redis once (when there is one), and not while the autoscaler's websocket is down (when an
 //! autoscaler is configured), as upstream.
 //!
-//! Owns the readiness state only; the probes that report it are answered in `probes` and `admin`.
+//! Owns the readiness state only; the probes that report it are answered in `probe_answers` and `admin`.
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -17,7 +17,7 @@ pub mod labelled;
 pub mod metrics;
 pub mod pins;
 pub mod pool;
-pub mod probes;
+pub mod probe_answers;
 pub mod proxy;
 pub mod readiness;
 pub mod request_body;
