@@ -22,9 +22,7 @@ use crate::health::Health;
 use crate::metrics::Registrar;
 
 /// Knative's stat messages, generated from `proto/stat.proto`.
-pub mod wire {
-    include!(concat!(env!("OUT_DIR"), "/metrics.rs"));
-}
+pub use contract::wire;
 
 const SAMPLE_PERIOD: Duration = Duration::from_millis(10);
 const REPORT_PERIOD: Duration = Duration::from_secs(1);

@@ -29,7 +29,6 @@ pub mod server;
 pub mod session_end;
 pub mod socket;
 pub mod source;
-pub mod spec;
 pub mod stats;
 pub mod sync;
 pub mod telemetry;
@@ -37,3 +36,6 @@ pub mod throttle;
 pub mod tls;
 pub mod trim;
 pub mod world;
+
+/// The world spec every source produces, shared with `autoscaler-shim`.
+pub use contract::spec;

@@ -12,9 +12,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use activator::source::local::{WatchedFile, file};
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use contract::topology as file;
+use contract::watched::WatchedFile;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;

@@ -2,7 +2,7 @@
 //! `WireStatMessages` from binary frames, exactly as Knative's autoscaler does. Frames that do
 //! not decode are logged and skipped; other frame types are ignored.
 
-use activator::autoscaler::wire::WireStatMessages;
+use contract::wire::WireStatMessages;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use tokio::net::TcpListener;

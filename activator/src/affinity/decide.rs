@@ -175,7 +175,7 @@ mod tests {
 
     use proptest::prelude::*;
 
-    use crate::spec::tests::service as spec;
+    use crate::spec::testing::service as spec;
     use crate::world::publisher::tests::world;
 
     fn pod(n: u16) -> SocketAddr {

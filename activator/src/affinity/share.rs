@@ -73,7 +73,7 @@ mod tests {
     use super::*;
     use std::net::SocketAddr;
 
-    use crate::spec::tests::service as spec;
+    use crate::spec::testing::service as spec;
     use crate::world::publisher::tests::world;
 
     #[test]

@@ -296,7 +296,7 @@ pub(crate) mod tests {
     use std::time::Duration;
 
     use crate::spec::Probe;
-    use crate::spec::tests::service;
+    use crate::spec::testing::service;
 
     pub(crate) fn publisher() -> Publisher {
         let reg = crate::metrics::Registrar::default();

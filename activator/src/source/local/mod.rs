@@ -10,52 +10,18 @@
 //! files are also polled, for file systems without inotify (some network and overlay mounts);
 //! re-reading a few kilobytes a few times a second costs nothing measurable.
 
-pub mod file;
-
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::world::Publisher;
-use file::{EndpointsFile, TopologyError, TopologyFile};
+use contract::topology::{self as file, EndpointsFile, TopologyError, TopologyFile};
+use contract::watched::WatchedFile;
 
 /// How long after a change in a watched folder its files are read.
 const WRITE_SETTLE: Duration = Duration::from_millis(10);
-
-/// A watched file and the content last seen in it.
-pub struct WatchedFile {
-    path: PathBuf,
-    seen: String,
-}
-
-impl WatchedFile {
-    /// A file not read yet: its first content counts as a change.
-    pub fn new(path: &Path) -> Self {
-        WatchedFile { path: path.to_owned(), seen: String::new() }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The file's content if it changed since last seen. A file that cannot be read (not
-    /// written yet, or mid-replacement) counts as unchanged.
-    pub fn changed(&mut self) -> Option<String> {
-        match std::fs::read_to_string(&self.path) {
-            Ok(text) if text != self.seen => {
-                self.seen.clone_from(&text);
-                Some(text)
-            }
-            Ok(_) => None,
-            Err(e) => {
-                tracing::debug!(path = %self.path.display(), error = %e, "file unreadable; keeping the last one");
-                None
-            }
-        }
-    }
-}
 
 pub struct LocalSource {
     topology: WatchedFile,
@@ -71,7 +37,7 @@ impl LocalSource {
     pub fn open(path: &Path, endpoints: Option<&Path>, publisher: Arc<Publisher>) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading topology {}", path.display()))?;
         let file = file::parse(&text).with_context(|| format!("topology {}", path.display()))?;
-        let topology = WatchedFile { path: path.to_owned(), seen: text };
+        let topology = WatchedFile::read_as(path, text);
         let mut source = LocalSource {
             topology,
             endpoints: endpoints.map(WatchedFile::new),

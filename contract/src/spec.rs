@@ -332,15 +332,16 @@ pub fn validate(spec: &WorldSpec) -> Result<(), SpecError> {
     Ok(())
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use crate::headers::DEFAULT_SESSION;
+/// Specs for tests, here and in the crates that read specs.
+#[cfg(any(test, feature = "testing"))]
+pub mod testing {
     use std::net::SocketAddr;
+
+    use super::*;
 
     /// A service reached at `<name>.test` with revisions `<name>-<i>` at the given percents, each
     /// with the given endpoints, trusted without a probe.
-    pub(crate) fn service(name: &str, revisions: &[(u32, Vec<SocketAddr>)]) -> ServiceSpec {
+    pub fn service(name: &str, revisions: &[(u32, Vec<SocketAddr>)]) -> ServiceSpec {
         ServiceSpec {
             namespace: "default".into(),
             name: name.into(),
@@ -370,6 +371,16 @@ pub(crate) mod tests {
                 .collect(),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::service;
+    use super::*;
+    use std::net::SocketAddr;
+
+    /// The header a session id travels in by default (the activator's `K-Session`).
+    const DEFAULT_SESSION: HeaderName = HeaderName::from_static("k-session");
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))

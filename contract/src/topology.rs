@@ -2,8 +2,8 @@
 //! the endpoints file `autoscaler-shim` publishes, with errors that name the line and column, or
 //! the service at fault. Turns them into the source-neutral `WorldSpec`.
 //!
-//! Unknown fields are errors, so typos do not pass silently. Must not do I/O: `source::local`
-//! reads the files.
+//! Unknown fields are errors, so typos do not pass silently. Must not do I/O: the activator's
+//! `source::local` and the shim read the files.
 
 use std::collections::BTreeMap;
 use std::fmt;
