@@ -19,6 +19,42 @@ pub trait LabelValue: Copy + 'static {
     fn index(self) -> usize;
 }
 
+/// Declares an enum whose values are a label's: each variant with the label value its series
+/// carry, listed in the order `index` numbers them, and `as_str` on the enum itself.
+macro_rules! label_values {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $( $(#[$vmeta:meta])* $variant:ident = $label:literal, )* }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        $vis enum $name {
+            $( $(#[$vmeta])* $variant, )*
+        }
+
+        impl $name {
+            /// The label value as series carry it.
+            #[allow(dead_code, reason = "some enums are only ever labels")]
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $label, )*
+                }
+            }
+        }
+
+        impl $crate::labelled::LabelValue for $name {
+            const ALL: &'static [$name] = &[$( $name::$variant ),*];
+
+            fn as_str(self) -> &'static str {
+                $name::as_str(self)
+            }
+
+            fn index(self) -> usize {
+                self as usize
+            }
+        }
+    };
+}
+
+pub(crate) use label_values;
+
 /// The values of a family's last labels: one enum (`LabelValue`), or a pair of them.
 pub trait Labels: Copy + 'static {
     /// Every combination with its label values, in the order `position` numbers them.
@@ -90,24 +126,10 @@ impl<L: Labels, M> Labelled<L, M> {
 mod tests {
     use super::*;
 
-    #[derive(Clone, Copy, Debug, PartialEq)]
-    enum Colour {
-        Red,
-        Blue,
-    }
-
-    impl LabelValue for Colour {
-        const ALL: &'static [Colour] = &[Colour::Red, Colour::Blue];
-
-        fn as_str(self) -> &'static str {
-            match self {
-                Colour::Red => "red",
-                Colour::Blue => "blue",
-            }
-        }
-
-        fn index(self) -> usize {
-            self as usize
+    label_values! {
+        enum Colour {
+            Red = "red",
+            Blue = "blue",
         }
     }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use http::header::HeaderName;
 use http::{Method, Request};
 
-use crate::labelled::LabelValue;
+use crate::labelled::label_values;
 
 /// The most body kept to send a request again; a larger body makes its request go once.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -59,34 +59,18 @@ impl Retry {
     }
 }
 
-/// What became of a request its pod failed after it reached it, as
-/// `activator_requests_retried_total` labels it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Sent again, to another ready pod of its revision.
-    Retried,
-    /// The revision's budget was spent: the client got the pod's failure.
-    OverBudget,
-    /// Allowed, but its body was larger than `BODY_LIMIT` or had not all passed.
-    NotKept,
-    /// No other pod of the revision was ready.
-    NoPod,
-}
-
-impl LabelValue for Outcome {
-    const ALL: &'static [Outcome] = &[Outcome::Retried, Outcome::OverBudget, Outcome::NotKept, Outcome::NoPod];
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Retried => "retried",
-            Outcome::OverBudget => "over-budget",
-            Outcome::NotKept => "not-kept",
-            Outcome::NoPod => "no-pod",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
+label_values! {
+    /// What became of a request its pod failed after it reached it, as
+    /// `activator_requests_retried_total` labels it.
+    pub enum Outcome {
+        /// Sent again, to another ready pod of its revision.
+        Retried = "retried",
+        /// The revision's budget was spent: the client got the pod's failure.
+        OverBudget = "over-budget",
+        /// Allowed, but its body was larger than `BODY_LIMIT` or had not all passed.
+        NotKept = "not-kept",
+        /// No other pod of the revision was ready.
+        NoPod = "no-pod",
     }
 }
 

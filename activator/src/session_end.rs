@@ -24,7 +24,7 @@ use tokio::sync::Semaphore;
 
 use crate::headers::{SESSION_END, SESSION_END_SIGNATURE, SESSION_END_TIME};
 use crate::keys::KeyFile;
-use crate::labelled::{LabelValue, Labelled};
+use crate::labelled::{Labelled, label_values};
 use crate::metrics::Registrar;
 use crate::pins::{Ended, Pins};
 use crate::world::Snapshot;
@@ -34,54 +34,24 @@ const INTERVAL: Duration = Duration::from_secs(1);
 const CONCURRENT_CALLS: usize = 16;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Why a session ended, as `activator_session_ends_total` labels it.
-#[derive(Clone, Copy)]
-enum Reason {
-    Idle,
-    Moved,
-}
-
-/// What this replica did about an ended session.
-#[derive(Clone, Copy)]
-enum Outcome {
-    Sent,
-    Failed,
-    /// Another replica claimed the call, or the session lives on through another replica.
-    Elsewhere,
-    /// The pod is no longer one of its revision's: its address may be another pod's by now, which
-    /// must not hear of this session.
-    Gone,
-}
-
-impl LabelValue for Reason {
-    const ALL: &'static [Reason] = &[Reason::Idle, Reason::Moved];
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Reason::Idle => "idle",
-            Reason::Moved => "moved",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
+label_values! {
+    /// Why a session ended, as `activator_session_ends_total` labels it.
+    enum Reason {
+        Idle = "idle",
+        Moved = "moved",
     }
 }
 
-impl LabelValue for Outcome {
-    const ALL: &'static [Outcome] = &[Outcome::Sent, Outcome::Failed, Outcome::Elsewhere, Outcome::Gone];
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Sent => "sent",
-            Outcome::Failed => "failed",
-            Outcome::Elsewhere => "elsewhere",
-            Outcome::Gone => "gone",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
+label_values! {
+    /// What this replica did about an ended session.
+    enum Outcome {
+        Sent = "sent",
+        Failed = "failed",
+        /// Another replica claimed the call, or the session lives on through another replica.
+        Elsewhere = "elsewhere",
+        /// The pod is no longer one of its revision's: its address may be another pod's by now, which
+        /// must not hear of this session.
+        Gone = "gone",
     }
 }
 

@@ -27,7 +27,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::labelled::{LabelValue, Labelled};
+use crate::labelled::{Labelled, label_values};
 use crate::metrics::Registrar;
 use crate::sync::lock;
 
@@ -39,27 +39,13 @@ pub const SECRET: &str = "routing-serving-certs";
 /// Marks a ConfigMap of the system namespace as a bundle of CAs to trust (any value).
 pub const TRUST_BUNDLE_LABEL: &str = "networking.knative.dev/trust-bundle";
 
-/// The side of a system-internal TLS handshake that failed.
-#[derive(Clone, Copy)]
-pub enum Peer {
-    /// A client of the TLS port.
-    Client,
-    /// A pod whose certificate was refused.
-    Pod,
-}
-
-impl LabelValue for Peer {
-    const ALL: &'static [Peer] = &[Peer::Client, Peer::Pod];
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Peer::Client => "client",
-            Peer::Pod => "pod",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
+label_values! {
+    /// The side of a system-internal TLS handshake that failed.
+    pub enum Peer {
+        /// A client of the TLS port.
+        Client = "client",
+        /// A pod whose certificate was refused.
+        Pod = "pod",
     }
 }
 

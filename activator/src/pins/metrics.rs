@@ -6,23 +6,25 @@ use prometheus::{IntCounter, IntGauge, IntGaugeVec};
 
 use super::PinKind;
 use super::shared::StoreMetrics;
-use crate::labelled::{LabelValue, Labelled};
+use crate::labelled::{LabelValue, Labelled, label_values};
 use crate::metrics::Registrar;
 
-/// What a lookup found.
-#[derive(Clone, Copy)]
-pub(super) enum Looked {
-    Hit,
-    Miss,
+label_values! {
+    /// What a lookup found.
+    pub(super) enum Looked {
+        Hit = "hit",
+        Miss = "miss",
+    }
 }
 
-/// What a write did: made a new pin, replaced one (its pod or revision gone), or lost to the
-/// pin another writer made first.
-#[derive(Clone, Copy)]
-pub(super) enum Wrote {
-    New,
-    Repin,
-    Conflict,
+label_values! {
+    /// What a write did: made a new pin, replaced one (its pod or revision gone), or lost to the
+    /// pin another writer made first.
+    pub(super) enum Wrote {
+        New = "new",
+        Repin = "repin",
+        Conflict = "conflict",
+    }
 }
 
 impl LabelValue for PinKind {
@@ -30,37 +32,6 @@ impl LabelValue for PinKind {
 
     fn as_str(self) -> &'static str {
         self.as_str()
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl LabelValue for Looked {
-    const ALL: &'static [Looked] = &[Looked::Hit, Looked::Miss];
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Looked::Hit => "hit",
-            Looked::Miss => "miss",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl LabelValue for Wrote {
-    const ALL: &'static [Wrote] = &[Wrote::New, Wrote::Repin, Wrote::Conflict];
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Wrote::New => "new",
-            Wrote::Repin => "repin",
-            Wrote::Conflict => "conflict",
-        }
     }
 
     fn index(self) -> usize {

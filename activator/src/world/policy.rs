@@ -200,26 +200,25 @@ fn read_lifetime(value: &str, report: &mut dyn FnMut(String)) -> Option<Duration
 }
 
 fn read_flag(value: &str, report: &mut dyn FnMut(String)) -> Option<bool> {
-    match value.to_ascii_lowercase().as_str() {
-        "true" => Some(true),
-        "false" => Some(false),
-        _ => {
-            report(format!("{value:?} is neither true nor false"));
-            None
-        }
+    let read = read_either(&value.to_ascii_lowercase(), [("true", true), ("false", false)], &mut |_| {});
+    if read.is_none() {
+        report(format!("{value:?} is neither true nor false"));
     }
+    read
 }
 
 /// Whether session pins travel in signed cookies.
 fn read_session_mode(value: &str, report: &mut dyn FnMut(String)) -> Option<bool> {
-    match value {
-        "signed-cookie" => Some(true),
-        "store" => Some(false),
-        _ => {
-            report(format!("{value:?} is neither store nor signed-cookie"));
-            None
-        }
+    read_either(value, [("store", false), ("signed-cookie", true)], report)
+}
+
+/// One of two words, each read as its value.
+fn read_either(value: &str, words: [(&str, bool); 2], report: &mut dyn FnMut(String)) -> Option<bool> {
+    let read = words.iter().find(|(word, _)| *word == value).map(|(_, read)| *read);
+    if read.is_none() {
+        report(format!("{value:?} is neither {} nor {}", words[0].0, words[1].0));
     }
+    read
 }
 
 fn read_cookie_name(value: &str, report: &mut dyn FnMut(String)) -> Option<String> {
@@ -232,14 +231,7 @@ fn read_cookie_name(value: &str, report: &mut dyn FnMut(String)) -> Option<Strin
 
 /// Whether new pins follow the share of requests.
 fn read_split_mode(value: &str, report: &mut dyn FnMut(String)) -> Option<bool> {
-    match value {
-        "requests" => Some(true),
-        "sessions" => Some(false),
-        _ => {
-            report(format!("{value:?} is neither sessions nor requests"));
-            None
-        }
-    }
+    read_either(value, [("sessions", false), ("requests", true)], report)
 }
 
 fn read_end_path(value: &str, report: &mut dyn FnMut(String)) -> Option<String> {

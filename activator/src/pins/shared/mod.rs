@@ -49,7 +49,7 @@ use redis::{AsyncCommands, RedisError, RedisResult};
 use tracing::Instrument as _;
 
 use crate::backoff::Backoff;
-use crate::labelled::{LabelValue, Labelled};
+use crate::labelled::{Labelled, label_values};
 use crate::metrics::Registrar;
 use crate::pins::memory::{MemoryPins, Near, Touched};
 use crate::pins::redis::{Deployment, RedisClient, RedisConnection, RedisTls};
@@ -97,54 +97,21 @@ pub struct SharedConfig {
     pub deployment: Deployment,
 }
 
-#[derive(Clone, Copy)]
-enum Op {
-    Get,
-    Create,
-    Replace,
-    Refresh,
-    Decode,
-    Connect,
-    Ping,
-    /// Exchanging request counts for `sticky-split-mode: requests`.
-    Split,
-    /// Claiming the call that tells a pod a session ended.
-    End,
-    /// Checking the store's generation, and writing pins back to a store that lost them.
-    Restore,
-}
-
-impl LabelValue for Op {
-    const ALL: &'static [Op] = &[
-        Op::Get,
-        Op::Create,
-        Op::Replace,
-        Op::Refresh,
-        Op::Decode,
-        Op::Connect,
-        Op::Ping,
-        Op::Split,
-        Op::End,
-        Op::Restore,
-    ];
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Op::Get => "get",
-            Op::Create => "create",
-            Op::Replace => "replace",
-            Op::Refresh => "refresh",
-            Op::Decode => "decode",
-            Op::Connect => "connect",
-            Op::Ping => "ping",
-            Op::Split => "split",
-            Op::End => "end",
-            Op::Restore => "restore",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
+label_values! {
+    enum Op {
+        Get = "get",
+        Create = "create",
+        Replace = "replace",
+        Refresh = "refresh",
+        Decode = "decode",
+        Connect = "connect",
+        Ping = "ping",
+        /// Exchanging request counts for `sticky-split-mode: requests`.
+        Split = "split",
+        /// Claiming the call that tells a pod a session ended.
+        End = "end",
+        /// Checking the store's generation, and writing pins back to a store that lost them.
+        Restore = "restore",
     }
 }
 
