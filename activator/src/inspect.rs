@@ -11,7 +11,7 @@ use anyhow::Context;
 
 use crate::config::{PinSelector, PinsAction};
 use crate::pins::{
-    DRAINED_POD, Deployment, INVALIDATIONS, PinKey, PinKind, RedisClient, RedisTls, drain_pod, key_report, pin_targets,
+    DRAINED_POD, Deployment, PinKey, PinKind, RedisClient, RedisTls, delete_pin, drain_pod, key_report, pin_targets,
 };
 
 /// How long the command waits for each of Redis's answers.
@@ -64,15 +64,8 @@ pub async fn run(
         }
         PinsAction::Delete(selector) => {
             let key = selector.key().to_string();
-            let (deleted, _): (u32, u32) = redis::pipe()
-                .cmd("DEL")
-                .arg(&key)
-                .cmd("PUBLISH")
-                .arg(INVALIDATIONS)
-                .arg(format!("{key} operator"))
-                .query_async(&mut conn)
-                .await?;
-            if deleted == 0 {
+            let deleted = delete_pin(&mut conn, &key).await?;
+            if !deleted {
                 println!("no pin at {key}");
                 return Ok(ExitCode::from(1));
             }

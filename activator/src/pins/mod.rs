@@ -27,8 +27,8 @@ pub use cookie::{CookieKeys, SignedPin};
 pub use memory::MemoryPins;
 pub use metrics::PinMetrics;
 pub use redis::{Deployment, RedisClient, RedisTls};
-pub use shared::admin::{DRAINED_POD, drain_pod, key_report, pin_targets};
-pub use shared::{INVALIDATIONS, SharedConfig, SharedPins};
+pub use shared::admin::{DRAINED_POD, delete_pin, drain_pod, key_report, pin_targets};
+pub use shared::{SharedConfig, SharedPins};
 
 use crate::spec::SessionEnd;
 

@@ -1,5 +1,6 @@
-//! What the operator's `activator pins` commands read and change in the store: pins by key, a
-//! pod's sessions drained to others. Runs in the command's process, never on the request path.
+//! What the operator's `activator pins` commands read and change in the store: pins by key,
+//! deleted, or a pod's sessions drained to others, each change told to every replica as the
+//! store's invalidation protocol says. Runs in the command's process, never on the request path.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -15,6 +16,20 @@ use super::{INVALIDATIONS, REPIN_SCRIPT};
 /// Where a drained session pin points: no pod is ever ready there, so the session's next request
 /// is re-pinned to another pod of its revision, as when its pod leaves.
 pub const DRAINED_POD: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+
+/// Deletes the pin at `key` (`activator pins delete`) and tells every replica's near cache to
+/// drop it. Whether there was one.
+pub async fn delete_pin(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> RedisResult<bool> {
+    let (deleted, _): (u32, u32) = redis::pipe()
+        .cmd("DEL")
+        .arg(key)
+        .cmd("PUBLISH")
+        .arg(INVALIDATIONS)
+        .arg(format!("{key} operator"))
+        .query_async(conn)
+        .await?;
+    Ok(deleted > 0)
+}
 
 /// What one pin of `keys` says, for `activator pins list`: its revision and pod.
 pub async fn pin_targets(
