@@ -136,9 +136,10 @@ impl ObservabilityConfig {
                 fallback.metrics_protocol
             }
         };
-        let metrics_export_interval = match get("metrics-export-interval").map(humantime::parse_duration) {
+        // Upstream reads it with Go's `time.ParseDuration`: `1m30s` and `2.5s` are durations.
+        let metrics_export_interval = match get("metrics-export-interval").map(go::parse_duration) {
             None => fallback.metrics_export_interval,
-            Some(Ok(interval)) if interval >= Duration::from_millis(10) => interval,
+            Some(Some(interval)) if interval >= Duration::from_millis(10) => interval,
             Some(_) => {
                 warn(format!(
                     "metrics-export-interval {:?} is not a duration of 10ms or more; using {:?}",
@@ -272,7 +273,7 @@ mod tests {
             &[
                 ("metrics-protocol", "http/protobuf"),
                 ("metrics-endpoint", "http://collector:4318"),
-                ("metrics-export-interval", "15s"),
+                ("metrics-export-interval", "1m2.5s"),
                 ("tracing-protocol", "grpc"),
                 ("tracing-endpoint", "http://collector:4317"),
                 ("tracing-sampling-rate", "0.25"),
@@ -282,7 +283,7 @@ mod tests {
         );
         assert_eq!(full.metrics_protocol, MetricsProtocol::HttpProtobuf);
         assert_eq!(full.metrics_endpoint.as_deref(), Some("http://collector:4318"));
-        assert_eq!(full.metrics_export_interval, Duration::from_secs(15));
+        assert_eq!(full.metrics_export_interval, Duration::from_millis(62_500), "as Go spells durations");
         assert_eq!(full.tracing.protocol, TracingProtocol::Grpc);
         assert_eq!(full.tracing.endpoint.as_deref(), Some("http://collector:4317"));
         assert_eq!(full.tracing.sampling_rate, 0.25);
