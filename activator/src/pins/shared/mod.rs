@@ -275,8 +275,8 @@ impl SharedPins {
     }
 
     /// One pass of `lookup`. For a key this replica does not hold: `StoreLost` if
-    /// `check_generation` and the round trip found a store that lost its pins, or that is being
-    /// written back and lacks the key; `Unreachable` if
+    /// `check_generation` and the round trip found a store that lost its pins (or that is still
+    /// being written back); `Unreachable` if
     /// `hold` and Redis did not answer early in an outage.
     async fn lookup_once<const N: usize>(
         &self,
@@ -350,13 +350,6 @@ impl SharedPins {
         if generation && !self.is_current_generation(replies.pop().flatten().as_deref()) {
             self.restoring.store(true, Ordering::Release);
             self.check_now.notify_one();
-            return Looked::StoreLost;
-        }
-        // A read queued across a reconnection lands in the restarted store, possibly after this
-        // replica found it empty and began writing back: the generation then reads as current,
-        // yet a key missing from it may still be written back by another replica.
-        let missing = || replies.iter().zip(&ask).any(|(reply, (_, _, local))| reply.is_none() && local.is_none());
-        if generation && self.restoring.load(Ordering::Acquire) && missing() {
             return Looked::StoreLost;
         }
         for ((i, key, local), reply) in ask.into_iter().zip(replies) {

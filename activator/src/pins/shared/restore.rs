@@ -124,12 +124,14 @@ impl SharedPins {
                 );
             }
             self.write_back(pins).await?;
-            self.generation_hash.store(xxhash_rust::xxh3::xxh3_64(current.as_bytes()).max(1), Ordering::Release);
-            *crate::sync::lock(&self.generation) = Some(current);
             if lost {
                 self.metrics.restored_pins.inc_by(count);
                 tokio::time::sleep(self.config.refresh_interval * RESTORE_GRACE_INTERVALS).await;
             }
+            // Current only once the others had their grace: until then a request's read of the
+            // new store (one queued across the reconnection included) finds it lost and waits.
+            self.generation_hash.store(xxhash_rust::xxh3::xxh3_64(current.as_bytes()).max(1), Ordering::Release);
+            *crate::sync::lock(&self.generation) = Some(current);
         }
         *crate::sync::lock(&self.checked) = Some(Instant::now());
         if self.restoring.swap(false, Ordering::AcqRel) {
