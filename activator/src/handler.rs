@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::affinity::{
-    Admitted, Decisions, Failed, Keys, Pinning, Resend, Route, chat, extract, names_its_conversation,
+    Admitted, CookieKeys, Decisions, Failed, Keys, Pinning, Resend, Route, chat, extract, names_its_conversation,
 };
 use crate::autoscaler::{InFlight, Reporter};
 use crate::headers::DECISION;
@@ -61,6 +61,8 @@ pub struct Handler {
     pub health: Arc<Health>,
     pub stats: Stats,
     pub pins: Pins,
+    /// The keys that seal and open pin cookies (`sticky-session-mode: signed-cookie`).
+    pub cookie_keys: CookieKeys,
     pub reporter: Reporter,
     /// Probes pods taken out of rotation until they take traffic again.
     pub prober: Prober,
@@ -140,7 +142,8 @@ impl Handler {
             }
         };
         self.telemetry.inject(span, req.headers_mut());
-        let (pinning, mut route) = Box::pin(Pinning::route(&self.pins, &service, &keys, ingress_pick.as_ref())).await;
+        let (pinning, mut route) =
+            Box::pin(Pinning::route(&self.pins, &self.cookie_keys, &service, &keys, ingress_pick.as_ref())).await;
         let in_flight = self.reporter.arrive(&route.revision.concurrency);
         // The revision's timeouts run from arrival, queueing included, as upstream's: the whole
         // exchange, the wait for the response to start, and pauses in its body.

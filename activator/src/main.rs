@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use activator::affinity::share;
+use activator::affinity::{CookieKeys, share};
 use activator::autoscaler::{Reporter, ReporterConfig, ReporterMetrics};
 use activator::config::{Cli, Command, Config, LogFormat, Mode, PinStore};
 use activator::handler::Handler;
@@ -13,7 +13,7 @@ use activator::health::Health;
 use activator::keys::KeyFile;
 
 use activator::instruments::Instruments;
-use activator::pins::{CookieKeys, PinMetrics, Pins, SharedConfig};
+use activator::pins::{PinMetrics, Pins, SharedConfig};
 use activator::readiness::{ProbeTiming, Prober};
 use activator::server::{Limits, Listener, TlsServing};
 use activator::session_end::SessionEndMetrics;
@@ -149,6 +149,7 @@ async fn run(
         health,
         stats,
         pins,
+        cookie_keys: CookieKeys::from_file(config.pin_cookie_keys.clone())?,
         reporter,
         prober,
         debug_headers: config.debug_headers,
@@ -232,7 +233,7 @@ fn drain_on_signal(health: Arc<Health>, drain_period: Duration) -> anyhow::Resul
     })
 }
 
-/// The pin store `--pin-store` names, signing with `--pin-cookie-keys` if given.
+/// The pin store `--pin-store` names.
 fn open_pins(config: &Config, metrics: PinMetrics) -> anyhow::Result<Pins> {
     let pins = match config.pin_store {
         PinStore::Memory => Pins::local(config.max_pins, metrics),
@@ -248,7 +249,7 @@ fn open_pins(config: &Config, metrics: PinMetrics) -> anyhow::Result<Pins> {
             Pins::shared(config.max_pins, shared, metrics)?
         }
     };
-    Ok(pins.signing(CookieKeys::from_file(config.pin_cookie_keys.clone())?))
+    Ok(pins)
 }
 
 /// The pin store's background work: upkeep, session ends, the split's count exchange (with
@@ -271,7 +272,8 @@ fn spawn_pin_tasks(handler: &Arc<Handler>, config: &Config, session_ends: Sessio
     Ok(())
 }
 
-/// Once a second: applies the pin store's pending evictions, publishes its size, and returns
+/// Once a second: applies the pin store's pending evictions, publishes its size, re-reads the pin
+/// cookies' key file, and returns
 /// memory a burst freed.
 async fn maintain_pins(handler: Arc<Handler>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -279,6 +281,7 @@ async fn maintain_pins(handler: Arc<Handler>) {
     loop {
         tick.tick().await;
         handler.pins.maintain();
+        handler.cookie_keys.reload();
         // What a burst of connections or queued requests freed goes back to the system.
         trimmer = tokio::task::spawn_blocking(move || {
             trimmer.tick();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 /// Seconds the window covers.
 pub(crate) const WINDOW_SECONDS: u64 = 60;
-/// The shared counts' periods (`Pins::exchange_counts` keeps one hash per period): what was
+/// The shared counts' periods (`affinity::share` keeps one hash per period in Redis): what was
 /// routed here and not sent yet is kept by the period it was routed in, so counts held through
 /// an outage land where they belong, and those older than the window are dropped.
 pub const COUNT_PERIOD_SECONDS: u64 = 10;

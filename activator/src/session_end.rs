@@ -2,9 +2,9 @@
 //! free what it keeps for the session without a patched queue-proxy.
 //!
 //! Once a second the session pins this replica watched that went idle, were evicted or were
-//! moved are taken from the pin table. For each that this replica claims (`Pins::claim_end`: with
-//! Redis, the first replica to claim a pin's end; a pin still in use through another replica has
-//! not ended), one `POST` goes to the pod the session was pinned to, with the session id in the
+//! moved are taken from the pin table. For each that this replica claims (`claim`: with Redis, the
+//! first replica to claim a pin's end, with a key of its own; a pin still in use through another
+//! replica has not ended), one `POST` goes to the pod the session was pinned to, with the session id in the
 //! service's session header and `idle` or `moved` in `K-Session-End`, if that pod is still one
 //! of its revision's: an address that left may be another pod's by now. Best effort and off the
 //! request path: at most `CONCURRENT_CALLS` at once, each within `CALL_TIMEOUT`, never retried.
@@ -26,13 +26,16 @@ use crate::headers::{SESSION_END, SESSION_END_SIGNATURE, SESSION_END_TIME};
 use crate::keys::KeyFile;
 use crate::labelled::{Labelled, label_values};
 use crate::metrics::Registrar;
-use crate::pins::{Ended, Pins};
+use crate::pins::{Ended, Pins, Purpose, unix_millis};
 use crate::world::Snapshot;
 
 /// How often ended pins are collected.
 const INTERVAL: Duration = Duration::from_secs(1);
 const CONCURRENT_CALLS: usize = 16;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a claim on a pin's end call is kept: far longer than replicas take to notice the
+/// same end, each within a second or two.
+const END_CLAIM_TTL: Duration = Duration::from_secs(3600);
 
 label_values! {
     /// Why a session ended, as `activator_session_ends_total` labels it.
@@ -99,7 +102,7 @@ pub async fn run(pins: &Pins, counters: SessionEndMetrics, world: &ArcSwap<Snaps
                 counters.count(&ended, Outcome::Gone);
                 continue;
             }
-            if !pins.claim_end(&ended).await {
+            if !claim(pins, &ended).await {
                 counters.count(&ended, Outcome::Elsewhere);
                 continue;
             }
@@ -113,6 +116,24 @@ pub async fn run(pins: &Pins, counters: SessionEndMetrics, world: &ArcSwap<Snaps
             });
         }
     }
+}
+
+/// Whether this replica is the one to tell the pod that `ended`'s session ended. Alone, it is.
+/// With the shared store: a pin that only went idle here has ended only if no replica keeps it
+/// alive, and then the first replica to claim the pin's end in Redis calls, so the pod hears of
+/// each pin's end once; without an answer from Redis nobody does.
+async fn claim(pins: &Pins, ended: &Ended) -> bool {
+    let Some(store) = pins.store() else { return true };
+    if !ended.moved && store.lives_on(ended).await != Some(false) {
+        return false;
+    }
+    let key = ended.key.id_hash();
+    let claim = format!("aa:end:{{{}}}:{key:032x}:{}", ended.key.scope(), unix_millis(ended.written));
+    let ttl = u64::try_from(END_CLAIM_TTL.as_millis()).unwrap_or(u64::MAX);
+    let claimed = store.lend(Purpose::End, |mut conn| async move {
+        redis::cmd("SET").arg(&claim).arg(1).arg("NX").arg("PX").arg(ttl).query_async::<Option<String>>(&mut conn).await
+    });
+    claimed.await.is_ok_and(|claimed| claimed.is_some())
 }
 
 /// Whether the pod `ended` was pinned to is still one of its revision's (ready, or waiting for a

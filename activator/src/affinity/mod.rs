@@ -1,9 +1,10 @@
 //! Affinity: which ids a request carries under its service's policy (`keys`, with a chat
 //! request's conversation from `chat`), where those ids and their pins send it (`decide`, a pure
-//! function), the one place that settles a request's route with the pin store (`pinning`), the
+//! function), the pin cookies that need no store (`cookie`), the one place that settles a request's route with the pin store (`pinning`), the
 //! split by requests that new pins follow (`share`), and the count of each decision
 //! (`Decisions`).
 
+mod cookie;
 mod decide;
 mod keys;
 mod pinning;
@@ -11,6 +12,7 @@ mod pinning;
 pub mod chat;
 pub mod share;
 
+pub use cookie::CookieKeys;
 pub use decide::Origin;
 pub use keys::{Keys, extract, names_its_conversation};
 pub use pinning::{Admitted, Failed, Pinning, Resend, Route};

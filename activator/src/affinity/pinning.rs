@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use super::cookie::CookieKeys;
 use super::decide::{Lookup, Origin, PinWrite, decide, follow_flow_winner};
 use super::keys::{Keys, SignedCookie};
 use super::share;
@@ -111,6 +112,7 @@ pub enum Resend<T> {
 /// A request's ids, its service, and what the pin table said about them.
 pub struct Pinning<'a> {
     pins: &'a Pins,
+    cookies: &'a CookieKeys,
     service: &'a Service,
     keys: &'a Keys,
     lookup: Lookup,
@@ -123,6 +125,7 @@ impl<'a> Pinning<'a> {
     /// `ingress_pick` is the revision Knative's ingress named, which replaces the split.
     pub async fn route(
         pins: &'a Pins,
+        cookies: &'a CookieKeys,
         service: &'a Service,
         keys: &'a Keys,
         ingress_pick: Option<&Arc<Revision>>,
@@ -133,7 +136,7 @@ impl<'a> Pinning<'a> {
         // A session pin in a signed cookie needs no store: any replica verifies it.
         let verified = keys.signed.as_ref().map(|cookie| {
             let value = cookie.value.as_deref();
-            value.and_then(|v| pins.cookie_keys().verify(service.affinity.scope(), v, SystemTime::now()))
+            value.and_then(|v| cookies.verify(service.affinity.scope(), v, SystemTime::now()))
         });
         let (session, cookie) = match verified {
             Some(verified) => {
@@ -197,7 +200,7 @@ impl<'a> Pinning<'a> {
             session_write: decision.session_write,
             placement: keys.session.as_ref().map(PinKey::placement_hash),
         };
-        (Pinning { pins, service, keys, lookup, cookie }, route)
+        (Pinning { pins, cookies, service, keys, lookup, cookie }, route)
     }
 
     /// The request holds a slot on `pod` of `route.revision`: its session is pinned there, and
@@ -276,7 +279,7 @@ impl<'a> Pinning<'a> {
         if same && self.cookie.is_some_and(|(current, _)| current + lifetime.ttl / 2 >= expires) {
             return;
         }
-        let signed = self.pins.cookie_keys().sign(self.service.affinity.scope(), &ours, written, expires);
+        let signed = self.cookies.sign(self.service.affinity.scope(), &ours, written, expires);
         if signed.is_none() && !NO_KEYS_REPORTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
             tracing::warn!(
                 scope = %self.service.affinity.scope(),

@@ -8,7 +8,6 @@
 //! a cluster). Must not decide where a
 //! request goes; `affinity::decide` does.
 
-mod cookie;
 mod memory;
 mod metrics;
 mod redis;
@@ -23,12 +22,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use cookie::{CookieKeys, SignedPin};
 pub use memory::MemoryPins;
 pub use metrics::PinMetrics;
 pub use redis::{Deployment, RedisClient, RedisTls};
 pub use shared::admin::{DRAINED_POD, delete_pin, drain_pod, key_report, pin_targets};
-pub use shared::{SharedConfig, SharedPins};
+pub use shared::{Purpose, SharedConfig, SharedPins};
 
 use crate::spec::SessionEnd;
 
@@ -89,12 +87,17 @@ impl PinKey {
         format!("{:08x}", (self.id_hash >> 96) as u32)
     }
 
-    /// The Redis pattern matching every pin of one service.
+    /// The whole hash of the id, for keys of other owners that belong to this one.
+    pub fn id_hash(&self) -> u128 {
+        self.id_hash
+    }
+
     /// `<namespace>/<service>`: the key's Redis Cluster hash tag, so keys of one scope share a slot.
     pub fn scope(&self) -> &Arc<str> {
         &self.scope
     }
 
+    /// The Redis pattern matching every pin of one service.
     pub fn service_pattern(namespace: &str, service: &str) -> String {
         format!("aa:{{{namespace}/{service}}}:*")
     }
@@ -180,7 +183,7 @@ impl Pin {
     }
 }
 
-fn unix_millis(at: SystemTime) -> u64 {
+pub(crate) fn unix_millis(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH).map_or(0, millis)
 }
 
@@ -292,8 +295,6 @@ pub struct Pins {
     memory: Arc<MemoryPins>,
     shared: Option<Arc<SharedPins>>,
     metrics: PinMetrics,
-    /// The keys of signed pin cookies.
-    cookie_keys: CookieKeys,
     /// The label sets `by_pod` has series for, so a pod's series goes when its last pin does.
     published: Mutex<HashSet<[String; 4]>>,
     maintained: AtomicU64,
@@ -317,24 +318,7 @@ impl Pins {
     }
 
     fn with_memory(memory: Arc<MemoryPins>, shared: Option<Arc<SharedPins>>, metrics: PinMetrics) -> Self {
-        Pins {
-            memory,
-            shared,
-            metrics,
-            cookie_keys: CookieKeys::from_file(None).expect("no file, nothing to read"),
-            published: Mutex::default(),
-            maintained: AtomicU64::new(0),
-        }
-    }
-
-    /// These pins, signing and verifying pin cookies with `keys`.
-    pub fn signing(mut self, keys: CookieKeys) -> Self {
-        self.cookie_keys = keys;
-        self
-    }
-
-    pub fn cookie_keys(&self) -> &CookieKeys {
-        &self.cookie_keys
+        Pins { memory, shared, metrics, published: Mutex::default(), maintained: AtomicU64::new(0) }
     }
 
     /// The pins of a request's session and flow keys, found in one go: with the shared store, keys
@@ -381,18 +365,6 @@ impl Pins {
         written.pin
     }
 
-    /// With the shared store, adds `counts` (requests per revision routed here since the last
-    /// exchange) to every replica's and returns the window's totals per revision
-    /// (`affinity::share`); `None` without the shared store or while Redis does not answer.
-    pub async fn exchange_counts(
-        &self,
-        scope: &str,
-        counts: &[(&str, &[(u64, u64)])],
-        window_seconds: u64,
-    ) -> Option<Vec<u64>> {
-        self.shared.as_ref()?.exchange_counts(scope, counts, window_seconds).await
-    }
-
     /// Watches the session pin at `key` for its end (`sticky-session-end-path`).
     pub fn watch_end(&self, key: &PinKey, watch: impl FnOnce() -> Watch) {
         self.memory.watch(key, watch);
@@ -403,15 +375,10 @@ impl Pins {
         self.memory.take_ended()
     }
 
-    /// Whether this replica is the one to tell the pod that `ended`'s session ended. Alone, it
-    /// is. With the shared store: a pin that only went idle here has ended only if no replica
-    /// keeps it alive, and then the first replica to claim the pin's end in Redis calls, so the
-    /// pod hears of each pin's end once; without an answer from Redis nobody does.
-    pub async fn claim_end(&self, ended: &Ended) -> bool {
-        match &self.shared {
-            Some(shared) => shared.claim_end(ended).await.unwrap_or(false),
-            None => true,
-        }
+    /// The shared store, for what other owners exchange through it (`SharedPins::lend`); `None`
+    /// with pins kept in this replica only.
+    pub fn store(&self) -> Option<&SharedPins> {
+        self.shared.as_deref()
     }
 
     /// Completes once the shared store has tried Redis once, whether Redis answered or not; at
@@ -427,7 +394,6 @@ impl Pins {
     /// pins per pod; run once a second.
     pub fn maintain(&self) {
         self.metrics.entries.set(i64::try_from(self.memory.sweep()).unwrap_or(i64::MAX));
-        self.cookie_keys.reload();
         if self.maintained.fetch_add(1, Ordering::Relaxed).is_multiple_of(COUNT_BY_POD_EVERY) {
             self.publish_by_pod();
         }

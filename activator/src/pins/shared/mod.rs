@@ -28,13 +28,13 @@
 //!
 //! This file owns the store, its connections and a request's calls (lookup, write); the parts
 //! beside it: `breaker` (when the request path stops asking Redis), `restore` (the generation
-//! and writing back pins a store lost), `refresh` (sliding the TTLs of pins in use), `exchange`
-//! (the split's counts and session-end claims, which share the connections), `admin` (what the
-//! `activator pins` commands read and change).
+//! and writing back pins a store lost), `refresh` (sliding the TTLs of pins in use), `lent`
+//! (the background connection lent to the split's counts and the session-end claims), `admin`
+//! (what the `activator pins` commands read and change).
 
 pub mod admin;
 mod breaker;
-mod exchange;
+mod lent;
 mod refresh;
 mod restore;
 
@@ -57,7 +57,7 @@ use crate::pins::{Lifetime, LifetimeOf, Pin, PinKey, PinSource, Written, millis}
 use crate::telemetry::SPAN_TARGET;
 
 use breaker::{Breaker, Granted};
-use exchange::COUNT_SCRIPT;
+pub use lent::Purpose;
 use refresh::REFRESH_TIMEOUT;
 use restore::GENERATION_KEY;
 
@@ -175,7 +175,6 @@ pub struct SharedPins {
     /// Tags this replica's invalidations so it does not drop its own fresh entries.
     replica: String,
     repin: redis::Script,
-    counts: redis::Script,
     metrics: StoreMetrics,
     /// Set once the first connection attempt ended, however it ended.
     tried: tokio::sync::watch::Sender<bool>,
@@ -221,7 +220,6 @@ impl SharedPins {
             breaker: Breaker::new(),
             replica: format!("{:016x}", u64::from_ne_bytes(id)),
             repin: redis::Script::new(REPIN_SCRIPT),
-            counts: redis::Script::new(COUNT_SCRIPT),
             config,
             metrics,
             tried: tokio::sync::watch::Sender::new(false),

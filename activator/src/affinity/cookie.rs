@@ -5,7 +5,8 @@
 //! one is refused. Keys rotate as `keys::KeyFile` says. Cookies of the earlier, signed-only
 //! formats are still read, so sessions keep their pods across an upgrade.
 //!
-//! Owns the cookie's format; where the request goes stays with `affinity`.
+//! Owns the cookie's format and its keys; what the pin in it means stays with `pinning`, and the
+//! pin's value format with `pins`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,8 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use ring::{aead, digest, hmac};
 
-use super::Pin;
 use crate::keys::KeyFile;
+use crate::pins::Pin;
 
 /// The sealed format's marker, first in every cookie made now.
 const SEALED: &str = "3.";
