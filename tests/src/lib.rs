@@ -29,6 +29,7 @@ pub mod load;
 pub mod otlp;
 pub mod pki;
 pub mod redis;
+pub mod replicas;
 pub mod topology;
 
 /// How long a process may take to print its listening addresses.
@@ -42,6 +43,19 @@ pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("own executable path");
     let dir = exe.parent().expect("executable has a directory");
     if dir.ends_with("deps") { dir.parent().unwrap_or(dir).to_owned() } else { dir.to_owned() }
+}
+
+/// `activator pins <args>`, as an operator runs it: whether it succeeded, what it printed, and
+/// what it said on stderr.
+pub async fn activator_pins(args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(bin_dir().join("activator"))
+        .arg("pins")
+        .args(args)
+        .output()
+        .await
+        .expect("running activator pins");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
 }
 
 /// Polls `condition` until it holds, failing with `what` after `within`.

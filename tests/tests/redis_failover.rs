@@ -7,7 +7,7 @@ use std::time::Duration;
 use integration_tests::load::Load;
 use integration_tests::redis::{RedisCluster, RedisSentinels};
 use integration_tests::topology::{Service, yaml};
-use integration_tests::{Client, Env, addrs, bin_dir, metric, wait_pin_store_up, wait_until};
+use integration_tests::{Client, Env, activator_pins, addrs, metric, wait_pin_store_up, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pins_live_in_a_redis_cluster_and_a_lost_primary_fails_no_request() {
@@ -70,33 +70,32 @@ async fn pins_live_in_a_redis_cluster_and_a_lost_primary_fails_no_request() {
         if !survivors.contains(&service.to_owned()) {
             continue;
         }
-        let out = tokio::process::Command::new(bin_dir().join("activator"))
-            .args(["pins", "get", "--redis-cluster", "--redis-url", &url, "--namespace", "default"])
-            .args(["--service", service, "--session", id])
-            .output()
-            .await
-            .unwrap();
-        let report = String::from_utf8_lossy(&out.stdout);
-        let problem = String::from_utf8_lossy(&out.stderr);
+        let (found, report, problem) = activator_pins(&[
+            "get",
+            "--redis-cluster",
+            "--redis-url",
+            &url,
+            "--namespace",
+            "default",
+            "--service",
+            service,
+            "--session",
+            id,
+        ])
+        .await;
         // Pods are named `shared-1-pod-<index>`; the pin names the pod by its address.
         let index: usize = pod.rsplit('-').next().and_then(|i| i.parse().ok()).expect("a pod index");
         let addr = pods[index].addr("http").to_string();
-        assert!(out.status.success() && report.contains(&addr), "the pin of {id} is kept: {report}{problem}");
+        assert!(found && report.contains(&addr), "the pin of {id} is kept: {report}{problem}");
         for client in [&via_a, &via_b] {
             let reply = client.get_with(host, "/incr", &[("K-Session", id)]).await;
             assert_eq!((reply.status, reply.pod()), (200, pod.as_str()), "{id} stays on its pod");
         }
     }
-    let listed = tokio::process::Command::new(bin_dir().join("activator"))
-        .args(["pins", "list", "--redis-cluster", "--redis-url", &url, "--namespace", "default"])
-        .args(["--service", survivors.iter().next().unwrap()])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&listed.stdout).contains("4 pins for default/"),
-        "pins list reads one slot's primary"
-    );
+    let service = survivors.iter().next().unwrap();
+    let list = ["list", "--redis-cluster", "--redis-url", &url, "--namespace", "default", "--service", service];
+    let (_, listed, _) = activator_pins(&list).await;
+    assert!(listed.contains("4 pins for default/"), "pins list reads one slot's primary");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use integration_tests::redis::Redis;
+use integration_tests::replicas::Replicas;
 use integration_tests::topology::{Service, yaml};
 use integration_tests::{Client, Env, Metrics, Process, addrs, admin_get, wait_until};
 
@@ -18,29 +18,23 @@ fn service(pods: &[SocketAddr]) -> String {
         .revision("counter-1", 100, pods)])
 }
 
-/// Two activators sharing pins through Redis, the pods of `counter-1` and clients of both.
-struct Replicas {
-    env: Env,
-    _redis: Redis,
-    pods: Vec<Process>,
-    a: Process,
-    b: Process,
+/// What the tests ask of two replicas sharing pins, in front of two pods of `counter-1`.
+trait Ends {
+    async fn use_session(&self, session: &str, requests: usize) -> String;
+    async fn ends_handled(&self, reason: &str) -> (f64, f64);
+    fn named_pods(&self) -> impl Iterator<Item = (String, &Process)>;
+    async fn calls(&self) -> Vec<(String, Vec<String>)>;
 }
 
-impl Replicas {
-    async fn start() -> Replicas {
-        let env = Env::new();
-        let redis = Redis::start(env.dir.path()).await;
-        let pods = env.pods("counter-1", 2).await;
-        env.write_topology(&service(&addrs(&pods)));
-        let (a, b) = (env.shared_activator(&redis).await, env.shared_activator(&redis).await);
-        Replicas { env, _redis: redis, pods, a, b }
-    }
+async fn start() -> Replicas {
+    Replicas::start("counter-1", 2, service, &[]).await
+}
 
+impl Ends for Replicas {
     /// Sends `requests` for `session`, alternating between the replicas, and returns the pod
     /// that served them all.
     async fn use_session(&self, session: &str, requests: usize) -> String {
-        let clients = [Client::new(self.a.addr("proxy")), Client::new(self.b.addr("proxy"))];
+        let clients = [&self.via_a, &self.via_b];
         let mut pods = Vec::new();
         for i in 0..requests {
             let reply = clients[i % 2].get_with("counter.test", "/incr", &[("K-Session", session)]).await;
@@ -85,7 +79,7 @@ impl Replicas {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_session_is_ended_once_on_its_pod_across_two_replicas() {
-    let r = Replicas::start().await;
+    let r = start().await;
     let pod = r.use_session("idle-1", 4).await;
     // Through B alone for longer than the TTL: A's copy of the pin goes idle, but the session
     // lives on, so nobody calls.
@@ -110,7 +104,7 @@ async fn an_idle_session_is_ended_once_on_its_pod_across_two_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moved_session_is_ended_once_on_the_pod_it_left() {
-    let r = Replicas::start().await;
+    let r = start().await;
     let left = r.use_session("moving-1", 4).await;
     // Its pod leaves the revision (the process keeps running, as a pod does while it drains).
     let staying: Vec<SocketAddr> =

@@ -1,52 +1,24 @@
 //! The shared pin table: several activator replicas, one real `redis-server`, real demo pods.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use integration_tests::redis::{Redis, Security, Tls};
+use integration_tests::replicas::Replicas;
 use integration_tests::topology::{Service, yaml};
-use integration_tests::{Client, Env, Metrics, Process, addrs, bin_dir, metric, wait_until};
+use integration_tests::{Client, Env, Metrics, activator_pins, addrs, metric, wait_until};
 
-/// Three pods of one revision behind two activators sharing one Redis.
-struct Cluster {
-    _env: Env,
-    redis: Redis,
-    pods: Vec<Process>,
-    a: Process,
-    b: Process,
+/// Three pods of `counter-1`, all in the topology, behind two replicas with `flags`.
+async fn three_pods(flags: &[&str]) -> Replicas {
+    let topology = |pods: &[SocketAddr]| yaml(&[Service::new("counter").revision("counter-1", 100, pods)]);
+    Replicas::start("counter-1", 3, topology, flags).await
 }
 
-impl Cluster {
-    async fn start() -> Cluster {
-        Self::start_with(&[]).await
-    }
-
-    /// `start`, the activators with `flags`.
-    async fn start_with(flags: &[&str]) -> Cluster {
-        let env = Env::new();
-        let redis = Redis::start(env.dir.path()).await;
-        let pods = env.pods("counter-1", 3).await;
-        env.write_topology(&yaml(&[Service::new("counter").revision("counter-1", 100, &addrs(&pods))]));
-        let a = env.shared_activator_with(&redis, flags).await;
-        let b = env.shared_activator_with(&redis, flags).await;
-        Cluster { _env: env, redis, pods, a, b }
-    }
-
-    fn clients(&self) -> (Client, Client) {
-        (Client::new(self.a.addr("proxy")), Client::new(self.b.addr("proxy")))
-    }
-
-    async fn pins(&self, args: &[&str]) -> (bool, String) {
-        let out = tokio::process::Command::new(bin_dir().join("activator"))
-            .args(["pins"])
-            .args(args)
-            .args(["--redis-url", &self.redis.url()])
-            .output()
-            .await
-            .expect("running activator pins");
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
-    }
+/// Both replicas' clients.
+fn clients(replicas: &Replicas) -> (Client, Client) {
+    (replicas.via_a.clone(), replicas.via_b.clone())
 }
 
 async fn session(client: &Client, id: &str) -> integration_tests::Reply {
@@ -64,8 +36,8 @@ async fn shares_new_pins(from: &Client, to: &Client, id: &str) -> bool {
 
 /// Both replicas report the store up and three new sessions in a row are shared (one could agree
 /// by chance: three pods).
-async fn sharing_resumed(cluster: &Cluster, tag: String) -> bool {
-    let (a, b) = cluster.clients();
+async fn sharing_resumed(cluster: &Replicas, tag: String) -> bool {
+    let (a, b) = clients(cluster);
     for admin in [cluster.a.addr("admin"), cluster.b.addr("admin")] {
         if metric(admin, "activator_pin_store_up", &[]).await != Some(1.0) {
             return false;
@@ -81,8 +53,8 @@ async fn sharing_resumed(cluster: &Cluster, tag: String) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_replica_routes_a_session_to_the_same_pod() {
-    let cluster = Cluster::start().await;
-    let (a, b) = cluster.clients();
+    let cluster = three_pods(&[]).await;
+    let (a, b) = clients(&cluster);
     for id in ["s1", "s2", "s3", "s4", "s5", "s6"] {
         let mut pod = None;
         for (round, via) in [&a, &b, &a, &b].into_iter().enumerate() {
@@ -108,8 +80,8 @@ async fn every_replica_routes_a_session_to_the_same_pod() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simultaneous_first_requests_through_two_replicas_agree() {
-    let cluster = Cluster::start().await;
-    let (a, b) = cluster.clients();
+    let cluster = three_pods(&[]).await;
+    let (a, b) = clients(&cluster);
     for i in 0..100 {
         let id = format!("race-{i}");
         let headers = [("K-Session", id.as_str())];
@@ -128,8 +100,8 @@ async fn simultaneous_first_requests_through_two_replicas_agree() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_fails_no_request_and_sharing_resumes() {
-    let mut cluster = Cluster::start().await;
-    let (a, b) = cluster.clients();
+    let mut cluster = three_pods(&[]).await;
+    let (a, b) = clients(&cluster);
     let stop = Arc::new(AtomicBool::new(false));
     let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let load: Vec<_> = [a.clone(), b.clone()]
@@ -213,8 +185,8 @@ async fn a_redis_outage_fails_no_request_and_sharing_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_redis_connections_recover_without_a_restart() {
-    let cluster = Cluster::start().await;
-    let (a, b) = cluster.clients();
+    let cluster = three_pods(&[]).await;
+    let (a, b) = clients(&cluster);
     assert!(shares_new_pins(&a, &b, "before").await);
     let killed = cluster.redis.cli(&["CLIENT", "KILL", "TYPE", "normal"]).await;
     assert!(killed.trim().parse::<u32>().unwrap_or(0) >= 2, "killed {killed}");
@@ -258,8 +230,8 @@ async fn one_tenants_ids_never_steer_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_in_a_pin_key_is_a_miss_and_gets_overwritten() {
-    let cluster = Cluster::start().await;
-    let (a, _) = cluster.clients();
+    let cluster = three_pods(&[]).await;
+    let (a, _) = clients(&cluster);
     // A fresh id each round, so no near cache holds it and the request has to read Redis.
     for (i, garbage) in ["not a pin", "counter-1 999.1.1.1:80 1", "\u{1}\u{2}binary"].into_iter().enumerate() {
         let id = format!("victim-{i}");
@@ -278,8 +250,8 @@ async fn garbage_in_a_pin_key_is_a_miss_and_gets_overwritten() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_redis_fails_no_request() {
-    let cluster = Cluster::start().await;
-    let (a, b) = cluster.clients();
+    let cluster = three_pods(&[]).await;
+    let (a, b) = clients(&cluster);
     // Requests keep going for as long as Redis is frozen.
     let freeze = cluster.redis.cli(&["DEBUG", "SLEEP", "2"]);
     tokio::pin!(freeze);
@@ -311,8 +283,8 @@ async fn a_frozen_redis_fails_no_request() {
 async fn redis_round_trips_per_session_new_new_here_and_known() {
     // The once-a-second refresh (GETEX) and check of the store's generation (a SET) are not per
     // request: the refresh is left out, the check made rare.
-    let cluster = Cluster::start_with(&["--pin-refresh-interval", "60s"]).await;
-    let (a, b) = cluster.clients();
+    let cluster = three_pods(&["--pin-refresh-interval", "60s"]).await;
+    let (a, b) = clients(&cluster);
     let calls = || async {
         let mut n = 0;
         for command in ["get", "set", "evalsha"] {
@@ -452,12 +424,8 @@ async fn a_made_up_cookie_is_pinned_provisionally_until_the_client_returns_it() 
     let pin_ttl = |id: String| {
         let url = redis.url();
         async move {
-            let out = tokio::process::Command::new(bin_dir().join("activator"))
-                .args(["pins", "get", "--service", "counter", "--session", &id, "--redis-url", &url])
-                .output()
-                .await
-                .expect("running activator pins");
-            let report = String::from_utf8_lossy(&out.stdout).into_owned();
+            let (_, report, _) =
+                activator_pins(&["get", "--service", "counter", "--session", &id, "--redis-url", &url]).await;
             let ttl = report.lines().find_map(|l| l.strip_prefix("ttl")).and_then(|t| t.trim().strip_suffix('s'));
             ttl.and_then(|t| t.parse::<f64>().ok()).unwrap_or_else(|| panic!("no pin for {id}: {report}"))
         }
@@ -477,18 +445,18 @@ async fn a_made_up_cookie_is_pinned_provisionally_until_the_client_returns_it() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_absurd_sticky_ttl_is_clamped_and_pins_stay_shared() {
-    let env = Env::new();
-    let redis = Redis::start(env.dir.path()).await;
-    let pods = env.pods("counter-1", 3).await;
-    env.write_topology(&yaml(&[Service::new("counter")
-        .annotation("activator.knative.dev/sticky-ttl", "200000000000000d")
-        .revision("counter-1", 100, &addrs(&pods))]));
-    let (a, b) = (env.shared_activator(&redis).await, env.shared_activator(&redis).await);
-    let (via_a, via_b) = (Client::new(a.addr("proxy")), Client::new(b.addr("proxy")));
+    let topology =
+        |pods: &[SocketAddr]| {
+            yaml(&[Service::new("counter")
+                .annotation("activator.knative.dev/sticky-ttl", "200000000000000d")
+                .revision("counter-1", 100, pods)])
+        };
+    let replicas = Replicas::start("counter-1", 3, topology, &[]).await;
     for i in 0..10 {
-        assert!(shares_new_pins(&via_a, &via_b, &format!("forever-{i}")).await, "session forever-{i}");
+        let shared = shares_new_pins(&replicas.via_a, &replicas.via_b, &format!("forever-{i}")).await;
+        assert!(shared, "session forever-{i}");
     }
-    let text = Metrics::scrape(a.addr("admin")).await;
+    let text = Metrics::scrape(replicas.a.addr("admin")).await;
     assert_eq!(text.sum("activator_pin_store_errors_total"), 0.0, "Redis took every pin:\n{text}");
     let clamped =
         text.value("activator_annotation_errors_total", &[("annotation", "activator.knative.dev/sticky-ttl")]);
@@ -556,8 +524,8 @@ async fn a_wrong_password_or_an_untrusted_certificate_is_one_clear_line_and_pins
 /// its leaving would, through every replica, while the pod still serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pods_sessions_are_counted_and_drained_before_it_goes() {
-    let c = Cluster::start().await;
-    let (via_a, via_b) = c.clients();
+    let c = three_pods(&[]).await;
+    let (via_a, via_b) = clients(&c);
     let mut homes: Vec<(String, String)> = Vec::new();
     for i in 0..30 {
         let id = format!("drain-{i}");
@@ -607,28 +575,11 @@ async fn a_pods_sessions_are_counted_and_drained_before_it_goes() {
     wait_until(Duration::from_secs(15), "the pod's count drops to zero", || async { counted().await == 0.0 }).await;
 }
 
-/// Two replicas sharing one Redis, serving revision `counter-1` with the first of its three pods;
-/// `topology(n)` lists the first `n`.
-struct Replicas {
-    env: Env,
-    redis: Redis,
-    pods: Vec<Process>,
-    a: Process,
-    b: Process,
-    via_a: Client,
-    via_b: Client,
-}
-
-impl Replicas {
-    async fn over_one_of_three_pods() -> Replicas {
-        let env = Env::new();
-        let redis = Redis::start(env.dir.path()).await;
-        let pods = env.pods("counter-1", 3).await;
-        env.write_topology(&yaml(&[Service::new("counter").revision("counter-1", 100, &addrs(&pods[..1]))]));
-        let (a, b) = (env.shared_activator(&redis).await, env.shared_activator(&redis).await);
-        let (via_a, via_b) = (Client::new(a.addr("proxy")), Client::new(b.addr("proxy")));
-        Replicas { env, redis, pods, a, b, via_a, via_b }
-    }
+/// Two replicas sharing one Redis, serving revision `counter-1` with the first of its three pods
+/// (the others start outside the topology).
+async fn over_one_of_three_pods() -> Replicas {
+    let topology = |pods: &[SocketAddr]| yaml(&[Service::new("counter").revision("counter-1", 100, &pods[..1])]);
+    Replicas::start("counter-1", 3, topology, &[]).await
 }
 
 /// Issue 26: Redis restarted empty loses no session that a replica still holds. Sessions used
@@ -638,7 +589,7 @@ impl Replicas {
 /// a replica that did not know a session would place it by its hash over all three.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_empty_keeps_every_session_a_replica_knows() {
-    let Replicas { env, mut redis, pods, a, b, via_a, via_b } = Replicas::over_one_of_three_pods().await;
+    let Replicas { env, mut redis, pods, a, b, via_a, via_b } = over_one_of_three_pods().await;
     let topology = |n: usize| yaml(&[Service::new("counter").revision("counter-1", 100, &addrs(&pods[..n]))]);
     let mut homes = Vec::new();
     for i in 0..12 {
@@ -696,7 +647,7 @@ async fn redis_restarted_empty_keeps_every_session_a_replica_knows() {
 /// world that changed since (two more pods), and writes it back once Redis restarts empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_early_in_an_outage_waits_for_the_pins_another_holds() {
-    let Replicas { env, mut redis, pods, a, b, via_a, via_b } = Replicas::over_one_of_three_pods().await;
+    let Replicas { env, mut redis, pods, a, b, via_a, via_b } = over_one_of_three_pods().await;
     let topology = |n: usize| yaml(&[Service::new("counter").revision("counter-1", 100, &addrs(&pods[..n]))]);
     let ids: Vec<String> = (0..6).map(|i| format!("before-the-outage-{i}")).collect();
     for id in &ids {
