@@ -23,7 +23,7 @@ struct Admin {
     stats: Stats,
 }
 
-pub async fn serve(listener: TcpListener, health: Arc<Health>, stats: Stats) -> std::io::Result<()> {
+pub(crate) async fn serve(listener: TcpListener, health: Arc<Health>, stats: Stats) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/readyz", get(readyz))
@@ -45,7 +45,7 @@ async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
 
 /// `/metrics` on the address `metrics-endpoint` names, as upstream's Prometheus server, which
 /// answers nothing else; the admin port keeps serving everything.
-pub struct MovedMetrics {
+pub(crate) struct MovedMetrics {
     stats: Stats,
     /// The admin listener's port: an endpoint on it is already served.
     admin_port: u16,
@@ -53,7 +53,7 @@ pub struct MovedMetrics {
 }
 
 impl MovedMetrics {
-    pub fn new(stats: Stats, admin: SocketAddr) -> Self {
+    pub(crate) fn new(stats: Stats, admin: SocketAddr) -> Self {
         MovedMetrics { stats, admin_port: admin.port(), serving: Mutex::new(None) }
     }
 }

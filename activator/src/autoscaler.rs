@@ -22,7 +22,7 @@ use crate::health::Health;
 use crate::metrics::Registrar;
 
 /// Knative's stat messages, generated from `proto/stat.proto`.
-pub use contract::wire;
+pub(crate) use contract::wire;
 
 const SAMPLE_PERIOD: Duration = Duration::from_millis(10);
 const REPORT_PERIOD: Duration = Duration::from_secs(1);
@@ -36,7 +36,7 @@ const FRAME_QUEUE: usize = 16;
 const FRAME_MAX_AGE: Duration = Duration::from_secs(2);
 
 /// One revision's demand, shared by its requests and the reporter.
-pub struct Concurrency {
+pub(crate) struct Concurrency {
     namespace: String,
     revision: String,
     in_flight: AtomicU64,
@@ -51,7 +51,7 @@ pub struct Concurrency {
 
 impl Concurrency {
     /// `gauge` mirrors the in-flight count for Prometheus; `reported` shows each report's value.
-    pub fn new(namespace: &str, revision: &str, gauge: IntGauge, reported: Gauge) -> Self {
+    pub(crate) fn new(namespace: &str, revision: &str, gauge: IntGauge, reported: Gauge) -> Self {
         Concurrency {
             namespace: namespace.to_owned(),
             revision: revision.to_owned(),
@@ -65,7 +65,7 @@ impl Concurrency {
 }
 
 /// A request counted in its revision's concurrency until dropped.
-pub struct InFlight(Arc<Concurrency>);
+pub(crate) struct InFlight(Arc<Concurrency>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -75,7 +75,7 @@ impl Drop for InFlight {
 }
 
 #[derive(Clone)]
-pub struct ReporterConfig {
+pub(crate) struct ReporterConfig {
     /// `ws://autoscaler.knative-serving.svc.cluster.local:8080` in a cluster.
     pub url: String,
     /// This activator's pod name, reported as the stat's `pod_name`.
@@ -84,7 +84,7 @@ pub struct ReporterConfig {
 
 /// The request path's handle on the reporter.
 #[derive(Clone)]
-pub struct Reporter {
+pub(crate) struct Reporter {
     pokes: mpsc::UnboundedSender<Arc<Concurrency>>,
 }
 
@@ -92,7 +92,7 @@ impl Reporter {
     /// Starts reporting to the autoscaler at `config.url`; without one, each revision's report is
     /// only published as its concurrency gauge. `health` reports unready while the connection is
     /// down, as upstream does.
-    pub fn start(config: Option<ReporterConfig>, health: Arc<Health>, metrics: ReporterMetrics) -> Self {
+    pub(crate) fn start(config: Option<ReporterConfig>, health: Arc<Health>, metrics: ReporterMetrics) -> Self {
         let (pokes, poked) = mpsc::unbounded_channel();
         let pod_name = config.as_ref().map(|c| c.pod_name.clone()).unwrap_or_default();
         let frames = config.map(|config| {
@@ -110,14 +110,14 @@ impl Reporter {
     /// Moves a request counted for one revision to `to` (it lost a pin race and goes to the
     /// winner's revision): the first no longer counts it, neither in flight nor as an arrival
     /// not yet reported.
-    pub fn redirect(&self, in_flight: InFlight, to: &Arc<Concurrency>) -> InFlight {
+    pub(crate) fn redirect(&self, in_flight: InFlight, to: &Arc<Concurrency>) -> InFlight {
         let _ = in_flight.0.arrivals.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         drop(in_flight);
         self.arrive(to)
     }
 
     /// Counts a request that just arrived for `revision`; keep the guard until its response ends.
-    pub fn arrive(&self, revision: &Arc<Concurrency>) -> InFlight {
+    pub(crate) fn arrive(&self, revision: &Arc<Concurrency>) -> InFlight {
         revision.in_flight.fetch_add(1, Ordering::Relaxed);
         revision.arrivals.fetch_add(1, Ordering::Relaxed);
         revision.gauge.inc();
@@ -130,7 +130,7 @@ impl Reporter {
 }
 
 #[derive(Clone)]
-pub struct ReporterMetrics {
+pub(crate) struct ReporterMetrics {
     /// Ours and upstream's `kn_activator_stats_conn_reachable`.
     pub connected: [IntGauge; 2],
     /// Upstream's `kn_activator_stats_conn_errors_total`: failed connections and sends.
@@ -142,7 +142,7 @@ pub struct ReporterMetrics {
 
 impl ReporterMetrics {
     /// Ours, registered in `reg`, beside upstream's `reachable` and `errors` series.
-    pub fn register(reg: &Registrar, reachable: IntGauge, errors: IntCounter) -> Self {
+    pub(crate) fn register(reg: &Registrar, reachable: IntGauge, errors: IntCounter) -> Self {
         ReporterMetrics {
             connected: [
                 reg.gauge("activator_autoscaler_connected", "1 while the stat websocket to the autoscaler is up"),

@@ -8,7 +8,7 @@ const MIN: Duration = Duration::from_millis(100);
 const MAX: Duration = Duration::from_secs(5);
 const FACTOR: f32 = 1.3;
 
-pub struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
 }
 
@@ -20,14 +20,14 @@ impl Default for Backoff {
 
 impl Backoff {
     /// The pause before the next attempt; each call makes the following one longer.
-    pub fn next_pause(&mut self) -> Duration {
+    pub(crate) fn next_pause(&mut self) -> Duration {
         let base = self.next;
         self.next = self.next.mul_f32(FACTOR).min(MAX);
         base + Duration::from_millis(fastrand::u64(..=base.as_millis() as u64 / 2))
     }
 
     /// An attempt succeeded: the next failure starts over.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = MIN;
     }
 }

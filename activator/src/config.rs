@@ -1,5 +1,5 @@
 //! Command line and environment: every flag of the activator has an `ACTIVATOR_*` variable (the
-//! `activator pins` commands' flags have none). Must not act on the values; `main` wires them.
+//! `activator pins` commands' flags have none). Must not act on the values; `app` wires them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,7 +19,7 @@ use crate::throttle;
                   session affinity, then the weighted traffic split, and forwards to a ready pod."
 )]
 #[command(args_conflicts_with_subcommands = true)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]
@@ -27,7 +27,7 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Inspect or delete pins in the shared Redis pin table (keys are hashed, so `redis-cli`
     /// cannot find them by id).
     Pins {
@@ -40,7 +40,7 @@ pub enum Command {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum PinsAction {
+pub(crate) enum PinsAction {
     /// Print the key, value and remaining TTL of one session's or flow's pin.
     Get(PinSelector),
     /// Print every pin of one service.
@@ -70,7 +70,7 @@ pub enum PinsAction {
 }
 
 #[derive(Args, Debug)]
-pub struct PinSelector {
+pub(crate) struct PinSelector {
     #[arg(long, default_value = "default")]
     pub namespace: String,
     #[arg(long)]
@@ -84,7 +84,7 @@ pub struct PinSelector {
 }
 
 #[derive(Args, Debug)]
-pub struct Config {
+pub(crate) struct Config {
     /// Where the world view comes from: `local` reads a topology file; `knative` watches a
     /// knative-serving install's Revisions, Routes, Services, Endpoints and ConfigMaps (in the
     /// cluster with the pod's service account, or through KUBECONFIG).
@@ -303,13 +303,13 @@ pub struct Config {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
+pub(crate) enum Mode {
     Local,
     Knative,
 }
 
 /// Where each listener binds: what was asked, else the mode's default.
-pub struct Listeners {
+pub(crate) struct Listeners {
     pub proxy: SocketAddr,
     pub h2c: Option<SocketAddr>,
     pub tls: Option<SocketAddr>,
@@ -317,7 +317,7 @@ pub struct Listeners {
 }
 
 impl Config {
-    pub fn redis_deployment(&self) -> Deployment {
+    pub(crate) fn redis_deployment(&self) -> Deployment {
         match (&self.redis_sentinel_primary, self.redis_cluster) {
             (Some(primary), _) => Deployment::Sentinel { primary: primary.clone() },
             (None, true) => Deployment::Cluster,
@@ -326,14 +326,14 @@ impl Config {
     }
 
     /// The TLS files for Redis the flags name.
-    pub fn redis_tls(&self) -> RedisTls {
+    pub(crate) fn redis_tls(&self) -> RedisTls {
         RedisTls {
             ca_file: self.redis_ca_file.clone(),
             client_cert: self.redis_client_cert.clone().zip(self.redis_client_key.clone()),
         }
     }
 
-    pub fn listeners(&self) -> Listeners {
+    pub(crate) fn listeners(&self) -> Listeners {
         // Knative mode binds every address of both families, as upstream's `:8012`: an IPv6-only
         // cluster's kubelet and ingress must reach it too.
         let any = std::net::IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED);
@@ -348,7 +348,7 @@ impl Config {
 
     /// The cluster's DNS domain: as configured, else the `svc.<domain>` search domain of
     /// `resolv_conf`, else `cluster.local` (upstream's order).
-    pub fn cluster_domain(&self, resolv_conf: &str) -> String {
+    pub(crate) fn cluster_domain(&self, resolv_conf: &str) -> String {
         if let Some(domain) = self.cluster_domain.as_deref().filter(|d| !d.is_empty()) {
             return domain.trim_end_matches('.').to_owned();
         }
@@ -357,20 +357,20 @@ impl Config {
     }
 
     /// The autoscaler's websocket: as configured, else knative-serving's in knative mode.
-    pub fn autoscaler_url(&self, cluster_domain: &str) -> Option<String> {
+    pub(crate) fn autoscaler_url(&self, cluster_domain: &str) -> Option<String> {
         let knative = format!("ws://autoscaler.{}.svc.{cluster_domain}:8080", self.system_namespace);
         self.autoscaler_url.clone().or((self.mode == Mode::Knative).then_some(knative))
     }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum PinStore {
+pub(crate) enum PinStore {
     Memory,
     Redis,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Auto,
     Json,
     Text,

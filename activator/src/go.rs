@@ -6,7 +6,7 @@ use std::time::Duration;
 
 /// Go's `strconv.ParseBool`, which every boolean of Knative's ConfigMaps goes through: exactly
 /// `1 t T TRUE true True` and `0 f F FALSE false False`, untrimmed.
-pub fn parse_bool(text: &str) -> Option<bool> {
+pub(crate) fn parse_bool(text: &str) -> Option<bool> {
     match text {
         "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
         "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
@@ -17,7 +17,7 @@ pub fn parse_bool(text: &str) -> Option<bool> {
 /// Go's `time.ParseDuration` for non-negative durations: a sequence of decimal numbers, each with
 /// an optional fraction and a unit (`ns`, `us`, `µs`, `ms`, `s`, `m`, `h`), as `1h30m` or `2.5s`;
 /// `0` alone is zero.
-pub fn parse_duration(text: &str) -> Option<Duration> {
+pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
     let mut rest = text.strip_prefix('+').unwrap_or(text);
     if rest == "0" {
         return Some(Duration::ZERO);
@@ -52,7 +52,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 
 /// `s` quoted as Go's `%q` quotes a string: printable characters as they are, `"` and `\`
 /// escaped, control characters as `\n`, `\t`, `\x01`, ….
-pub fn quote(s: &str) -> String {
+pub(crate) fn quote(s: &str) -> String {
     let mut quoted = String::with_capacity(s.len() + 2);
     quoted.push('"');
     for c in s.chars() {

@@ -52,11 +52,11 @@ const HTTP1_READ_AHEAD: u64 = 64 * 1024;
 const CHAT_PREFIX_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// An HTTP/2 stream may send this much request body before the client must wait (the server's
 /// stream window), which is also the most a waiting HTTP/2 request can make the activator hold.
-pub const H2_STREAM_WINDOW: u32 = 1 << 20;
+pub(crate) const H2_STREAM_WINDOW: u32 = 1 << 20;
 /// What one HTTP/2 client connection may send before the activator reads, over all its streams.
-pub const H2_CONNECTION_WINDOW: u32 = 1 << 20;
+pub(crate) const H2_CONNECTION_WINDOW: u32 = 1 << 20;
 
-pub struct Handler {
+pub(crate) struct Handler {
     pub world: Arc<ArcSwap<Snapshot>>,
     pub health: Arc<Health>,
     pub stats: Stats,
@@ -91,7 +91,7 @@ impl Handler {
     /// where they are awaited.
     /// `inflow` is the HTTP/2 connection's share of what its waiting requests may hold (`None`
     /// for HTTP/1.1).
-    pub fn handle(
+    pub(crate) fn handle(
         self: &Arc<Self>,
         mut req: Request<Incoming>,
         client: SocketAddr,
@@ -178,7 +178,7 @@ impl Handler {
                 session: keys.session.as_ref().map(PinKey::short_hash),
                 flow: keys.flow.as_ref().map(PinKey::short_hash),
             };
-            self.telemetry.finish(span, &Outcome { protocol, status, elapsed, routed: Some(routed) });
+            self.telemetry.finish(span, &Outcome { status, routed: Some(routed) });
         }
         if let Some(entry) = &mut log {
             let revision = &route.revision;
@@ -213,7 +213,7 @@ impl Handler {
         let size = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
         self.stats.unrouted(status, protocol, elapsed, size);
         if self.telemetry.wants_outcome(span) {
-            self.telemetry.finish(span, &Outcome { protocol, status, elapsed, routed: None });
+            self.telemetry.finish(span, &Outcome { status, routed: None });
         }
         if let Some(entry) = log {
             self.telemetry.log_answered(&entry, status, size, elapsed);
@@ -352,7 +352,7 @@ struct Arrived {
 /// than the connection's flow-control window, however many streams wait on it (a client's
 /// thousand waiting gRPC calls hold one window, not a thousand).
 #[derive(Debug, Default)]
-pub struct Inflow {
+pub(crate) struct Inflow {
     charged: AtomicU64,
 }
 

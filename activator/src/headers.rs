@@ -4,35 +4,35 @@
 use http::header::HeaderName;
 
 /// The revision Knative's ingress routed the request to, and its namespace.
-pub const KNATIVE_REVISION: HeaderName = HeaderName::from_static("knative-serving-revision");
-pub const KNATIVE_NAMESPACE: HeaderName = HeaderName::from_static("knative-serving-namespace");
+pub(crate) const KNATIVE_REVISION: HeaderName = HeaderName::from_static("knative-serving-revision");
+pub(crate) const KNATIVE_NAMESPACE: HeaderName = HeaderName::from_static("knative-serving-namespace");
 /// Names a traffic tag, with `tag-header-based-routing`; passed on to the pod.
-pub const KNATIVE_TAG: HeaderName = HeaderName::from_static("knative-serving-tag");
+pub(crate) const KNATIVE_TAG: HeaderName = HeaderName::from_static("knative-serving-tag");
 /// Tells queue-proxy the request came through the activator, so the autoscaler does not count it
 /// twice.
-pub const PROXY_REQUEST: HeaderName = HeaderName::from_static("k-proxy-request");
+pub(crate) const PROXY_REQUEST: HeaderName = HeaderName::from_static("k-proxy-request");
 /// Knative's network probes: `probe` (with a hash to echo) from the ingress, `activator` from the
 /// autoscaler, `queue` to queue-proxy.
-pub const NETWORK_PROBE: HeaderName = HeaderName::from_static("k-network-probe");
-pub const NETWORK_HASH: HeaderName = HeaderName::from_static("k-network-hash");
+pub(crate) const NETWORK_PROBE: HeaderName = HeaderName::from_static("k-network-probe");
+pub(crate) const NETWORK_HASH: HeaderName = HeaderName::from_static("k-network-hash");
 /// Marks a kubelet probe when the User-Agent does not.
-pub const KUBELET_PROBE: HeaderName = HeaderName::from_static("k-kubelet-probe");
-pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const KUBELET_PROBE: HeaderName = HeaderName::from_static("k-kubelet-probe");
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// Where queue-proxy finds the Host the client sent, when the activator addresses the pod itself.
-pub const ORIGINAL_HOST: HeaderName = HeaderName::from_static("k-original-host");
+pub(crate) const ORIGINAL_HOST: HeaderName = HeaderName::from_static("k-original-host");
 /// Asks a mesh to deliver a request to the pod named in `Host` rather than balance it.
-pub const PASSTHROUGH_LB: HeaderName = HeaderName::from_static("k-passthrough-lb");
+pub(crate) const PASSTHROUGH_LB: HeaderName = HeaderName::from_static("k-passthrough-lb");
 
 /// Session and flow ids every service accepts, with no annotation.
-pub const DEFAULT_SESSION: HeaderName = HeaderName::from_static("k-session");
-pub const DEFAULT_FLOW: HeaderName = HeaderName::from_static("k-revision");
+pub(crate) const DEFAULT_SESSION: HeaderName = HeaderName::from_static("k-session");
+pub(crate) const DEFAULT_FLOW: HeaderName = HeaderName::from_static("k-revision");
 
 /// The activator's call telling a pod a session ended (`session_end`): why (`idle` or `moved`),
 /// when (Unix seconds), and its signature under `--session-end-keys`. A client never sends them:
 /// they are taken off every request.
-pub const SESSION_END: HeaderName = HeaderName::from_static("k-session-end");
-pub const SESSION_END_TIME: HeaderName = HeaderName::from_static("k-session-end-time");
-pub const SESSION_END_SIGNATURE: HeaderName = HeaderName::from_static("k-session-end-signature");
+pub(crate) const SESSION_END: HeaderName = HeaderName::from_static("k-session-end");
+pub(crate) const SESSION_END_TIME: HeaderName = HeaderName::from_static("k-session-end-time");
+pub(crate) const SESSION_END_SIGNATURE: HeaderName = HeaderName::from_static("k-session-end-signature");
 
 /// With `--debug-headers`: why the request went where it went.
-pub const DECISION: HeaderName = HeaderName::from_static("x-activator-decision");
+pub(crate) const DECISION: HeaderName = HeaderName::from_static("x-activator-decision");

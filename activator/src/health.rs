@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use arc_swap::ArcSwapOption;
 
 #[derive(Default)]
-pub struct Health {
+pub(crate) struct Health {
     draining: AtomicBool,
     needs_sync: AtomicBool,
     synced: AtomicBool,
@@ -24,48 +24,48 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn start_draining(&self) {
+    pub(crate) fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
     }
 
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
 
     /// The world view comes from a source that must sync before the replica is ready.
-    pub fn require_sync(&self) {
+    pub(crate) fn require_sync(&self) {
         self.needs_sync.store(true, Ordering::SeqCst);
     }
 
-    pub fn set_synced(&self) {
+    pub(crate) fn set_synced(&self) {
         self.synced.store(true, Ordering::SeqCst);
     }
 
     /// What keeps the sync from completing, said by readiness until it clears.
-    pub fn set_sync_blocked(&self, reason: Option<String>) {
+    pub(crate) fn set_sync_blocked(&self, reason: Option<String>) {
         self.sync_blocked.store(reason.map(std::sync::Arc::new));
     }
 
     /// A shared pin store must try Redis once before the replica is ready; Redis being down
     /// afterwards never makes it unready (the store fails open).
-    pub fn require_pin_store(&self) {
+    pub(crate) fn require_pin_store(&self) {
         self.needs_pin_store.store(true, Ordering::SeqCst);
     }
 
-    pub fn set_pin_store_tried(&self) {
+    pub(crate) fn set_pin_store_tried(&self) {
         self.pin_store_tried.store(true, Ordering::SeqCst);
     }
 
-    pub fn require_autoscaler(&self) {
+    pub(crate) fn require_autoscaler(&self) {
         self.needs_autoscaler.store(true, Ordering::SeqCst);
     }
 
-    pub fn set_autoscaler_connected(&self, connected: bool) {
+    pub(crate) fn set_autoscaler_connected(&self, connected: bool) {
         self.autoscaler_connected.store(connected, Ordering::SeqCst);
     }
 
     /// `Ok` when this replica should receive traffic, else the reason.
-    pub fn check(&self) -> Result<(), Cow<'static, str>> {
+    pub(crate) fn check(&self) -> Result<(), Cow<'static, str>> {
         if self.is_draining() {
             Err("received SIGTERM from kubelet".into())
         } else if self.needs_sync.load(Ordering::SeqCst) && !self.synced.load(Ordering::SeqCst) {

@@ -17,7 +17,7 @@ use crate::pins::{
 /// How long the command waits for each of Redis's answers.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub async fn run(
+pub(crate) async fn run(
     action: PinsAction,
     redis_url: Option<String>,
     tls: &RedisTls,

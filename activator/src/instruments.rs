@@ -1,6 +1,6 @@
 //! Every metric the activator exposes, registered once at start in one registry: each module's
-//! own set, declared by that module and handed back to it by `main`. Composes only: imports the
-//! modules whose metrics it gathers, and nothing but `main` (and tests that list every family)
+//! own set, declared by that module and handed back to it by `app`. Composes only: imports the
+//! modules whose metrics it gathers, and nothing but `app` (and tests that list every family)
 //! imports it.
 
 use prometheus::IntCounter;
@@ -20,16 +20,16 @@ use crate::world::WorldMetrics;
 pub struct Instruments {
     pub registrar: Registrar,
     /// Per-revision series, ours and upstream's.
-    pub stats: Stats,
-    pub decisions: Decisions,
-    pub pins: PinMetrics,
-    pub session_ends: SessionEndMetrics,
-    pub reporter: ReporterMetrics,
-    pub kube: KubeMetrics,
-    pub world: WorldMetrics,
-    pub connections: ConnectionMetrics,
-    pub handshakes_failed: HandshakeFailures,
-    pub request_log_dropped: IntCounter,
+    pub(crate) stats: Stats,
+    pub(crate) decisions: Decisions,
+    pub(crate) pins: PinMetrics,
+    pub(crate) session_ends: SessionEndMetrics,
+    pub(crate) reporter: ReporterMetrics,
+    pub(crate) kube: KubeMetrics,
+    pub(crate) world: WorldMetrics,
+    pub(crate) connections: ConnectionMetrics,
+    pub(crate) handshakes_failed: HandshakeFailures,
+    pub(crate) request_log_dropped: IntCounter,
 }
 
 impl Instruments {

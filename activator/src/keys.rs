@@ -12,9 +12,9 @@ use arc_swap::ArcSwap;
 use crate::sync::lock;
 
 /// The shortest key accepted, in bytes.
-pub const MIN_KEY_BYTES: usize = 32;
+pub(crate) const MIN_KEY_BYTES: usize = 32;
 
-pub struct KeyFile {
+pub(crate) struct KeyFile {
     /// The flag that named the file, for messages.
     flag: &'static str,
     path: Option<PathBuf>,
@@ -25,7 +25,7 @@ pub struct KeyFile {
 
 impl KeyFile {
     /// Keys read from `path` now (an error names `flag` and the file); none without a path.
-    pub fn from_file(flag: &'static str, path: Option<PathBuf>) -> anyhow::Result<Self> {
+    pub(crate) fn from_file(flag: &'static str, path: Option<PathBuf>) -> anyhow::Result<Self> {
         let keys = KeyFile { flag, path, keys: ArcSwap::default(), applied: Mutex::default() };
         if let Some(path) = &keys.path {
             let text =
@@ -37,24 +37,24 @@ impl KeyFile {
 
     /// Keys given as lines, for tests.
     #[cfg(test)]
-    pub fn of(lines: &[&str]) -> Self {
+    pub(crate) fn of(lines: &[&str]) -> Self {
         let keys = KeyFile { flag: "test keys", path: None, keys: ArcSwap::default(), applied: Mutex::default() };
         keys.apply(&lines.join("\n")).expect("valid test keys");
         keys
     }
 
     /// The keys in force, the signing one first; empty without a file.
-    pub fn keys(&self) -> Arc<Vec<Arc<[u8]>>> {
+    pub(crate) fn keys(&self) -> Arc<Vec<Arc<[u8]>>> {
         self.keys.load_full()
     }
 
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         !self.keys.load().is_empty()
     }
 
     /// Re-reads the file if it changed (a rotated Secret); a file that does not read keeps the
     /// keys in force, with one log line.
-    pub fn reload(&self) {
+    pub(crate) fn reload(&self) {
         let Some(path) = &self.path else { return };
         match std::fs::read_to_string(path).map_err(anyhow::Error::from).and_then(|text| self.apply(&text)) {
             Ok(()) => {}

@@ -8,7 +8,7 @@ use std::marker::PhantomData;
 use prometheus::core::{MetricVec, MetricVecBuilder};
 
 /// An enum whose values are a label's.
-pub trait LabelValue: Copy + 'static {
+pub(crate) trait LabelValue: Copy + 'static {
     /// Every value, in the order `index` numbers them.
     const ALL: &'static [Self];
 
@@ -32,7 +32,7 @@ macro_rules! label_values {
         impl $name {
             /// The label value as series carry it.
             #[allow(dead_code, reason = "some enums are only ever labels")]
-            pub fn as_str(self) -> &'static str {
+            pub(crate) fn as_str(self) -> &'static str {
                 match self {
                     $( $name::$variant => $label, )*
                 }
@@ -56,7 +56,7 @@ macro_rules! label_values {
 pub(crate) use label_values;
 
 /// The values of a family's last labels: one enum (`LabelValue`), or a pair of them.
-pub trait Labels: Copy + 'static {
+pub(crate) trait Labels: Copy + 'static {
     /// Every combination with its label values, in the order `position` numbers them.
     fn every() -> Vec<(Self, Vec<&'static str>)>;
 
@@ -85,7 +85,7 @@ impl<A: LabelValue, B: LabelValue> Labels for (A, B) {
 }
 
 /// One series of a metric family per value of `L`, after the family's other labels.
-pub struct Labelled<L, M> {
+pub(crate) struct Labelled<L, M> {
     series: Box<[M]>,
     label: PhantomData<L>,
 }
@@ -99,7 +99,7 @@ impl<L, M: Clone> Clone for Labelled<L, M> {
 impl<L: Labels, M> Labelled<L, M> {
     /// The series of `family` with `fixed` as its first label values and each value of `L` as
     /// its last.
-    pub fn new<B>(family: &MetricVec<B>, fixed: &[&str]) -> Self
+    pub(crate) fn new<B>(family: &MetricVec<B>, fixed: &[&str]) -> Self
     where
         B: MetricVecBuilder<M = M>,
     {
@@ -117,7 +117,7 @@ impl<L: Labels, M> Labelled<L, M> {
         Labelled { series, label: PhantomData }
     }
 
-    pub fn get(&self, value: L) -> &M {
+    pub(crate) fn get(&self, value: L) -> &M {
         &self.series[value.position()]
     }
 }

@@ -1,41 +1,47 @@
-//! affinity-activator's data plane. `main.rs` wires these modules; each module's doc says what it
-//! owns.
+//! affinity-activator's data plane. `app` wires these modules into the process; each module's
+//! doc says what it owns. Public are only `app` and what the integration tests and benches reach
+//! (the pin table, metrics registration, the watched kinds); everything else is the crate's own.
 
-pub mod admin;
-pub mod affinity;
-pub mod autoscaler;
+#![warn(unreachable_pub)]
+
+mod admin;
+mod affinity;
+pub mod app;
+mod autoscaler;
 mod backoff;
-pub mod config;
+mod config;
 mod go;
-pub mod handler;
+mod handler;
 mod headers;
-pub mod health;
-pub mod inspect;
+mod health;
+mod inspect;
 pub mod instruments;
-pub mod keys;
+mod keys;
 mod labelled;
 pub mod metrics;
 pub mod pins;
 mod pool;
 mod probe_answers;
 mod proxy;
-pub mod readiness;
+mod readiness;
 mod request_body;
 mod respond;
 mod response_body;
 mod retry;
 mod served;
-pub mod server;
-pub mod session_end;
-pub mod socket;
-pub mod source;
-pub mod stats;
+mod server;
+mod session_end;
+mod socket;
+mod source;
+mod stats;
 mod sync;
-pub mod telemetry;
-pub mod throttle;
-pub mod tls;
-pub mod trim;
-pub mod world;
+mod telemetry;
+mod throttle;
+mod tls;
+mod trim;
+mod world;
 
 /// The world spec every source produces, shared with `autoscaler-shim`.
 pub use contract::spec;
+/// The kinds the Knative source watches, which the shipped RBAC must grant.
+pub use source::knative::WATCHED;

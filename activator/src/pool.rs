@@ -57,7 +57,7 @@ const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
 
 /// Why a request did not get a response from the pod.
 #[derive(Debug, thiserror::Error)]
-pub enum SendError {
+pub(crate) enum SendError {
     #[error("connecting to the pod: {0}")]
     Connect(#[source] std::io::Error),
     /// The pod's TLS handshake failed or its certificate was refused: nothing was sent.
@@ -69,7 +69,7 @@ pub enum SendError {
 
 /// How a pod's connections are made.
 #[derive(Clone, Debug)]
-pub enum Transport {
+pub(crate) enum Transport {
     /// Plain TCP to the pod's address: HTTP/1.1, or h2c with prior knowledge.
     Plain,
     /// TLS to `to` (queue-proxy's TLS port, or the private Service's 443), verified for a
@@ -170,7 +170,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SettingsTap<T> {
 }
 
 /// A connection to a pod, plain or TLS.
-pub enum PodStream {
+pub(crate) enum PodStream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
@@ -227,7 +227,7 @@ impl AsyncWrite for PodStream {
 
 /// A failed send, with the request if none of it reached the pod.
 #[derive(Debug)]
-pub struct SendFailed {
+pub(crate) struct SendFailed {
     pub error: SendError,
     pub unsent: Option<Request<RequestBody>>,
 }
@@ -235,7 +235,7 @@ pub struct SendFailed {
 /// What an exchange holds of the pod's connections until its response body has ended: an
 /// HTTP/1.1 connection, given back with [`PodClient::give_back`] so the next request reuses it;
 /// or a stream of a shared HTTP/2 connection, free again when this is dropped.
-pub struct Lent(Held);
+pub(crate) struct Lent(Held);
 
 enum Held {
     Http1(http1::SendRequest<RequestBody>),
@@ -305,7 +305,7 @@ struct Idle {
     since: Instant,
 }
 
-pub struct PodClient {
+pub(crate) struct PodClient {
     addr: SocketAddr,
     transport: ArcSwap<Transport>,
     /// Created on first use: most pods of a large cluster never hold an idle connection at once.
@@ -321,7 +321,7 @@ pub struct PodClient {
 }
 
 impl PodClient {
-    pub fn new(addr: SocketAddr, transport: Transport) -> Self {
+    pub(crate) fn new(addr: SocketAddr, transport: Transport) -> Self {
         PodClient {
             addr,
             transport: ArcSwap::from_pointee(transport),
@@ -333,12 +333,8 @@ impl PodClient {
         }
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     /// Whether the pod is reached over TLS, and the address its connections go to.
-    pub fn target(&self) -> (bool, SocketAddr) {
+    pub(crate) fn target(&self) -> (bool, SocketAddr) {
         match &**self.transport.load() {
             Transport::Plain => (false, self.addr),
             Transport::Tls { to, .. } => (true, *to),
@@ -347,7 +343,7 @@ impl PodClient {
 
     /// Makes the pod's connections as `transport` says from now on: the ones made otherwise are
     /// not reused (requests already on them finish).
-    pub fn retarget(&self, transport: Transport) {
+    pub(crate) fn retarget(&self, transport: Transport) {
         if **self.transport.load() == transport {
             return;
         }
@@ -360,7 +356,10 @@ impl PodClient {
 
     /// Sends an HTTP/1.1 request (origin-form URI) on an idle connection or a new one. The
     /// connection comes back with the response, to be given back when its body has ended.
-    pub async fn send_http1(&self, mut req: Request<RequestBody>) -> Result<(Response<Incoming>, Lent), SendFailed> {
+    pub(crate) async fn send_http1(
+        &self,
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Lent), SendFailed> {
         loop {
             let next = match self.checkout() {
                 Some(conn) => Ok((conn, true)),
@@ -383,7 +382,10 @@ impl PodClient {
 
     /// Sends an HTTP/2 request (absolute URI) on a shared HTTP/2 connection with a stream free;
     /// the stream is held until the returned `Lent` is dropped.
-    pub async fn send_http2(&self, mut req: Request<RequestBody>) -> Result<(Response<Incoming>, Lent), SendFailed> {
+    pub(crate) async fn send_http2(
+        &self,
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Lent), SendFailed> {
         for attempt in 0..2 {
             let (mut conn, slot) = match self.h2_stream().await {
                 Ok(stream) => stream,
@@ -402,7 +404,7 @@ impl PodClient {
     }
 
     /// Puts a connection whose exchange ended back in the idle queue; an HTTP/2 stream is freed.
-    pub fn give_back(&self, Lent(held): Lent) {
+    pub(crate) fn give_back(&self, Lent(held): Lent) {
         let Held::Http1(conn) = held else { return };
         if conn.is_closed() {
             return;
@@ -437,7 +439,7 @@ impl PodClient {
 
     /// Idle connections held now.
     #[cfg(test)]
-    pub fn idle(&self) -> usize {
+    pub(crate) fn idle(&self) -> usize {
         self.idle.get().map_or(0, ArrayQueue::len)
     }
 
@@ -545,7 +547,7 @@ impl PodClient {
 
     /// HTTP/2 connections open to the pod now.
     #[cfg(test)]
-    pub fn h2_connections(&self) -> usize {
+    pub(crate) fn h2_connections(&self) -> usize {
         self.h2.load().iter().filter(|c| !c.send.is_closed()).count()
     }
 }

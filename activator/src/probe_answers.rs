@@ -13,7 +13,7 @@ use crate::response_body::ResponseBody;
 
 /// Answers the request if it is a probe meant for the activator. Strips a stray
 /// `K-Network-Hash` from requests that pass through, as upstream does.
-pub fn answer<B>(req: &mut Request<B>, health: &Health) -> Option<Response<ResponseBody>> {
+pub(crate) fn answer<B>(req: &mut Request<B>, health: &Health) -> Option<Response<ResponseBody>> {
     let headers = req.headers();
     let is_kubelet = headers.get(http::header::USER_AGENT).is_some_and(|ua| ua.as_bytes().starts_with(b"kube-probe/"))
         || headers.get(KUBELET_PROBE).is_some_and(|v| !v.is_empty());

@@ -41,7 +41,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Why a pod gave no response; displayed as Go's transport words it, which upstream's 502
 /// carries: `dial tcp 10.0.0.5:8012: connect: connection refused`.
 #[derive(Debug)]
-pub struct ForwardError {
+pub(crate) struct ForwardError {
     pub pod: SocketAddr,
     source: SendError,
 }
@@ -69,13 +69,13 @@ impl std::fmt::Display for ForwardError {
 
 impl ForwardError {
     /// The pod's TLS handshake failed, or its certificate was refused.
-    pub fn is_tls(&self) -> bool {
+    pub(crate) fn is_tls(&self) -> bool {
         matches!(self.source, SendError::Tls(_))
     }
 
     /// Whether the pod's connection failed (refused, closed or reset, as when the pod dies), not
     /// just this one exchange: a stream the pod reset on a connection that lives on is not.
-    pub fn connection_failed(&self) -> bool {
+    pub(crate) fn connection_failed(&self) -> bool {
         match &self.source {
             SendError::Connect(_) | SendError::Tls(_) => true,
             SendError::Http(e) => {
@@ -99,21 +99,21 @@ impl std::error::Error for ForwardError {
 }
 
 /// A forward that failed; with the request back when none of it reached the pod.
-pub struct ForwardFailed {
+pub(crate) struct ForwardFailed {
     pub error: ForwardError,
     pub unsent: Option<Unsent>,
 }
 
 /// A request no byte of which reached its pod, and its place in the revision's concurrency: it
 /// may go to another pod as it is.
-pub struct Unsent {
+pub(crate) struct Unsent {
     pub outbound: Outbound,
     pub in_flight: InFlight,
 }
 
 /// A client's request made ready for a pod of its revision, whichever pod that turns out to be:
 /// its headers are cleaned once, and only its address is set per attempt.
-pub struct Outbound {
+pub(crate) struct Outbound {
     /// Boxed: a request waiting for a slot holds a pointer to it, not a copy per step.
     req: Box<Request<RequestBody>>,
     /// The authority the pod is addressed by; `None` for the pod's own address.
@@ -125,7 +125,7 @@ pub struct Outbound {
 impl Outbound {
     /// Cleans the request's headers for the pod: hop-by-hop ones out, `X-Forwarded-For`,
     /// Knative's proxy headers, `Host` as `host` says.
-    pub fn new(mut req: Box<Request<RequestBody>>, client_ip: IpAddr, host: &HostRewrite) -> Self {
+    pub(crate) fn new(mut req: Box<Request<RequestBody>>, client_ip: IpAddr, host: &HostRewrite) -> Self {
         let upgrade = upgrade_protocol(&req);
         let authority = prepare_request(&mut req, upgrade.as_ref(), client_ip, host);
         let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut *req));
@@ -137,7 +137,7 @@ impl Outbound {
     /// Keeps what it takes to send this request again should its pod fail before answering: its
     /// head as it goes out, and up to `limit` bytes of its body (if it has one) as they pass.
     /// `None` for an upgrade, whose connection is the client's own.
-    pub fn keep_for_replay(&mut self, limit: usize) -> Option<Replay> {
+    pub(crate) fn keep_for_replay(&mut self, limit: usize) -> Option<Replay> {
         if self.client_side.is_some() {
             return None;
         }
@@ -155,7 +155,7 @@ impl Outbound {
 }
 
 /// A request as it went to a pod, to send again (`Outbound::keep_for_replay`).
-pub struct Replay {
+pub(crate) struct Replay {
     method: Method,
     uri: Uri,
     version: Version,
@@ -167,7 +167,7 @@ pub struct Replay {
 
 impl Replay {
     /// The request again, if the whole of its body passed and was kept.
-    pub fn outbound(self) -> Option<Outbound> {
+    pub(crate) fn outbound(self) -> Option<Outbound> {
         let body = match &self.body {
             Some(kept) => kept.replay()?,
             None => RequestBody::empty(),
@@ -182,7 +182,7 @@ impl Replay {
 }
 
 /// What an exchange holds besides the request.
-pub struct Exchange<'a> {
+pub(crate) struct Exchange<'a> {
     pub lease: Lease,
     pub in_flight: InFlight,
     /// Upgraded connections outlive their request; they are tracked so shutdown can wait for them.
@@ -190,7 +190,10 @@ pub struct Exchange<'a> {
 }
 
 /// Sends the request to the pod `exchange.lease` holds a slot on.
-pub async fn forward(outbound: Outbound, exchange: Exchange<'_>) -> Result<Response<ResponseBody>, ForwardFailed> {
+pub(crate) async fn forward(
+    outbound: Outbound,
+    exchange: Exchange<'_>,
+) -> Result<Response<ResponseBody>, ForwardFailed> {
     let Exchange { lease, in_flight, tunnels } = exchange;
     let Outbound { mut req, authority, client_side } = outbound;
     let pod = lease.pod().clone();

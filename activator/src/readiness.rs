@@ -31,7 +31,7 @@ const PROBE_USER_AGENT: HeaderValue = HeaderValue::from_static("Knative-Activato
 /// How often waiting pods are probed, and how long one probe may take (upstream's
 /// `PROBE_FREQUENCY` and `PROBE_TIMEOUT`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ProbeTiming {
+pub(crate) struct ProbeTiming {
     pub period: Duration,
     pub timeout: Duration,
 }
@@ -47,7 +47,7 @@ impl Default for ProbeTiming {
 /// handed over again (a pod listed, or one that refused a connection), as upstream's revision
 /// watcher probes on each Endpoints update. One revision's slow probes never delay another's.
 #[derive(Clone)]
-pub struct Prober {
+pub(crate) struct Prober {
     /// `None` in tests whose probes never run.
     inner: Option<Arc<Probing>>,
 }
@@ -61,18 +61,18 @@ struct Probing {
 
 impl Prober {
     /// A prober whose tasks run on the current runtime.
-    pub fn start(timing: ProbeTiming) -> Self {
+    pub(crate) fn start(timing: ProbeTiming) -> Self {
         let client: ProbeClient = Client::builder(TokioExecutor::new()).build_http();
         Prober { inner: Some(Arc::new(Probing { client, timing, revisions: Mutex::default() })) }
     }
 
     /// A prober whose probes never run, for building snapshots in tests.
     #[cfg(test)]
-    pub fn idle() -> Self {
+    pub(crate) fn idle() -> Self {
         Prober { inner: None }
     }
 
-    pub fn watch(&self, throttler: Arc<Throttler>) {
+    pub(crate) fn watch(&self, throttler: Arc<Throttler>) {
         let Some(probing) = &self.inner else { return };
         let key = Arc::as_ptr(&throttler) as usize;
         let mut revisions = lock(&probing.revisions);

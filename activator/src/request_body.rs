@@ -21,7 +21,7 @@ use crate::sync::lock;
 /// The body of a request on its way to a pod: the frames read to route it (`affinity::chat`),
 /// then the rest of the client's body as it arrives, never gathered.
 #[derive(Debug)]
-pub struct RequestBody {
+pub(crate) struct RequestBody {
     read: VecDeque<Frame<Bytes>>,
     /// How reading the first frames failed: the pod gets the error where the client's body
     /// broke, never a body cut short that looks complete.
@@ -36,13 +36,13 @@ pub struct RequestBody {
 
 impl RequestBody {
     /// The client's body as it arrives.
-    pub fn new(rest: Incoming) -> Self {
+    pub(crate) fn new(rest: Incoming) -> Self {
         RequestBody { read: VecDeque::new(), broke: None, rest: Some(rest), passed: None, kept: None }
     }
 
     /// Counts the data bytes handed on from now, for the body-size metrics; `None` for a body
     /// that is over already (a GET), which costs nothing to count.
-    pub fn counted(&mut self) -> Option<Arc<AtomicU64>> {
+    pub(crate) fn counted(&mut self) -> Option<Arc<AtomicU64>> {
         if self.is_end_stream() {
             return None;
         }
@@ -51,7 +51,7 @@ impl RequestBody {
 
     /// Keeps a copy of what passes from now, up to `limit` bytes of data, so the request can be
     /// sent again; `None` for a body that is over already (a GET), which needs no copy.
-    pub fn keep(&mut self, limit: usize) -> Option<Arc<Kept>> {
+    pub(crate) fn keep(&mut self, limit: usize) -> Option<Arc<Kept>> {
         if self.is_end_stream() {
             return None;
         }
@@ -61,14 +61,14 @@ impl RequestBody {
     }
 
     /// An empty body, as a request without one is sent again.
-    pub fn empty() -> Self {
+    pub(crate) fn empty() -> Self {
         RequestBody { read: VecDeque::new(), broke: None, rest: None, passed: None, kept: None }
     }
 
     /// Reads the client's body until `limit` bytes of data (or its end, its trailers, an error,
     /// or `within`), and returns them gathered; the body sends them first, then the rest as it
     /// arrives.
-    pub async fn read_prefix(&mut self, limit: usize, within: std::time::Duration) -> Bytes {
+    pub(crate) async fn read_prefix(&mut self, limit: usize, within: std::time::Duration) -> Bytes {
         let mut gathered = bytes::BytesMut::new();
         let Some(rest) = self.rest.as_mut() else { return gathered.freeze() };
         let reading = async {
@@ -142,7 +142,7 @@ impl Body for RequestBody {
 /// A copy of a request body taken as it passed to a pod (`RequestBody::keep`), up to a bound.
 /// Only the exchange that kept it touches it, so its lock is never contended.
 #[derive(Debug)]
-pub struct Kept {
+pub(crate) struct Kept {
     limit: usize,
     copy: Mutex<Copy>,
 }
@@ -188,7 +188,7 @@ impl Kept {
     }
 
     /// The body again, if all of it passed and was kept.
-    pub fn replay(&self) -> Option<RequestBody> {
+    pub(crate) fn replay(&self) -> Option<RequestBody> {
         let copy = lock(&self.copy);
         if !copy.complete || copy.spoilt {
             return None;

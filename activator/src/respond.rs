@@ -14,7 +14,7 @@ const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=ut
 
 /// An error answer as Go's `http.Error` writes it, which upstream uses for most of its own: the
 /// message and a newline, `text/plain`, and `X-Content-Type-Options: nosniff`.
-pub fn reply(status: StatusCode, message: &str) -> Response<ResponseBody> {
+pub(crate) fn reply(status: StatusCode, message: &str) -> Response<ResponseBody> {
     let mut resp = exact(status, format!("{message}\n"));
     resp.headers_mut().insert(http::header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     resp
@@ -22,7 +22,7 @@ pub fn reply(status: StatusCode, message: &str) -> Response<ResponseBody> {
 
 /// An answer whose body is `body` and nothing more, as upstream writes with `io.WriteString`
 /// (Go sniffs such a body as `text/plain`).
-pub fn exact(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<ResponseBody> {
+pub(crate) fn exact(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<ResponseBody> {
     let body = body.into();
     let mut resp = Response::new(if body.is_empty() { ResponseBody::empty() } else { ResponseBody::text(body) });
     *resp.status_mut() = status;
@@ -31,7 +31,7 @@ pub fn exact(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Resp
 }
 
 /// A status without a body, as upstream's `WriteHeader` alone.
-pub fn status(status: StatusCode) -> Response<ResponseBody> {
+pub(crate) fn status(status: StatusCode) -> Response<ResponseBody> {
     let mut resp = Response::new(ResponseBody::empty());
     *resp.status_mut() = status;
     resp
@@ -39,13 +39,13 @@ pub fn status(status: StatusCode) -> Response<ResponseBody> {
 
 /// The revision's timeout passed before the response started: upstream's timeout handler writes
 /// its message with no newline.
-pub fn timed_out() -> Response<ResponseBody> {
+pub(crate) fn timed_out() -> Response<ResponseBody> {
     exact(StatusCode::GATEWAY_TIMEOUT, "activator request timeout")
 }
 
 /// The revision's wait queue is full: upstream's text (its breaker's `ErrRequestQueueFull`), and
 /// when to try again.
-pub fn queue_full() -> Response<ResponseBody> {
+pub(crate) fn queue_full() -> Response<ResponseBody> {
     let mut resp = reply(StatusCode::SERVICE_UNAVAILABLE, "pending request queue full");
     resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
     resp
@@ -53,7 +53,7 @@ pub fn queue_full() -> Response<ResponseBody> {
 
 /// No revision answers to what the request names: upstream's text for a revision its lister does
 /// not know (`name` is empty when nothing named one).
-pub fn revision_not_found(name: &str) -> Response<ResponseBody> {
+pub(crate) fn revision_not_found(name: &str) -> Response<ResponseBody> {
     reply(
         StatusCode::NOT_FOUND,
         &format!("Error getting active endpoint: revision.serving.knative.dev {} not found", go::quote(name)),
@@ -62,13 +62,13 @@ pub fn revision_not_found(name: &str) -> Response<ResponseBody> {
 
 /// The pod could not be reached, or the exchange with it failed: the error's text, as Go's
 /// reverse proxy writes the transport's.
-pub fn bad_gateway(error: &dyn std::error::Error) -> Response<ResponseBody> {
+pub(crate) fn bad_gateway(error: &dyn std::error::Error) -> Response<ResponseBody> {
     reply(StatusCode::BAD_GATEWAY, &error.to_string())
 }
 
 /// A client addressed its service's session-end path (`sticky-session-end-path`): only the
 /// activator tells a pod that a session ended, or any client could end another's session.
-pub fn forged_session_end() -> Response<ResponseBody> {
+pub(crate) fn forged_session_end() -> Response<ResponseBody> {
     reply(StatusCode::FORBIDDEN, "the session-end path is the activator's to call")
 }
 

@@ -18,11 +18,13 @@ use crate::autoscaler::InFlight;
 use crate::pool::Lent;
 use crate::throttle::Lease;
 
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What an exchange holds until its response body ends (or its upgraded connection closes).
-pub struct Held {
+pub(crate) struct Held {
     pub lease: Lease,
+    /// Counted in flight for the autoscaler until dropped with the rest.
+    #[expect(dead_code, reason = "held for its drop, which ends the request's count")]
     pub in_flight: InFlight,
     /// The HTTP/1.1 connection the exchange used, given back to the pod's pool when the body ends
     /// cleanly.
@@ -44,11 +46,11 @@ struct TimedOut;
 
 /// Told once a response has ended (its last byte sent, the body cut, or the client gone), with
 /// the body bytes handed to the client.
-pub trait Finished: Send + 'static {
+pub(crate) trait Finished: Send + 'static {
     fn finished(self: Box<Self>, sent: u64);
 }
 
-pub struct ResponseBody {
+pub(crate) struct ResponseBody {
     kind: Kind,
     sent: u64,
     finished: Option<Box<dyn Finished>>,
@@ -67,14 +69,14 @@ struct Idle {
 
 impl ResponseBody {
     /// A pod's body, kept with what its exchange holds.
-    pub fn upstream(body: Incoming, held: Held) -> Self {
+    pub(crate) fn upstream(body: Incoming, held: Held) -> Self {
         let kind = Kind::Upstream { body, held: Some(held), deadline: None, idle: None };
         ResponseBody { kind, sent: 0, finished: None }
     }
 
     /// Cuts a pod's body at `deadline`, the end of the revision's timeout (as upstream does for a
     /// response that outlives it). A text of the activator's own is never cut.
-    pub fn cut_at(&mut self, at: Pin<Box<Sleep>>) {
+    pub(crate) fn cut_at(&mut self, at: Pin<Box<Sleep>>) {
         if let Kind::Upstream { deadline, .. } = &mut self.kind {
             *deadline = Some(at);
         }
@@ -82,23 +84,23 @@ impl ResponseBody {
 
     /// Cuts a pod's body when it pauses longer than `limit` between frames (the revision's
     /// `idleTimeoutSeconds`).
-    pub fn cut_when_idle(&mut self, limit: std::time::Duration) {
+    pub(crate) fn cut_when_idle(&mut self, limit: std::time::Duration) {
         if let Kind::Upstream { idle, .. } = &mut self.kind {
             let until = Box::pin(tokio::time::sleep(limit));
             *idle = Some(Idle { limit, until });
         }
     }
 
-    pub fn text(text: impl Into<Bytes>) -> Self {
+    pub(crate) fn text(text: impl Into<Bytes>) -> Self {
         ResponseBody { kind: Kind::Local(Full::new(text.into())), sent: 0, finished: None }
     }
 
-    pub fn empty() -> Self {
+    pub(crate) fn empty() -> Self {
         Self::text(Bytes::new())
     }
 
     /// Calls `finished` once the response has ended.
-    pub fn when_finished(&mut self, finished: Box<dyn Finished>) {
+    pub(crate) fn when_finished(&mut self, finished: Box<dyn Finished>) {
         self.finished = Some(finished);
     }
 

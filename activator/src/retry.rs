@@ -17,15 +17,15 @@ use http::{Method, Request};
 use crate::labelled::label_values;
 
 /// The most body kept to send a request again; a larger body makes its request go once.
-pub const BODY_LIMIT: usize = 64 * 1024;
+pub(crate) const BODY_LIMIT: usize = 64 * 1024;
 
 /// The header (an IETF draft that Stripe and others use) by which a client says that sending its
 /// request twice does what sending it once does.
-pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+pub(crate) const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// Which requests of a revision may be sent again (`activator.knative.dev/retry`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Retry {
+pub(crate) enum Retry {
     /// Never: every request reaches a pod at most once.
     Off,
     /// Requests that are safe to repeat: `GET`, `HEAD`, `OPTIONS`, and any carrying an
@@ -37,7 +37,7 @@ pub enum Retry {
 }
 
 impl Retry {
-    pub fn parse(value: &str) -> Option<Self> {
+    pub(crate) fn parse(value: &str) -> Option<Self> {
         match value {
             "off" => Some(Retry::Off),
             "safe" => Some(Retry::Safe),
@@ -47,7 +47,7 @@ impl Retry {
     }
 
     /// Whether `req` may reach a pod twice.
-    pub fn allows<B>(self, req: &Request<B>) -> bool {
+    pub(crate) fn allows<B>(self, req: &Request<B>) -> bool {
         match self {
             Retry::Off => false,
             Retry::All => true,
@@ -62,7 +62,7 @@ impl Retry {
 label_values! {
     /// What became of a request its pod failed after it reached it, as
     /// `activator_requests_retried_total` labels it.
-    pub enum Outcome {
+    pub(crate) enum Outcome {
         /// Sent again, to another ready pod of its revision.
         Retried = "retried",
         /// The revision's budget was spent: the client got the pod's failure.
@@ -78,9 +78,9 @@ label_values! {
 /// sent, over the current `WINDOW` and the one before (Finagle's and Linkerd's rule): a pod dying
 /// costs its few requests one more try each, a revision failing everything costs it a fifth more
 /// load at most.
-pub const MIN_RETRIES: u64 = 10;
-pub const RATIO_PERCENT: u64 = 20;
-pub const WINDOW: Duration = Duration::from_secs(10);
+pub(crate) const MIN_RETRIES: u64 = 10;
+pub(crate) const RATIO_PERCENT: u64 = 20;
+pub(crate) const WINDOW: Duration = Duration::from_secs(10);
 
 /// One window's counts; `window` is its number since the budget's origin.
 #[derive(Default)]
@@ -92,7 +92,7 @@ struct Slot {
 
 /// A revision's retry budget. Counting a request is one atomic add; a reset at a window's turn
 /// may lose a few counts to a race, which only makes the budget approximate.
-pub struct Budget {
+pub(crate) struct Budget {
     origin: Instant,
     slots: [Slot; 2],
 }
@@ -120,7 +120,7 @@ impl Budget {
     }
 
     /// Counts a request sent to the revision.
-    pub fn sent(&self) {
+    pub(crate) fn sent(&self) {
         self.sent_at(Instant::now());
     }
 
@@ -129,7 +129,7 @@ impl Budget {
     }
 
     /// Takes one retry from the budget, if it has one.
-    pub fn try_retry(&self) -> bool {
+    pub(crate) fn try_retry(&self) -> bool {
         self.try_retry_at(Instant::now())
     }
 

@@ -11,12 +11,12 @@ pub(crate) const WINDOW_SECONDS: u64 = 60;
 /// The shared counts' periods (`affinity::share` keeps one hash per period in Redis): what was
 /// routed here and not sent yet is kept by the period it was routed in, so counts held through
 /// an outage land where they belong, and those older than the window are dropped.
-pub const COUNT_PERIOD_SECONDS: u64 = 10;
+pub(crate) const COUNT_PERIOD_SECONDS: u64 = 10;
 const UNSENT_PERIODS: usize = (WINDOW_SECONDS / COUNT_PERIOD_SECONDS) as usize + 1;
 
 /// Requests routed to one revision over the last `WINDOW_SECONDS`: this replica's, and every
 /// replica's as of the last exchange through Redis.
-pub struct Served {
+pub(crate) struct Served {
     start: Instant,
     /// Seconds since the Unix epoch at `start`, so periods are the same on every replica.
     start_unix: u64,
@@ -66,7 +66,7 @@ impl Served {
         (self.start_unix + self.now()) / COUNT_PERIOD_SECONDS
     }
 
-    pub fn record(&self) {
+    pub(crate) fn record(&self) {
         let now = self.now();
         let slot = (now % WINDOW_SECONDS) as usize;
         // The first request of a second claims its slot and clears what an older second left;
@@ -96,7 +96,7 @@ impl Served {
 
     /// Requests within the window: every replica's while Redis's totals are fresh (plus this
     /// replica's since), else this replica's own.
-    pub fn total(&self) -> u64 {
+    pub(crate) fn total(&self) -> u64 {
         if self.now_ms() < self.shared_until.load(Ordering::Acquire) {
             let unsent = self.unsent.iter().map(|n| n.load(Ordering::Relaxed)).fold(0u64, u64::saturating_add);
             return self.shared.load(Ordering::Relaxed).saturating_add(unsent);

@@ -46,7 +46,7 @@ const H2_MAX_HEADER_LIST: u32 = 64 << 10;
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A listener, and for the TLS port (system-internal TLS) what it serves with.
-pub struct Listener {
+pub(crate) struct Listener {
     pub socket: TcpListener,
     pub tls: Option<TlsServing>,
 }
@@ -55,21 +55,21 @@ pub struct Listener {
 /// gave them, and `ACTIVATOR_TLS_*`. It takes connections only while TLS is enabled and a
 /// certificate is there; others are closed at once.
 #[derive(Clone)]
-pub struct TlsServing {
+pub(crate) struct TlsServing {
     pub tls: Arc<InternalTls>,
     pub settings: ServerSettings,
 }
 
 /// Client connections open and turned away, and TLS handshakes that failed.
 #[derive(Clone)]
-pub struct ConnectionMetrics {
+pub(crate) struct ConnectionMetrics {
     open: IntGauge,
     limit_reached: IntCounter,
     handshakes_failed: HandshakeFailures,
 }
 
 impl ConnectionMetrics {
-    pub fn register(reg: &Registrar, handshakes_failed: HandshakeFailures) -> Self {
+    pub(crate) fn register(reg: &Registrar, handshakes_failed: HandshakeFailures) -> Self {
         ConnectionMetrics {
             open: reg.gauge("activator_open_connections", "Client connections open on the data port"),
             limit_reached: reg.counter(
@@ -83,7 +83,7 @@ impl ConnectionMetrics {
 
 /// How connections are bounded.
 #[derive(Clone, Copy, Debug)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
     /// How long a client may accept no byte of a response before its connection is closed.
@@ -100,7 +100,7 @@ pub struct Limits {
 /// open connections and upgraded tunnels finish: for at most `grace` when one is set, else for as
 /// long as they take, as upstream's `Shutdown` (the pod's `terminationGracePeriodSeconds` is then
 /// the bound, and no request it allows is cut before it).
-pub async fn serve(
+pub(crate) async fn serve(
     listeners: Vec<Listener>,
     handler: Arc<Handler>,
     stop_accepting: impl Future<Output = ()>,

@@ -60,10 +60,10 @@ label_values! {
 
 /// Ended sessions by why they ended and what this replica did.
 #[derive(Clone)]
-pub struct SessionEndMetrics(Labelled<(Reason, Outcome), IntCounter>);
+pub(crate) struct SessionEndMetrics(Labelled<(Reason, Outcome), IntCounter>);
 
 impl SessionEndMetrics {
-    pub fn register(reg: &Registrar) -> Self {
+    pub(crate) fn register(reg: &Registrar) -> Self {
         let family = reg.counter_vec(
             "activator_session_ends_total",
             "Resource sessions whose pin ended here (reason idle or moved), by what this replica did: \
@@ -81,7 +81,7 @@ impl SessionEndMetrics {
 
 /// Collects ended sessions from `pins` and makes the calls, forever, to pods `world` still lists
 /// for their revision, signed with the first of `keys` when there are any.
-pub async fn run(pins: &Pins, counters: SessionEndMetrics, world: &ArcSwap<Snapshot>, keys: KeyFile) {
+pub(crate) async fn run(pins: &Pins, counters: SessionEndMetrics, world: &ArcSwap<Snapshot>, keys: KeyFile) {
     if !keys.enabled() {
         tracing::info!(
             "session ends are sent unsigned: a pod cannot tell them from a client's without --session-end-keys"

@@ -35,7 +35,7 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// `:port` does for upstream on a dual-stack node; where the kernel has no IPv6 at all, `[::]`
 /// falls back to `0.0.0.0` with a log line, so one default serves IPv4-only, IPv6-only and
 /// dual-stack clusters.
-pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+pub(crate) fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     let dual_stack = matches!(addr, SocketAddr::V6(v6) if v6.ip().is_unspecified());
     match bind(addr, dual_stack) {
         Err(e) if dual_stack && e.raw_os_error() == Some(nix::libc::EAFNOSUPPORT) => {
@@ -62,13 +62,13 @@ fn bind(addr: SocketAddr, dual_stack: bool) -> io::Result<TcpListener> {
 
 /// A peer's address as a person reads it: an IPv4 client of a dual-stack listener arrives as
 /// `::ffff:a.b.c.d`, which `X-Forwarded-For`, logs and pods should see as `a.b.c.d`.
-pub fn canonical(peer: SocketAddr) -> SocketAddr {
+pub(crate) fn canonical(peer: SocketAddr) -> SocketAddr {
     SocketAddr::new(peer.ip().to_canonical(), peer.port())
 }
 
 /// Sets keepalive and the user timeout on a connected socket. Failures are logged, not fatal:
 /// the connection still works, it only notices a vanished peer later.
-pub fn keep_alive(stream: &TcpStream) {
+pub(crate) fn keep_alive(stream: &TcpStream) {
     let socket = SockRef::from(stream);
     let keepalive =
         TcpKeepalive::new().with_time(KEEPALIVE_IDLE).with_interval(KEEPALIVE_INTERVAL).with_retries(KEEPALIVE_PROBES);
@@ -84,7 +84,7 @@ pub fn keep_alive(stream: &TcpStream) {
 /// A client connection whose writes fail with `TimedOut` once the peer has accepted no byte for
 /// `limit` (nginx's `send_timeout`). Reads are untouched: waiting for a client to speak is bounded
 /// by the HTTP layer.
-pub struct SendTimeout<T> {
+pub(crate) struct SendTimeout<T> {
     inner: T,
     limit: Duration,
     /// Armed while a write is blocked; kept between stalls so a slow client costs one timer.
@@ -93,7 +93,7 @@ pub struct SendTimeout<T> {
 }
 
 impl<T> SendTimeout<T> {
-    pub fn new(inner: T, limit: Duration) -> Self {
+    pub(crate) fn new(inner: T, limit: Duration) -> Self {
         SendTimeout { inner, limit, stalled: None, armed: false }
     }
 

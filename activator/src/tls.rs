@@ -33,15 +33,15 @@ use crate::sync::lock;
 
 /// The name queue-proxy's certificate carries for every namespace, sent as SNI
 /// (`certificates.LegacyFakeDnsName`).
-pub const DATA_PLANE_NAME: &str = "data-plane.knative.dev";
+pub(crate) const DATA_PLANE_NAME: &str = "data-plane.knative.dev";
 /// The Secret with the activator's own certificate and the CA pods are signed by.
-pub const SECRET: &str = "routing-serving-certs";
+pub(crate) const SECRET: &str = "routing-serving-certs";
 /// Marks a ConfigMap of the system namespace as a bundle of CAs to trust (any value).
-pub const TRUST_BUNDLE_LABEL: &str = "networking.knative.dev/trust-bundle";
+pub(crate) const TRUST_BUNDLE_LABEL: &str = "networking.knative.dev/trust-bundle";
 
 label_values! {
     /// The side of a system-internal TLS handshake that failed.
-    pub enum Peer {
+    pub(crate) enum Peer {
         /// A client of the TLS port.
         Client = "client",
         /// A pod whose certificate was refused.
@@ -51,10 +51,10 @@ label_values! {
 
 /// System-internal TLS handshakes that failed, by peer.
 #[derive(Clone)]
-pub struct HandshakeFailures(Labelled<Peer, IntCounter>);
+pub(crate) struct HandshakeFailures(Labelled<Peer, IntCounter>);
 
 impl HandshakeFailures {
-    pub fn register(reg: &Registrar) -> Self {
+    pub(crate) fn register(reg: &Registrar) -> Self {
         let family = reg.counter_vec(
             "activator_tls_handshakes_failed_total",
             "System-internal TLS handshakes that failed: with clients of the TLS port, or with pods whose certificate was refused",
@@ -63,30 +63,30 @@ impl HandshakeFailures {
         HandshakeFailures(Labelled::new(&family, &[]))
     }
 
-    pub fn count(&self, peer: Peer) {
+    pub(crate) fn count(&self, peer: Peer) {
         self.0.get(peer).inc();
     }
 }
 /// queue-proxy's TLS port on a pod, and the private Service's.
-pub const POD_TLS_PORT: u16 = 8112;
-pub const SERVICE_TLS_PORT: u16 = 443;
+pub(crate) const POD_TLS_PORT: u16 = 8112;
+pub(crate) const SERVICE_TLS_PORT: u16 = 443;
 
 /// The name a pod's certificate must also carry for the revision's namespace
 /// (`certificates.DataPlaneUserSAN`).
-pub fn user_san(namespace: &str) -> String {
+pub(crate) fn user_san(namespace: &str) -> String {
     format!("kn-user-{}", namespace.to_ascii_lowercase())
 }
 
 /// `ACTIVATOR_TLS_*`, read as upstream's `knative.dev/pkg/network/tls.DefaultConfigFromEnv`.
 #[derive(Clone, Debug)]
-pub struct ServerSettings {
+pub(crate) struct ServerSettings {
     versions: Vec<&'static rustls::SupportedProtocolVersion>,
     provider: Arc<CryptoProvider>,
 }
 
 impl ServerSettings {
     /// From the variables `var` reads; a value upstream would refuse is an error naming it.
-    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+    pub(crate) fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
         let version = |name: &str| -> Result<Option<u8>, String> {
             match var(name).filter(|v| !v.is_empty()).as_deref() {
                 None => Ok(None),
@@ -162,7 +162,7 @@ fn curve(name: &str) -> Result<&'static dyn SupportedKxGroup, String> {
 }
 
 /// The certificates and trust of system-internal TLS, as the watches last reported them.
-pub struct InternalTls {
+pub(crate) struct InternalTls {
     /// `config-network` asks for system-internal TLS: the TLS port serves while it does.
     enabled: AtomicBool,
     provider: Arc<CryptoProvider>,
@@ -203,7 +203,7 @@ impl Default for InternalTls {
 impl InternalTls {
     /// The Secret `routing-serving-certs` changed. A pair that does not read keeps the previous
     /// certificate (upstream's `updateCertificate`); `ca.crt`'s first certificate is trusted.
-    pub fn set_secret(&self, data: &std::collections::BTreeMap<String, Vec<u8>>) -> Result<(), String> {
+    pub(crate) fn set_secret(&self, data: &std::collections::BTreeMap<String, Vec<u8>>) -> Result<(), String> {
         let ca = data.get("ca.crt").and_then(|pem| CertificateDer::pem_slice_iter(pem).next()?.ok());
         lock(&self.sources).secret_ca = ca.into_iter().collect();
         self.rebuild_roots();
@@ -223,7 +223,7 @@ impl InternalTls {
 
     /// The trust bundles now: every certificate in every data value of each labelled ConfigMap.
     /// Values holding something else are reported and skipped.
-    pub fn set_bundles<'a>(&self, values: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<String> {
+    pub(crate) fn set_bundles<'a>(&self, values: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<String> {
         let mut problems = Vec::new();
         let mut bundles = Vec::new();
         for (name, pem) in values {
@@ -251,18 +251,18 @@ impl InternalTls {
         lock(&self.clients).clear();
     }
 
-    pub fn set_enabled(&self, enabled: bool) {
+    pub(crate) fn set_enabled(&self, enabled: bool) {
         self.enabled.store(enabled, Ordering::Relaxed);
     }
 
     /// Whether the TLS port serves now: enabled, with a certificate to serve.
-    pub fn serving(&self) -> bool {
+    pub(crate) fn serving(&self) -> bool {
         self.enabled.load(Ordering::Relaxed) && self.served.load().is_some()
     }
 
     /// The TLS configuration of the activator's own TLS port: the Secret's certificate as it is at
     /// each handshake, HTTP/2 and HTTP/1.1 by ALPN, no client certificate (as upstream).
-    pub fn server_config(self: &Arc<Self>, settings: &ServerSettings) -> Result<Arc<ServerConfig>, String> {
+    pub(crate) fn server_config(self: &Arc<Self>, settings: &ServerSettings) -> Result<Arc<ServerConfig>, String> {
         let mut config = ServerConfig::builder_with_provider(settings.provider.clone())
             .with_protocol_versions(&settings.versions)
             .map_err(|e| format!("ACTIVATOR_TLS_*: {e}"))?
@@ -274,7 +274,7 @@ impl InternalTls {
 
     /// A TLS connection over `tcp` to a pod (or private Service) of a revision in `namespace`,
     /// verified as upstream verifies queue-proxy; `h2` asks for HTTP/2 by ALPN.
-    pub async fn connect(
+    pub(crate) async fn connect(
         &self,
         tcp: TcpStream,
         namespace: &str,
@@ -315,7 +315,7 @@ impl InternalTls {
     }
 
     /// An acceptor for the activator's TLS port, when there is a certificate to serve.
-    pub fn acceptor(self: &Arc<Self>, settings: &ServerSettings) -> Option<TlsAcceptor> {
+    pub(crate) fn acceptor(self: &Arc<Self>, settings: &ServerSettings) -> Option<TlsAcceptor> {
         if !self.serving() {
             return None;
         }

@@ -18,14 +18,14 @@ const TRIM_EVERY: Duration = Duration::from_secs(5);
 
 /// Decides when to trim; call [`Trimmer::tick`] periodically, off the request path.
 #[derive(Debug, Default)]
-pub struct Trimmer {
+pub(crate) struct Trimmer {
     last: Option<Instant>,
 }
 
 impl Trimmer {
     /// Trims if a burst's worth of freed memory is held and no trim ran lately. Blocks for as
     /// long as the trim takes (milliseconds for a large heap).
-    pub fn tick(&mut self) {
+    pub(crate) fn tick(&mut self) {
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         {
             use nix::libc;

@@ -13,12 +13,12 @@
 use jiter::{JsonValue, PartialMode};
 
 /// How much of a request body is read to name its conversation; the rest streams through.
-pub const PREFIX_LIMIT: usize = 64 * 1024;
+pub(crate) const PREFIX_LIMIT: usize = 64 * 1024;
 
 /// The conversation `prefix` (the beginning of a chat request's body) belongs to: a hash of the
 /// first system message and the first user message. `None` if it is not a chat request or names
 /// no user message.
-pub fn conversation_id(prefix: &[u8]) -> Option<String> {
+pub(crate) fn conversation_id(prefix: &[u8]) -> Option<String> {
     let prefix = &prefix[..prefix.len().min(PREFIX_LIMIT)];
     let JsonValue::Object(request) = JsonValue::parse_with_config(prefix, false, PartialMode::TrailingStrings).ok()?
     else {

@@ -26,27 +26,23 @@ const VERSION_WITHOUT_WRITTEN: &str = "1";
 const NONCE_BYTES: usize = 12;
 
 /// The keys of `--pin-cookie-keys`; empty until one is read.
-pub struct CookieKeys {
+pub(crate) struct CookieKeys {
     file: KeyFile,
 }
 
 impl CookieKeys {
     /// Keys read from `path` (re-read by `reload`); without a path, signed cookies are off.
-    pub fn from_file(path: Option<PathBuf>) -> anyhow::Result<Self> {
+    pub(crate) fn from_file(path: Option<PathBuf>) -> anyhow::Result<Self> {
         Ok(CookieKeys { file: KeyFile::from_file("--pin-cookie-keys", path)? })
     }
 
-    pub fn enabled(&self) -> bool {
-        self.file.enabled()
-    }
-
-    pub fn reload(&self) {
+    pub(crate) fn reload(&self) {
         self.file.reload();
     }
 
     /// The cookie value carrying `pin` for `scope`, first made at `written`, until `expires`:
     /// sealed, so it reads as random bytes.
-    pub fn sign(&self, scope: &str, pin: &Pin, written: SystemTime, expires: SystemTime) -> Option<String> {
+    pub(crate) fn sign(&self, scope: &str, pin: &Pin, written: SystemTime, expires: SystemTime) -> Option<String> {
         let pod = pin.pod?;
         let keys = self.file.keys();
         let key = sealing_key(keys.first()?);
@@ -67,7 +63,7 @@ impl CookieKeys {
 
     /// What a cookie value carries for `scope`, if a key in force sealed (or, for a cookie of
     /// the earlier format, signed) it for this scope and it has not expired.
-    pub fn verify(&self, scope: &str, value: &str, now: SystemTime) -> Option<SignedPin> {
+    pub(crate) fn verify(&self, scope: &str, value: &str, now: SystemTime) -> Option<SignedPin> {
         let keys = self.file.keys();
         let body = match value.strip_prefix(SEALED) {
             Some(sealed) => {
@@ -134,7 +130,7 @@ fn read_body(body: &str, now: SystemTime) -> Option<SignedPin> {
 
 /// A verified pin cookie's content.
 #[derive(Debug, PartialEq, Eq)]
-pub struct SignedPin {
+pub(crate) struct SignedPin {
     pub pin: Pin,
     pub expires: SystemTime,
     /// When the pin was first made; `None` in cookies of the first version.

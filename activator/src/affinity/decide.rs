@@ -16,7 +16,7 @@ use crate::world::{Revision, Service};
 
 label_values! {
     /// Why the request goes where it goes (`X-Activator-Decision` with `--debug-headers`).
-    pub enum Origin {
+    pub(crate) enum Origin {
         /// The session's pinned pod.
         SessionPin = "session-pin",
         /// The revision pinned for the flow.
@@ -35,7 +35,7 @@ label_values! {
 
 /// A pin to write once the pod is known.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PinWrite {
+pub(super) enum PinWrite {
     /// No pin yet: first writer wins.
     Create,
     /// Replace this (stale) pin, unless another writer replaced it first.
@@ -43,7 +43,7 @@ pub enum PinWrite {
 }
 
 impl PinWrite {
-    pub fn expected(&self) -> Option<&Pin> {
+    pub(super) fn expected(&self) -> Option<&Pin> {
         match self {
             PinWrite::Create => None,
             PinWrite::Replace(pin) => Some(pin),
@@ -57,14 +57,14 @@ impl PinWrite {
 
 /// What the request carries and what the pin table says about it.
 #[derive(Clone, Debug, Default)]
-pub struct Lookup {
+pub(super) struct Lookup {
     pub has_session: bool,
     pub has_flow: bool,
     pub session: Option<Pin>,
     pub flow: Option<Pin>,
 }
 
-pub struct Decision {
+pub(super) struct Decision {
     pub revision: Arc<Revision>,
     pub want: Want,
     pub origin: Origin,
@@ -77,7 +77,7 @@ pub struct Decision {
 /// `under_served` gives the revision a new pin goes to when the service splits by requests
 /// (`affinity::share`); it replaces the roll (and the ingress's pick) for requests that will be
 /// pinned, and is asked only for those.
-pub fn decide<'s>(
+pub(super) fn decide<'s>(
     service: &'s Service,
     ingress_pick: Option<&Arc<Revision>>,
     under_served: impl FnOnce() -> Option<&'s Arc<Revision>>,
@@ -133,7 +133,7 @@ pub fn decide<'s>(
 /// Reconciles a decision with the flow pin that holds after its write: a flow another request or
 /// replica pinned first sends this request there too, unless the session's own valid pin chose
 /// the revision (a stale session pin, to a revision that left the traffic, does not).
-pub fn follow_flow_winner(decision: &mut Decision, service: &Service, lookup: &Lookup, winner: &Pin) {
+pub(super) fn follow_flow_winner(decision: &mut Decision, service: &Service, lookup: &Lookup, winner: &Pin) {
     let session_chose = decision.origin == Origin::SessionPin
         || lookup.session.as_ref().is_some_and(|pin| service.routes_to(&pin.revision).is_some());
     if !session_chose && let Some(revision) = service.routes_to(&winner.revision) {

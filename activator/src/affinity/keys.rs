@@ -11,11 +11,11 @@ use crate::pins::{PinKey, PinKind};
 use crate::world::policy::{IdSource, Policy};
 
 /// Longest id accepted, in bytes.
-pub const MAX_ID_BYTES: usize = 1024;
+pub(super) const MAX_ID_BYTES: usize = 1024;
 
 /// The ids `req` carries, as pin keys of the service `policy` belongs to. `conversation` is the
 /// session id its body names (`affinity::chat`), used when no source of the policy gives one.
-pub fn extract<B>(policy: &Policy, req: &Request<B>, conversation: Option<&str>) -> Result<Keys, KeyError> {
+pub(crate) fn extract<B>(policy: &Policy, req: &Request<B>, conversation: Option<&str>) -> Result<Keys, KeyError> {
     let flow = first_id(policy.flow_sources(), req, PinKind::Flow)?;
     let scope = policy.scope();
     let session = first_id(policy.session_sources(), req, PinKind::Session)?
@@ -57,14 +57,14 @@ pub fn extract<B>(policy: &Policy, req: &Request<B>, conversation: Option<&str>)
 /// Whether `req`'s conversation would name its session (`sticky-session-chat-prefix`): a `POST`
 /// to the service's chat path that carries no session id of its own. Only such a request's body
 /// is held back to be read; any other streams from its first byte.
-pub fn names_its_conversation<B>(policy: &Policy, req: &Request<B>) -> bool {
+pub(crate) fn names_its_conversation<B>(policy: &Policy, req: &Request<B>) -> bool {
     policy.chat_path().is_some_and(|path| req.method() == Method::POST && req.uri().path() == path)
         && matches!(first_id(policy.session_sources(), req, PinKind::Session), Ok(None))
 }
 
 /// The ids of one request, already hashed into pin keys.
 #[derive(Debug, Default)]
-pub struct Keys {
+pub(crate) struct Keys {
     pub session: Option<PinKey>,
     /// The session id itself, for a service with `sticky-session-end-path` only.
     pub session_id: Option<HeaderValue>,
@@ -76,7 +76,7 @@ pub struct Keys {
 }
 
 #[derive(Debug)]
-pub struct SignedCookie {
+pub(crate) struct SignedCookie {
     pub name: String,
     pub secure: bool,
     /// The value the request carried, unverified.
@@ -86,14 +86,14 @@ pub struct SignedCookie {
 impl SignedCookie {
     /// The `Set-Cookie` value carrying a newly signed pin: a browser-session cookie, the pin's
     /// own expiry being signed inside it.
-    pub fn header_value(&self, signed: &str) -> String {
+    pub(crate) fn header_value(&self, signed: &str) -> String {
         let secure = if self.secure { "; Secure" } else { "" };
         format!("{}={signed}; Path=/; HttpOnly; SameSite=Lax{secure}", self.name)
     }
 }
 
 #[derive(Debug)]
-pub struct NewCookie {
+pub(crate) struct NewCookie {
     pub name: String,
     pub id: String,
     pub secure: bool,
@@ -104,7 +104,7 @@ impl NewCookie {
     /// period: it is a browser-session cookie, or lives `max_age` when the pins have that
     /// absolute cap. Its pin slides on use; a client coming back after its pin expired keeps its
     /// id and is pinned anew.
-    pub fn header_value(&self, max_age: Option<Duration>) -> String {
+    pub(crate) fn header_value(&self, max_age: Option<Duration>) -> String {
         let mut value = format!("{}={}; Path=/; HttpOnly; SameSite=Lax", self.name, self.id);
         if let Some(max_age) = max_age {
             value.push_str(&format!("; Max-Age={}", max_age.as_secs()));
@@ -118,7 +118,7 @@ impl NewCookie {
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{} id is longer than {MAX_ID_BYTES} bytes", kind.as_str())]
-pub struct KeyError {
+pub(crate) struct KeyError {
     pub kind: PinKind,
 }
 

@@ -9,13 +9,13 @@ mod decide;
 mod keys;
 mod pinning;
 
-pub mod chat;
-pub mod share;
+pub(crate) mod chat;
+pub(crate) mod share;
 
-pub use cookie::CookieKeys;
-pub use decide::Origin;
-pub use keys::{Keys, extract, names_its_conversation};
-pub use pinning::{Admitted, Failed, Pinning, Resend, Route};
+pub(crate) use cookie::CookieKeys;
+pub(crate) use decide::Origin;
+pub(crate) use keys::{Keys, extract, names_its_conversation};
+pub(crate) use pinning::{Admitted, Failed, Pinning, Resend, Route};
 
 use prometheus::IntCounter;
 
@@ -24,10 +24,10 @@ use crate::metrics::Registrar;
 
 /// Requests by the decision that sent them where they went.
 #[derive(Clone)]
-pub struct Decisions(Labelled<Origin, IntCounter>);
+pub(crate) struct Decisions(Labelled<Origin, IntCounter>);
 
 impl Decisions {
-    pub fn register(reg: &Registrar) -> Self {
+    pub(crate) fn register(reg: &Registrar) -> Self {
         let family = reg.counter_vec(
             "activator_decisions_total",
             "Requests by routing decision: session-pin, revision-pin, split, ingress, new-pin, re-pin",
@@ -36,7 +36,7 @@ impl Decisions {
         Decisions(Labelled::new(&family, &[]))
     }
 
-    pub fn count(&self, origin: Origin) {
+    pub(crate) fn count(&self, origin: Origin) {
         self.0.get(origin).inc();
     }
 }

@@ -25,7 +25,7 @@ use crate::world::{Revision, Service};
 static NO_KEYS_REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Where a request is going.
-pub struct Route {
+pub(crate) struct Route {
     pub revision: Arc<Revision>,
     pub want: Want,
     pub origin: Origin,
@@ -46,7 +46,7 @@ impl Route {
     /// What to ask the throttler for when the request must go to another pod of its revision
     /// (its pod failed it): for a session, the pod its hash prefers among those ready now, so
     /// replicas re-pin it alike; else any.
-    pub fn elsewhere(&self) -> Want {
+    pub(crate) fn elsewhere(&self) -> Want {
         let preferred = self.placement.and_then(|hash| self.revision.throttler.rendezvous(hash));
         preferred.map_or(Want::Any, Want::Prefer)
     }
@@ -56,7 +56,7 @@ impl Route {
     /// answers, rather than waiting for the revision's timeout), and for a request that reached
     /// its pod only if it was kept and the revision's retry budget allows. Counts resends and
     /// retries.
-    pub fn after_failure<T>(&self, failed: Failed<T>) -> Option<(Want, T)> {
+    pub(crate) fn after_failure<T>(&self, failed: Failed<T>) -> Option<(Want, T)> {
         let revision = &self.revision;
         let ready = revision.throttler.has_ready_pods();
         let again = match failed {
@@ -83,7 +83,7 @@ impl Route {
 }
 
 /// What the request does once it holds a slot on a pod.
-pub enum Admitted {
+pub(crate) enum Admitted {
     /// It stays: its session is pinned to the pod, or it has none.
     Keep,
     /// Another writer pinned the session first, to a ready pod that the route now names: the
@@ -93,7 +93,7 @@ pub enum Admitted {
 }
 
 /// How the request's pod failed it, with what would be sent again (`T`).
-pub enum Failed<T> {
+pub(crate) enum Failed<T> {
     /// None of the request reached the pod: it may go to another whatever its method.
     Unsent(T),
     /// The pod failed it after it reached it, before any response byte.
@@ -101,7 +101,7 @@ pub enum Failed<T> {
 }
 
 /// Whether a request its pod failed can be sent again (`crate::retry`).
-pub enum Resend<T> {
+pub(crate) enum Resend<T> {
     /// Its service does not resend such requests.
     NotAllowed,
     /// Allowed, but its body was not kept whole.
@@ -110,7 +110,7 @@ pub enum Resend<T> {
 }
 
 /// A request's ids, its service, and what the pin table said about them.
-pub struct Pinning<'a> {
+pub(crate) struct Pinning<'a> {
     pins: &'a Pins,
     cookies: &'a CookieKeys,
     service: &'a Service,
@@ -123,7 +123,7 @@ pub struct Pinning<'a> {
 impl<'a> Pinning<'a> {
     /// Reads the request's pins and decides its revision (and pod, for a pinned session).
     /// `ingress_pick` is the revision Knative's ingress named, which replaces the split.
-    pub async fn route(
+    pub(crate) async fn route(
         pins: &'a Pins,
         cookies: &'a CookieKeys,
         service: &'a Service,
@@ -206,7 +206,7 @@ impl<'a> Pinning<'a> {
     /// The request holds a slot on `pod` of `route.revision`: its session is pinned there, and
     /// watched for its end; or, if another writer pinned it first to a pod that is ready, the
     /// route names that pod (and its revision) instead.
-    pub async fn admitted(&self, route: &mut Route, pod: SocketAddr) -> Admitted {
+    pub(crate) async fn admitted(&self, route: &mut Route, pod: SocketAddr) -> Admitted {
         route.pod = Some(pod);
         let moved = self.pin_session(route, pod).await;
         self.watch_end();

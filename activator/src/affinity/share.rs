@@ -65,7 +65,7 @@ const MAX_PERIOD_COUNT: u64 = 100_000_000 * COUNT_PERIOD_SECONDS;
 
 /// The revision of `service`'s traffic (at more than 0 %) whose share of the requests routed
 /// within the window is furthest below its percent: before any, the one with the largest percent.
-pub fn most_under_served(service: &Service) -> Option<&Arc<Revision>> {
+pub(crate) fn most_under_served(service: &Service) -> Option<&Arc<Revision>> {
     let served: Vec<(u64, &Arc<Revision>, u32)> = service
         .traffic
         .iter()
@@ -79,7 +79,7 @@ pub fn most_under_served(service: &Service) -> Option<&Arc<Revision>> {
 
 /// Exchanges the counts of every service that splits by requests with the other replicas
 /// through the pin store, every `interval`. Runs only with the Redis store.
-pub async fn exchange_loop(world: &ArcSwap<Snapshot>, pins: &Pins, interval: Duration) {
+pub(crate) async fn exchange_loop(world: &ArcSwap<Snapshot>, pins: &Pins, interval: Duration) {
     let Some(store) = pins.store() else { return };
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -24,9 +24,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use memory::MemoryPins;
 pub use metrics::PinMetrics;
-pub use redis::{Deployment, RedisClient, RedisTls};
-pub use shared::admin::{DRAINED_POD, delete_pin, drain_pod, key_report, pin_targets};
-pub use shared::{Purpose, SharedConfig, SharedPins};
+pub(crate) use redis::RedisClient;
+pub use redis::{Deployment, RedisTls};
+pub use shared::SharedConfig;
+pub(crate) use shared::admin::{DRAINED_POD, delete_pin, drain_pod, key_report, pin_targets};
+pub(crate) use shared::{Purpose, SharedPins};
 
 use crate::spec::SessionEnd;
 
@@ -377,7 +379,7 @@ impl Pins {
 
     /// The shared store, for what other owners exchange through it (`SharedPins::lend`); `None`
     /// with pins kept in this replica only.
-    pub fn store(&self) -> Option<&SharedPins> {
+    pub(crate) fn store(&self) -> Option<&SharedPins> {
         self.shared.as_deref()
     }
 

@@ -73,7 +73,7 @@ pub enum Deployment {
 
 /// A client for the pin store's Redis.
 #[derive(Clone)]
-pub struct RedisClient {
+pub(crate) struct RedisClient {
     /// The server, or each seed node of a cluster: a cluster delivers every `PUBLISH` to every
     /// node, so the pub/sub subscription may use any of them.
     servers: Vec<Client>,
@@ -85,7 +85,7 @@ pub struct RedisClient {
 impl RedisClient {
     /// A client for `urls`: one URL for a server, comma-separated seed nodes for a cluster.
     /// Connects to nothing yet.
-    pub fn new(urls: &str, deployment: &Deployment, tls: &RedisTls) -> anyhow::Result<Self> {
+    pub(crate) fn new(urls: &str, deployment: &Deployment, tls: &RedisTls) -> anyhow::Result<Self> {
         let urls: Vec<&str> = urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
         let first = urls.first().copied().context("--redis-url is empty")?;
         let certificates = tls.certificates(first)?;
@@ -123,7 +123,7 @@ impl RedisClient {
 
     /// A connection that reconnects by itself, whose every answer must come within
     /// `response_timeout`.
-    pub async fn connect(&self, response_timeout: Duration) -> RedisResult<RedisConnection> {
+    pub(crate) async fn connect(&self, response_timeout: Duration) -> RedisResult<RedisConnection> {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(response_timeout))
@@ -145,7 +145,7 @@ impl RedisClient {
 
     /// A pub/sub connection; in a cluster, to seed node `attempt` (modulo their number), so
     /// retries go round the seeds when one is down.
-    pub async fn pubsub(&self, attempt: usize) -> RedisResult<PubSub> {
+    pub(crate) async fn pubsub(&self, attempt: usize) -> RedisResult<PubSub> {
         match &self.sentinels {
             // The primary's pub/sub, wherever it is now.
             Some(sentinels) => sentinels.primary().await?.get_async_pubsub().await,
@@ -157,7 +157,7 @@ impl RedisClient {
 /// A connection to the pin store's Redis; cheap to clone, every clone multiplexed on the same
 /// sockets.
 #[derive(Clone)]
-pub enum RedisConnection {
+pub(crate) enum RedisConnection {
     Server(ConnectionManager),
     Failover(Arc<Failover>),
     Cluster(ClusterConnection),
@@ -165,7 +165,7 @@ pub enum RedisConnection {
 
 impl RedisConnection {
     /// `INFO server` of one server (in a cluster, any node: they run one version).
-    pub async fn server_info(&mut self) -> RedisResult<String> {
+    pub(crate) async fn server_info(&mut self) -> RedisResult<String> {
         let mut info = redis::cmd("INFO");
         info.arg("server");
         match self {
@@ -179,7 +179,7 @@ impl RedisConnection {
 
     /// Every key matching `pattern`, whose hash tag puts them all in one slot: in a cluster, that
     /// slot's primary is scanned.
-    pub async fn scan_one_slot(&mut self, pattern: &str) -> RedisResult<Vec<String>> {
+    pub(crate) async fn scan_one_slot(&mut self, pattern: &str) -> RedisResult<Vec<String>> {
         let route = match self {
             RedisConnection::Server(_) | RedisConnection::Failover(_) => None,
             RedisConnection::Cluster(conn) => {
@@ -292,7 +292,7 @@ impl Sentinels {
 /// A connection to the primary that follows it when Sentinels fail it over: a failure that says
 /// the primary may be gone (no connection, no answer, a read-only replica) asks the Sentinels
 /// where it is, and a new primary gets a new connection.
-pub struct Failover {
+pub(crate) struct Failover {
     current: ArcSwap<ConnectionManager>,
     /// Pulsed by failures that may mean the primary moved.
     lost: Notify,

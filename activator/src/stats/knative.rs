@@ -39,14 +39,14 @@ const METHODS: [Method; 9] = [
 const OTHER_METHOD: &str = "_OTHER";
 const VERSIONS: [&str; 3] = ["1.0", "1.1", "2"];
 /// Distinct (method, protocol version) pairs a request can be recorded under.
-pub const PROTOCOLS: usize = (METHODS.len() + 1) * VERSIONS.len();
+pub(crate) const PROTOCOLS: usize = (METHODS.len() + 1) * VERSIONS.len();
 
 /// The closed-set attributes of a request: its method and HTTP version, as one small index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Protocol(u8);
+pub(crate) struct Protocol(u8);
 
 impl Protocol {
-    pub fn of(method: &Method, version: Version) -> Self {
+    pub(crate) fn of(method: &Method, version: Version) -> Self {
         let m = METHODS.iter().position(|m| m == method).unwrap_or(METHODS.len());
         let v = match version {
             Version::HTTP_10 | Version::HTTP_09 => 0,
@@ -56,24 +56,24 @@ impl Protocol {
         Protocol(u8::try_from(m * VERSIONS.len() + v).expect("fewer than 256 pairs"))
     }
 
-    pub fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         usize::from(self.0)
     }
 
-    pub fn from_index(index: usize) -> Self {
+    pub(crate) fn from_index(index: usize) -> Self {
         Protocol(u8::try_from(index % PROTOCOLS).expect("fewer than 256 pairs"))
     }
 
-    pub fn method(self) -> &'static str {
+    pub(crate) fn method(self) -> &'static str {
         METHODS.get(self.index() / VERSIONS.len()).map_or(OTHER_METHOD, Method::as_str)
     }
 
-    pub fn version(self) -> &'static str {
+    pub(crate) fn version(self) -> &'static str {
         VERSIONS[self.index() % VERSIONS.len()]
     }
 
     /// The version as Go's `Request.Proto` spells it.
-    pub fn proto(self) -> &'static str {
+    pub(crate) fn proto(self) -> &'static str {
         ["HTTP/1.0", "HTTP/1.1", "HTTP/2.0"][self.index() % VERSIONS.len()]
     }
 }
@@ -81,7 +81,7 @@ impl Protocol {
 /// Upstream's instruments, in a registry of their own so they can be left out of `/metrics`
 /// (`metrics-protocol: none`) or pushed instead.
 #[derive(Clone)]
-pub struct KnativeMetrics {
+pub(crate) struct KnativeMetrics {
     /// Upstream's own registry, exposed only while exported.
     registry: Registrar,
     exported: Arc<AtomicBool>,
@@ -100,14 +100,14 @@ pub struct KnativeMetrics {
 
 /// otelhttp's server instruments for one series: recorded once the response has ended.
 #[derive(Clone)]
-pub struct ServerSeries {
+pub(crate) struct ServerSeries {
     pub duration: Histogram,
     pub request_size: Histogram,
     pub response_size: Histogram,
 }
 
 impl ServerSeries {
-    pub fn record(&self, elapsed: std::time::Duration, request_bytes: u64, response_bytes: u64) {
+    pub(crate) fn record(&self, elapsed: std::time::Duration, request_bytes: u64, response_bytes: u64) {
         self.duration.observe(elapsed.as_secs_f64());
         self.request_size.observe(request_bytes as f64);
         self.response_size.observe(response_bytes as f64);
@@ -116,7 +116,7 @@ impl ServerSeries {
 
 /// otelhttp's client instruments (the exchange with the pod) for one series.
 #[derive(Clone)]
-pub struct ClientSeries {
+pub(crate) struct ClientSeries {
     /// From sending the request to the pod's response headers (or the failure).
     pub duration: Histogram,
     pub request_size: Histogram,
@@ -124,13 +124,13 @@ pub struct ClientSeries {
 
 /// How a request reached the pod, for the client series.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scheme {
+pub(crate) enum Scheme {
     Http,
     Https,
 }
 
 impl Scheme {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Scheme::Http => "http",
             Scheme::Https => "https",
@@ -139,7 +139,7 @@ impl Scheme {
 }
 
 /// The labels upstream's `MetricAttributeHandler` puts on a revision's series.
-pub const REVISION_LABELS: [&str; 4] =
+pub(crate) const REVISION_LABELS: [&str; 4] =
     ["kn_service_name", "kn_configuration_name", "kn_revision_name", "k8s_namespace_name"];
 /// otelhttp's server attributes and the revision's.
 const SERVER_LABELS: [&str; 10] = [
@@ -172,7 +172,7 @@ const CLIENT_LABELS: [&str; 10] = [
 const CLIENT_ERROR: &str = "_OTHER";
 
 impl KnativeMetrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let concurrency = GaugeVec::new(
             Opts::new(
                 "kn_revision_request_concurrency",
@@ -273,24 +273,24 @@ impl KnativeMetrics {
     }
 
     /// Whether `/metrics` carries these series (`metrics-protocol: prometheus`).
-    pub fn set_exported(&self, exported: bool) {
+    pub(crate) fn set_exported(&self, exported: bool) {
         self.exported.store(exported, Ordering::Relaxed);
     }
 
-    pub fn exported(&self) -> bool {
+    pub(crate) fn exported(&self) -> bool {
         self.exported.load(Ordering::Relaxed)
     }
 
-    pub fn family_names(&self) -> Vec<String> {
+    pub(crate) fn family_names(&self) -> Vec<String> {
         self.registry.family_names()
     }
 
-    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+    pub(crate) fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
         self.registry.gather()
     }
 
     /// One revision's gauges.
-    pub fn revision(&self, names: &RevisionNames) -> KnativeRevision {
+    pub(crate) fn revision(&self, names: &RevisionNames) -> KnativeRevision {
         let short = [names.namespace.as_str(), &names.revision];
         KnativeRevision {
             concurrency: self.concurrency.with_label_values(&names.labels()),
@@ -300,7 +300,7 @@ impl KnativeMetrics {
     }
 
     /// A request's server series; `names` is `None` for a request no revision took.
-    pub fn server(&self, names: Option<&RevisionNames>, protocol: Protocol, code: u16) -> ServerSeries {
+    pub(crate) fn server(&self, names: Option<&RevisionNames>, protocol: Protocol, code: u16) -> ServerSeries {
         let code = code.to_string();
         let labels = server_labels(names, protocol, &code);
         ServerSeries {
@@ -312,7 +312,13 @@ impl KnativeMetrics {
 
     /// The series of a revision's exchanges with its pods that ended with `code`, or with no
     /// status at all.
-    pub fn client(&self, names: &RevisionNames, protocol: Protocol, code: Option<u16>, scheme: Scheme) -> ClientSeries {
+    pub(crate) fn client(
+        &self,
+        names: &RevisionNames,
+        protocol: Protocol,
+        code: Option<u16>,
+        scheme: Scheme,
+    ) -> ClientSeries {
         let code = code.map(|c| c.to_string());
         let labels = client_labels(names, protocol, code.as_deref(), scheme);
         ClientSeries {
@@ -322,7 +328,7 @@ impl KnativeMetrics {
     }
 
     /// One answer of the Kubernetes API (`code` is `None` for a request that got none).
-    pub fn kube_response(&self, host: &str, method: &str, code: Option<u16>) {
+    pub(crate) fn kube_response(&self, host: &str, method: &str, code: Option<u16>) {
         // Upstream's recorder keeps 200 and requests that failed with no status (as 0); other
         // codes lose their label there, a bug not copied.
         let code = code.unwrap_or(0).to_string();
@@ -331,7 +337,7 @@ impl KnativeMetrics {
 
     /// Removes a revision's series once it is gone; `recorded` lists the (protocol, code) pairs
     /// its requests were recorded under, `clients` the (protocol, code, scheme) of its exchanges.
-    pub fn forget(
+    pub(crate) fn forget(
         &self,
         names: &RevisionNames,
         recorded: impl Iterator<Item = (Protocol, u16)>,
@@ -386,7 +392,7 @@ impl Default for KnativeMetrics {
 
 /// Who a revision belongs to, as upstream labels it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct RevisionNames {
+pub(crate) struct RevisionNames {
     pub namespace: String,
     pub service: String,
     pub configuration: String,
@@ -403,7 +409,7 @@ impl RevisionNames {
 }
 
 /// A revision's upstream gauges, resolved once.
-pub struct KnativeRevision {
+pub(crate) struct KnativeRevision {
     /// Set by the autoscaler reporter on each report.
     pub concurrency: Gauge,
     pub queued: IntGauge,

@@ -6,7 +6,7 @@
 //! touches only atomics and never formats or hashes label strings. Our own names are here;
 //! upstream's, recorded alongside, are in `knative`. Must not decide anything.
 
-pub mod knative;
+pub(crate) mod knative;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -26,7 +26,7 @@ use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, I
 const COMMON_CODES: [u16; 16] = [200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 429, 500, 502, 503, 504];
 
 #[derive(Clone)]
-pub struct Stats {
+pub(crate) struct Stats {
     registrar: Registrar,
     /// The live per-revision handles, so a revision that leaves and comes back while its old
     /// requests finish shares one set of series, and the series go when the last holder does.
@@ -52,11 +52,11 @@ impl Default for Stats {
 
 impl Stats {
     /// In a registry of their own, for tests and benchmarks.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::register(&Registrar::default())
     }
 
-    pub fn register(reg: &Registrar) -> Self {
+    pub(crate) fn register(reg: &Registrar) -> Self {
         let labels = ["namespace", "service", "revision", "code"];
         let revision = &labels[..3];
         let knative = KnativeMetrics::new();
@@ -117,7 +117,7 @@ impl Stats {
     }
 
     /// The handles of one revision's series; its series are removed when the last handle goes.
-    pub fn revision(&self, names: RevisionNames) -> Arc<RevisionStats> {
+    pub(crate) fn revision(&self, names: RevisionNames) -> Arc<RevisionStats> {
         let mut live = lock(&self.revisions);
         if let Some(existing) = live.get(&names).and_then(Weak::upgrade) {
             return existing;
@@ -144,7 +144,7 @@ impl Stats {
 
     /// A request that never reached a revision (unknown host, bad request), answered at once
     /// with `body_bytes`.
-    pub fn unrouted(&self, code: u16, protocol: Protocol, elapsed: Duration, body_bytes: u64) {
+    pub(crate) fn unrouted(&self, code: u16, protocol: Protocol, elapsed: Duration, body_bytes: u64) {
         self.record(["", "", ""], code, elapsed);
         self.knative.server(None, protocol, code).record(elapsed, 0, body_bytes);
     }
@@ -158,7 +158,7 @@ impl Stats {
 
     /// The text exposition format served on `/metrics`: every registered family, and upstream's
     /// while exported.
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let upstream = if self.knative.exported() { self.knative.gather() } else { Vec::new() };
         self.registrar.encode(upstream)
     }
@@ -173,7 +173,7 @@ struct CodeSeries {
     client: [OnceLock<ClientSeries>; PROTOCOLS * 2],
 }
 
-pub struct RevisionStats {
+pub(crate) struct RevisionStats {
     names: RevisionNames,
     common: [OnceLock<CodeSeries>; COMMON_CODES.len()],
     /// Other (protocol, status code) pairs recorded, so their series can be removed too.
@@ -191,13 +191,13 @@ pub struct RevisionStats {
 }
 
 impl RevisionStats {
-    pub fn names(&self) -> &RevisionNames {
+    pub(crate) fn names(&self) -> &RevisionNames {
         &self.names
     }
 
     /// Counts a request answered with `code`, its time to response headers in ours, and returns
     /// upstream's server series to record once the response has ended.
-    pub fn record(&self, code: u16, protocol: Protocol, elapsed: Duration) -> ServerSeries {
+    pub(crate) fn record(&self, code: u16, protocol: Protocol, elapsed: Duration) -> ServerSeries {
         let seconds = elapsed.as_secs_f64();
         let Some(slot) = COMMON_CODES.iter().position(|&c| c == code) else {
             let mut rare = lock(&self.rare);
@@ -219,7 +219,7 @@ impl RevisionStats {
 
     /// Upstream's client series of an exchange with a pod that ended with `code` (`None`: no
     /// status, the exchange failed).
-    pub fn client(&self, code: Option<u16>, protocol: Protocol, scheme: Scheme) -> ClientSeries {
+    pub(crate) fn client(&self, code: Option<u16>, protocol: Protocol, scheme: Scheme) -> ClientSeries {
         let common = code.and_then(|code| COMMON_CODES.iter().position(|&c| c == code));
         let Some(slot) = common else {
             let mut rare = lock(&self.rare_clients);

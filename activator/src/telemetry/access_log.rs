@@ -23,14 +23,14 @@ use crate::stats::knative::Protocol;
 /// Lines waiting for stdout; more are dropped.
 const BUFFERED_LINES: usize = 8192;
 
-pub struct AccessLog {
+pub(crate) struct AccessLog {
     lines: std::sync::OnceLock<mpsc::Sender<Vec<u8>>>,
     dropped: IntCounter,
     template: ArcSwapOption<Template>,
 }
 
 /// What a line says of the request, taken when it arrives (only while the log is on).
-pub struct Entry {
+pub(crate) struct Entry {
     protocol: Protocol,
     /// As the client sent it: the template's `.Request.Method` is never `_OTHER`.
     method: http::Method,
@@ -45,7 +45,7 @@ pub struct Entry {
 }
 
 /// Where a routed request went, owned so the line can be written when the response ends.
-pub struct Routed {
+pub(crate) struct Routed {
     pub namespace: Arc<str>,
     pub service: Arc<str>,
     pub configuration: Arc<str>,
@@ -59,7 +59,7 @@ pub struct Routed {
 }
 
 impl Entry {
-    pub fn new<B>(req: &Request<B>, protocol: Protocol, client: SocketAddr, trace_id: Option<TraceId>) -> Entry {
+    pub(crate) fn new<B>(req: &Request<B>, protocol: Protocol, client: SocketAddr, trace_id: Option<TraceId>) -> Entry {
         let header = |name: http::header::HeaderName| {
             req.headers().get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).unwrap_or_default()
         };
@@ -80,7 +80,7 @@ impl Entry {
         }
     }
 
-    pub fn routed(&mut self, routed: Routed) {
+    pub(crate) fn routed(&mut self, routed: Routed) {
         self.routed = Some(routed);
     }
 }
@@ -116,18 +116,18 @@ struct Line<'a> {
 }
 
 impl AccessLog {
-    pub fn new(dropped: IntCounter) -> Self {
+    pub(crate) fn new(dropped: IntCounter) -> Self {
         AccessLog { lines: std::sync::OnceLock::new(), dropped, template: ArcSwapOption::empty() }
     }
 
     /// Lines follow `template` from now on; `None`: our JSON line.
-    pub fn set_template(&self, template: Option<Template>) {
+    pub(crate) fn set_template(&self, template: Option<Template>) {
         self.template.store(template.map(Arc::new));
     }
 
     /// Writes the line of a request whose response has ended: `status`, `size` body bytes sent,
     /// `elapsed` since it arrived.
-    pub fn write(&self, entry: &Entry, status: u16, size: u64, elapsed: Duration) {
+    pub(crate) fn write(&self, entry: &Entry, status: u16, size: u64, elapsed: Duration) {
         let bytes = match self.template.load().as_deref() {
             Some(template) => template.render(&entry.input(status, size, elapsed)).into_bytes(),
             None => entry.json(status, size, elapsed),

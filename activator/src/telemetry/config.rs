@@ -9,11 +9,11 @@ use std::time::Duration;
 use crate::go;
 
 /// Upstream's default `metrics-export-interval`.
-pub const DEFAULT_EXPORT_INTERVAL: Duration = Duration::from_secs(60);
+pub(super) const DEFAULT_EXPORT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Where upstream's metric names go (`metrics-protocol`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum MetricsProtocol {
+pub(crate) enum MetricsProtocol {
     /// Upstream's default: not exported.
     #[default]
     None,
@@ -26,7 +26,7 @@ pub enum MetricsProtocol {
 
 /// How spans leave the process (`tracing-protocol`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum TracingProtocol {
+pub(crate) enum TracingProtocol {
     #[default]
     None,
     Grpc,
@@ -34,7 +34,7 @@ pub enum TracingProtocol {
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct Tracing {
+pub(crate) struct Tracing {
     pub protocol: TracingProtocol,
     /// The collector; `None` leaves it to `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` and the
     /// exporter's default.
@@ -51,7 +51,7 @@ impl Default for Tracing {
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct ObservabilityConfig {
+pub(crate) struct ObservabilityConfig {
     pub metrics_protocol: MetricsProtocol,
     /// Where pushed metrics go (`metrics-endpoint`).
     pub metrics_endpoint: Option<String>,
@@ -91,7 +91,11 @@ impl ObservabilityConfig {
     /// The defaults outside Knative: upstream's metric names on `/metrics`, traces when
     /// `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` is set (protocol from
     /// `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`, ratio from `OTEL_TRACES_SAMPLER_ARG`).
-    pub fn from_env(var: impl Fn(&str) -> Option<String>, request_log: bool, warn: &mut dyn FnMut(String)) -> Self {
+    pub(crate) fn from_env(
+        var: impl Fn(&str) -> Option<String>,
+        request_log: bool,
+        warn: &mut dyn FnMut(String),
+    ) -> Self {
         let endpoint = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"));
         let protocol = match var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL")) {
             _ if endpoint.is_none() => TracingProtocol::None,
@@ -123,7 +127,11 @@ impl ObservabilityConfig {
 
     /// `config-observability`'s data, with `fallback` for what it leaves unset; values that do
     /// not read are reported through `warn` and leave the fallback in place.
-    pub fn from_config_map(data: &BTreeMap<String, String>, fallback: &Self, warn: &mut dyn FnMut(String)) -> Self {
+    pub(crate) fn from_config_map(
+        data: &BTreeMap<String, String>,
+        fallback: &Self,
+        warn: &mut dyn FnMut(String),
+    ) -> Self {
         let get = |key: &str| data.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
         let metrics_protocol = match get("metrics-protocol") {
             None => MetricsProtocol::None,

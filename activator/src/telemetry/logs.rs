@@ -10,7 +10,7 @@ use super::SPAN_TARGET;
 
 /// Changes the log filter while the process runs.
 #[derive(Clone)]
-pub struct LogLevel {
+pub(crate) struct LogLevel {
     handle: reload::Handle<EnvFilter, Registry>,
 }
 
@@ -22,14 +22,14 @@ impl std::fmt::Debug for LogLevel {
 
 impl LogLevel {
     /// The filter for log output, `RUST_LOG` or `info`, and the handle that changes it.
-    pub fn start() -> (reload::Layer<EnvFilter, Registry>, LogLevel) {
+    pub(crate) fn start() -> (reload::Layer<EnvFilter, Registry>, LogLevel) {
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
         let (layer, handle) = reload::Layer::new(without_spans(filter));
         (layer, LogLevel { handle })
     }
 
     /// Logs at `level` (a `tracing` level name) from now on.
-    pub fn set(&self, level: tracing::Level) {
+    pub(crate) fn set(&self, level: tracing::Level) {
         let filter = without_spans(EnvFilter::new(level.as_str().to_ascii_lowercase()));
         if let Err(e) = self.handle.reload(filter) {
             tracing::warn!(error = %e, "the log level could not be changed");
@@ -45,7 +45,7 @@ fn without_spans(filter: EnvFilter) -> EnvFilter {
 /// `knative.dev/pkg/logging` reads it: `loglevel.activator`, else the `level` of
 /// `zap-logger-config`, else info. A level zap does not know fails the whole ConfigMap, as
 /// upstream's `NewConfigFromMap` does for any `loglevel.*` key.
-pub fn level_from_config_logging(
+pub(crate) fn level_from_config_logging(
     data: &std::collections::BTreeMap<String, String>,
     component: &str,
 ) -> Result<tracing::Level, String> {

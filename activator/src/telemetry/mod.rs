@@ -31,9 +31,9 @@ use tracing_subscriber::Layer;
 use tracing_subscriber::filter::DynFilterFn;
 use tracing_subscriber::registry::LookupSpan;
 
-pub use access_log::{AccessLog, Entry, Routed as LoggedRoute};
-pub use config::{MetricsProtocol, ObservabilityConfig, Tracing, TracingProtocol};
-pub use logs::{LogLevel, level_from_config_logging};
+pub(crate) use access_log::{AccessLog, Entry, Routed as LoggedRoute};
+pub(crate) use config::{MetricsProtocol, ObservabilityConfig, TracingProtocol};
+pub(crate) use logs::{LogLevel, level_from_config_logging};
 
 use crate::metrics::Registrar;
 use crate::response_body::Finished;
@@ -41,10 +41,10 @@ use crate::stats::knative::{KnativeMetrics, Protocol, ServerSeries};
 use crate::sync::lock;
 
 /// The target of our spans; log output never formats them.
-pub const SPAN_TARGET: &str = "activator::span";
+pub(crate) const SPAN_TARGET: &str = "activator::span";
 
 #[derive(Clone)]
-pub struct Telemetry {
+pub(crate) struct Telemetry {
     inner: Arc<Inner>,
 }
 
@@ -64,20 +64,18 @@ struct Inner {
 
 /// Serves `/metrics` on a listener of its own, where `config-observability` moves upstream's
 /// Prometheus endpoint (`None`: no such listener, the admin port serves it).
-pub trait PrometheusListener: Send + Sync {
+pub(crate) trait PrometheusListener: Send + Sync {
     fn listen_at(&self, at: Option<SocketAddr>);
 }
 
 /// What became of one request, for its span and its request-log line.
-pub struct Outcome<'a> {
-    pub protocol: Protocol,
+pub(crate) struct Outcome<'a> {
     pub status: u16,
-    pub elapsed: Duration,
     /// Set once a revision took the request.
     pub routed: Option<Routed<'a>>,
 }
 
-pub struct Routed<'a> {
+pub(crate) struct Routed<'a> {
     pub namespace: &'a str,
     pub service: &'a str,
     pub revision: &'a str,
@@ -105,13 +103,13 @@ impl opentelemetry::propagation::Injector for NonEmpty<'_> {
 
 impl Telemetry {
     /// The count of request-log lines lost to a full buffer, for `new`.
-    pub fn register_dropped_lines(reg: &Registrar) -> IntCounter {
+    pub(crate) fn register_dropped_lines(reg: &Registrar) -> IntCounter {
         reg.counter("activator_request_log_dropped_total", "Request-log lines dropped because stdout did not keep up")
     }
 
     /// Everything off until `apply`; `dropped_lines` counts request-log lines lost to a full
     /// buffer.
-    pub fn new(knative: KnativeMetrics, dropped_lines: IntCounter) -> Self {
+    pub(crate) fn new(knative: KnativeMetrics, dropped_lines: IntCounter) -> Self {
         let propagator = TextMapCompositePropagator::new(vec![
             Box::new(TraceContextPropagator::new()),
             Box::new(BaggagePropagator::new()),
@@ -133,13 +131,13 @@ impl Telemetry {
 
     /// What serves `/metrics` where `metrics-endpoint` says (set once, before any `apply` that
     /// could move it).
-    pub fn serve_prometheus_with(&self, listener: Arc<dyn PrometheusListener>) {
+    pub(crate) fn serve_prometheus_with(&self, listener: Arc<dyn PrometheusListener>) {
         let _ = self.inner.prometheus.set(listener);
     }
 
     /// The tracing layer that turns our spans into OTLP spans while tracing is on. The pin-store
     /// span is only made inside a request's span, so background refreshes make no traces.
-    pub fn layer<S>(&self) -> impl Layer<S> + use<S>
+    pub(crate) fn layer<S>(&self) -> impl Layer<S> + use<S>
     where
         S: tracing::Subscriber + for<'a> LookupSpan<'a>,
     {
@@ -154,7 +152,7 @@ impl Telemetry {
 
     /// Applies a configuration: the exporter, sampler and request log switch at once; requests
     /// already running finish under what they started with.
-    pub fn apply(&self, config: &ObservabilityConfig) {
+    pub(crate) fn apply(&self, config: &ObservabilityConfig) {
         let mut applied = lock(&self.inner.applied);
         if applied.as_ref() == Some(config) {
             return;
@@ -216,7 +214,7 @@ impl Telemetry {
 
     /// The request's server span, a child of the trace the request carries; disabled (and free)
     /// while tracing is off.
-    pub fn server_span<B>(&self, req: &Request<B>, protocol: Protocol) -> Span {
+    pub(crate) fn server_span<B>(&self, req: &Request<B>, protocol: Protocol) -> Span {
         let span = tracing::info_span!(
             target: SPAN_TARGET,
             "handle",
@@ -246,7 +244,7 @@ impl Telemetry {
 
     /// Replaces the trace context the pod receives with the request's span, so the pod's spans
     /// are its children. Leaves the headers alone while tracing is off.
-    pub fn inject(&self, span: &Span, headers: &mut HeaderMap) {
+    pub(crate) fn inject(&self, span: &Span, headers: &mut HeaderMap) {
         if span.is_disabled() {
             return;
         }
@@ -254,12 +252,12 @@ impl Telemetry {
     }
 
     /// Whether `finish` has anything to do, so callers skip building an `Outcome` otherwise.
-    pub fn wants_outcome(&self, span: &Span) -> bool {
+    pub(crate) fn wants_outcome(&self, span: &Span) -> bool {
         !span.is_disabled()
     }
 
     /// Records the outcome on the span.
-    pub fn finish(&self, span: &Span, outcome: &Outcome<'_>) {
+    pub(crate) fn finish(&self, span: &Span, outcome: &Outcome<'_>) {
         if span.is_disabled() {
             return;
         }
@@ -289,7 +287,7 @@ impl Telemetry {
     }
 
     /// The request-log entry of a request that just arrived, while the log is on.
-    pub fn log_entry<B>(
+    pub(crate) fn log_entry<B>(
         &self,
         req: &Request<B>,
         protocol: Protocol,
@@ -305,12 +303,12 @@ impl Telemetry {
     }
 
     /// Writes the line of a request answered at once, without reaching a revision.
-    pub fn log_answered(&self, entry: &Entry, status: u16, size: u64, elapsed: Duration) {
+    pub(crate) fn log_answered(&self, entry: &Entry, status: u16, size: u64, elapsed: Duration) {
         self.inner.access_log.write(entry, status, size, elapsed);
     }
 
     /// What to record once a routed request's response has ended.
-    pub fn ending(&self, ending: Ending) -> Box<dyn Finished> {
+    pub(crate) fn ending(&self, ending: Ending) -> Box<dyn Finished> {
         Box::new(Finishing { ending, telemetry: self.clone() })
     }
 }
@@ -318,7 +316,7 @@ impl Telemetry {
 /// What is recorded when a routed request's response ends: upstream's server series (otelhttp
 /// records after the handler returns, the response written), the request body size sent to the
 /// pod, and the request-log line.
-pub struct Ending {
+pub(crate) struct Ending {
     pub started: tokio::time::Instant,
     pub status: u16,
     pub server: ServerSeries,

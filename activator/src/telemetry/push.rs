@@ -25,7 +25,7 @@ use crate::stats::knative::KnativeMetrics;
 
 /// How the pushed data goes out.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Destination {
+pub(super) enum Destination {
     /// `POST` of the protobuf message to this URL (`.../v1/metrics`).
     Http(String),
     /// `MetricsService/Export` on this endpoint (`http://host:4317`).
@@ -34,7 +34,7 @@ pub enum Destination {
 
 impl Destination {
     /// `metrics-endpoint` for `protocol`; a URL without a path gets OTLP's `/v1/metrics`.
-    pub fn http(endpoint: &str) -> Self {
+    pub(super) fn http(endpoint: &str) -> Self {
         let endpoint = endpoint.trim_end_matches('/');
         let has_path = endpoint.split_once("://").map_or(endpoint, |(_, rest)| rest).contains('/');
         Destination::Http(if has_path { endpoint.to_owned() } else { format!("{endpoint}/v1/metrics") })
@@ -45,7 +45,7 @@ impl Destination {
 static STARTED: LazyLock<SystemTime> = LazyLock::new(SystemTime::now);
 
 /// Pushes every `interval` until the task is aborted.
-pub async fn run(metrics: KnativeMetrics, destination: Destination, interval: Duration) {
+pub(super) async fn run(metrics: KnativeMetrics, destination: Destination, interval: Duration) {
     LazyLock::force(&STARTED);
     let http = reqwest::Client::builder().no_proxy().timeout(interval.min(Duration::from_secs(30))).build();
     let mut grpc = None;
@@ -138,7 +138,7 @@ fn text(key: String, value: &str) -> KeyValue {
 }
 
 /// The export request for what `families` hold at `now`.
-pub fn export_request(families: &[MetricFamily], now: SystemTime) -> ExportMetricsServiceRequest {
+pub(super) fn export_request(families: &[MetricFamily], now: SystemTime) -> ExportMetricsServiceRequest {
     let (start, now) = (nanos(*STARTED), nanos(now));
     let metrics = families
         .iter()

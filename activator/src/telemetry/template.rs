@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 
 /// What one request-log line can say, by Go's field names.
 #[derive(Debug, Default)]
-pub struct Input<'a> {
+pub(crate) struct Input<'a> {
     pub method: &'a str,
     /// The request target as the client sent it (`RequestURI`), which is also what Go prints for
     /// the server request's `URL`.
@@ -138,14 +138,14 @@ enum Part {
 
 /// A parsed request-log template.
 #[derive(Debug, PartialEq)]
-pub struct Template {
+pub(crate) struct Template {
     parts: Vec<Part>,
 }
 
 impl Template {
     /// Parses `text` as Go's `text/template` would, for the actions this renders; upstream
     /// appends a newline to a template without one.
-    pub fn parse(text: &str) -> Result<Template, String> {
+    pub(crate) fn parse(text: &str) -> Result<Template, String> {
         let mut parts = Vec::new();
         let mut rest = text;
         let mut trim_next = false;
@@ -202,7 +202,7 @@ impl Template {
     }
 
     /// One line for `input`, ending in a newline.
-    pub fn render(&self, input: &Input<'_>) -> String {
+    pub(crate) fn render(&self, input: &Input<'_>) -> String {
         let mut out = String::with_capacity(256);
         let mut value = String::new();
         for part in &self.parts {
@@ -236,7 +236,7 @@ fn push_text(parts: &mut Vec<Part>, text: &str, trim_start: bool, trim_end: bool
 
 /// A float as Go's `%v` prints it: the shortest form, in exponent notation below 1e-4 or from
 /// 1e21 (`1.2e-05`).
-pub fn go_float(value: f64) -> String {
+pub(super) fn go_float(value: f64) -> String {
     if value == 0.0 || !value.is_finite() {
         return format!("{value}");
     }

@@ -18,19 +18,19 @@ use super::config::{Tracing, TracingProtocol};
 const SCOPE: &str = "knative.dev/serving/pkg/activator";
 
 #[derive(Clone)]
-pub struct SwitchTracer {
+pub(super) struct SwitchTracer {
     current: Arc<ArcSwap<(SdkTracerProvider, SdkTracer)>>,
 }
 
 impl SwitchTracer {
     /// Starts with a tracer that samples nothing and exports nowhere.
-    pub fn off() -> Self {
+    pub(super) fn off() -> Self {
         SwitchTracer { current: Arc::new(ArcSwap::from_pointee(pair(off_provider()))) }
     }
 
     /// Exports as `config` says from now on; the previous exporter sends what it holds and stops.
     /// Must run inside the Tokio runtime, which exports.
-    pub fn switch(&self, config: &Tracing) -> anyhow::Result<()> {
+    pub(super) fn switch(&self, config: &Tracing) -> anyhow::Result<()> {
         let provider = match config.protocol {
             TracingProtocol::None => off_provider(),
             protocol => exporting_provider(protocol, config)?,

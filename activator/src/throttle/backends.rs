@@ -34,7 +34,7 @@ const UNLISTED_MEMORY: std::time::Duration = std::time::Duration::from_secs(600)
 
 /// What the readiness prober should try for a revision.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProbePlan {
+pub(crate) struct ProbePlan {
     pub probe: Probe,
     /// Pods waiting for their first successful probe.
     pub pods: Vec<SocketAddr>,
@@ -67,7 +67,7 @@ pub(super) struct Pending {
 }
 
 /// How long a pod that left its revision is still told of its sessions' ends.
-pub const LEFT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const LEFT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Pending {
     pub(super) fn new() -> Self {
@@ -98,7 +98,7 @@ impl Throttler {
     /// was listed; or a pod not listed here at all, which may be new: then it waits for the
     /// world to list it, for at most `UNLISTED_GRACE` (once per address: one that never comes
     /// is gone). A session pinned to a new pod by another replica so stays on it.
-    pub async fn await_first_probe(&self, addr: SocketAddr) {
+    pub(crate) async fn await_first_probe(&self, addr: SocketAddr) {
         loop {
             if self.is_ready(addr) {
                 return;
@@ -129,17 +129,17 @@ impl Throttler {
         }
     }
 
-    pub fn has_ready_pods(&self) -> bool {
+    pub(crate) fn has_ready_pods(&self) -> bool {
         !self.pods.load().is_empty()
     }
 
-    pub fn is_ready(&self, addr: SocketAddr) -> bool {
+    pub(crate) fn is_ready(&self, addr: SocketAddr) -> bool {
         self.pods.load().binary_search_by_key(&addr, |p| p.addr).is_ok()
     }
 
     /// Whether the revision lists `addr` as a pod of its (ready, or waiting for a probe), or did
     /// until less than `LEFT_GRACE` ago.
-    pub fn lists(&self, addr: SocketAddr) -> bool {
+    pub(crate) fn lists(&self, addr: SocketAddr) -> bool {
         if self.is_ready(addr) {
             return true;
         }
@@ -150,7 +150,7 @@ impl Throttler {
     /// Replaces the revision's pods. Pods already taking traffic keep doing so, with their
     /// in-flight counts and connection pools; trusted ones take traffic at once, probed ones once
     /// `probe` passes against them (see `readiness`). Returns whether the prober has work.
-    pub fn set_backends(&self, backends: &Backends, probe: Probe) -> bool {
+    pub(crate) fn set_backends(&self, backends: &Backends, probe: Probe) -> bool {
         let mut pending = self.lock_pending();
         if pending.tls != backends.tls {
             pending.tls = backends.tls.clone();
@@ -224,7 +224,7 @@ impl Throttler {
     }
 
     /// The certificates to reach pods with once their revision's backends ask for TLS.
-    pub fn verify_tls_with(&self, tls: Arc<crate::tls::InternalTls>) {
+    pub(crate) fn verify_tls_with(&self, tls: Arc<crate::tls::InternalTls>) {
         let _ = self.internal_tls.set(tls);
     }
 
@@ -246,7 +246,7 @@ impl Throttler {
 
     /// Pods the platform now reports not ready: they stop taking traffic and must pass the probe
     /// again. Returns whether the prober has work.
-    pub fn reprobe(&self, addrs: &[SocketAddr]) -> bool {
+    pub(crate) fn reprobe(&self, addrs: &[SocketAddr]) -> bool {
         let mut pending = self.lock_pending();
         self.demote(&mut pending, addrs);
         let work = Self::has_probe_work(&pending, self.through_cluster_ip.load(Ordering::Acquire));
@@ -259,7 +259,7 @@ impl Throttler {
     /// traffic now, before the platform notices, and takes it again once a probe passes (a TCP
     /// connect where the revision has no probe). Returns whether it was taking traffic until now,
     /// in which case the prober has work.
-    pub fn mark_unreachable(&self, addr: SocketAddr) -> bool {
+    pub(crate) fn mark_unreachable(&self, addr: SocketAddr) -> bool {
         let mut pending = self.lock_pending();
         let demoted = self.demote(&mut pending, &[addr]);
         if demoted {
@@ -295,7 +295,7 @@ impl Throttler {
     }
 
     /// What the prober should try now, if anything.
-    pub fn probe_plan(&self) -> Option<ProbePlan> {
+    pub(crate) fn probe_plan(&self) -> Option<ProbePlan> {
         let pending = self.lock_pending();
         if !Self::has_probe_work(&pending, self.through_cluster_ip.load(Ordering::Acquire)) {
             return None;
@@ -310,7 +310,7 @@ impl Throttler {
     }
 
     /// A pod passed its readiness probe: it takes traffic now, waiters first.
-    pub fn mark_ready(&self, addr: SocketAddr) {
+    pub(crate) fn mark_ready(&self, addr: SocketAddr) {
         let pending = {
             let mut pending = self.lock_pending();
             let Some(i) = pending.endpoints.iter().position(|a| *a == addr) else { return };
@@ -332,7 +332,7 @@ impl Throttler {
 
     /// The private Service answered its probe: from now on traffic goes through it (and stays so
     /// for this revision, as upstream's watcher does once pods proved unreachable).
-    pub fn mark_cluster_ip_ready(&self, addr: SocketAddr) {
+    pub(crate) fn mark_cluster_ip_ready(&self, addr: SocketAddr) {
         {
             let mut pending = self.lock_pending();
             if pending.cluster_ip.is_none_or(|c| c.addr != addr) || !pending.has_pods {

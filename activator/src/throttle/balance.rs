@@ -72,7 +72,7 @@ impl Throttler {
 
     /// The ready pod `hash` picks by rendezvous hashing: replicas that list the same pods pick
     /// the same one with nothing to agree through, and a pod leaving moves only the keys it had.
-    pub fn rendezvous(&self, hash: u64) -> Option<SocketAddr> {
+    pub(crate) fn rendezvous(&self, hash: u64) -> Option<SocketAddr> {
         let weight = |addr: SocketAddr| {
             let mut bytes = [0u8; 18];
             match addr.ip() {

@@ -35,15 +35,14 @@ use crate::pool::{PodClient, Transport};
 use backends::Pending;
 use queue::Queue;
 
-pub use backends::{LEFT_GRACE, ProbePlan};
-pub use queue::{
+pub(crate) use queue::{
     DEFAULT_MAX_BYTES, DEFAULT_MAX_BYTES_TOTAL, DEFAULT_MAX_WAITING, DEFAULT_MAX_WAITING_TOTAL, QueueBudget,
     QueueLimits,
 };
 
 /// Which pod a request may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Want {
+pub(crate) enum Want {
     Any,
     /// This pod, waiting for its capacity if it is busy; any pod if it is no longer ready.
     Pod(SocketAddr),
@@ -53,12 +52,12 @@ pub enum Want {
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum AcquireError {
+pub(crate) enum AcquireError {
     #[error("the request queue is full")]
     QueueFull,
 }
 
-pub struct Pod {
+pub(crate) struct Pod {
     pub addr: SocketAddr,
     pub client: PodClient,
     in_flight: AtomicUsize,
@@ -92,7 +91,7 @@ impl Pod {
         self.is_assigned() && self.pinned_waiting.load(Ordering::SeqCst) == 0
     }
 
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
 
@@ -106,7 +105,7 @@ impl Pod {
     }
 }
 
-pub struct Throttler {
+pub(crate) struct Throttler {
     /// `containerConcurrency`: the slots of one pod; 0 for unlimited. Can change in place (a
     /// topology edit), keeping in-flight counts and waiters.
     container_concurrency: AtomicUsize,
@@ -139,7 +138,7 @@ pub struct Throttler {
 
 /// What a throttler reports.
 #[derive(Clone)]
-pub struct ThrottleMetrics {
+pub(crate) struct ThrottleMetrics {
     /// Kept at the number of waiting requests (ours and upstream's name).
     pub queued: [IntGauge; 2],
     /// Kept at the number of requests holding a slot.
@@ -157,13 +156,13 @@ impl ThrottleMetrics {
 
 /// A slot on one pod, held for as long as the request (and its response body or upgraded
 /// connection) lives.
-pub struct Lease {
+pub(crate) struct Lease {
     throttler: Arc<Throttler>,
     pod: Arc<Pod>,
 }
 
 impl Lease {
-    pub fn pod(&self) -> &Arc<Pod> {
+    pub(crate) fn pod(&self) -> &Arc<Pod> {
         &self.pod
     }
 }
@@ -176,7 +175,7 @@ impl Drop for Lease {
 }
 
 impl Throttler {
-    pub fn new(container_concurrency: u32, limits: QueueLimits, metrics: ThrottleMetrics) -> Arc<Self> {
+    pub(crate) fn new(container_concurrency: u32, limits: QueueLimits, metrics: ThrottleMetrics) -> Arc<Self> {
         Arc::new_cyclic(|me| Throttler {
             container_concurrency: AtomicUsize::new(container_concurrency as usize),
             through_cluster_ip: AtomicBool::new(false),
@@ -207,7 +206,7 @@ impl Throttler {
 
     /// Changes `containerConcurrency`; requests in flight keep their slots and waiters are served
     /// at once if the pods now have room.
-    pub fn set_container_concurrency(&self, container_concurrency: u32) {
+    pub(crate) fn set_container_concurrency(&self, container_concurrency: u32) {
         let old = self.container_concurrency.swap(container_concurrency as usize, Ordering::AcqRel);
         if old != container_concurrency as usize {
             self.reassign(&self.lock_pending());
@@ -217,18 +216,18 @@ impl Throttler {
 
     /// The pods that may take traffic now, sorted by address.
     #[cfg(test)]
-    pub fn ready(&self) -> arc_swap::Guard<Arc<Vec<Arc<Pod>>>> {
+    pub(crate) fn ready(&self) -> arc_swap::Guard<Arc<Vec<Arc<Pod>>>> {
         self.pods.load()
     }
 
     #[cfg(test)]
-    pub fn waiting(&self) -> usize {
+    pub(crate) fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
     }
 
     /// Takes a slot on a pod, waiting in FIFO order while every eligible pod is full or no pod
     /// is ready. `body_bytes` is what the request's body may occupy while it waits.
-    pub async fn acquire(self: &Arc<Self>, want: Want, body_bytes: u64) -> Result<Lease, AcquireError> {
+    pub(crate) async fn acquire(self: &Arc<Self>, want: Want, body_bytes: u64) -> Result<Lease, AcquireError> {
         let lease = self.wait_for_slot(want, body_bytes).await?;
         if !lease.pod.is_assigned() {
             self.metrics.outside_subset.inc();

@@ -24,7 +24,7 @@ const MIN_SWEEP: usize = 64;
 
 /// Bounds of the wait queues.
 #[derive(Clone, Debug)]
-pub struct QueueLimits {
+pub(crate) struct QueueLimits {
     /// Requests that may wait in one revision.
     pub max_waiting: usize,
     /// Body bytes the requests waiting in one revision may hold.
@@ -44,7 +44,7 @@ impl Default for QueueLimits {
 /// The queue capacity all revisions share, so many revisions at zero cannot add up to
 /// unbounded memory.
 #[derive(Debug)]
-pub struct QueueBudget {
+pub(crate) struct QueueBudget {
     max_waiting: u64,
     max_bytes: u64,
     waiting: AtomicU64,
@@ -52,7 +52,7 @@ pub struct QueueBudget {
 }
 
 impl QueueBudget {
-    pub fn new(max_waiting: u64, max_bytes: u64) -> Self {
+    pub(crate) fn new(max_waiting: u64, max_bytes: u64) -> Self {
         QueueBudget { max_waiting, max_bytes, waiting: AtomicU64::new(0), bytes: AtomicU64::new(0) }
     }
 
@@ -80,10 +80,10 @@ impl QueueBudget {
 
 /// Requests that may wait in one revision, and the body bytes they may hold; requests and bytes
 /// across all revisions. The command line's defaults.
-pub const DEFAULT_MAX_WAITING: usize = 10_000;
-pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
-pub const DEFAULT_MAX_WAITING_TOTAL: u64 = 100_000;
-pub const DEFAULT_MAX_BYTES_TOTAL: u64 = 512 << 20;
+pub(crate) const DEFAULT_MAX_WAITING: usize = 10_000;
+pub(crate) const DEFAULT_MAX_BYTES: u64 = 64 << 20;
+pub(crate) const DEFAULT_MAX_WAITING_TOTAL: u64 = 100_000;
+pub(crate) const DEFAULT_MAX_BYTES_TOTAL: u64 = 512 << 20;
 
 struct Waiter {
     /// Arrival order across every queue of the revision.

@@ -7,8 +7,8 @@
 //! do file or network I/O, or hold per-request state: in-flight counts and queues live in
 //! `throttle`.
 
-pub mod policy;
-pub mod publisher;
+pub(crate) mod policy;
+pub(crate) mod publisher;
 mod resolve;
 
 use std::collections::HashMap;
@@ -22,12 +22,12 @@ use crate::spec::{HostRewrite, Probe, RevisionConfig, TagSpec};
 use crate::stats::RevisionStats;
 use crate::throttle::Throttler;
 
-pub use policy::{Annotated, Policy};
-pub use publisher::{Publisher, WorldMetrics};
-pub use resolve::{NotFound, Target};
+pub(crate) use policy::{Annotated, Policy};
+pub(crate) use publisher::{Publisher, WorldMetrics};
+pub(crate) use resolve::{NotFound, Target};
 
 /// A revision as the request path sees it.
-pub struct Revision {
+pub(crate) struct Revision {
     pub namespace: String,
     pub service: String,
     pub name: String,
@@ -47,12 +47,12 @@ pub struct Revision {
     pub retries: Arc<Budget>,
 }
 
-pub struct TrafficTarget {
+pub(crate) struct TrafficTarget {
     pub revision: Arc<Revision>,
     pub percent: u32,
 }
 
-pub struct Service {
+pub(crate) struct Service {
     pub namespace: String,
     pub name: String,
     pub traffic: Vec<TrafficTarget>,
@@ -63,7 +63,7 @@ pub struct Service {
 
 impl Service {
     /// The weighted split: `roll` is uniform in `0..100`. Targets at 0 % are never chosen.
-    pub fn split(&self, roll: u32) -> &Arc<Revision> {
+    pub(crate) fn split(&self, roll: u32) -> &Arc<Revision> {
         let mut acc = 0;
         for target in &self.traffic {
             acc += target.percent;
@@ -77,7 +77,7 @@ impl Service {
 
     /// Whether a request the ingress sent to `revision` asked for it by one of its tags: with
     /// `Knative-Serving-Tag` (`tag_header`), or at the tag's own host.
-    pub fn tagged(&self, revision: &str, tag_header: Option<&[u8]>, host: &str) -> bool {
+    pub(crate) fn tagged(&self, revision: &str, tag_header: Option<&[u8]>, host: &str) -> bool {
         let label = host.split(['.', ':']).next().unwrap_or_default();
         self.tags.iter().filter(|t| t.revision == revision).any(|t| {
             tag_header == Some(t.tag.as_bytes())
@@ -86,20 +86,20 @@ impl Service {
     }
 
     /// Whether `revision` is listed in the traffic at any percent (a valid affinity target).
-    pub fn routes_to(&self, revision: &str) -> Option<&Arc<Revision>> {
+    pub(crate) fn routes_to(&self, revision: &str) -> Option<&Arc<Revision>> {
         self.traffic.iter().find(|t| t.revision.name == revision).map(|t| &t.revision)
     }
 
     /// How long pins into `revision` live; pins into a revision that left the traffic are
     /// replaced on their next use, so the default serves them.
-    pub fn lifetime_of(&self, revision: &str) -> Lifetime {
+    pub(crate) fn lifetime_of(&self, revision: &str) -> Lifetime {
         self.routes_to(revision).map_or_else(|| Annotated::default().lifetime(), |r| r.affinity.lifetime())
     }
 }
 
 /// One immutable view of the world.
 #[derive(Default)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     by_host: HashMap<String, Arc<Service>>,
     /// Every service (a Route, in Knative mode), once.
     services: Vec<Arc<Service>>,
@@ -120,7 +120,7 @@ struct Listed {
 
 impl Snapshot {
     /// The service reached by a `Host` header or `:authority` (port and case ignored).
-    pub fn service_for_host(&self, host: &str) -> Option<&Arc<Service>> {
+    pub(crate) fn service_for_host(&self, host: &str) -> Option<&Arc<Service>> {
         let name = strip_port(host);
         match self.by_host.get(name) {
             Some(svc) => Some(svc),
@@ -131,7 +131,7 @@ impl Snapshot {
 
     /// A revision by namespace and name, with the service it is primarily served in (its own
     /// Knative Service's Route), for what concerns the revision alone (its pods).
-    pub fn revision(&self, namespace: &str, name: &str) -> Option<&(Arc<Service>, Arc<Revision>)> {
+    pub(crate) fn revision(&self, namespace: &str, name: &str) -> Option<&(Arc<Service>, Arc<Revision>)> {
         self.by_revision.get(&(namespace.to_owned(), name.to_owned())).map(|listed| &listed.primary)
     }
 
@@ -157,13 +157,8 @@ impl Snapshot {
         }
     }
 
-    /// Whether a revision of that name exists in the namespace.
-    pub fn knows_revision(&self, namespace: &str, name: &str) -> bool {
-        self.by_revision.contains_key(&(namespace.to_owned(), name.to_owned()))
-    }
-
     /// Every service, once.
-    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+    pub(crate) fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
         self.services.iter()
     }
 

@@ -18,12 +18,12 @@ use crate::pins::{Lifetime, MAX_LIFETIME};
 use crate::retry::Retry;
 use crate::spec::SessionEnd;
 
-pub const ANNOTATION_PREFIX: &str = "activator.knative.dev/";
-pub const DEFAULT_TTL: Duration = Duration::from_secs(600);
+pub(crate) const ANNOTATION_PREFIX: &str = "activator.knative.dev/";
+pub(crate) const DEFAULT_TTL: Duration = Duration::from_secs(600);
 
 /// Where an id is read from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum IdSource {
+pub(crate) enum IdSource {
     Header(HeaderName),
     Query(String),
     /// 1-based: in `/incr/abc`, segment 2 is `abc`.
@@ -97,7 +97,7 @@ const ID_SOURCE_NAMES: &[&str] = &["header-name", "query-parameter", "path-segme
 
 /// What one revision's (or service's) annotations say.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Annotated {
+pub(crate) struct Annotated {
     session: Vec<IdSource>,
     flow: Vec<IdSource>,
     settings: Settings,
@@ -108,15 +108,15 @@ const MAX_PATH: usize = 256;
 
 /// The path of chat requests when `sticky-session-chat-path` names none: OpenAI's chat
 /// completions, which vLLM, llama.cpp, TGI and Ollama serve alike.
-pub const DEFAULT_CHAT_PATH: &str = "/v1/chat/completions";
+pub(crate) const DEFAULT_CHAT_PATH: &str = "/v1/chat/completions";
 
 /// The cookie a signed pin travels in when `sticky-session-pin-cookie-name` names none.
-pub const DEFAULT_PIN_COOKIE: &str = "activator-pin";
+pub(crate) const DEFAULT_PIN_COOKIE: &str = "activator-pin";
 
 impl Annotated {
     /// Reads the activator's annotations, reporting each one it has to ignore to `rejected`
     /// with the reason.
-    pub fn parse(annotations: &BTreeMap<String, String>, rejected: &mut dyn FnMut(&str, String)) -> Self {
+    pub(crate) fn parse(annotations: &BTreeMap<String, String>, rejected: &mut dyn FnMut(&str, String)) -> Self {
         let mut out = Annotated::default();
         for (key, value) in annotations {
             let Some(name) = key.strip_prefix(ANNOTATION_PREFIX) else { continue };
@@ -143,7 +143,7 @@ impl Annotated {
 
     /// These annotations over `base` (a revision's over its service's): sources of both, this
     /// one's settings where set.
-    pub fn over(mut self, base: &Annotated) -> Annotated {
+    pub(crate) fn over(mut self, base: &Annotated) -> Annotated {
         extend_unique(&mut self.session, &base.session);
         extend_unique(&mut self.flow, &base.flow);
         self.settings = self.settings.over(&base.settings);
@@ -151,12 +151,12 @@ impl Annotated {
     }
 
     /// Which requests into this revision may be sent again (`retry`; `safe` by default).
-    pub fn retry(&self) -> Retry {
+    pub(crate) fn retry(&self) -> Retry {
         self.settings.retry.unwrap_or_default()
     }
 
     /// Pin lifetime for pins into this revision.
-    pub fn lifetime(&self) -> Lifetime {
+    pub(crate) fn lifetime(&self) -> Lifetime {
         Lifetime { ttl: self.settings.ttl.unwrap_or(DEFAULT_TTL), max_age: self.settings.max_age }
     }
 }
@@ -273,7 +273,7 @@ fn is_cookie_name(name: &str) -> bool {
 /// annotations of the revisions in its traffic configure (so clients of an old and a new
 /// revision keep their affinity during a rollout), then the default headers.
 #[derive(Debug)]
-pub struct Policy {
+pub(crate) struct Policy {
     scope: Arc<str>,
     session: Vec<IdSource>,
     flow: Vec<IdSource>,
@@ -296,7 +296,7 @@ impl Policy {
     /// are the service's only when every one of them asks for them: a revision in the store mode
     /// (the default) keeps the service's sessions in the store, so one revision, a 0 % canary
     /// included, never changes where the others' sessions live.
-    pub fn new<'a>(namespace: &str, service: &str, annotated: impl IntoIterator<Item = &'a Annotated>) -> Self {
+    pub(crate) fn new<'a>(namespace: &str, service: &str, annotated: impl IntoIterator<Item = &'a Annotated>) -> Self {
         let mut session = Vec::new();
         let mut flow = Vec::new();
         let (mut secure, mut split_by_requests, mut chat_prefix) = (false, false, false);
@@ -336,44 +336,44 @@ impl Policy {
     }
 
     /// `<namespace>/<service>`: the scope of this service's pin keys.
-    pub fn scope(&self) -> &Arc<str> {
+    pub(crate) fn scope(&self) -> &Arc<str> {
         &self.scope
     }
 
     /// Where session ids are read from, first match wins.
-    pub fn session_sources(&self) -> &[IdSource] {
+    pub(crate) fn session_sources(&self) -> &[IdSource] {
         &self.session
     }
 
     /// Where flow ids are read from, first match wins.
-    pub fn flow_sources(&self) -> &[IdSource] {
+    pub(crate) fn flow_sources(&self) -> &[IdSource] {
         &self.flow
     }
 
     /// The cookie made up for clients without a session id, and whether it is `Secure`.
-    pub fn cookie(&self) -> Option<(&str, bool)> {
+    pub(crate) fn cookie(&self) -> Option<(&str, bool)> {
         self.cookie.as_ref().map(|(name, secure)| (name.as_str(), *secure))
     }
 
     /// Whether new pins steer the share of requests, not of sessions, to the percents.
-    pub fn split_by_requests(&self) -> bool {
+    pub(crate) fn split_by_requests(&self) -> bool {
         self.split_by_requests
     }
 
     /// With `sticky-session-chat-prefix`, the path whose requests are chat requests: their
     /// conversation (`affinity::chat`) is their session when they name no session id.
-    pub fn chat_path(&self) -> Option<&str> {
+    pub(crate) fn chat_path(&self) -> Option<&str> {
         self.chat_path.as_deref()
     }
 
     /// How the service hears that a session ended, if it asked to.
-    pub fn session_end(&self) -> Option<&Arc<SessionEnd>> {
+    pub(crate) fn session_end(&self) -> Option<&Arc<SessionEnd>> {
         self.session_end.as_ref()
     }
 
     /// The cookie session pins travel in with `sticky-session-mode: signed-cookie`, and whether
     /// it is `Secure`; `None` in the default mode, where pins live in the store.
-    pub fn signed_cookie(&self) -> Option<(&str, bool)> {
+    pub(crate) fn signed_cookie(&self) -> Option<(&str, bool)> {
         self.signed_cookie.as_ref().map(|(name, secure)| (name.as_str(), *secure))
     }
 }

@@ -37,13 +37,13 @@ struct Runtime {
 
 /// Updates of the world by whether they applied, and annotations ignored.
 #[derive(Clone)]
-pub struct WorldMetrics {
+pub(crate) struct WorldMetrics {
     reloads: IntCounterVec,
     annotation_errors: IntCounterVec,
 }
 
 impl WorldMetrics {
-    pub fn register(reg: &Registrar) -> Self {
+    pub(crate) fn register(reg: &Registrar) -> Self {
         WorldMetrics {
             reloads: reg.counter_vec(
                 "activator_topology_reloads_total",
@@ -59,7 +59,7 @@ impl WorldMetrics {
     }
 }
 
-pub struct Publisher {
+pub(crate) struct Publisher {
     current: Arc<ArcSwap<Snapshot>>,
     stats: Stats,
     metrics: WorldMetrics,
@@ -70,7 +70,7 @@ pub struct Publisher {
 
 impl Publisher {
     /// Starts with an empty world.
-    pub fn new(stats: Stats, metrics: WorldMetrics, queue: QueueLimits, prober: Prober) -> Self {
+    pub(crate) fn new(stats: Stats, metrics: WorldMetrics, queue: QueueLimits, prober: Prober) -> Self {
         Publisher {
             current: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
             stats,
@@ -82,32 +82,32 @@ impl Publisher {
     }
 
     /// Pods whose backends ask for TLS are verified with `tls`.
-    pub fn with_internal_tls(mut self, tls: Arc<InternalTls>) -> Self {
+    pub(crate) fn with_internal_tls(mut self, tls: Arc<InternalTls>) -> Self {
         self.internal_tls = tls;
         self
     }
 
     /// The published snapshot, for readers.
-    pub fn world(&self) -> Arc<ArcSwap<Snapshot>> {
+    pub(crate) fn world(&self) -> Arc<ArcSwap<Snapshot>> {
         self.current.clone()
     }
 
     /// Publishes the world `spec` describes (the caller validated it), keeping the state of
     /// revisions that stay.
-    pub fn apply(&self, spec: &WorldSpec) {
+    pub(crate) fn apply(&self, spec: &WorldSpec) {
         let snapshot = self.build(spec, &self.current.load());
         self.current.store(Arc::new(snapshot));
         self.metrics.reloads.with_label_values(&["applied"]).inc();
     }
 
     /// Counts an update a source had to reject; the source says why in its own log line.
-    pub fn rejected(&self) {
+    pub(crate) fn rejected(&self) {
         self.metrics.reloads.with_label_values(&["rejected"]).inc();
     }
 
     /// Replaces one revision's pods in place. Returns `false` if the revision is not in the
     /// published world (its pods then arrive with the spec that adds it).
-    pub fn set_backends(&self, namespace: &str, revision: &str, backends: &Backends) -> bool {
+    pub(crate) fn set_backends(&self, namespace: &str, revision: &str, backends: &Backends) -> bool {
         let world = self.current.load();
         let Some((_, revision)) = world.revision(namespace, revision) else { return false };
         if revision.throttler.set_backends(backends, revision.probe.clone()) {
@@ -118,7 +118,7 @@ impl Publisher {
 
     /// Pods of a revision the platform no longer reports ready: they stop taking traffic until
     /// they pass the probe again.
-    pub fn reprobe(&self, namespace: &str, revision: &str, pods: &[SocketAddr]) {
+    pub(crate) fn reprobe(&self, namespace: &str, revision: &str, pods: &[SocketAddr]) {
         if let Some((_, revision)) = self.current.load().revision(namespace, revision)
             && revision.throttler.reprobe(pods)
         {

@@ -11,7 +11,7 @@ use super::{Revision, Service, Snapshot};
 use crate::headers::{KNATIVE_NAMESPACE, KNATIVE_REVISION, KNATIVE_TAG};
 
 /// A request's service, and the revision Knative's ingress picked for it if it picked one.
-pub struct Target {
+pub(crate) struct Target {
     pub service: Arc<Service>,
     /// The ingress's pick by the split, which pins may override; a revision asked for by a
     /// traffic tag or by its own host is routed as a service of its own, which they may not.
@@ -20,13 +20,13 @@ pub struct Target {
 
 /// The request names no revision or service the activator knows; upstream's lister error names
 /// the revision it looked for.
-pub struct NotFound(pub String);
+pub(crate) struct NotFound(pub String);
 
 impl Snapshot {
     /// The service `req` is for: by Knative's ingress headers, else by `Host` (or `:authority`):
     /// a service's host, or a revision's cluster-local name `<revision>.<namespace>.svc.<domain>`
     /// (upstream's fallback).
-    pub fn resolve<B>(&self, req: &Request<B>, cluster_domain: &str) -> Result<Target, NotFound> {
+    pub(crate) fn resolve<B>(&self, req: &Request<B>, cluster_domain: &str) -> Result<Target, NotFound> {
         let headers = req.headers();
         let host = req
             .uri()

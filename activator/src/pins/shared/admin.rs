@@ -15,11 +15,11 @@ use super::{INVALIDATIONS, REPIN_SCRIPT};
 
 /// Where a drained session pin points: no pod is ever ready there, so the session's next request
 /// is re-pinned to another pod of its revision, as when its pod leaves.
-pub const DRAINED_POD: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+pub(crate) const DRAINED_POD: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
 
 /// Deletes the pin at `key` (`activator pins delete`) and tells every replica's near cache to
 /// drop it. Whether there was one.
-pub async fn delete_pin(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> RedisResult<bool> {
+pub(crate) async fn delete_pin(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> RedisResult<bool> {
     let (deleted, _): (u32, u32) = redis::pipe()
         .cmd("DEL")
         .arg(key)
@@ -32,7 +32,7 @@ pub async fn delete_pin(conn: &mut impl redis::aio::ConnectionLike, key: &str) -
 }
 
 /// What one pin of `keys` says, for `activator pins list`: its revision and pod.
-pub async fn pin_targets(
+pub(crate) async fn pin_targets(
     conn: &mut impl redis::aio::ConnectionLike,
     keys: &[String],
 ) -> RedisResult<Vec<Option<(Pin, SystemTime)>>> {
@@ -49,7 +49,7 @@ pub async fn pin_targets(
 /// of `to`, or else of its revision's other pinned pods, holding the fewest sessions; with no other
 /// pod known, to `DRAINED_POD`, so the next request picks one. Compare-and-set, so a pin re-pinned
 /// meanwhile is left as it is. Returns how many were moved.
-pub async fn drain_pod(
+pub(crate) async fn drain_pod(
     conn: &mut impl redis::aio::ConnectionLike,
     keys: &[String],
     pod: SocketAddr,
@@ -94,7 +94,7 @@ pub async fn drain_pod(
 }
 
 /// A pin as the operator sees it: key, raw value, decoded target, remaining TTL.
-pub async fn key_report(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> RedisResult<Option<String>> {
+pub(crate) async fn key_report(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> RedisResult<Option<String>> {
     let (value, ttl_ms): (Option<Vec<u8>>, i64) =
         redis::pipe().cmd("GET").arg(key).cmd("PTTL").arg(key).query_async(conn).await?;
     Ok(value.map(|value| {

@@ -17,7 +17,7 @@ use super::{Op, SharedPins};
 
 /// What a lent call is for, as the store's metrics label it.
 #[derive(Clone, Copy, Debug)]
-pub enum Purpose {
+pub(crate) enum Purpose {
     /// Exchanging request counts for `sticky-split-mode: requests`.
     Split,
     /// Claiming the call that tells a pod a session ended.
@@ -27,7 +27,7 @@ pub enum Purpose {
 impl SharedPins {
     /// Runs `call` on the background connection within the refresh's budget, recording its
     /// latency and failure under `purpose`. An error if Redis was never reached or did not answer.
-    pub async fn lend<T, F, Fut>(&self, purpose: Purpose, call: F) -> Result<T, String>
+    pub(crate) async fn lend<T, F, Fut>(&self, purpose: Purpose, call: F) -> Result<T, String>
     where
         F: FnOnce(RedisConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -41,14 +41,14 @@ impl SharedPins {
     }
 
     /// Counts `n` values a lent call found in Redis that no activator wrote (and left out).
-    pub fn count_malformed(&self, n: u64) {
+    pub(crate) fn count_malformed(&self, n: u64) {
         self.metrics.errors.get(Op::Decode).inc_by(n);
     }
 
     /// Whether the pin `ended` went idle here but still lives in Redis as this replica knew it,
     /// with more time left than one refresh takes to arrive: another replica used it since, so
     /// the session has not ended. `None` if Redis did not answer.
-    pub async fn lives_on(&self, ended: &Ended) -> Option<bool> {
+    pub(crate) async fn lives_on(&self, ended: &Ended) -> Option<bool> {
         let key = ended.key.to_string();
         let written = unix_millis(ended.written);
         let grace = millis(self.config.refresh_interval) + 500;

@@ -32,7 +32,7 @@
 //! (the background connection lent to the split's counts and the session-end claims), `admin`
 //! (what the `activator pins` commands read and change).
 
-pub mod admin;
+pub(super) mod admin;
 mod breaker;
 mod lent;
 mod refresh;
@@ -57,12 +57,12 @@ use crate::pins::{Lifetime, LifetimeOf, Pin, PinKey, PinSource, Written, millis}
 use crate::telemetry::SPAN_TARGET;
 
 use breaker::{Breaker, Granted};
-pub use lent::Purpose;
+pub(crate) use lent::Purpose;
 use refresh::REFRESH_TIMEOUT;
 use restore::GENERATION_KEY;
 
 /// Pub/sub channel carrying `<key> <replica>` for every re-pin or delete.
-pub const INVALIDATIONS: &str = "aa:invalidate";
+pub(super) const INVALIDATIONS: &str = "aa:invalidate";
 /// Redis 7.0 brought `SET … NX … GET`.
 const MIN_VERSION: (u32, u32) = (7, 0);
 /// How long subscribing for invalidations may take.
@@ -116,7 +116,7 @@ label_values! {
 }
 
 #[derive(Clone)]
-pub struct StoreMetrics {
+pub(crate) struct StoreMetrics {
     errors: Labelled<Op, IntCounter>,
     latency: Labelled<Op, Histogram>,
     up: IntGauge,
@@ -126,7 +126,7 @@ pub struct StoreMetrics {
 }
 
 impl StoreMetrics {
-    pub fn register(reg: &Registrar) -> Self {
+    pub(crate) fn register(reg: &Registrar) -> Self {
         let errors = reg.counter_vec(
             "activator_pin_store_errors_total",
             "Redis pin-store failures and malformed values, by operation; each one fell back to local pins",
@@ -155,7 +155,7 @@ impl StoreMetrics {
         }
     }
 
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         self.up.get() == 1
     }
 }
@@ -167,7 +167,7 @@ struct Connections {
     background: RedisConnection,
 }
 
-pub struct SharedPins {
+pub(crate) struct SharedPins {
     memory: Arc<MemoryPins>,
     conn: OnceLock<Connections>,
     breaker: Breaker,
@@ -210,7 +210,11 @@ enum Looked<const N: usize> {
 impl SharedPins {
     /// Starts connecting in the background: until Redis answers, pins stay local to this
     /// replica. Only a malformed URL is an error.
-    pub fn start(config: SharedConfig, memory: Arc<MemoryPins>, metrics: StoreMetrics) -> anyhow::Result<Arc<Self>> {
+    pub(crate) fn start(
+        config: SharedConfig,
+        memory: Arc<MemoryPins>,
+        metrics: StoreMetrics,
+    ) -> anyhow::Result<Arc<Self>> {
         let client = RedisClient::new(&config.url, &config.deployment, &config.tls)?;
         let mut id = [0u8; 8];
         getrandom::fill(&mut id).map_err(|e| anyhow::anyhow!("reading OS randomness: {e}"))?;
@@ -240,14 +244,14 @@ impl SharedPins {
     }
 
     /// Completes once the first connection attempt has ended.
-    pub async fn first_attempt(&self) {
+    pub(crate) async fn first_attempt(&self) {
         // The sender lives as long as `self`, so this only ends when the flag is set.
         let _ = self.tried.subscribe().wait_for(|tried| *tried).await;
     }
 
     /// The pins of `keys`: fresh near-cache entries as they are, the others read from Redis in
     /// one pipelined round trip. Without Redis, this replica's own pins.
-    pub async fn lookup<const N: usize>(
+    pub(crate) async fn lookup<const N: usize>(
         &self,
         keys: [Option<&PinKey>; N],
         lifetime_of: LifetimeOf<'_>,
@@ -380,7 +384,7 @@ impl SharedPins {
         known == 0 || generation.is_some_and(|g| xxhash_rust::xxh3::xxh3_64(g).max(1) == known)
     }
 
-    pub async fn write(
+    pub(crate) async fn write(
         &self,
         key: &PinKey,
         expected: Option<&Pin>,

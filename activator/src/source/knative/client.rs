@@ -12,7 +12,7 @@ use tower::{Layer, Service};
 
 use crate::stats::knative::KnativeMetrics;
 
-pub async fn connect(metrics: KnativeMetrics) -> anyhow::Result<kube::Client> {
+pub(super) async fn connect(metrics: KnativeMetrics) -> anyhow::Result<kube::Client> {
     let config = kube::Config::infer()
         .await
         .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API (service account or KUBECONFIG): {e}"))?;
@@ -37,7 +37,7 @@ impl<S> Layer<S> for Counted {
 }
 
 #[derive(Clone)]
-pub struct CountedService<S> {
+pub(super) struct CountedService<S> {
     inner: S,
     metrics: KnativeMetrics,
     host: String,

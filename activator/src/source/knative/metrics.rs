@@ -6,7 +6,7 @@ use prometheus::{IntCounterVec, IntGaugeVec};
 use crate::metrics::Registrar;
 
 #[derive(Clone)]
-pub struct KubeMetrics {
+pub(crate) struct KubeMetrics {
     pub(super) forbidden: IntGaugeVec,
     pub(super) rejected: IntCounterVec,
     pub(super) errors: IntCounterVec,
@@ -15,7 +15,7 @@ pub struct KubeMetrics {
 }
 
 impl KubeMetrics {
-    pub fn register(reg: &Registrar) -> Self {
+    pub(crate) fn register(reg: &Registrar) -> Self {
         KubeMetrics {
             forbidden: reg.gauge_vec(
                 "activator_kube_watch_forbidden",

@@ -13,10 +13,10 @@
 
 mod client;
 mod metrics;
-pub mod objects;
+pub(crate) mod objects;
 mod world;
 
-pub use metrics::KubeMetrics;
+pub(crate) use metrics::KubeMetrics;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -140,7 +140,7 @@ impl Resource {
 }
 
 #[derive(Clone, Debug)]
-pub struct KnativeConfig {
+pub(crate) struct KnativeConfig {
     /// Where Knative's ConfigMaps live (`SYSTEM_NAMESPACE`).
     pub system_namespace: String,
     /// This pod's IP (`POD_IP`), which places it among a revision's activators.
@@ -159,7 +159,7 @@ pub struct KnativeConfig {
 /// The names of the ConfigMaps upstream lets the Deployment rename (`CONFIG_LOGGING_NAME`,
 /// `CONFIG_OBSERVABILITY_NAME`).
 #[derive(Clone, Debug)]
-pub struct ConfigMapNames {
+pub(crate) struct ConfigMapNames {
     pub logging: String,
     pub observability: String,
 }
@@ -185,7 +185,7 @@ struct Dirty {
     reprobe: BTreeMap<Key, Vec<SocketAddr>>,
 }
 
-pub struct KnativeSource {
+pub(crate) struct KnativeSource {
     client: kube::Client,
     config: KnativeConfig,
     publisher: Arc<Publisher>,
@@ -207,7 +207,7 @@ impl KnativeSource {
     /// Connects with the pod's service account in a cluster, or `KUBECONFIG` outside one. The
     /// caller has made `health` require a sync before anything listens; this source reports it
     /// once the watches have listed once.
-    pub async fn connect(
+    pub(crate) async fn connect(
         config: KnativeConfig,
         publisher: Arc<Publisher>,
         health: Arc<Health>,
@@ -234,7 +234,7 @@ impl KnativeSource {
     }
 
     /// Watches forever, publishing the world as it changes.
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         let streams = Kind::ALL.into_iter().map(|kind| {
             let w = kind.watched();
             let resource = w.api_resource();

@@ -16,18 +16,18 @@ use serde::de::DeserializeOwned;
 use crate::go;
 use crate::spec::{self, DEFAULT_TIMEOUT, RevisionConfig, TagSpec};
 
-pub const SERVICE_LABEL: &str = "serving.knative.dev/service";
-pub const CONFIGURATION_LABEL: &str = "serving.knative.dev/configuration";
-pub const REVISION_LABEL: &str = "serving.knative.dev/revision";
+pub(crate) const SERVICE_LABEL: &str = "serving.knative.dev/service";
+pub(crate) const CONFIGURATION_LABEL: &str = "serving.knative.dev/configuration";
+pub(crate) const REVISION_LABEL: &str = "serving.knative.dev/revision";
 
 /// Namespace and name.
-pub type Key = (String, String);
+pub(crate) type Key = (String, String);
 
-pub type Annotations = BTreeMap<String, String>;
+pub(crate) type Annotations = BTreeMap<String, String>;
 
 /// What the activator needs of a Revision.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RevisionInfo {
+pub(crate) struct RevisionInfo {
     pub namespace: String,
     pub name: String,
     /// The Knative Service and Configuration it belongs to, from its labels.
@@ -44,7 +44,7 @@ pub struct RevisionInfo {
 
 impl RevisionInfo {
     /// The port name its pods and its Services are reached on.
-    pub fn port_name(&self) -> &'static str {
+    pub(crate) fn port_name(&self) -> &'static str {
         if self.h2c { "http2" } else { "http" }
     }
 }
@@ -52,7 +52,7 @@ impl RevisionInfo {
 /// What the activator needs of a Route: the traffic its controller reports, one entry per
 /// revision (entries for one revision, as tags make, add up).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RouteInfo {
+pub(crate) struct RouteInfo {
     pub namespace: String,
     pub name: String,
     pub service: Option<String>,
@@ -65,11 +65,11 @@ pub struct RouteInfo {
 }
 
 /// Pod addresses by port name.
-pub type Ports<T> = BTreeMap<String, Vec<T>>;
+pub(crate) type Ports<T> = BTreeMap<String, Vec<T>>;
 
 /// A revision's private Endpoints: its pods, ready or not, by port name.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct EndpointsInfo {
+pub(crate) struct EndpointsInfo {
     pub revision: String,
     pub ready: Ports<SocketAddr>,
     pub not_ready: Ports<SocketAddr>,
@@ -80,7 +80,7 @@ pub struct EndpointsInfo {
 
 /// A revision's private Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceInfo {
+pub(crate) struct ServiceInfo {
     pub revision: String,
     pub cluster_ip: IpAddr,
     pub ports: BTreeMap<String, u16>,
@@ -88,7 +88,7 @@ pub struct ServiceInfo {
 
 /// How `config-network` says pods are reached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum MeshMode {
+pub(crate) enum MeshMode {
     /// Pods are probed directly; the private Service is used if only it answers.
     #[default]
     Auto,
@@ -99,7 +99,7 @@ pub enum MeshMode {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NetworkConfig {
+pub(crate) struct NetworkConfig {
     pub mesh: MeshMode,
     /// `enable-mesh-pod-addressability`: pods are addressed through the mesh by a passthrough host.
     pub passthrough: bool,
@@ -108,14 +108,14 @@ pub struct NetworkConfig {
 }
 
 /// An object's namespace and name.
-pub fn identity(obj: &DynamicObject) -> Result<Key, String> {
+pub(crate) fn identity(obj: &DynamicObject) -> Result<Key, String> {
     let namespace = obj.metadata.namespace.clone().filter(|n| !n.is_empty()).ok_or("metadata.namespace is missing")?;
     let name = obj.metadata.name.clone().filter(|n| !n.is_empty()).ok_or("metadata.name is missing")?;
     Ok((namespace, name))
 }
 
 /// The namespace and revision an Endpoints or Service of a revision's is labelled with.
-pub fn revision_key(obj: &DynamicObject) -> Result<Key, String> {
+pub(crate) fn revision_key(obj: &DynamicObject) -> Result<Key, String> {
     let (namespace, _) = identity(obj)?;
     let revision = label(obj, REVISION_LABEL).ok_or(format!("label {REVISION_LABEL} is missing"))?;
     Ok((namespace, revision))
@@ -171,7 +171,7 @@ struct ProbeFields {
     exec: Option<serde_json::Value>,
 }
 
-pub fn revision(obj: &DynamicObject) -> Result<RevisionInfo, String> {
+pub(crate) fn revision(obj: &DynamicObject) -> Result<RevisionInfo, String> {
     let (namespace, name) = identity(obj)?;
     let spec: RevisionSpecFields = part(obj, "spec")?;
     let container_concurrency = match spec.container_concurrency {
@@ -225,7 +225,7 @@ struct TrafficTarget {
 
 /// A Route as its controller reports it in `status`, which is what the ingress has been
 /// programmed with (a spec not reconciled yet routes nothing).
-pub fn route(obj: &DynamicObject) -> Result<RouteInfo, String> {
+pub(crate) fn route(obj: &DynamicObject) -> Result<RouteInfo, String> {
     let (namespace, name) = identity(obj)?;
     let status: RouteStatus = part(obj, "status")?;
     let mut hosts = Vec::new();
@@ -291,7 +291,7 @@ fn host_label(url: &str) -> Option<String> {
 }
 
 /// A Knative Service's annotations, which its revisions' own override.
-pub fn knative_service(obj: &DynamicObject) -> Result<(Key, Annotations), String> {
+pub(crate) fn knative_service(obj: &DynamicObject) -> Result<(Key, Annotations), String> {
     Ok((identity(obj)?, obj.metadata.annotations.clone().unwrap_or_default()))
 }
 
@@ -326,7 +326,7 @@ fn ip(address: &Address) -> Result<IpAddr, String> {
 }
 
 /// A revision's private Endpoints (labelled with the revision).
-pub fn private_endpoints(obj: &DynamicObject) -> Result<(Key, EndpointsInfo), String> {
+pub(crate) fn private_endpoints(obj: &DynamicObject) -> Result<(Key, EndpointsInfo), String> {
     let key = revision_key(obj)?;
     let mut info = EndpointsInfo { revision: key.1.clone(), ..EndpointsInfo::default() };
     for subset in subsets(obj)? {
@@ -349,7 +349,7 @@ pub fn private_endpoints(obj: &DynamicObject) -> Result<(Key, EndpointsInfo), St
 }
 
 /// A revision's public Endpoints: the activators in its path, by port name.
-pub fn public_endpoints(obj: &DynamicObject) -> Result<(Key, Ports<IpAddr>), String> {
+pub(crate) fn public_endpoints(obj: &DynamicObject) -> Result<(Key, Ports<IpAddr>), String> {
     let key = revision_key(obj)?;
     let mut activators: Ports<IpAddr> = BTreeMap::new();
     for subset in subsets(obj)? {
@@ -372,7 +372,7 @@ struct ServiceSpecFields {
 }
 
 /// A revision's private Service; a headless one (no ClusterIP) is no way in and reads as none.
-pub fn private_service(obj: &DynamicObject) -> Result<(Key, Option<ServiceInfo>), String> {
+pub(crate) fn private_service(obj: &DynamicObject) -> Result<(Key, Option<ServiceInfo>), String> {
     let key = revision_key(obj)?;
     let spec: ServiceSpecFields = part(obj, "spec")?;
     let Some(cluster_ip) = spec.cluster_ip.filter(|ip| !ip.is_empty() && ip != "None") else { return Ok((key, None)) };
@@ -382,7 +382,7 @@ pub fn private_service(obj: &DynamicObject) -> Result<(Key, Option<ServiceInfo>)
 }
 
 /// A Secret's data, decoded from the base64 the API serves it in.
-pub fn secret(obj: &DynamicObject) -> Result<(Key, BTreeMap<String, Vec<u8>>), String> {
+pub(crate) fn secret(obj: &DynamicObject) -> Result<(Key, BTreeMap<String, Vec<u8>>), String> {
     use base64::Engine as _;
     let encoded: BTreeMap<String, String> = part(obj, "data")?;
     let mut data = BTreeMap::new();
@@ -396,14 +396,17 @@ pub fn secret(obj: &DynamicObject) -> Result<(Key, BTreeMap<String, Vec<u8>>), S
 }
 
 /// A ConfigMap's data.
-pub fn config_map(obj: &DynamicObject) -> Result<(Key, BTreeMap<String, String>), String> {
+pub(crate) fn config_map(obj: &DynamicObject) -> Result<(Key, BTreeMap<String, String>), String> {
     Ok((identity(obj)?, part(obj, "data")?))
 }
 
 /// `config-network`, as upstream's `NewConfigFromMap` reads the keys the activator uses: a value
 /// that does not parse fails the whole ConfigMap (the caller keeps the last good one), except
 /// `mesh-compatibility-mode`, whose unknown values upstream ignores (reported through `warn`).
-pub fn network_config(data: &BTreeMap<String, String>, warn: &mut dyn FnMut(String)) -> Result<NetworkConfig, String> {
+pub(crate) fn network_config(
+    data: &BTreeMap<String, String>,
+    warn: &mut dyn FnMut(String),
+) -> Result<NetworkConfig, String> {
     let mesh = match data.get("mesh-compatibility-mode") {
         None => MeshMode::Auto,
         Some(v) if v.eq_ignore_ascii_case("auto") => MeshMode::Auto,

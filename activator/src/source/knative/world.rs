@@ -22,7 +22,7 @@ const PROBE_PATH: &str = "/healthz";
 /// What the watches hold, translated; maps of revision-scoped objects are keyed by the namespace
 /// and the revision they belong to.
 #[derive(Debug, Default)]
-pub struct Reflection {
+pub(super) struct Reflection {
     pub revisions: BTreeMap<Key, RevisionInfo>,
     /// `None` while Routes cannot be read (RBAC).
     pub routes: Option<BTreeMap<Key, RouteInfo>>,
@@ -41,7 +41,7 @@ impl Reflection {
     /// lists (a revision two Routes list is in both); one per revision no Route lists, served as
     /// named. Each revision's annotations are its own Knative Service's with its own over them,
     /// whichever Route it is reached by.
-    pub fn world(&self) -> WorldSpec {
+    pub(super) fn world(&self) -> WorldSpec {
         let mut listed: BTreeSet<&Key> = BTreeSet::new();
         let mut services = Vec::new();
         for route in self.routes.iter().flat_map(BTreeMap::values) {
@@ -98,7 +98,7 @@ impl Reflection {
         annotations
     }
 
-    pub fn revision_spec(&self, rev: &RevisionInfo) -> RevisionSpec {
+    pub(super) fn revision_spec(&self, rev: &RevisionInfo) -> RevisionSpec {
         let private_host = format!("{}-private.{}", rev.name, rev.namespace);
         let passthrough = self.network.passthrough;
         RevisionSpec {
@@ -119,7 +119,7 @@ impl Reflection {
     /// revision watcher: in `auto` every pod is probed (the probe also tells whether a mesh is in
     /// the way); otherwise pods Kubernetes reports ready are trusted. Not-ready pods count only
     /// with the probe optimisation.
-    pub fn backends(&self, rev: &RevisionInfo) -> Backends {
+    pub(super) fn backends(&self, rev: &RevisionInfo) -> Backends {
         let key = (rev.namespace.clone(), rev.name.clone());
         let port = rev.port_name();
         let pods = |of: fn(&EndpointsInfo) -> &Ports<SocketAddr>| -> Vec<SocketAddr> {

@@ -23,7 +23,7 @@ use contract::watched::WatchedFile;
 /// How long after a change in a watched folder its files are read.
 const WRITE_SETTLE: Duration = Duration::from_millis(10);
 
-pub struct LocalSource {
+pub(crate) struct LocalSource {
     topology: WatchedFile,
     endpoints: Option<WatchedFile>,
     file: TopologyFile,
@@ -34,7 +34,7 @@ pub struct LocalSource {
 impl LocalSource {
     /// Loads and publishes the topology once; a broken file at start is an error, not an empty
     /// world. The endpoints file may not exist yet.
-    pub fn open(path: &Path, endpoints: Option<&Path>, publisher: Arc<Publisher>) -> anyhow::Result<Self> {
+    pub(crate) fn open(path: &Path, endpoints: Option<&Path>, publisher: Arc<Publisher>) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading topology {}", path.display()))?;
         let file = file::parse(&text).with_context(|| format!("topology {}", path.display()))?;
         let topology = WatchedFile::read_as(path, text);
@@ -56,7 +56,7 @@ impl LocalSource {
     }
 
     /// Re-reads the files whenever their folders change, and every `interval`, forever.
-    pub async fn watch(mut self, interval: Duration) {
+    pub(crate) async fn watch(mut self, interval: Duration) {
         let folder_changed = Arc::new(tokio::sync::Notify::new());
         let folders = std::iter::once(&self.topology).chain(&self.endpoints).map(|w| w.path());
         // Dropping the watcher ends the watch: it lives as long as this loop.
