@@ -1,6 +1,6 @@
 //! affinity-activator's data plane. `app` wires these modules into the process; each module's
 //! doc says what it owns. Public are only `app` and what the integration tests and benches reach
-//! (the pin table, metrics registration, the watched kinds); everything else is the crate's own.
+//! (the pin table, metrics registration, the kinds the Knative source watches); everything else is the crate's own.
 
 #![warn(unreachable_pub)]
 
@@ -32,7 +32,7 @@ mod served;
 mod server;
 mod session_end;
 mod socket;
-mod source;
+pub mod source;
 mod stats;
 mod sync;
 mod telemetry;
@@ -43,5 +43,3 @@ mod world;
 
 /// The world spec every source produces, shared with `autoscaler-shim`.
 pub use contract::spec;
-/// The kinds the Knative source watches, which the shipped RBAC must grant.
-pub use source::knative::WATCHED;

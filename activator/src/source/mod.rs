@@ -4,5 +4,5 @@
 //! topology files, the Kubernetes API); other parts read only their own configuration (key
 //! files, certificates) and talk to the pods and the pin store.
 
-pub(crate) mod knative;
+pub mod knative;
 pub(crate) mod local;
