@@ -27,7 +27,7 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# Benchmarks against a direct connection and nginx, measured in one run (figures with their targets, and docs/latency.svg); installs wrk, h2load, nginx and redis-server when missing. Never fails on a missed target.
+# Benchmarks against a direct connection and nginx, measured in one run (figures with their targets, then the targets table; the log stays in target/bench.log; and docs/latency.svg); installs wrk, h2load, nginx and redis-server when missing. Never fails on a missed target.
 bench:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -45,12 +45,16 @@ bench:
         $sudo service nginx stop >/dev/null 2>&1 || true
     fi
     cargo build --release --workspace --bins
-    echo "== pin store (in process)"
-    cargo bench -q -p activator --bench pins
-    echo "== Redis round trips per pin operation"
-    cargo bench -q -p integration-tests --bench redis_round_trips
-    echo "== proxy figures (backend and proxies on CPU 1, load on CPU 0)"
-    target/release/bench
+    mkdir -p target
+    {
+        echo "== pin store (in process)"
+        cargo bench -q -p activator --bench pins
+        echo "== Redis round trips per pin operation"
+        cargo bench -q -p integration-tests --bench redis_round_trips
+        echo "== proxy figures (backend and proxies on CPU 1, load on CPU 0)"
+        target/release/bench
+    } | tee target/bench.log
+    target/release/bench --summary target/bench.log
 
 # Draw the Grafana dashboard of manifests/observability from a real run into docs/dashboard.png (DASHBOARD_SECONDS, default 120): two activators, Redis (away for a while), an autoscaler-shim, a Prometheus scraping them, headless Chromium for the picture; installs prometheus and chromium when missing. Not part of CI.
 dashboard: deps

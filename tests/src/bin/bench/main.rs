@@ -8,7 +8,8 @@
 //! The latency distribution at a constant rate is also drawn into `docs/latency.svg`.
 //!
 //! Arguments name sections to run (`proxy`, `rate`, `affinity`, `cold`, `held`, `h2c`); none runs
-//! them all. `rate` needs `proxy`, which measures nginx's saturation rate.
+//! them all. `rate` needs `proxy`, which measures nginx's saturation rate. `--summary <log>`
+//! instead prints the targets table from a log of every part's figures (`just bench` keeps one).
 
 mod plot;
 mod rate;
@@ -23,6 +24,8 @@ use futures_util::StreamExt;
 use integration_tests::redis::Redis;
 use integration_tests::topology::{Service, yaml};
 use integration_tests::{Client, Env, Process, metric, raise_open_files_limit, wait_until};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 /// Linux reports process CPU time in USER_HZ ticks, 100 per second.
 const TICKS_PER_SECOND: f64 = 100.0;
@@ -57,6 +60,13 @@ struct Load {
 
 #[tokio::main]
 async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, log] = args.as_slice()
+        && flag == "--summary"
+    {
+        summary(Path::new(log));
+        return;
+    }
     raise_open_files_limit();
     // This process generates load too: it keeps to the load generators' CPU.
     let _ = Command::new("taskset").args(["-a", "-p", "-c", "0", &std::process::id().to_string()]).output();
@@ -81,13 +91,12 @@ async fn main() {
         }
     }
     let have = |tool: &str| tools.iter().any(|(t, found)| *t == tool && *found);
-    let sections: Vec<String> = std::env::args().skip(1).collect();
-    let run = |section: &str| sections.is_empty() || sections.iter().any(|s| s == section);
+    let run = |section: &str| args.is_empty() || args.iter().any(|s| s == section);
 
     let activator = env.activator(&["--worker-threads", "1", "--topology-poll-interval", "2ms"]).await;
     pin_to_cpu(&activator, 1);
     let (idle_rss, _) = activator.memory_kib();
-    figures.add("idle_rss", idle_rss as f64 / 1024.0, "MiB", "<= 15 MiB");
+    figures.add("idle_rss", idle_rss as f64 / 1024.0, "MiB", "<= 8 MiB");
 
     if have("wrk") && run("proxy") {
         let nginx_saturation = proxy_overhead(&env, &backend, &activator, have("nginx"), &mut figures).await;
@@ -109,9 +118,39 @@ async fn main() {
         let proxied = h2load(activator.addr("proxy"));
         figures.add("h2c_direct_rps", direct, "req/s", "");
         figures.add("h2c_activator_rps", proxied, "req/s", "");
-        figures.add("ratio_h2c_rps_activator_vs_direct", proxied / direct, "x", "");
+        figures.add("ratio_h2c_rps_activator_vs_direct", proxied / direct, "x", ">= 0.8");
     }
     print_table(&figures);
+    let dir = env.dir.path().to_owned();
+    drop((activator, backend, env));
+    end_survivors(&dir);
+}
+
+/// Ends, and names, any process the bench started that is still running once the bench let go
+/// of it: each one's command line names the bench's directory (its topology, config or data).
+/// Processes dropped a moment ago get a few seconds to finish exiting. Nothing should be left.
+fn end_survivors(dir: &Path) {
+    let marker = dir.display().to_string();
+    let running = || -> Vec<(i32, String)> {
+        let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+        let pids = entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok());
+        pids.filter(|pid| *pid != std::process::id() as i32)
+            .filter_map(|pid| {
+                // A zombie's command line is empty: it has exited.
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                cmdline.contains(&marker).then_some((pid, cmdline))
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !running().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (pid, cmdline) in running() {
+        println!("note: {cmdline}(pid {pid}) outlived the bench; killed");
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
 }
 
 /// Figure 1: latency at moderate load and CPU per request at saturation, direct, nginx and
@@ -145,6 +184,7 @@ async fn proxy_overhead(
     let added = |p: &(Load, Load, f64)| (p.0.median_us - direct.0.median_us).max(0.1);
     figures.add("ratio_added_median_vs_nginx", added(&ours) / added(&theirs), "x", "<= 1.0");
     figures.add("ratio_cpu_per_request_vs_nginx", ours.2 / theirs.2, "x", "<= 1.0");
+    figures.add("ratio_saturation_vs_nginx", ours.1.per_second / theirs.1.per_second, "x", ">= 1.0");
     Some(theirs.1.per_second)
 }
 
@@ -237,7 +277,7 @@ async fn affinity_overhead(env: &Env, activator: &Process, redis: bool, figures:
     // Each new session's lookup reads the store's generation in the same pipeline as its key:
     // a command, not a round trip.
     let fresh_round_trips = (fresh_calls as f64 - fresh.requests).max(0.0);
-    figures.add("redis_round_trips_new_session", fresh_round_trips / fresh.requests, "rtt", "2");
+    figures.add("redis_round_trips_new_session", fresh_round_trips / fresh.requests, "rtt", "<= 1");
     figures.add("redis_new_session_added_median", fresh.median_us - unpinned.median_us, "us", "");
 
     // Under load: every request a new session, at saturation, against requests without one.
@@ -508,16 +548,93 @@ impl Nginx {
 }
 
 impl Drop for Nginx {
+    /// Stops nginx as nginx expects: `QUIT` to the master, which ends its workers once they are
+    /// idle; `TERM` if that takes too long, `KILL` last. A worker that outlives its master would
+    /// keep the bench's port open after the bench, so each one is checked for and ended.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = Command::new("pkill").args(["-P", &self.child.id().to_string()]).output();
+        let workers = self.pids().split_off(1);
+        let master = Pid::from_raw(self.child.id() as i32);
+        for signal in [Signal::SIGQUIT, Signal::SIGTERM, Signal::SIGKILL] {
+            let _ = kill(master, signal);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if self.child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+        }
         let _ = self.child.wait();
+        for worker in workers {
+            let pid = Pid::from_raw(worker as i32);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while kill(pid, None).is_ok() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if kill(pid, None).is_ok() {
+                println!("note: nginx worker {worker} outlived its master; killed");
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+        }
     }
 }
 
 fn print_table(figures: &Figures) {
-    println!("\n{:<52} {:>14} {:<8} target", "figure", "value", "unit");
+    println!("\n{:<52} {:>14} {:<8} {:<12} met", "figure", "value", "unit", "target");
     for f in &figures.0 {
-        println!("{:<52} {:>14.3} {:<8} {}", f.name, f.value, f.unit, f.target);
+        let met = match meets(f.value, f.target) {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "",
+        };
+        println!("{:<52} {:>14.3} {:<8} {:<12} {met}", f.name, f.value, f.unit, f.target);
+    }
+}
+
+/// Whether `value` meets `target` (`<= 1.0`, `>= 0.8`, `<= +50 MiB`, or a value it must equal);
+/// `None` for a figure without a target, or one that was not measured.
+fn meets(value: f64, target: &str) -> Option<bool> {
+    let (compare, rest): (fn(f64, f64) -> bool, &str) = if let Some(rest) = target.strip_prefix("<=") {
+        (|v, t| v <= t, rest)
+    } else if let Some(rest) = target.strip_prefix(">=") {
+        (|v, t| v >= t, rest)
+    } else {
+        (|v, t| v == t, target)
+    };
+    let bound: f64 = rest.split_whitespace().next()?.trim_start_matches('+').parse().ok()?;
+    (!value.is_nan()).then(|| compare(value, bound))
+}
+
+/// The figures `just bench` answers to, with their targets: the table, gathered from
+/// every part's `bench <name> <value> <unit>` lines in `log` (the in-process pin store's, the
+/// Redis round trips', and this binary's).
+fn summary(log: &Path) {
+    const TABLE: [(&str, &str, &str); 9] = [
+        ("CPU per proxied request, activator / nginx", "ratio_cpu_per_request_vs_nginx", "<= 1.0"),
+        ("added median latency, activator / nginx", "ratio_added_median_vs_nginx", "<= 1.0"),
+        ("saturation, activator / nginx", "ratio_saturation_vs_nginx", ">= 1.0"),
+        ("p99 at 50 % of nginx's saturation, activator / nginx", "ratio_p99_at_50pct_vs_nginx", "<= 1.0"),
+        ("h2c throughput, activator / direct", "ratio_h2c_rps_activator_vs_direct", ">= 0.8"),
+        ("10,000 held HTTP/1.1 requests (MiB)", "rss_growth_10000_buffered", "<= +50"),
+        ("idle RSS (MiB)", "idle_rss", "<= 8"),
+        ("1,000,000 pins in memory (MiB)", "rss_growth_1000000_pins", "<= 150"),
+        ("Redis round trips for a new session", "redis_round_trips_new_session", "<= 1"),
+    ];
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let measured = |name: &str| {
+        text.lines().filter_map(|l| l.strip_prefix("bench ")).find_map(|l| {
+            let mut parts = l.split_whitespace();
+            (parts.next() == Some(name)).then(|| parts.next().and_then(|v| v.parse::<f64>().ok())).flatten()
+        })
+    };
+    println!("\n{:<54} {:>10} {:<8} met", "the targets", "value", "target");
+    for (what, name, target) in TABLE {
+        let value = measured(name);
+        let met = match value.and_then(|v| meets(v, target)) {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "not measured",
+        };
+        println!("{what:<54} {:>10} {target:<8} {met}", value.map_or("-".to_owned(), |v| format!("{v:.2}")));
     }
 }
