@@ -47,9 +47,11 @@ fn main() {
     let before = resident_kib();
     // The bound is per shard (1/64 each), so hold a million with room for uneven shards.
     let million = MemoryPins::new(1_100_000);
+    // Pins share their revision's name, as the request path makes them.
+    let revision: Arc<str> = Arc::from("counter-00001");
     for i in 0..1_000_000u32 {
         let key = PinKey::new(&scope, PinKind::Session, &i.to_le_bytes());
-        million.write(&key, None, Pin::session("counter-00001", pod), lifetime);
+        million.write(&key, None, Pin::session(revision.clone(), pod), lifetime);
     }
     let held = million.sweep();
     let grown = resident_kib().saturating_sub(before) as f64 / 1024.0;

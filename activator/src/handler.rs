@@ -186,7 +186,7 @@ impl Handler {
                 namespace: revision.namespace.as_str().into(),
                 service: revision.service.as_str().into(),
                 configuration: revision.stats.names().configuration.as_str().into(),
-                revision: revision.name.as_str().into(),
+                revision: revision.name.clone(),
                 decision: route.origin.as_str(),
                 pin_source: route.pin_source.map(PinSource::as_str),
                 pod: route.pod,

@@ -330,7 +330,7 @@ mod tests {
         // Revision indexes past the service's count stand for revisions that left the traffic.
         (0..revisions + 1, 0u16..40, any::<bool>()).prop_map(|(r, p, session)| {
             let name = format!("svc-{r}");
-            if session { Pin::session(&name, pod(p)) } else { Pin::flow(&name) }
+            if session { Pin::session(name.as_str(), pod(p)) } else { Pin::flow(name.as_str()) }
         })
     }
 

@@ -177,7 +177,7 @@ impl<'a> Pinning<'a> {
             decision.want = Want::Prefer(pod);
         }
         if let (Some(key), Some(write)) = (&keys.flow, &decision.flow_write) {
-            let ours = Pin::flow(&decision.revision.name);
+            let ours = Pin::flow(decision.revision.name.clone());
             let lifetime = decision.revision.affinity.lifetime();
             let winner = pins.write(key, write.expected(), ours, lifetime, &lifetime_of).await;
             follow_flow_winner(&mut decision, service, &lookup, &winner);
@@ -235,7 +235,7 @@ impl<'a> Pinning<'a> {
             return None;
         }
         let key = self.keys.session.as_ref()?;
-        let ours = Pin::session(&route.revision.name, pod);
+        let ours = Pin::session(route.revision.name.clone(), pod);
         // Also re-pin when the pinned pod left between the decision and admission.
         let write = route.session_write.clone().or_else(|| match &self.lookup.session {
             Some(current) if *current != ours => Some(PinWrite::Replace(current.clone())),
@@ -266,7 +266,7 @@ impl<'a> Pinning<'a> {
     /// The response carries the session's pin in a newly signed cookie when the pin is new or
     /// moved, or its cookie is past half its idle lifetime, so an active session never expires.
     fn sign_cookie(&self, cookie: &SignedCookie, route: &mut Route, pod: SocketAddr) {
-        let ours = Pin::session(&route.revision.name, pod);
+        let ours = Pin::session(route.revision.name.clone(), pod);
         let lifetime = route.revision.affinity.lifetime();
         let now = SystemTime::now();
         let same = self.lookup.session.as_ref() == Some(&ours);

@@ -93,7 +93,7 @@ pub(crate) async fn exchange_loop(world: &ArcSwap<Snapshot>, pins: &Pins, interv
                 service.traffic.iter().filter(|t| t.percent > 0).map(|t| &t.revision).collect();
             let taken: Vec<Vec<(u64, u64)>> = revisions.iter().map(|r| r.served.take_unsent()).collect();
             let counts: Vec<(&str, &[(u64, u64)])> =
-                revisions.iter().map(|r| r.name.as_str()).zip(taken.iter().map(Vec::as_slice)).collect();
+                revisions.iter().map(|r| &*r.name).zip(taken.iter().map(Vec::as_slice)).collect();
             match exchange(store, service.affinity.scope(), &counts, WINDOW_SECONDS).await {
                 Some(totals) => {
                     revisions.iter().zip(totals).for_each(|(r, total)| r.served.shared_total(total, fresh_for));

@@ -149,11 +149,14 @@ pub struct Pin {
 }
 
 impl Pin {
-    pub fn flow(revision: &str) -> Self {
+    /// A flow's pin. Given the revision's own `Arc`, the pin shares it rather than copying the
+    /// name: a million pins into one revision hold one name.
+    pub fn flow(revision: impl Into<Arc<str>>) -> Self {
         Pin { revision: revision.into(), pod: None }
     }
 
-    pub fn session(revision: &str, pod: SocketAddr) -> Self {
+    /// A session's pin; shares the revision's name as `flow` does.
+    pub fn session(revision: impl Into<Arc<str>>, pod: SocketAddr) -> Self {
         Pin { revision: revision.into(), pod: Some(pod) }
     }
 

@@ -30,7 +30,8 @@ pub(crate) use resolve::{NotFound, Target};
 pub(crate) struct Revision {
     pub namespace: String,
     pub service: String,
-    pub name: String,
+    /// Shared with the pins into this revision, so a pin carries no copy of the name.
+    pub name: Arc<str>,
     pub config: RevisionConfig,
     /// How new endpoints prove ready.
     pub probe: Probe,
@@ -87,7 +88,7 @@ impl Service {
 
     /// Whether `revision` is listed in the traffic at any percent (a valid affinity target).
     pub(crate) fn routes_to(&self, revision: &str) -> Option<&Arc<Revision>> {
-        self.traffic.iter().find(|t| t.revision.name == revision).map(|t| &t.revision)
+        self.traffic.iter().find(|t| *t.revision.name == *revision).map(|t| &t.revision)
     }
 
     /// How long pins into `revision` live; pins into a revision that left the traffic are

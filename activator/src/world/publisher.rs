@@ -262,7 +262,7 @@ impl Publisher {
         Arc::new(Revision {
             namespace: svc.namespace.clone(),
             service: svc.name.clone(),
-            name: rev.name.clone(),
+            name: rev.name.as_str().into(),
             config: rev.config,
             probe: rev.probe.clone(),
             host: rev.host.clone(),
@@ -328,10 +328,10 @@ pub(crate) mod tests {
     fn split_follows_percents_and_skips_zero() {
         let s = world(vec![service("counter", &[(30, vec![]), (70, vec![]), (0, vec![])])]);
         let svc = s.service_for_host("counter.test").unwrap();
-        let picks: Vec<_> = (0..100).map(|r| svc.split(r).name.as_str()).collect();
+        let picks: Vec<_> = (0..100).map(|r| &*svc.split(r).name).collect();
         assert_eq!(picks.iter().filter(|n| **n == "counter-0").count(), 30);
         assert_eq!(picks.iter().filter(|n| **n == "counter-1").count(), 70);
-        assert_eq!(svc.split(1000).name, "counter-1");
+        assert_eq!(&*svc.split(1000).name, "counter-1");
         assert!(svc.routes_to("counter-2").is_some(), "0 % is still a valid target");
     }
 
