@@ -15,9 +15,8 @@ use crate::autoscaler::{Reporter, ReporterConfig, ReporterMetrics};
 use crate::config::{Cli, Command, Config, LogFormat, Mode, PinStore};
 use crate::handler::Handler;
 use crate::health::Health;
-use crate::keys::KeyFile;
-
 use crate::instruments::Instruments;
+use crate::keys::KeyFile;
 use crate::pins::{PinMetrics, Pins, SharedConfig};
 use crate::readiness::{ProbeTiming, Prober};
 use crate::server::{Limits, Listener, TlsServing};

@@ -1,6 +1,7 @@
 //! affinity-activator's data plane. `app` wires these modules into the process; each module's
 //! doc says what it owns. Public are only `app` and what the integration tests and benches reach
-//! (the pin table, metrics registration, the kinds the Knative source watches); everything else is the crate's own.
+//! (the pin table, metrics registration, the kinds the Knative source watches); everything else
+//! is the crate's own.
 
 #![warn(unreachable_pub)]
 

@@ -2,12 +2,13 @@
 //! free what it keeps for the session without a patched queue-proxy.
 //!
 //! Once a second the session pins this replica watched that went idle, were evicted or were
-//! moved are taken from the pin table. For each that this replica claims (`claim`: with Redis, the
-//! first replica to claim a pin's end, with a key of its own; a pin still in use through another
-//! replica has not ended), one `POST` goes to the pod the session was pinned to, with the session id in the
-//! service's session header and `idle` or `moved` in `K-Session-End`, if that pod is still one
-//! of its revision's: an address that left may be another pod's by now. Best effort and off the
-//! request path: at most `CONCURRENT_CALLS` at once, each within `CALL_TIMEOUT`, never retried.
+//! moved are taken from the pin table. For each that this replica claims (`claim`: with Redis,
+//! the first replica to claim a pin's end, with a key of its own; a pin still in use through
+//! another replica has not ended), one `POST` goes to the pod the session was pinned to, with the
+//! session id in the service's session header and `idle` or `moved` in `K-Session-End`, if that
+//! pod is still one of its revision's: an address that left may be another pod's by now. Best
+//! effort and off the request path: at most `CONCURRENT_CALLS` at once, each within
+//! `CALL_TIMEOUT`, never retried.
 //!
 //! With `--session-end-keys` each call is signed (`signature`), so a pod can tell the activator's
 //! word from a client's: clients cannot reach the end path through the activator, but with
@@ -26,7 +27,7 @@ use crate::headers::{SESSION_END, SESSION_END_SIGNATURE, SESSION_END_TIME};
 use crate::keys::KeyFile;
 use crate::labelled::{Labelled, label_values};
 use crate::metrics::Registrar;
-use crate::pins::{Ended, Pins, Purpose, unix_millis};
+use crate::pins::{Ended, Pins, Purpose, millis, unix_millis};
 use crate::world::Snapshot;
 
 /// How often ended pins are collected.
@@ -129,7 +130,7 @@ async fn claim(pins: &Pins, ended: &Ended) -> bool {
     }
     let key = ended.key.id_hash();
     let claim = format!("aa:end:{{{}}}:{key:032x}:{}", ended.key.scope(), unix_millis(ended.written));
-    let ttl = u64::try_from(END_CLAIM_TTL.as_millis()).unwrap_or(u64::MAX);
+    let ttl = millis(END_CLAIM_TTL);
     let claimed = store.lend(Purpose::End, |mut conn| async move {
         redis::cmd("SET").arg(&claim).arg(1).arg("NX").arg("PX").arg(ttl).query_async::<Option<String>>(&mut conn).await
     });

@@ -1,8 +1,8 @@
 //! Affinity: which ids a request carries under its service's policy (`keys`, with a chat
 //! request's conversation from `chat`), where those ids and their pins send it (`decide`, a pure
-//! function), the pin cookies that need no store (`cookie`), the one place that settles a request's route with the pin store (`pinning`), the
-//! split by requests that new pins follow (`share`), and the count of each decision
-//! (`Decisions`).
+//! function), the pin cookies that need no store (`cookie`), the one place that settles a
+//! request's route with the pin store (`pinning`), the split by requests that new pins follow
+//! (`share`), and the count of each decision (`Decisions`).
 
 mod cookie;
 mod decide;

@@ -4,9 +4,10 @@
 //! share of those requests is furthest below its percent, so long or busy sessions on one side
 //! are balanced by where new sessions go.
 //!
-//! With the Redis pin store the counts are every replica's: `sync` adds what this replica routed
-//! since its last exchange to a per-service count in Redis and reads back the window's totals,
-//! once per pin refresh interval in one pipeline per service, never per request. So a replica
+//! With the Redis pin store the counts are every replica's: `exchange_loop` adds what this replica
+//! routed since its last exchange to a per-service count in Redis and reads back the window's
+//! totals, once per pin refresh interval in one script per service (on the store's background
+//! connection, `SharedPins::lend`), never per request. So a replica
 //! that mostly sees new sessions steers them against the traffic that sessions pinned elsewhere
 //! carry through other replicas. Without Redis, or while it does not answer, each replica
 //! balances its own share.

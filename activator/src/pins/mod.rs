@@ -193,7 +193,7 @@ pub(crate) fn unix_millis(at: SystemTime) -> u64 {
 }
 
 /// Whole milliseconds, saturating: what Redis takes for expiries and what stored times are in.
-fn millis(d: Duration) -> u64 {
+pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
