@@ -18,69 +18,59 @@ fn service(pods: &[SocketAddr]) -> String {
         .revision("counter-1", 100, pods)])
 }
 
-/// What the tests ask of two replicas sharing pins, in front of two pods of `counter-1`.
-trait Ends {
-    async fn use_session(&self, session: &str, requests: usize) -> String;
-    async fn ends_handled(&self, reason: &str) -> (f64, f64);
-    fn named_pods(&self) -> impl Iterator<Item = (String, &Process)>;
-    async fn calls(&self) -> Vec<(String, Vec<String>)>;
-}
-
+/// Two replicas sharing pins, in front of two pods of `counter-1`.
 async fn start() -> Replicas {
     Replicas::start("counter-1", 2, service, &[]).await
 }
 
-impl Ends for Replicas {
-    /// Sends `requests` for `session`, alternating between the replicas, and returns the pod
-    /// that served them all.
-    async fn use_session(&self, session: &str, requests: usize) -> String {
-        let clients = [&self.via_a, &self.via_b];
-        let mut pods = Vec::new();
-        for i in 0..requests {
-            let reply = clients[i % 2].get_with("counter.test", "/incr", &[("K-Session", session)]).await;
-            assert_eq!(reply.status, 200, "{reply:?}");
-            pods.push(reply.pod().to_owned());
-        }
-        pods.dedup();
-        assert_eq!(pods.len(), 1, "{session} stayed on one pod: {pods:?}");
-        pods.remove(0)
+/// Sends `requests` for `session`, alternating between the replicas, and returns the pod
+/// that served them all.
+async fn use_session(r: &Replicas, session: &str, requests: usize) -> String {
+    let clients = [&r.via_a, &r.via_b];
+    let mut pods = Vec::new();
+    for i in 0..requests {
+        let reply = clients[i % 2].get_with("counter.test", "/incr", &[("K-Session", session)]).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        pods.push(reply.pod().to_owned());
     }
-
-    /// What both replicas did about ended sessions for `reason`: calls sent, and ends seen.
-    async fn ends_handled(&self, reason: &str) -> (f64, f64) {
-        let (mut sent, mut seen) = (0.0, 0.0);
-        for replica in [&self.a, &self.b] {
-            let metrics = Metrics::scrape(replica.addr("admin")).await;
-            for result in ["sent", "failed", "elsewhere"] {
-                let n = metrics.value("activator_session_ends_total", &[("reason", reason), ("result", result)]);
-                seen += n.unwrap_or(0.0);
-                sent += if result == "sent" { n.unwrap_or(0.0) } else { 0.0 };
-            }
-        }
-        (sent, seen)
-    }
-
-    /// The pods with the names they answer with.
-    fn named_pods(&self) -> impl Iterator<Item = (String, &Process)> {
-        self.pods.iter().enumerate().map(|(i, pod)| (format!("counter-1-pod-{i}"), pod))
-    }
-
-    /// The end calls each pod got, by pod name.
-    async fn calls(&self) -> Vec<(String, Vec<String>)> {
-        let mut out = Vec::new();
-        for (name, pod) in self.named_pods() {
-            let (status, body) = admin_get(pod.addr("http"), "/session/ends").await;
-            assert_eq!(status, 200);
-            out.push((name, body.lines().map(str::to_owned).collect()));
-        }
-        out
-    }
+    pods.dedup();
+    assert_eq!(pods.len(), 1, "{session} stayed on one pod: {pods:?}");
+    pods.remove(0)
 }
 
+/// What both replicas did about ended sessions for `reason`: calls sent, and ends seen.
+async fn ends_handled(r: &Replicas, reason: &str) -> (f64, f64) {
+    let (mut sent, mut seen) = (0.0, 0.0);
+    for replica in [&r.a, &r.b] {
+        let metrics = Metrics::scrape(replica.addr("admin")).await;
+        for result in ["sent", "failed", "elsewhere"] {
+            let n = metrics.value("activator_session_ends_total", &[("reason", reason), ("result", result)]);
+            seen += n.unwrap_or(0.0);
+            sent += if result == "sent" { n.unwrap_or(0.0) } else { 0.0 };
+        }
+    }
+    (sent, seen)
+}
+
+/// The pods with the names they answer with.
+fn named_pods(r: &Replicas) -> impl Iterator<Item = (String, &Process)> {
+    r.pods.iter().enumerate().map(|(i, pod)| (format!("counter-1-pod-{i}"), pod))
+}
+
+/// The end calls each pod got, by pod name.
+async fn calls(r: &Replicas) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for (name, pod) in named_pods(r) {
+        let (status, body) = admin_get(pod.addr("http"), "/session/ends").await;
+        assert_eq!(status, 200);
+        out.push((name, body.lines().map(str::to_owned).collect()));
+    }
+    out
+}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_session_is_ended_once_on_its_pod_across_two_replicas() {
     let r = start().await;
-    let pod = r.use_session("idle-1", 4).await;
+    let pod = use_session(&r, "idle-1", 4).await;
     // Through B alone for longer than the TTL: A's copy of the pin goes idle, but the session
     // lives on, so nobody calls.
     let via_b = Client::new(r.b.addr("proxy"));
@@ -89,14 +79,14 @@ async fn an_idle_session_is_ended_once_on_its_pod_across_two_replicas() {
         pace.tick().await;
         assert_eq!(via_b.get_with("counter.test", "/incr", &[("K-Session", "idle-1")]).await.pod(), pod);
     }
-    assert!(r.calls().await.iter().all(|(_, calls)| calls.is_empty()), "no end while the session is in use");
+    assert!(calls(&r).await.iter().all(|(_, calls)| calls.is_empty()), "no end while the session is in use");
     // Both replicas watched the session; each sees its pin go idle, and one of them calls.
     wait_until(Duration::from_secs(20), "both replicas saw the idle session end", || async {
-        r.ends_handled("idle").await.1 >= 2.0
+        ends_handled(&r, "idle").await.1 >= 2.0
     })
     .await;
-    assert_eq!(r.ends_handled("idle").await, (1.0, 2.0), "one call for the two replicas");
-    for (name, calls) in r.calls().await {
+    assert_eq!(ends_handled(&r, "idle").await, (1.0, 2.0), "one call for the two replicas");
+    for (name, calls) in calls(&r).await {
         let expected: &[&str] = if name == pod { &["idle-1 idle"] } else { &[] };
         assert_eq!(calls, expected, "{name}");
     }
@@ -105,20 +95,20 @@ async fn an_idle_session_is_ended_once_on_its_pod_across_two_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moved_session_is_ended_once_on_the_pod_it_left() {
     let r = start().await;
-    let left = r.use_session("moving-1", 4).await;
+    let left = use_session(&r, "moving-1", 4).await;
     // Its pod leaves the revision (the process keeps running, as a pod does while it drains).
     let staying: Vec<SocketAddr> =
-        r.named_pods().filter(|(name, _)| *name != left).map(|(_, p)| p.addr("http")).collect();
+        named_pods(&r).filter(|(name, _)| *name != left).map(|(_, p)| p.addr("http")).collect();
     let topology = service(&staying);
     r.env.reload_all(&[&r.a, &r.b], &topology).await;
-    let now = r.use_session("moving-1", 2).await;
+    let now = use_session(&r, "moving-1", 2).await;
     assert_ne!(now, left, "the session moved");
     wait_until(Duration::from_secs(20), "both replicas saw the session move", || async {
-        r.ends_handled("moved").await.1 >= 2.0
+        ends_handled(&r, "moved").await.1 >= 2.0
     })
     .await;
-    assert_eq!(r.ends_handled("moved").await, (1.0, 2.0), "one call for the two replicas");
-    for (name, calls) in r.calls().await {
+    assert_eq!(ends_handled(&r, "moved").await, (1.0, 2.0), "one call for the two replicas");
+    for (name, calls) in calls(&r).await {
         if name == left {
             assert_eq!(calls, ["moving-1 moved"], "{name}");
         } else {
