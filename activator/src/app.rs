@@ -33,8 +33,6 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::task::TaskTracker;
-use tracing_subscriber::Layer as _;
-use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// The `activator` command: serves (in the mode `--mode` names) until told to stop, or runs an
@@ -75,9 +73,7 @@ fn init_logging(format: LogFormat, telemetry: &Telemetry) -> LogLevel {
         LogFormat::Json => true,
         LogFormat::Text => false,
     };
-    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let logs = if json { logs.json().boxed() } else { logs.boxed() };
-    tracing_subscriber::registry().with(logs.with_filter(filter)).with(telemetry.layer()).init();
+    telemetry.subscriber(json, std::io::stderr, filter).init();
     level
 }
 

@@ -8,6 +8,9 @@ use tracing_subscriber::reload;
 
 use super::SPAN_TARGET;
 
+/// What decides which log lines are written; `LogLevel` changes it while the process runs.
+pub(crate) type LogFilter = reload::Layer<EnvFilter, Registry>;
+
 /// Changes the log filter while the process runs.
 #[derive(Clone)]
 pub(crate) struct LogLevel {
@@ -22,7 +25,7 @@ impl std::fmt::Debug for LogLevel {
 
 impl LogLevel {
     /// The filter for log output, `RUST_LOG` or `info`, and the handle that changes it.
-    pub(crate) fn start() -> (reload::Layer<EnvFilter, Registry>, LogLevel) {
+    pub(crate) fn start() -> (LogFilter, LogLevel) {
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
         let (layer, handle) = reload::Layer::new(without_spans(filter));
         (layer, LogLevel { handle })

@@ -26,14 +26,17 @@ use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use prometheus::{Histogram, IntCounter};
 use tracing::Span;
 use tracing::field::Empty;
+use tracing::level_filters::LevelFilter;
+use tracing::subscriber::Interest;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::Layer;
 use tracing_subscriber::filter::DynFilterFn;
+use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::registry::LookupSpan;
 
 pub(crate) use access_log::{AccessLog, Entry, Routed as LoggedRoute};
 pub(crate) use config::{MetricsProtocol, ObservabilityConfig, TracingProtocol};
-pub(crate) use logs::{LogLevel, level_from_config_logging};
+pub(crate) use logs::{LogFilter, LogLevel, level_from_config_logging};
 
 use crate::metrics::Registrar;
 use crate::response_body::Finished;
@@ -137,17 +140,43 @@ impl Telemetry {
 
     /// The tracing layer that turns our spans into OTLP spans while tracing is on. The pin-store
     /// span is only made inside a request's span, so background refreshes make no traces.
-    pub(crate) fn layer<S>(&self) -> impl Layer<S> + use<S>
+    ///
+    /// The callsite filter is what keeps spans free while tracing is off: a per-layer filter
+    /// that answers "sometimes" makes the registry create every span whose level passes, even
+    /// ones all filters then refuse (hyper's and h2's trace spans cost a third of the CPU of a
+    /// proxied h2c request that way). So callsites other than ours are never of interest, ours
+    /// only while tracing is on (`apply` rebuilds the interest when that changes).
+    fn layer<S>(&self) -> impl Layer<S> + use<S>
     where
         S: tracing::Subscriber + for<'a> LookupSpan<'a>,
     {
         let on = self.inner.tracing.clone();
+        let on_at_callsite = self.inner.tracing.clone();
         let ours = DynFilterFn::new(move |meta, cx| {
             meta.target() == SPAN_TARGET
                 && on.load(Ordering::Relaxed)
                 && (meta.name() == "handle" || cx.lookup_current().is_some())
-        });
+        })
+        .with_callsite_filter(move |meta| {
+            if meta.target() == SPAN_TARGET && on_at_callsite.load(Ordering::Relaxed) {
+                Interest::sometimes()
+            } else {
+                Interest::never()
+            }
+        })
+        .with_max_level_hint(LevelFilter::INFO);
         tracing_opentelemetry::layer().with_tracer(self.inner.tracer.clone()).with_filter(ours)
+    }
+
+    /// Everything the process traces to: log lines to `writer` through `filter` (JSON when
+    /// `json`), and our spans to this telemetry's layer only, so log lines never format them.
+    pub(crate) fn subscriber<W>(&self, json: bool, writer: W, filter: LogFilter) -> impl tracing::Subscriber + use<W>
+    where
+        W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+    {
+        let logs = tracing_subscriber::fmt::layer().with_writer(writer);
+        let logs = if json { logs.json().boxed() } else { logs.boxed() };
+        tracing_subscriber::registry().with(logs.with_filter(filter)).with(self.layer())
     }
 
     /// Applies a configuration: the exporter, sampler and request log switch at once; requests
@@ -343,5 +372,46 @@ impl Finished for Finishing {
         if let Some(entry) = log {
             self.telemetry.inner.access_log.write(&entry, status, sent, elapsed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::instruments::Instruments;
+
+    fn telemetry() -> Telemetry {
+        let instruments = Instruments::register();
+        Telemetry::new(instruments.stats.knative.clone(), instruments.request_log_dropped.clone())
+    }
+
+    fn handle_span() -> Span {
+        tracing::info_span!(target: SPAN_TARGET, "handle")
+    }
+
+    fn dependency_trace_span() -> Span {
+        tracing::trace_span!(target: "h2::proto::streams", "popped")
+    }
+
+    // One test, because the interest of a callsite is kept per process, across subscribers.
+    #[tokio::test]
+    async fn no_span_is_made_but_ours_while_tracing_is_on() {
+        let telemetry = telemetry();
+        let (filter, _level) = LogLevel::start();
+        let _default = tracing::subscriber::set_default(telemetry.subscriber(true, std::io::sink, filter));
+
+        assert!(handle_span().is_disabled(), "tracing is off: the request span must not be made");
+        assert!(dependency_trace_span().is_disabled(), "a dependency's trace span must not be made");
+        assert!(LevelFilter::current() <= LevelFilter::INFO, "trace callsites are refused before any filter runs");
+
+        let mut on = ObservabilityConfig::default();
+        on.tracing.protocol = TracingProtocol::HttpProtobuf;
+        on.tracing.endpoint = Some("http://127.0.0.1:1/v1/traces".into());
+        telemetry.apply(&on);
+        assert!(!handle_span().is_disabled(), "tracing is on: the request span is made");
+        assert!(dependency_trace_span().is_disabled(), "a dependency's trace span is still not made");
+
+        telemetry.apply(&ObservabilityConfig::default());
+        assert!(handle_span().is_disabled(), "tracing is off again");
     }
 }
