@@ -85,7 +85,7 @@ async fn million_pins(url: &str, admin: &Redis) -> (f64, f64) {
     while !metrics.store_up() {
         assert!(Instant::now() < deadline, "the shared store did not connect");
         let probe = PinKey::new(&Arc::from("default/probe"), PinKind::Session, b"probe");
-        pins.lookup(Some(&probe), None, &|_| LIFETIME).await;
+        pins.lookup(Some(&probe), None, &|_| LIFETIME, None).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let redis_before = used_memory(admin).await;
@@ -173,7 +173,7 @@ async fn known_pin_lookups(url: &str, admin: &Redis) -> Calls {
 }
 
 async fn found(pins: &Pins, key: &PinKey, lifetime: Lifetime) -> bool {
-    pins.lookup(Some(key), None, &|_| lifetime).await.session.is_some()
+    pins.lookup(Some(key), None, &|_| lifetime, None).await.session.is_some()
 }
 
 #[derive(Clone, Copy, Default)]

@@ -564,6 +564,14 @@ pub async fn wait_pin_store_up(admin: SocketAddr) {
     .await;
 }
 
+/// How many exchanges an activator has had with Redis on the request path (lookups, new pins,
+/// re-pins), as it times each call once: round trips, whatever a script runs inside Redis.
+pub async fn pin_store_round_trips(admin: SocketAddr) -> f64 {
+    let text = Metrics::scrape(admin).await;
+    let calls = |op| text.value("activator_pin_store_duration_seconds_count", &[("op", op)]).unwrap_or(0.0);
+    calls("get") + calls("create") + calls("replace")
+}
+
 /// The command that starts a demo-service pod, for `autoscaler-shim --command`, with `extra`
 /// flags.
 pub fn demo_command(extra: &str) -> String {

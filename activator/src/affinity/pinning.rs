@@ -1,9 +1,10 @@
 //! Where a request goes, settled in one place, in three steps the handler runs in turn.
 //! `Pinning::route`, before admission: the pins of its ids are read (one round trip at most, none
-//! for known pins), the pure decision is made, a flow's pin is written first-writer-wins
-//! (following the winner if another writer was first), and the split by requests counts it.
-//! `Pinning::admitted`, once the throttler gave the request a pod: its session is pinned there,
-//! or the request moves to the pod another writer pinned it to. `Route::after_failure`, when
+//! for known pins; a new session is pinned in that round trip where the decision without a pin
+//! sends it), the pure decision is made, a flow's pin is written first-writer-wins (following the
+//! winner if another writer was first), and the split by requests counts it.
+//! `Pinning::admitted`, once the throttler gave the request a pod: its session is pinned there
+//! (unless the lookup already did), or the request moves to the pod another writer pinned it to. `Route::after_failure`, when
 //! that pod failed it: another ready pod of the revision, or none.
 //!
 //! Talks to the pin store only; acquiring slots and forwarding stay with the caller.
@@ -16,7 +17,7 @@ use super::cookie::CookieKeys;
 use super::decide::{Lookup, Origin, PinWrite, decide, follow_flow_winner};
 use super::keys::{Keys, SignedCookie};
 use super::share;
-use crate::pins::{Found, Pin, PinKey, PinSource, Pins, Watch};
+use crate::pins::{Found, Lifetime, Pin, PinKey, PinSource, Pins, Watch};
 use crate::retry;
 use crate::throttle::Want;
 use crate::world::{Revision, Service};
@@ -116,6 +117,8 @@ pub(crate) struct Pinning<'a> {
     service: &'a Service,
     keys: &'a Keys,
     lookup: Lookup,
+    /// The session's pin, when the lookup made it (the decision then saw no pin).
+    created: Option<Pin>,
     /// The request's verified pin cookie: when it expires and when its pin was first made.
     cookie: Option<(SystemTime, Option<SystemTime>)>,
 }
@@ -131,8 +134,27 @@ impl<'a> Pinning<'a> {
         ingress_pick: Option<&Arc<Revision>>,
     ) -> (Pinning<'a>, Route) {
         let lifetime_of = |revision: &str| service.lifetime_of(revision);
-        let Found { session, flow, mut sources } =
-            pins.lookup(keys.session.as_ref(), keys.flow.as_ref(), &lifetime_of).await;
+        // Steering to the under-served revision needs the shared counts: not without the store.
+        let under_served = |unshared: bool| {
+            let steered = service.affinity.split_by_requests() && !unshared;
+            steered.then(|| share::most_under_served(service)).flatten()
+        };
+        // Where a session without a pin goes: the decision without one, to the pod its hash
+        // prefers among its revision's ready pods. The lookup pins it there in its own round trip
+        // unless another replica pinned it first; with no pod ready, it is pinned on admission.
+        let new_session = |flow: Option<&Pin>| {
+            let key = keys.session.as_ref()?;
+            let lookup =
+                Lookup { has_session: true, has_flow: keys.flow.is_some(), session: None, flow: flow.cloned() };
+            let roll = (key.placement_hash() % 100) as u32;
+            let decision = decide(service, ingress_pick, || under_served(false), &lookup, roll);
+            decision.session_write.as_ref()?;
+            let pod = decision.revision.throttler.rendezvous(key.placement_hash())?;
+            let lifetime = session_lifetime(keys, &decision.revision);
+            Some((Pin::session(decision.revision.name.clone(), pod), lifetime))
+        };
+        let Found { session, flow, mut sources, created } =
+            pins.lookup(keys.session.as_ref(), keys.flow.as_ref(), &lifetime_of, Some(&new_session)).await;
         // A session pin in a signed cookie needs no store: any replica verifies it.
         let verified = keys.signed.as_ref().map(|cookie| {
             let value = cookie.value.as_deref();
@@ -164,13 +186,8 @@ impl<'a> Pinning<'a> {
         let placed_by_hash = unpinned(keys.session.as_ref(), &session).or_else(|| unpinned(keys.flow.as_ref(), &flow));
         let unshared = [sources[0], sources[1]].contains(&PinSource::Fallback);
         let lookup = Lookup { has_session, has_flow: keys.flow.is_some(), session, flow };
-        // Steering to the under-served revision needs the shared counts: not without the store.
-        let under_served = || {
-            let steered = service.affinity.split_by_requests() && !unshared;
-            steered.then(|| share::most_under_served(service)).flatten()
-        };
         let roll = placed_by_hash.map_or_else(|| fastrand::u32(..100), |hash| (hash % 100) as u32);
-        let mut decision = decide(service, ingress_pick, under_served, &lookup, roll);
+        let mut decision = decide(service, ingress_pick, || under_served(unshared), &lookup, roll);
         if let (Some(key), Want::Any, Some(_)) = (&keys.session, decision.want, &decision.session_write)
             && let Some(pod) = decision.revision.throttler.rendezvous(key.placement_hash())
         {
@@ -200,7 +217,7 @@ impl<'a> Pinning<'a> {
             session_write: decision.session_write,
             placement: keys.session.as_ref().map(PinKey::placement_hash),
         };
-        (Pinning { pins, cookies, service, keys, lookup, cookie }, route)
+        (Pinning { pins, cookies, service, keys, lookup, created, cookie }, route)
     }
 
     /// The request holds a slot on `pod` of `route.revision`: its session is pinned there, and
@@ -236,16 +253,19 @@ impl<'a> Pinning<'a> {
         }
         let key = self.keys.session.as_ref()?;
         let ours = Pin::session(route.revision.name.clone(), pod);
-        // Also re-pin when the pinned pod left between the decision and admission.
-        let write = route.session_write.clone().or_else(|| match &self.lookup.session {
-            Some(current) if *current != ours => Some(PinWrite::Replace(current.clone())),
-            _ => None,
-        })?;
-        let lifetime = route.revision.affinity.lifetime();
-        // An id the activator made up for a client without its cookie is pinned only briefly
-        // until the client shows it keeps cookies, so clients that never send cookies back (bots,
-        // health checks) do not fill the pin table.
-        let lifetime = if self.keys.new_cookie.is_some() { lifetime.provisional() } else { lifetime };
+        let write = match &self.created {
+            // Pinned by the lookup to the pod the request was admitted to: nothing to write.
+            Some(created) if *created == ours => return None,
+            // Admitted elsewhere (the preferred pod had no room): the pin follows the request,
+            // unless another writer moved it first.
+            Some(created) => PinWrite::Replace(created.clone()),
+            // Also re-pin when the pinned pod left between the decision and admission.
+            None => route.session_write.clone().or_else(|| match &self.lookup.session {
+                Some(current) if *current != ours => Some(PinWrite::Replace(current.clone())),
+                _ => None,
+            })?,
+        };
+        let lifetime = session_lifetime(self.keys, &route.revision);
         let lifetime_of = |revision: &str| self.service.lifetime_of(revision);
         let winner = self.pins.write(key, write.expected(), ours.clone(), lifetime, &lifetime_of).await;
         if winner == ours {
@@ -288,4 +308,12 @@ impl<'a> Pinning<'a> {
         }
         route.set_cookie = signed.map(|value| cookie.header_value(&value));
     }
+}
+
+/// How long a session's pin into `revision` lives. An id the activator made up for a client
+/// without its cookie is pinned only briefly until the client shows it keeps cookies, so clients
+/// that never send cookies back (bots, health checks) do not fill the pin table.
+fn session_lifetime(keys: &Keys, revision: &Revision) -> Lifetime {
+    let lifetime = revision.affinity.lifetime();
+    if keys.new_cookie.is_some() { lifetime.provisional() } else { lifetime }
 }

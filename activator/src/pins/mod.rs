@@ -267,7 +267,17 @@ pub struct Found {
     pub flow: Option<Pin>,
     /// `[session, flow]`.
     pub sources: [PinSource; 2],
+    /// The session's pin, when the lookup wrote it (`NewSession`); `session` is then `None`, as
+    /// the session had no pin.
+    pub created: Option<Pin>,
 }
+
+/// Where a session without a pin would be pinned, and for how long, given its flow's pin as this
+/// replica knows it (`None` when there is no flow pin, or none known here). With the shared store,
+/// a session no replica is known to hold is pinned there in the lookup's own round trip, first
+/// writer wins, so a new session costs one round trip. `None` from the function (or no function):
+/// the session is only read.
+pub type NewSession<'a> = Option<&'a (dyn Fn(Option<&Pin>) -> Option<(Pin, Lifetime)> + Sync)>;
 
 /// A session whose service wants to hear when it ends (`sticky-session-end-path`): its raw id,
 /// kept in this replica's memory only, and what to call.
@@ -328,14 +338,29 @@ impl Pins {
 
     /// The pins of a request's session and flow keys, found in one go: with the shared store, keys
     /// this replica cannot vouch for are read in one pipelined round trip, so the decision is made
-    /// with every replica's pins. `lifetime_of` gives the lifetime of pins into a revision.
-    pub async fn lookup(&self, session: Option<&PinKey>, flow: Option<&PinKey>, lifetime_of: LifetimeOf<'_>) -> Found {
-        let found = match &self.shared {
-            Some(shared) => shared.lookup([session, flow], lifetime_of).await,
+    /// with every replica's pins, and a new session is pinned as `new_session` says in that round
+    /// trip. `lifetime_of` gives the lifetime of pins into a revision.
+    pub async fn lookup(
+        &self,
+        session: Option<&PinKey>,
+        flow: Option<&PinKey>,
+        lifetime_of: LifetimeOf<'_>,
+        new_session: NewSession<'_>,
+    ) -> Found {
+        let (found, created) = match &self.shared {
+            Some(shared) => {
+                let looked = shared.lookup([session, flow], lifetime_of, new_session).await;
+                (looked.found, looked.created)
+            }
             None => {
-                [session, flow].map(|key| (key.and_then(|key| self.memory.get(key, lifetime_of)), PinSource::Memory))
+                let found = [session, flow]
+                    .map(|key| (key.and_then(|key| self.memory.get(key, lifetime_of)), PinSource::Memory));
+                (found, None)
             }
         };
+        if created.is_some() {
+            self.metrics.writes.get((PinKind::Session, metrics::Wrote::New)).inc();
+        }
         for (key, (pin, _)) in [session, flow].into_iter().zip(&found) {
             if let Some(key) = key {
                 let looked = if pin.is_some() { metrics::Looked::Hit } else { metrics::Looked::Miss };
@@ -343,7 +368,7 @@ impl Pins {
             }
         }
         let [(session, session_source), (flow, flow_source)] = found;
-        Found { session, flow, sources: [session_source, flow_source] }
+        Found { session, flow, sources: [session_source, flow_source], created }
     }
 
     /// Writes `pin` for `key` with `lifetime`: created if `expected` is `None`, else

@@ -8,7 +8,7 @@ use std::time::Duration;
 use integration_tests::redis::{Redis, Security, Tls};
 use integration_tests::replicas::Replicas;
 use integration_tests::topology::{Service, yaml};
-use integration_tests::{Client, Env, Metrics, activator_pins, addrs, metric, wait_until};
+use integration_tests::{Client, Env, Metrics, activator_pins, addrs, metric, pin_store_round_trips, wait_until};
 
 /// Three pods of `counter-1`, all in the topology, behind two replicas with `flags`.
 async fn three_pods(flags: &[&str]) -> Replicas {
@@ -285,32 +285,72 @@ async fn redis_round_trips_per_session_new_new_here_and_known() {
     // request: the refresh is left out, the check made rare.
     let cluster = three_pods(&["--pin-refresh-interval", "60s"]).await;
     let (a, b) = clients(&cluster);
-    let calls = || async {
+    let (admin_a, admin_b) = (cluster.a.addr("admin"), cluster.b.addr("admin"));
+    // What Redis ran (a script's own commands included), and the exchanges each replica had with
+    // it on the request path: its calls, each timed once.
+    let commands = || async {
         let mut n = 0;
         for command in ["get", "set", "evalsha"] {
             n += cluster.redis.calls(command).await;
         }
         n
     };
-    let start = calls().await;
+    let round_trips = pin_store_round_trips;
+    let start = commands().await;
     let pod = session(&a, "counted").await.pod().to_owned();
-    // Looking for a key this replica does not hold also reads the store's generation, in the
-    // same pipeline: two commands, one round trip.
+    assert_eq!(round_trips(admin_a).await, 1.0, "a new session: one round trip");
     assert_eq!(
-        calls().await - start,
+        commands().await - start,
         3,
-        "a new session: a GET (and the generation's) to look for it, then one SET NX GET"
+        "a new session: one script reading the store's generation and writing SET NX GET"
     );
     for _ in 0..5 {
         session(&a, "counted").await;
     }
-    assert_eq!(calls().await - start, 3, "a known session: no round trip");
-    assert_eq!(session(&b, "counted").await.pod(), pod);
-    assert_eq!(calls().await - start, 5, "new to B: one GET finds A's pin");
+    assert_eq!(round_trips(admin_a).await, 1.0, "a known session: no round trip");
+    assert_eq!(commands().await - start, 3, "a known session: no command");
+    assert_eq!(session(&b, "counted").await.pod(), pod, "new to B: the SET NX GET answers A's pin, followed");
+    assert_eq!(round_trips(admin_b).await, 1.0, "new to B: one round trip");
     for _ in 0..5 {
         assert_eq!(session(&b, "counted").await.pod(), pod);
     }
-    assert_eq!(calls().await - start, 5, "known to B now");
+    assert_eq!(round_trips(admin_b).await, 1.0, "known to B now");
+    assert_eq!(commands().await - start, 6, "known to B now: no command");
+}
+
+/// A new session is pinned by its lookup to the pod its hash prefers; when that pod has no room
+/// the request is admitted to another, and the pin follows it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_session_admitted_elsewhere_than_its_lookup_pinned_it_is_pinned_where_it_went() {
+    let topology = |pods: &[SocketAddr]| {
+        yaml(&[Service::new("counter").revision("counter-1", 100, pods).with(|r| r.container_concurrency = 1)])
+    };
+    let cluster = Replicas::start("counter-1", 2, topology, &[]).await;
+    let (a, _) = clients(&cluster);
+    let admin = cluster.a.addr("admin");
+    let busy = {
+        let a = a.clone();
+        tokio::spawn(async move { a.get_with("counter.test", "/slow?delay=3s", &[]).await })
+    };
+    wait_until(Duration::from_secs(10), "a request without a session holds one pod", || async {
+        metric(admin, "activator_in_flight_requests", &[("revision", "counter-1")]).await == Some(1.0)
+    })
+    .await;
+    // Half the sessions' hashes prefer the busy pod: their lookups pin them there, and they are
+    // admitted to the free one.
+    let mut first = Vec::new();
+    for i in 0..16 {
+        let id = format!("elsewhere-{i}");
+        let pod = session(&a, &id).await.pod().to_owned();
+        first.push((id, pod));
+    }
+    let busy_pod = busy.await.expect("the slow request").pod().to_owned();
+    assert!(first.iter().all(|(_, pod)| *pod != busy_pod), "the busy pod had no room: {first:?}");
+    let repins = metric(admin, "activator_pin_writes_total", &[("kind", "session"), ("result", "repin")]).await;
+    assert!(repins.unwrap_or(0.0) >= 1.0, "some sessions were pinned to the busy pod by their lookup first");
+    for (id, pod) in &first {
+        assert_eq!(session(&a, id).await.pod(), pod, "session {id} stays where it was first admitted");
+    }
 }
 
 /// Headers that name the revision as Knative's ingress does, so a test chooses where a new pin goes.

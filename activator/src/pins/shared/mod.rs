@@ -4,9 +4,10 @@
 //! `revalidate_after` after Redis last confirmed an entry. The keys of a request that the near
 //! cache cannot vouch for (never seen here, or not confirmed recently) are read in one pipelined
 //! round trip before the request is decided, so a session pinned through another replica goes to
-//! its pod from its first request here. A missing pin is written with `SET … NX PX … GET`, which
-//! returns the pin another replica wrote meanwhile if there is one. Re-pins are a Lua
-//! compare-and-set that publishes an invalidation in the same round trip.
+//! its pod from its first request here; a new session's pin is written in that same round trip
+//! (`lookup`). A missing pin is written with `SET … NX PX … GET`, which returns the pin another
+//! replica wrote meanwhile if there is one. Re-pins are a Lua compare-and-set that publishes an
+//! invalidation in the same round trip.
 //!
 //! Pins in use get their idle TTL slid, and are revalidated, by a batch every `refresh_interval`,
 //! sent in bounded pipelines on a connection of its own with a budget of its own: however many
@@ -26,15 +27,17 @@
 //! other replicas write back theirs) a key it does not hold waits rather than being pinned anew,
 //! so no session that any replica still knows changes pods.
 //!
-//! This file owns the store, its connections and a request's calls (lookup, write); the parts
-//! beside it: `breaker` (when the request path stops asking Redis), `restore` (the generation
-//! and writing back pins a store lost), `refresh` (sliding the TTLs of pins in use), `lent`
-//! (the background connection lent to the split's counts and the session-end claims), `admin`
-//! (what the `activator pins` commands read and change).
+//! This file owns the store, its connections and a request's writes; the parts beside it:
+//! `lookup` (a request's read of its keys, with a new session pinned in it), `breaker` (when the
+//! request path stops asking Redis), `restore` (the generation and writing back pins a store
+//! lost), `refresh` (sliding the TTLs of pins in use), `lent` (the background connection lent to
+//! the split's counts and the session-end claims), `admin` (what the `activator pins` commands
+//! read and change).
 
 pub(super) mod admin;
 mod breaker;
 mod lent;
+mod lookup;
 mod refresh;
 mod restore;
 
@@ -43,6 +46,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwapOption;
 use futures_util::StreamExt;
 use prometheus::{Histogram, IntCounter, IntGauge};
 use redis::{AsyncCommands, RedisError, RedisResult};
@@ -51,15 +55,14 @@ use tracing::Instrument as _;
 use crate::backoff::Backoff;
 use crate::labelled::{Labelled, label_values};
 use crate::metrics::Registrar;
-use crate::pins::memory::{MemoryPins, Near, Touched};
+use crate::pins::memory::{MemoryPins, Touched};
 use crate::pins::redis::{Deployment, RedisClient, RedisConnection, RedisTls};
-use crate::pins::{Lifetime, LifetimeOf, Pin, PinKey, PinSource, Written, millis};
+use crate::pins::{Lifetime, LifetimeOf, Pin, PinKey, Written, millis};
 use crate::telemetry::SPAN_TARGET;
 
 use breaker::{Breaker, Granted};
 pub(crate) use lent::Purpose;
 use refresh::REFRESH_TIMEOUT;
-use restore::GENERATION_KEY;
 
 /// Pub/sub channel carrying `<key> <replica>` for every re-pin or delete.
 pub(super) const INVALIDATIONS: &str = "aa:invalidate";
@@ -175,19 +178,17 @@ pub(crate) struct SharedPins {
     /// Tags this replica's invalidations so it does not drop its own fresh entries.
     replica: String,
     repin: redis::Script,
+    create: redis::Script,
     metrics: StoreMetrics,
     /// Set once the first connection attempt ended, however it ended.
     tried: tokio::sync::watch::Sender<bool>,
     /// The store's generation as this replica last saw it; `None` before the first check.
-    generation: std::sync::Mutex<Option<String>>,
+    generation: ArcSwapOption<String>,
     /// Set from an outage (and from the start) until a generation check passes: meanwhile the
     /// store may lack pins that replicas hold, so a key this replica does not hold waits.
     restoring: AtomicBool,
     /// When a generation check last passed.
     checked: std::sync::Mutex<Option<Instant>>,
-    /// The hash of `generation`, for the request path to compare without a lock; 0 before the
-    /// first check.
-    generation_hash: AtomicU64,
     /// Asks the guard loop to check the generation now.
     check_now: tokio::sync::Notify,
     restored: tokio::sync::Notify,
@@ -195,16 +196,6 @@ pub(crate) struct SharedPins {
     outage_since_ms: AtomicU64,
     /// Woken whenever a generation check gets an answer from Redis.
     answered: tokio::sync::Notify,
-}
-
-/// What one pass of `lookup` found.
-enum Looked<const N: usize> {
-    Found([(Option<Pin>, PinSource); N]),
-    /// The store lost its pins: they are being written back.
-    StoreLost,
-    /// Redis did not answer early in an outage, for a key this replica does not hold: what this
-    /// replica's own pins say, if waiting for Redis is in vain.
-    Unreachable([(Option<Pin>, PinSource); N]),
 }
 
 impl SharedPins {
@@ -224,13 +215,13 @@ impl SharedPins {
             breaker: Breaker::new(),
             replica: format!("{:016x}", u64::from_ne_bytes(id)),
             repin: redis::Script::new(REPIN_SCRIPT),
+            create: redis::Script::new(lookup::CREATE_SCRIPT),
             config,
             metrics,
             tried: tokio::sync::watch::Sender::new(false),
-            generation: std::sync::Mutex::new(None),
+            generation: ArcSwapOption::empty(),
             restoring: AtomicBool::new(true),
             checked: std::sync::Mutex::new(None),
-            generation_hash: AtomicU64::new(0),
             check_now: tokio::sync::Notify::new(),
             restored: tokio::sync::Notify::new(),
             outage_since_ms: AtomicU64::new(0),
@@ -247,141 +238,6 @@ impl SharedPins {
     pub(crate) async fn first_attempt(&self) {
         // The sender lives as long as `self`, so this only ends when the flag is set.
         let _ = self.tried.subscribe().wait_for(|tried| *tried).await;
-    }
-
-    /// The pins of `keys`: fresh near-cache entries as they are, the others read from Redis in
-    /// one pipelined round trip. Without Redis, this replica's own pins.
-    pub(crate) async fn lookup<const N: usize>(
-        &self,
-        keys: [Option<&PinKey>; N],
-        lifetime_of: LifetimeOf<'_>,
-    ) -> [(Option<Pin>, PinSource); N] {
-        let (mut check_generation, mut hold) = (true, true);
-        // Each of the two waits happens once, so this ends by the third pass.
-        loop {
-            match self.lookup_once(keys, lifetime_of, check_generation, hold).await {
-                Looked::Found(found) => return found,
-                // The store came back empty just now: its pins are written back first.
-                Looked::StoreLost => {
-                    self.wait_restored().await;
-                    check_generation = false;
-                }
-                Looked::Unreachable(found) => {
-                    hold = false;
-                    if !self.wait_answer().await {
-                        return found;
-                    }
-                }
-            }
-        }
-    }
-
-    /// One pass of `lookup`. For a key this replica does not hold: `StoreLost` if
-    /// `check_generation` and the round trip found a store that lost its pins (or that is still
-    /// being written back); `Unreachable` if
-    /// `hold` and Redis did not answer early in an outage.
-    async fn lookup_once<const N: usize>(
-        &self,
-        keys: [Option<&PinKey>; N],
-        lifetime_of: LifetimeOf<'_>,
-        check_generation: bool,
-        hold: bool,
-    ) -> Looked<N> {
-        let mut found: [(Option<Pin>, PinSource); N] = std::array::from_fn(|_| (None, PinSource::NearCache));
-        let mut ask = Vec::new();
-        // While the store may lack pins replicas hold, this replica's own stand until it has
-        // written them back, and a key it does not hold waits for the writing back to end.
-        let restoring = self.restoring.load(Ordering::Acquire);
-        let mut absent = false;
-        for (i, key) in keys.iter().enumerate() {
-            let Some(key) = key else { continue };
-            match self.memory.near(key, self.config.revalidate_after, lifetime_of) {
-                Near::Fresh(pin) => found[i].0 = Some(pin),
-                Near::Stale if restoring => found[i] = (self.memory.get(key, lifetime_of), PinSource::Fallback),
-                Near::Stale => ask.push((i, *key, None)),
-                Near::Absent => {
-                    absent = true;
-                    ask.push((i, *key, None));
-                }
-                Near::Local(local) => ask.push((i, *key, Some(local))),
-            }
-        }
-        if ask.is_empty() {
-            return Looked::Found(found);
-        }
-        if absent && restoring {
-            self.wait_restored().await;
-        }
-        // A key this replica does not hold is read with the store's generation, in the same
-        // round trip: a store restarted empty is seen by the first request that would otherwise
-        // pin anew what another replica still holds. A cluster pipeline takes one slot only.
-        let generation = check_generation && absent && !self.is_cluster();
-        let replies = match self.available() {
-            Some((mut conn, granted)) => {
-                let mut pipe = redis::pipe();
-                for (_, key, local) in &ask {
-                    match local {
-                        // Ours goes in unless another replica's is there; either way the reply
-                        // says which holds, in this one round trip.
-                        Some(local) => push_cmd(&mut pipe, local, true),
-                        None => {
-                            pipe.get(key.to_string());
-                        }
-                    }
-                }
-                if generation {
-                    pipe.get(GENERATION_KEY);
-                }
-                let read = async move { pipe.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await };
-                let expected = ask.len() + usize::from(generation);
-                self.call(Op::Get, granted, read).await.filter(|replies| replies.len() == expected)
-            }
-            None => None,
-        };
-        let Some(mut replies) = replies else {
-            let mut held_here = true;
-            for (i, key, _) in ask {
-                found[i] = (self.memory.get(key, lifetime_of), PinSource::Fallback);
-                held_here &= found[i].0.is_some();
-            }
-            return match hold && !held_here && self.outage_is_young() {
-                true => Looked::Unreachable(found),
-                false => Looked::Found(found),
-            };
-        };
-        if generation && !self.is_current_generation(replies.pop().flatten().as_deref()) {
-            self.restoring.store(true, Ordering::Release);
-            self.check_now.notify_one();
-            return Looked::StoreLost;
-        }
-        for ((i, key, local), reply) in ask.into_iter().zip(replies) {
-            found[i].1 = PinSource::Redis;
-            found[i].0 = match (reply, local) {
-                (Some(value), _) => self.decode(key, &value).map(|(pin, written)| {
-                    self.memory.put_verified(key, pin.clone(), lifetime_of(&pin.revision), written);
-                    pin
-                }),
-                (None, Some(local)) => {
-                    self.memory.put_verified(key, local.pin.clone(), local.lifetime, local.written);
-                    Some(local.pin)
-                }
-                // Not in Redis: a pin this replica made during an outage, which this lookup
-                // could not see yet, still holds here.
-                (None, None) => self.memory.get(key, lifetime_of),
-            };
-        }
-        Looked::Found(found)
-    }
-
-    fn is_cluster(&self) -> bool {
-        self.conn.get().is_some_and(|c| matches!(c.requests, RedisConnection::Cluster(_)))
-    }
-
-    /// Whether `generation` (as read from the store) is the one this replica last saw; any value
-    /// is, before it has seen one.
-    fn is_current_generation(&self, generation: Option<&[u8]>) -> bool {
-        let known = self.generation_hash.load(Ordering::Acquire);
-        known == 0 || generation.is_some_and(|g| xxhash_rust::xxh3::xxh3_64(g).max(1) == known)
     }
 
     pub(crate) async fn write(
@@ -550,6 +406,15 @@ impl SharedPins {
                     }
                     self.metrics.up.set(1);
                     tracing::info!(version = ?version, "connected to Redis; pins are shared");
+                    // Loaded now, so the first request that runs a script does not pay for
+                    // loading it; one that finds it gone (Redis restarted) loads it again.
+                    for script in [&self.create, &self.repin] {
+                        let mut requests = conn.requests.clone();
+                        let load = async move { script.prepare_invoke().load_async(&mut requests).await };
+                        if let Err(error) = self.timed(Op::Connect, REFRESH_TIMEOUT, load).await {
+                            tracing::debug!(%error, "loading a pin-store script failed; it loads on first use");
+                        }
+                    }
                     let _ = self.conn.set(conn);
                     // Before this replica is ready: pins it made while connecting go in, and it
                     // learns the store's generation.

@@ -107,8 +107,8 @@ impl SharedPins {
         self.outage_since_ms.store(0, Ordering::Release);
         self.answered.notify_waiters();
         let current = held.map_or(candidate, |held| String::from_utf8_lossy(&held).into_owned());
-        let previous = crate::sync::lock(&self.generation).clone();
-        if previous.as_deref() != Some(current.as_str()) {
+        let previous = self.generation.load_full();
+        if previous.as_deref() != Some(&current) {
             let lost = previous.is_some();
             // Keys this replica does not hold wait from now until the pins are back.
             self.restoring.store(true, Ordering::Release);
@@ -118,7 +118,7 @@ impl SharedPins {
                 self.metrics.restores.inc();
                 tracing::warn!(
                     pins = count,
-                    previous = previous.as_deref().unwrap_or_default(),
+                    previous = previous.as_deref().map_or("", String::as_str),
                     current = current.as_str(),
                     "the pin store lost its pins; writing back this replica's"
                 );
@@ -130,8 +130,7 @@ impl SharedPins {
             }
             // Current only once the others had their grace: until then a request's read of the
             // new store (one queued across the reconnection included) finds it lost and waits.
-            self.generation_hash.store(xxhash_rust::xxh3::xxh3_64(current.as_bytes()).max(1), Ordering::Release);
-            *crate::sync::lock(&self.generation) = Some(current);
+            self.generation.store(Some(Arc::new(current)));
         }
         *crate::sync::lock(&self.checked) = Some(Instant::now());
         if self.restoring.swap(false, Ordering::AcqRel) {
