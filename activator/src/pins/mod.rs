@@ -141,7 +141,7 @@ impl FromStr for PinKey {
 }
 
 /// What a key is pinned to.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Pin {
     pub revision: Arc<str>,
     /// Set for sessions: the pod inside `revision`.

@@ -2,23 +2,25 @@
 //! optional absolute cap. With a shared store it is also the near cache: it remembers when the
 //! shared store last confirmed each pin and which pins were used since the last batched refresh.
 //!
-//! No global lock: the table is split into shards by the id hash, each an LRU behind its own
-//! mutex, held for one map operation.
+//! No global lock: the table is split into shards by the id hash, each a compact `Table` (slab,
+//! index and LRU list of `table`) behind its own mutex, held for one map operation.
 //!
 //! Session pins of services that want to hear when a session ends carry a `Watch` (the raw id,
 //! which lives only here, never in the shared store). Whenever such a pin leaves the table or
 //! is replaced by another, the shard records it as `Ended` under the lock it already holds, for
 //! `session_end` to act on off the request path.
 
-use std::collections::{HashMap, HashSet};
+mod table;
+
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use lru::LruCache;
+use table::{Meta, Table, UNVERIFIED};
 
-use super::{Ended, Lifetime, LifetimeOf, Pin, PinKey, Watch, Written, unix_millis};
+use super::{Ended, Lifetime, LifetimeOf, Pin, PinKey, Watch, Written, millis, unix_millis};
 
 /// Shards at the default bound; small bounds get fewer so the bound stays close to exact.
 const MAX_SHARDS: usize = 64;
@@ -27,50 +29,71 @@ const MIN_ENTRIES_PER_SHARD: u64 = 1024;
 /// briefly.
 const SWEEP_PER_SHARD: usize = 4096;
 
-struct Entry {
-    pin: Pin,
-    lifetime: Lifetime,
-    /// Wall-clock time of the first write, shared with other replicas for `max_age`.
-    written: SystemTime,
-    /// The same moment on this process's monotonic clock.
-    born: Instant,
-    expires: Instant,
-    /// When the shared store last confirmed this pin, in which epoch; `None` for a pin written
-    /// here while the shared store was out of reach.
-    verified: Option<(u64, Instant)>,
-    touched: bool,
-    /// Set for a session whose service wants to hear when it ends.
-    watch: Option<Arc<Watch>>,
+/// This process's clock in milliseconds from its first reading: pins keep their times in 8
+/// bytes rather than an `Instant`'s 16.
+fn clock(at: Instant) -> i64 {
+    static ZERO: OnceLock<Instant> = OnceLock::new();
+    let zero = *ZERO.get_or_init(Instant::now);
+    match at.checked_duration_since(zero) {
+        Some(after) => i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
+        None => -i64::try_from(zero.duration_since(at).as_millis()).unwrap_or(i64::MAX),
+    }
 }
 
-impl Entry {
-    fn new(pin: Pin, lifetime: Lifetime, written: SystemTime, now: Instant) -> Self {
+/// `d` in milliseconds on the pin clock, saturating.
+fn span(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn duration(ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+impl Meta {
+    fn new(lifetime: Lifetime, written: SystemTime, now: Instant) -> Self {
         let age = SystemTime::now().duration_since(written).unwrap_or_default();
-        let born = now.checked_sub(age).unwrap_or(now);
-        let mut entry =
-            Entry { pin, lifetime, written, born, expires: now, verified: None, touched: false, watch: None };
-        entry.extend(now);
-        entry
+        let mut meta = Meta {
+            // Lifetimes are clamped to 30 days where they are read; the u32 holds 49.
+            ttl_ms: u32::try_from(lifetime.ttl.as_millis()).unwrap_or(u32::MAX),
+            verified_epoch: UNVERIFIED,
+            max_age_ms: lifetime.max_age.map_or(u64::MAX, millis),
+            written_ms: unix_millis(written),
+            born: clock(now).saturating_sub(span(age)),
+            expires: 0,
+            verified_at: 0,
+            touched: false,
+            watched: false,
+        };
+        meta.extend(clock(now));
+        meta
+    }
+
+    fn lifetime(&self) -> Lifetime {
+        let max_age = (self.max_age_ms != u64::MAX).then(|| Duration::from_millis(self.max_age_ms));
+        Lifetime { ttl: Duration::from_millis(u64::from(self.ttl_ms)), max_age }
+    }
+
+    fn set_lifetime(&mut self, lifetime: Lifetime) {
+        self.ttl_ms = u32::try_from(lifetime.ttl.as_millis()).unwrap_or(u32::MAX);
+        self.max_age_ms = lifetime.max_age.map_or(u64::MAX, millis);
+    }
+
+    fn written(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.written_ms)
     }
 
     /// Extends the idle lifetime from `now`, within the absolute cap.
-    fn extend(&mut self, now: Instant) {
-        self.expires = later(now, self.lifetime.remaining(now.saturating_duration_since(self.born)));
+    fn extend(&mut self, now: i64) {
+        let remaining = self.lifetime().remaining(duration(now.saturating_sub(self.born)));
+        self.expires = now.saturating_add(span(remaining));
     }
 
-    fn is_live(&self, now: Instant) -> bool {
+    fn is_live(&self, now: i64) -> bool {
         now < self.expires
     }
 
-    fn touched(&self, key: PinKey, now: Instant) -> Touched {
-        Touched {
-            key,
-            pin: self.pin.clone(),
-            lifetime: self.lifetime,
-            written: self.written,
-            remaining: self.expires.saturating_duration_since(now),
-            synced: self.verified.is_some(),
-        }
+    fn verified(&self) -> bool {
+        self.verified_epoch != UNVERIFIED
     }
 }
 
@@ -99,56 +122,71 @@ pub struct Touched {
     pub synced: bool,
 }
 
-struct Table {
-    map: LruCache<PinKey, Entry>,
-    touched: Vec<PinKey>,
-    /// Keys whose entries carry a watch, so a sweep finds them wherever they are in the LRU.
-    watched: HashSet<PinKey>,
+/// One shard: its pins, and what it keeps beside them.
+struct Pins {
+    table: Table,
+    /// Slots used since the last refresh (some may have been freed since).
+    touched: Vec<u32>,
+    /// The watches of the slots whose sessions are watched for their end.
+    watches: HashMap<u32, Arc<Watch>>,
     /// Resource pins that left the table or were replaced, for `take_ended`.
     ended: Vec<Ended>,
 }
 
-impl Table {
-    /// Takes `key`'s entry out of the table; if it was watched, its session ended (`moved`: the
+impl Pins {
+    fn touched(&self, slot: u32, now: i64) -> Touched {
+        let meta = self.table.meta(slot);
+        Touched {
+            key: self.table.key(slot),
+            pin: self.table.pin(slot).clone(),
+            lifetime: meta.lifetime(),
+            written: meta.written(),
+            remaining: duration(meta.expires.saturating_sub(now)),
+            synced: meta.verified(),
+        }
+    }
+
+    /// Takes `slot`'s pin out of the table; if it was watched, its session ended (`moved`: the
     /// pin was replaced elsewhere while live, rather than expired or evicted).
-    fn pop(&mut self, key: &PinKey, moved: bool) {
-        self.watched.remove(key);
-        if let Some(entry) = self.map.pop(key) {
-            self.ended(key, entry, moved);
+    fn pop(&mut self, slot: u32, moved: bool) {
+        let (key, pin, meta) = self.table.remove(slot);
+        if meta.watched
+            && let Some(watch) = self.watches.remove(&slot)
+        {
+            self.ended.push(Ended { key, pin, written: meta.written(), watch, moved });
         }
     }
 
-    fn ended(&mut self, key: &PinKey, entry: Entry, moved: bool) {
-        if let Some(watch) = entry.watch {
-            self.ended.push(Ended { key: key.clone(), pin: entry.pin, written: entry.written, watch, moved });
-        }
-    }
-
-    /// Puts `entry` (new, so unwatched) at `key`. The session a replaced pin was watched for goes
+    /// Puts `pin` (new, so unwatched) at `key`. The session a replaced pin was watched for goes
     /// on being watched under the new pin. A live session ended only if its target (revision,
     /// pod) changed: replicas converging on one pin after an outage write the same target at
     /// another time, and the session never moved. An expired one ended idle when pinned anew. An
     /// unwatched key costs the one map operation it did before watches existed.
-    fn put(&mut self, key: &PinKey, entry: Entry, now: Instant) {
-        let Some(old) = self.map.put(key.clone(), entry) else { return };
-        let Some(watch) = old.watch.clone() else { return };
-        let new = self.map.peek_mut(key).expect("just put");
-        new.watch = Some(watch);
-        let ended = match old.is_live(now) {
-            true => old.pin != new.pin,
-            false => old.pin != new.pin || unix_millis(old.written) != unix_millis(new.written),
-        };
-        if ended {
-            let moved = old.is_live(now);
-            self.ended(key, old, moved);
+    fn put(&mut self, key: &PinKey, pin: Pin, meta: Meta, now: i64) -> u32 {
+        let (slot, old) = self.table.insert(key, pin, meta);
+        let Some((old_pin, old)) = old else { return slot };
+        // Still in the touched list: the refresh takes it as it would have the pin replaced.
+        self.table.meta_mut(slot).touched |= old.touched;
+        if !old.watched {
+            return slot;
         }
+        self.table.meta_mut(slot).watched = true;
+        let new_pin = self.table.pin(slot);
+        let ended = match old.is_live(now) {
+            true => old_pin != *new_pin,
+            false => old_pin != *new_pin || old.written_ms != meta.written_ms,
+        };
+        if ended && let Some(watch) = self.watches.get(&slot).cloned() {
+            let written = old.written();
+            self.ended.push(Ended { key: key.clone(), pin: old_pin, written, watch, moved: old.is_live(now) });
+        }
+        slot
     }
 
     /// Evicts the least recently used entry.
     fn evict(&mut self) {
-        if let Some((key, entry)) = self.map.pop_lru() {
-            self.watched.remove(&key);
-            self.ended(&key, entry, false);
+        if let Some(slot) = self.table.lru() {
+            self.pop(slot, false);
         }
     }
 }
@@ -156,7 +194,7 @@ impl Table {
 /// One shard on cache lines of its own, so threads working on neighbouring shards do not slow
 /// each other down (128 bytes: adjacent-line prefetch pairs lines on x86).
 #[repr(align(128))]
-struct Shard(Mutex<Table>);
+struct Shard(Mutex<Pins>);
 
 pub struct MemoryPins {
     shards: Box<[Shard]>,
@@ -181,25 +219,29 @@ impl MemoryPins {
     fn build(max_entries: u64, track_use: bool) -> Self {
         let shards = (max_entries / MIN_ENTRIES_PER_SHARD).clamp(1, MAX_SHARDS as u64);
         let per_shard = usize::try_from(max_entries / shards).unwrap_or(usize::MAX).max(1);
-        // Unbounded maps that grow with use: a bounded `LruCache` allocates its whole capacity up
-        // front, which costs memory at idle and cache misses on every lookup. The bound is kept
-        // on insert instead.
-        let table = || {
-            Shard(Mutex::new(Table {
-                map: LruCache::unbounded(),
+        // Tables grow with use, up to the bound, rather than holding their bound from the start.
+        let shard = || {
+            Shard(Mutex::new(Pins {
+                table: Table::new(per_shard),
                 touched: Vec::new(),
-                watched: HashSet::new(),
+                watches: HashMap::new(),
                 ended: Vec::new(),
             }))
         };
-        MemoryPins { shards: (0..shards).map(|_| table()).collect(), per_shard, track_use, epoch: AtomicU64::new(0) }
+        MemoryPins { shards: (0..shards).map(|_| shard()).collect(), per_shard, track_use, epoch: AtomicU64::new(0) }
     }
 
-    fn shard(&self, key: &PinKey) -> MutexGuard<'_, Table> {
+    fn shard(&self, key: &PinKey) -> MutexGuard<'_, Pins> {
         // The low 64 bits of the hash are as uniform as all 128, and dividing them is a machine
         // instruction rather than a 128-bit software division.
         let shard = &self.shards[(key.id_hash as u64 % self.shards.len() as u64) as usize];
         lock(shard)
+    }
+
+    /// The epoch as slots keep it.
+    fn epoch(&self) -> u32 {
+        // Wraps after four billion distrusts; UNVERIFIED is skipped.
+        (self.epoch.load(Ordering::Acquire) % u64::from(UNVERIFIED)) as u32
     }
 
     /// The pin for `key`, extending its idle lifetime. The lifetime is that of pins into the
@@ -213,21 +255,20 @@ impl MemoryPins {
     /// `max_staleness` ago (and nothing invalidated since), a pin it holds without such a recent
     /// confirmation, or nothing.
     pub fn near(&self, key: &PinKey, max_staleness: Duration, lifetime_of: LifetimeOf<'_>) -> Near {
-        let epoch = self.epoch.load(Ordering::Acquire);
-        let now = Instant::now();
+        let epoch = self.epoch();
+        let now = clock(Instant::now());
         let (mut stale, mut local) = (false, false);
-        let fresh = self.lookup(key, lifetime_of, |entry| {
-            let usable =
-                entry.verified.is_some_and(|(e, at)| e == epoch && now.saturating_duration_since(at) < max_staleness);
+        let fresh = self.lookup(key, lifetime_of, |meta| {
+            let usable = meta.verified_epoch == epoch && now.saturating_sub(meta.verified_at) < span(max_staleness);
             stale = !usable;
-            local = entry.verified.is_none();
+            local = !meta.verified();
             usable || local
         });
         match fresh {
             Some(pin) if local => {
-                let table = self.shard(key);
-                match table.map.peek(key) {
-                    Some(entry) => Near::Local(entry.touched(key.clone(), now)),
+                let pins = self.shard(key);
+                match pins.table.find(key) {
+                    Some(slot) => Near::Local(pins.touched(slot, now)),
                     None => Near::Fresh(pin),
                 }
             }
@@ -237,104 +278,102 @@ impl MemoryPins {
         }
     }
 
-    fn lookup(&self, key: &PinKey, lifetime_of: LifetimeOf<'_>, mut usable: impl FnMut(&Entry) -> bool) -> Option<Pin> {
-        let now = Instant::now();
-        let mut table = self.shard(key);
-        let Table { map, touched, .. } = &mut *table;
-        match map.get_mut(key) {
-            Some(entry) if entry.is_live(now) => {
-                if !usable(entry) {
-                    return None;
-                }
-                entry.lifetime = lifetime_of(&entry.pin.revision);
-                entry.extend(now);
-                if self.track_use && !entry.touched {
-                    entry.touched = true;
-                    touched.push(key.clone());
-                }
-                Some(entry.pin.clone())
-            }
-            Some(_) => {
-                table.pop(key, false);
-                None
-            }
-            None => None,
+    fn lookup(&self, key: &PinKey, lifetime_of: LifetimeOf<'_>, mut usable: impl FnMut(&Meta) -> bool) -> Option<Pin> {
+        let now = clock(Instant::now());
+        let mut pins = self.shard(key);
+        let slot = pins.table.find(key)?;
+        if !pins.table.meta(slot).is_live(now) {
+            pins.pop(slot, false);
+            return None;
         }
+        if !usable(pins.table.meta(slot)) {
+            return None;
+        }
+        let lifetime = lifetime_of(&pins.table.pin(slot).revision);
+        let Pins { table, touched, .. } = &mut *pins;
+        table.promote(slot);
+        let meta = table.meta_mut(slot);
+        meta.set_lifetime(lifetime);
+        meta.extend(now);
+        if self.track_use && !meta.touched {
+            meta.touched = true;
+            touched.push(slot);
+        }
+        Some(table.pin(slot).clone())
     }
 
     /// Pins `key` unless it holds a live pin other than `expected` (`None`: unless it holds
     /// any): first writer wins, and re-pins are compare-and-set.
     pub fn write(&self, key: &PinKey, expected: Option<&Pin>, pin: Pin, lifetime: Lifetime) -> Written {
         let now = Instant::now();
-        let mut table = self.shard(key);
-        if let Some(current) = table.map.get(key).filter(|e| e.is_live(now))
-            && Some(&current.pin) != expected
+        let mut pins = self.shard(key);
+        if let Some(slot) = pins.table.find(key)
+            && pins.table.meta(slot).is_live(clock(now))
+            && Some(pins.table.pin(slot)) != expected
         {
-            return Written { pin: current.pin.clone(), won: false };
+            return Written { pin: pins.table.pin(slot).clone(), won: false };
         }
-        let mut entry = Entry::new(pin.clone(), lifetime, SystemTime::now(), now);
+        let mut meta = Meta::new(lifetime, SystemTime::now(), now);
+        meta.touched = self.track_use;
+        let slot = self.insert(&mut pins, key, pin.clone(), meta, now);
         if self.track_use {
-            entry.touched = true;
-            table.touched.push(key.clone());
+            pins.touched.push(slot);
         }
-        self.insert(&mut table, key, entry, now);
         Written { pin, won: true }
     }
 
     /// Stores a pin the shared store just confirmed.
     pub fn put_verified(&self, key: &PinKey, pin: Pin, lifetime: Lifetime, written: SystemTime) {
         let now = Instant::now();
-        let mut entry = Entry::new(pin, lifetime, written, now);
-        entry.verified = Some((self.epoch.load(Ordering::Acquire), now));
-        let mut table = self.shard(key);
-        self.insert(&mut table, key, entry, now);
+        let mut meta = Meta::new(lifetime, written, now);
+        (meta.verified_epoch, meta.verified_at) = (self.epoch(), clock(now));
+        let mut pins = self.shard(key);
+        self.insert(&mut pins, key, pin, meta, now);
     }
 
-    fn insert(&self, table: &mut Table, key: &PinKey, entry: Entry, now: Instant) {
-        table.put(key, entry, now);
-        if table.map.len() > self.per_shard {
-            table.evict();
+    fn insert(&self, pins: &mut Pins, key: &PinKey, pin: Pin, meta: Meta, now: Instant) -> u32 {
+        let slot = pins.put(key, pin, meta, clock(now));
+        if pins.table.len() > self.per_shard {
+            pins.evict();
         }
+        slot
     }
-
     /// Forgets `key`'s pin: another replica replaced or deleted it.
     pub fn remove(&self, key: &PinKey) {
-        self.shard(key).pop(key, true);
+        let mut pins = self.shard(key);
+        if let Some(slot) = pins.table.find(key) {
+            pins.pop(slot, true);
+        }
     }
 
     /// Watches `key`'s pin for the end of its session (`watch` names the session and what to
     /// call), unless it is watched already. Only services that ask for it pay for this.
     pub fn watch(&self, key: &PinKey, watch: impl FnOnce() -> Watch) {
-        let mut table = self.shard(key);
-        let Table { map, watched, .. } = &mut *table;
-        if let Some(entry) = map.peek_mut(key)
-            && entry.watch.is_none()
+        let mut pins = self.shard(key);
+        if let Some(slot) = pins.table.find(key)
+            && !pins.table.meta(slot).watched
         {
-            entry.watch = Some(Arc::new(watch()));
-            watched.insert(key.clone());
+            pins.table.meta_mut(slot).watched = true;
+            pins.watches.insert(slot, Arc::new(watch()));
         }
     }
 
     /// The watched pins that ended since the last call. Expired watched pins are found here
     /// wherever they sit in the LRU order, so an idle session's end is heard within a call.
     pub fn take_ended(&self) -> Vec<Ended> {
-        let now = Instant::now();
+        let now = clock(Instant::now());
         let mut out = Vec::new();
         for shard in self.shards.iter() {
-            let mut table = lock(shard);
-            if table.watched.is_empty() && table.ended.is_empty() {
+            let mut pins = lock(shard);
+            if pins.watches.is_empty() && pins.ended.is_empty() {
                 continue;
             }
-            let expired: Vec<PinKey> = table
-                .watched
-                .iter()
-                .filter(|key| table.map.peek(*key).is_none_or(|entry| !entry.is_live(now)))
-                .cloned()
-                .collect();
-            for key in expired {
-                table.pop(&key, false);
+            let expired: Vec<u32> =
+                pins.watches.keys().copied().filter(|&slot| !pins.table.meta(slot).is_live(now)).collect();
+            for slot in expired {
+                pins.pop(slot, false);
             }
-            out.append(&mut table.ended);
+            out.append(&mut pins.ended);
         }
         out
     }
@@ -348,32 +387,35 @@ impl MemoryPins {
     /// failed puts its keys back rather than letting their pins expire in the shared store.
     pub fn retouch(&self, keys: impl IntoIterator<Item = PinKey>) {
         for key in keys {
-            let mut table = self.shard(&key);
-            let Table { map, touched, .. } = &mut *table;
-            if let Some(entry) = map.peek_mut(&key)
-                && !entry.touched
+            let mut pins = self.shard(&key);
+            if let Some(slot) = pins.table.find(&key)
+                && !pins.table.meta(slot).touched
             {
-                entry.touched = true;
-                touched.push(key);
+                pins.table.meta_mut(slot).touched = true;
+                pins.touched.push(slot);
             }
         }
     }
 
     /// The live pins used since the last call.
     pub fn take_touched(&self) -> Vec<Touched> {
-        let now = Instant::now();
+        let now = clock(Instant::now());
         let mut out = Vec::new();
         for shard in self.shards.iter() {
-            let mut table = lock(shard);
-            let Table { map, touched, .. } = &mut *table;
-            for key in touched.drain(..) {
-                if let Some(entry) = map.peek_mut(&key) {
-                    entry.touched = false;
-                    if entry.is_live(now) {
-                        out.push(entry.touched(key, now));
+            let mut pins = lock(shard);
+            let touched = std::mem::take(&mut pins.touched);
+            // A slot freed since, or listed twice, has its flag down.
+            for &slot in &touched {
+                if pins.table.holds(slot) && pins.table.meta(slot).touched {
+                    pins.table.meta_mut(slot).touched = false;
+                    if pins.table.meta(slot).is_live(now) {
+                        out.push(pins.touched(slot, now));
                     }
                 }
             }
+            // The list's allocation is kept for the next round.
+            pins.touched = touched;
+            pins.touched.clear();
         }
         out
     }
@@ -381,12 +423,12 @@ impl MemoryPins {
     /// Every live pin held, for writing back to a shared store that lost its pins. Walks one
     /// shard at a time, so a request waits at most for one shard's walk.
     pub fn live(&self) -> Vec<Touched> {
-        let now = Instant::now();
+        let now = clock(Instant::now());
         let mut out = Vec::new();
         for shard in self.shards.iter() {
-            let table = lock(shard);
-            let live = table.map.iter().filter(|(_, e)| e.is_live(now));
-            out.extend(live.map(|(key, entry)| entry.touched(key.clone(), now)));
+            let pins = lock(shard);
+            let live = pins.table.occupied().filter(|&slot| pins.table.meta(slot).is_live(now));
+            out.extend(live.map(|slot| pins.touched(slot, now)));
         }
         out
     }
@@ -394,13 +436,14 @@ impl MemoryPins {
     /// Live session pins by service scope, revision and pod. Walks one shard at a time, so a
     /// request waits at most for one shard's walk.
     pub fn sessions_by_pod(&self) -> HashMap<(Arc<str>, Arc<str>, SocketAddr), u64> {
-        let now = Instant::now();
+        let now = clock(Instant::now());
         let mut counts = HashMap::new();
         for shard in self.shards.iter() {
-            let table = lock(shard);
-            for (key, entry) in table.map.iter().filter(|(_, e)| e.is_live(now)) {
-                if let Some(pod) = entry.pin.pod {
-                    let at = (key.scope().clone(), entry.pin.revision.clone(), pod);
+            let pins = lock(shard);
+            for slot in pins.table.occupied().filter(|&slot| pins.table.meta(slot).is_live(now)) {
+                let pin = pins.table.pin(slot);
+                if let Some(pod) = pin.pod {
+                    let at = (pins.table.scope(slot).clone(), pin.revision.clone(), pod);
                     *counts.entry(at).or_default() += 1;
                 }
             }
@@ -411,28 +454,23 @@ impl MemoryPins {
     /// Drops expired pins from the cold end of each shard and returns the entries held.
     /// Pins that expired behind a live one are dropped when next looked up, or evicted.
     pub fn sweep(&self) -> u64 {
-        let now = Instant::now();
+        let now = clock(Instant::now());
         let mut held = 0;
         for shard in self.shards.iter() {
-            let mut table = lock(shard);
+            let mut pins = lock(shard);
             for _ in 0..SWEEP_PER_SHARD {
-                match table.map.peek_lru() {
-                    Some((_, entry)) if !entry.is_live(now) => table.evict(),
+                match pins.table.lru() {
+                    Some(slot) if !pins.table.meta(slot).is_live(now) => pins.evict(),
                     _ => break,
                 };
             }
-            held += table.map.len() as u64;
+            held += pins.table.len() as u64;
         }
         held
     }
 }
 
-/// `now + after`, saturating far in the future rather than overflowing the clock.
-fn later(now: Instant, after: Duration) -> Instant {
-    now.checked_add(after).unwrap_or_else(|| now + super::MAX_LIFETIME)
-}
-
-fn lock(shard: &Shard) -> MutexGuard<'_, Table> {
+fn lock(shard: &Shard) -> MutexGuard<'_, Pins> {
     crate::sync::lock(&shard.0)
 }
 
