@@ -120,6 +120,14 @@ async fn main() {
         figures.add("h2c_direct_rps", direct, "req/s", "");
         figures.add("h2c_activator_rps", proxied, "req/s", "");
         figures.add("ratio_h2c_rps_activator_vs_direct", proxied / direct, "x", ">= 0.8");
+        // The proxy people compare with, on the same CPU as the backend: nginx takes h2c from
+        // the client and keeps HTTP/1.1 to the backend (it proxies HTTP/2 only as gRPC).
+        if have("nginx") {
+            let nginx = Nginx::start(env.dir.path(), backend.addr("http"), Listen::H2c);
+            let theirs = h2load(nginx.addr);
+            figures.add("h2c_nginx_rps", theirs, "req/s", "");
+            figures.add("ratio_h2c_rps_activator_vs_nginx", proxied / theirs, "x", ">= 1.0");
+        }
     }
     print_table(&figures);
     let dir = env.dir.path().to_owned();
@@ -173,7 +181,7 @@ async fn proxy_overhead(
     if !nginx {
         return None;
     }
-    let nginx = Nginx::start(env.dir.path(), backend.addr("http"));
+    let nginx = Nginx::start(env.dir.path(), backend.addr("http"), Listen::Http1);
     let theirs = measure(nginx.addr, &[], &nginx.pids());
     figures.add("nginx_median_latency", theirs.0.median_us, "us", "");
     figures.add("nginx_p99_latency", theirs.0.p99_us, "us", "");
@@ -189,7 +197,7 @@ async fn proxy_overhead(
 /// Figure 1b: p50, p99 and p99.9 at a constant rate of 50 % and 90 % of nginx's saturation
 /// rate, direct, nginx and activator; the 50 % run is drawn into `docs/latency.svg`.
 async fn constant_rate(env: &Env, backend: &Process, activator: &Process, saturation: f64, figures: &mut Figures) {
-    let nginx = Nginx::start(env.dir.path(), backend.addr("http"));
+    let nginx = Nginx::start(env.dir.path(), backend.addr("http"), Listen::Http1);
     let targets = [("direct", backend.addr("http")), ("nginx", nginx.addr), ("activator", activator.addr("proxy"))];
     for percent in [50u32, 90] {
         let rate = saturation * f64::from(percent) / 100.0;
@@ -506,20 +514,29 @@ struct Nginx {
     child: std::process::Child,
 }
 
+/// What nginx's listener speaks to clients.
+#[derive(Clone, Copy, PartialEq)]
+enum Listen {
+    Http1,
+    /// HTTP/2 with prior knowledge, as h2load sends it.
+    H2c,
+}
+
 impl Nginx {
-    fn start(dir: &Path, backend: SocketAddr) -> Nginx {
+    fn start(dir: &Path, backend: SocketAddr, listen: Listen) -> Nginx {
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
         let mut conf = String::new();
         let _ = write!(
             conf,
-            "worker_processes 1;\nworker_cpu_affinity 10;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log;\n\
+            "worker_processes 1;\nworker_cpu_affinity 10;\npid {dir}/nginx-{port}.pid;\nerror_log {dir}/nginx-error.log;\n\
              events {{ worker_connections 4096; }}\n\
              http {{\n  access_log off;\n  upstream backend {{ server {backend}; keepalive 128; }}\n\
-             server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://backend;\n\
+             server {{\n    listen 127.0.0.1:{port}{h2};\n    location / {{\n      proxy_pass http://backend;\n\
              proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
-            dir = dir.display()
+            dir = dir.display(),
+            h2 = if listen == Listen::H2c { " http2" } else { "" },
         );
-        let path = dir.join("nginx.conf");
+        let path = dir.join(format!("nginx-{port}.conf"));
         std::fs::write(&path, conf).expect("writing nginx.conf");
         let child = Command::new("taskset")
             .args(["-c", "1", "nginx", "-c", &path.display().to_string(), "-g", "daemon off;"])
@@ -612,12 +629,13 @@ fn meets(value: f64, target: &str) -> Option<bool> {
 /// `bench <name> <value> <unit> <target>` lines in `log` (the in-process pin store's, the Redis
 /// round trips', and this binary's), each with the target its part gave it.
 fn summary(log: &Path) {
-    const TABLE: [(&str, &str); 9] = [
+    const TABLE: [(&str, &str); 10] = [
         ("CPU per proxied request, activator / nginx", "ratio_cpu_per_request_vs_nginx"),
         ("added median latency, activator / nginx", "ratio_added_median_vs_nginx"),
         ("saturation, activator / nginx", "ratio_saturation_vs_nginx"),
         ("p99 at 50 % of nginx's saturation, activator / nginx", "ratio_p99_at_50pct_vs_nginx"),
         ("h2c throughput, activator / direct", "ratio_h2c_rps_activator_vs_direct"),
+        ("h2c throughput, activator / nginx", "ratio_h2c_rps_activator_vs_nginx"),
         ("10,000 held HTTP/1.1 requests", "rss_growth_10000_buffered"),
         ("idle RSS", "idle_rss"),
         ("1,000,000 pins in memory", "rss_growth_1000000_pins"),
