@@ -4,8 +4,9 @@
 //! sends it), the pure decision is made, a flow's pin is written first-writer-wins (following the
 //! winner if another writer was first), and the split by requests counts it.
 //! `Pinning::admitted`, once the throttler gave the request a pod: its session is pinned there
-//! (unless the lookup already did), or the request moves to the pod another writer pinned it to. `Route::after_failure`, when
-//! that pod failed it: another ready pod of the revision, or none.
+//! (unless the lookup already did), or the request moves to the pod another writer pinned it
+//! to. `Route::after_failure`, when that pod failed it: another ready pod of the revision, or
+//! none.
 //!
 //! Talks to the pin store only; acquiring slots and forwarding stay with the caller.
 

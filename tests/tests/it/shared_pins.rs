@@ -295,10 +295,9 @@ async fn redis_round_trips_per_session_new_new_here_and_known() {
         }
         n
     };
-    let round_trips = pin_store_round_trips;
     let start = commands().await;
     let pod = session(&a, "counted").await.pod().to_owned();
-    assert_eq!(round_trips(admin_a).await, 1.0, "a new session: one round trip");
+    assert_eq!(pin_store_round_trips(admin_a).await, 1.0, "a new session: one round trip");
     assert_eq!(
         commands().await - start,
         3,
@@ -307,14 +306,14 @@ async fn redis_round_trips_per_session_new_new_here_and_known() {
     for _ in 0..5 {
         session(&a, "counted").await;
     }
-    assert_eq!(round_trips(admin_a).await, 1.0, "a known session: no round trip");
+    assert_eq!(pin_store_round_trips(admin_a).await, 1.0, "a known session: no round trip");
     assert_eq!(commands().await - start, 3, "a known session: no command");
     assert_eq!(session(&b, "counted").await.pod(), pod, "new to B: the SET NX GET answers A's pin, followed");
-    assert_eq!(round_trips(admin_b).await, 1.0, "new to B: one round trip");
+    assert_eq!(pin_store_round_trips(admin_b).await, 1.0, "new to B: one round trip");
     for _ in 0..5 {
         assert_eq!(session(&b, "counted").await.pod(), pod);
     }
-    assert_eq!(round_trips(admin_b).await, 1.0, "known to B now");
+    assert_eq!(pin_store_round_trips(admin_b).await, 1.0, "known to B now");
     assert_eq!(commands().await - start, 6, "known to B now: no command");
 }
 
@@ -330,7 +329,7 @@ async fn a_new_session_admitted_elsewhere_than_its_lookup_pinned_it_is_pinned_wh
     let admin = cluster.a.addr("admin");
     let busy = {
         let a = a.clone();
-        tokio::spawn(async move { a.get_with("counter.test", "/slow?delay=3s", &[]).await })
+        tokio::spawn(async move { a.get_with("counter.test", "/slow?delay=6s", &[]).await })
     };
     wait_until(Duration::from_secs(10), "a request without a session holds one pod", || async {
         metric(admin, "activator_in_flight_requests", &[("revision", "counter-1")]).await == Some(1.0)

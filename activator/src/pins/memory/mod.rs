@@ -53,10 +53,9 @@ impl Meta {
     fn new(lifetime: Lifetime, written: SystemTime, now: Instant) -> Self {
         let age = SystemTime::now().duration_since(written).unwrap_or_default();
         let mut meta = Meta {
-            // Lifetimes are clamped to 30 days where they are read; the u32 holds 49.
-            ttl_ms: u32::try_from(lifetime.ttl.as_millis()).unwrap_or(u32::MAX),
+            ttl_ms: 0,
             verified_epoch: UNVERIFIED,
-            max_age_ms: lifetime.max_age.map_or(u64::MAX, millis),
+            max_age_ms: u64::MAX,
             written_ms: unix_millis(written),
             born: clock(now).saturating_sub(span(age)),
             expires: 0,
@@ -64,6 +63,7 @@ impl Meta {
             touched: false,
             watched: false,
         };
+        meta.set_lifetime(lifetime);
         meta.extend(clock(now));
         meta
     }
@@ -74,6 +74,7 @@ impl Meta {
     }
 
     fn set_lifetime(&mut self, lifetime: Lifetime) {
+        // Lifetimes are clamped to 30 days where they are read; the u32 holds 49.
         self.ttl_ms = u32::try_from(lifetime.ttl.as_millis()).unwrap_or(u32::MAX);
         self.max_age_ms = lifetime.max_age.map_or(u64::MAX, millis);
     }
@@ -183,6 +184,15 @@ impl Pins {
         slot
     }
 
+    /// Lists `slot` for the next refresh, once however often it is used meanwhile.
+    fn touch(&mut self, slot: u32) {
+        let meta = self.table.meta_mut(slot);
+        if !meta.touched {
+            meta.touched = true;
+            self.touched.push(slot);
+        }
+    }
+
     /// Evicts the least recently used entry.
     fn evict(&mut self) {
         if let Some(slot) = self.table.lru() {
@@ -290,16 +300,14 @@ impl MemoryPins {
             return None;
         }
         let lifetime = lifetime_of(&pins.table.pin(slot).revision);
-        let Pins { table, touched, .. } = &mut *pins;
-        table.promote(slot);
-        let meta = table.meta_mut(slot);
+        pins.table.promote(slot);
+        let meta = pins.table.meta_mut(slot);
         meta.set_lifetime(lifetime);
         meta.extend(now);
-        if self.track_use && !meta.touched {
-            meta.touched = true;
-            touched.push(slot);
+        if self.track_use {
+            pins.touch(slot);
         }
-        Some(table.pin(slot).clone())
+        Some(pins.table.pin(slot).clone())
     }
 
     /// Pins `key` unless it holds a live pin other than `expected` (`None`: unless it holds
@@ -313,11 +321,9 @@ impl MemoryPins {
         {
             return Written { pin: pins.table.pin(slot).clone(), won: false };
         }
-        let mut meta = Meta::new(lifetime, SystemTime::now(), now);
-        meta.touched = self.track_use;
-        let slot = self.insert(&mut pins, key, pin.clone(), meta, now);
+        let slot = self.insert(&mut pins, key, pin.clone(), Meta::new(lifetime, SystemTime::now(), now), now);
         if self.track_use {
-            pins.touched.push(slot);
+            pins.touch(slot);
         }
         Written { pin, won: true }
     }
@@ -338,6 +344,7 @@ impl MemoryPins {
         }
         slot
     }
+
     /// Forgets `key`'s pin: another replica replaced or deleted it.
     pub fn remove(&self, key: &PinKey) {
         let mut pins = self.shard(key);
@@ -388,11 +395,8 @@ impl MemoryPins {
     pub fn retouch(&self, keys: impl IntoIterator<Item = PinKey>) {
         for key in keys {
             let mut pins = self.shard(&key);
-            if let Some(slot) = pins.table.find(&key)
-                && !pins.table.meta(slot).touched
-            {
-                pins.table.meta_mut(slot).touched = true;
-                pins.touched.push(slot);
+            if let Some(slot) = pins.table.find(&key) {
+                pins.touch(slot);
             }
         }
     }
