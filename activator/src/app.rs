@@ -46,7 +46,7 @@ pub fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = config.worker_threads {
-        runtime.worker_threads(n);
+        runtime.worker_threads(n.get());
     }
     let result = runtime.enable_all().build().context("starting the runtime").and_then(|rt| {
         rt.block_on(async {
@@ -58,8 +58,10 @@ pub fn main() -> ExitCode {
             }
         })
     });
+    // What ends the process is said as clap says a bad flag: one plain line, for a person at a
+    // terminal or reading `kubectl logs`, not a log record to parse.
     result.unwrap_or_else(|e| {
-        tracing::error!("{e:#}");
+        eprintln!("error: {e:#}");
         ExitCode::FAILURE
     })
 }
@@ -89,6 +91,9 @@ async fn run(
         stats, decisions, pins, session_ends, reporter, kube, world, connections, handshakes_failed, ..
     } = instruments;
     let (pin_metrics, reporter_metrics, world_metrics) = (pins, reporter, world);
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let observability = ObservabilityConfig::from_env(|name| std::env::var(name).ok(), config.request_log, &mut |w| {
         tracing::warn!("{w}")
     });
@@ -143,7 +148,7 @@ async fn run(
     }
     let stop_accepting = drain_on_signal(health.clone(), config.drain_period)?;
     let pins = open_pins(&config, pin_metrics)?;
-    if config.pin_store == PinStore::Redis {
+    if config.pin_store() == PinStore::Redis {
         health.require_pin_store();
     }
     let handler = Arc::new(Handler {
@@ -237,7 +242,7 @@ fn drain_on_signal(health: Arc<Health>, drain_period: Duration) -> anyhow::Resul
 
 /// The pin store `--pin-store` names.
 fn open_pins(config: &Config, metrics: PinMetrics) -> anyhow::Result<Pins> {
-    let pins = match config.pin_store {
+    let pins = match config.pin_store() {
         PinStore::Memory => Pins::local(config.max_pins, metrics),
         PinStore::Redis => {
             let shared = SharedConfig {
@@ -261,7 +266,7 @@ fn spawn_pin_tasks(handler: &Arc<Handler>, config: &Config, session_ends: Sessio
     let ending = handler.clone();
     let end_keys = KeyFile::from_file("--session-end-keys", config.session_end_keys.clone())?;
     tokio::spawn(async move { session_end::run(&ending.pins, session_ends, &ending.world, end_keys).await });
-    if config.pin_store == PinStore::Redis {
+    if config.pin_store() == PinStore::Redis {
         let exchanging = handler.clone();
         let interval = config.pin_refresh_interval;
         tokio::spawn(async move { share::exchange_loop(&exchanging.world, &exchanging.pins, interval).await });

@@ -2,9 +2,11 @@
 //! `activator pins` commands' flags have none). Must not act on the values; `app` wires them.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::pins::{Deployment, RedisTls};
@@ -202,7 +204,7 @@ pub(crate) struct Config {
     /// connection reads ahead of a waiting request: at most 64 KiB for HTTP/1.1, the 1 MiB
     /// stream window for HTTP/2, and one 1 MiB connection window for all the waiting streams of
     /// an HTTP/2 connection together).
-    #[arg(long, env = "ACTIVATOR_MAX_QUEUE_BYTES", default_value_t = throttle::DEFAULT_MAX_BYTES)]
+    #[arg(long, env = "ACTIVATOR_MAX_QUEUE_BYTES", default_value_t = throttle::DEFAULT_MAX_BYTES, value_parser = size)]
     pub max_queue_bytes: u64,
 
     /// Requests that may wait across all revisions.
@@ -210,7 +212,7 @@ pub(crate) struct Config {
     pub max_queue_total: u64,
 
     /// Body bytes the waiting requests of all revisions may hold.
-    #[arg(long, env = "ACTIVATOR_MAX_QUEUE_BYTES_TOTAL", default_value_t = throttle::DEFAULT_MAX_BYTES_TOTAL)]
+    #[arg(long, env = "ACTIVATOR_MAX_QUEUE_BYTES_TOTAL", default_value_t = throttle::DEFAULT_MAX_BYTES_TOTAL, value_parser = size)]
     pub max_queue_bytes_total: u64,
 
     /// The autoscaler's stat websocket, e.g. an `autoscaler-shim`. Unset: in knative mode
@@ -228,16 +230,17 @@ pub(crate) struct Config {
     pub max_pins: u64,
 
     /// Where pins live: `memory` (this replica only) or `redis` (shared by every replica).
-    #[arg(long, env = "ACTIVATOR_PIN_STORE", value_enum, default_value_t = PinStore::Memory)]
-    pub pin_store: PinStore,
+    /// Unset: `redis` when `--redis-url` is given, else `memory`.
+    #[arg(long, env = "ACTIVATOR_PIN_STORE", value_enum)]
+    pub pin_store: Option<PinStore>,
 
-    /// Redis for `--pin-store redis`: `redis://[user:password@]host:port[/db]`, or `rediss://`
-    /// for TLS.
+    /// The Redis the pins live in (and with it `--pin-store redis`):
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
 
     /// `--redis-url` lists the seed nodes of a Redis Cluster, comma-separated.
-    #[arg(long, env = "REDIS_CLUSTER", global = true, conflicts_with = "redis_sentinel_primary")]
+    #[arg(long, env = "REDIS_CLUSTER", global = true, conflicts_with = "redis_sentinel_primary", value_parser = BoolishValueParser::new())]
     pub redis_cluster: bool,
 
     /// `--redis-url` lists Redis Sentinels, comma-separated, that watch the primary of this name
@@ -273,12 +276,12 @@ pub(crate) struct Config {
 
     /// Add `X-Activator-Decision: session-pin | revision-pin | split | ingress | new-pin | re-pin`
     /// to responses.
-    #[arg(long, env = "ACTIVATOR_DEBUG_HEADERS")]
+    #[arg(long, env = "ACTIVATOR_DEBUG_HEADERS", value_parser = BoolishValueParser::new())]
     pub debug_headers: bool,
 
     /// Runtime worker threads; defaults to the number of CPUs. Set it to the pod's CPU limit.
     #[arg(long, env = "ACTIVATOR_WORKER_THREADS")]
-    pub worker_threads: Option<usize>,
+    pub worker_threads: Option<NonZeroUsize>,
 
     /// Keys for signed pin cookies (`sticky-session-mode: signed-cookie`): a file, typically a
     /// mounted Secret, of one key (32 bytes or more) per line. The first signs, every one
@@ -294,7 +297,7 @@ pub(crate) struct Config {
 
     /// One JSON line per request on stdout (no raw ids: hashed key prefixes at most). In Knative
     /// mode `config-observability`'s `logging.enable-request-log` overrides it live.
-    #[arg(long, env = "ACTIVATOR_REQUEST_LOG")]
+    #[arg(long, env = "ACTIVATOR_REQUEST_LOG", value_parser = BoolishValueParser::new())]
     pub request_log: bool,
 
     /// Log format: `auto` is JSON lines unless stderr is a terminal.
@@ -316,7 +319,28 @@ pub(crate) struct Listeners {
     pub admin: SocketAddr,
 }
 
+/// A size in bytes, with a unit or without: `65536`, `64KiB`, `64 MiB`, `1GB`.
+pub(crate) fn size(value: &str) -> Result<u64, String> {
+    value.trim().parse::<bytesize::ByteSize>().map(|s| s.as_u64()).map_err(|_| {
+        format!("{value:?} is not a size: give bytes, or a number with a unit such as 64KiB, 64MiB or 1GB")
+    })
+}
+
 impl Config {
+    /// The pin store: as `--pin-store` says, else Redis when a Redis is named.
+    pub(crate) fn pin_store(&self) -> PinStore {
+        self.pin_store.unwrap_or(if self.redis_url.is_some() { PinStore::Redis } else { PinStore::Memory })
+    }
+
+    /// Settings that do nothing as given, said once at start.
+    pub(crate) fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.pin_store == Some(PinStore::Memory) && self.redis_url.is_some() {
+            warnings.push("--redis-url is ignored: --pin-store memory keeps pins in this replica only".to_owned());
+        }
+        warnings
+    }
+
     pub(crate) fn redis_deployment(&self) -> Deployment {
         match (&self.redis_sentinel_primary, self.redis_cluster) {
             (Some(primary), _) => Deployment::Sentinel { primary: primary.clone() },
@@ -388,7 +412,32 @@ mod tests {
         assert!(matches!(cli.command, Some(Command::Pins { action: PinsAction::Get(_), .. })));
         assert!(Cli::try_parse_from(["activator", "pins", "get", "--service", "s"]).is_err(), "needs an id");
         let serve = Cli::try_parse_from(["activator", "--topology", "t.yaml", "--pin-store", "redis"]).unwrap();
-        assert_eq!(serve.serve.pin_store, PinStore::Redis);
+        assert_eq!(serve.serve.pin_store(), PinStore::Redis);
+    }
+
+    #[test]
+    fn a_redis_url_alone_chooses_the_redis_store_and_memory_with_one_says_so() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["activator"], args].concat()).unwrap().serve;
+        assert_eq!(parse(&[]).pin_store(), PinStore::Memory);
+        let url = parse(&["--redis-url", "redis://127.0.0.1:6379"]);
+        assert_eq!((url.pin_store(), url.warnings().len()), (PinStore::Redis, 0));
+        let both = parse(&["--redis-url", "redis://127.0.0.1:6379", "--pin-store", "memory"]);
+        assert_eq!(both.pin_store(), PinStore::Memory);
+        assert_eq!(both.warnings(), ["--redis-url is ignored: --pin-store memory keeps pins in this replica only"]);
+    }
+
+    #[test]
+    fn sizes_take_units_and_switches_take_what_people_write() {
+        assert_eq!(size("65536"), Ok(65536));
+        assert_eq!(size("64KiB"), Ok(64 << 10));
+        assert_eq!(size("64MiB"), Ok(64 << 20));
+        assert_eq!(size("64 MiB"), Ok(64 << 20));
+        assert_eq!(size("1GB"), Ok(1_000_000_000));
+        assert!(size("lots").unwrap_err().contains("64MiB"));
+        let parse = |args: &[&str]| Cli::try_parse_from([&["activator"], args].concat());
+        assert_eq!(parse(&["--max-queue-bytes", "64MiB"]).unwrap().serve.max_queue_bytes, 64 << 20);
+        assert!(parse(&["--worker-threads", "0"]).is_err());
+        assert_eq!(parse(&["--worker-threads", "2"]).unwrap().serve.worker_threads.map(NonZeroUsize::get), Some(2));
     }
 
     #[test]

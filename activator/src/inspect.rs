@@ -23,7 +23,7 @@ pub(crate) async fn run(
     tls: &RedisTls,
     deployment: Deployment,
 ) -> anyhow::Result<ExitCode> {
-    let url = redis_url.context("--redis-url (or REDIS_URL) names the Redis the activators share")?;
+    let url = redis_url.context("activator pins needs --redis-url (or REDIS_URL): the Redis the activators share")?;
     let client = RedisClient::new(&url, &deployment, tls)?;
     let mut conn = client.connect(ANSWER_TIMEOUT).await.context("connecting to Redis")?;
     match action {
@@ -75,7 +75,20 @@ pub(crate) async fn run(
         PinsAction::Drain { namespace, service, pod, to } => {
             let keys = conn.scan_one_slot(&PinKey::service_pattern(&namespace, &service)).await?;
             let drained = drain_pod(&mut conn, &keys, pod, &to).await?;
-            println!("moved {drained} sessions of {namespace}/{service} off {pod}");
+            let moved: usize = drained.moved.values().sum();
+            let places: Vec<String> = drained.moved.iter().map(|(pod, n)| format!("{n} to {pod}")).collect();
+            match (moved, places.join(", ")) {
+                (0, _) => println!("moved no session of {namespace}/{service} off {pod}"),
+                (n, places) => println!("moved {n} sessions of {namespace}/{service} off {pod}: {places}"),
+            }
+            if drained.released > 0 {
+                println!(
+                    "released {} sessions of {namespace}/{service} off {pod}: no other pod of their revision holds \
+                     pins, so each is placed anew on its next request, possibly on {pod} again while it serves; \
+                     name the pods to move them to with --to",
+                    drained.released
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

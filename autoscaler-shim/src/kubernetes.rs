@@ -21,7 +21,9 @@ pub struct KubernetesBackend {
 impl KubernetesBackend {
     /// Connects with the in-cluster service account, or the local kubeconfig.
     pub async fn connect() -> anyhow::Result<Self> {
-        let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+        // kube's error repeats each cause in its own text; said once, without the chain.
+        let config = kube::Config::infer().await.map_err(|e| anyhow::anyhow!("no Kubernetes API to talk to: {e}"))?;
+        let client = kube::Client::try_from(config).context("connecting to the Kubernetes API")?;
         Ok(Self::new(client))
     }
 

@@ -7,6 +7,7 @@ mod process;
 mod scaler;
 mod statserver;
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,7 +61,7 @@ struct Args {
     #[arg(long, env = "SHIM_TOPOLOGY")]
     topology: Option<PathBuf>,
     /// Concurrent requests per pod.
-    #[arg(long, env = "SHIM_TARGET", default_value_t = 10.0)]
+    #[arg(long, env = "SHIM_TARGET", default_value_t = 10.0, value_parser = positive)]
     target: f64,
     #[arg(long, env = "SHIM_MIN_SCALE", default_value_t = 0)]
     min_scale: u32,
@@ -71,10 +72,10 @@ struct Args {
     #[arg(long, env = "SHIM_SCALE_TO_ZERO_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     scale_to_zero_grace: Duration,
     /// Window over which reported concurrency is averaged.
-    #[arg(long, env = "SHIM_WINDOW", default_value = "6s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SHIM_WINDOW", default_value = "6s", value_parser = nonzero_duration)]
     window: Duration,
     /// Print every decoded stat on stdout (`stat <ns>/<revision> pod=… concurrency=… requests=…`).
-    #[arg(long, env = "SHIM_PRINT_STATS")]
+    #[arg(long, env = "SHIM_PRINT_STATS", value_parser = clap::builder::BoolishValueParser::new())]
     print_stats: bool,
 }
 
@@ -127,19 +128,52 @@ type RevisionAnnotations = std::collections::BTreeMap<String, String>;
 /// How often scales are re-decided (a poke from zero acts at once).
 const TICK: Duration = Duration::from_secs(1);
 
+/// A target of concurrent requests: a number above zero.
+fn positive(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(n) if n > 0.0 && n.is_finite() => Ok(n),
+        _ => Err(format!("{value:?} is not a number above zero")),
+    }
+}
+
+/// A window: a duration above zero, such as 6s.
+fn nonzero_duration(value: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(value) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("the window must be longer than zero".to_owned()),
+        Err(e) => Err(format!("{value:?} is not a duration such as 6s: {e}")),
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    // JSON lines, as the activator logs, unless a person is watching the terminal.
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        logs.init();
+    } else {
+        logs.json().init();
+    }
     match run(Args::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            // As clap says a bad flag: one plain line.
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.max_scale == 0 || args.min_scale <= args.max_scale,
+        "--min-scale {} is above --max-scale {}",
+        args.min_scale,
+        args.max_scale
+    );
+    // A topology that cannot be read now is a mistake to say at once; later, a bad edit keeps
+    // the revisions managed so far.
+    let mut managed = args.topology.as_deref().map(Managed::open).transpose()?;
     let command = match &args.command {
         Some(command) => command.split_whitespace().map(str::to_owned).collect(),
         None => {
@@ -163,7 +197,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (reports, mut incoming) = mpsc::channel(1024);
     tokio::spawn(statserver::serve(listener, reports, args.print_stats));
 
-    let mut managed = args.topology.as_deref().map(Managed::new);
     let mut scaler = Scaler::new(args.window);
     let mut tick = tokio::time::interval(TICK);
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -219,10 +252,12 @@ struct Managed {
 }
 
 impl Managed {
-    fn new(path: &std::path::Path) -> Self {
+    fn open(path: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading --topology {}", path.display()))?;
+        file::parse(&text).with_context(|| format!("--topology {}", path.display()))?;
         let mut managed = Managed { file: WatchedFile::new(path), revisions: Default::default() };
         managed.refresh();
-        managed
+        Ok(managed)
     }
 
     /// Takes a changed topology; a file that does not parse leaves the revisions as they were.

@@ -129,21 +129,86 @@ impl fmt::Display for TopologyError {
 
 impl std::error::Error for TopologyError {}
 
-/// Parses and validates a topology file: the spec's rules, and traffic that adds up to 100.
+/// Parses and validates a topology file: the spec's rules, names Kubernetes would accept, hosts a
+/// `Host` header can match, each revision and tag once in the traffic, and traffic that adds up
+/// to 100.
 pub fn parse(text: &str) -> Result<TopologyFile, TopologyError> {
-    let file: TopologyFile = serde_yaml_ng::from_str(text).map_err(located)?;
     let semantic = |message: String| TopologyError { location: None, message };
-    spec::validate(&file.to_spec(&EndpointsFile::new())).map_err(|e| semantic(e.message))?;
+    // serde reads an empty document as no services; a file that says nothing is a mistake.
+    if text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+        return Err(semantic("the file is empty: it must list `services:` (see examples/topology.yaml)".to_owned()));
+    }
+    let file: TopologyFile = serde_yaml_ng::from_str(text).map_err(located)?;
     for svc in &file.services {
-        let total: u64 = svc.traffic.iter().map(|t| u64::from(t.percent)).sum();
-        if total != 100 {
-            return Err(semantic(format!(
-                "service {}/{}: traffic percents add up to {total}, not 100",
-                svc.namespace, svc.name
-            )));
+        check_service(svc).map_err(|e| semantic(format!("service {}/{}: {e}", svc.namespace, svc.name)))?;
+    }
+    spec::validate(&file.to_spec(&EndpointsFile::new())).map_err(|e| semantic(e.message))?;
+    Ok(file)
+}
+
+/// What a file can get wrong that Knative's API server would have refused: names, hosts, the
+/// traffic list.
+fn check_service(svc: &ServiceEntry) -> Result<(), String> {
+    dns_label(&svc.namespace).map_err(|e| format!("namespace: {e}"))?;
+    dns_label(&svc.name).map_err(|e| format!("name: {e}"))?;
+    for rev in &svc.revisions {
+        dns_label(&rev.name).map_err(|e| format!("revision name: {e}"))?;
+    }
+    for host in &svc.hosts {
+        if !is_dns_name(host) {
+            return Err(format!(
+                "host {host:?} can never match a Host header: give a DNS name such as counter.example.com, \
+                 without scheme, port or path"
+            ));
         }
     }
-    Ok(file)
+    let (mut revisions, mut tags) = (std::collections::HashSet::new(), std::collections::HashSet::new());
+    for target in &svc.traffic {
+        if !revisions.insert(target.revision.as_str()) {
+            return Err(format!("traffic lists revision {} twice; give it one entry", target.revision));
+        }
+        if let Some(tag) = &target.tag {
+            dns_label(tag).map_err(|e| format!("tag: {e}"))?;
+            if !tags.insert(tag.as_str()) {
+                return Err(format!("tag {tag} is given twice in the traffic"));
+            }
+        }
+    }
+    let total: u64 = svc.traffic.iter().map(|t| u64::from(t.percent)).sum();
+    if total != 100 {
+        return Err(format!("traffic percents add up to {total}, not 100"));
+    }
+    Ok(())
+}
+
+/// A name Kubernetes accepts for a namespace, Service or revision (an RFC 1123 label): at most 63
+/// lowercase letters, digits and `-`, starting and ending with a letter or digit.
+fn dns_label(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a name Kubernetes accepts: at most 63 lowercase letters, digits and '-', \
+             starting and ending with a letter or digit"
+        ))
+    }
+}
+
+/// A host a `Host` header can carry without its port: dot-separated labels, matched without case.
+fn is_dns_name(host: &str) -> bool {
+    host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 fn located(e: serde_yaml_ng::Error) -> TopologyError {
@@ -283,6 +348,38 @@ services:
             let err = parse(&text).unwrap_err();
             assert!(err.to_string().contains(needle), "{needle}: {err}");
         }
+    }
+
+    #[test]
+    fn what_kubernetes_or_a_host_header_would_refuse_is_refused_in_one_line() {
+        let cases = [
+            (String::new(), "the file is empty"),
+            ("# nothing yet\n\n".to_owned(), "the file is empty"),
+            (TWO_REVISIONS.replace("[counter.example.com]", "[\"http://x:8080/\"]"), "can never match a Host header"),
+            (TWO_REVISIONS.replace("[counter.example.com]", "[\"x:8080\"]"), "can never match a Host header"),
+            (TWO_REVISIONS.replace("percent: 0\n", "percent: 0\n        tag: next\n"), "tag next is given twice"),
+            (TWO_REVISIONS.replace("- revision: counter-3", "- revision: counter-1"), "lists revision counter-1 twice"),
+            (TWO_REVISIONS.replace("name: counter\n", "name: Counter\n"), "name: \"Counter\" is not a name"),
+            (
+                TWO_REVISIONS
+                    .replace("name: counter-3", "name: counter_3")
+                    .replace("revision: counter-3", "revision: counter_3"),
+                "revision name",
+            ),
+            (TWO_REVISIONS.replace("tag: next", "tag: Next"), "tag: \"Next\""),
+            (TWO_REVISIONS.replace("  - name: counter\n", "  - name: counter\n    namespace: a.b\n"), "namespace"),
+        ];
+        for (text, needle) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+        assert!(parse("services: []\n").is_ok(), "a file may list no service on purpose");
+        let upper_host = TWO_REVISIONS.replace("[counter.example.com]", "[Counter.Example.com]");
+        assert_eq!(
+            parse(&upper_host).unwrap().to_spec(&EndpointsFile::new()).services[0].hosts,
+            ["counter.example.com"]
+        );
     }
 
     #[test]

@@ -39,7 +39,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 struct Args {
     /// Address to listen on; port 0 picks a free port. The bound address is printed on stdout
     /// as `listening http <ip:port>`.
-    #[arg(long, env = "DEMO_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "DEMO_LISTEN", default_value = "127.0.0.1:8081")]
     listen: SocketAddr,
     /// Pod name reported in `X-Demo-Pod`. Default: the host name, which in Kubernetes is the
     /// pod's name.

@@ -20,6 +20,8 @@ use redis::{
     Client, ClientTlsConfig, Cmd, ConnectionAddr, IntoConnectionInfo, Pipeline, RedisFuture, RedisResult,
     TlsCertificates, TlsMode, Value,
 };
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::Notify;
 
 /// How long connecting to a server may take.
@@ -49,13 +51,41 @@ impl RedisTls {
             url.starts_with("rediss://"),
             "--redis-ca-file and --redis-client-cert need rediss:// URLs in --redis-url"
         );
-        let read = |path: &PathBuf| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
-        let root_cert = self.ca_file.as_ref().map(read).transpose()?;
+        let read = |flag: &str, path: &PathBuf, holds: Pem| {
+            let pem = std::fs::read(path).with_context(|| format!("reading {flag} {}", path.display()))?;
+            // The Redis client's own error names neither the flag nor the file, and says it twice.
+            let found = match holds {
+                Pem::Certificates => CertificateDer::pem_slice_iter(&pem).next().is_some_and(|c| c.is_ok()),
+                Pem::Key => PrivateKeyDer::from_pem_slice(&pem).is_ok(),
+            };
+            anyhow::ensure!(found, "{flag} {}: no PEM {} in the file", path.display(), holds.what());
+            Ok(pem)
+        };
+        let root_cert = self.ca_file.as_ref().map(|ca| read("--redis-ca-file", ca, Pem::Certificates)).transpose()?;
         let client_tls = match &self.client_cert {
-            Some((cert, key)) => Some(ClientTlsConfig { client_cert: read(cert)?, client_key: read(key)? }),
+            Some((cert, key)) => Some(ClientTlsConfig {
+                client_cert: read("--redis-client-cert", cert, Pem::Certificates)?,
+                client_key: read("--redis-client-key", key, Pem::Key)?,
+            }),
             None => None,
         };
         Ok(Some(TlsCertificates { client_tls, root_cert }))
+    }
+}
+
+/// What a PEM file given for Redis must hold.
+#[derive(Clone, Copy)]
+enum Pem {
+    Certificates,
+    Key,
+}
+
+impl Pem {
+    fn what(self) -> &'static str {
+        match self {
+            Pem::Certificates => "certificate",
+            Pem::Key => "private key",
+        }
     }
 }
 

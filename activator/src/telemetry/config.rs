@@ -44,6 +44,19 @@ pub(crate) struct Tracing {
     pub sampling_rate: f64,
 }
 
+/// How an operator reads it in a log line: `off`, or the protocol, collector and sampling.
+impl std::fmt::Display for Tracing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let protocol = match self.protocol {
+            TracingProtocol::None => return f.write_str("off"),
+            TracingProtocol::Grpc => "grpc",
+            TracingProtocol::HttpProtobuf => "http/protobuf",
+        };
+        let endpoint = self.endpoint.as_deref().unwrap_or("the OTEL_EXPORTER_OTLP_ENDPOINT default");
+        write!(f, "{protocol} to {endpoint}, sampling {}% of new traces", self.sampling_rate * 100.0)
+    }
+}
+
 impl Default for Tracing {
     fn default() -> Self {
         Tracing { protocol: TracingProtocol::None, endpoint: None, sampling_rate: 1.0 }

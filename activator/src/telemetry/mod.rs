@@ -193,9 +193,12 @@ impl Telemetry {
                     self.inner.tracing.store(on, Ordering::Relaxed);
                     // Callsites that were off must be asked again.
                     tracing::callsite::rebuild_interest_cache();
-                    tracing::info!(tracing = ?config.tracing, "trace export configured");
+                    // Off at start is the default, not news.
+                    if on || applied.is_some() {
+                        tracing::info!(tracing = %config.tracing, "trace export changed");
+                    }
                 }
-                Err(e) => tracing::warn!(error = %e, tracing = ?config.tracing, "trace export not changed"),
+                Err(e) => tracing::warn!(error = %e, tracing = %config.tracing, "trace export not changed"),
             }
         }
         if applied.as_ref().map(|a| &a.request_log_template) != Some(&config.request_log_template) {

@@ -128,13 +128,13 @@ impl Annotated {
                 (Some(what), _) => (&mut out.session, what),
                 (_, Some(what)) if what != "cookie-name" => (&mut out.flow, what),
                 _ => {
-                    rejected(key, unknown_annotation());
+                    rejected(key, unknown_annotation(name));
                     continue;
                 }
             };
             match read_id_source(what, value) {
                 Ok(source) => sources.push(source),
-                Err(None) => rejected(key, unknown_annotation()),
+                Err(None) => rejected(key, unknown_annotation(name)),
                 Err(Some(reason)) => rejected(key, format!("{value:?}: {reason}")),
             }
         }
@@ -177,12 +177,24 @@ fn read_id_source(what: &str, value: &str) -> Result<IdSource, Option<&'static s
     }
 }
 
-/// Why an annotation of the activator's prefix is ignored when no setting has its name: with
-/// the names it could have meant.
-fn unknown_annotation() -> String {
-    let ids = ID_SOURCE_NAMES.iter().map(|what| format!("sticky-session-{what}"));
+/// Why an annotation of the activator's prefix is ignored when no setting has its name (`name`,
+/// without the prefix): the name it most likely meant, else every name it reads.
+fn unknown_annotation(name: &str) -> String {
+    let ids = ID_SOURCE_NAMES.iter().flat_map(|what| {
+        let flow = (*what != "cookie-name").then(|| format!("sticky-revision-{what}"));
+        std::iter::once(format!("sticky-session-{what}")).chain(flow)
+    });
     let known: Vec<String> = SETTING_NAMES.iter().map(|name| (*name).to_owned()).chain(ids).collect();
-    format!("unknown annotation; the activator reads {} (and sticky-revision- for flow ids)", known.join(", "))
+    // Close enough to be a slip of the keyboard or a half-remembered name, not merely similar.
+    let closest = known
+        .iter()
+        .map(|k| (strsim::jaro_winkler(name, k), k))
+        .filter(|(score, _)| *score >= 0.9)
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match closest {
+        Some((_, meant)) => format!("unknown annotation; did you mean {ANNOTATION_PREFIX}{meant}?"),
+        None => format!("unknown annotation; the activator reads {}", known.join(", ")),
+    }
 }
 
 /// A positive duration, clamped to the longest pin lifetime.
@@ -429,6 +441,28 @@ pub(crate) mod tests {
         let mut errors = Vec::new();
         let parsed = Annotated::parse(&map, &mut |key, reason| errors.push(format!("{key}: {reason}")));
         (parsed, errors)
+    }
+
+    #[test]
+    fn a_misspelt_annotation_is_told_what_it_meant() {
+        let (_, errors) = annotated(&[
+            ("sticky-session-heder-name", "x-user"),
+            ("sticky-revison-header-name", "x-flow"),
+            ("stiky-ttl", "90s"),
+            ("colour", "blue"),
+        ]);
+        assert_eq!(errors.len(), 4, "{errors:?}");
+        let said = |key: &str| errors.iter().find(|e| e.starts_with(&format!("{ANNOTATION_PREFIX}{key}:"))).unwrap();
+        assert!(
+            said("sticky-session-heder-name")
+                .ends_with("did you mean activator.knative.dev/sticky-session-header-name?")
+        );
+        assert!(
+            said("sticky-revison-header-name")
+                .ends_with("did you mean activator.knative.dev/sticky-revision-header-name?")
+        );
+        assert!(said("stiky-ttl").ends_with("did you mean activator.knative.dev/sticky-ttl?"));
+        assert!(said("colour").contains("the activator reads sticky-ttl"), "nothing close: every name");
     }
 
     #[test]

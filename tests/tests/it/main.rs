@@ -8,6 +8,7 @@ mod chat;
 mod data_path;
 mod deps;
 mod failures;
+mod first_minutes;
 mod grpc;
 mod knative;
 mod knative_objects;

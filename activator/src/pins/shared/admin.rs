@@ -48,13 +48,13 @@ pub(crate) async fn pin_targets(
 /// its revision, written time and TTL, and tells every replica's near cache. Each goes to the pod
 /// of `to`, or else of its revision's other pinned pods, holding the fewest sessions; with no other
 /// pod known, to `DRAINED_POD`, so the next request picks one. Compare-and-set, so a pin re-pinned
-/// meanwhile is left as it is. Returns how many were moved.
+/// meanwhile is left as it is. Returns where they went.
 pub(crate) async fn drain_pod(
     conn: &mut impl redis::aio::ConnectionLike,
     keys: &[String],
     pod: SocketAddr,
     to: &[SocketAddr],
-) -> RedisResult<usize> {
+) -> RedisResult<Drained> {
     let found = pin_targets(conn, keys).await?;
     // Sessions per pod of each revision, the pod being drained left out.
     let mut load: HashMap<(Arc<str>, SocketAddr), usize> = HashMap::new();
@@ -69,7 +69,7 @@ pub(crate) async fn drain_pod(
         }
     }
     let script = redis::Script::new(REPIN_SCRIPT);
-    let mut drained = 0;
+    let mut drained = Drained::default();
     for (key, found) in keys.iter().zip(found) {
         let Some((pin, written)) = found.filter(|(pin, _)| pin.pod == Some(pod)) else { continue };
         let ttl_ms: i64 = redis::cmd("PTTL").arg(key).query_async(conn).await?;
@@ -88,9 +88,23 @@ pub(crate) async fn drain_pod(
         let mut repin = script.prepare_invoke();
         repin.key(key).arg(pin.target()).arg(moved.encode(written)).arg(ttl_ms).arg(INVALIDATIONS).arg("operator");
         let lost: Option<Vec<u8>> = repin.invoke_async(conn).await?;
-        drained += usize::from(lost.is_none());
+        if lost.is_none() {
+            match next {
+                DRAINED_POD => drained.released += 1,
+                next => *drained.moved.entry(next).or_default() += 1,
+            }
+        }
     }
     Ok(drained)
+}
+
+/// Where `drain_pod` sent a pod's sessions.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Drained {
+    /// Sessions moved, per pod they now name.
+    pub moved: std::collections::BTreeMap<SocketAddr, usize>,
+    /// Sessions released to be placed anew on their next request: no other pod was known.
+    pub released: usize,
 }
 
 /// A pin as the operator sees it: key, raw value, decoded target, remaining TTL.
