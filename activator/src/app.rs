@@ -122,6 +122,11 @@ async fn run(
         let source = LocalSource::open(path, config.endpoints_file.as_deref(), publisher.clone())?;
         tokio::spawn(source.watch(config.topology_poll_interval));
     }
+    // A person at a terminal (or running local mode) who presses Ctrl-C twice means now; a
+    // kubelet's repeated SIGTERM in a cluster does not cut the drain short. Installed before
+    // the listeners are announced, so no signal finds the default action.
+    let second_signal_exits = config.mode == Mode::Local || std::io::stdin().is_terminal();
+    let stop_accepting = drain_on_signal(health.clone(), config.drain_period(), second_signal_exits)?;
     let listeners = bind_listeners(&config, &internal_tls, &health, &stats, &telemetry).await?;
     if config.mode == Mode::Knative {
         let knative = KnativeConfig {
@@ -146,7 +151,6 @@ async fn run(
         .await?;
         tokio::spawn(source.run());
     }
-    let stop_accepting = drain_on_signal(health.clone(), config.drain_period)?;
     let pins = open_pins(&config, pin_metrics)?;
     if config.pin_store() == PinStore::Redis {
         health.require_pin_store();
@@ -226,16 +230,35 @@ async fn bind_listeners(
 }
 
 /// Completes once SIGTERM (or Ctrl-C) came and the drain period passed: unready from the signal
-/// on, still serving until then.
-fn drain_on_signal(health: Arc<Health>, drain_period: Duration) -> anyhow::Result<impl Future<Output = ()>> {
+/// on, still serving until then. With `second_signal_exits`, a second signal ends the process at
+/// once, whatever is still open.
+fn drain_on_signal(
+    health: Arc<Health>,
+    drain_period: Duration,
+    second_signal_exits: bool,
+) -> anyhow::Result<impl Future<Output = ()>> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     Ok(async move {
         tokio::select! {
             _ = sigterm.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = sigint.recv() => {}
         }
         health.start_draining();
-        tracing::info!(?drain_period, "draining: unready now, still serving until the drain period ends");
+        let period = humantime::format_duration(drain_period);
+        if second_signal_exits {
+            tracing::info!("draining for {period}, then finishing open requests; a second Ctrl-C exits now");
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = sigterm.recv() => {}
+                    _ = sigint.recv() => {}
+                }
+                eprintln!("second signal: exiting now");
+                std::process::exit(130);
+            });
+        } else {
+            tracing::info!("draining for {period}: unready now, still serving until it ends");
+        }
         tokio::time::sleep(drain_period).await;
     })
 }

@@ -166,10 +166,11 @@ pub(crate) struct Config {
     #[arg(long, env = "CLUSTER_DOMAIN")]
     pub cluster_domain: Option<String>,
 
-    /// After SIGTERM: how long to keep serving new requests while readiness reports unready,
-    /// so load balancers stop sending (upstream waits 45 s).
-    #[arg(long, env = "ACTIVATOR_DRAIN_PERIOD", default_value = "45s", value_parser = humantime::parse_duration)]
-    pub drain_period: Duration,
+    /// After SIGTERM (or Ctrl-C): how long to keep serving new requests while readiness reports
+    /// unready, so load balancers stop sending. Unset: 45 s in Knative mode, as upstream; 1 s in
+    /// local mode, where nothing balances onto the activator.
+    #[arg(long, env = "ACTIVATOR_DRAIN_PERIOD", value_parser = humantime::parse_duration)]
+    pub drain_period: Option<Duration>,
 
     /// After the drain period: how long open requests may take to finish before exiting. Unset:
     /// as long as they take, as upstream (the pod's terminationGracePeriodSeconds bounds it).
@@ -327,6 +328,15 @@ pub(crate) fn size(value: &str) -> Result<u64, String> {
 }
 
 impl Config {
+    /// How long to drain after the first signal: as asked, else the mode's default.
+    pub(crate) fn drain_period(&self) -> Duration {
+        let default = match self.mode {
+            Mode::Knative => Duration::from_secs(45),
+            Mode::Local => Duration::from_secs(1),
+        };
+        self.drain_period.unwrap_or(default)
+    }
+
     /// The pin store: as `--pin-store` says, else Redis when a Redis is named.
     pub(crate) fn pin_store(&self) -> PinStore {
         self.pin_store.unwrap_or(if self.redis_url.is_some() { PinStore::Redis } else { PinStore::Memory })

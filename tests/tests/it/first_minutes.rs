@@ -184,3 +184,33 @@ async fn a_good_start_says_what_is_ignored_and_dumps_nothing() {
     assert!(logs.contains("--redis-url is ignored: --pin-store memory keeps pins in this replica only"), "{logs}");
     assert!(!logs.contains(" { ") && !logs.contains("None"), "no Debug dump: {logs}");
 }
+
+/// Ctrl-C in local mode: the drain is short by default, and a second Ctrl-C ends it at once even
+/// when the drain was set long.
+#[tokio::test]
+async fn ctrl_c_stops_local_mode_soon_and_twice_stops_it_now() {
+    use nix::sys::signal::Signal;
+    let dir = tempfile::tempdir().unwrap();
+    let topology = write(dir.path(), "topology.yaml", TOPOLOGY);
+    let start = |extra: &[&str]| {
+        let mut args: Vec<String> = ["--topology", topology.as_str()].map(str::to_owned).to_vec();
+        args.extend(LOOPBACK.iter().chain(extra).map(|a| (*a).to_owned()));
+        let dir = dir.path().to_owned();
+        async move { integration_tests::Process::start(&dir, "activator", &args, &["proxy", "admin"]).await.unwrap() }
+    };
+
+    let mut default = start(&[]).await;
+    default.signal(Signal::SIGINT);
+    assert!(default.wait_exit(Duration::from_secs(15)).await.success(), "{}", default.logs());
+
+    let mut long = start(&["--drain-period", "10m"]).await;
+    long.signal(Signal::SIGINT);
+    integration_tests::wait_until(Duration::from_secs(10), "the drain has begun", || async {
+        long.logs().contains("a second Ctrl-C exits now")
+    })
+    .await;
+    long.signal(Signal::SIGINT);
+    let status = long.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(130), "{}", long.logs());
+    assert!(long.logs().contains("second signal: exiting now"), "{}", long.logs());
+}

@@ -16,6 +16,7 @@ mod knative_routes;
 mod manifests;
 mod observability;
 mod pins_at_scale;
+mod readme;
 mod redis_failover;
 mod scale_from_zero;
 mod session_end;
