@@ -10,9 +10,9 @@ default:
 build:
     cargo build --workspace --bins
 
-# Walk through the activator in local mode: starts what it needs, prints each request as a curl command with its answer, and stops everything.
-demo: build
-    cargo run --quiet -p integration-tests --bin demo
+# Walk through the activator in local mode: starts what it needs (two activators share pins through a Redis of their own), prints each request as a curl command with its answer, and stops everything; `just demo --keep` leaves it all running until Ctrl-C.
+demo *flags: deps build
+    cargo run --quiet -p integration-tests --bin demo -- {{flags}}
 
 # Install what the tests need and this machine lacks (redis-server; kubectl where it can be had), with apt-get. `just deps --dry-run` only says what it would do.
 deps *flags:

@@ -214,3 +214,68 @@ async fn ctrl_c_stops_local_mode_soon_and_twice_stops_it_now() {
     assert_eq!(status.code(), Some(130), "{}", long.logs());
     assert!(long.logs().contains("second signal: exiting now"), "{}", long.logs());
 }
+
+/// `just demo --keep`: the walk-through shows two activators sharing pins through Redis, then
+/// leaves everything running so the curls it printed still work, and Ctrl-C (SIGINT to the
+/// terminal's process group) stops all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_shows_shared_pins_and_keeps_running_until_ctrl_c() {
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::Pid;
+    use tokio::io::AsyncBufReadExt as _;
+
+    let mut demo = tokio::process::Command::new(bin_dir().join("demo"))
+        .arg("--keep")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the demo starts");
+    let group = Pid::from_raw(demo.id().expect("running") as i32);
+    let mut lines = tokio::io::BufReader::new(demo.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    let read = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let keeps_running = line.contains("Everything keeps running");
+            printed.push(line);
+            if keeps_running {
+                return true;
+            }
+        }
+        false
+    };
+    let kept = tokio::time::timeout(Duration::from_secs(180), read).await;
+    let text = printed.join("\n");
+    assert!(matches!(kept, Ok(true)), "the demo reaches --keep:\n{text}");
+    assert!(
+        text.contains("== Two more activators, A and B, sharing their pins through a Redis of their own"),
+        "{text}"
+    );
+    assert!(text.contains("(new-pin): session=shared, count=1"), "{text}");
+    for count in 2..=4 {
+        assert!(
+            text.contains(&format!("(session-pin): session=shared, count={count}")),
+            "one pod through A and B: {text}"
+        );
+    }
+    assert!(text.contains("(re-pin): session=shared, count=1"), "a pod leaving re-pins: {text}");
+    assert!(text.contains("key    aa:{default/counter}:s:"), "activator pins get: {text}");
+
+    // The last curl printed (through activator B) still works, and continues the session.
+    let last = printed.iter().rev().find(|l| l.contains("session_id=shared")).expect("a shared curl");
+    let url = last.split('\'').find(|part| part.starts_with("http://")).expect("a URL");
+    let reply = reqwest::Client::new().get(url).header("Host", "counter.localhost").send().await.unwrap();
+    assert_eq!(reply.status(), 200);
+    let body = reply.text().await.unwrap();
+    assert!(body.starts_with("session=shared, count=") && !body.contains("count=1\n"), "{body}");
+
+    killpg(group, Signal::SIGINT).expect("Ctrl-C");
+    let status = tokio::time::timeout(Duration::from_secs(15), demo.wait()).await.expect("the demo ends").unwrap();
+    assert!(status.success(), "{status}");
+    integration_tests::wait_until(Duration::from_secs(10), "nothing the demo started survives it", || async {
+        killpg(group, None).is_err()
+    })
+    .await;
+}
