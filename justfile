@@ -14,6 +14,10 @@ build:
 demo *flags: deps build
     cargo run --quiet -p integration-tests --bin demo -- {{flags}}
 
+# Build and push the image (REGISTRY; with docker buildx) and render target/release-VERSION/affinity-activator.yaml and affinity-activator-redis.yaml, every image pinned by digest; without a container runtime, IMAGE=…@sha256:… (and REDIS_IMAGE) render the YAML for an image built elsewhere.
+release VERSION:
+    bash manifests/release/release.sh {{VERSION}}
+
 # Install what the tests need and this machine lacks (redis-server; kubectl where it can be had), with apt-get. `just deps --dry-run` only says what it would do.
 deps *flags:
     bash tests/deps.sh {{flags}}

@@ -350,6 +350,19 @@ fn the_redis_overlay_builds_offline() {
         assert!(data.as_str().unwrap().contains(line), "{line}");
     }
     assert!(objects.iter().any(|o| o["kind"] == "PodDisruptionBudget"));
+    // The StatefulSet is governed by a headless Service; clients use the other one.
+    let governing = redis["spec"]["serviceName"].as_str().unwrap();
+    assert_eq!(find(&objects, "Service", governing)["spec"]["clusterIP"], "None");
+    assert!(find(&objects, "Service", "affinity-activator-redis")["spec"]["clusterIP"].is_null());
+    // The password reaches Redis through a file, never an argument `ps` would show.
+    let container = &redis["spec"]["template"]["spec"]["containers"][0];
+    let started = format!("{} {}", container["command"], container["args"]);
+    assert!(!started.contains("--requirepass") && !started.contains("$(REDIS_PASSWORD)"), "{started}");
+    assert!(data.as_str().unwrap().contains("include /run/redis/auth.conf"), "redis.conf reads the password file");
+    // Room under the memory limit for the fork of an AOF rewrite.
+    let maxmemory = data.as_str().unwrap().lines().find_map(|l| l.strip_prefix("maxmemory ")).unwrap();
+    let limit = container["resources"]["limits"]["memory"].as_str().unwrap();
+    assert_eq!((maxmemory, limit), ("256mb", "512Mi"), "half the limit");
     let policy = find(&objects, "NetworkPolicy", "affinity-activator-redis");
     assert_eq!(policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app"], "activator");
 }
@@ -620,4 +633,154 @@ fn the_dashboard_queries_only_metrics_the_activator_exports() {
         let shipped: Value = serde_json::from_str(&map.data.unwrap_or_default()["dashboard.json"]).unwrap();
         assert_eq!(shipped, dashboard);
     }
+}
+
+/// Where `ours` loses or changes what `upstream` sets, as paths: list elements are matched by
+/// their `name` where they have one (containers, env, ports), else by position.
+fn departures(upstream: &Value, ours: &Value, path: &str, out: &mut Vec<String>) {
+    match (upstream, ours) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                match b.get(k) {
+                    Some(w) => departures(v, w, &format!("{path}.{k}"), out),
+                    None => out.push(format!("{path}.{k}")),
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            for (i, v) in a.iter().enumerate() {
+                let found = match v.get("name") {
+                    Some(name) => b.iter().find(|w| w.get("name") == Some(name)).map(|w| (format!("[{name}]"), w)),
+                    None => b.get(i).map(|w| (format!("[{i}]"), w)),
+                };
+                match found {
+                    Some((at, w)) => departures(v, w, &format!("{path}{at}"), out),
+                    None => out.push(format!("{path}[{}]", v.get("name").unwrap_or(&Value::from(i)))),
+                }
+            }
+        }
+        // Kubernetes reads a quantity or an integer-or-string alike in either spelling.
+        (a, b) if a.to_string().trim_matches('"') == b.to_string().trim_matches('"') => {}
+        _ => out.push(path.to_owned()),
+    }
+}
+
+/// Runs `just release`'s script with `env` (and a `docker` that says there is no daemon, so the
+/// result does not depend on this machine): whether it succeeded, and what it said on stderr.
+fn release(out: &Path, env: &[(&str, &str)]) -> (bool, String) {
+    let no_docker = out.join("bin");
+    std::fs::create_dir_all(&no_docker).unwrap();
+    let docker = no_docker.join("docker");
+    std::fs::write(&docker, "#!/bin/sh\necho 'Cannot connect to the Docker daemon' >&2\nexit 1\n").unwrap();
+    std::fs::set_permissions(&docker, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", no_docker.display(), std::env::var("PATH").unwrap_or_default());
+    let result = Command::new("bash")
+        .arg(root().join("manifests/release/release.sh"))
+        .arg("0.0.0-test")
+        .env("PATH", path)
+        .env("RELEASE_DIR", out)
+        .env_remove("IMAGE")
+        .env_remove("REDIS_IMAGE")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (result.status.success(), String::from_utf8_lossy(&result.stderr).into_owned())
+}
+
+/// `just release 0.0.0-test` with no container runtime: the image part says what it needs in one
+/// line; given digests, the YAML part renders files whose every object reads as its Kubernetes
+/// type, whose every image is pinned, which hold nothing but the activator's own objects (and
+/// Redis's), and which keep everything upstream's v1.23.0 activator objects set, but for the
+/// differences named here.
+#[test]
+fn the_release_yaml_is_the_activators_own_objects_pinned_and_keeping_upstreams() {
+    if !kubectl() {
+        return;
+    }
+    let Some(fixtures) = fixtures::dir() else { return };
+    let out = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (ok, said) = release(out.path(), &[]);
+    assert!(!ok, "no image without a runtime");
+    assert_eq!(said.lines().count(), 1, "{said}");
+    assert!(said.starts_with("error: no container runtime here") && said.contains("IMAGE="), "{said}");
+    let (ok, said) = release(out.path(), &[("IMAGE", "ghcr.io/acme/affinity-activator:0.0.0-test")]);
+    assert!(!ok && said.contains("must name the image by digest"), "{said}");
+
+    let digest = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+    let image = format!("ghcr.io/acme/affinity-activator:0.0.0-test@{}", digest('a'));
+    let redis_image = format!("redis:7.2-alpine@{}", digest('b'));
+    let (ok, said) = release(out.path(), &[("IMAGE", &image), ("REDIS_IMAGE", &redis_image)]);
+    assert!(ok, "{said}");
+    let activator = documents(&out.path().join("affinity-activator.yaml"));
+    let redis = documents(&out.path().join("affinity-activator-redis.yaml"));
+
+    for doc in activator.iter().chain(&redis) {
+        check_document(doc).unwrap_or_else(|e| panic!("{} {}: {e}", doc["kind"], doc["metadata"]["name"]));
+        let spec = &doc["spec"]["template"]["spec"];
+        let containers = spec["containers"].as_array().into_iter().chain(spec["initContainers"].as_array()).flatten();
+        for container in containers {
+            let reference = container["image"].as_str().unwrap();
+            let (_, pinned) = reference.rsplit_once("@sha256:").unwrap_or_else(|| panic!("{reference} is not pinned"));
+            assert!(pinned.len() == 64 && pinned.bytes().all(|b| b.is_ascii_hexdigit()), "{reference}");
+        }
+        assert_eq!(doc["metadata"]["labels"]["app.kubernetes.io/version"], "0.0.0-test", "{}", doc["kind"]);
+    }
+    let named = |docs: &[Value]| -> BTreeSet<(String, String, String)> {
+        docs.iter()
+            .map(|d| {
+                let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+                (text(&d["kind"]), text(&d["metadata"]["namespace"]), text(&d["metadata"]["name"]))
+            })
+            .collect()
+    };
+    let ns = "knative-serving";
+    let expected: BTreeSet<(String, String, String)> = [
+        ("Deployment", ns, "activator"),
+        ("HorizontalPodAutoscaler", ns, "activator"),
+        ("PodDisruptionBudget", ns, "activator-pdb"),
+        ("ClusterRole", "", "affinity-activator"),
+        ("ClusterRoleBinding", "", "affinity-activator"),
+    ]
+    .map(|(k, n, m)| (k.to_owned(), n.to_owned(), m.to_owned()))
+    .into();
+    assert_eq!(named(&activator), expected, "the activator's objects and nothing else of knative-serving");
+    assert!(named(&redis).iter().all(|(_, n, name)| n == ns && name.starts_with("affinity-activator-redis")));
+    let deployment = find(&activator, "Deployment", "activator");
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["containers"][0]["image"],
+        format!("ghcr.io/acme/affinity-activator@{}", digest('a'))
+    );
+
+    // Against upstream's objects: what differs is named, with why.
+    let upstream: Vec<Value> =
+        [documents(&fixtures.join("activator.yaml")), documents(&fixtures.join("activator-hpa.yaml"))].concat();
+    let mut differs = Vec::new();
+    for (kind, name) in [
+        ("Deployment", "activator"),
+        ("HorizontalPodAutoscaler", "activator"),
+        ("PodDisruptionBudget", "activator-pdb"),
+    ] {
+        let mut paths = Vec::new();
+        departures(find(&upstream, kind, name), find(&activator, kind, name), "", &mut paths);
+        differs.extend(paths.into_iter().map(|p| format!("{kind} {p}")));
+    }
+    let allowed = [
+        // Our version, not Knative's `devel` placeholder.
+        "Deployment .metadata.labels.app.kubernetes.io/version",
+        "Deployment .spec.template.metadata.labels.app.kubernetes.io/version",
+        "HorizontalPodAutoscaler .metadata.labels.app.kubernetes.io/version",
+        "PodDisruptionBudget .metadata.labels.app.kubernetes.io/version",
+        // Our image, and memory sized from our bench.
+        "Deployment .spec.template.spec.containers[\"activator\"].image",
+        "Deployment .spec.template.spec.containers[\"activator\"].resources.requests.memory",
+        // Read by Go's runtime only.
+        "Deployment .spec.template.spec.containers[\"activator\"].env[\"GOGC\"]",
+        // Two replicas at least, so a session always has a second activator.
+        "HorizontalPodAutoscaler .spec.minReplicas",
+        // maxUnavailable 1 instead: 80 % of two replicas would block every node drain.
+        "PodDisruptionBudget .spec.minAvailable",
+    ];
+    let (differs, allowed): (BTreeSet<&str>, BTreeSet<&str>) =
+        (differs.iter().map(String::as_str).collect(), allowed.into_iter().collect());
+    assert_eq!(differs, allowed, "nothing else upstream sets is lost or changed");
 }
