@@ -13,9 +13,11 @@ use prometheus::{
 
 use crate::sync::lock;
 
-/// Buckets of the latency histograms, in seconds: from half a millisecond to a minute.
-pub const LATENCY_BUCKETS: [f64; 16] =
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+/// Buckets of the latency histograms, in seconds: from a tenth of a millisecond (what the
+/// activator adds to a request is about 0.2 ms, and a pin lookup in Redis less, so a median
+/// below the first bucket would be an interpolation) to a minute.
+pub const LATENCY_BUCKETS: [f64; 18] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 /// The registry `/metrics` exposes, and the name of every family it can carry.
 #[derive(Clone, Default)]

@@ -282,8 +282,9 @@ async fn render(dashboard: &Value, prometheus: &Prometheus, start: u64, end: u64
          .panel,.row{{position:absolute;box-sizing:border-box;padding:6px}}\
          .row{{font-size:15px;font-weight:bold;padding-top:8px;padding-left:12px}}\
          svg{{background:#181b1f;border:1px solid #2c3235;border-radius:3px}}</style></head><body>\
-         <h1>{title}</h1><p>{} s of load through two activators sharing pins in Redis; Redis away for a while, \
-         then a pod leaves. Each panel is the dashboard's own query, asked of Prometheus.</p>\
+         <h1>{title}</h1><p>A redraw of the Grafana dashboard's queries, not Grafana: each panel is the \
+         dashboard's own PromQL, asked of a real Prometheus and drawn by `just dashboard`. {} s of load through \
+         two activators sharing pins in Redis; Redis away for a while, then a pod leaves.</p>\
          <div class=grid>{body}</div></body></html>",
         end - start
     ))

@@ -106,6 +106,80 @@ struct GeneratorOptions {
 }
 
 /// The Knative Operator's `KnativeServing`, the fields our example sets (operator.knative.dev/v1beta1).
+/// The Prometheus Operator's PodMonitor, as far as ours uses its fields (monitoring.coreos.com/v1).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct PodMonitor {
+    api_version: String,
+    kind: String,
+    metadata: ObjectMeta,
+    spec: PodMonitorSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct PodMonitorSpec {
+    namespace_selector: NamespaceSelector,
+    selector: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    pod_metrics_endpoints: Vec<PodMetricsEndpoint>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct NamespaceSelector {
+    match_names: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct PodMetricsEndpoint {
+    port: String,
+    path: String,
+    interval: String,
+    honor_labels: bool,
+}
+
+/// The Prometheus Operator's PrometheusRule (monitoring.coreos.com/v1), alerting rules only.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct PrometheusRule {
+    api_version: String,
+    kind: String,
+    metadata: ObjectMeta,
+    spec: RuleGroups,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleGroups {
+    groups: Vec<RuleGroup>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct RuleGroup {
+    name: String,
+    rules: Vec<AlertingRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct AlertingRule {
+    alert: String,
+    expr: String,
+    #[serde(rename = "for")]
+    pending: Option<String>,
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 #[allow(dead_code)]
@@ -236,6 +310,8 @@ fn check_document(doc: &Value) -> Result<(), String> {
             strict::<Kustomization>(doc)
         }
         ("operator.knative.dev/v1beta1", "KnativeServing") => strict::<KnativeServing>(doc),
+        ("monitoring.coreos.com/v1", "PodMonitor") => strict::<PodMonitor>(doc),
+        ("monitoring.coreos.com/v1", "PrometheusRule") => strict::<PrometheusRule>(doc),
         ("serving.knative.dev/v1", "Service") => {
             if doc["metadata"]["name"].as_str().is_none_or(str::is_empty) {
                 return Err("metadata.name is missing".into());
@@ -628,11 +704,60 @@ fn the_dashboard_queries_only_metrics_the_activator_exports() {
     // What the kustomization ships is the same dashboard, labelled for Grafana's sidecar.
     if kubectl() {
         let objects = kustomize(&manifests().join("observability"));
-        let map: ConfigMap = serde_json::from_value(objects[0].clone()).unwrap();
+        let map = objects.iter().find(|o| o["kind"] == "ConfigMap").expect("the dashboard's ConfigMap");
+        let map: ConfigMap = serde_json::from_value(map.clone()).unwrap();
         assert_eq!(map.metadata.labels.unwrap_or_default().get("grafana_dashboard").map(String::as_str), Some("1"));
         let shipped: Value = serde_json::from_str(&map.data.unwrap_or_default()["dashboard.json"]).unwrap();
         assert_eq!(shipped, dashboard);
     }
+}
+
+/// The alerts: each names only metrics the activator exports, says what to look at, and together
+/// they cover what the install docs promise an alert for. The PodMonitor scrapes the port the
+/// Deployment names `metrics`, keeping the activator's own labels.
+#[test]
+fn the_alerts_watch_what_breaks_with_metrics_the_activator_exports() {
+    let families = activator::instruments::Instruments::register().registrar.family_names();
+    let rules: PrometheusRule =
+        serde_json::from_value(documents(&manifests().join("observability/prometheusrule.yaml")).remove(0)).unwrap();
+    let alerts: Vec<&AlertingRule> = rules.spec.groups.iter().flat_map(|g| &g.rules).collect();
+    let mut covered = BTreeSet::new();
+    for alert in &alerts {
+        let names = metric_names(&alert.expr);
+        assert!(!names.is_empty(), "{}: {}", alert.alert, alert.expr);
+        for name in names {
+            assert!(families.iter().any(|f| f == name), "{}: {name} is not exported", alert.alert);
+            covered.insert(name);
+        }
+        assert!(alert.annotations.contains_key("summary") && alert.annotations.contains_key("description"));
+        assert!(alert.labels.contains_key("severity"), "{}", alert.alert);
+    }
+    for promised in [
+        "activator_pin_store_up",
+        "activator_kube_watch_forbidden",
+        "activator_queued_requests",
+        "activator_requests_total",
+        "activator_topology_reloads_total",
+    ] {
+        assert!(covered.contains(promised), "no alert on {promised}");
+    }
+    for code in ["503", "502"] {
+        assert!(alerts.iter().any(|a| a.expr.contains(&format!("code=\"{code}\""))), "no alert on {code} rates");
+    }
+
+    let monitor: PodMonitor =
+        serde_json::from_value(documents(&manifests().join("observability/podmonitor.yaml")).remove(0)).unwrap();
+    let deployment = documents(&manifests().join("knative/activator/deployment.yaml")).remove(0);
+    let ports = &deployment["spec"]["template"]["spec"]["containers"][0]["ports"];
+    let endpoint = &monitor.spec.pod_metrics_endpoints[0];
+    let port = ports.as_array().unwrap().iter().find(|p| p["name"] == endpoint.port.as_str()).expect("the port");
+    assert_eq!(port["containerPort"], 9090);
+    assert!(endpoint.honor_labels, "the activator's namespace label is the Knative object's, not the pod's");
+    let selected = monitor.spec.selector.match_labels.unwrap_or_default();
+    for (k, v) in &selected {
+        assert_eq!(deployment["spec"]["template"]["metadata"]["labels"][k], v.as_str());
+    }
+    assert_eq!(monitor.spec.namespace_selector.match_names, ["knative-serving"]);
 }
 
 /// Where `ours` loses or changes what `upstream` sets, as paths: list elements are matched by

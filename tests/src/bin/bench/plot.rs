@@ -31,11 +31,14 @@ pub fn latency_svg(title: &str, runs: &[(&str, &Latencies)]) -> anyhow::Result<S
         let all = || series.iter().flat_map(|(_, p)| p.iter().map(|(_, ms)| *ms));
         let top = all().fold(0.1_f64, f64::max) * 1.1;
         let bottom = all().fold(top, f64::min).max(0.001) / 1.2;
+        // Room right of the plot for the last tick label ("p99.99" is centred on the edge), and
+        // below and left for the axis descriptions.
         let mut chart = ChartBuilder::on(&area)
             .caption(title, ("sans-serif", 18))
             .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(60)
+            .margin_right(40)
+            .x_label_area_size(44)
+            .y_label_area_size(70)
             .build_cartesian_2d(0.0..NINES, (bottom..top).log_scale())?;
         chart
             .configure_mesh()
