@@ -216,12 +216,15 @@ struct Registry {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
+#[serde(rename_all = "camelCase")]
 struct WorkloadOverride {
     name: String,
     #[serde(default)]
     resources: Vec<ResourcesOverride>,
     #[serde(default)]
     env: Vec<EnvOverride>,
+    #[serde(default)]
+    topology_spread_constraints: Vec<k8s_openapi::api::core::v1::TopologySpreadConstraint>,
 }
 
 #[derive(Deserialize)]
