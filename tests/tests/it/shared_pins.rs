@@ -614,6 +614,41 @@ async fn a_pods_sessions_are_counted_and_drained_before_it_goes() {
     wait_until(Duration::from_secs(15), "the pod's count drops to zero", || async { counted().await == 0.0 }).await;
 }
 
+/// `activator pins drain` says what it did: with no other pod of the revision holding pins it
+/// releases the sessions rather than claiming to move them, and names `--to`; `--to` a pod that
+/// holds no pin yet (one just added) moves them there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_with_nowhere_known_to_go_says_it_released_and_to_moves_them_to_a_new_pod() {
+    let c = over_one_of_three_pods().await;
+    let ids: Vec<String> = (0..4).map(|i| format!("lonely-{i}")).collect();
+    for id in &ids {
+        assert_eq!(session(&c.via_a, id).await.pod(), "counter-1-pod-0");
+    }
+    let first = c.pods[0].addr("http").to_string();
+    let (ok, out) = c.pins(&["drain", "--service", "counter", "--pod", &first]).await;
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("moved no session of default/counter off {first}")), "{out}");
+    assert!(out.contains(&format!("released 4 sessions of default/counter off {first}")), "{out}");
+    assert!(out.contains("with --to"), "{out}");
+
+    // New sessions on the one pod there is; a second pod joins, holding no pin: `--to` moves
+    // them there, and the replicas follow.
+    let fresh: Vec<String> = (0..3).map(|i| format!("fresh-{i}")).collect();
+    for id in &fresh {
+        assert_eq!(session(&c.via_a, id).await.pod(), "counter-1-pod-0");
+    }
+    let two = yaml(&[Service::new("counter").revision("counter-1", 100, &addrs(&c.pods[..2]))]);
+    c.env.reload_all(&[&c.a, &c.b], &two).await;
+    let second = c.pods[1].addr("http").to_string();
+    let (ok, out) = c.pins(&["drain", "--service", "counter", "--pod", &first, "--to", &second]).await;
+    assert!(ok && out.contains(&format!("moved 3 sessions of default/counter off {first}: 3 to {second}")), "{out}");
+    wait_until(Duration::from_secs(10), "the drained sessions are on the new pod", || async {
+        session(&c.via_b, &fresh[0]).await.pod() == "counter-1-pod-1"
+    })
+    .await;
+    assert!(!out.contains("released"), "{out}");
+}
+
 /// Two replicas sharing one Redis, serving revision `counter-1` with the first of its three pods
 /// (the others start outside the topology).
 async fn over_one_of_three_pods() -> Replicas {
