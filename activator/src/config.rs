@@ -275,8 +275,8 @@ pub(crate) struct Config {
     #[arg(long, env = "ACTIVATOR_PIN_REFRESH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub pin_refresh_interval: Duration,
 
-    /// Add `X-Activator-Decision: session-pin | revision-pin | split | ingress | new-pin | re-pin`
-    /// to responses.
+    /// Add `X-Activator-Decision: session-pin | revision-pin | split | ingress | new-pin | re-pin |
+    /// session-lost` to responses.
     #[arg(long, env = "ACTIVATOR_DEBUG_HEADERS", value_parser = BoolishValueParser::new())]
     pub debug_headers: bool,
 

@@ -22,10 +22,11 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::affinity::{
-    Admitted, CookieKeys, Decisions, Failed, Keys, Pinning, Resend, Route, chat, extract, names_its_conversation,
+    Admitted, CookieKeys, Decisions, Failed, Keys, Pinning, Resend, Route, SessionLeft, chat, extract,
+    names_its_conversation,
 };
 use crate::autoscaler::{InFlight, Reporter};
-use crate::headers::DECISION;
+use crate::headers::{DECISION, SESSION_MOVED};
 use crate::health::Health;
 use crate::pins::Pins;
 use crate::pins::{PinKey, PinSource};
@@ -234,6 +235,10 @@ impl Handler {
         exchange: &mut Option<ClientSeries>,
     ) -> Response<ResponseBody> {
         let protocol = Protocol::of(req.method(), req.version());
+        if let Some(SessionLeft::Lost(why)) = route.session_left {
+            pinning.release_lost(route).await;
+            return respond::session_lost(why.as_str());
+        }
         // What may arrive while it waits is charged until it is admitted.
         let mut charge = waiting_body_bytes(&req, inflow.as_ref());
         let body_bytes = charge.bytes;
@@ -331,6 +336,9 @@ impl Handler {
         }
         if let Some(value) = route.set_cookie.as_deref().and_then(|v| HeaderValue::try_from(v).ok()) {
             headers.append(http::header::SET_COOKIE, value);
+        }
+        if let Some(SessionLeft::Moved(why)) = route.session_left {
+            headers.insert(SESSION_MOVED, HeaderValue::from_static(why.as_str()));
         }
         if self.debug_headers {
             headers.insert(DECISION, HeaderValue::from_static(route.origin.as_str()));

@@ -34,5 +34,11 @@ pub(crate) const SESSION_END: HeaderName = HeaderName::from_static("k-session-en
 pub(crate) const SESSION_END_TIME: HeaderName = HeaderName::from_static("k-session-end-time");
 pub(crate) const SESSION_END_SIGNATURE: HeaderName = HeaderName::from_static("k-session-end-signature");
 
+/// Told to the client when its session's pod or revision is gone, with why (`pod-gone`,
+/// `revision-gone`): with strict sessions on the 503 that ends it, otherwise on the response of
+/// the request that moved it to another pod.
+pub(crate) const SESSION_LOST: HeaderName = HeaderName::from_static("k-session-lost");
+pub(crate) const SESSION_MOVED: HeaderName = HeaderName::from_static("k-session-moved");
+
 /// With `--debug-headers`: why the request went where it went.
 pub(crate) const DECISION: HeaderName = HeaderName::from_static("x-activator-decision");

@@ -51,6 +51,16 @@ pub(crate) fn queue_full() -> Response<ResponseBody> {
     resp
 }
 
+/// A strict session whose pod (or revision) is gone: its state went with it, so the client is
+/// told rather than moved; `K-Session-Lost` says why. Its pin is released: sending again starts
+/// a new session.
+pub(crate) fn session_lost(why: &'static str) -> Response<ResponseBody> {
+    let mut resp =
+        reply(StatusCode::SERVICE_UNAVAILABLE, "the session's pod is gone; send again to start a new session");
+    resp.headers_mut().insert(crate::headers::SESSION_LOST, HeaderValue::from_static(why));
+    resp
+}
+
 /// No revision answers to what the request names: upstream's text for a revision its lister does
 /// not know (`name` is empty when nothing named one).
 pub(crate) fn revision_not_found(name: &str) -> Response<ResponseBody> {

@@ -30,6 +30,19 @@ label_values! {
         /// An id whose pin names a pod or revision that left: a new pod (in the same revision while
         /// it is still a target), then the pin is replaced.
         RePin = "re-pin",
+        /// With strict sessions, a session whose pod or revision left: answered 503, its pin
+        /// released, so its next request starts a new session.
+        SessionLost = "session-lost",
+    }
+}
+
+label_values! {
+    /// Why a session left its pod (`K-Session-Lost` with strict sessions, else `K-Session-Moved`).
+    pub(crate) enum Departure {
+        /// Its pod is not among the revision's ready pods.
+        PodGone = "pod-gone",
+        /// Its revision is no longer in the service's traffic.
+        RevisionGone = "revision-gone",
     }
 }
 
@@ -97,6 +110,9 @@ pub(super) fn decide<'s>(
             Some(pod) => {
                 Decision { want: Want::Pod(pod), origin: Origin::SessionPin, session_write: None, flow_write, revision }
             }
+            None if service.affinity.strict_sessions() => {
+                Decision { want: Want::Any, origin: Origin::SessionLost, session_write: None, flow_write, revision }
+            }
             // The pod left: the session stays in its revision on a new pod.
             None => Decision {
                 want: Want::Any,
@@ -108,6 +124,11 @@ pub(super) fn decide<'s>(
         };
     }
 
+    // Past here a session's pin, if any, names a revision that left the traffic.
+    if lookup.has_session && lookup.session.is_some() && service.affinity.strict_sessions() {
+        let revision = service.split(roll).clone();
+        return Decision { want: Want::Any, origin: Origin::SessionLost, session_write: None, flow_write, revision };
+    }
     let session_write = lookup.has_session.then(|| PinWrite::for_missing_or_stale(lookup.session.as_ref()));
     if lookup.has_flow
         && let Some(revision) = lookup.flow.as_ref().and_then(valid)
@@ -184,6 +205,30 @@ mod tests {
         origin: Origin,
         session_write: Option<PinWrite>,
         flow_write: Option<PinWrite>,
+    }
+
+    /// With `sticky-session-strict`, a session whose pod or revision left is lost, not moved:
+    /// nothing is written, and the handler answers 503. A ready pod or a new session is as ever.
+    #[test]
+    fn strict_sessions_are_lost_where_others_move() {
+        let mut strict = spec("svc", &[(100, vec![pod(1), pod(2)])]);
+        strict.annotations.insert("activator.knative.dev/sticky-session-strict".into(), "true".into());
+        let svc = world(vec![strict]).service_for_host("svc.test").unwrap().clone();
+        let decided = |session| decide(&svc, None, || None, &lookup(Some(session), None), 0);
+        for gone in [Pin::session("svc-0", pod(7)), Pin::session("svc-9", pod(1))] {
+            let lost = decided(Some(gone.clone()));
+            assert_eq!(
+                (lost.origin, lost.session_write, lost.want),
+                (Origin::SessionLost, None, Want::Any),
+                "{gone:?}"
+            );
+        }
+        let kept = decided(Some(Pin::session("svc-0", pod(1))));
+        assert_eq!((kept.origin, kept.want), (Origin::SessionPin, Want::Pod(pod(1))));
+        assert_eq!(decided(None).origin, Origin::NewPin);
+        let loose = service(&[100], &[vec![1, 2]]);
+        let moved = decide(&loose, None, || None, &lookup(Some(Some(Pin::session("svc-0", pod(7)))), None), 0);
+        assert_eq!(moved.origin, Origin::RePin, "without the annotation the session moves");
     }
 
     #[test]

@@ -90,6 +90,11 @@ impl SignedCookie {
         let secure = if self.secure { "; Secure" } else { "" };
         format!("{}={signed}; Path=/; HttpOnly; SameSite=Lax{secure}", self.name)
     }
+
+    /// The `Set-Cookie` value that tells the client to drop its pin cookie.
+    pub(crate) fn expired_header_value(&self) -> String {
+        self.header_value("").replace("; Path=/", "; Max-Age=0; Path=/")
+    }
 }
 
 #[derive(Debug)]

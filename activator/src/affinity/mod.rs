@@ -15,7 +15,7 @@ pub(crate) mod share;
 pub(crate) use cookie::CookieKeys;
 pub(crate) use decide::Origin;
 pub(crate) use keys::{Keys, extract, names_its_conversation};
-pub(crate) use pinning::{Admitted, Failed, Pinning, Resend, Route};
+pub(crate) use pinning::{Admitted, Failed, Pinning, Resend, Route, SessionLeft};
 
 use prometheus::IntCounter;
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::cookie::CookieKeys;
-use super::decide::{Lookup, Origin, PinWrite, decide, follow_flow_winner};
+use super::decide::{Departure, Lookup, Origin, PinWrite, decide, follow_flow_winner};
 use super::keys::{Keys, SignedCookie};
 use super::share;
 use crate::pins::{Found, Lifetime, Pin, PinKey, PinSource, Pins, Watch};
@@ -39,6 +39,9 @@ pub(crate) struct Route {
     pub queued: Duration,
     /// A newly signed pin cookie for the response (`sticky-session-mode: signed-cookie`).
     pub set_cookie: Option<String>,
+    /// Why the session's pod is no longer its own: with strict sessions the request is answered
+    /// 503 saying so (`lost`); otherwise the response of the request that moved it says so.
+    pub session_left: Option<SessionLeft>,
     session_write: Option<PinWrite>,
     /// The session's hash, by which it is placed when it is pinned anew.
     placement: Option<u64>,
@@ -82,6 +85,15 @@ impl Route {
         };
         again.map(|again| (self.elsewhere(), again))
     }
+}
+
+/// What became of a session whose pinned pod or revision is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SessionLeft {
+    /// Strict sessions: it is over; the request is answered 503.
+    Lost(Departure),
+    /// It was pinned to another pod, by this request.
+    Moved(Departure),
 }
 
 /// What the request does once it holds a slot on a pod.
@@ -203,6 +215,9 @@ impl<'a> Pinning<'a> {
         if service.affinity.split_by_requests() {
             decision.revision.served.record();
         }
+        let session_left = (decision.origin == Origin::SessionLost)
+            .then(|| lookup.session.as_ref().map(|pin| SessionLeft::Lost(departure(service, pin))))
+            .flatten();
         let pin_source = match decision.origin {
             Origin::RevisionPin => keys.flow.as_ref().map(|_| sources[1]),
             _ => has_session.then_some(sources[0]).or_else(|| keys.flow.as_ref().map(|_| sources[1])),
@@ -215,6 +230,7 @@ impl<'a> Pinning<'a> {
             pod: None,
             queued: Duration::ZERO,
             set_cookie: None,
+            session_left,
             session_write: decision.session_write,
             placement: keys.session.as_ref().map(PinKey::placement_hash),
         };
@@ -233,6 +249,18 @@ impl<'a> Pinning<'a> {
         route.revision = revision;
         route.pod = Some(pod);
         Admitted::Moved { pod, revision_changed }
+    }
+
+    /// A strict session's pod is gone: its pin is released (a signed pin cookie is expired), so
+    /// the client's next request starts a new session.
+    pub(crate) async fn release_lost(&self, route: &mut Route) {
+        if let Some(cookie) = &self.keys.signed {
+            route.set_cookie = Some(cookie.expired_header_value());
+            return;
+        }
+        if let (Some(key), Some(pin)) = (&self.keys.session, &self.lookup.session) {
+            self.pins.release(key, pin).await;
+        }
     }
 
     /// Watches the session's pin for its end, when the service asked to hear of it
@@ -270,6 +298,12 @@ impl<'a> Pinning<'a> {
         let lifetime_of = |revision: &str| self.service.lifetime_of(revision);
         let winner = self.pins.write(key, write.expected(), ours.clone(), lifetime, &lifetime_of).await;
         if winner == ours {
+            // This request moved the session off its pin: its response says so, once.
+            if self.created.is_none()
+                && let Some(current) = self.lookup.session.as_ref().filter(|current| **current != ours)
+            {
+                route.session_left = Some(SessionLeft::Moved(departure(self.service, current)));
+            }
             return None;
         }
         let usable = self.service.routes_to(&winner.revision).zip(winner.pod).filter(|(r, p)| r.throttler.is_ready(*p));
@@ -291,6 +325,9 @@ impl<'a> Pinning<'a> {
         let lifetime = route.revision.affinity.lifetime();
         let now = SystemTime::now();
         let same = self.lookup.session.as_ref() == Some(&ours);
+        if let Some(current) = self.lookup.session.as_ref().filter(|_| !same) {
+            route.session_left = Some(SessionLeft::Moved(departure(self.service, current)));
+        }
         // The pin keeps the moment it was first made, so `sticky-max-age` ends it however often
         // its cookie is signed again.
         let written = self.cookie.and_then(|(_, written)| written).filter(|_| same).unwrap_or(now);
@@ -308,6 +345,15 @@ impl<'a> Pinning<'a> {
             );
         }
         route.set_cookie = signed.map(|value| cookie.header_value(&value));
+    }
+}
+
+/// Why a session's pin `current` no longer holds: its revision left the service's traffic, or
+/// only its pod left.
+fn departure(service: &Service, current: &Pin) -> Departure {
+    match service.routes_to(&current.revision) {
+        Some(_) => Departure::PodGone,
+        None => Departure::RevisionGone,
     }
 }
 

@@ -395,6 +395,15 @@ impl Pins {
         written.pin
     }
 
+    /// Releases `key`'s pin if it is still `expected` (a strict session whose pod is gone): its
+    /// next request starts a new session.
+    pub async fn release(&self, key: &PinKey, expected: &Pin) {
+        match &self.shared {
+            Some(shared) => shared.release(key, expected).await,
+            None => self.memory.remove(key),
+        }
+    }
+
     /// Watches the session pin at `key` for its end (`sticky-session-end-path`).
     pub fn watch_end(&self, key: &PinKey, watch: impl FnOnce() -> Watch) {
         self.memory.watch(key, watch);

@@ -89,6 +89,8 @@ settings! {
     chat_path: String = "sticky-session-chat-path" by read_chat_path;
     /// Which requests may be sent again after their pod failed them.
     retry: Retry = "retry" by read_retry;
+    /// A session whose pod is gone is told so (503) rather than moved silently.
+    strict: bool = "sticky-session-strict" by read_flag;
 }
 
 /// The annotations that add a place an id is read from, after `sticky-session-` (session ids)
@@ -301,6 +303,9 @@ pub(crate) struct Policy {
     /// With `sticky-session-chat-prefix: "true"` on the service or a revision of its traffic:
     /// the path of its chat requests.
     chat_path: Option<Arc<str>>,
+    /// `sticky-session-strict: "true"` on the service or a revision of its traffic: a session
+    /// whose pod (or revision) is gone is answered 503 once, not moved.
+    strict_sessions: bool,
 }
 
 impl Policy {
@@ -311,7 +316,7 @@ impl Policy {
     pub(crate) fn new<'a>(namespace: &str, service: &str, annotated: impl IntoIterator<Item = &'a Annotated>) -> Self {
         let mut session = Vec::new();
         let mut flow = Vec::new();
-        let (mut secure, mut split_by_requests, mut chat_prefix) = (false, false, false);
+        let (mut secure, mut split_by_requests, mut chat_prefix, mut strict) = (false, false, false, false);
         let (mut signed, mut any) = (true, false);
         let (mut end_path, mut pin_cookie, mut chat_path) = (None, None, None);
         for a in annotated {
@@ -319,6 +324,7 @@ impl Policy {
             chat_path = chat_path.or_else(|| a.settings.chat_path.clone());
             chat_prefix |= a.settings.chat_prefix.unwrap_or(false);
             split_by_requests |= a.settings.split_by_requests.unwrap_or(false);
+            strict |= a.settings.strict.unwrap_or(false);
             end_path = end_path.or_else(|| a.settings.end_path.clone());
             pin_cookie = pin_cookie.or_else(|| a.settings.pin_cookie.clone());
             extend_unique(&mut session, &a.session);
@@ -344,7 +350,17 @@ impl Policy {
         });
         let chat_path = chat_prefix.then(|| chat_path.as_deref().unwrap_or(DEFAULT_CHAT_PATH).into());
         let scope = format!("{namespace}/{service}").into();
-        Policy { scope, session, flow, cookie, signed_cookie, split_by_requests, session_end, chat_path }
+        Policy {
+            scope,
+            session,
+            flow,
+            cookie,
+            signed_cookie,
+            split_by_requests,
+            session_end,
+            chat_path,
+            strict_sessions: strict,
+        }
     }
 
     /// `<namespace>/<service>`: the scope of this service's pin keys.
@@ -365,6 +381,12 @@ impl Policy {
     /// The cookie made up for clients without a session id, and whether it is `Secure`.
     pub(crate) fn cookie(&self) -> Option<(&str, bool)> {
         self.cookie.as_ref().map(|(name, secure)| (name.as_str(), *secure))
+    }
+
+    /// Whether a session whose pod or revision is gone is answered 503 (and its pin released)
+    /// instead of being moved: its state went with the pod.
+    pub(crate) fn strict_sessions(&self) -> bool {
+        self.strict_sessions
     }
 
     /// Whether new pins steer the share of requests, not of sessions, to the percents.

@@ -20,6 +20,7 @@ mod readme;
 mod redis_failover;
 mod scale_from_zero;
 mod session_end;
+mod session_semantics;
 mod shared_pins;
 mod signed_cookie;
 mod split;

@@ -84,6 +84,18 @@ redis.call('PUBLISH', ARGV[4], KEYS[1] .. ' ' .. ARGV[5])
 return false
 ";
 
+/// Deletes a pin if it still names the target (`<revision> <pod>`) it was read with, and tells
+/// every replica's near cache (`activator pins`' channel and format). 1 if it deleted.
+const RELEASE_SCRIPT: &str = r"
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+local target = string.match(current, '^(%S+ %S+) ')
+if target ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[2], KEYS[1] .. ' ' .. ARGV[3])
+return 1
+";
+
 #[derive(Clone, Debug)]
 pub struct SharedConfig {
     /// `redis://[user:password@]host:port/db` or `rediss://` for TLS.
@@ -115,6 +127,8 @@ label_values! {
         End = "end",
         /// Checking the store's generation, and writing pins back to a store that lost them.
         Restore = "restore",
+        /// Releasing a strict session's pin whose pod is gone.
+        Release = "release",
     }
 }
 
@@ -179,6 +193,7 @@ pub(crate) struct SharedPins {
     replica: String,
     repin: redis::Script,
     create: redis::Script,
+    release: redis::Script,
     metrics: StoreMetrics,
     /// Set once the first connection attempt ended, however it ended.
     tried: tokio::sync::watch::Sender<bool>,
@@ -216,6 +231,7 @@ impl SharedPins {
             replica: format!("{:016x}", u64::from_ne_bytes(id)),
             repin: redis::Script::new(REPIN_SCRIPT),
             create: redis::Script::new(lookup::CREATE_SCRIPT),
+            release: redis::Script::new(RELEASE_SCRIPT),
             config,
             metrics,
             tried: tokio::sync::watch::Sender::new(false),
@@ -295,6 +311,16 @@ impl SharedPins {
                 }
             }
         }
+    }
+
+    /// Deletes `key`'s pin if it is still `expected`, here and in every replica's near cache.
+    /// Without Redis, only here: the other replicas find the pod gone as this one did.
+    pub(crate) async fn release(&self, key: &PinKey, expected: &Pin) {
+        self.memory.remove(key);
+        let Some((mut conn, granted)) = self.available() else { return };
+        let mut release = self.release.prepare_invoke();
+        release.key(key.to_string()).arg(expected.target()).arg(INVALIDATIONS).arg(&self.replica);
+        self.call(Op::Release, granted, async move { release.invoke_async::<i64>(&mut conn).await }).await;
     }
 
     /// The request path's connection, if the breaker lets a call through.
@@ -396,8 +422,8 @@ impl SharedPins {
             match connected {
                 Ok((conn, info)) => {
                     let version = server_version(&info);
+                    let found = version.map_or("an unknown version".to_owned(), |(a, b)| format!("{a}.{b}"));
                     if version.is_none_or(|v| v < MIN_VERSION) {
-                        let found = version.map_or("an unknown version".to_owned(), |(a, b)| format!("{a}.{b}"));
                         tracing::error!(
                             "Redis at --redis-url runs {found}; the shared pin table needs Redis 7.0 or newer \
                              (SET ... NX GET). Pins stay local to this replica."
@@ -405,10 +431,10 @@ impl SharedPins {
                         return;
                     }
                     self.metrics.up.set(1);
-                    tracing::info!(version = ?version, "connected to Redis; pins are shared");
+                    tracing::info!("connected to Redis {found}; pins are shared");
                     // Loaded now, so the first request that runs a script does not pay for
                     // loading it; one that finds it gone (Redis restarted) loads it again.
-                    for script in [&self.create, &self.repin] {
+                    for script in [&self.create, &self.repin, &self.release] {
                         let mut requests = conn.requests.clone();
                         let load = async move { script.prepare_invoke().load_async(&mut requests).await };
                         if let Err(error) = self.timed(Op::Connect, REFRESH_TIMEOUT, load).await {

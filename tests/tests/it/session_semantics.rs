@@ -1,0 +1,103 @@
+//! Session semantics stateful services ask for (issue 30): strict sessions, which are told when
+//! their pod is gone instead of moving silently, and the `K-Session-Moved` header that tells a
+//! non-strict session's client it moved.
+
+use std::net::SocketAddr;
+
+use integration_tests::topology::{Service, yaml};
+use integration_tests::{Client, Env, Process, Reply, addrs};
+
+const STRICT: &str = "activator.knative.dev/sticky-session-strict";
+
+/// Two pods of revision `<name>-1` behind the service `<name>`, strict or not, and an activator.
+async fn two_pods(name: &str, strict: bool) -> (Env, Vec<Process>, Process, impl Fn(&[SocketAddr]) -> String) {
+    let env = Env::new();
+    let pods = env.pods(&format!("{name}-1"), 2).await;
+    let (service, revision) = (name.to_owned(), format!("{name}-1"));
+    let topology = move |pods: &[SocketAddr]| {
+        let svc = Service::new(&service).revision(&revision, 100, pods);
+        yaml(&[if strict { svc.annotation(STRICT, "true") } else { svc }])
+    };
+    env.write_topology(&topology(&addrs(&pods)));
+    let activator = env.activator(&[]).await;
+    (env, pods, activator, topology)
+}
+
+async fn kernel(client: &Client, host: &str) -> Reply {
+    client.get_with(host, "/incr?session_id=kernel", &[("K-Session", "kernel")]).await
+}
+
+/// The address of the pod of the pair that is not `name`.
+fn other(pods: &[Process], revision: &str, name: &str) -> (SocketAddr, String) {
+    let index = usize::from(name.ends_with('0'));
+    (pods[index].addr("http"), format!("{revision}-pod-{index}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_sessions_lost_pod_is_told_once_and_the_next_request_starts_over() {
+    let (env, pods, activator, topology) = two_pods("strict", true).await;
+    let client = Client::new(activator.addr("proxy"));
+    let first = kernel(&client, "strict.test").await;
+    let home = first.pod().to_owned();
+    assert_eq!(kernel(&client, "strict.test").await.body.trim(), "session=kernel, count=2");
+
+    let (staying, stayer) = other(&pods, "strict-1", &home);
+    env.reload(&activator, &topology(&[staying])).await;
+    let lost = kernel(&client, "strict.test").await;
+    assert_eq!((lost.status, lost.header("k-session-lost")), (503, "pod-gone"), "{}", lost.body);
+    assert!(lost.pod().is_empty(), "answered by the activator, not sent to another pod");
+
+    let fresh = kernel(&client, "strict.test").await;
+    assert_eq!((fresh.status, fresh.pod()), (200, stayer.as_str()));
+    assert_eq!(fresh.body.trim(), "session=kernel, count=1", "a new session, on the pod that stayed");
+    assert_eq!((fresh.header("k-session-lost"), fresh.header("k-session-moved")), ("", ""));
+    let again = kernel(&client, "strict.test").await;
+    assert_eq!((again.pod(), again.body.trim()), (stayer.as_str(), "session=kernel, count=2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_session_says_so_on_the_first_response_from_its_new_pod_only() {
+    let (env, pods, activator, topology) = two_pods("loose", false).await;
+    let client = Client::new(activator.addr("proxy"));
+    let home = kernel(&client, "loose.test").await.pod().to_owned();
+    assert_eq!(kernel(&client, "loose.test").await.header("k-session-moved"), "", "not moved");
+
+    let (staying, stayer) = other(&pods, "loose-1", &home);
+    env.reload(&activator, &topology(&[staying])).await;
+    let moved = kernel(&client, "loose.test").await;
+    assert_eq!((moved.status, moved.pod(), moved.header("k-session-moved")), (200, stayer.as_str(), "pod-gone"));
+    assert_eq!(moved.body.trim(), "session=kernel, count=1");
+    let next = kernel(&client, "loose.test").await;
+    assert_eq!((next.pod(), next.header("k-session-moved")), (stayer.as_str(), ""));
+    assert_eq!(next.body.trim(), "session=kernel, count=2");
+}
+
+/// Across replicas sharing Redis: the replica that tells a strict session it is lost releases its
+/// pin everywhere, so the other replica starts the new session rather than losing it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_strict_session_is_released_for_every_replica() {
+    let topology = |pods: &[SocketAddr]| {
+        yaml(&[Service::new("kernel").annotation(STRICT, "true").revision("kernel-1", 100, pods)])
+    };
+    let c = integration_tests::replicas::Replicas::start("kernel-1", 2, topology, &[]).await;
+    let home = kernel(&c.via_a, "kernel.test").await.pod().to_owned();
+    assert_eq!(kernel(&c.via_b, "kernel.test").await.body.trim(), "session=kernel, count=2", "shared");
+
+    let (staying, stayer) = other(&c.pods, "kernel-1", &home);
+    c.env.reload_all(&[&c.a, &c.b], &topology(&[staying])).await;
+    let lost = kernel(&c.via_b, "kernel.test").await;
+    assert_eq!((lost.status, lost.header("k-session-lost")), (503, "pod-gone"));
+    // Told through Redis, A's near cache drops the pin it held. A request that reaches A in the
+    // milliseconds before the message does is told too; none after it.
+    let told_again = std::sync::atomic::AtomicUsize::new(0);
+    integration_tests::wait_until(std::time::Duration::from_secs(10), "A starts the new session", || async {
+        let fresh = kernel(&c.via_a, "kernel.test").await;
+        if fresh.status == 503 {
+            told_again.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        fresh.pod() == stayer
+    })
+    .await;
+    assert!(told_again.into_inner() <= 1, "A kept the lost pin");
+    assert_eq!(kernel(&c.via_b, "kernel.test").await.body.trim(), "session=kernel, count=2");
+}
