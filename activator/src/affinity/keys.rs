@@ -8,7 +8,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request};
 
 use crate::pins::{PinKey, PinKind};
-use crate::world::policy::{IdSource, Policy};
+use crate::world::policy::{CookieAttributes, IdSource, Policy};
 
 /// Longest id accepted, in bytes.
 pub(super) const MAX_ID_BYTES: usize = 1024;
@@ -23,7 +23,7 @@ pub(crate) fn extract<B>(policy: &Policy, req: &Request<B>, conversation: Option
     // A session without an id of its own, in `sticky-session-mode: signed-cookie`: its pin travels
     // in the pin cookie, with no key in the store. Explicit ids keep their store pins.
     if session.is_none()
-        && let Some((name, secure)) = policy.signed_cookie()
+        && let Some((name, attributes)) = policy.signed_cookie()
     {
         let value = cookie(req, name).filter(|v| !v.is_empty() && v.len() <= MAX_ID_BYTES).map(str::to_owned);
         return Ok(Keys {
@@ -31,7 +31,7 @@ pub(crate) fn extract<B>(policy: &Policy, req: &Request<B>, conversation: Option
             session_id: None,
             flow: flow.map(|id| PinKey::new(scope, PinKind::Flow, &id)),
             new_cookie: None,
-            signed: Some(SignedCookie { name: name.to_owned(), secure, value }),
+            signed: Some(SignedCookie { name: name.to_owned(), attributes: attributes.clone(), value }),
         });
     }
     // The raw id is kept only for a service that wants to hear when sessions end.
@@ -44,12 +44,12 @@ pub(crate) fn extract<B>(policy: &Policy, req: &Request<B>, conversation: Option
         signed: None,
     };
     if keys.session.is_none()
-        && let Some((name, secure)) = policy.cookie()
+        && let Some((name, attributes)) = policy.cookie()
     {
         let id = new_session_id();
         keys.session = Some(PinKey::new(scope, PinKind::Session, id.as_bytes()));
         keys.session_id = end_id(id.as_bytes());
-        keys.new_cookie = Some(NewCookie { name: name.to_owned(), id, secure });
+        keys.new_cookie = Some(NewCookie { name: name.to_owned(), id, attributes: attributes.clone() });
     }
     Ok(keys)
 }
@@ -78,7 +78,7 @@ pub(crate) struct Keys {
 #[derive(Debug)]
 pub(crate) struct SignedCookie {
     pub name: String,
-    pub secure: bool,
+    pub attributes: std::sync::Arc<CookieAttributes>,
     /// The value the request carried, unverified.
     pub value: Option<String>,
 }
@@ -87,13 +87,12 @@ impl SignedCookie {
     /// The `Set-Cookie` value carrying a newly signed pin: a browser-session cookie, the pin's
     /// own expiry being signed inside it.
     pub(crate) fn header_value(&self, signed: &str) -> String {
-        let secure = if self.secure { "; Secure" } else { "" };
-        format!("{}={signed}; Path=/; HttpOnly; SameSite=Lax{secure}", self.name)
+        self.attributes.set_cookie(&self.name, signed, None)
     }
 
     /// The `Set-Cookie` value that tells the client to drop its pin cookie.
     pub(crate) fn expired_header_value(&self) -> String {
-        self.header_value("").replace("; Path=/", "; Max-Age=0; Path=/")
+        self.attributes.set_cookie(&self.name, "", Some(Duration::ZERO))
     }
 }
 
@@ -101,7 +100,7 @@ impl SignedCookie {
 pub(crate) struct NewCookie {
     pub name: String,
     pub id: String,
-    pub secure: bool,
+    pub attributes: std::sync::Arc<CookieAttributes>,
 }
 
 impl NewCookie {
@@ -110,14 +109,7 @@ impl NewCookie {
     /// absolute cap. Its pin slides on use; a client coming back after its pin expired keeps its
     /// id and is pinned anew.
     pub(crate) fn header_value(&self, max_age: Option<Duration>) -> String {
-        let mut value = format!("{}={}; Path=/; HttpOnly; SameSite=Lax", self.name, self.id);
-        if let Some(max_age) = max_age {
-            value.push_str(&format!("; Max-Age={}", max_age.as_secs()));
-        }
-        if self.secure {
-            value.push_str("; Secure");
-        }
-        value
+        self.attributes.set_cookie(&self.name, &self.id, max_age)
     }
 }
 
@@ -281,6 +273,32 @@ mod tests {
         let secure = policy(&[("sticky-session-cookie-name", "sid"), ("sticky-session-cookie-secure", "true")]);
         let cookie = extract(&secure, &req("/", &[]), None).unwrap().new_cookie.unwrap();
         assert!(cookie.header_value(None).ends_with("; Secure"), "{}", cookie.header_value(None));
+    }
+
+    /// ingress-nginx's `session-cookie-path`, `-domain` and `-samesite`, for every cookie the
+    /// activator sets; `SameSite=None` brings `Secure`, which browsers require of it.
+    #[test]
+    fn cookie_attributes_are_the_services_to_set() {
+        let p = policy(&[
+            ("sticky-session-cookie-name", "sid"),
+            ("sticky-session-cookie-path", "/app"),
+            ("sticky-session-cookie-domain", ".Example.com"),
+            ("sticky-session-cookie-samesite", "strict"),
+        ]);
+        let cookie = extract(&p, &req("/", &[]), None).unwrap().new_cookie.unwrap();
+        let expected = format!("sid={}; Path=/app; Domain=example.com; HttpOnly; SameSite=Strict", cookie.id);
+        assert_eq!(cookie.header_value(None), expected);
+        let none = policy(&[("sticky-session-cookie-name", "sid"), ("sticky-session-cookie-samesite", "None")]);
+        let cookie = extract(&none, &req("/", &[]), None).unwrap().new_cookie.unwrap();
+        assert!(cookie.header_value(None).ends_with("; SameSite=None; Secure"), "{}", cookie.header_value(None));
+        let signed = policy(&[("sticky-session-mode", "signed-cookie"), ("sticky-session-cookie-path", "/app")]);
+        let pin = extract(&signed, &req("/", &[]), None).unwrap().signed.unwrap();
+        assert_eq!(pin.header_value("v"), "activator-pin=v; Path=/app; HttpOnly; SameSite=Lax");
+        assert_eq!(pin.expired_header_value(), "activator-pin=; Path=/app; HttpOnly; SameSite=Lax; Max-Age=0");
+        for (name, bad) in [("path", "app"), ("path", "/a;b"), ("domain", "exa mple.com"), ("samesite", "sometimes")] {
+            let (_, errors) = annotated(&[(&format!("sticky-session-cookie-{name}"), bad)]);
+            assert_eq!(errors.len(), 1, "{name} {bad}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::time::Duration;
 use http::header::HeaderName;
 
 use crate::headers::{DEFAULT_FLOW, DEFAULT_SESSION};
+use crate::labelled::{LabelValue, label_values};
 use crate::pins::{Lifetime, MAX_LIFETIME};
 use crate::retry::Retry;
 use crate::spec::SessionEnd;
@@ -75,6 +76,12 @@ settings! {
     max_age: Duration = "sticky-max-age" by read_lifetime;
     /// The session cookie is sent over HTTPS only.
     cookie_secure: bool = "sticky-session-cookie-secure" by read_flag;
+    /// The `Path` of the cookies the activator sets.
+    cookie_path: String = "sticky-session-cookie-path" by read_cookie_path;
+    /// The `Domain` of the cookies the activator sets.
+    cookie_domain: String = "sticky-session-cookie-domain" by read_cookie_domain;
+    /// The `SameSite` of the cookies the activator sets.
+    cookie_same_site: SameSite = "sticky-session-cookie-samesite" by read_same_site;
     /// Session pins travel in a signed cookie, not a store.
     signed_cookie: bool = "sticky-session-mode" by read_session_mode;
     /// The cookie signed pins travel in.
@@ -291,11 +298,12 @@ pub(crate) struct Policy {
     scope: Arc<str>,
     session: Vec<IdSource>,
     flow: Vec<IdSource>,
-    /// Cookie created for clients that send no session id, and whether it is `Secure`.
-    cookie: Option<(String, bool)>,
-    /// The cookie session pins travel in (`sticky-session-mode: signed-cookie`), and whether it
-    /// is `Secure`.
-    signed_cookie: Option<(String, bool)>,
+    /// Cookie created for clients that send no session id.
+    cookie: Option<String>,
+    /// The cookie session pins travel in (`sticky-session-mode: signed-cookie`).
+    signed_cookie: Option<String>,
+    /// What every cookie the activator sets for this service says beside its value.
+    cookie_attributes: Arc<CookieAttributes>,
     /// `sticky-split-mode: requests` on the service or a revision of its traffic.
     split_by_requests: bool,
     /// `sticky-session-end-path` on the service or a revision of its traffic.
@@ -319,6 +327,7 @@ impl Policy {
         let (mut secure, mut split_by_requests, mut chat_prefix, mut strict) = (false, false, false, false);
         let (mut signed, mut any) = (true, false);
         let (mut end_path, mut pin_cookie, mut chat_path) = (None, None, None);
+        let (mut cookie_path, mut cookie_domain, mut same_site) = (None, None, None);
         for a in annotated {
             any = true;
             chat_path = chat_path.or_else(|| a.settings.chat_path.clone());
@@ -330,14 +339,25 @@ impl Policy {
             extend_unique(&mut session, &a.session);
             extend_unique(&mut flow, &a.flow);
             secure |= a.settings.cookie_secure.unwrap_or(false);
+            cookie_path = cookie_path.or_else(|| a.settings.cookie_path.clone());
+            cookie_domain = cookie_domain.or_else(|| a.settings.cookie_domain.clone());
+            same_site = same_site.or(a.settings.cookie_same_site);
             signed &= a.settings.signed_cookie.unwrap_or(false);
         }
         let cookie = session.iter().find_map(|s| match s {
-            IdSource::Cookie(name) => Some((name.clone(), secure)),
+            IdSource::Cookie(name) => Some(name.clone()),
             _ => None,
         });
-        let signed_cookie =
-            (signed && any).then(|| (pin_cookie.unwrap_or_else(|| DEFAULT_PIN_COOKIE.to_owned()), secure));
+        let signed_cookie = (signed && any).then(|| pin_cookie.unwrap_or_else(|| DEFAULT_PIN_COOKIE.to_owned()));
+        let same_site = same_site.unwrap_or(SameSite::Lax);
+        // Browsers drop a `SameSite=None` cookie that is not `Secure`.
+        let secure = secure || same_site == SameSite::None;
+        let cookie_attributes = Arc::new(CookieAttributes {
+            path: cookie_path.unwrap_or_else(|| "/".to_owned()),
+            domain: cookie_domain,
+            same_site,
+            secure,
+        });
         extend_unique(&mut session, &[IdSource::Header(DEFAULT_SESSION)]);
         extend_unique(&mut flow, &[IdSource::Header(DEFAULT_FLOW)]);
         // The pod hears the id in the header its clients send it in, else in the default one.
@@ -356,6 +376,7 @@ impl Policy {
             flow,
             cookie,
             signed_cookie,
+            cookie_attributes,
             split_by_requests,
             session_end,
             chat_path,
@@ -378,9 +399,9 @@ impl Policy {
         &self.flow
     }
 
-    /// The cookie made up for clients without a session id, and whether it is `Secure`.
-    pub(crate) fn cookie(&self) -> Option<(&str, bool)> {
-        self.cookie.as_ref().map(|(name, secure)| (name.as_str(), *secure))
+    /// The cookie made up for clients without a session id, and what it says beside its value.
+    pub(crate) fn cookie(&self) -> Option<(&str, &Arc<CookieAttributes>)> {
+        self.cookie.as_deref().map(|name| (name, &self.cookie_attributes))
     }
 
     /// Whether a session whose pod or revision is gone is answered 503 (and its pin released)
@@ -405,11 +426,77 @@ impl Policy {
         self.session_end.as_ref()
     }
 
-    /// The cookie session pins travel in with `sticky-session-mode: signed-cookie`, and whether
-    /// it is `Secure`; `None` in the default mode, where pins live in the store.
-    pub(crate) fn signed_cookie(&self) -> Option<(&str, bool)> {
-        self.signed_cookie.as_ref().map(|(name, secure)| (name.as_str(), *secure))
+    /// The cookie session pins travel in with `sticky-session-mode: signed-cookie`, and what it
+    /// says beside its value; `None` in the default mode, where pins live in the store.
+    pub(crate) fn signed_cookie(&self) -> Option<(&str, &Arc<CookieAttributes>)> {
+        self.signed_cookie.as_deref().map(|name| (name, &self.cookie_attributes))
     }
+}
+
+label_values! {
+    /// A cookie's `SameSite` attribute (ingress-nginx's `session-cookie-samesite`).
+    pub(crate) enum SameSite {
+        Strict = "Strict",
+        Lax = "Lax",
+        None = "None",
+    }
+}
+
+/// What the cookies the activator sets for a service say beside their value: `Path` (default
+/// `/`), `Domain` (default none: the host alone), `SameSite` (default `Lax`; `None` makes them
+/// `Secure`, as browsers require), `Secure`. Always `HttpOnly`: no script needs a pin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct CookieAttributes {
+    pub path: String,
+    pub domain: Option<String>,
+    pub same_site: SameSite,
+    pub secure: bool,
+}
+
+impl CookieAttributes {
+    /// `name=value` and the attributes, `Max-Age` when given: a `Set-Cookie` value.
+    pub(crate) fn set_cookie(&self, name: &str, value: &str, max_age: Option<Duration>) -> String {
+        let mut cookie = format!("{name}={value}; Path={}", self.path);
+        if let Some(domain) = &self.domain {
+            cookie.push_str(&format!("; Domain={domain}"));
+        }
+        cookie.push_str(&format!("; HttpOnly; SameSite={}", self.same_site.as_str()));
+        if let Some(max_age) = max_age {
+            cookie.push_str(&format!("; Max-Age={}", max_age.as_secs()));
+        }
+        if self.secure {
+            cookie.push_str("; Secure");
+        }
+        cookie
+    }
+}
+
+fn read_cookie_path(value: &str, report: &mut dyn FnMut(String)) -> Option<String> {
+    let valid =
+        value.starts_with('/') && value.len() <= MAX_PATH && value.bytes().all(|b| b.is_ascii_graphic() && b != b';');
+    if !valid {
+        report(format!("{value:?} is not a cookie path such as /app"));
+    }
+    valid.then(|| value.to_owned())
+}
+
+fn read_cookie_domain(value: &str, report: &mut dyn FnMut(String)) -> Option<String> {
+    let name = value.strip_prefix('.').unwrap_or(value);
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if !valid {
+        report(format!("{value:?} is not a cookie domain such as example.com"));
+    }
+    valid.then(|| name.to_ascii_lowercase())
+}
+
+fn read_same_site(value: &str, report: &mut dyn FnMut(String)) -> Option<SameSite> {
+    let read = SameSite::ALL.iter().copied().find(|s| s.as_str().eq_ignore_ascii_case(value));
+    if read.is_none() {
+        report(format!("{value:?} is none of Strict, Lax and None"));
+    }
+    read
 }
 
 fn extend_unique(into: &mut Vec<IdSource>, from: &[IdSource]) {
@@ -595,17 +682,23 @@ pub(crate) mod tests {
     /// never overwritten), and one revision does not turn the mode on for a whole service.
     #[test]
     fn signed_cookie_mode_names_its_own_cookie_and_needs_every_revision() {
+        fn secure<'a>((name, attributes): (&'a str, &Arc<CookieAttributes>)) -> (&'a str, bool) {
+            (name, attributes.secure)
+        }
         let (signed, errors) = annotated(&[("sticky-session-mode", "signed-cookie")]);
         assert!(errors.is_empty(), "{errors:?}");
-        assert_eq!(Policy::new("ns", "svc", [&signed]).signed_cookie(), Some((DEFAULT_PIN_COOKIE, false)));
+        assert_eq!(Policy::new("ns", "svc", [&signed]).signed_cookie().map(secure), Some((DEFAULT_PIN_COOKIE, false)));
         let (app, _) = annotated(&[("sticky-session-cookie-name", "app"), ("sticky-session-cookie-secure", "true")]);
         assert_eq!(
-            Policy::new("ns", "svc", [&signed.clone().over(&app)]).signed_cookie(),
+            Policy::new("ns", "svc", [&signed.clone().over(&app)]).signed_cookie().map(secure),
             Some((DEFAULT_PIN_COOKIE, true)),
             "the application's session cookie is an id, never the pin cookie"
         );
         let (named, _) = annotated(&[("sticky-session-pin-cookie-name", "pin")]);
-        assert_eq!(Policy::new("ns", "svc", [&signed.clone().over(&named)]).signed_cookie(), Some(("pin", false)));
+        assert_eq!(
+            Policy::new("ns", "svc", [&signed.clone().over(&named)]).signed_cookie().map(secure),
+            Some(("pin", false))
+        );
         let (store, _) = annotated(&[("sticky-session-mode", "store")]);
         assert_eq!(Policy::new("ns", "svc", [&store.over(&signed)]).signed_cookie(), None, "the revision's mode wins");
         assert_eq!(Policy::new("ns", "svc", [&app]).signed_cookie(), None, "the store is the default");
