@@ -325,14 +325,14 @@ impl Handler {
         }
     }
 
-    /// What the activator adds to any response: a made-up session cookie, and with
+    /// What the activator adds to any response: made-up session and revision cookies, and with
     /// `--debug-headers` why the request went where it went.
     fn annotate(&self, resp: &mut Response<ResponseBody>, keys: &Keys, route: &Route) {
         let headers = resp.headers_mut();
-        if let Some(cookie) = &keys.new_cookie
-            && let Ok(value) = HeaderValue::try_from(cookie.header_value(route.revision.affinity.lifetime().max_age))
-        {
-            headers.append(http::header::SET_COOKIE, value);
+        for cookie in [&keys.new_cookie, &keys.new_flow_cookie].into_iter().flatten() {
+            if let Ok(value) = HeaderValue::try_from(cookie.header_value(route.revision.affinity.lifetime().max_age)) {
+                headers.append(http::header::SET_COOKIE, value);
+            }
         }
         if let Some(value) = route.set_cookie.as_deref().and_then(|v| HeaderValue::try_from(v).ok()) {
             headers.append(http::header::SET_COOKIE, value);

@@ -26,13 +26,13 @@ pub(crate) fn extract<B>(policy: &Policy, req: &Request<B>, conversation: Option
         && let Some((name, attributes)) = policy.signed_cookie()
     {
         let value = cookie(req, name).filter(|v| !v.is_empty() && v.len() <= MAX_ID_BYTES).map(str::to_owned);
-        return Ok(Keys {
-            session: None,
-            session_id: None,
+        let mut keys = Keys {
             flow: flow.map(|id| PinKey::new(scope, PinKind::Flow, &id)),
-            new_cookie: None,
             signed: Some(SignedCookie { name: name.to_owned(), attributes: attributes.clone(), value }),
-        });
+            ..Keys::default()
+        };
+        keys.new_flow_cookie = new_flow_cookie(policy, &mut keys.flow);
+        return Ok(keys);
     }
     // The raw id is kept only for a service that wants to hear when sessions end.
     let end_id = |id: &[u8]| policy.session_end().and_then(|_| HeaderValue::from_bytes(id).ok());
@@ -41,8 +41,10 @@ pub(crate) fn extract<B>(policy: &Policy, req: &Request<B>, conversation: Option
         session: session.map(|id| PinKey::new(scope, PinKind::Session, &id)),
         flow: flow.map(|id| PinKey::new(scope, PinKind::Flow, &id)),
         new_cookie: None,
+        new_flow_cookie: None,
         signed: None,
     };
+    keys.new_flow_cookie = new_flow_cookie(policy, &mut keys.flow);
     if keys.session.is_none()
         && let Some((name, attributes)) = policy.cookie()
     {
@@ -52,6 +54,15 @@ pub(crate) fn extract<B>(policy: &Policy, req: &Request<B>, conversation: Option
         keys.new_cookie = Some(NewCookie { name: name.to_owned(), id, attributes: attributes.clone() });
     }
     Ok(keys)
+}
+
+/// A made-up flow id in a new cookie, for a client of a service with `sticky-revision-cookie-name`
+/// that sent no flow id: `flow` becomes its key.
+fn new_flow_cookie(policy: &Policy, flow: &mut Option<PinKey>) -> Option<NewCookie> {
+    let (name, attributes) = policy.flow_cookie().filter(|_| flow.is_none())?;
+    let id = new_session_id();
+    *flow = Some(PinKey::new(policy.scope(), PinKind::Flow, id.as_bytes()));
+    Some(NewCookie { name: name.to_owned(), id, attributes: attributes.clone() })
 }
 
 /// Whether `req`'s conversation would name its session (`sticky-session-chat-prefix`): a `POST`
@@ -71,6 +82,8 @@ pub(crate) struct Keys {
     pub flow: Option<PinKey>,
     /// Set when the activator made up a session id for a cookie-mode client.
     pub new_cookie: Option<NewCookie>,
+    /// Set when the activator made up a flow id for a client of `sticky-revision-cookie-name`.
+    pub new_flow_cookie: Option<NewCookie>,
     /// Set in `sticky-session-mode: signed-cookie`: the pin cookie, and what the request sent.
     pub signed: Option<SignedCookie>,
 }
@@ -157,7 +170,7 @@ fn cookie<'r, B>(req: &'r Request<B>, name: &str) -> Option<&'r str> {
 }
 
 /// 128 random bits from the OS, hex-encoded: unguessable, so one client cannot ride another's
-/// session.
+/// session (or flow).
 fn new_session_id() -> String {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).expect("the OS random source is available");
@@ -299,6 +312,22 @@ mod tests {
             let (_, errors) = annotated(&[(&format!("sticky-session-cookie-{name}"), bad)]);
             assert_eq!(errors.len(), 1, "{name} {bad}");
         }
+    }
+
+    /// knative/serving#8160: a flow id in a cookie the activator makes up, so a browser sees one
+    /// revision for a whole rollout; a client that sends it back is not given another.
+    #[test]
+    fn a_revision_cookie_is_made_up_for_a_client_without_a_flow_id() {
+        let p = policy(&[("sticky-revision-cookie-name", "rev")]);
+        let keys = extract(&p, &req("/", &[]), None).unwrap();
+        let cookie = keys.new_flow_cookie.expect("a new revision cookie");
+        assert_eq!(keys.flow, flow_key(&cookie.id));
+        assert!(keys.session.is_none() && keys.new_cookie.is_none(), "no session for it");
+        assert!(cookie.header_value(None).starts_with(&format!("rev={}; Path=/; HttpOnly", cookie.id)));
+        let back = extract(&p, &req("/", &[("cookie", &format!("rev={}", cookie.id))]), None).unwrap();
+        assert_eq!((back.flow, back.new_flow_cookie.is_none()), (flow_key(&cookie.id), true));
+        let header = extract(&p, &req("/", &[("k-revision", "f")]), None).unwrap();
+        assert_eq!((header.flow, header.new_flow_cookie.is_none()), (flow_key("f"), true), "an id of its own");
     }
 
     #[test]

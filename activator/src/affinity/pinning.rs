@@ -209,6 +209,8 @@ impl<'a> Pinning<'a> {
         if let (Some(key), Some(write)) = (&keys.flow, &decision.flow_write) {
             let ours = Pin::flow(decision.revision.name.clone());
             let lifetime = decision.revision.affinity.lifetime();
+            // A made-up flow id is on probation until the client sends its cookie back.
+            let lifetime = if keys.new_flow_cookie.is_some() { lifetime.provisional() } else { lifetime };
             let winner = pins.write(key, write.expected(), ours, lifetime, &lifetime_of).await;
             follow_flow_winner(&mut decision, service, &lookup, &winner);
         }

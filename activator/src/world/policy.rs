@@ -101,7 +101,7 @@ settings! {
 }
 
 /// The annotations that add a place an id is read from, after `sticky-session-` (session ids)
-/// or `sticky-revision-` (flow ids); `cookie-name` is for session ids only.
+/// or `sticky-revision-` (flow ids).
 const ID_SOURCE_NAMES: &[&str] = &["header-name", "query-parameter", "path-segment", "cookie-name"];
 
 /// What one revision's (or service's) annotations say.
@@ -135,7 +135,7 @@ impl Annotated {
             }
             let (sources, what) = match (name.strip_prefix("sticky-session-"), name.strip_prefix("sticky-revision-")) {
                 (Some(what), _) => (&mut out.session, what),
-                (_, Some(what)) if what != "cookie-name" => (&mut out.flow, what),
+                (_, Some(what)) => (&mut out.flow, what),
                 _ => {
                     rejected(key, unknown_annotation(name));
                     continue;
@@ -189,10 +189,8 @@ fn read_id_source(what: &str, value: &str) -> Result<IdSource, Option<&'static s
 /// Why an annotation of the activator's prefix is ignored when no setting has its name (`name`,
 /// without the prefix): the name it most likely meant, else every name it reads.
 fn unknown_annotation(name: &str) -> String {
-    let ids = ID_SOURCE_NAMES.iter().flat_map(|what| {
-        let flow = (*what != "cookie-name").then(|| format!("sticky-revision-{what}"));
-        std::iter::once(format!("sticky-session-{what}")).chain(flow)
-    });
+    let ids =
+        ID_SOURCE_NAMES.iter().flat_map(|what| [format!("sticky-session-{what}"), format!("sticky-revision-{what}")]);
     let known: Vec<String> = SETTING_NAMES.iter().map(|name| (*name).to_owned()).chain(ids).collect();
     // Close enough to be a slip of the keyboard or a half-remembered name, not merely similar.
     let closest = known
@@ -300,6 +298,9 @@ pub(crate) struct Policy {
     flow: Vec<IdSource>,
     /// Cookie created for clients that send no session id.
     cookie: Option<String>,
+    /// Cookie created for clients that send no flow id (`sticky-revision-cookie-name`): a browser
+    /// stays on one revision for a whole rollout.
+    flow_cookie: Option<String>,
     /// The cookie session pins travel in (`sticky-session-mode: signed-cookie`).
     signed_cookie: Option<String>,
     /// What every cookie the activator sets for this service says beside its value.
@@ -344,10 +345,13 @@ impl Policy {
             same_site = same_site.or(a.settings.cookie_same_site);
             signed &= a.settings.signed_cookie.unwrap_or(false);
         }
-        let cookie = session.iter().find_map(|s| match s {
-            IdSource::Cookie(name) => Some(name.clone()),
-            _ => None,
-        });
+        let cookie_of = |sources: &[IdSource]| {
+            sources.iter().find_map(|s| match s {
+                IdSource::Cookie(name) => Some(name.clone()),
+                _ => None,
+            })
+        };
+        let (cookie, flow_cookie) = (cookie_of(&session), cookie_of(&flow));
         let signed_cookie = (signed && any).then(|| pin_cookie.unwrap_or_else(|| DEFAULT_PIN_COOKIE.to_owned()));
         let same_site = same_site.unwrap_or(SameSite::Lax);
         // Browsers drop a `SameSite=None` cookie that is not `Secure`.
@@ -375,6 +379,7 @@ impl Policy {
             session,
             flow,
             cookie,
+            flow_cookie,
             signed_cookie,
             cookie_attributes,
             split_by_requests,
@@ -397,6 +402,11 @@ impl Policy {
     /// Where flow ids are read from, first match wins.
     pub(crate) fn flow_sources(&self) -> &[IdSource] {
         &self.flow
+    }
+
+    /// The cookie made up for clients without a flow id, and what it says beside its value.
+    pub(crate) fn flow_cookie(&self) -> Option<(&str, &Arc<CookieAttributes>)> {
+        self.flow_cookie.as_deref().map(|name| (name, &self.cookie_attributes))
     }
 
     /// The cookie made up for clients without a session id, and what it says beside its value.
@@ -517,7 +527,7 @@ pub(crate) mod tests {
             .iter()
             .flat_map(|what| ["sticky-session-", "sticky-revision-"].map(|kind| format!("{kind}{what}")));
         let names = SETTING_NAMES.iter().map(|name| (*name).to_owned()).chain(ids);
-        names.filter(|name| name != "sticky-revision-cookie-name").chain(["sticky-unknown".to_owned()]).collect()
+        names.chain(["sticky-unknown".to_owned()]).collect()
     }
 
     /// The README's annotation table documents every annotation the activator reads.

@@ -101,3 +101,60 @@ async fn a_lost_strict_session_is_released_for_every_replica() {
     assert!(told_again.into_inner() <= 1, "A kept the lost pin");
     assert_eq!(kernel(&c.via_b, "kernel.test").await.body.trim(), "session=kernel, count=2");
 }
+
+/// knative/serving#8160: a browser given a revision cookie stays on one revision of a 50/50
+/// split for 20 requests, stays through that revision's drain to 0 %, and moves when it leaves
+/// the traffic; a client without the cookie gets its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_cookie_keeps_a_browser_on_one_revision_through_a_rollout() {
+    let env = Env::new();
+    let (one, two) = (env.pods("rollout-1", 1).await, env.pods("rollout-2", 1).await);
+    let pods = [one[0].addr("http"), two[0].addr("http")];
+    let topology = |first: Option<u32>| {
+        let svc = Service::new("rollout").annotation("activator.knative.dev/sticky-revision-cookie-name", "rev");
+        let svc = match first {
+            Some(percent) => {
+                svc.revision("rollout-1", percent, &pods[..1]).revision("rollout-2", 100 - percent, &pods[1..])
+            }
+            None => svc.revision("rollout-2", 100, &pods[1..]),
+        };
+        yaml(&[svc])
+    };
+    env.write_topology(&topology(Some(50)));
+    let activator = env.activator(&[]).await;
+    let client = Client::new(activator.addr("proxy"));
+
+    // New browsers until both halves of the split have some (each lands on a half by its id's
+    // hash: 40 on one half alone would be a one-in-a-trillion roll).
+    let mut browsers: Vec<(String, String)> = Vec::new();
+    let both = |browsers: &[(String, String)]| {
+        browsers.iter().map(|(_, r)| r.as_str()).collect::<std::collections::HashSet<_>>().len() == 2
+    };
+    while browsers.len() < 4 || !both(&browsers) && browsers.len() < 40 {
+        let first = client.get("rollout.test", "/incr").await;
+        let set = first.header("set-cookie").to_owned();
+        let cookie = set.split(';').next().unwrap_or_default().to_owned();
+        assert!(cookie.starts_with("rev=") && cookie.len() == 4 + 32, "{set}");
+        browsers.push((cookie, first.revision().to_owned()));
+    }
+    assert!(both(&browsers), "browsers land on both halves of the split: {browsers:?}");
+    let send = |cookie: &str| {
+        let request = client.request(reqwest::Method::GET, "rollout.test", "/incr").header("cookie", cookie);
+        client.send(request)
+    };
+    for (cookie, revision) in &browsers {
+        for _ in 0..20 {
+            let reply = send(cookie).await;
+            assert_eq!(reply.revision(), revision, "{cookie}");
+            assert_eq!(reply.header("set-cookie"), "", "a browser with the cookie is not given another");
+        }
+    }
+
+    let (on_one, _) = browsers.iter().find(|(_, r)| r == "rollout-1").expect("a browser on rollout-1");
+    env.reload(&activator, &topology(Some(0))).await;
+    assert_eq!(send(on_one).await.revision(), "rollout-1", "drained to 0 %, its browsers stay");
+    assert_eq!(client.get("rollout.test", "/incr").await.revision(), "rollout-2", "new browsers do not");
+    env.reload(&activator, &topology(None)).await;
+    assert_eq!(send(on_one).await.revision(), "rollout-2", "out of the traffic, its browsers move");
+    assert_eq!(send(on_one).await.revision(), "rollout-2");
+}
