@@ -325,7 +325,8 @@ impl Handler {
         }
     }
 
-    /// What the activator adds to any response: made-up session and revision cookies, and with
+    /// What the activator adds to any response: made-up session and revision cookies, a made-up
+    /// session id in the session header, and with
     /// `--debug-headers` why the request went where it went.
     fn annotate(&self, resp: &mut Response<ResponseBody>, keys: &Keys, route: &Route) {
         let headers = resp.headers_mut();
@@ -333,6 +334,9 @@ impl Handler {
             if let Ok(value) = HeaderValue::try_from(cookie.header_value(route.revision.affinity.lifetime().max_age)) {
                 headers.append(http::header::SET_COOKIE, value);
             }
+        }
+        if let Some((name, id)) = &keys.new_header_id {
+            headers.insert(name.clone(), id.clone());
         }
         if let Some(value) = route.set_cookie.as_deref().and_then(|v| HeaderValue::try_from(v).ok()) {
             headers.append(http::header::SET_COOKIE, value);

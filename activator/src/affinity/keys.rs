@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request};
 
 use crate::pins::{PinKey, PinKind};
@@ -41,6 +41,7 @@ pub(crate) fn extract<B>(policy: &Policy, req: &Request<B>, conversation: Option
         session: session.map(|id| PinKey::new(scope, PinKind::Session, &id)),
         flow: flow.map(|id| PinKey::new(scope, PinKind::Flow, &id)),
         new_cookie: None,
+        new_header_id: None,
         new_flow_cookie: None,
         signed: None,
     };
@@ -52,6 +53,13 @@ pub(crate) fn extract<B>(policy: &Policy, req: &Request<B>, conversation: Option
         keys.session = Some(PinKey::new(scope, PinKind::Session, id.as_bytes()));
         keys.session_id = end_id(id.as_bytes());
         keys.new_cookie = Some(NewCookie { name: name.to_owned(), id, attributes: attributes.clone() });
+    } else if keys.session.is_none()
+        && let Some(header) = policy.generated_header()
+    {
+        let id = new_session_id();
+        keys.session = Some(PinKey::new(scope, PinKind::Session, id.as_bytes()));
+        keys.session_id = end_id(id.as_bytes());
+        keys.new_header_id = HeaderValue::try_from(id).ok().map(|id| (header.clone(), id));
     }
     Ok(keys)
 }
@@ -82,6 +90,9 @@ pub(crate) struct Keys {
     pub flow: Option<PinKey>,
     /// Set when the activator made up a session id for a cookie-mode client.
     pub new_cookie: Option<NewCookie>,
+    /// Set when the activator made up a session id for a client of `sticky-session-generate-id`:
+    /// the header it is given back in, and the id.
+    pub new_header_id: Option<(HeaderName, HeaderValue)>,
     /// Set when the activator made up a flow id for a client of `sticky-revision-cookie-name`.
     pub new_flow_cookie: Option<NewCookie>,
     /// Set in `sticky-session-mode: signed-cookie`: the pin cookie, and what the request sent.
@@ -312,6 +323,26 @@ mod tests {
             let (_, errors) = annotated(&[(&format!("sticky-session-cookie-{name}"), bad)]);
             assert_eq!(errors.len(), 1, "{name} {bad}");
         }
+    }
+
+    /// GEP-1619's Header type: a client without a session id is given one in the service's session
+    /// header, and a client that sends it is not given another; a cookie service keeps cookies.
+    #[test]
+    fn a_generated_id_is_given_in_the_session_header() {
+        let p = policy(&[("sticky-session-header-name", "X-Session"), ("sticky-session-generate-id", "true")]);
+        let keys = extract(&p, &req("/", &[]), None).unwrap();
+        let (header, id) = keys.new_header_id.expect("a made-up id");
+        assert_eq!((header.as_str(), id.len()), ("x-session", 32));
+        assert_eq!(keys.session, session_key(id.to_str().unwrap()));
+        let back = extract(&p, &req("/", &[("x-session", id.to_str().unwrap())]), None).unwrap();
+        assert!(back.new_header_id.is_none() && back.session == session_key(id.to_str().unwrap()));
+        let default = policy(&[("sticky-session-generate-id", "true")]);
+        let (header, _) = extract(&default, &req("/", &[]), None).unwrap().new_header_id.unwrap();
+        assert_eq!(header.as_str(), "k-session", "the default header without one of the service's");
+        let both = policy(&[("sticky-session-cookie-name", "sid"), ("sticky-session-generate-id", "true")]);
+        let keys = extract(&both, &req("/", &[]), None).unwrap();
+        assert!(keys.new_cookie.is_some() && keys.new_header_id.is_none(), "a browser keeps its cookie");
+        assert!(extract(&policy(&[]), &req("/", &[]), None).unwrap().new_header_id.is_none(), "not asked for");
     }
 
     /// knative/serving#8160: a flow id in a cookie the activator makes up, so a browser sees one

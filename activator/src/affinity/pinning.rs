@@ -360,9 +360,10 @@ fn departure(service: &Service, current: &Pin) -> Departure {
 }
 
 /// How long a session's pin into `revision` lives. An id the activator made up for a client
-/// without its cookie is pinned only briefly until the client shows it keeps cookies, so clients
+/// without its cookie (or session header) is pinned only briefly until the client shows it keeps cookies, so clients
 /// that never send cookies back (bots, health checks) do not fill the pin table.
 fn session_lifetime(keys: &Keys, revision: &Revision) -> Lifetime {
     let lifetime = revision.affinity.lifetime();
-    if keys.new_cookie.is_some() { lifetime.provisional() } else { lifetime }
+    let made_up = keys.new_cookie.is_some() || keys.new_header_id.is_some();
+    if made_up { lifetime.provisional() } else { lifetime }
 }

@@ -98,6 +98,9 @@ settings! {
     retry: Retry = "retry" by read_retry;
     /// A session whose pod is gone is told so (503) rather than moved silently.
     strict: bool = "sticky-session-strict" by read_flag;
+    /// A client that sends no session id is given one in the session header (GEP-1619's Header
+    /// type): API and gRPC clients, which keep no cookies.
+    generate_id: bool = "sticky-session-generate-id" by read_flag;
 }
 
 /// The annotations that add a place an id is read from, after `sticky-session-` (session ids)
@@ -298,6 +301,8 @@ pub(crate) struct Policy {
     flow: Vec<IdSource>,
     /// Cookie created for clients that send no session id.
     cookie: Option<String>,
+    /// With `sticky-session-generate-id`: the header a made-up session id is given back in.
+    generated_header: Option<HeaderName>,
     /// Cookie created for clients that send no flow id (`sticky-revision-cookie-name`): a browser
     /// stays on one revision for a whole rollout.
     flow_cookie: Option<String>,
@@ -326,6 +331,7 @@ impl Policy {
         let mut session = Vec::new();
         let mut flow = Vec::new();
         let (mut secure, mut split_by_requests, mut chat_prefix, mut strict) = (false, false, false, false);
+        let mut generate = false;
         let (mut signed, mut any) = (true, false);
         let (mut end_path, mut pin_cookie, mut chat_path) = (None, None, None);
         let (mut cookie_path, mut cookie_domain, mut same_site) = (None, None, None);
@@ -335,6 +341,7 @@ impl Policy {
             chat_prefix |= a.settings.chat_prefix.unwrap_or(false);
             split_by_requests |= a.settings.split_by_requests.unwrap_or(false);
             strict |= a.settings.strict.unwrap_or(false);
+            generate |= a.settings.generate_id.unwrap_or(false);
             end_path = end_path.or_else(|| a.settings.end_path.clone());
             pin_cookie = pin_cookie.or_else(|| a.settings.pin_cookie.clone());
             extend_unique(&mut session, &a.session);
@@ -363,15 +370,17 @@ impl Policy {
             secure,
         });
         extend_unique(&mut session, &[IdSource::Header(DEFAULT_SESSION)]);
-        extend_unique(&mut flow, &[IdSource::Header(DEFAULT_FLOW)]);
-        // The pod hears the id in the header its clients send it in, else in the default one.
-        let session_end = end_path.and_then(|path| path.parse().ok()).map(|path| {
-            let header = session.iter().find_map(|s| match s {
-                IdSource::Header(name) => Some(name.clone()),
-                _ => None,
-            });
-            Arc::new(SessionEnd::new(path, header.unwrap_or(DEFAULT_SESSION)))
+        // The session header clients send their id in: the service's own, else `K-Session`. The
+        // pod hears of a session's end in it, and a made-up id is given back in it.
+        let first_header = session.iter().find_map(|s| match s {
+            IdSource::Header(name) => Some(name.clone()),
+            _ => None,
         });
+        let generated_header = first_header.clone().filter(|_| generate);
+        extend_unique(&mut flow, &[IdSource::Header(DEFAULT_FLOW)]);
+        let session_end = end_path
+            .and_then(|path| path.parse().ok())
+            .map(|path| Arc::new(SessionEnd::new(path, first_header.clone().unwrap_or(DEFAULT_SESSION))));
         let chat_path = chat_prefix.then(|| chat_path.as_deref().unwrap_or(DEFAULT_CHAT_PATH).into());
         let scope = format!("{namespace}/{service}").into();
         Policy {
@@ -379,6 +388,7 @@ impl Policy {
             session,
             flow,
             cookie,
+            generated_header,
             flow_cookie,
             signed_cookie,
             cookie_attributes,
@@ -402,6 +412,12 @@ impl Policy {
     /// Where flow ids are read from, first match wins.
     pub(crate) fn flow_sources(&self) -> &[IdSource] {
         &self.flow
+    }
+
+    /// With `sticky-session-generate-id`, the header a client without a session id is given a new
+    /// one in (and sends it back in).
+    pub(crate) fn generated_header(&self) -> Option<&HeaderName> {
+        self.generated_header.as_ref()
     }
 
     /// The cookie made up for clients without a flow id, and what it says beside its value.

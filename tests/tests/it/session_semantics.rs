@@ -158,3 +158,86 @@ async fn a_revision_cookie_keeps_a_browser_on_one_revision_through_a_rollout() {
     assert_eq!(send(on_one).await.revision(), "rollout-2", "out of the traffic, its browsers move");
     assert_eq!(send(on_one).await.revision(), "rollout-2");
 }
+
+const GENERATE: &str = "activator.knative.dev/sticky-session-generate-id";
+
+/// A service that gives clients without a session id one in `X-Session`, over three pods, with
+/// the activator's pins in Redis (so a pin's TTL can be read).
+async fn generated_ids(name: &str) -> (Env, integration_tests::redis::Redis, Vec<Process>, Process) {
+    let env = Env::new();
+    let redis = integration_tests::redis::Redis::start(env.dir.path()).await;
+    let pods = env.pods(&format!("{name}-1"), 3).await;
+    env.write_topology(&yaml(&[Service::new(name)
+        .annotation("activator.knative.dev/sticky-session-header-name", "X-Session")
+        .annotation(GENERATE, "true")
+        .revision(&format!("{name}-1"), 100, &addrs(&pods))]));
+    let activator = env.shared_activator_with(&redis, &["--listen-h2c", "127.0.0.1:0"]).await;
+    (env, redis, pods, activator)
+}
+
+/// GEP-1619's Header type over HTTP/1.1 and h2c: the first answer gives the id in `X-Session`,
+/// the client sends it back and counts 1, 2, 3 on one pod; a client that never echoes it leaves
+/// only a provisional pin, which the full TTL replaces once the id comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_header_id_keeps_an_api_client_on_its_pod_over_http1_and_h2c() {
+    let (_env, redis, _pods, activator) = generated_ids("api").await;
+    let pin_ttl = |id: String| {
+        let url = redis.url();
+        async move {
+            let args = ["get", "--service", "api", "--session", &id, "--redis-url", &url];
+            let (_, report, _) = integration_tests::activator_pins(&args).await;
+            let ttl = report.lines().find_map(|l| l.strip_prefix("ttl")).and_then(|t| t.trim().strip_suffix('s'));
+            ttl.and_then(|t| t.parse::<f64>().ok()).unwrap_or_else(|| panic!("no pin for {id}: {report}"))
+        }
+    };
+    // The service's name resolves to the listener, so HTTP/2's :authority names it too.
+    let at = |listener: &str| reqwest::Client::builder().no_proxy().resolve("api.test", activator.addr(listener));
+    let http1 = at("proxy").http1_only().build().unwrap();
+    let h2c = at("h2c").http2_prior_knowledge().build().unwrap();
+    for (client, listener) in [(&http1, "proxy"), (&h2c, "h2c")] {
+        let url = format!("http://api.test:{}/incr?session_id={listener}", activator.addr(listener).port());
+        let first = client.get(&url).send().await.unwrap();
+        assert_eq!(first.status(), 200, "{listener}: {:?}", first.headers());
+        let id = first.headers()["x-session"].to_str().unwrap().to_owned();
+        let pod = first.headers()["x-demo-pod"].clone();
+        assert_eq!(id.len(), 32, "{listener}");
+        assert!(pin_ttl(id.clone()).await <= 60.0, "{listener}: not sent back yet, pinned for a minute");
+        for n in 2..=3 {
+            let again = client.get(&url).header("x-session", &id).send().await.unwrap();
+            assert!(again.headers().get("x-session").is_none(), "{listener}: no new id for a client that has one");
+            assert_eq!(again.headers()["x-demo-pod"], pod, "{listener}");
+            assert_eq!(again.text().await.unwrap(), format!("session={listener}, count={n}\n"));
+        }
+        integration_tests::wait_until(
+            std::time::Duration::from_secs(10),
+            "the echoed id's pin has the full TTL",
+            || async { pin_ttl(id.clone()).await > 500.0 },
+        )
+        .await;
+    }
+}
+
+/// The same for a gRPC client: tonic reads the id from the response's initial metadata and sends
+/// it back as metadata; the counts go 1, 2, 3 on one pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_header_id_reaches_a_grpc_client_as_metadata() {
+    use demo_service::pb::IncrRequest;
+    use demo_service::pb::counter_client::CounterClient;
+    let (_env, _redis, _pods, activator) = generated_ids("grpc").await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", activator.addr("proxy")))
+        .unwrap()
+        .origin("http://grpc.test".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let mut client = CounterClient::new(channel);
+    let first = client.incr(IncrRequest { session: "grpc".into() }).await.expect("the first call");
+    let id = first.metadata().get("x-session").expect("the id in initial metadata").clone();
+    let pod = first.into_inner().pod;
+    for n in 2..=3u64 {
+        let mut call = tonic::Request::new(IncrRequest { session: "grpc".into() });
+        call.metadata_mut().insert("x-session", id.clone());
+        let count = client.incr(call).await.expect("a call with the id").into_inner();
+        assert_eq!((count.count, &count.pod), (n, &pod));
+    }
+}
