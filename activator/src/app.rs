@@ -116,6 +116,7 @@ async fn run(
     let publisher = Arc::new(
         Publisher::new(stats.clone(), world_metrics, queue, prober.clone()).with_internal_tls(internal_tls.clone()),
     );
+    publisher.set_default_ids(config.default_ids);
     let world = publisher.world();
     if config.mode == Mode::Local {
         let path = config.topology.as_deref().context("--topology is required in local mode")?;
@@ -140,6 +141,7 @@ async fn run(
             log_level,
             internal_tls,
             page_size: config.kube_page_size,
+            default_ids: config.default_ids,
         };
         let source = KnativeSource::connect(
             knative,

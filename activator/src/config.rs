@@ -275,6 +275,12 @@ pub(crate) struct Config {
     #[arg(long, env = "ACTIVATOR_PIN_REFRESH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub pin_refresh_interval: Duration,
 
+    /// Whether services read the default id headers `K-Session` and `K-Revision` unless their
+    /// `sticky-default-ids` annotation says otherwise. In Knative mode the ConfigMap
+    /// `config-affinity-activator`'s `default-ids` key, when set, wins over this.
+    #[arg(long, env = "ACTIVATOR_DEFAULT_IDS", default_value_t = true, action = clap::ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub default_ids: bool,
+
     /// Add `X-Activator-Decision: session-pin | revision-pin | split | ingress | new-pin | re-pin |
     /// session-lost` to responses.
     #[arg(long, env = "ACTIVATOR_DEBUG_HEADERS", value_parser = BoolishValueParser::new())]

@@ -98,6 +98,9 @@ settings! {
     retry: Retry = "retry" by read_retry;
     /// A session whose pod is gone is told so (503) rather than moved silently.
     strict: bool = "sticky-session-strict" by read_flag;
+    /// Whether the service reads the default id headers (`K-Session`, `K-Revision`); unset, the
+    /// cluster's default says.
+    default_ids: bool = "sticky-default-ids" by read_flag;
     /// A client that sends no session id is given one in the session header (GEP-1619's Header
     /// type): API and gRPC clients, which keep no cookies.
     generate_id: bool = "sticky-session-generate-id" by read_flag;
@@ -327,11 +330,24 @@ impl Policy {
     /// are the service's only when every one of them asks for them: a revision in the store mode
     /// (the default) keeps the service's sessions in the store, so one revision, a 0 % canary
     /// included, never changes where the others' sessions live.
+    #[cfg(test)]
     pub(crate) fn new<'a>(namespace: &str, service: &str, annotated: impl IntoIterator<Item = &'a Annotated>) -> Self {
+        Self::with_default_ids(namespace, service, annotated, true)
+    }
+
+    /// `new`, where `cluster_default_ids` says whether a service that does not say
+    /// (`sticky-default-ids`) reads the default id headers `K-Session` and `K-Revision`. The
+    /// service's annotation (or its revisions') wins over the cluster's setting.
+    pub(crate) fn with_default_ids<'a>(
+        namespace: &str,
+        service: &str,
+        annotated: impl IntoIterator<Item = &'a Annotated>,
+        cluster_default_ids: bool,
+    ) -> Self {
         let mut session = Vec::new();
         let mut flow = Vec::new();
         let (mut secure, mut split_by_requests, mut chat_prefix, mut strict) = (false, false, false, false);
-        let mut generate = false;
+        let (mut generate, mut default_ids) = (false, None);
         let (mut signed, mut any) = (true, false);
         let (mut end_path, mut pin_cookie, mut chat_path) = (None, None, None);
         let (mut cookie_path, mut cookie_domain, mut same_site) = (None, None, None);
@@ -342,6 +358,7 @@ impl Policy {
             split_by_requests |= a.settings.split_by_requests.unwrap_or(false);
             strict |= a.settings.strict.unwrap_or(false);
             generate |= a.settings.generate_id.unwrap_or(false);
+            default_ids = default_ids.or(a.settings.default_ids);
             end_path = end_path.or_else(|| a.settings.end_path.clone());
             pin_cookie = pin_cookie.or_else(|| a.settings.pin_cookie.clone());
             extend_unique(&mut session, &a.session);
@@ -369,7 +386,10 @@ impl Policy {
             same_site,
             secure,
         });
-        extend_unique(&mut session, &[IdSource::Header(DEFAULT_SESSION)]);
+        if default_ids.unwrap_or(cluster_default_ids) {
+            extend_unique(&mut session, &[IdSource::Header(DEFAULT_SESSION)]);
+            extend_unique(&mut flow, &[IdSource::Header(DEFAULT_FLOW)]);
+        }
         // The session header clients send their id in: the service's own, else `K-Session`. The
         // pod hears of a session's end in it, and a made-up id is given back in it.
         let first_header = session.iter().find_map(|s| match s {
@@ -377,7 +397,6 @@ impl Policy {
             _ => None,
         });
         let generated_header = first_header.clone().filter(|_| generate);
-        extend_unique(&mut flow, &[IdSource::Header(DEFAULT_FLOW)]);
         let session_end = end_path
             .and_then(|path| path.parse().ok())
             .map(|path| Arc::new(SessionEnd::new(path, first_header.clone().unwrap_or(DEFAULT_SESSION))));
@@ -730,6 +749,29 @@ pub(crate) mod tests {
         assert_eq!(Policy::new("ns", "svc", [&app]).signed_cookie(), None, "the store is the default");
         let (plain, _) = annotated(&[]);
         assert_eq!(Policy::new("ns", "svc", [&plain, &signed]).signed_cookie(), None, "a canary alone changes nothing");
+    }
+
+    /// The default id headers: the service's word (or a revision's), then the cluster's.
+    #[test]
+    fn default_ids_follow_the_service_then_the_cluster() {
+        let has_defaults = |p: &Policy| {
+            (
+                p.session_sources().contains(&IdSource::Header(DEFAULT_SESSION)),
+                p.flow_sources().contains(&IdSource::Header(DEFAULT_FLOW)),
+            )
+        };
+        let (plain, _) = annotated(&[("sticky-session-header-name", "X-User")]);
+        let (off, _) = annotated(&[("sticky-default-ids", "false")]);
+        let (on, _) = annotated(&[("sticky-default-ids", "true")]);
+        assert_eq!(has_defaults(&Policy::with_default_ids("ns", "svc", [&plain], true)), (true, true));
+        let quiet = Policy::with_default_ids("ns", "svc", [&plain], false);
+        assert_eq!(has_defaults(&quiet), (false, false));
+        assert_eq!(quiet.session_sources(), [IdSource::Header(HeaderName::from_static("x-user"))], "its own stay");
+        assert_eq!(has_defaults(&Policy::with_default_ids("ns", "svc", [&off], true)), (false, false));
+        assert_eq!(has_defaults(&Policy::with_default_ids("ns", "svc", [&on], false)), (true, true));
+        let generated =
+            Policy::with_default_ids("ns", "svc", [&annotated(&[("sticky-session-generate-id", "true")]).0], false);
+        assert_eq!(generated.generated_header(), None, "no header to give an id in");
     }
 
     #[test]

@@ -66,6 +66,9 @@ pub(crate) struct Publisher {
     queue: QueueLimits,
     prober: Prober,
     internal_tls: Arc<InternalTls>,
+    /// The cluster's default: whether services that do not say read `K-Session` and `K-Revision`
+    /// (`--default-ids`, or Knative mode's `config-affinity-activator`).
+    default_ids: std::sync::atomic::AtomicBool,
 }
 
 impl Publisher {
@@ -78,7 +81,14 @@ impl Publisher {
             queue,
             prober,
             internal_tls: Arc::default(),
+            default_ids: std::sync::atomic::AtomicBool::new(true),
         }
+    }
+
+    /// Sets the cluster's default for the default id headers; whether it changed (the source
+    /// then publishes again).
+    pub(crate) fn set_default_ids(&self, on: bool) -> bool {
+        self.default_ids.swap(on, std::sync::atomic::Ordering::Relaxed) != on
     }
 
     /// Pods whose backends ask for TLS are verified with `tls`.
@@ -152,7 +162,9 @@ impl Publisher {
                 .iter()
                 .map(|t| TrafficTarget { revision: by_name[t.revision.as_str()].clone(), percent: t.percent })
                 .collect();
-            let affinity = Policy::new(&svc.namespace, &svc.name, traffic.iter().map(|t| &t.revision.affinity));
+            let default_ids = self.default_ids.load(std::sync::atomic::Ordering::Relaxed);
+            let annotated = traffic.iter().map(|t| &t.revision.affinity);
+            let affinity = Policy::with_default_ids(&svc.namespace, &svc.name, annotated, default_ids);
             let service = Arc::new(Service {
                 namespace: svc.namespace.clone(),
                 name: svc.name.clone(),
@@ -184,7 +196,7 @@ impl Publisher {
                         Arc::new(Service {
                             namespace: svc.namespace.clone(),
                             name: name.to_owned(),
-                            affinity: Policy::new(&svc.namespace, name, [&revision.affinity]),
+                            affinity: Policy::with_default_ids(&svc.namespace, name, [&revision.affinity], default_ids),
                             traffic: vec![TrafficTarget { revision: revision.clone(), percent: 100 }],
                             tags: Vec::new(),
                         })

@@ -868,6 +868,7 @@ fn the_release_yaml_is_the_activators_own_objects_pinned_and_keeping_upstreams()
         ("PodDisruptionBudget", ns, "activator-pdb"),
         ("ClusterRole", "", "affinity-activator"),
         ("ClusterRoleBinding", "", "affinity-activator"),
+        ("ConfigMap", ns, "config-affinity-activator"),
     ]
     .map(|(k, n, m)| (k.to_owned(), n.to_owned(), m.to_owned()))
     .into();

@@ -241,3 +241,63 @@ async fn a_generated_header_id_reaches_a_grpc_client_as_metadata() {
         assert_eq!((count.count, &count.pod), (n, &pod));
     }
 }
+
+/// Defaults off, local mode: with `--default-ids false` a service that does not say ignores
+/// `K-Session` and `K-Revision`, and one annotated `sticky-default-ids: "true"` reads them (the
+/// service's word wins over the cluster's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_ids_off_for_the_cluster_and_on_for_the_service_that_asks() {
+    let env = Env::new();
+    let pods = env.pods("quiet-1", 1).await;
+    let loud = env.pods("loud-1", 1).await;
+    env.write_topology(&yaml(&[
+        Service::new("quiet").revision("quiet-1", 100, &addrs(&pods)),
+        Service::new("loud").annotation("activator.knative.dev/sticky-default-ids", "true").revision(
+            "loud-1",
+            100,
+            &addrs(&loud),
+        ),
+    ]));
+    let activator = env.activator(&["--default-ids", "false", "--debug-headers"]).await;
+    let client = Client::new(activator.addr("proxy"));
+    let decided = |host: &'static str, header: &'static str| {
+        let client = client.clone();
+        async move { client.get_with(host, "/incr", &[(header, "abc")]).await.header("x-activator-decision").to_owned() }
+    };
+    assert_eq!(decided("quiet.test", "K-Session").await, "split", "K-Session is no id here");
+    assert_eq!(decided("quiet.test", "K-Revision").await, "split", "nor K-Revision");
+    assert_eq!(decided("loud.test", "K-Session").await, "new-pin", "the service's annotation wins");
+    assert_eq!(decided("loud.test", "K-Session").await, "session-pin");
+}
+
+/// Defaults off, Knative mode: `config-affinity-activator`'s `default-ids: "false"` turns them
+/// off live for services that do not say; a service's annotation turns them back on for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn knative_config_turns_the_default_ids_off_and_a_service_annotation_wins() {
+    use integration_tests::knative::{Cluster, Revision, Target, and_wait_applied, config_map, send};
+    use integration_tests::kube_api::Kind;
+    let c = Cluster::new().await;
+    let pods = c.env.pods("counter-00001", 1).await;
+    c.revision(&Revision::new("counter", "counter-00001"), &addrs(&pods));
+    c.service("counter", &[Target::new("counter-00001", 100)], &[]);
+    let autoscaler = c.autoscaler().await;
+    let activator = c.activator(&autoscaler, "10.0.0.1", &[]).await;
+    let client = Client::new(activator.addr("proxy"));
+    let decided = |id: &'static str| {
+        let client = client.clone();
+        async move {
+            send(&client, "/incr", "counter-00001", &[("K-Session", id)])
+                .await
+                .header("x-activator-decision")
+                .to_owned()
+        }
+    };
+    assert_eq!(decided("a").await, "new-pin", "on by default");
+    and_wait_applied(&activator, || {
+        c.api.put(Kind::ConfigMap, config_map("config-affinity-activator", &[("default-ids", "false")]))
+    })
+    .await;
+    assert_eq!(decided("b").await, "ingress", "off for the cluster: no id, the ingress's pick");
+    and_wait_applied(&activator, || c.annotate("counter", &[("sticky-default-ids", "true")])).await;
+    assert_eq!(decided("c").await, "new-pin", "the service's annotation wins");
+}

@@ -154,6 +154,8 @@ pub(crate) struct KnativeConfig {
     pub internal_tls: Arc<InternalTls>,
     /// Objects per page when listing.
     pub page_size: u32,
+    /// `--default-ids`: what applies while `config-affinity-activator` does not say.
+    pub default_ids: bool,
 }
 
 /// The names of the ConfigMaps upstream lets the Deployment rename (`CONFIG_LOGGING_NAME`,
@@ -166,6 +168,10 @@ pub(crate) struct ConfigMapNames {
 
 /// Upstream's network configuration, whose name is fixed.
 const CONFIG_NETWORK: &str = "config-network";
+
+/// Ours, in the system namespace beside upstream's: `default-ids` (Go's booleans) says whether
+/// services that do not say read `K-Session` and `K-Revision`.
+pub(crate) const CONFIG_AFFINITY: &str = "config-affinity-activator";
 
 /// One watch's progress.
 #[derive(Default)]
@@ -482,6 +488,24 @@ impl KnativeSource {
                     self.dirty.world = true;
                 }
                 Err(problem) => refused(&self.metrics, problem),
+            }
+        }
+        if name == CONFIG_AFFINITY {
+            let default_ids = match read.get("default-ids") {
+                None => Some(self.config.default_ids),
+                Some(value) => crate::go::parse_bool(value).or_else(|| {
+                    refused(&self.metrics, format!("default-ids: {value:?} is neither true nor false"));
+                    None
+                }),
+            };
+            if let Some(on) = default_ids
+                && self.publisher.set_default_ids(on)
+            {
+                tracing::info!(
+                    default_ids = on,
+                    "config-affinity-activator changes whether services read K-Session and K-Revision"
+                );
+                self.dirty.world = true;
             }
         }
         match data {
