@@ -282,7 +282,7 @@ pub(crate) struct Config {
     pub default_ids: bool,
 
     /// Add `X-Activator-Decision: session-pin | revision-pin | split | ingress | new-pin | re-pin |
-    /// session-lost` to responses.
+    /// session-lost | spill` to responses.
     #[arg(long, env = "ACTIVATOR_DEBUG_HEADERS", value_parser = BoolishValueParser::new())]
     pub debug_headers: bool,
 

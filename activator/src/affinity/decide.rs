@@ -33,6 +33,9 @@ label_values! {
         /// With strict sessions, a session whose pod or revision left: answered 503, its pin
         /// released, so its next request starts a new session.
         SessionLost = "session-lost",
+        /// Soft affinity: the session's pod had `sticky-session-spill-threshold` requests waiting,
+        /// so this one went to another pod of its revision; the pin stays.
+        Spill = "spill",
     }
 }
 

@@ -206,6 +206,15 @@ impl<'a> Pinning<'a> {
         {
             decision.want = Want::Prefer(pod);
         }
+        // Soft affinity: a pinned pod with that many requests already waiting for it sends this
+        // one to another pod of the revision. The pin stays where the session's state is.
+        if let (Origin::SessionPin, Want::Pod(pod)) = (decision.origin, decision.want)
+            && let Some(limit) = decision.revision.affinity.spill_threshold()
+            && decision.revision.throttler.queued_for(pod).is_some_and(|queued| queued >= limit)
+        {
+            decision.want = Want::Any;
+            decision.origin = Origin::Spill;
+        }
         if let (Some(key), Some(write)) = (&keys.flow, &decision.flow_write) {
             let ours = Pin::flow(decision.revision.name.clone());
             let lifetime = decision.revision.affinity.lifetime();
@@ -278,6 +287,10 @@ impl<'a> Pinning<'a> {
     /// Pins the session to `pod` of `route.revision`. Returns where the request must go instead
     /// if another writer pinned the session to a pod that is ready.
     async fn pin_session(&self, route: &mut Route, pod: SocketAddr) -> Option<(Arc<Revision>, SocketAddr)> {
+        // A spilled request borrows another pod; its session stays pinned where it was.
+        if route.origin == Origin::Spill {
+            return None;
+        }
         if let Some(cookie) = &self.keys.signed {
             self.sign_cookie(cookie, route, pod);
             return None;

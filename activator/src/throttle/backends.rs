@@ -137,6 +137,14 @@ impl Throttler {
         self.pods.load().binary_search_by_key(&addr, |p| p.addr).is_ok()
     }
 
+    /// Requests queued for the ready pod `addr` in particular (its sessions' requests waiting for a
+    /// slot); `None` if it is not ready.
+    pub(crate) fn queued_for(&self, addr: SocketAddr) -> Option<usize> {
+        let pods = self.pods.load();
+        let pod = pods.binary_search_by_key(&addr, |p| p.addr).ok().map(|i| &pods[i])?;
+        Some(pod.pinned_waiting.load(Ordering::SeqCst))
+    }
+
     /// Whether the revision lists `addr` as a pod of its (ready, or waiting for a probe), or did
     /// until less than `LEFT_GRACE` ago.
     pub(crate) fn lists(&self, addr: SocketAddr) -> bool {

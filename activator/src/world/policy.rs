@@ -98,6 +98,9 @@ settings! {
     retry: Retry = "retry" by read_retry;
     /// A session whose pod is gone is told so (503) rather than moved silently.
     strict: bool = "sticky-session-strict" by read_flag;
+    /// Soft affinity: a session's request spills to another pod while this many of its pinned
+    /// pod's requests already wait.
+    spill_threshold: usize = "sticky-session-spill-threshold" by read_threshold;
     /// Whether the service reads the default id headers (`K-Session`, `K-Revision`); unset, the
     /// cluster's default says.
     default_ids: bool = "sticky-default-ids" by read_flag;
@@ -170,6 +173,12 @@ impl Annotated {
         self.settings.retry.unwrap_or_default()
     }
 
+    /// With `sticky-session-spill-threshold`, how many requests may wait for a session's pinned
+    /// pod before the next one goes to another pod of this revision.
+    pub(crate) fn spill_threshold(&self) -> Option<usize> {
+        self.settings.spill_threshold
+    }
+
     /// Pin lifetime for pins into this revision.
     pub(crate) fn lifetime(&self) -> Lifetime {
         Lifetime { ttl: self.settings.ttl.unwrap_or(DEFAULT_TTL), max_age: self.settings.max_age }
@@ -222,6 +231,14 @@ fn read_lifetime(value: &str, report: &mut dyn FnMut(String)) -> Option<Duration
         return Some(MAX_LIFETIME);
     }
     Some(d)
+}
+
+fn read_threshold(value: &str, report: &mut dyn FnMut(String)) -> Option<usize> {
+    let read = value.parse::<usize>().ok().filter(|n| (1..=100_000).contains(n));
+    if read.is_none() {
+        report(format!("{value:?} is not a number of waiting requests from 1 to 100000"));
+    }
+    read
 }
 
 fn read_flag(value: &str, report: &mut dyn FnMut(String)) -> Option<bool> {
@@ -749,6 +766,16 @@ pub(crate) mod tests {
         assert_eq!(Policy::new("ns", "svc", [&app]).signed_cookie(), None, "the store is the default");
         let (plain, _) = annotated(&[]);
         assert_eq!(Policy::new("ns", "svc", [&plain, &signed]).signed_cookie(), None, "a canary alone changes nothing");
+    }
+
+    #[test]
+    fn a_spill_threshold_is_a_positive_count() {
+        assert_eq!(annotated(&[("sticky-session-spill-threshold", "4")]).0.spill_threshold(), Some(4));
+        assert_eq!(annotated(&[]).0.spill_threshold(), None, "no spilling unless asked");
+        for bad in ["0", "-1", "many", "1000000"] {
+            let (a, errors) = annotated(&[("sticky-session-spill-threshold", bad)]);
+            assert_eq!((a.spill_threshold(), errors.len()), (None, 1), "{bad}");
+        }
     }
 
     /// The default id headers: the service's word (or a revision's), then the cluster's.

@@ -301,3 +301,55 @@ async fn knative_config_turns_the_default_ids_off_and_a_service_annotation_wins(
     and_wait_applied(&activator, || c.annotate("counter", &[("sticky-default-ids", "true")])).await;
     assert_eq!(decided("c").await, "new-pin", "the service's annotation wins");
 }
+
+/// Soft affinity (llm-d's session scorer beside its load scorers): with a spill threshold of 1
+/// and one slot per pod, a session's pod busy and one of its requests already waiting for it, the
+/// next request of the session goes to the idle pod; the pin stays, so once the pod is free the
+/// session is back on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_pinned_pod_spills_the_next_request_to_an_idle_pod_and_keeps_the_pin() {
+    let env = Env::new();
+    let pods = env.pods("llm-1", 2).await;
+    env.write_topology(&yaml(&[Service::new("llm")
+        .annotation("activator.knative.dev/sticky-session-spill-threshold", "1")
+        .revision("llm-1", 100, &addrs(&pods))
+        .with(|r| r.container_concurrency = 1)]));
+    let activator = env.activator(&["--debug-headers"]).await;
+    let client = Client::new(activator.addr("proxy"));
+    let chat = [("K-Session", "chat")];
+    let first = client.get_with("llm.test", "/incr?session_id=chat", &chat).await;
+    let home = first.pod().to_owned();
+    let index = usize::from(home.ends_with('1'));
+    let home_stats = format!("http://{}/slow/stats", pods[index].addr("http"));
+
+    // The pod's one slot held, and one of the session's requests waiting for it.
+    let holding = tokio::spawn({
+        let client = client.clone();
+        async move { client.get_with("llm.test", "/slow?delay=3s", &[("K-Session", "chat")]).await }
+    });
+    integration_tests::wait_until(std::time::Duration::from_secs(10), "the pod holds the slow request", || async {
+        reqwest::get(&home_stats).await.unwrap().text().await.unwrap().contains("waiting 1")
+    })
+    .await;
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move { client.get_with("llm.test", "/incr?session_id=chat", &[("K-Session", "chat")]).await }
+    });
+    let admin = activator.addr("admin");
+    integration_tests::wait_until(std::time::Duration::from_secs(10), "a request waits for the pod", || async {
+        integration_tests::metric(admin, "activator_queued_requests", &[("revision", "llm-1")]).await == Some(1.0)
+    })
+    .await;
+
+    let spilled = client.get_with("llm.test", "/incr?session_id=chat", &chat).await;
+    assert_eq!(spilled.header("x-activator-decision"), "spill");
+    assert_ne!(spilled.pod(), home, "the idle pod took it");
+    assert_eq!(spilled.body.trim(), "session=chat, count=1", "a pod without the session's state");
+
+    let (held, waited) = (holding.await.unwrap(), waiting.await.unwrap());
+    assert_eq!((held.pod(), waited.pod()), (home.as_str(), home.as_str()));
+    assert_eq!(waited.body.trim(), "session=chat, count=2", "the waiting one kept its place on the pod");
+    let back = client.get_with("llm.test", "/incr?session_id=chat", &chat).await;
+    assert_eq!((back.pod(), back.header("x-activator-decision")), (home.as_str(), "session-pin"), "the pin stayed");
+    assert_eq!(back.body.trim(), "session=chat, count=3");
+}
