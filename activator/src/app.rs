@@ -304,15 +304,17 @@ fn spawn_pin_tasks(handler: &Arc<Handler>, config: &Config, session_ends: Sessio
     Ok(())
 }
 
-/// Once a second: applies the pin store's pending evictions, publishes its size, re-reads the pin
-/// cookies' key file, and returns
-/// memory a burst freed.
+/// Once a second: applies the pin store's pending evictions, publishes its size (and every few
+/// seconds gives the pods their live session counts), re-reads the pin cookies' key file, and
+/// returns memory a burst freed.
 async fn maintain_pins(handler: Arc<Handler>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut trimmer = trim::Trimmer::default();
     loop {
         tick.tick().await;
-        handler.pins.maintain();
+        if let Some(counts) = handler.pins.maintain() {
+            handler.world.load().set_session_counts(&counts);
+        }
         handler.cookie_keys.reload();
         // What a burst of connections or queued requests freed goes back to the system.
         trimmer = tokio::task::spawn_blocking(move || {

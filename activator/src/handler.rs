@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::affinity::{
-    Admitted, CookieKeys, Decisions, Failed, Keys, Pinning, Resend, Route, SessionLeft, chat, extract,
+    Admitted, CookieKeys, Decisions, Departure, Failed, Keys, Pinning, Resend, Route, SessionLeft, chat, extract,
     names_its_conversation,
 };
 use crate::autoscaler::{InFlight, Reporter};
@@ -278,11 +278,15 @@ impl Handler {
             }
             // A pod whose connection was refused, or failed mid-exchange, takes no more traffic
             // until a probe passes.
-            if (failed.unsent.is_some() || failed.error.connection_failed())
-                && revision.throttler.mark_unreachable(failed.error.pod)
-            {
+            let pod_failed = failed.unsent.is_some() || failed.error.connection_failed();
+            if pod_failed && revision.throttler.mark_unreachable(failed.error.pod) {
                 revision.stats.unreachable.inc();
                 self.prober.watch(revision.throttler.clone());
+            }
+            // A strict session does not move to another pod: its state was on this one.
+            if pod_failed && pinning.strict_session_failed(route) {
+                pinning.release_lost(route).await;
+                return respond::session_lost(Departure::PodGone.as_str());
             }
             let failure = match failed.unsent {
                 Some(unsent) => Failed::Unsent((unsent.outbound, Some(unsent.in_flight))),

@@ -13,7 +13,7 @@ pub(crate) mod chat;
 pub(crate) mod share;
 
 pub(crate) use cookie::CookieKeys;
-pub(crate) use decide::Origin;
+pub(crate) use decide::{Departure, Origin};
 pub(crate) use keys::{Keys, extract, names_its_conversation};
 pub(crate) use pinning::{Admitted, Failed, Pinning, Resend, Route, SessionLeft};
 

@@ -52,7 +52,7 @@ impl Route {
     /// (its pod failed it): for a session, the pod its hash prefers among those ready now, so
     /// replicas re-pin it alike; else any.
     pub(crate) fn elsewhere(&self) -> Want {
-        let preferred = self.placement.and_then(|hash| self.revision.throttler.rendezvous(hash));
+        let preferred = self.placement.and_then(|hash| place(&self.revision, hash));
         preferred.map_or(Want::Any, Want::Prefer)
     }
 
@@ -162,7 +162,7 @@ impl<'a> Pinning<'a> {
             let roll = (key.placement_hash() % 100) as u32;
             let decision = decide(service, ingress_pick, || under_served(false), &lookup, roll);
             decision.session_write.as_ref()?;
-            let pod = decision.revision.throttler.rendezvous(key.placement_hash())?;
+            let pod = place(&decision.revision, key.placement_hash())?;
             let lifetime = session_lifetime(keys, &decision.revision);
             Some((Pin::session(decision.revision.name.clone(), pod), lifetime))
         };
@@ -202,7 +202,7 @@ impl<'a> Pinning<'a> {
         let roll = placed_by_hash.map_or_else(|| fastrand::u32(..100), |hash| (hash % 100) as u32);
         let mut decision = decide(service, ingress_pick, || under_served(unshared), &lookup, roll);
         if let (Some(key), Want::Any, Some(_)) = (&keys.session, decision.want, &decision.session_write)
-            && let Some(pod) = decision.revision.throttler.rendezvous(key.placement_hash())
+            && let Some(pod) = place(&decision.revision, key.placement_hash())
         {
             decision.want = Want::Prefer(pod);
         }
@@ -262,6 +262,12 @@ impl<'a> Pinning<'a> {
         Admitted::Moved { pod, revision_changed }
     }
 
+    /// Whether the request belongs to a strict session that its pin sent to the pod that just
+    /// failed it: that pod (and the session's state) is gone, so the client is told, not moved.
+    pub(crate) fn strict_session_failed(&self, route: &Route) -> bool {
+        route.origin == Origin::SessionPin && self.service.affinity.strict_sessions()
+    }
+
     /// A strict session's pod is gone: its pin is released (a signed pin cookie is expired), so
     /// the client's next request starts a new session.
     pub(crate) async fn release_lost(&self, route: &mut Route) {
@@ -299,7 +305,10 @@ impl<'a> Pinning<'a> {
         let ours = Pin::session(route.revision.name.clone(), pod);
         let write = match &self.created {
             // Pinned by the lookup to the pod the request was admitted to: nothing to write.
-            Some(created) if *created == ours => return None,
+            Some(created) if *created == ours => {
+                route.revision.throttler.note_session(pod);
+                return None;
+            }
             // Admitted elsewhere (the preferred pod had no room): the pin follows the request,
             // unless another writer moved it first.
             Some(created) => PinWrite::Replace(created.clone()),
@@ -313,6 +322,7 @@ impl<'a> Pinning<'a> {
         let lifetime_of = |revision: &str| self.service.lifetime_of(revision);
         let winner = self.pins.write(key, write.expected(), ours.clone(), lifetime, &lifetime_of).await;
         if winner == ours {
+            route.revision.throttler.note_session(pod);
             // This request moved the session off its pin: its response says so, once.
             if self.created.is_none()
                 && let Some(current) = self.lookup.session.as_ref().filter(|current| **current != ours)
@@ -360,6 +370,17 @@ impl<'a> Pinning<'a> {
             );
         }
         route.set_cookie = signed.map(|value| cookie.header_value(&value));
+    }
+}
+
+/// The pod a session without a pin goes to in `revision`: where its `hash` places it among the
+/// ready pods (replicas place it alike), or with `sticky-session-placement: least-sessions` the
+/// pod holding the fewest live sessions.
+fn place(revision: &Revision, hash: u64) -> Option<SocketAddr> {
+    if revision.affinity.places_by_sessions() {
+        revision.throttler.fewest_sessions()
+    } else {
+        revision.throttler.rendezvous(hash)
     }
 }
 

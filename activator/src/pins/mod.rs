@@ -13,7 +13,7 @@ mod metrics;
 mod redis;
 mod shared;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
@@ -315,6 +315,9 @@ pub struct Pins {
     maintained: AtomicU64,
 }
 
+/// Live session pins by service scope (`<namespace>/<service>`), revision and pod.
+pub type SessionCounts = HashMap<(Arc<str>, Arc<str>, SocketAddr), u64>;
+
 /// Live session pins per pod are counted every this many maintenance runs: the count walks the
 /// whole table.
 const COUNT_BY_POD_EVERY: u64 = 5;
@@ -430,21 +433,23 @@ impl Pins {
     }
 
     /// Drops expired pins and publishes the entry count, and every few runs the live session
-    /// pins per pod; run once a second.
-    pub fn maintain(&self) {
+    /// pins per pod, which it then returns (for placement by sessions); run once a second.
+    pub fn maintain(&self) -> Option<SessionCounts> {
         self.metrics.entries.set(i64::try_from(self.memory.sweep()).unwrap_or(i64::MAX));
-        if self.maintained.fetch_add(1, Ordering::Relaxed).is_multiple_of(COUNT_BY_POD_EVERY) {
-            self.publish_by_pod();
+        if !self.maintained.fetch_add(1, Ordering::Relaxed).is_multiple_of(COUNT_BY_POD_EVERY) {
+            return None;
         }
+        let counts = self.memory.sessions_by_pod();
+        self.publish_by_pod(&counts);
+        Some(counts)
     }
 
     /// `activator_pins{namespace, service, revision, pod}`: the session pins this replica holds,
     /// so a pod's sessions are visible before it is scaled down. Bounded by pods, never ids.
-    fn publish_by_pod(&self) {
-        let counts = self.memory.sessions_by_pod();
+    fn publish_by_pod(&self, counts: &SessionCounts) {
         let mut now_published = HashSet::with_capacity(counts.len());
-        for ((scope, revision, pod), n) in counts {
-            let (namespace, service) = scope.split_once('/').unwrap_or(("", &scope));
+        for ((scope, revision, pod), &n) in counts {
+            let (namespace, service) = scope.split_once('/').unwrap_or(("", scope));
             let labels = [namespace.to_owned(), service.to_owned(), revision.to_string(), pod.to_string()];
             self.metrics.by_pod.with_label_values(&labels).set(i64::try_from(n).unwrap_or(i64::MAX));
             now_published.insert(labels);

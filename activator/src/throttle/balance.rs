@@ -70,6 +70,32 @@ impl Throttler {
         chosen.cloned()
     }
 
+    /// The ready pod holding the fewest live sessions (`sticky-session-placement:
+    /// least-sessions`), the fewest requests in flight breaking a tie, then the address.
+    pub(crate) fn fewest_sessions(&self) -> Option<SocketAddr> {
+        let pods = self.pods.load();
+        let load = |p: &Arc<Pod>| (p.sessions.load(Ordering::Relaxed), p.in_flight(), p.addr);
+        pods.iter()
+            .filter(|p| p.is_assigned())
+            .min_by_key(|p| load(p))
+            .or_else(|| pods.iter().min_by_key(|p| load(p)))
+            .map(|p| p.addr)
+    }
+
+    /// One more session was pinned to `addr` here.
+    pub(crate) fn note_session(&self, addr: SocketAddr) {
+        if let Some(pod) = self.pods.load().iter().find(|p| p.addr == addr) {
+            pod.sessions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The live session pins per pod, as the pin table counted them; pods it did not name hold none.
+    pub(crate) fn set_sessions(&self, count: impl Fn(SocketAddr) -> u64) {
+        for pod in self.pods.load().iter() {
+            pod.sessions.store(count(pod.addr), Ordering::Relaxed);
+        }
+    }
+
     /// The ready pod `hash` picks by rendezvous hashing: replicas that list the same pods pick
     /// the same one with nothing to agree through, and a pod leaving moves only the keys it had.
     pub(crate) fn rendezvous(&self, hash: u64) -> Option<SocketAddr> {
@@ -92,6 +118,23 @@ impl Throttler {
 mod tests {
     use super::super::testing::*;
     use crate::throttle::*;
+
+    #[test]
+    fn the_pod_with_the_fewest_sessions_takes_the_next_one() {
+        let t = throttler(0, 3);
+        let pods = addrs(3);
+        t.set_sessions(|pod| if pod == pods[0] { 0 } else { 4 });
+        assert_eq!(t.fewest_sessions(), Some(pods[0]));
+        for _ in 0..4 {
+            t.note_session(pods[0]);
+        }
+        assert_eq!(t.fewest_sessions(), Some(pods[0]), "a tie: the lowest address, all idle");
+        t.note_session(pods[0]);
+        assert_eq!(t.fewest_sessions(), Some(pods[1]));
+        t.set_sessions(|pod| if pod == pods[2] { 1 } else { 9 });
+        assert_eq!(t.fewest_sessions(), Some(pods[2]), "a new count replaces what was noted");
+        assert_eq!(throttler(0, 0).fewest_sessions(), None);
+    }
 
     #[test]
     fn rendezvous_places_a_key_alike_everywhere_and_moves_only_a_leaving_pods_keys() {

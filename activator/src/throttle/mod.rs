@@ -67,6 +67,9 @@ pub(crate) struct Pod {
     assigned: AtomicBool,
     /// When it began to take traffic here.
     ready_since: Instant,
+    /// Live session pins to it this replica knows of: counted from the pin table every few
+    /// seconds, and one more for each session pinned here since (`sticky-session-placement`).
+    sessions: AtomicU64,
 }
 
 impl Pod {
@@ -78,6 +81,7 @@ impl Pod {
             pinned_waiting: AtomicUsize::new(0),
             assigned: AtomicBool::new(true),
             ready_since: Instant::now(),
+            sessions: AtomicU64::new(0),
         })
     }
 

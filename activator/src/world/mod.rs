@@ -12,6 +12,7 @@ pub(crate) mod publisher;
 mod resolve;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::autoscaler::Concurrency;
@@ -161,6 +162,22 @@ impl Snapshot {
     /// Every service, once.
     pub(crate) fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
         self.services.iter()
+    }
+
+    /// Gives each revision's pods the live session pins the pin table counted for them, keyed by
+    /// service scope (`<namespace>/<service>`), revision and pod; a pod not named holds none.
+    pub(crate) fn set_session_counts(&self, counts: &crate::pins::SessionCounts) {
+        let mut by_revision: HashMap<(&str, &str), HashMap<SocketAddr, u64>> = HashMap::new();
+        for ((scope, revision, pod), n) in counts {
+            let namespace = scope.split_once('/').map_or(&**scope, |(namespace, _)| namespace);
+            *by_revision.entry((namespace, revision)).or_default().entry(*pod).or_default() += n;
+        }
+        let empty = HashMap::new();
+        for target in self.services.iter().flat_map(|s| &s.traffic) {
+            let revision = &target.revision;
+            let pods = by_revision.get(&(revision.namespace.as_str(), &*revision.name)).unwrap_or(&empty);
+            revision.throttler.set_sessions(|pod| pods.get(&pod).copied().unwrap_or(0));
+        }
     }
 
     /// A revision as the only target of a service of its own name: what a request that asks for

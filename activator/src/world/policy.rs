@@ -98,6 +98,9 @@ settings! {
     retry: Retry = "retry" by read_retry;
     /// A session whose pod is gone is told so (503) rather than moved silently.
     strict: bool = "sticky-session-strict" by read_flag;
+    /// Where a new session is pinned: by its hash (the default), or on the pod with the fewest
+    /// live sessions.
+    by_sessions: bool = "sticky-session-placement" by read_placement;
     /// Soft affinity: a session's request spills to another pod while this many of its pinned
     /// pod's requests already wait.
     spill_threshold: usize = "sticky-session-spill-threshold" by read_threshold;
@@ -173,6 +176,12 @@ impl Annotated {
         self.settings.retry.unwrap_or_default()
     }
 
+    /// With `sticky-session-placement: least-sessions`: a new session is pinned to the ready pod
+    /// holding the fewest live sessions, rather than where its hash places it.
+    pub(crate) fn places_by_sessions(&self) -> bool {
+        self.settings.by_sessions.unwrap_or(false)
+    }
+
     /// With `sticky-session-spill-threshold`, how many requests may wait for a session's pinned
     /// pod before the next one goes to another pod of this revision.
     pub(crate) fn spill_threshold(&self) -> Option<usize> {
@@ -231,6 +240,12 @@ fn read_lifetime(value: &str, report: &mut dyn FnMut(String)) -> Option<Duration
         return Some(MAX_LIFETIME);
     }
     Some(d)
+}
+
+/// Whether new sessions go to the pod with the fewest sessions (`least-sessions`) or where their
+/// hash places them (`hash`, the default).
+fn read_placement(value: &str, report: &mut dyn FnMut(String)) -> Option<bool> {
+    read_either(value, [("hash", false), ("least-sessions", true)], report)
 }
 
 fn read_threshold(value: &str, report: &mut dyn FnMut(String)) -> Option<usize> {

@@ -353,3 +353,56 @@ async fn a_busy_pinned_pod_spills_the_next_request_to_an_idle_pod_and_keeps_the_
     assert_eq!((back.pod(), back.header("x-activator-decision")), (home.as_str(), "session-pin"), "the pin stayed");
     assert_eq!(back.body.trim(), "session=chat, count=3");
 }
+
+/// A strict session's pod dies while still listed: the request its pin sends there fails to
+/// connect, and the client is told the session is lost (it is not resent to another pod, where
+/// its state is not); the next request starts a new session on the pod that lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_sessions_pod_that_dies_while_listed_loses_it() {
+    let (_env, mut pods, activator, _) = two_pods("dies", true).await;
+    let client = Client::new(activator.addr("proxy"));
+    let home = kernel(&client, "dies.test").await.pod().to_owned();
+    let (_, stayer) = other(&pods, "dies-1", &home);
+    let victim = usize::from(home.ends_with('1'));
+    pods[victim].signal(nix::sys::signal::Signal::SIGKILL);
+    pods[victim].wait_exit(std::time::Duration::from_secs(10)).await;
+
+    let lost = kernel(&client, "dies.test").await;
+    assert_eq!((lost.status, lost.header("k-session-lost")), (503, "pod-gone"), "{}", lost.body);
+    let fresh = kernel(&client, "dies.test").await;
+    assert_eq!((fresh.status, fresh.pod(), fresh.body.trim()), (200, stayer.as_str(), "session=kernel, count=1"));
+}
+
+/// `sticky-session-placement: least-sessions`: new sessions go to the ready pod holding the
+/// fewest live sessions, so ten alternate over two pods, and a pod that joins takes the next
+/// new sessions until it holds as many as the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_sessions_go_to_the_pod_with_the_fewest_sessions() {
+    let env = Env::new();
+    let pods = env.pods("seats-1", 3).await;
+    let topology = |n: usize| {
+        yaml(&[Service::new("seats")
+            .annotation("activator.knative.dev/sticky-session-placement", "least-sessions")
+            .revision("seats-1", 100, &addrs(&pods[..n]))
+            .with(|r| r.probe = "none")])
+    };
+    env.write_topology(&topology(2));
+    let activator = env.activator(&[]).await;
+    let client = Client::new(activator.addr("proxy"));
+    let place = |id: String| {
+        let client = client.clone();
+        async move { client.get_with("seats.test", "/incr", &[("K-Session", id.as_str())]).await.pod().to_owned() }
+    };
+    let mut placed = std::collections::HashMap::<String, usize>::new();
+    for i in 0..10 {
+        *placed.entry(place(format!("s{i}")).await).or_default() += 1;
+    }
+    assert_eq!(placed.values().copied().collect::<Vec<_>>(), [5, 5], "{placed:?}");
+
+    env.reload(&activator, &topology(3)).await;
+    for i in 10..15 {
+        assert_eq!(place(format!("s{i}")).await, "seats-1-pod-2", "session {i} goes to the pod with none");
+    }
+    // Known sessions stay where they are.
+    assert_ne!(place("s0".to_owned()).await, "seats-1-pod-2");
+}
