@@ -76,10 +76,11 @@ pub(crate) async fn run(
             let keys = conn.scan_one_slot(&PinKey::service_pattern(&namespace, &service)).await?;
             let drained = drain_pod(&mut conn, &keys, pod, &to).await?;
             let moved: usize = drained.moved.values().sum();
-            let places: Vec<String> = drained.moved.iter().map(|(pod, n)| format!("{n} to {pod}")).collect();
-            match (moved, places.join(", ")) {
-                (0, _) => println!("moved no session of {namespace}/{service} off {pod}"),
-                (n, places) => println!("moved {n} sessions of {namespace}/{service} off {pod}: {places}"),
+            if moved == 0 {
+                println!("moved no session of {namespace}/{service} off {pod}");
+            } else {
+                let places: Vec<String> = drained.moved.iter().map(|(pod, n)| format!("{n} to {pod}")).collect();
+                println!("moved {moved} sessions of {namespace}/{service} off {pod}: {}", places.join(", "));
             }
             if drained.released > 0 {
                 println!(

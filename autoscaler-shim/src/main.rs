@@ -248,30 +248,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// their annotations (the service's overlaid by the revision's), re-read when the file changes.
 struct Managed {
     file: WatchedFile,
-    revisions: std::collections::HashMap<(String, String), RevisionAnnotations>,
+    revisions: ManagedRevisions,
 }
+
+/// Each managed revision, by namespace and name, with its annotations.
+type ManagedRevisions = std::collections::HashMap<(String, String), RevisionAnnotations>;
 
 impl Managed {
     fn open(path: &std::path::Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading --topology {}", path.display()))?;
-        file::parse(&text).with_context(|| format!("--topology {}", path.display()))?;
-        let mut managed = Managed { file: WatchedFile::new(path), revisions: Default::default() };
-        managed.refresh();
-        Ok(managed)
+        let topology = file::parse(&text).with_context(|| format!("--topology {}", path.display()))?;
+        Ok(Managed { file: WatchedFile::read_as(path, text), revisions: Self::revisions_of(&topology) })
     }
 
     /// Takes a changed topology; a file that does not parse leaves the revisions as they were.
     fn refresh(&mut self) {
         let Some(text) = self.file.changed() else { return };
-        let spec = match file::parse(&text) {
-            Ok(topology) => topology.to_spec(&file::EndpointsFile::new()),
+        match file::parse(&text) {
+            Ok(topology) => self.revisions = Self::revisions_of(&topology),
             Err(e) => {
                 tracing::warn!(path = %self.file.path().display(), error = %e, "topology rejected; keeping the revisions managed so far");
-                return;
             }
-        };
-        self.revisions = spec
-            .services
+        }
+    }
+
+    /// The revisions `topology` lists without endpoints of their own, with their annotations.
+    fn revisions_of(topology: &file::TopologyFile) -> ManagedRevisions {
+        let spec = topology.to_spec(&file::EndpointsFile::new());
+        spec.services
             .iter()
             .flat_map(|svc| {
                 svc.revisions
@@ -279,7 +283,7 @@ impl Managed {
                     .filter(|r| r.backends.probed.is_empty() && r.backends.trusted.is_empty())
                     .map(move |r| ((svc.namespace.clone(), r.name.clone()), svc.annotations_of(r)))
             })
-            .collect();
+            .collect()
     }
 }
 

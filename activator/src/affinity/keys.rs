@@ -46,20 +46,22 @@ pub(crate) fn extract<B>(policy: &Policy, req: &Request<B>, conversation: Option
         signed: None,
     };
     keys.new_flow_cookie = new_flow_cookie(policy, &mut keys.flow);
-    if keys.session.is_none()
-        && let Some((name, attributes)) = policy.cookie()
-    {
+    // A client without a session id is given one: in a cookie where the service names one (a
+    // browser keeps it), else in the session header with `sticky-session-generate-id`.
+    let (cookie, header) = (policy.cookie(), policy.generated_header());
+    if keys.session.is_none() && (cookie.is_some() || header.is_some()) {
         let id = new_session_id();
         keys.session = Some(PinKey::new(scope, PinKind::Session, id.as_bytes()));
         keys.session_id = end_id(id.as_bytes());
-        keys.new_cookie = Some(NewCookie { name: name.to_owned(), id, attributes: attributes.clone() });
-    } else if keys.session.is_none()
-        && let Some(header) = policy.generated_header()
-    {
-        let id = new_session_id();
-        keys.session = Some(PinKey::new(scope, PinKind::Session, id.as_bytes()));
-        keys.session_id = end_id(id.as_bytes());
-        keys.new_header_id = HeaderValue::try_from(id).ok().map(|id| (header.clone(), id));
+        match (cookie, header) {
+            (Some((name, attributes)), _) => {
+                keys.new_cookie = Some(NewCookie { name: name.to_owned(), id, attributes: attributes.clone() });
+            }
+            (None, Some(header)) => {
+                keys.new_header_id = HeaderValue::try_from(id).ok().map(|id| (header.clone(), id));
+            }
+            (None, None) => {}
+        }
     }
     Ok(keys)
 }

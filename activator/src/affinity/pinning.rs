@@ -306,7 +306,7 @@ impl<'a> Pinning<'a> {
         let write = match &self.created {
             // Pinned by the lookup to the pod the request was admitted to: nothing to write.
             Some(created) if *created == ours => {
-                route.revision.throttler.note_session(pod);
+                note_session(&route.revision, pod);
                 return None;
             }
             // Admitted elsewhere (the preferred pod had no room): the pin follows the request,
@@ -322,7 +322,7 @@ impl<'a> Pinning<'a> {
         let lifetime_of = |revision: &str| self.service.lifetime_of(revision);
         let winner = self.pins.write(key, write.expected(), ours.clone(), lifetime, &lifetime_of).await;
         if winner == ours {
-            route.revision.throttler.note_session(pod);
+            note_session(&route.revision, pod);
             // This request moved the session off its pin: its response says so, once.
             if self.created.is_none()
                 && let Some(current) = self.lookup.session.as_ref().filter(|current| **current != ours)
@@ -384,6 +384,14 @@ fn place(revision: &Revision, hash: u64) -> Option<SocketAddr> {
     }
 }
 
+/// Counts a session just pinned to `pod`, for the placement that reads the counts; other
+/// services pay nothing for it.
+fn note_session(revision: &Revision, pod: SocketAddr) {
+    if revision.affinity.places_by_sessions() {
+        revision.throttler.note_session(pod);
+    }
+}
+
 /// Why a session's pin `current` no longer holds: its revision left the service's traffic, or
 /// only its pod left.
 fn departure(service: &Service, current: &Pin) -> Departure {
@@ -394,8 +402,8 @@ fn departure(service: &Service, current: &Pin) -> Departure {
 }
 
 /// How long a session's pin into `revision` lives. An id the activator made up for a client
-/// without its cookie (or session header) is pinned only briefly until the client shows it keeps cookies, so clients
-/// that never send cookies back (bots, health checks) do not fill the pin table.
+/// without its cookie (or session header) is pinned only briefly until the client shows it sends
+/// the id back, so clients that never do (bots, health checks) do not fill the pin table.
 fn session_lifetime(keys: &Keys, revision: &Revision) -> Lifetime {
     let lifetime = revision.affinity.lifetime();
     let made_up = keys.new_cookie.is_some() || keys.new_header_id.is_some();

@@ -134,15 +134,20 @@ impl Throttler {
     }
 
     pub(crate) fn is_ready(&self, addr: SocketAddr) -> bool {
-        self.pods.load().binary_search_by_key(&addr, |p| p.addr).is_ok()
+        self.with_ready(addr, |_| ()).is_some()
+    }
+
+    /// What `read` says of the ready pod `addr`; `None` if it is not ready. The ready pods are
+    /// sorted by address, so finding one is a binary search.
+    pub(super) fn with_ready<T>(&self, addr: SocketAddr, read: impl FnOnce(&Pod) -> T) -> Option<T> {
+        let pods = self.pods.load();
+        pods.binary_search_by_key(&addr, |p| p.addr).ok().map(|i| read(&pods[i]))
     }
 
     /// Requests queued for the ready pod `addr` in particular (its sessions' requests waiting for a
     /// slot); `None` if it is not ready.
     pub(crate) fn queued_for(&self, addr: SocketAddr) -> Option<usize> {
-        let pods = self.pods.load();
-        let pod = pods.binary_search_by_key(&addr, |p| p.addr).ok().map(|i| &pods[i])?;
-        Some(pod.pinned_waiting.load(Ordering::SeqCst))
+        self.with_ready(addr, |pod| pod.pinned_waiting.load(Ordering::SeqCst))
     }
 
     /// Whether the revision lists `addr` as a pod of its (ready, or waiting for a probe), or did

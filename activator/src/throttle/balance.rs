@@ -84,9 +84,7 @@ impl Throttler {
 
     /// One more session was pinned to `addr` here.
     pub(crate) fn note_session(&self, addr: SocketAddr) {
-        if let Some(pod) = self.pods.load().iter().find(|p| p.addr == addr) {
-            pod.sessions.fetch_add(1, Ordering::Relaxed);
-        }
+        self.with_ready(addr, |pod| pod.sessions.fetch_add(1, Ordering::Relaxed));
     }
 
     /// The live session pins per pod, as the pin table counted them; pods it did not name hold none.

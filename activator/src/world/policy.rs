@@ -358,18 +358,18 @@ pub(crate) struct Policy {
 }
 
 impl Policy {
-    /// The policy of a service whose traffic lists revisions `annotated` so. Signed pin cookies
-    /// are the service's only when every one of them asks for them: a revision in the store mode
-    /// (the default) keeps the service's sessions in the store, so one revision, a 0 % canary
-    /// included, never changes where the others' sessions live.
+    /// `with_default_ids` with the default id headers on, as a cluster has them unless told.
     #[cfg(test)]
     pub(crate) fn new<'a>(namespace: &str, service: &str, annotated: impl IntoIterator<Item = &'a Annotated>) -> Self {
         Self::with_default_ids(namespace, service, annotated, true)
     }
 
-    /// `new`, where `cluster_default_ids` says whether a service that does not say
-    /// (`sticky-default-ids`) reads the default id headers `K-Session` and `K-Revision`. The
-    /// service's annotation (or its revisions') wins over the cluster's setting.
+    /// The policy of a service whose traffic lists revisions `annotated` so. Signed pin cookies
+    /// are the service's only when every one of them asks for them: a revision in the store mode
+    /// (the default) keeps the service's sessions in the store, so one revision, a 0 % canary
+    /// included, never changes where the others' sessions live. `cluster_default_ids` says
+    /// whether a service that does not say (`sticky-default-ids`) reads the default id headers
+    /// `K-Session` and `K-Revision`; the service's annotation (or its revisions') wins over it.
     pub(crate) fn with_default_ids<'a>(
         namespace: &str,
         service: &str,

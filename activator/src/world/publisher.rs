@@ -137,6 +137,8 @@ impl Publisher {
     }
 
     fn build(&self, spec: &WorldSpec, previous: &Snapshot) -> Snapshot {
+        // One cluster default for the whole snapshot, however it changes meanwhile.
+        let default_ids = self.default_ids.load(std::sync::atomic::Ordering::Relaxed);
         let mut snapshot = Snapshot::default();
         // A revision several services list is one revision: one set of pods, one throttler.
         let mut runtimes: HashMap<(String, String), Runtime> = HashMap::new();
@@ -162,7 +164,6 @@ impl Publisher {
                 .iter()
                 .map(|t| TrafficTarget { revision: by_name[t.revision.as_str()].clone(), percent: t.percent })
                 .collect();
-            let default_ids = self.default_ids.load(std::sync::atomic::Ordering::Relaxed);
             let annotated = traffic.iter().map(|t| &t.revision.affinity);
             let affinity = Policy::with_default_ids(&svc.namespace, &svc.name, annotated, default_ids);
             let service = Arc::new(Service {

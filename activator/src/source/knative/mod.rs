@@ -171,7 +171,7 @@ const CONFIG_NETWORK: &str = "config-network";
 
 /// Ours, in the system namespace beside upstream's: `default-ids` (Go's booleans) says whether
 /// services that do not say read `K-Session` and `K-Revision`.
-pub(crate) const CONFIG_AFFINITY: &str = "config-affinity-activator";
+const CONFIG_AFFINITY: &str = "config-affinity-activator";
 
 /// One watch's progress.
 #[derive(Default)]
