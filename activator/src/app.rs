@@ -19,6 +19,7 @@ use crate::instruments::Instruments;
 use crate::keys::KeyFile;
 use crate::pins::{PinMetrics, Pins, SharedConfig};
 use crate::readiness::{ProbeTiming, Prober};
+use crate::seats::{Census, SeatMetrics};
 use crate::server::{Limits, Listener, TlsServing};
 use crate::session_end::SessionEndMetrics;
 use crate::source::knative::{ConfigMapNames, KnativeConfig, KnativeSource};
@@ -28,7 +29,7 @@ use crate::telemetry::{LogLevel, ObservabilityConfig, Telemetry};
 use crate::throttle::{QueueBudget, QueueLimits};
 use crate::tls::{InternalTls, ServerSettings};
 use crate::world::Publisher;
-use crate::{admin, inspect, server, session_end, socket, trim};
+use crate::{admin, inspect, seats, server, session_end, socket, trim};
 use anyhow::Context;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
@@ -88,7 +89,17 @@ async fn run(
     log_level: LogLevel,
 ) -> anyhow::Result<()> {
     let Instruments {
-        stats, decisions, pins, session_ends, reporter, kube, world, connections, handshakes_failed, ..
+        stats,
+        decisions,
+        pins,
+        seats,
+        session_ends,
+        reporter,
+        kube,
+        world,
+        connections,
+        handshakes_failed,
+        ..
     } = instruments;
     let (pin_metrics, reporter_metrics, world_metrics) = (pins, reporter, world);
     for warning in config.warnings() {
@@ -172,7 +183,7 @@ async fn run(
         telemetry,
         tunnels: TaskTracker::new(),
     });
-    spawn_pin_tasks(&handler, &config, session_ends)?;
+    spawn_pin_tasks(&handler, &config, session_ends, seats)?;
     server::serve(listeners, handler, stop_accepting, config.grace_timeout, limits, connections).await;
     Ok(())
 }
@@ -284,10 +295,23 @@ fn open_pins(config: &Config, metrics: PinMetrics) -> anyhow::Result<Pins> {
     Ok(pins)
 }
 
-/// The pin store's background work: upkeep, session ends, the split's count exchange (with
+/// The pin store's background work: upkeep, the seats' census, session ends, the split's count exchange (with
 /// Redis), and readiness once the store was tried.
-fn spawn_pin_tasks(handler: &Arc<Handler>, config: &Config, session_ends: SessionEndMetrics) -> anyhow::Result<()> {
+fn spawn_pin_tasks(
+    handler: &Arc<Handler>,
+    config: &Config,
+    session_ends: SessionEndMetrics,
+    seat_metrics: SeatMetrics,
+) -> anyhow::Result<()> {
     tokio::spawn(maintain_pins(handler.clone()));
+    let census = Census {
+        world: handler.world.clone(),
+        reporter: handler.reporter.clone(),
+        metrics: seat_metrics,
+        reserve_in_stats: config.mode == Mode::Knative,
+    };
+    let counting = handler.clone();
+    tokio::spawn(async move { seats::census_loop(census, &counting.pins).await });
     let ending = handler.clone();
     let end_keys = KeyFile::from_file("--session-end-keys", config.session_end_keys.clone())?;
     tokio::spawn(async move { session_end::run(&ending.pins, session_ends, &ending.world, end_keys).await });

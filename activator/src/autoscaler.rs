@@ -44,6 +44,11 @@ pub(crate) struct Concurrency {
     /// Whether the reporter is reporting this revision; the first request that finds it
     /// untracked pokes the autoscaler.
     tracked: AtomicBool,
+    /// Sessions waiting here for a seat (`sticky-sessions-per-pod`).
+    seats_waiting: AtomicU64,
+    /// Seats reported beside the waiting sessions: the seats held and the reserve, by the one
+    /// replica that reports them for all.
+    seats_reported: AtomicU64,
     gauge: IntGauge,
     /// The concurrency of each report (upstream's `kn_revision_request_concurrency`).
     reported: Gauge,
@@ -58,9 +63,54 @@ impl Concurrency {
             in_flight: AtomicU64::new(0),
             arrivals: AtomicU64::new(0),
             tracked: AtomicBool::new(false),
+            seats_waiting: AtomicU64::new(0),
+            seats_reported: AtomicU64::new(0),
             gauge,
             reported,
         }
+    }
+}
+
+impl Concurrency {
+    /// Counts a session waiting for a seat until the guard drops, unless `max` already wait.
+    pub(crate) fn wait_for_seat(self: &Arc<Self>, max: usize) -> Option<SeatWait> {
+        let max = u64::try_from(max).unwrap_or(u64::MAX);
+        let counted =
+            self.seats_waiting.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
+        counted.is_ok().then(|| SeatWait(self.clone()))
+    }
+
+    /// Sessions waiting here for a seat.
+    pub(crate) fn seats_waiting(&self) -> u64 {
+        self.seats_waiting.load(Ordering::Acquire)
+    }
+
+    /// Counts a session this replica just seated among the seats it reports until the next census
+    /// counts it: the session stops waiting now, and the autoscaler must not see a dip meanwhile
+    /// (one replica's report may count it twice for that moment, never zero times).
+    pub(crate) fn note_seated(&self) {
+        self.seats_reported.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Sets the seats this replica reports beside its waiting sessions (see `seats_reported`).
+    pub(crate) fn set_seats_reported(&self, seats: u64) {
+        self.seats_reported.store(seats, Ordering::Release);
+    }
+
+    /// What the autoscaler is told now: the requests in flight, or, for a revision whose pods
+    /// hold a bounded number of sessions, the seats wanted if more.
+    fn demand(&self) -> u64 {
+        let seats = self.seats_waiting.load(Ordering::Relaxed) + self.seats_reported.load(Ordering::Relaxed);
+        self.in_flight.load(Ordering::Relaxed).max(seats)
+    }
+}
+
+/// A session counted as waiting for a seat until dropped.
+pub(crate) struct SeatWait(Arc<Concurrency>);
+
+impl Drop for SeatWait {
+    fn drop(&mut self) {
+        self.0.seats_waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -114,6 +164,14 @@ impl Reporter {
         let _ = in_flight.0.arrivals.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         drop(in_flight);
         self.arrive(to)
+    }
+
+    /// Reports `revision` from now on if it is not reported yet (seats held with no request in
+    /// flight are demand too), poking the autoscaler as a first request would.
+    pub(crate) fn track(&self, revision: &Arc<Concurrency>) {
+        if !revision.tracked.swap(true, Ordering::AcqRel) {
+            let _ = self.pokes.send(revision.clone());
+        }
     }
 
     /// Counts a request that just arrived for `revision`; keep the guard until its response ends.
@@ -220,7 +278,7 @@ async fn report_loop(pod_name: String, mut poked: mpsc::UnboundedReceiver<Arc<Co
             }
             _ = sample.tick() => {
                 for t in &mut tracked {
-                    t.sum += t.revision.in_flight.load(Ordering::Relaxed);
+                    t.sum += t.revision.demand();
                     t.samples += 1;
                 }
             }

@@ -239,6 +239,11 @@ impl Handler {
             pinning.release_lost(route).await;
             return respond::session_lost(why.as_str());
         }
+        match pinning.take_seat(route).await {
+            Ok(true) => in_flight = self.reporter.redirect(in_flight, &route.revision.concurrency),
+            Ok(false) => {}
+            Err(refusal) => return refused(&route.revision, refusal),
+        }
         // What may arrive while it waits is charged until it is admitted.
         let mut charge = waiting_body_bytes(&req, inflow.as_ref());
         let body_bytes = charge.bytes;

@@ -9,6 +9,7 @@ use crate::affinity::Decisions;
 use crate::autoscaler::ReporterMetrics;
 use crate::metrics::Registrar;
 use crate::pins::PinMetrics;
+use crate::seats::SeatMetrics;
 use crate::server::ConnectionMetrics;
 use crate::session_end::SessionEndMetrics;
 use crate::source::knative::KubeMetrics;
@@ -23,6 +24,7 @@ pub struct Instruments {
     pub(crate) stats: Stats,
     pub(crate) decisions: Decisions,
     pub(crate) pins: PinMetrics,
+    pub(crate) seats: SeatMetrics,
     pub(crate) session_ends: SessionEndMetrics,
     pub(crate) reporter: ReporterMetrics,
     pub(crate) kube: KubeMetrics,
@@ -41,6 +43,7 @@ impl Instruments {
         Instruments {
             decisions: Decisions::register(&reg),
             pins: PinMetrics::register(&reg),
+            seats: SeatMetrics::register(&reg),
             session_ends: SessionEndMetrics::register(&reg),
             reporter: ReporterMetrics::register(
                 &reg,

@@ -29,6 +29,7 @@ mod request_body;
 mod respond;
 mod response_body;
 mod retry;
+mod seats;
 mod served;
 mod server;
 mod session_end;

@@ -212,7 +212,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     continue;
                 }
             }
-            _ = tick.tick() => scaler.revisions(),
+            _ = tick.tick() => {
+                // Managed revisions nobody reported yet still get their min-scale and reserve.
+                let mut revisions = scaler.revisions();
+                if let Some(managed) = &managed {
+                    revisions.extend(managed.revisions.keys().filter(|r| !revisions.contains(r)).cloned().collect::<Vec<_>>());
+                }
+                revisions
+            }
             _ = terminate.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         };
@@ -287,12 +294,23 @@ impl Managed {
     }
 }
 
+/// A revision's policy: the flags, overridden by its annotations. A revision whose pods hold a
+/// bounded number of sessions (`activator.knative.dev/sticky-sessions-per-pod`) targets that
+/// many per pod unless `autoscaling.knative.dev/target` says otherwise: the activators report its
+/// sessions (held and waiting) as its concurrency, so each pod's worth of sessions is a pod. Its
+/// `sticky-session-reserve` is kept beyond them.
 fn policy(args: &Args, annotations: Option<&RevisionAnnotations>) -> Policy {
-    let get = |key: &str| annotations.and_then(|a| a.get(&format!("autoscaling.knative.dev/{key}")));
+    let get = |key: &str| annotations.and_then(|a| a.get(key)).map(|v| v.trim());
+    let autoscaling = |key: &str| get(&format!("autoscaling.knative.dev/{key}"));
+    let per_pod =
+        get("activator.knative.dev/sticky-sessions-per-pod").and_then(|v| v.parse::<u32>().ok()).filter(|n| *n > 0);
+    let reserve = per_pod.and(get("activator.knative.dev/sticky-session-reserve")).and_then(|v| v.parse().ok());
+    let target = autoscaling("target").and_then(|v| v.parse().ok()).filter(|t: &f64| *t > 0.0);
     Policy {
-        target: get("target").and_then(|v| v.parse().ok()).filter(|t: &f64| *t > 0.0).unwrap_or(args.target),
-        min_scale: get("min-scale").and_then(|v| v.parse().ok()).unwrap_or(args.min_scale),
-        max_scale: get("max-scale").and_then(|v| v.parse().ok()).unwrap_or(args.max_scale),
+        target: target.or(per_pod.map(f64::from)).unwrap_or(args.target),
+        min_scale: autoscaling("min-scale").and_then(|v| v.parse().ok()).unwrap_or(args.min_scale),
+        max_scale: autoscaling("max-scale").and_then(|v| v.parse().ok()).unwrap_or(args.max_scale),
         idle_grace: args.scale_to_zero_grace,
+        reserve: reserve.unwrap_or(0),
     }
 }

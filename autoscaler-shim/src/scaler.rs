@@ -16,19 +16,22 @@ pub struct Policy {
     pub max_scale: u32,
     /// How long a revision must see no demand before it goes to zero.
     pub idle_grace: Duration,
+    /// Pods kept beyond the demand (`sticky-session-reserve`): with one session per pod, pods
+    /// with a free seat, so a new session starts on a warm pod.
+    pub reserve: u32,
 }
 
 /// The pods `policy` wants for a revision with `current` pods, `average` concurrency over the
-/// window, and no demand for `idle_for`.
+/// window, and no demand for `idle_for`: the demand's pods and the reserve beyond them.
 pub fn desired(policy: &Policy, current: u32, average: f64, idle_for: Duration) -> u32 {
     let want = if average > 0.0 {
-        ((average / policy.target).ceil() as u32).max(1)
+        ((average / policy.target).ceil() as u32).max(1).saturating_add(policy.reserve)
     } else if idle_for < policy.idle_grace {
         current
     } else {
         0
     };
-    let want = want.max(policy.min_scale);
+    let want = want.max(policy.reserve).max(policy.min_scale);
     if policy.max_scale > 0 { want.min(policy.max_scale) } else { want }
 }
 
@@ -93,7 +96,8 @@ impl Scaler {
 mod tests {
     use super::*;
 
-    const POLICY: Policy = Policy { target: 10.0, min_scale: 0, max_scale: 5, idle_grace: Duration::from_secs(30) };
+    const POLICY: Policy =
+        Policy { target: 10.0, min_scale: 0, max_scale: 5, idle_grace: Duration::from_secs(30), reserve: 0 };
 
     #[test]
     fn follows_demand_within_bounds() {
@@ -103,6 +107,15 @@ mod tests {
         assert_eq!(desired(&POLICY, 3, 500.0, idle), 5, "max-scale");
         assert_eq!(desired(&Policy { max_scale: 0, ..POLICY }, 3, 500.0, idle), 50, "no max");
         assert_eq!(desired(&Policy { min_scale: 2, ..POLICY }, 0, 0.0, Duration::MAX), 2, "min-scale");
+    }
+
+    #[test]
+    fn the_reserve_is_kept_beyond_the_demand_even_at_rest() {
+        let sessions = Policy { target: 1.0, max_scale: 0, reserve: 1, ..POLICY };
+        assert_eq!(desired(&sessions, 0, 0.0, Duration::MAX), 1, "a warm pod before any session");
+        assert_eq!(desired(&sessions, 1, 1.0, Duration::ZERO), 2, "one held, one free");
+        assert_eq!(desired(&sessions, 2, 3.0, Duration::ZERO), 4);
+        assert_eq!(desired(&Policy { max_scale: 3, ..sessions }, 2, 3.0, Duration::ZERO), 3, "within max-scale");
     }
 
     #[test]

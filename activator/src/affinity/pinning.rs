@@ -20,7 +20,8 @@ use super::keys::{Keys, SignedCookie};
 use super::share;
 use crate::pins::{Found, Lifetime, Pin, PinKey, PinSource, Pins, Watch};
 use crate::retry;
-use crate::throttle::Want;
+use crate::seats;
+use crate::throttle::{AcquireError, Want};
 use crate::world::{Revision, Service};
 
 /// Whether the missing cookie keys were reported; once is enough.
@@ -45,6 +46,11 @@ pub(crate) struct Route {
     session_write: Option<PinWrite>,
     /// The session's hash, by which it is placed when it is pinned anew.
     placement: Option<u64>,
+    /// A session of a revision whose pods hold a bounded number of sessions, to be pinned by a
+    /// seat's claim before admission, replacing the pin inside (`None`: it has none).
+    seat: Option<Option<Pin>>,
+    /// The pin the seat's claim left: the session's own pod.
+    seated: Option<Pin>,
 }
 
 impl Route {
@@ -162,6 +168,10 @@ impl<'a> Pinning<'a> {
             let roll = (key.placement_hash() % 100) as u32;
             let decision = decide(service, ingress_pick, || under_served(false), &lookup, roll);
             decision.session_write.as_ref()?;
+            // A seat is claimed before admission, not in the lookup.
+            if decision.revision.affinity.sessions_per_pod().is_some() {
+                return None;
+            }
             let pod = place(&decision.revision, key.placement_hash())?;
             let lifetime = session_lifetime(keys, &decision.revision);
             Some((Pin::session(decision.revision.name.clone(), pod), lifetime))
@@ -233,6 +243,12 @@ impl<'a> Pinning<'a> {
             Origin::RevisionPin => keys.flow.as_ref().map(|_| sources[1]),
             _ => has_session.then_some(sources[0]).or_else(|| keys.flow.as_ref().map(|_| sources[1])),
         };
+        let seat = match (&keys.session, &keys.signed, &decision.session_write) {
+            (Some(_), None, Some(write)) if decision.revision.affinity.sessions_per_pod().is_some() => {
+                Some(write.expected().cloned())
+            }
+            _ => None,
+        };
         let route = Route {
             revision: decision.revision,
             want: decision.want,
@@ -244,8 +260,35 @@ impl<'a> Pinning<'a> {
             session_left,
             session_write: decision.session_write,
             placement: keys.session.as_ref().map(PinKey::placement_hash),
+            seat,
+            seated: None,
         };
         (Pinning { pins, cookies, service, keys, lookup, created, cookie }, route)
+    }
+
+    /// A session of a revision whose pods hold a bounded number of sessions, new or moving, takes
+    /// a seat before admission: it is pinned to a ready pod with room, waiting for one while all
+    /// are full (`seats::take`). Returns whether the route now names another revision (another
+    /// writer pinned the session into it first).
+    pub(crate) async fn take_seat(&self, route: &mut Route) -> Result<bool, AcquireError> {
+        let (Some(expected), Some(key)) = (route.seat.take(), &self.keys.session) else { return Ok(false) };
+        let service = self.service;
+        let usable = |pin: &Pin| {
+            let revision = service.routes_to(&pin.revision);
+            revision.zip(pin.pod).is_some_and(|(revision, pod)| revision.throttler.is_ready(pod))
+        };
+        let lifetime = session_lifetime(self.keys, &route.revision);
+        let (pin, ours) = seats::take(self.pins, &route.revision, key, expected.clone(), lifetime, usable).await?;
+        let revision_changed = *pin.revision != *route.revision.name;
+        if let Some(revision) = service.routes_to(&pin.revision).filter(|_| revision_changed) {
+            route.revision = revision.clone();
+        }
+        if let Some(current) = expected.filter(|current| ours && *current != pin) {
+            route.session_left = Some(SessionLeft::Moved(departure(service, &current)));
+        }
+        route.want = pin.pod.map_or(Want::Any, Want::Pod);
+        route.seated = Some(pin);
+        Ok(revision_changed)
     }
 
     /// The request holds a slot on `pod` of `route.revision`: its session is pinned there, and
@@ -293,8 +336,10 @@ impl<'a> Pinning<'a> {
     /// Pins the session to `pod` of `route.revision`. Returns where the request must go instead
     /// if another writer pinned the session to a pod that is ready.
     async fn pin_session(&self, route: &mut Route, pod: SocketAddr) -> Option<(Arc<Revision>, SocketAddr)> {
-        // A spilled request borrows another pod; its session stays pinned where it was.
-        if route.origin == Origin::Spill {
+        // A spilled request borrows another pod; its session stays pinned where it was. A seated
+        // session was pinned by its claim; admitted elsewhere (its pod just left), its next
+        // request claims a seat again.
+        if route.origin == Origin::Spill || route.seated.is_some() {
             return None;
         }
         if let Some(cookie) = &self.keys.signed {

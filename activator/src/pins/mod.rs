@@ -11,6 +11,7 @@
 mod memory;
 mod metrics;
 mod redis;
+mod seats;
 mod shared;
 
 use std::collections::{HashMap, HashSet};
@@ -26,6 +27,7 @@ pub use memory::MemoryPins;
 pub use metrics::PinMetrics;
 pub(crate) use redis::RedisClient;
 pub use redis::{Deployment, RedisTls};
+pub use seats::{Claim, SeatClaim};
 pub use shared::SharedConfig;
 pub(crate) use shared::admin::{DRAINED_POD, delete_pin, drain_pod, key_report, pin_targets};
 pub(crate) use shared::{Purpose, SharedPins};
@@ -313,6 +315,8 @@ pub struct Pins {
     /// The label sets `by_pod` has series for, so a pod's series goes when its last pin does.
     published: Mutex<HashSet<[String; 4]>>,
     maintained: AtomicU64,
+    /// The seats of this replica's pins: the seat index without Redis, the fallback with it.
+    seats: seats::LocalSeats,
 }
 
 /// Live session pins by service scope (`<namespace>/<service>`), revision and pod.
@@ -336,7 +340,14 @@ impl Pins {
     }
 
     fn with_memory(memory: Arc<MemoryPins>, shared: Option<Arc<SharedPins>>, metrics: PinMetrics) -> Self {
-        Pins { memory, shared, metrics, published: Mutex::default(), maintained: AtomicU64::new(0) }
+        Pins {
+            memory,
+            shared,
+            metrics,
+            published: Mutex::default(),
+            maintained: AtomicU64::new(0),
+            seats: seats::LocalSeats::default(),
+        }
     }
 
     /// The pins of a request's session and flow keys, found in one go: with the shared store, keys
@@ -404,6 +415,47 @@ impl Pins {
         match &self.shared {
             Some(shared) => shared.release(key, expected).await,
             None => self.memory.remove(key),
+        }
+    }
+
+    /// Pins a session of a revision with a cap on sessions per pod to the first candidate pod
+    /// with a free seat, atomically with every other claim (through Redis, every replica's):
+    /// or says whose pin holds instead, or that every candidate is full.
+    pub async fn claim_seat(&self, claim: &SeatClaim<'_>) -> Claim {
+        let shared = match &self.shared {
+            Some(shared) => shared.claim_seat(claim).await,
+            None => None,
+        };
+        let claimed = shared.unwrap_or_else(|| self.seats.claim(&self.memory, claim));
+        match &claimed {
+            Claim::Seated(pin) => {
+                self.seats.note(claim.key, pin);
+                let wrote = if claim.expected.is_some() { metrics::Wrote::Repin } else { metrics::Wrote::New };
+                self.metrics.writes.get((PinKind::Session, wrote)).inc();
+            }
+            Claim::Taken(_) => self.metrics.writes.get((PinKind::Session, metrics::Wrote::Conflict)).inc(),
+            Claim::Full => {}
+        }
+        claimed
+    }
+
+    /// Live seats of each of `pods` of `revision` in `scope`: for every replica through Redis,
+    /// else (or while Redis does not answer) as this replica's pins say.
+    pub async fn seats_held(&self, scope: &Arc<str>, revision: &Arc<str>, pods: &[SocketAddr]) -> Vec<u64> {
+        if let Some(shared) = &self.shared
+            && let Ok(held) = shared.seats_held(scope, revision, pods).await
+        {
+            return held;
+        }
+        self.seats.held(&self.memory, scope, revision, pods)
+    }
+
+    /// Whether this replica is the one that does `what` for all (a lease in Redis renewed every
+    /// `period`); without Redis, the only replica is. `None` while Redis does not answer.
+    pub async fn lead(&self, what: &str, period: Duration) -> Option<bool> {
+        match &self.shared {
+            Some(shared) => shared.lead(what, period).await.ok(),
+            None => Some(true),
         }
     }
 

@@ -94,6 +94,21 @@ impl Throttler {
         }
     }
 
+    /// The ready pods a new session of a revision with a cap on sessions per pod may claim a seat
+    /// on, fewest sessions first (then fewest requests in flight, then address), at most `limit`.
+    /// Every replica's pods, not only this one's subset: a seat is a seat wherever it is.
+    pub(crate) fn seat_candidates(&self, limit: usize) -> Vec<SocketAddr> {
+        let pods = self.pods.load();
+        let mut order: Vec<&Arc<Pod>> = pods.iter().collect();
+        order.sort_by_key(|p| (p.sessions.load(Ordering::Relaxed), p.in_flight(), p.addr));
+        order.into_iter().take(limit).map(|p| p.addr).collect()
+    }
+
+    /// Each ready pod with the live sessions last counted for it.
+    pub(crate) fn sessions_by_pod(&self) -> Vec<(SocketAddr, u64)> {
+        self.pods.load().iter().map(|p| (p.addr, p.sessions.load(Ordering::Relaxed))).collect()
+    }
+
     /// The ready pod `hash` picks by rendezvous hashing: replicas that list the same pods pick
     /// the same one with nothing to agree through, and a pod leaving moves only the keys it had.
     pub(crate) fn rendezvous(&self, hash: u64) -> Option<SocketAddr> {

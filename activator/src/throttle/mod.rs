@@ -229,6 +229,18 @@ impl Throttler {
         self.waiting.load(Ordering::Relaxed)
     }
 
+    /// Completes when the ready pods change (one joins, leaves, or passes its probe). Enable it
+    /// before reading the pods, so a change in between is not missed.
+    pub(crate) fn pods_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.probed.notified()
+    }
+
+    /// The most requests that may wait for this revision; sessions waiting for a seat are bounded
+    /// alike.
+    pub(crate) fn max_waiting(&self) -> usize {
+        self.limits.max_waiting
+    }
+
     /// Takes a slot on a pod, waiting in FIFO order while every eligible pod is full or no pod
     /// is ready. `body_bytes` is what the request's body may occupy while it waits.
     pub(crate) async fn acquire(self: &Arc<Self>, want: Want, body_bytes: u64) -> Result<Lease, AcquireError> {

@@ -173,7 +173,10 @@ impl Snapshot {
             *by_revision.entry((namespace, revision)).or_default().entry(*pod).or_default() += n;
         }
         let empty = HashMap::new();
-        for target in self.services.iter().flat_map(|s| &s.traffic) {
+        // Seats are counted for every replica by their own census.
+        let uncapped =
+            self.services.iter().flat_map(|s| &s.traffic).filter(|t| t.revision.affinity.sessions_per_pod().is_none());
+        for target in uncapped {
             let revision = &target.revision;
             let pods = by_revision.get(&(revision.namespace.as_str(), &*revision.name)).unwrap_or(&empty);
             revision.throttler.set_sessions(|pod| pods.get(&pod).copied().unwrap_or(0));

@@ -110,6 +110,11 @@ settings! {
     /// A client that sends no session id is given one in the session header (GEP-1619's Header
     /// type): API and gRPC clients, which keep no cookies.
     generate_id: bool = "sticky-session-generate-id" by read_flag;
+    /// Sessions one pod may hold at once (`1`: exclusive); a new session waits for a pod with a
+    /// free seat, and its wait is demand for another pod.
+    sessions_per_pod: u32 = "sticky-sessions-per-pod" by read_sessions_per_pod;
+    /// Pods with a free seat kept beyond the sessions held, so a new session finds one warm.
+    session_reserve: u32 = "sticky-session-reserve" by read_reserve;
 }
 
 /// The annotations that add a place an id is read from, after `sticky-session-` (session ids)
@@ -188,6 +193,17 @@ impl Annotated {
         self.settings.spill_threshold
     }
 
+    /// With `sticky-sessions-per-pod`, the live sessions one pod may hold.
+    pub(crate) fn sessions_per_pod(&self) -> Option<u32> {
+        self.settings.sessions_per_pod
+    }
+
+    /// With `sticky-session-reserve` (and a cap on sessions per pod), the pods with a free seat
+    /// to keep beyond the sessions held.
+    pub(crate) fn session_reserve(&self) -> u32 {
+        self.settings.sessions_per_pod.and(self.settings.session_reserve).unwrap_or(0)
+    }
+
     /// Pin lifetime for pins into this revision.
     pub(crate) fn lifetime(&self) -> Lifetime {
         Lifetime { ttl: self.settings.ttl.unwrap_or(DEFAULT_TTL), max_age: self.settings.max_age }
@@ -252,6 +268,22 @@ fn read_threshold(value: &str, report: &mut dyn FnMut(String)) -> Option<usize> 
     let read = value.parse::<usize>().ok().filter(|n| (1..=100_000).contains(n));
     if read.is_none() {
         report(format!("{value:?} is not a number of waiting requests from 1 to 100000"));
+    }
+    read
+}
+
+fn read_sessions_per_pod(value: &str, report: &mut dyn FnMut(String)) -> Option<u32> {
+    let read = value.parse::<u32>().ok().filter(|n| (1..=100_000).contains(n));
+    if read.is_none() {
+        report(format!("{value:?} is not a number of sessions per pod from 1 to 100000"));
+    }
+    read
+}
+
+fn read_reserve(value: &str, report: &mut dyn FnMut(String)) -> Option<u32> {
+    let read = value.parse::<u32>().ok().filter(|n| *n <= 1000);
+    if read.is_none() {
+        report(format!("{value:?} is not a number of pods from 0 to 1000"));
     }
     read
 }
@@ -794,6 +826,18 @@ pub(crate) mod tests {
     }
 
     /// The default id headers: the service's word (or a revision's), then the cluster's.
+    #[test]
+    fn sessions_per_pod_and_the_reserve_are_counts() {
+        let (a, errors) = annotated(&[("sticky-sessions-per-pod", "1"), ("sticky-session-reserve", "2")]);
+        assert_eq!((a.sessions_per_pod(), a.session_reserve(), errors.len()), (Some(1), 2, 0));
+        assert_eq!(annotated(&[("sticky-session-reserve", "2")]).0.session_reserve(), 0, "a reserve needs a cap");
+        for bad in ["0", "-1", "many", "100001"] {
+            let (a, errors) = annotated(&[("sticky-sessions-per-pod", bad)]);
+            assert_eq!((a.sessions_per_pod(), errors.len()), (None, 1), "{bad}");
+        }
+        assert_eq!(annotated(&[("sticky-sessions-per-pod", "2"), ("sticky-session-reserve", "x")]).1.len(), 1);
+    }
+
     #[test]
     fn default_ids_follow_the_service_then_the_cluster() {
         let has_defaults = |p: &Policy| {

@@ -21,6 +21,7 @@ mod redis_failover;
 mod scale_from_zero;
 mod session_end;
 mod session_semantics;
+mod sessions_capacity;
 mod shared_pins;
 mod signed_cookie;
 mod split;

@@ -310,6 +310,14 @@ impl MemoryPins {
         Some(pins.table.pin(slot).clone())
     }
 
+    /// The live pin at `key` as it is, without using it (its idle lifetime is not extended).
+    pub fn peek(&self, key: &PinKey) -> Option<Pin> {
+        let now = clock(Instant::now());
+        let pins = self.shard(key);
+        let slot = pins.table.find(key)?;
+        pins.table.meta(slot).is_live(now).then(|| pins.table.pin(slot).clone())
+    }
+
     /// Pins `key` unless it holds a live pin other than `expected` (`None`: unless it holds
     /// any): first writer wins, and re-pins are compare-and-set.
     pub fn write(&self, key: &PinKey, expected: Option<&Pin>, pin: Pin, lifetime: Lifetime) -> Written {

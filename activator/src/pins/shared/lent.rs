@@ -22,6 +22,9 @@ pub(crate) enum Purpose {
     Split,
     /// Claiming the call that tells a pod a session ended.
     End,
+    /// Counting seats (`sticky-sessions-per-pod`) and holding the lease of the replica that
+    /// reports them.
+    Seats,
 }
 
 impl SharedPins {
@@ -36,6 +39,7 @@ impl SharedPins {
         let op = match purpose {
             Purpose::Split => Op::Split,
             Purpose::End => Op::End,
+            Purpose::Seats => Op::Seats,
         };
         self.timed(op, REFRESH_TIMEOUT, call(conn)).await
     }

@@ -40,6 +40,7 @@ mod lent;
 mod lookup;
 mod refresh;
 mod restore;
+mod seats;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -129,6 +130,10 @@ label_values! {
         Restore = "restore",
         /// Releasing a strict session's pin whose pod is gone.
         Release = "release",
+        /// Pinning a session to a pod with a free seat (`sticky-sessions-per-pod`).
+        Claim = "claim",
+        /// Counting seats, and the lease of the replica that reports them.
+        Seats = "seats",
     }
 }
 
@@ -194,6 +199,7 @@ pub(crate) struct SharedPins {
     repin: redis::Script,
     create: redis::Script,
     release: redis::Script,
+    seat_scripts: seats::SeatScripts,
     metrics: StoreMetrics,
     /// Set once the first connection attempt ended, however it ended.
     tried: tokio::sync::watch::Sender<bool>,
@@ -232,6 +238,7 @@ impl SharedPins {
             repin: redis::Script::new(REPIN_SCRIPT),
             create: redis::Script::new(lookup::CREATE_SCRIPT),
             release: redis::Script::new(RELEASE_SCRIPT),
+            seat_scripts: seats::SeatScripts::default(),
             config,
             metrics,
             tried: tokio::sync::watch::Sender::new(false),

@@ -1,0 +1,176 @@
+//! Seats in Redis: a session claims a seat on a pod and is pinned there in one script, so
+//! claims racing through any replicas never put more sessions on a pod than its cap; the count
+//! of live seats per pod, for the autoscaler and the scale-down order; and a lease naming the one
+//! replica that reports and writes what all replicas share (`lead`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use redis::RedisResult;
+
+use super::{INVALIDATIONS, Op, Purpose, SharedPins};
+use crate::pins::redis::RedisConnection;
+use crate::pins::seats::{Claim, SeatClaim, seat_set_key};
+use crate::pins::{Pin, millis};
+
+/// Seat sets outlive every pin in them by this much after their last claim or count: a set of a
+/// pod that left goes by itself.
+const SEAT_SET_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Counts a seat set's live members into `live`, pruning the others: a member counts while its
+/// pin names the set's target (`<revision> <pod>`), and `skip` (the claiming key) never does.
+const COUNT_SEATS: &str = r"
+local function live_seats(set, target, skip)
+  local live = 0
+  for _, member in ipairs(redis.call('SMEMBERS', set)) do
+    local value = redis.call('GET', member)
+    if member ~= skip and value and string.match(value, '^(%S+ %S+) ') == target then
+      live = live + 1
+    else
+      redis.call('SREM', set, member)
+    end
+  end
+  return live
+end
+";
+
+/// KEYS: the session's pin, then the seat set of each candidate pod in order. ARGV: the target the
+/// pin must still name ('' for none), the cap, the pin's TTL in ms, the revision, the written
+/// time in ms, the seat sets' TTL in ms, the invalidation channel, this replica, then the
+/// candidate pods. Returns `{0, value}` when it pinned the session, `{1, value}` with the pin
+/// that holds instead, `{2}` when every candidate is full.
+const CLAIM_SCRIPT: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current and (ARGV[1] == '' or string.match(current, '^(%S+ %S+) ') ~= ARGV[1]) then
+  return {1, current}
+end
+local cap = tonumber(ARGV[2])
+for i = 2, #KEYS do
+  local target = ARGV[4] .. ' ' .. ARGV[7 + i]
+  if live_seats(KEYS[i], target, KEYS[1]) < cap then
+    local value = target .. ' ' .. ARGV[5]
+    redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
+    redis.call('SADD', KEYS[i], KEYS[1])
+    redis.call('PEXPIRE', KEYS[i], ARGV[6])
+    if current then redis.call('PUBLISH', ARGV[7], KEYS[1] .. ' ' .. ARGV[8]) end
+    return {0, value}
+  end
+end
+return {2, false}
+";
+
+/// KEYS: the seat sets of a revision's pods. ARGV: the revision, the sets' TTL in ms, the pods.
+/// Returns each pod's live seats.
+const HELD_SCRIPT: &str = r"
+local held = {}
+for i = 1, #KEYS do
+  held[i] = live_seats(KEYS[i], ARGV[1] .. ' ' .. ARGV[2 + i], '')
+  if held[i] > 0 then redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
+end
+return held
+";
+
+/// Takes the lease `KEYS[1]` for `ARGV[1]` for `ARGV[2]` ms if it is free or already its own.
+/// 1 if held now.
+const LEASE_SCRIPT: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+/// The scripts, built once.
+#[derive(Clone)]
+pub(super) struct SeatScripts {
+    claim: redis::Script,
+    held: redis::Script,
+    lease: redis::Script,
+}
+
+impl Default for SeatScripts {
+    fn default() -> Self {
+        SeatScripts {
+            claim: redis::Script::new(&format!("{COUNT_SEATS}{CLAIM_SCRIPT}")),
+            held: redis::Script::new(&format!("{COUNT_SEATS}{HELD_SCRIPT}")),
+            lease: redis::Script::new(LEASE_SCRIPT),
+        }
+    }
+}
+
+impl SharedPins {
+    /// Claims a seat in Redis and pins the session there (see `CLAIM_SCRIPT`); `None` if Redis
+    /// cannot be asked now, for the caller to claim among this replica's pins.
+    pub(crate) async fn claim_seat(&self, claim: &SeatClaim<'_>) -> Option<Claim> {
+        let (mut conn, granted) = self.available()?;
+        let scope = claim.key.scope();
+        let written = SystemTime::now();
+        let mut invocation = self.seat_scripts.claim.prepare_invoke();
+        invocation.key(claim.key.to_string());
+        for &pod in claim.candidates {
+            invocation.key(seat_set_key(scope, claim.revision, pod));
+        }
+        invocation
+            .arg(claim.expected.map(Pin::target).unwrap_or_default())
+            .arg(claim.per_pod)
+            .arg(millis(claim.lifetime.remaining(Duration::ZERO)))
+            .arg(&**claim.revision)
+            .arg(crate::pins::unix_millis(written))
+            .arg(millis(SEAT_SET_TTL))
+            .arg(INVALIDATIONS)
+            .arg(&self.replica);
+        for pod in claim.candidates {
+            invocation.arg(pod.to_string());
+        }
+        let call = async move { invocation.invoke_async::<(u8, Option<Vec<u8>>)>(&mut conn).await };
+        let (outcome, value) = self.call(Op::Claim, granted, call).await?;
+        let decoded = value.and_then(|value| self.decode(claim.key, &value));
+        match (outcome, decoded) {
+            (0, Some((pin, written))) => {
+                self.memory.put_verified(claim.key, pin.clone(), claim.lifetime, written);
+                Some(Claim::Seated(pin))
+            }
+            (1, Some((pin, written))) => {
+                self.memory.put_verified(claim.key, pin.clone(), claim.lifetime, written);
+                Some(Claim::Taken(pin))
+            }
+            // Garbage under the key reads as no pin: the claim treats it as one to replace.
+            (1, None) => None,
+            _ => Some(Claim::Full),
+        }
+    }
+
+    /// Live seats of each of `pods` of `revision` in `scope`, as Redis counts them for every
+    /// replica; an error if Redis did not answer.
+    pub(crate) async fn seats_held(
+        &self,
+        scope: &Arc<str>,
+        revision: &Arc<str>,
+        pods: &[SocketAddr],
+    ) -> Result<Vec<u64>, String> {
+        let mut invocation = self.seat_scripts.held.prepare_invoke();
+        for &pod in pods {
+            invocation.key(seat_set_key(scope, revision, pod));
+        }
+        invocation.arg(&**revision).arg(millis(SEAT_SET_TTL));
+        for pod in pods {
+            invocation.arg(pod.to_string());
+        }
+        self.lend(Purpose::Seats, |mut conn: RedisConnection| async move {
+            let held: RedisResult<Vec<u64>> = invocation.invoke_async(&mut conn).await;
+            held
+        })
+        .await
+    }
+
+    /// Whether this replica holds the lease `name` (taking or keeping it for `period`): the one
+    /// replica that does what must be done once for all. An error if Redis did not answer.
+    pub(crate) async fn lead(&self, name: &str, period: Duration) -> Result<bool, String> {
+        let mut invocation = self.seat_scripts.lease.prepare_invoke();
+        invocation.key(format!("aa:lease:{name}")).arg(&self.replica).arg(millis(period));
+        self.lend(Purpose::Seats, |mut conn: RedisConnection| async move {
+            invocation.invoke_async::<u8>(&mut conn).await.map(|held| held == 1)
+        })
+        .await
+    }
+}

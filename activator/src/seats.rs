@@ -1,0 +1,215 @@
+//! Sessions as capacity (`sticky-sessions-per-pod`): a pod of such a revision holds at most that
+//! many live sessions. Owns the two halves of it around the pin table's atomic claim
+//! (`pins::Pins::claim_seat`):
+//! - `take`, on the request path: a new (or moved) session claims a seat on a ready pod, fewest
+//!   sessions first, and waits while every pod is full, bounded as requests waiting for a cold
+//!   revision are; its wait is demand the autoscaler hears of.
+//! - `census_loop`, once a second: the live seats of each pod, counted for every replica (through
+//!   Redis), given to the throttler (the order of the next claims, the scale-down order) and to
+//!   the metrics, and the seats to report as demand: the waiting sessions by each replica, the
+//!   held seats and the warm reserve by the one replica that holds the lease.
+//!
+//! Must not decide which revision a session goes to (`affinity` does) nor hand out request slots
+//! (`throttle` does).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use prometheus::IntGaugeVec;
+
+use crate::autoscaler::{Reporter, SeatWait};
+use crate::metrics::Registrar;
+use crate::pins::{Claim, Lifetime, Pin, PinKey, Pins, SeatClaim};
+use crate::throttle::AcquireError;
+use crate::world::{Revision, Snapshot};
+
+/// Pods a claim tries, fewest sessions first; enough for any cap to find room among pods that
+/// the last census found empty.
+const CANDIDATES: usize = 64;
+/// How often a waiting session tries again without news here: a seat freed through another
+/// replica, or by an idle pin expiring, says nothing to this one.
+const RETRY: Duration = Duration::from_millis(200);
+/// How often seats are counted.
+const CENSUS_PERIOD: Duration = Duration::from_secs(1);
+/// The lease of the replica that reports held seats and the reserve outlives a missed renewal.
+const LEASE: Duration = Duration::from_secs(5);
+
+/// Claims a seat for the session `key` in `revision` (whose pods hold at most `per_pod`
+/// sessions) and pins it there, replacing `expected` (its pin to a pod that left; `None` for a
+/// new session). Waits while every ready pod is full or none is ready. Returns the pin that
+/// holds: ours, or another writer's that `usable` accepts (one it refuses, to a pod that left, is
+/// replaced in turn), and whether it is ours. `QueueFull` when as many sessions as requests may
+/// wait already wait.
+pub(crate) async fn take(
+    pins: &Pins,
+    revision: &Arc<Revision>,
+    key: &PinKey,
+    mut expected: Option<Pin>,
+    lifetime: Lifetime,
+    usable: impl Fn(&Pin) -> bool,
+) -> Result<(Pin, bool), AcquireError> {
+    let per_pod = revision.affinity.sessions_per_pod().unwrap_or(u32::MAX);
+    let throttler = &revision.throttler;
+    let mut waiting: Option<SeatWait> = None;
+    loop {
+        let changed = throttler.pods_changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let candidates = throttler.seat_candidates(CANDIDATES);
+        if !candidates.is_empty() {
+            let claim = SeatClaim {
+                key,
+                expected: expected.as_ref(),
+                revision: &revision.name,
+                candidates: &candidates,
+                per_pod,
+                lifetime,
+            };
+            match pins.claim_seat(&claim).await {
+                Claim::Seated(pin) => {
+                    if let Some(pod) = pin.pod {
+                        throttler.note_session(pod);
+                    }
+                    revision.concurrency.note_seated();
+                    return Ok((pin, true));
+                }
+                Claim::Taken(pin) if usable(&pin) => return Ok((pin, false)),
+                Claim::Taken(pin) => {
+                    expected = Some(pin);
+                    continue;
+                }
+                Claim::Full => {}
+            }
+        }
+        if waiting.is_none() {
+            let wait = revision.concurrency.wait_for_seat(throttler.max_waiting());
+            waiting = Some(wait.ok_or(AcquireError::QueueFull)?);
+        }
+        tokio::select! {
+            () = changed => {}
+            () = tokio::time::sleep(RETRY) => {}
+        }
+    }
+}
+
+/// What the seats look like, per revision and per pod.
+#[derive(Clone)]
+pub(crate) struct SeatMetrics {
+    held: IntGaugeVec,
+    held_by_pod: IntGaugeVec,
+    waiting: IntGaugeVec,
+    waiting_by_pod: IntGaugeVec,
+}
+
+impl SeatMetrics {
+    pub(crate) fn register(reg: &Registrar) -> Self {
+        let revision = ["namespace", "service", "revision"];
+        let pod = ["namespace", "service", "revision", "pod"];
+        SeatMetrics {
+            held: reg.gauge_vec(
+                "activator_sessions_held",
+                "Live sessions on the pods of a revision with sticky-sessions-per-pod, counted for every replica",
+                &revision,
+            ),
+            held_by_pod: reg.gauge_vec(
+                "activator_sessions_held_by_pod",
+                "Live sessions one pod holds, of a revision with sticky-sessions-per-pod",
+                &pod,
+            ),
+            waiting: reg.gauge_vec(
+                "activator_sessions_waiting",
+                "New sessions waiting in this replica for a pod with a free seat",
+                &revision,
+            ),
+            waiting_by_pod: reg.gauge_vec(
+                "activator_sessions_waiting_by_pod",
+                "Requests of seated sessions waiting in this replica for their pod's capacity",
+                &pod,
+            ),
+        }
+    }
+}
+
+/// How the seats' census runs.
+pub(crate) struct Census {
+    pub world: Arc<ArcSwap<Snapshot>>,
+    pub reporter: Reporter,
+    pub metrics: SeatMetrics,
+    /// Whether the reserve is reported to the autoscaler as demand (Knative's autoscaler knows no
+    /// reserve); otherwise autoscaler-shim keeps it itself, from the same annotation.
+    pub reserve_in_stats: bool,
+}
+
+/// Once a second: counts the seats of every revision with a cap on sessions per pod (see the
+/// module's doc).
+pub(crate) async fn census_loop(census: Census, pins: &Pins) {
+    let mut tick = tokio::time::interval(CENSUS_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut published: Vec<[String; 4]> = Vec::new();
+    loop {
+        tick.tick().await;
+        let world = census.world.load_full();
+        let capped = capped_revisions(&world);
+        if capped.is_empty() && published.is_empty() {
+            continue;
+        }
+        // A replica that cannot tell whether it leads reports no held seats: the autoscaler sees
+        // too few for a moment rather than twice as many.
+        let leads = pins.lead("seats", LEASE).await.unwrap_or(false);
+        let mut now_published = Vec::new();
+        for (scope, revision) in &capped {
+            let throttler = &revision.throttler;
+            let pods: Vec<SocketAddr> = throttler.sessions_by_pod().into_iter().map(|(pod, _)| pod).collect();
+            let held = pins.seats_held(scope, &revision.name, &pods).await;
+            throttler.set_sessions(|pod| pods.iter().position(|p| *p == pod).map_or(0, |i| held[i]));
+            let total: u64 = held.iter().sum();
+            let per_pod = u64::from(revision.affinity.sessions_per_pod().unwrap_or(1));
+            let reserve =
+                if census.reserve_in_stats { u64::from(revision.affinity.session_reserve()) * per_pod } else { 0 };
+            let concurrency = &revision.concurrency;
+            concurrency.set_seats_reported(if leads { total + reserve } else { 0 });
+            if (leads && total + reserve > 0) || concurrency.seats_waiting() > 0 {
+                census.reporter.track(concurrency);
+            }
+            let labels = [revision.namespace.as_str(), revision.service.as_str(), &revision.name];
+            census.metrics.held.with_label_values(&labels).set(gauge(total));
+            census.metrics.waiting.with_label_values(&labels).set(gauge(concurrency.seats_waiting()));
+            for (pod, n) in pods.iter().zip(&held) {
+                let labels = [labels[0].to_owned(), labels[1].to_owned(), labels[2].to_owned(), pod.to_string()];
+                let refs = labels.each_ref().map(String::as_str);
+                census.metrics.held_by_pod.with_label_values(&refs).set(gauge(*n));
+                let queued = throttler.queued_for(*pod).unwrap_or(0) as u64;
+                census.metrics.waiting_by_pod.with_label_values(&refs).set(gauge(queued));
+                now_published.push(labels);
+            }
+        }
+        for gone in published.iter().filter(|l| !now_published.contains(l)) {
+            let refs = gone.each_ref().map(String::as_str);
+            let _ = census.metrics.held_by_pod.remove_label_values(&refs);
+            let _ = census.metrics.waiting_by_pod.remove_label_values(&refs);
+        }
+        published = now_published;
+    }
+}
+
+/// Each revision whose pods hold a bounded number of sessions, once, with the scope its
+/// sessions' pins are kept in.
+fn capped_revisions(world: &Snapshot) -> Vec<(Arc<str>, Arc<Revision>)> {
+    let mut capped: Vec<(Arc<str>, Arc<Revision>)> = Vec::new();
+    for service in world.services() {
+        for target in &service.traffic {
+            let revision = &target.revision;
+            let listed = capped.iter().any(|(_, r)| Arc::ptr_eq(&r.throttler, &revision.throttler));
+            if revision.affinity.sessions_per_pod().is_some() && !listed {
+                capped.push((service.affinity.scope().clone(), revision.clone()));
+            }
+        }
+    }
+    capped
+}
+
+fn gauge(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
