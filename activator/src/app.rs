@@ -13,6 +13,7 @@ use std::time::Duration;
 use crate::affinity::{CookieKeys, share};
 use crate::autoscaler::{Reporter, ReporterConfig, ReporterMetrics};
 use crate::config::{Cli, Command, Config, LogFormat, Mode, PinStore};
+use crate::deletion_cost::DeletionCost;
 use crate::handler::Handler;
 use crate::health::Health;
 use crate::instruments::Instruments;
@@ -93,6 +94,7 @@ async fn run(
         decisions,
         pins,
         seats,
+        deletion_cost,
         session_ends,
         reporter,
         kube,
@@ -184,6 +186,12 @@ async fn run(
         tunnels: TaskTracker::new(),
     });
     spawn_pin_tasks(&handler, &config, session_ends, seats)?;
+    if config.pod_deletion_cost && config.mode != Mode::Local {
+        let client = kube::Client::try_default().await.context("--pod-deletion-cost needs the Kubernetes API")?;
+        let writer = DeletionCost { client, interval: config.pod_deletion_cost_interval, metrics: deletion_cost };
+        let writing = handler.clone();
+        tokio::spawn(async move { writer.run(writing.world.clone(), &writing.pins).await });
+    }
     server::serve(listeners, handler, stop_accepting, config.grace_timeout, limits, connections).await;
     Ok(())
 }

@@ -275,6 +275,16 @@ pub(crate) struct Config {
     #[arg(long, env = "ACTIVATOR_PIN_REFRESH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub pin_refresh_interval: Duration,
 
+    /// Pin-aware scale-down: keep each pod's `controller.kubernetes.io/pod-deletion-cost`
+    /// annotation at its live sessions, so a ReplicaSet scaling down removes the pod with the
+    /// fewest first (Knative and standalone modes; needs the optional RBAC rule to patch pods).
+    #[arg(long, env = "ACTIVATOR_POD_DELETION_COST", default_value_t = false, action = clap::ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub pod_deletion_cost: bool,
+
+    /// How often `--pod-deletion-cost` brings the annotations up to date (at most 50 pods a round).
+    #[arg(long, env = "ACTIVATOR_POD_DELETION_COST_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub pod_deletion_cost_interval: Duration,
+
     /// Whether services read the default id headers `K-Session` and `K-Revision` unless their
     /// `sticky-default-ids` annotation says otherwise. In Knative mode the ConfigMap
     /// `config-affinity-activator`'s `default-ids` key, when set, wins over this.
@@ -353,6 +363,9 @@ impl Config {
         let mut warnings = Vec::new();
         if self.pin_store == Some(PinStore::Memory) && self.redis_url.is_some() {
             warnings.push("--redis-url is ignored: --pin-store memory keeps pins in this replica only".to_owned());
+        }
+        if self.pod_deletion_cost && self.mode == Mode::Local {
+            warnings.push("--pod-deletion-cost is ignored in local mode: there are no Kubernetes pods".to_owned());
         }
         warnings
     }

@@ -7,6 +7,7 @@ use prometheus::IntCounter;
 
 use crate::affinity::Decisions;
 use crate::autoscaler::ReporterMetrics;
+use crate::deletion_cost::DeletionCostMetrics;
 use crate::metrics::Registrar;
 use crate::pins::PinMetrics;
 use crate::seats::SeatMetrics;
@@ -25,6 +26,7 @@ pub struct Instruments {
     pub(crate) decisions: Decisions,
     pub(crate) pins: PinMetrics,
     pub(crate) seats: SeatMetrics,
+    pub(crate) deletion_cost: DeletionCostMetrics,
     pub(crate) session_ends: SessionEndMetrics,
     pub(crate) reporter: ReporterMetrics,
     pub(crate) kube: KubeMetrics,
@@ -44,6 +46,7 @@ impl Instruments {
             decisions: Decisions::register(&reg),
             pins: PinMetrics::register(&reg),
             seats: SeatMetrics::register(&reg),
+            deletion_cost: DeletionCostMetrics::register(&reg),
             session_ends: SessionEndMetrics::register(&reg),
             reporter: ReporterMetrics::register(
                 &reg,

@@ -11,6 +11,7 @@ pub mod app;
 mod autoscaler;
 mod backoff;
 mod config;
+mod deletion_cost;
 mod go;
 mod handler;
 mod headers;

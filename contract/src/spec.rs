@@ -70,6 +70,10 @@ pub struct Backends {
     pub subset: Option<Subset>,
     /// With system-internal TLS: how each pod (and the private Service) is reached over TLS.
     pub tls: Option<TlsPorts>,
+    /// The Kubernetes Pod behind each address, where the platform names it (an Endpoints
+    /// address's or an EndpointSlice endpoint's `targetRef`): whose `pod-deletion-cost` follows
+    /// its sessions.
+    pub pod_names: std::collections::BTreeMap<SocketAddr, String>,
 }
 
 /// Where a revision's pods take TLS, and the namespace their certificates must name.

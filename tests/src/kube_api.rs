@@ -8,6 +8,11 @@
 //! closed at once. Tests put and delete objects (see
 //! `knative` for Knative-shaped ones) and the activator sees them through kube-rs.
 //!
+//! Beyond list and watch, what the activator and autoscaler-shim change: a merge `PATCH` of one
+//! object (pod annotations), `GET` of one object, and a Deployment's `scale` subresource (`GET`,
+//! merge `PATCH` of `spec.replicas`). Every patch is recorded, for tests to see what was written
+//! and when.
+//!
 //! One server serves any number of tests' objects; each test starts its own.
 
 use std::collections::{BTreeMap, HashSet};
@@ -36,10 +41,13 @@ pub enum Kind {
     Service,
     ConfigMap,
     Secret,
+    Pod,
+    Deployment,
+    EndpointSlice,
 }
 
 impl Kind {
-    const ALL: [Kind; 7] = [
+    const ALL: [Kind; 10] = [
         Kind::Revision,
         Kind::Route,
         Kind::KnativeService,
@@ -47,6 +55,9 @@ impl Kind {
         Kind::Service,
         Kind::ConfigMap,
         Kind::Secret,
+        Kind::Pod,
+        Kind::Deployment,
+        Kind::EndpointSlice,
     ];
 
     /// API group prefix and resource plural, as in the request path.
@@ -59,6 +70,9 @@ impl Kind {
             Kind::Service => ("api/v1", "services"),
             Kind::ConfigMap => ("api/v1", "configmaps"),
             Kind::Secret => ("api/v1", "secrets"),
+            Kind::Pod => ("api/v1", "pods"),
+            Kind::Deployment => ("apis/apps/v1", "deployments"),
+            Kind::EndpointSlice => ("apis/discovery.k8s.io/v1", "endpointslices"),
         }
     }
 
@@ -71,15 +85,18 @@ impl Kind {
             Kind::Service => "ServiceList",
             Kind::ConfigMap => "ConfigMapList",
             Kind::Secret => "SecretList",
+            Kind::Pod => "PodList",
+            Kind::Deployment => "DeploymentList",
+            Kind::EndpointSlice => "EndpointSliceList",
         }
     }
 
-    /// What an RBAC denial of this kind says, as the API server words it.
-    fn forbidden_message(self) -> String {
+    /// What an RBAC denial of `verb` on this kind says, as the API server words it.
+    fn forbidden_message(self, verb: &str) -> String {
         let (prefix, plural) = self.resource();
         let group = prefix.strip_prefix("apis/").and_then(|g| g.split('/').next()).unwrap_or("");
         format!(
-            "{plural}{} is forbidden: User \"system:serviceaccount:knative-serving:activator\" cannot list \
+            "{plural}{} is forbidden: User \"system:serviceaccount:knative-serving:activator\" cannot {verb} \
              resource \"{plural}\" in API group \"{group}\" at the cluster scope",
             if group.is_empty() { String::new() } else { format!(".{group}") }
         )
@@ -122,6 +139,35 @@ struct Store {
     forbidden: HashSet<Kind>,
     /// While set, every request gets 503, as from an API server that is not up yet.
     held: bool,
+    /// Every patch applied, in order.
+    patches: Vec<Patched>,
+}
+
+/// A patch the server applied.
+#[derive(Clone, Debug)]
+pub struct Patched {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+    /// The merge patch as sent (for a Deployment's scale, the Scale's patch).
+    pub patch: Value,
+    pub at: std::time::Instant,
+}
+
+impl Store {
+    /// Creates or replaces `object`, as a watch sees it.
+    fn put(&mut self, kind: Kind, mut object: Value, changes: &broadcast::Sender<Change>) -> Value {
+        let key = key_of(&object);
+        self.version += 1;
+        let version = self.version;
+        object["metadata"]["resourceVersion"] = json!(version.to_string());
+        let previous = self.objects.entry(kind).or_default().insert(key, object.clone());
+        let event = if previous.is_some() { "MODIFIED" } else { "ADDED" };
+        let change = Change { kind, version, event, object: object.clone(), previous };
+        self.history.push(change.clone());
+        let _ = changes.send(change);
+        object
+    }
 }
 
 struct Shared {
@@ -169,17 +215,19 @@ impl ApiServer {
     }
 
     /// Creates or replaces an object (keyed by its metadata's namespace and name).
-    pub fn put(&self, kind: Kind, mut object: Value) {
-        let key = key_of(&object);
-        let mut store = self.shared.store.lock().unwrap();
-        store.version += 1;
-        let version = store.version;
-        object["metadata"]["resourceVersion"] = json!(version.to_string());
-        let previous = store.objects.entry(kind).or_default().insert(key, object.clone());
-        let event = if previous.is_some() { "MODIFIED" } else { "ADDED" };
-        let change = Change { kind, version, event, object, previous };
-        store.history.push(change.clone());
-        let _ = self.shared.changes.send(change);
+    pub fn put(&self, kind: Kind, object: Value) {
+        self.shared.store.lock().unwrap().put(kind, object, &self.shared.changes);
+    }
+
+    /// The object of `kind` named `name` in `namespace`, as stored now.
+    pub fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
+        let store = self.shared.store.lock().unwrap();
+        store.objects.get(&kind)?.get(&(namespace.to_owned(), name.to_owned())).cloned()
+    }
+
+    /// Every patch of `kind` applied so far, in order.
+    pub fn patches(&self, kind: Kind) -> Vec<Patched> {
+        self.shared.store.lock().unwrap().patches.iter().filter(|p| p.kind == kind).cloned().collect()
     }
 
     pub fn delete(&self, kind: Kind, namespace: &str, name: &str) {
@@ -205,7 +253,7 @@ impl ApiServer {
         self.shared.store.lock().unwrap().held = false;
     }
 
-    /// Denies list and watch of `kind` with 403, as the stock RBAC does for Routes and Services.
+    /// Denies every request for `kind` with 403, as the stock RBAC does for Routes and Services.
     pub fn forbid(&self, kind: Kind) {
         self.shared.store.lock().unwrap().forbidden.insert(kind);
     }
@@ -238,18 +286,63 @@ fn key_of(object: &Value) -> (String, String) {
     (text(&meta["namespace"]), text(&meta["name"]))
 }
 
-/// Which kind a path names, and the namespace it is limited to.
-fn route(path: &str) -> Option<(Kind, Option<String>)> {
+/// What a path names within a kind.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    /// Every object (of a namespace).
+    Collection,
+    /// One object, by name.
+    Object(String),
+    /// A Deployment's scale subresource.
+    Scale(String),
+}
+
+/// Which kind a path names, the namespace it is limited to, and what in it.
+fn route(path: &str) -> Option<(Kind, Option<String>, Target)> {
     let path = path.trim_start_matches('/');
     Kind::ALL.into_iter().find_map(|kind| {
         let (prefix, plural) = kind.resource();
         let rest = path.strip_prefix(prefix)?.strip_prefix('/')?;
         if rest == plural {
-            return Some((kind, None));
+            return Some((kind, None, Target::Collection));
         }
         let (namespace, rest) = rest.strip_prefix("namespaces/")?.split_once('/')?;
-        (rest == plural).then(|| (kind, Some(namespace.to_owned())))
+        let target = match rest.strip_prefix(plural)?.split('/').collect::<Vec<_>>().as_slice() {
+            [""] => Target::Collection,
+            ["", name] if !name.is_empty() => Target::Object((*name).to_owned()),
+            ["", name, "scale"] if kind == Kind::Deployment => Target::Scale((*name).to_owned()),
+            _ => return None,
+        };
+        Some((kind, Some(namespace.to_owned()), target))
     })
+}
+
+/// RFC 7386's JSON merge patch: objects merge key by key, `null` removes, anything else replaces.
+fn merge(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let object = target.as_object_mut().expect("made an object");
+    for (key, value) in patch {
+        if value.is_null() {
+            object.remove(key);
+        } else {
+            merge(object.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+/// A Deployment's Scale, as `autoscaling/v1` writes it.
+fn scale_of(deployment: &Value) -> Value {
+    let meta = &deployment["metadata"];
+    json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
+           "metadata": {"name": meta["name"], "namespace": meta["namespace"], "resourceVersion": meta["resourceVersion"]},
+           "spec": {"replicas": deployment["spec"]["replicas"].as_i64().unwrap_or(1)},
+           "status": {"replicas": deployment["status"]["replicas"].as_i64().unwrap_or(0)}})
 }
 
 /// A label or field selector: comma-separated `key`, `!key`, `key=value`, `key==value`,
@@ -287,8 +380,14 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
            "message": message, "reason": reason, "code": code})
 }
 
-async fn serve(State(shared): State<Arc<Shared>>, uri: Uri, Query(query): Query<BTreeMap<String, String>>) -> Response {
-    let Some((kind, namespace)) = route(uri.path()) else {
+async fn serve(
+    State(shared): State<Arc<Shared>>,
+    method: axum::http::Method,
+    uri: Uri,
+    Query(query): Query<BTreeMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    let Some((kind, namespace, target)) = route(uri.path()) else {
         return (
             StatusCode::NOT_FOUND,
             axum::Json(status(404, "NotFound", "the server could not find the requested resource")),
@@ -302,15 +401,62 @@ async fn serve(State(shared): State<Arc<Shared>>, uri: Uri, Query(query): Query<
         )
             .into_response();
     }
+    let verb = match (&method, &target) {
+        (&axum::http::Method::PATCH, _) => "patch",
+        (_, Target::Collection) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => "watch",
+        (_, Target::Collection) => "list",
+        _ => "get",
+    };
     if shared.store.lock().unwrap().forbidden.contains(&kind) {
-        return (StatusCode::FORBIDDEN, axum::Json(status(403, "Forbidden", &kind.forbidden_message())))
+        return (StatusCode::FORBIDDEN, axum::Json(status(403, "Forbidden", &kind.forbidden_message(verb))))
             .into_response();
+    }
+    match target {
+        Target::Collection => {}
+        Target::Object(name) | Target::Scale(name) if verb == "get" || verb == "patch" => {
+            let scale = uri.path().ends_with("/scale");
+            return one(
+                &shared,
+                kind,
+                &namespace.unwrap_or_default(),
+                &name,
+                scale,
+                (verb == "patch").then_some(&body),
+            );
+        }
+        _ => {
+            return (StatusCode::METHOD_NOT_ALLOWED, axum::Json(status(405, "MethodNotAllowed", verb))).into_response();
+        }
     }
     let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
     if !watching {
         return list(&shared.store.lock().unwrap(), kind, namespace.as_deref(), &query);
     }
     watch(shared, kind, namespace, query)
+}
+
+/// One object (or a Deployment's Scale), read or merge-patched.
+fn one(shared: &Shared, kind: Kind, namespace: &str, name: &str, scale: bool, patch: Option<&Bytes>) -> Response {
+    let mut store = shared.store.lock().unwrap();
+    let key = (namespace.to_owned(), name.to_owned());
+    let Some(mut object) = store.objects.get(&kind).and_then(|o| o.get(&key)).cloned() else {
+        let message = format!("{} \"{name}\" not found", kind.resource().1);
+        return (StatusCode::NOT_FOUND, axum::Json(status(404, "NotFound", &message))).into_response();
+    };
+    if let Some(body) = patch {
+        let Ok(patch) = serde_json::from_slice::<Value>(body) else {
+            return (StatusCode::BAD_REQUEST, axum::Json(status(400, "BadRequest", "not JSON"))).into_response();
+        };
+        if scale {
+            merge(&mut object["spec"]["replicas"], &patch["spec"]["replicas"]);
+        } else {
+            merge(&mut object, &patch);
+        }
+        let at = std::time::Instant::now();
+        store.patches.push(Patched { kind, namespace: namespace.to_owned(), name: name.to_owned(), patch, at });
+        object = store.put(kind, object, &shared.changes);
+    }
+    axum::Json(if scale { scale_of(&object) } else { object }).into_response()
 }
 
 /// A list, a page at a time when `limit` asks: the `continue` token names the version the list

@@ -450,6 +450,16 @@ impl Pins {
         self.seats.held(&self.memory, scope, revision, pods)
     }
 
+    /// Live session pins of the service `scope` per revision and pod: for every replica through
+    /// Redis, else (or while Redis does not answer, `None`) as this replica's pins say.
+    pub async fn sessions_by_pod(&self, scope: &Arc<str>) -> Option<HashMap<(Arc<str>, SocketAddr), u64>> {
+        if let Some(shared) = &self.shared {
+            return shared.sessions_by_pod(scope).await.ok();
+        }
+        let counts = self.memory.sessions_by_pod().into_iter();
+        Some(counts.filter(|((s, _, _), _)| s == scope).map(|((_, revision, pod), n)| ((revision, pod), n)).collect())
+    }
+
     /// Whether this replica is the one that does `what` for all (a lease in Redis renewed every
     /// `period`); without Redis, the only replica is. `None` while Redis does not answer.
     pub async fn lead(&self, what: &str, period: Duration) -> Option<bool> {

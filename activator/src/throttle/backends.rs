@@ -64,6 +64,8 @@ pub(super) struct Pending {
     departed: HashMap<SocketAddr, Instant>,
     /// Addresses not listed here that a pinned request waited for, and when it began to.
     awaited: HashMap<SocketAddr, Instant>,
+    /// The Kubernetes Pod behind each address, where the platform names it.
+    pod_names: std::collections::BTreeMap<SocketAddr, String>,
 }
 
 /// How long a pod that left its revision is still told of its sessions' ends.
@@ -83,6 +85,7 @@ impl Pending {
             tls: None,
             departed: HashMap::new(),
             awaited: HashMap::new(),
+            pod_names: std::collections::BTreeMap::new(),
         }
     }
 
@@ -144,6 +147,13 @@ impl Throttler {
         pods.binary_search_by_key(&addr, |p| p.addr).ok().map(|i| read(&pods[i]))
     }
 
+    /// The ready pods the platform names, with their Pod's name.
+    pub(crate) fn named_pods(&self) -> Vec<(SocketAddr, String)> {
+        let pending = self.lock_pending();
+        let pods = self.pods.load();
+        pods.iter().filter_map(|p| Some((p.addr, pending.pod_names.get(&p.addr)?.clone()))).collect()
+    }
+
     /// Requests queued for the ready pod `addr` in particular (its sessions' requests waiting for a
     /// slot); `None` if it is not ready.
     pub(crate) fn queued_for(&self, addr: SocketAddr) -> Option<usize> {
@@ -182,6 +192,7 @@ impl Throttler {
         }
         pending.cluster_ip = backends.cluster_ip;
         pending.subset = backends.subset;
+        pending.pod_names.clone_from(&backends.pod_names);
         pending.has_pods = backends.has_pods();
         let current = self.pods.load();
         let ready = match pending.through_cluster_ip() {

@@ -452,37 +452,7 @@ fn the_knative_overlay_keeps_upstreams_activator_and_sets_ours() {
         return;
     }
     let Some(fixtures) = fixtures::dir() else { return };
-    // The overlay users apply installs over the release; here, the same composition over
-    // upstream's unmodified activator objects.
-    let top = kustomization(&manifests());
-    let knative = kustomization(&manifests().join("knative"));
-    assert_eq!(knative.resources, [SERVING_CORE], "the Knative overlay installs over upstream's release");
-    assert_eq!(top.resources, ["knative", "redis"]);
-
-    let scratch = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let files = ["activator.yaml", "activator-hpa.yaml", "activator-roles.yaml", "200-serviceaccount.yaml"];
-    for file in files {
-        std::fs::copy(fixtures.join(file), scratch.path().join(file)).unwrap();
-    }
-    std::fs::copy(fixtures.join("configmaps/autoscaler.yaml"), scratch.path().join("config-autoscaler.yaml")).unwrap();
-    let rel = |p: PathBuf| relative(scratch.path(), &p).display().to_string();
-    let mut resources: Vec<String> = files.iter().map(|f| (*f).to_owned()).collect();
-    resources.extend(["config-autoscaler.yaml".to_owned(), rel(manifests().join("redis"))]);
-    let components: Vec<String> = knative
-        .components
-        .iter()
-        .map(|c| rel(manifests().join("knative").join(c)))
-        .chain(top.components.iter().map(|c| rel(manifests().join(c))))
-        .collect();
-    let composed = serde_json::json!({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": resources,
-        "components": components,
-        "images": knative.images,
-    });
-    std::fs::write(scratch.path().join("kustomization.yaml"), serde_yaml_ng::to_string(&composed).unwrap()).unwrap();
-    let objects = kustomize(scratch.path());
+    let objects = composed(&fixtures, &[]);
 
     let stock = documents(&fixtures.join("activator.yaml"));
     let stock = find(&stock, "Deployment", "activator");
@@ -534,6 +504,75 @@ fn the_knative_overlay_keeps_upstreams_activator_and_sets_ours() {
     assert!(autoscaler["data"]["_example"].is_string(), "upstream's keys stay");
     find(&objects, "ClusterRole", "affinity-activator");
     find(&objects, "ClusterRole", "knative-serving-activator-cluster");
+}
+
+/// The overlay users apply installs over the release; here, the same composition over upstream's
+/// unmodified activator objects, with the optional `components` of `knative/` added after ours.
+fn composed(fixtures: &Path, optional: &[&str]) -> Vec<Value> {
+    let top = kustomization(&manifests());
+    let knative = kustomization(&manifests().join("knative"));
+    assert_eq!(knative.resources, [SERVING_CORE], "the Knative overlay installs over upstream's release");
+    assert_eq!(top.resources, ["knative", "redis"]);
+
+    let scratch = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let files = ["activator.yaml", "activator-hpa.yaml", "activator-roles.yaml", "200-serviceaccount.yaml"];
+    for file in files {
+        std::fs::copy(fixtures.join(file), scratch.path().join(file)).unwrap();
+    }
+    std::fs::copy(fixtures.join("configmaps/autoscaler.yaml"), scratch.path().join("config-autoscaler.yaml")).unwrap();
+    let rel = |p: PathBuf| relative(scratch.path(), &p).display().to_string();
+    let mut resources: Vec<String> = files.iter().map(|f| (*f).to_owned()).collect();
+    resources.extend(["config-autoscaler.yaml".to_owned(), rel(manifests().join("redis"))]);
+    let components: Vec<String> = knative
+        .components
+        .iter()
+        .map(|c| rel(manifests().join("knative").join(c)))
+        .chain(optional.iter().map(|c| rel(manifests().join("knative").join(c))))
+        .chain(top.components.iter().map(|c| rel(manifests().join(c))))
+        .collect();
+    let composed = serde_json::json!({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": resources,
+        "components": components,
+        "images": knative.images,
+    });
+    std::fs::write(scratch.path().join("kustomization.yaml"), serde_yaml_ng::to_string(&composed).unwrap()).unwrap();
+    kustomize(scratch.path())
+}
+
+#[test]
+fn pin_aware_scale_down_is_an_optional_component_with_one_rule() {
+    if !kubectl() {
+        return;
+    }
+    let Some(fixtures) = fixtures::dir() else { return };
+    let env_of = |objects: &[Value]| {
+        find(objects, "Deployment", "activator")["spec"]["template"]["spec"]["containers"][0]["env"].clone()
+    };
+    let wants = |env: &Value| {
+        env.as_array().unwrap().iter().any(|e| e["name"] == "ACTIVATOR_POD_DELETION_COST" && e["value"] == "true")
+    };
+    let plain = composed(&fixtures, &[]);
+    assert!(!wants(&env_of(&plain)), "off unless asked for");
+    let patching_pods = |objects: &[Value]| {
+        objects.iter().filter(|o| o["kind"] == "ClusterRole").any(|role| {
+            role["rules"].as_array().into_iter().flatten().any(|rule| {
+                rule["resources"].as_array().is_some_and(|r| r.iter().any(|r| r == "pods"))
+                    && rule["verbs"].as_array().is_some_and(|v| v.iter().any(|v| v == "patch"))
+            })
+        })
+    };
+    assert!(!patching_pods(&plain), "the default install never writes to a pod");
+
+    let objects = composed(&fixtures, &["pod-deletion-cost"]);
+    assert!(wants(&env_of(&objects)));
+    assert!(env_of(&objects).as_array().unwrap().iter().any(|e| e["name"] == "POD_IP"), "the other variables stay");
+    let role = find(&objects, "ClusterRole", "affinity-activator-pod-deletion-cost");
+    assert_eq!(role["rules"], serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]));
+    let binding = find(&objects, "ClusterRoleBinding", "affinity-activator-pod-deletion-cost");
+    assert_eq!(binding["subjects"][0]["name"], "activator");
+    assert_eq!(binding["roleRef"]["name"], "affinity-activator-pod-deletion-cost");
 }
 
 fn rules_of<T: DeserializeOwned>(

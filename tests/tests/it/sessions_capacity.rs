@@ -317,3 +317,168 @@ async fn in_knative_mode_the_stats_make_the_kpa_add_a_pod_per_waiting_session() 
     .await;
     assert_eq!(kpa(6.0), 6, "five held and one free: the KPA keeps the six pods that run");
 }
+
+const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+
+/// A Pod object for each of `revision`'s pods, named as its private Endpoints' `targetRef`s name
+/// them.
+fn pod_objects(
+    c: &integration_tests::knative::Cluster,
+    revision: &integration_tests::knative::Revision,
+    pods: &[SocketAddr],
+) {
+    for pod in pods {
+        let name = format!("{}-deployment-{}", revision.name, pod.port());
+        let object = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": revision.namespace, "labels": {"serving.knative.dev/revision": revision.name}}});
+        c.api.put(integration_tests::kube_api::Kind::Pod, object);
+    }
+}
+
+/// Each pod's deletion cost annotation as the API server holds it (absent: none).
+fn deletion_costs(c: &integration_tests::knative::Cluster, revision: &str, pods: &[SocketAddr]) -> Vec<Option<String>> {
+    pods.iter()
+        .map(|pod| {
+            let object = c.api.get(
+                integration_tests::kube_api::Kind::Pod,
+                "default",
+                &format!("{revision}-deployment-{}", pod.port()),
+            );
+            object.and_then(|o| o["metadata"]["annotations"][DELETION_COST].as_str().map(str::to_owned))
+        })
+        .collect()
+}
+
+async fn knative_session(client: &Client, revision: &str, id: &str) -> Reply {
+    let mut req = client.request(reqwest::Method::GET, "scaled.default.example.com", &format!("/incr?session_id={id}"));
+    for (k, v) in integration_tests::knative::ingress(revision).into_iter().chain([("K-Session", id.to_owned())]) {
+        req = req.header(k, v);
+    }
+    client.send(req).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_deletion_cost_follows_live_sessions_written_by_one_replica() {
+    use integration_tests::knative::{Cluster, Revision, Target};
+    use integration_tests::kube_api::Kind;
+    let c = Cluster::new().await;
+    let redis = Redis::start(c.env.dir.path()).await;
+    let revision = Revision::new("scaled", "scaled-00001");
+    let pods = c.env.pods("scaled-00001", 3).await;
+    let addrs = integration_tests::addrs(&pods);
+    c.revision(&revision, &addrs);
+    pod_objects(&c, &revision, &addrs);
+    c.service("scaled", &[Target::new("scaled-00001", 100)], &[]);
+    let autoscaler = c.autoscaler().await;
+    let url = redis.url();
+    let flags = [
+        "--pin-store",
+        "redis",
+        "--redis-url",
+        &url,
+        "--pod-deletion-cost",
+        "true",
+        "--pod-deletion-cost-interval",
+        "500ms",
+    ];
+    let (a, b) =
+        (c.activator(&autoscaler, "10.0.0.1", &flags).await, c.activator(&autoscaler, "10.0.0.2", &flags).await);
+    let clients = [Client::new(a.addr("proxy")), Client::new(b.addr("proxy"))];
+
+    let mut by_pod: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for i in 0..9 {
+        let id = format!("d{i}");
+        let reply = knative_session(&clients[i % 2], "scaled-00001", &id).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        by_pod.entry(reply.pod().to_owned()).or_default().push(id);
+    }
+    let expected = |by_pod: &BTreeMap<String, Vec<String>>| -> Vec<Option<String>> {
+        (0..3).map(|i| by_pod.get(&format!("scaled-00001-pod-{i}")).map(|ids| ids.len().to_string())).collect()
+    };
+    let want = expected(&by_pod);
+    wait_until(Duration::from_secs(10), "each pinned pod's deletion cost is its sessions", || async {
+        deletion_costs(&c, "scaled-00001", &addrs) == want
+    })
+    .await;
+
+    // A session ends: its pod's cost follows.
+    let (pod, ids) = by_pod.iter_mut().max_by_key(|(_, ids)| ids.len()).unwrap();
+    let (pod, ended) = (pod.clone(), ids.pop().unwrap());
+    let (deleted, out, err) = activator_pins(&[
+        "delete",
+        "--redis-url",
+        &url,
+        "--namespace",
+        "default",
+        "--service",
+        "scaled",
+        "--session",
+        &ended,
+    ])
+    .await;
+    assert!(deleted, "{out}{err}");
+    let want = expected(&by_pod);
+    wait_until(Duration::from_secs(10), &format!("{pod}'s cost drops by one"), || async {
+        deletion_costs(&c, "scaled-00001", &addrs) == want
+    })
+    .await;
+
+    // One writer, rate limited: every patch of a pod changes its value, one round apart at least.
+    let patches = c.api.patches(Kind::Pod);
+    assert!(!patches.is_empty());
+    for pod in &addrs {
+        let name = format!("scaled-00001-deployment-{}", pod.port());
+        let mine: Vec<_> = patches.iter().filter(|p| p.name == name).collect();
+        for pair in mine.windows(2) {
+            let (before, after) = (
+                &pair[0].patch["metadata"]["annotations"][DELETION_COST],
+                &pair[1].patch["metadata"]["annotations"][DELETION_COST],
+            );
+            assert_ne!(before, after, "{name} written twice with the same value: two writers, or no change");
+            assert!(pair[1].at - pair[0].at >= Duration::from_millis(250), "{name} written twice within a round");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_rbac_rule_pod_deletion_cost_says_so_once_and_changes_nothing_else() {
+    use integration_tests::knative::{Cluster, Revision, Target};
+    use integration_tests::kube_api::Kind;
+    let c = Cluster::new().await;
+    let revision = Revision::new("scaled", "scaled-00001");
+    let pods = c.env.pods("scaled-00001", 2).await;
+    let addrs = integration_tests::addrs(&pods);
+    c.revision(&revision, &addrs);
+    pod_objects(&c, &revision, &addrs);
+    c.api.forbid(Kind::Pod);
+    c.service("scaled", &[Target::new("scaled-00001", 100)], &[]);
+    let autoscaler = c.autoscaler().await;
+    let flags = ["--pod-deletion-cost", "true", "--pod-deletion-cost-interval", "200ms"];
+    let activator = c.activator(&autoscaler, "10.0.0.1", &flags).await;
+    let (client, admin) = (Client::new(activator.addr("proxy")), activator.addr("admin"));
+    for i in 0..4 {
+        let id = format!("f{i}");
+        for n in 1..=2 {
+            let reply = knative_session(&client, "scaled-00001", &id).await;
+            assert_eq!((reply.status, reply.body.trim()), (200, format!("session={id}, count={n}").as_str()));
+        }
+    }
+    wait_until(Duration::from_secs(10), "the refusal is a metric", || async {
+        Metrics::scrape(admin).await.value("activator_pod_deletion_cost_forbidden", &[]) == Some(1.0)
+    })
+    .await;
+    // Rounds later: still one line, one refused write, no patch applied.
+    wait_until(Duration::from_secs(10), "three rounds pass paused", || async {
+        let rounds =
+            Metrics::scrape(admin).await.value("activator_pod_deletion_cost_rounds_total", &[("role", "paused")]);
+        rounds.unwrap_or(0.0) >= 3.0
+    })
+    .await;
+    let said = activator.logs().matches("may not patch pods").count();
+    assert_eq!(said, 1, "{}", activator.logs());
+    let refused =
+        Metrics::scrape(admin).await.value("activator_pod_deletion_cost_writes_total", &[("result", "forbidden")]);
+    assert_eq!(refused, Some(1.0), "paused after the refusal, not hammering the API server");
+    assert!(c.api.patches(Kind::Pod).is_empty());
+    assert_eq!(knative_session(&client, "scaled-00001", "f0").await.body.trim(), "session=f0, count=3");
+}

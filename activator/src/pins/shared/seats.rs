@@ -1,7 +1,8 @@
 //! Seats in Redis: a session claims a seat on a pod and is pinned there in one script, so
 //! claims racing through any replicas never put more sessions on a pod than its cap; the count
 //! of live seats per pod, for the autoscaler and the scale-down order; and a lease naming the one
-//! replica that reports and writes what all replicas share (`lead`).
+//! replica that reports and writes what all replicas share (`lead`); and every replica's live
+//! sessions per pod of a service, for the pods' deletion cost.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use redis::RedisResult;
 
+use super::admin::pin_targets;
 use super::{INVALIDATIONS, Op, Purpose, SharedPins};
 use crate::pins::redis::RedisConnection;
 use crate::pins::seats::{Claim, SeatClaim, seat_set_key};
@@ -159,6 +161,29 @@ impl SharedPins {
         self.lend(Purpose::Seats, |mut conn: RedisConnection| async move {
             let held: RedisResult<Vec<u64>> = invocation.invoke_async(&mut conn).await;
             held
+        })
+        .await
+    }
+
+    /// Live session pins of the service `scope` per revision and pod, as Redis holds them for
+    /// every replica: its keys scanned (one slot) and read in one pipeline. An error if Redis did
+    /// not answer.
+    pub(crate) async fn sessions_by_pod(
+        &self,
+        scope: &Arc<str>,
+    ) -> Result<std::collections::HashMap<(Arc<str>, SocketAddr), u64>, String> {
+        let pattern = format!("aa:{{{scope}}}:s:*");
+        self.lend(Purpose::Seats, |mut conn: RedisConnection| async move {
+            let keys = conn.scan_one_slot(&pattern).await?;
+            let mut counts = std::collections::HashMap::new();
+            for chunk in keys.chunks(1000) {
+                for (pin, _) in pin_targets(&mut conn, chunk).await?.into_iter().flatten() {
+                    if let Some(pod) = pin.pod {
+                        *counts.entry((pin.revision, pod)).or_default() += 1;
+                    }
+                }
+            }
+            Ok(counts)
         })
         .await
     }

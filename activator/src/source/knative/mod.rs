@@ -733,12 +733,14 @@ mod tests {
             ready: [("http".to_owned(), vec![addr("10.0.0.1:8012"), addr("10.0.0.2:8012")])].into(),
             not_ready: BTreeMap::new(),
             tls_ports: BTreeMap::new(),
+            pod_names: BTreeMap::new(),
         };
         let now = EndpointsInfo {
             revision: "r".into(),
             ready: [("http".to_owned(), vec![addr("10.0.0.2:8012")])].into(),
             not_ready: [("http".to_owned(), vec![addr("10.0.0.1:8012"), addr("10.0.0.3:8012")])].into(),
             tls_ports: BTreeMap::new(),
+            pod_names: BTreeMap::new(),
         };
         assert_eq!(became_not_ready(&before, &now), [addr("10.0.0.1:8012")]);
     }

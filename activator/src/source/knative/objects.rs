@@ -76,6 +76,8 @@ pub(crate) struct EndpointsInfo {
     /// Each pod's TLS port (the port named `https`, queue-proxy's 8112), by every other address
     /// of the pod in the same subset.
     pub tls_ports: BTreeMap<SocketAddr, u16>,
+    /// The Pod behind each address, from its `targetRef`.
+    pub pod_names: BTreeMap<SocketAddr, String>,
 }
 
 /// A revision's private Service.
@@ -307,8 +309,16 @@ struct Subset {
 }
 
 #[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Address {
     ip: String,
+    target_ref: Option<TargetRef>,
+}
+
+#[derive(Default, Deserialize)]
+struct TargetRef {
+    kind: Option<String>,
+    name: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -338,6 +348,11 @@ pub(crate) fn private_endpoints(obj: &DynamicObject) -> Result<(Key, EndpointsIn
                 for address in addresses {
                     let addr = SocketAddr::new(ip(address)?, port.1);
                     into.entry(port.0.clone()).or_default().push(addr);
+                    if let Some(TargetRef { kind: Some(kind), name: Some(name) }) = &address.target_ref
+                        && kind == "Pod"
+                    {
+                        info.pod_names.insert(addr, name.clone());
+                    }
                     if let Some(https) = https {
                         info.tls_ports.insert(addr, https);
                     }

@@ -135,6 +135,7 @@ impl Reflection {
         };
         let subset = self.subset(&key, port);
         let tls = self.network.internal_tls.then(|| self.tls_ports(&key, rev));
+        let pod_names = self.private_endpoints.get(&key).map(|e| e.pod_names.clone()).unwrap_or_default();
         match self.network.mesh {
             MeshMode::Auto => Backends {
                 probed: [ready.clone(), unready].concat(),
@@ -142,11 +143,14 @@ impl Reflection {
                 cluster_ip: through(false),
                 subset,
                 tls,
+                pod_names,
             },
             MeshMode::Enabled => {
-                Backends { probed: ready.clone(), trusted: vec![], cluster_ip: through(true), subset, tls }
+                Backends { probed: ready.clone(), trusted: vec![], cluster_ip: through(true), subset, tls, pod_names }
             }
-            MeshMode::Disabled => Backends { probed: unready, trusted: ready, cluster_ip: None, subset, tls },
+            MeshMode::Disabled => {
+                Backends { probed: unready, trusted: ready, cluster_ip: None, subset, tls, pod_names }
+            }
         }
     }
 
@@ -302,6 +306,7 @@ mod tests {
                 ready: [("http".to_owned(), ready.clone())].into(),
                 not_ready: [("http".to_owned(), not_ready.clone())].into(),
                 tls_ports: BTreeMap::new(),
+                pod_names: BTreeMap::new(),
             },
         );
         r.private_services.insert(
