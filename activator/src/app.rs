@@ -25,6 +25,7 @@ use crate::server::{Limits, Listener, TlsServing};
 use crate::session_end::SessionEndMetrics;
 use crate::source::knative::{ConfigMapNames, KnativeConfig, KnativeSource};
 use crate::source::local::LocalSource;
+use crate::source::standalone::StandaloneSource;
 use crate::stats::Stats;
 use crate::telemetry::{LogLevel, ObservabilityConfig, Telemetry};
 use crate::throttle::{QueueBudget, QueueLimits};
@@ -112,7 +113,7 @@ async fn run(
     });
     telemetry.apply(&observability);
     let health = Arc::new(Health::default());
-    if config.mode == Mode::Knative {
+    if config.mode.in_cluster() {
         // Unready until the watches have listed once, from the first probe on.
         health.require_sync();
     }
@@ -139,7 +140,7 @@ async fn run(
     // A person at a terminal (or running local mode) who presses Ctrl-C twice means now; a
     // kubelet's repeated SIGTERM in a cluster does not cut the drain short. Installed before
     // the listeners are announced, so no signal finds the default action.
-    let second_signal_exits = config.mode == Mode::Local || std::io::stdin().is_terminal();
+    let second_signal_exits = !config.mode.in_cluster() || std::io::stdin().is_terminal();
     let stop_accepting = drain_on_signal(health.clone(), config.drain_period(), second_signal_exits)?;
     let listeners = bind_listeners(&config, &internal_tls, &health, &stats, &telemetry).await?;
     if config.mode == Mode::Knative {
@@ -165,6 +166,17 @@ async fn run(
         )
         .await?;
         tokio::spawn(source.run());
+    } else if config.mode == Mode::Standalone {
+        let kube_metrics = (kube, stats.knative.clone());
+        let source = StandaloneSource::connect(
+            publisher,
+            health.clone(),
+            kube_metrics,
+            cluster_domain.clone(),
+            config.kube_page_size,
+        )
+        .await?;
+        tokio::spawn(source.run());
     }
     let pins = open_pins(&config, pin_metrics)?;
     if config.pin_store() == PinStore::Redis {
@@ -186,7 +198,7 @@ async fn run(
         tunnels: TaskTracker::new(),
     });
     spawn_pin_tasks(&handler, &config, session_ends, seats)?;
-    if config.pod_deletion_cost && config.mode != Mode::Local {
+    if config.pod_deletion_cost && config.mode.in_cluster() {
         let client = kube::Client::try_default().await.context("--pod-deletion-cost needs the Kubernetes API")?;
         let writer = DeletionCost { client, interval: config.pod_deletion_cost_interval, metrics: deletion_cost };
         let writing = handler.clone();

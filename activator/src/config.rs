@@ -88,8 +88,10 @@ pub(crate) struct PinSelector {
 #[derive(Args, Debug)]
 pub(crate) struct Config {
     /// Where the world view comes from: `local` reads a topology file; `knative` watches a
-    /// knative-serving install's Revisions, Routes, Services, Endpoints and ConfigMaps (in the
-    /// cluster with the pod's service account, or through KUBECONFIG).
+    /// knative-serving install's Revisions, Routes, Services, Endpoints and ConfigMaps;
+    /// `standalone` watches plain Services annotated with `activator.knative.dev/deployment`,
+    /// their Deployments and EndpointSlices (both in the cluster with the pod's service account,
+    /// or through KUBECONFIG).
     #[arg(long, env = "ACTIVATOR_MODE", value_enum, default_value_t = Mode::Local)]
     pub mode: Mode,
 
@@ -326,6 +328,14 @@ pub(crate) struct Config {
 pub(crate) enum Mode {
     Local,
     Knative,
+    Standalone,
+}
+
+impl Mode {
+    /// Whether the activator runs in a cluster, its world read from the Kubernetes API.
+    pub(crate) fn in_cluster(self) -> bool {
+        self != Mode::Local
+    }
 }
 
 /// Where each listener binds: what was asked, else the mode's default.
@@ -347,7 +357,7 @@ impl Config {
     /// How long to drain after the first signal: as asked, else the mode's default.
     pub(crate) fn drain_period(&self) -> Duration {
         let default = match self.mode {
-            Mode::Knative => Duration::from_secs(45),
+            Mode::Knative | Mode::Standalone => Duration::from_secs(45),
             Mode::Local => Duration::from_secs(1),
         };
         self.drain_period.unwrap_or(default)
@@ -387,13 +397,13 @@ impl Config {
     }
 
     pub(crate) fn listeners(&self) -> Listeners {
-        // Knative mode binds every address of both families, as upstream's `:8012`: an IPv6-only
-        // cluster's kubelet and ingress must reach it too.
+        // In a cluster it binds every address of both families, as upstream's `:8012`: an
+        // IPv6-only cluster's kubelet and ingress must reach it too.
         let any = std::net::IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED);
-        let host = if self.mode == Mode::Knative { any } else { std::net::Ipv4Addr::LOCALHOST.into() };
+        let host = if self.mode.in_cluster() { any } else { std::net::Ipv4Addr::LOCALHOST.into() };
         Listeners {
             proxy: self.listen.unwrap_or(SocketAddr::from((host, 8012))),
-            h2c: self.listen_h2c.or((self.mode == Mode::Knative).then(|| SocketAddr::from((any, 8013)))),
+            h2c: self.listen_h2c.or(self.mode.in_cluster().then(|| SocketAddr::from((any, 8013)))),
             tls: self.listen_tls.or((self.mode == Mode::Knative).then(|| SocketAddr::from((any, 8112)))),
             admin: self.admin_listen.unwrap_or(SocketAddr::from((host, 9090))),
         }

@@ -1,7 +1,10 @@
 //! The `kubernetes` backend, for clusters without Knative: a revision's pods are the replicas of
 //! the Deployment behind it, scaled through the Deployment's scale subresource (a merge patch of
 //! `spec.replicas`). The Deployment is named by the revision's `activator.knative.dev/deployment`
-//! annotation, or `<revision>-deployment` as Knative names it.
+//! annotation in the topology, else by `--deployment-name` (`{revision}-deployment`, as Knative
+//! names it; `{revision}` in standalone mode, where the revision is the Deployment). Without a
+//! topology, a revision's annotations are its Deployment's own, read each time its scale is
+//! decided, and its current scale is read from the API the first time it is seen.
 
 use std::collections::HashMap;
 
@@ -9,30 +12,72 @@ use anyhow::Context;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams};
 
+use crate::RevisionAnnotations;
+
 /// Annotation naming the Deployment that backs a revision.
 pub const DEPLOYMENT_ANNOTATION: &str = "activator.knative.dev/deployment";
 
 pub struct KubernetesBackend {
     client: kube::Client,
+    /// `--deployment-name`: the Deployment of `{revision}`.
+    name_template: String,
     /// Replicas last set or read, per (namespace, revision).
     replicas: HashMap<(String, String), u32>,
 }
 
 impl KubernetesBackend {
     /// Connects with the in-cluster service account, or the local kubeconfig.
-    pub async fn connect() -> anyhow::Result<Self> {
+    pub async fn connect(name_template: String) -> anyhow::Result<Self> {
         // kube's error repeats each cause in its own text; said once, without the chain.
         let config = kube::Config::infer().await.map_err(|e| anyhow::anyhow!("no Kubernetes API to talk to: {e}"))?;
         let client = kube::Client::try_from(config).context("connecting to the Kubernetes API")?;
-        Ok(Self::new(client))
+        Ok(Self::new(client, name_template))
     }
 
-    pub fn new(client: kube::Client) -> Self {
-        KubernetesBackend { client, replicas: HashMap::new() }
+    pub fn new(client: kube::Client, name_template: String) -> Self {
+        KubernetesBackend { client, name_template, replicas: HashMap::new() }
     }
 
-    pub fn current(&self, namespace: &str, revision: &str) -> u32 {
-        self.replicas.get(&(namespace.to_owned(), revision.to_owned())).copied().unwrap_or(0)
+    /// The Deployment behind `revision`: its annotation's, else `--deployment-name`'s.
+    pub fn deployment_of(&self, revision: &str, annotations: Option<&RevisionAnnotations>) -> String {
+        annotations
+            .and_then(|a| a.get(DEPLOYMENT_ANNOTATION))
+            .cloned()
+            .unwrap_or_else(|| self.name_template.replace("{revision}", revision))
+    }
+
+    /// The revision's replicas: as last set or read, else read from its Deployment's scale (0 if
+    /// it cannot be read).
+    pub async fn current(&mut self, namespace: &str, revision: &str, deployment: &str) -> u32 {
+        let key = (namespace.to_owned(), revision.to_owned());
+        if let Some(replicas) = self.replicas.get(&key) {
+            return *replicas;
+        }
+        let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), namespace);
+        match deployments.get_scale(deployment).await {
+            Ok(scale) => {
+                let replicas = scale.spec.and_then(|s| s.replicas).map_or(0, |r| u32::try_from(r).unwrap_or(0));
+                self.replicas.insert(key, replicas);
+                replicas
+            }
+            Err(e) => {
+                tracing::warn!(%namespace, %deployment, error = %e, "cannot read the deployment's scale");
+                0
+            }
+        }
+    }
+
+    /// The annotations of the Deployment behind a revision, which say how it scales; `None` if it
+    /// cannot be read.
+    pub async fn annotations(&self, namespace: &str, deployment: &str) -> Option<RevisionAnnotations> {
+        let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), namespace);
+        match deployments.get(deployment).await {
+            Ok(found) => Some(found.metadata.annotations.unwrap_or_default()),
+            Err(e) => {
+                tracing::warn!(%namespace, %deployment, error = %e, "cannot read the deployment");
+                None
+            }
+        }
     }
 
     pub async fn scale(
@@ -54,11 +99,6 @@ impl KubernetesBackend {
     }
 }
 
-/// The Deployment behind a revision.
-pub fn deployment_name(revision: &str, annotations: Option<&std::collections::BTreeMap<String, String>>) -> String {
-    annotations.and_then(|a| a.get(DEPLOYMENT_ANNOTATION)).cloned().unwrap_or_else(|| format!("{revision}-deployment"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,7 +109,7 @@ mod tests {
     #[tokio::test]
     async fn patches_the_scale_subresource_of_the_revisions_deployment() {
         let (service, mut api_server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let mut backend = KubernetesBackend::new(kube::Client::new(service, "default"));
+        let mut backend = KubernetesBackend::new(kube::Client::new(service, "default"), "{revision}-deployment".into());
         let answer = tokio::spawn(async move {
             let (request, respond) = api_server.next_request().await.expect("the backend sends a request");
             let (parts, body) = request.into_parts();
@@ -92,13 +132,18 @@ mod tests {
             serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
             serde_json::json!({"spec": {"replicas": 3}})
         );
-        assert_eq!(backend.current("shop", "counter-00001"), 3);
+        assert_eq!(backend.current("shop", "counter-00001", "counter-00001-deployment").await, 3, "known once set");
     }
 
-    #[test]
-    fn the_deployment_comes_from_the_annotation_or_knatives_naming() {
+    #[tokio::test]
+    async fn the_deployment_comes_from_the_annotation_or_the_template() {
+        let (service, _api_server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        let knative = KubernetesBackend::new(client.clone(), "{revision}-deployment".into());
         let annotated = [(DEPLOYMENT_ANNOTATION.to_owned(), "web".to_owned())].into();
-        assert_eq!(deployment_name("r-00001", Some(&annotated)), "web");
-        assert_eq!(deployment_name("r-00001", None), "r-00001-deployment");
+        assert_eq!(knative.deployment_of("r-00001", Some(&annotated)), "web");
+        assert_eq!(knative.deployment_of("r-00001", None), "r-00001-deployment");
+        let standalone = KubernetesBackend::new(client, "{revision}".into());
+        assert_eq!(standalone.deployment_of("cart", None), "cart");
     }
 }

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
-use crate::kubernetes::{KubernetesBackend, deployment_name};
+use crate::kubernetes::KubernetesBackend;
 use crate::process::ProcessBackend;
 use crate::scaler::{Policy, Scaler, desired};
 
@@ -74,6 +74,12 @@ struct Args {
     /// Window over which reported concurrency is averaged.
     #[arg(long, env = "SHIM_WINDOW", default_value = "6s", value_parser = nonzero_duration)]
     window: Duration,
+    /// The Deployment behind a revision (`--backend kubernetes`) where the topology's
+    /// `activator.knative.dev/deployment` does not name one: `{revision}` is replaced. Knative
+    /// names it `{revision}-deployment`; in the activator's standalone mode the revision is the
+    /// Deployment, `{revision}`.
+    #[arg(long, env = "SHIM_DEPLOYMENT_NAME", default_value = "{revision}-deployment")]
+    deployment_name: String,
     /// Print every decoded stat on stdout (`stat <ns>/<revision> pod=… concurrency=… requests=…`).
     #[arg(long, env = "SHIM_PRINT_STATS", value_parser = clap::builder::BoolishValueParser::new())]
     print_stats: bool,
@@ -94,10 +100,21 @@ enum Actuator {
 }
 
 impl Actuator {
-    fn current(&self, namespace: &str, revision: &str) -> u32 {
+    async fn current(&mut self, namespace: &str, revision: &str, annotations: Option<&RevisionAnnotations>) -> u32 {
         match self {
             Actuator::Process(b) => b.current(namespace, revision),
-            Actuator::Kubernetes(b) => b.current(namespace, revision),
+            Actuator::Kubernetes(b) => {
+                let deployment = b.deployment_of(revision, annotations);
+                b.current(namespace, revision, &deployment).await
+            }
+        }
+    }
+
+    /// A revision's annotations where no topology gives them: its Deployment's own.
+    async fn annotations(&self, namespace: &str, revision: &str) -> Option<RevisionAnnotations> {
+        match self {
+            Actuator::Process(_) => None,
+            Actuator::Kubernetes(b) => b.annotations(namespace, &b.deployment_of(revision, None)).await,
         }
     }
 
@@ -111,7 +128,8 @@ impl Actuator {
         match self {
             Actuator::Process(b) => b.scale(namespace, revision, replicas).await,
             Actuator::Kubernetes(b) => {
-                b.scale(namespace, revision, &deployment_name(revision, annotations), replicas).await
+                let deployment = b.deployment_of(revision, annotations);
+                b.scale(namespace, revision, &deployment, replicas).await
             }
         }
     }
@@ -123,7 +141,7 @@ impl Actuator {
     }
 }
 
-type RevisionAnnotations = std::collections::BTreeMap<String, String>;
+pub(crate) type RevisionAnnotations = std::collections::BTreeMap<String, String>;
 
 /// How often scales are re-decided (a poke from zero acts at once).
 const TICK: Duration = Duration::from_secs(1);
@@ -189,7 +207,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let endpoints_file = args.endpoints_file.clone().context("the process backend needs --endpoints-file")?;
             Actuator::Process(ProcessBackend::new(command, endpoints_file)?)
         }
-        Backend::Kubernetes => Actuator::Kubernetes(KubernetesBackend::connect().await?),
+        Backend::Kubernetes => Actuator::Kubernetes(KubernetesBackend::connect(args.deployment_name.clone()).await?),
     };
 
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
@@ -206,7 +224,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let Some(report) = report else { break };
                 let demand = scaler.record(&report, Instant::now());
                 // A poke (or any demand) for a revision at zero scales it up at once.
-                if demand && backend.current(&report.namespace, &report.revision) == 0 {
+                let annotations = managed.as_ref().and_then(|m| m.revisions.get(&(report.namespace.clone(), report.revision.clone())));
+                if demand && backend.current(&report.namespace, &report.revision, annotations).await == 0 {
                     vec![(report.namespace, report.revision)]
                 } else {
                     continue;
@@ -230,14 +249,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let key = (namespace.clone(), revision.clone());
             let annotations = match &managed {
                 Some(managed) => match managed.revisions.get(&key) {
-                    Some(annotations) => Some(annotations),
+                    Some(annotations) => Some(annotations.clone()),
                     None => continue,
                 },
-                None => None,
+                None => backend.annotations(&namespace, &revision).await,
             };
+            let annotations = annotations.as_ref();
             let policy = policy(&args, annotations);
             let (average, idle_for) = scaler.observe(&namespace, &revision, Instant::now());
-            let current = backend.current(&namespace, &revision);
+            let current = backend.current(&namespace, &revision, annotations).await;
             let want = desired(&policy, current, average, idle_for);
             if want != current {
                 tracing::info!(%namespace, %revision, current, want, average, "scaling");

@@ -177,6 +177,8 @@ struct Shared {
     closing: tokio::sync::watch::Sender<u64>,
 }
 
+/// A handle on the server; clones share it.
+#[derive(Clone)]
 pub struct ApiServer {
     addr: SocketAddr,
     shared: Arc<Shared>,

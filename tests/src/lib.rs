@@ -30,6 +30,7 @@ pub mod otlp;
 pub mod pki;
 pub mod redis;
 pub mod replicas;
+pub mod standalone;
 pub mod topology;
 
 /// How long a process may take to print its listening addresses.
@@ -321,6 +322,28 @@ impl Env {
             Process::start(self.dir.path(), "autoscaler-shim", &args, &["stats"]).await.expect("shim starts");
         shim.graceful = true;
         shim
+    }
+
+    /// An autoscaler-shim scaling Deployments through the API server `api` (`--backend
+    /// kubernetes`), stopped gracefully when dropped.
+    pub async fn kubernetes_shim(&self, api: &kube_api::ApiServer, extra: &[&str]) -> Process {
+        let mut args = strings(&["--listen", "127.0.0.1:0", "--backend", "kubernetes"]);
+        args.extend(strings(extra));
+        let env = [("KUBECONFIG", api.kubeconfig(self.dir.path()).display().to_string())];
+        let mut shim = Process::start_with_env(self.dir.path(), "autoscaler-shim", &args, &env, &["stats"])
+            .await
+            .expect("the shim starts with the kubernetes backend");
+        shim.graceful = true;
+        shim
+    }
+
+    /// An activator in standalone mode watching `api`, on loopback, with `extra` flags (which
+    /// replace the defaults of the same name).
+    pub async fn standalone_activator(&self, api: &kube_api::ApiServer, extra: &[&str]) -> Process {
+        let mut flags = vec!["--mode", "standalone", "--listen-h2c", "127.0.0.1:0"];
+        flags.extend_from_slice(extra);
+        let env = [("KUBECONFIG", api.kubeconfig(self.dir.path()).display().to_string())];
+        self.activator_with_env(&flags, &env).await
     }
 
     /// An activator reporting to `shim` and taking the endpoints it publishes.

@@ -5,4 +5,7 @@
 //! files, certificates) and talk to the pods and the pin store.
 
 pub mod knative;
+mod kube_client;
+mod kube_metrics;
 pub(crate) mod local;
+pub mod standalone;

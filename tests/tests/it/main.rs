@@ -25,3 +25,4 @@ mod sessions_capacity;
 mod shared_pins;
 mod signed_cookie;
 mod split;
+mod standalone;

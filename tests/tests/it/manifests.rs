@@ -12,7 +12,7 @@ use activator::source::knative::WATCHED;
 use integration_tests::fixtures::{self, conforms, crd_schema, documents};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, EnvVar, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, EnvVar, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role};
@@ -304,6 +304,8 @@ fn check_document(doc: &Value) -> Result<(), String> {
         ("apps/v1", "StatefulSet") => typed::<StatefulSet>(doc),
         ("v1", "Service") => typed::<Service>(doc),
         ("v1", "ConfigMap") => typed::<ConfigMap>(doc),
+        ("v1", "Namespace") => typed::<Namespace>(doc),
+        ("v1", "ServiceAccount") => typed::<ServiceAccount>(doc),
         ("autoscaling/v2", "HorizontalPodAutoscaler") => typed::<HorizontalPodAutoscaler>(doc),
         ("policy/v1", "PodDisruptionBudget") => typed::<PodDisruptionBudget>(doc),
         ("rbac.authorization.k8s.io/v1", "ClusterRole") => typed::<ClusterRole>(doc),
@@ -573,6 +575,71 @@ fn pin_aware_scale_down_is_an_optional_component_with_one_rule() {
     let binding = find(&objects, "ClusterRoleBinding", "affinity-activator-pod-deletion-cost");
     assert_eq!(binding["subjects"][0]["name"], "activator");
     assert_eq!(binding["roleRef"]["name"], "affinity-activator-pod-deletion-cost");
+}
+
+#[test]
+fn standalone_mode_is_granted_what_it_watches_and_the_shim_what_it_scales() {
+    if !kubectl() {
+        return;
+    }
+    let objects = kustomize(&manifests().join("standalone"));
+    assert!(
+        objects
+            .iter()
+            .filter(|o| o["kind"] != "Namespace" && !o["kind"].as_str().unwrap().starts_with("Cluster"))
+            .all(|o| o["metadata"]["namespace"] == "affinity-activator"),
+        "everything namespaced in affinity-activator"
+    );
+    let rules = |role: &str| -> std::collections::BTreeSet<(String, String, String)> {
+        let role: ClusterRole = serde_json::from_value(find(&objects, "ClusterRole", role).clone()).unwrap();
+        let mut out = std::collections::BTreeSet::new();
+        for rule in role.rules.unwrap_or_default() {
+            for group in rule.api_groups.unwrap_or_default() {
+                for resource in rule.resources.clone().unwrap_or_default() {
+                    for verb in &rule.verbs {
+                        out.insert((group.clone(), resource.clone(), verb.clone()));
+                    }
+                }
+            }
+        }
+        out
+    };
+    let watched: std::collections::BTreeSet<(String, String, String)> = activator::source::standalone::WATCHED
+        .iter()
+        .flat_map(|(group, plural)| {
+            ["get", "list", "watch"].map(|verb| ((*group).to_owned(), (*plural).to_owned(), verb.to_owned()))
+        })
+        .collect();
+    assert_eq!(rules("affinity-activator-standalone"), watched, "exactly what standalone mode watches, read only");
+    let shim = rules("autoscaler-shim");
+    let grant = |g: &str, r: &str, v: &str| (g.to_owned(), r.to_owned(), v.to_owned());
+    assert_eq!(
+        shim,
+        [
+            grant("apps", "deployments", "get"),
+            grant("apps", "deployments/scale", "get"),
+            grant("apps", "deployments/scale", "patch")
+        ]
+        .into()
+    );
+    let activator = find(&objects, "Deployment", "affinity-activator");
+    let args = &activator["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert!(args.as_array().unwrap().iter().any(|a| a == "--mode=standalone"), "{args}");
+    let shim = find(&objects, "Deployment", "autoscaler-shim");
+    let args = &shim["spec"]["template"]["spec"]["containers"][0]["args"];
+    for flag in ["--backend=kubernetes", "--deployment-name={revision}"] {
+        assert!(args.as_array().unwrap().iter().any(|a| a == flag), "{flag} in {args}");
+    }
+    let url = format!("--autoscaler-url=ws://{}:8080", shim["metadata"]["name"].as_str().unwrap());
+    assert!(
+        activator["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap().iter().any(|a| *a == url)
+    );
+
+    // The example opts its Service in for its own Deployment.
+    let example = documents(&manifests().join("standalone/example/counter.yaml"));
+    let (deployment, service) = (find(&example, "Deployment", "counter"), find(&example, "Service", "counter"));
+    assert_eq!(service["metadata"]["annotations"]["activator.knative.dev/deployment"], deployment["metadata"]["name"]);
+    assert_eq!(deployment["spec"]["replicas"], 0, "starts at zero");
 }
 
 fn rules_of<T: DeserializeOwned>(

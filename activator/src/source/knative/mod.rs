@@ -11,12 +11,10 @@
 //! RBAC), requests are still served as upstream serves them, each revision on its own: one log
 //! line says which rule is missing, and a gauge stays 1 until it is granted.
 
-mod client;
-mod metrics;
 pub(crate) mod objects;
 mod world;
 
-pub(crate) use metrics::KubeMetrics;
+pub(crate) use super::kube_metrics::KubeMetrics;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -220,7 +218,7 @@ impl KnativeSource {
         (metrics, knative): (KubeMetrics, KnativeMetrics),
         telemetry: Telemetry,
     ) -> anyhow::Result<Self> {
-        let client = client::connect(knative).await?;
+        let client = super::kube_client::connect(knative).await?;
         let reflection = Reflection { pod_ip: config.pod_ip, ..Reflection::default() };
         Ok(KnativeSource {
             client,

@@ -1,4 +1,4 @@
-//! The Kubernetes client Knative mode watches with: kube-rs's own stack (service account in a
+//! The Kubernetes client the cluster sources (Knative and standalone) watch with: kube-rs's own stack (service account in a
 //! cluster, `KUBECONFIG` outside one), each answer of the API counted as upstream's client-go
 //! metrics count it (`kn.k8s.client.http.response.status_code`).
 
@@ -12,7 +12,7 @@ use tower::{Layer, Service};
 
 use crate::stats::knative::KnativeMetrics;
 
-pub(super) async fn connect(metrics: KnativeMetrics) -> anyhow::Result<kube::Client> {
+pub(crate) async fn connect(metrics: KnativeMetrics) -> anyhow::Result<kube::Client> {
     let config = kube::Config::infer()
         .await
         .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API (service account or KUBECONFIG): {e}"))?;
@@ -37,7 +37,7 @@ impl<S> Layer<S> for Counted {
 }
 
 #[derive(Clone)]
-pub(super) struct CountedService<S> {
+pub(crate) struct CountedService<S> {
     inner: S,
     metrics: KnativeMetrics,
     host: String,

@@ -1,5 +1,6 @@
-//! The Knative source's metrics, by the resource they concern: watches RBAC forbids, watch
-//! failures, and objects skipped for not reading or for claiming to be what they are not.
+//! The cluster sources' metrics (Knative and standalone modes), by the resource they concern:
+//! watches RBAC forbids, watch failures, and objects skipped for not reading or for claiming to be
+//! what they are not.
 
 use prometheus::{IntCounterVec, IntGaugeVec};
 
@@ -7,11 +8,11 @@ use crate::metrics::Registrar;
 
 #[derive(Clone)]
 pub(crate) struct KubeMetrics {
-    pub(super) forbidden: IntGaugeVec,
-    pub(super) rejected: IntCounterVec,
-    pub(super) errors: IntCounterVec,
+    pub(crate) forbidden: IntGaugeVec,
+    pub(crate) rejected: IntCounterVec,
+    pub(crate) errors: IntCounterVec,
     /// Objects that claim to be what they are not (a revision's Endpoints under another name).
-    pub(super) ignored: IntCounterVec,
+    pub(crate) ignored: IntCounterVec,
 }
 
 impl KubeMetrics {
@@ -19,7 +20,7 @@ impl KubeMetrics {
         KubeMetrics {
             forbidden: reg.gauge_vec(
                 "activator_kube_watch_forbidden",
-                "1 while RBAC forbids listing this resource (Knative mode)",
+                "1 while RBAC forbids listing this resource (Knative and standalone modes)",
                 &["resource"],
             ),
             rejected: reg.counter_vec(
