@@ -49,6 +49,8 @@ pub(crate) struct Concurrency {
     /// Seats reported beside the waiting sessions: the seats held and the reserve, by the one
     /// replica that reports them for all.
     seats_reported: AtomicU64,
+    /// Set while the revision's pods hold a bounded number of sessions: it then scales on seats.
+    seated: AtomicBool,
     gauge: IntGauge,
     /// The concurrency of each report (upstream's `kn_revision_request_concurrency`).
     reported: Gauge,
@@ -65,6 +67,7 @@ impl Concurrency {
             tracked: AtomicBool::new(false),
             seats_waiting: AtomicU64::new(0),
             seats_reported: AtomicU64::new(0),
+            seated: AtomicBool::new(false),
             gauge,
             reported,
         }
@@ -92,16 +95,24 @@ impl Concurrency {
         self.seats_reported.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Sets the seats this replica reports beside its waiting sessions (see `seats_reported`).
-    pub(crate) fn set_seats_reported(&self, seats: u64) {
-        self.seats_reported.store(seats, Ordering::Release);
+    /// Sets the seats this replica reports beside its waiting sessions (see `seats_reported`);
+    /// `None` for a revision whose pods hold no bounded number of sessions (any more).
+    pub(crate) fn set_seats_reported(&self, seats: Option<u64>) {
+        self.seats_reported.store(seats.unwrap_or(0), Ordering::Release);
+        self.seated.store(seats.is_some(), Ordering::Release);
     }
 
-    /// What the autoscaler is told now: the requests in flight, or, for a revision whose pods
-    /// hold a bounded number of sessions, the seats wanted if more.
+    /// Whether the revision scales on seats (see `set_seats_reported`).
+    pub(crate) fn is_seated(&self) -> bool {
+        self.seated.load(Ordering::Acquire)
+    }
+
+    /// What the autoscaler is told now: the requests in flight; for a revision whose pods hold a
+    /// bounded number of sessions, the seats wanted instead (the requests of seated sessions are
+    /// theirs already, and the replica holding the lease reports every held seat once).
     fn demand(&self) -> u64 {
         let seats = self.seats_waiting.load(Ordering::Relaxed) + self.seats_reported.load(Ordering::Relaxed);
-        self.in_flight.load(Ordering::Relaxed).max(seats)
+        if self.seated.load(Ordering::Relaxed) { seats } else { self.in_flight.load(Ordering::Relaxed).max(seats) }
     }
 }
 

@@ -3,8 +3,9 @@
 //! ReplicaSet scaling down removes the pod holding the fewest sessions first.
 //!
 //! One replica writes for all (the `deletion-cost` lease in Redis; without Redis, the only
-//! replica), every `--pod-deletion-cost-interval`, only annotations whose value changed, and at
-//! most `MAX_WRITES` of them per round. Sessions are counted from the pin store for every replica.
+//! replica), every `--pod-deletion-cost-interval`, only annotations whose value changed since it
+//! wrote them (each pod once when it begins to lead, whatever another writer left), and at most
+//! `MAX_WRITES` of them per round. Sessions are counted from the pin store for every replica.
 //! A pod is named by its Endpoints' (or EndpointSlice's) `targetRef`; pods the platform does not
 //! name are left alone. Without RBAC to patch pods: one log line, `activator_pod_deletion_cost_forbidden`
 //! at 1, and nothing else changes; it tries again after `FORBIDDEN_PAUSE`.
@@ -129,11 +130,9 @@ impl DeletionCost {
             written.retain(|pod, _| costs.contains_key(pod));
             let due: Vec<(&PodName, &u64)> = costs
                 .iter()
-                .filter(|(pod, cost)| match written.get(*pod) {
-                    Some(before) => before != *cost,
-                    // A pod never annotated here has no cost, as it has no sessions.
-                    None => **cost > 0,
-                })
+                // A pod not written here (since this replica leads) may carry another writer's
+                // value, so it is written once whatever its cost, zero included.
+                .filter(|(pod, cost)| written.get(*pod) != Some(*cost))
                 .take(MAX_WRITES)
                 .collect();
             for ((namespace, name), cost) in due {
@@ -174,7 +173,7 @@ impl DeletionCost {
                 Wrote::Forbidden
             }
             Err(e) => {
-                tracing::debug!(%namespace, pod = %name, error = %e, "could not write a pod's deletion cost");
+                tracing::warn!(%namespace, pod = %name, error = %e, "could not write a pod's deletion cost; next round");
                 Wrote::Failed
             }
         };
@@ -192,10 +191,15 @@ impl DeletionCost {
 async fn costs(world: &Snapshot, pins: &Pins) -> Option<BTreeMap<PodName, u64>> {
     let mut costs = BTreeMap::new();
     for service in world.services() {
+        let named: Vec<_> = service.traffic.iter().map(|t| (&t.revision, t.revision.throttler.named_pods())).collect();
+        // A service whose pods the platform does not name has nothing to write: its sessions
+        // are not counted.
+        if named.iter().all(|(_, pods)| pods.is_empty()) {
+            continue;
+        }
         let counts = pins.sessions_by_pod(service.affinity.scope()).await?;
-        for target in &service.traffic {
-            let revision = &target.revision;
-            for (pod, name) in revision.throttler.named_pods() {
+        for (revision, pods) in named {
+            for (pod, name) in pods {
                 let sessions = counts.get(&(revision.name.clone(), pod)).copied().unwrap_or(0);
                 *costs.entry((revision.namespace.clone(), name)).or_default() += sessions;
             }

@@ -25,16 +25,19 @@ use crate::pins::{Claim, Lifetime, Pin, PinKey, Pins, SeatClaim};
 use crate::throttle::AcquireError;
 use crate::world::{Revision, Snapshot};
 
-/// Pods a claim tries, fewest sessions first; enough for any cap to find room among pods that
-/// the last census found empty.
-const CANDIDATES: usize = 64;
-/// How often a waiting session tries again without news here: a seat freed through another
-/// replica, or by an idle pin expiring, says nothing to this one.
-const RETRY: Duration = Duration::from_millis(200);
+/// Pods a claim tries, fewest sessions first: enough to find room among the pods the last census
+/// counted, few enough that one claim reads a bounded number of seat sets.
+const CANDIDATES: usize = 16;
+/// How often a waiting session tries again without news: besides a pod joining and the census
+/// finding a count dropped, which wake it at once.
+const RETRY: Duration = Duration::from_secs(1);
 /// How often seats are counted.
 const CENSUS_PERIOD: Duration = Duration::from_secs(1);
 /// The lease of the replica that reports held seats and the reserve outlives a missed renewal.
 const LEASE: Duration = Duration::from_secs(5);
+/// Every this many censuses, the leader puts pins that reached Redis without a claim into their
+/// pods' seat sets (`Pins::reindex_seats`).
+const REINDEX_EVERY: u64 = 10;
 
 /// Claims a seat for the session `key` in `revision` (whose pods hold at most `per_pod`
 /// sessions) and pins it there, replacing `expected` (its pin to a pod that left; `None` for a
@@ -54,9 +57,10 @@ pub(crate) async fn take(
     let throttler = &revision.throttler;
     let mut waiting: Option<SeatWait> = None;
     loop {
-        let changed = throttler.pods_changed();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
+        let (joined, freed) = (throttler.pods_changed(), throttler.sessions_dropped());
+        tokio::pin!(joined, freed);
+        joined.as_mut().enable();
+        freed.as_mut().enable();
         let candidates = throttler.seat_candidates(CANDIDATES);
         if !candidates.is_empty() {
             let claim = SeatClaim {
@@ -75,8 +79,15 @@ pub(crate) async fn take(
                     revision.concurrency.note_seated();
                     return Ok((pin, true));
                 }
-                Claim::Taken(pin) if usable(&pin) => return Ok((pin, false)),
                 Claim::Taken(pin) => {
+                    // A pod another replica seated the session on, that this one has not
+                    // listed or probed yet, gets its moment before the session moves off it.
+                    if let Some(pod) = pin.pod.filter(|_| *pin.revision == *revision.name) {
+                        throttler.await_first_probe(pod).await;
+                    }
+                    if usable(&pin) {
+                        return Ok((pin, false));
+                    }
                     expected = Some(pin);
                     continue;
                 }
@@ -88,7 +99,8 @@ pub(crate) async fn take(
             waiting = Some(wait.ok_or(AcquireError::QueueFull)?);
         }
         tokio::select! {
-            () = changed => {}
+            () = joined => {}
+            () = freed => {}
             () = tokio::time::sleep(RETRY) => {}
         }
     }
@@ -148,17 +160,28 @@ pub(crate) async fn census_loop(census: Census, pins: &Pins) {
     let mut tick = tokio::time::interval(CENSUS_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut published: Vec<[String; 4]> = Vec::new();
-    loop {
+    let mut published_revisions: Vec<[String; 3]> = Vec::new();
+    for round in 0u64.. {
         tick.tick().await;
         let world = census.world.load_full();
         let capped = capped_revisions(&world);
-        if capped.is_empty() && published.is_empty() {
+        // A revision whose cap was removed scales on its requests again.
+        for target in world.services().flat_map(|s| &s.traffic) {
+            if target.revision.affinity.sessions_per_pod().is_none() && target.revision.concurrency.is_seated() {
+                target.revision.concurrency.set_seats_reported(None);
+            }
+        }
+        if capped.is_empty() && published.is_empty() && published_revisions.is_empty() {
             continue;
         }
         // A replica that cannot tell whether it leads reports no held seats: the autoscaler sees
         // too few for a moment rather than twice as many.
         let leads = pins.lead("seats", LEASE).await.unwrap_or(false);
+        if leads && round % REINDEX_EVERY == 0 {
+            reindex(pins, &capped).await;
+        }
         let mut now_published = Vec::new();
+        let mut now_published_revisions = Vec::new();
         for (scope, revision) in &capped {
             let throttler = &revision.throttler;
             let pods: Vec<SocketAddr> = throttler.sessions_by_pod().into_iter().map(|(pod, _)| pod).collect();
@@ -169,13 +192,14 @@ pub(crate) async fn census_loop(census: Census, pins: &Pins) {
             let reserve =
                 if census.reserve_in_stats { u64::from(revision.affinity.session_reserve()) * per_pod } else { 0 };
             let concurrency = &revision.concurrency;
-            concurrency.set_seats_reported(if leads { total + reserve } else { 0 });
+            concurrency.set_seats_reported(Some(if leads { total + reserve } else { 0 }));
             if (leads && total + reserve > 0) || concurrency.seats_waiting() > 0 {
                 census.reporter.track(concurrency);
             }
             let labels = [revision.namespace.as_str(), revision.service.as_str(), &revision.name];
             census.metrics.held.with_label_values(&labels).set(gauge(total));
             census.metrics.waiting.with_label_values(&labels).set(gauge(concurrency.seats_waiting()));
+            now_published_revisions.push(labels.map(str::to_owned));
             for (pod, n) in pods.iter().zip(&held) {
                 let labels = [labels[0].to_owned(), labels[1].to_owned(), labels[2].to_owned(), pod.to_string()];
                 let refs = labels.each_ref().map(String::as_str);
@@ -191,6 +215,29 @@ pub(crate) async fn census_loop(census: Census, pins: &Pins) {
             let _ = census.metrics.waiting_by_pod.remove_label_values(&refs);
         }
         published = now_published;
+        for gone in published_revisions.iter().filter(|l| !now_published_revisions.contains(l)) {
+            let refs = gone.each_ref().map(String::as_str);
+            let _ = census.metrics.held.remove_label_values(&refs);
+            let _ = census.metrics.waiting.remove_label_values(&refs);
+        }
+        published_revisions = now_published_revisions;
+    }
+}
+
+/// Puts the pins of `capped` revisions that reached Redis without a claim into their pods' seat
+/// sets, one service scope at a time.
+async fn reindex(pins: &Pins, capped: &[(Arc<str>, Arc<Revision>)]) {
+    let mut by_scope: Vec<(&Arc<str>, Vec<Arc<str>>)> = Vec::new();
+    for (scope, revision) in capped {
+        match by_scope.iter_mut().find(|(s, _)| *s == scope) {
+            Some((_, revisions)) => revisions.push(revision.name.clone()),
+            None => by_scope.push((scope, vec![revision.name.clone()])),
+        }
+    }
+    for (scope, revisions) in by_scope {
+        if !pins.reindex_seats(scope, &revisions).await {
+            tracing::debug!(%scope, "could not bring the seat sets up to date with the pins; next time");
+        }
     }
 }
 

@@ -46,23 +46,23 @@ impl KubernetesBackend {
             .unwrap_or_else(|| self.name_template.replace("{revision}", revision))
     }
 
-    /// The revision's replicas: as last set or read, else read from its Deployment's scale (0 if
-    /// it cannot be read).
-    pub async fn current(&mut self, namespace: &str, revision: &str, deployment: &str) -> u32 {
+    /// The revision's replicas: as last set or read, else read from its Deployment's scale;
+    /// `None` if it cannot be read (nothing is then decided for it).
+    pub async fn current(&mut self, namespace: &str, revision: &str, deployment: &str) -> Option<u32> {
         let key = (namespace.to_owned(), revision.to_owned());
         if let Some(replicas) = self.replicas.get(&key) {
-            return *replicas;
+            return Some(*replicas);
         }
         let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), namespace);
         match deployments.get_scale(deployment).await {
             Ok(scale) => {
                 let replicas = scale.spec.and_then(|s| s.replicas).map_or(0, |r| u32::try_from(r).unwrap_or(0));
                 self.replicas.insert(key, replicas);
-                replicas
+                Some(replicas)
             }
             Err(e) => {
-                tracing::warn!(%namespace, %deployment, error = %e, "cannot read the deployment's scale");
-                0
+                tracing::warn!(%namespace, %deployment, error = %e, "cannot read the deployment's scale; not scaling it");
+                None
             }
         }
     }
@@ -74,7 +74,7 @@ impl KubernetesBackend {
         match deployments.get(deployment).await {
             Ok(found) => Some(found.metadata.annotations.unwrap_or_default()),
             Err(e) => {
-                tracing::warn!(%namespace, %deployment, error = %e, "cannot read the deployment");
+                tracing::warn!(%namespace, %deployment, error = %e, "cannot read the deployment; not scaling it");
                 None
             }
         }
@@ -132,7 +132,11 @@ mod tests {
             serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
             serde_json::json!({"spec": {"replicas": 3}})
         );
-        assert_eq!(backend.current("shop", "counter-00001", "counter-00001-deployment").await, 3, "known once set");
+        assert_eq!(
+            backend.current("shop", "counter-00001", "counter-00001-deployment").await,
+            Some(3),
+            "known once set"
+        );
     }
 
     #[tokio::test]

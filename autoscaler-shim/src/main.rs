@@ -100,9 +100,15 @@ enum Actuator {
 }
 
 impl Actuator {
-    async fn current(&mut self, namespace: &str, revision: &str, annotations: Option<&RevisionAnnotations>) -> u32 {
+    /// The revision's replicas now; `None` when they cannot be known (nothing is decided then).
+    async fn current(
+        &mut self,
+        namespace: &str,
+        revision: &str,
+        annotations: Option<&RevisionAnnotations>,
+    ) -> Option<u32> {
         match self {
-            Actuator::Process(b) => b.current(namespace, revision),
+            Actuator::Process(b) => Some(b.current(namespace, revision)),
             Actuator::Kubernetes(b) => {
                 let deployment = b.deployment_of(revision, annotations);
                 b.current(namespace, revision, &deployment).await
@@ -110,11 +116,15 @@ impl Actuator {
         }
     }
 
-    /// A revision's annotations where no topology gives them: its Deployment's own.
-    async fn annotations(&self, namespace: &str, revision: &str) -> Option<RevisionAnnotations> {
+    /// A revision's annotations where no topology gives them: none for local processes, its
+    /// Deployment's own for the kubernetes backend. `Err` when the Deployment cannot be read: its
+    /// policy is unknown, and nothing is decided for it.
+    async fn annotations(&self, namespace: &str, revision: &str) -> Result<Option<RevisionAnnotations>, ()> {
         match self {
-            Actuator::Process(_) => None,
-            Actuator::Kubernetes(b) => b.annotations(namespace, &b.deployment_of(revision, None)).await,
+            Actuator::Process(_) => Ok(None),
+            Actuator::Kubernetes(b) => {
+                b.annotations(namespace, &b.deployment_of(revision, None)).await.map(Some).ok_or(())
+            }
         }
     }
 
@@ -225,7 +235,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let demand = scaler.record(&report, Instant::now());
                 // A poke (or any demand) for a revision at zero scales it up at once.
                 let annotations = managed.as_ref().and_then(|m| m.revisions.get(&(report.namespace.clone(), report.revision.clone())));
-                if demand && backend.current(&report.namespace, &report.revision, annotations).await == 0 {
+                if demand && backend.current(&report.namespace, &report.revision, annotations).await == Some(0) {
                     vec![(report.namespace, report.revision)]
                 } else {
                     continue;
@@ -252,12 +262,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     Some(annotations) => Some(annotations.clone()),
                     None => continue,
                 },
-                None => backend.annotations(&namespace, &revision).await,
+                None => match backend.annotations(&namespace, &revision).await {
+                    Ok(annotations) => annotations,
+                    Err(()) => continue,
+                },
             };
             let annotations = annotations.as_ref();
             let policy = policy(&args, annotations);
             let (average, idle_for) = scaler.observe(&namespace, &revision, Instant::now());
-            let current = backend.current(&namespace, &revision, annotations).await;
+            let Some(current) = backend.current(&namespace, &revision, annotations).await else { continue };
             let want = desired(&policy, current, average, idle_for);
             if want != current {
                 tracing::info!(%namespace, %revision, current, want, average, "scaling");

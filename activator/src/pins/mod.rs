@@ -315,7 +315,7 @@ pub struct Pins {
     /// The label sets `by_pod` has series for, so a pod's series goes when its last pin does.
     published: Mutex<HashSet<[String; 4]>>,
     maintained: AtomicU64,
-    /// The seats of this replica's pins: the seat index without Redis, the fallback with it.
+    /// The seat index of this replica's pins, without Redis.
     seats: seats::LocalSeats,
 }
 
@@ -421,15 +421,16 @@ impl Pins {
     /// Pins a session of a revision with a cap on sessions per pod to the first candidate pod
     /// with a free seat, atomically with every other claim (through Redis, every replica's):
     /// or says whose pin holds instead, or that every candidate is full.
+    ///
+    /// While Redis cannot be asked, no new session is seated (it waits): a pod holds its cap in
+    /// every replica's view or in none, and two replicas seating alone would share pods.
     pub async fn claim_seat(&self, claim: &SeatClaim<'_>) -> Claim {
-        let shared = match &self.shared {
-            Some(shared) => shared.claim_seat(claim).await,
-            None => None,
+        let claimed = match &self.shared {
+            Some(shared) => shared.claim_seat(claim).await.unwrap_or(Claim::Full),
+            None => self.seats.claim(&self.memory, claim),
         };
-        let claimed = shared.unwrap_or_else(|| self.seats.claim(&self.memory, claim));
         match &claimed {
-            Claim::Seated(pin) => {
-                self.seats.note(claim.key, pin);
+            Claim::Seated(_) => {
                 let wrote = if claim.expected.is_some() { metrics::Wrote::Repin } else { metrics::Wrote::New };
                 self.metrics.writes.get((PinKind::Session, wrote)).inc();
             }
@@ -458,6 +459,15 @@ impl Pins {
         }
         let counts = self.memory.sessions_by_pod().into_iter();
         Some(counts.filter(|((s, _, _), _)| s == scope).map(|((_, revision, pod), n)| ((revision, pod), n)).collect())
+    }
+
+    /// Brings the seat sets of the service `scope`'s `revisions` up to date with its pins (see
+    /// `SharedPins::reindex_seats`); nothing to do without Redis. Whether it was done.
+    pub async fn reindex_seats(&self, scope: &Arc<str>, revisions: &[Arc<str>]) -> bool {
+        match &self.shared {
+            Some(shared) => shared.reindex_seats(scope, revisions).await.is_ok(),
+            None => true,
+        }
     }
 
     /// Whether this replica is the one that does `what` for all (a lease in Redis renewed every

@@ -29,8 +29,7 @@ pub enum Claim {
     Full,
 }
 
-/// The seat index of the pins this replica holds: the store when there is no Redis, and the
-/// fallback while Redis cannot be asked.
+/// The seat index of the pins this replica holds, when there is no Redis.
 #[derive(Default)]
 pub(super) struct LocalSeats {
     /// Pin keys pinned to each pod, by service scope, revision and pod; may hold stale keys.
@@ -76,16 +75,6 @@ impl LocalSeats {
         Claim::Full
     }
 
-    /// Records a pin the shared store seated, so this replica's fallback counts it too.
-    pub(super) fn note(&self, key: &PinKey, pin: &Pin) {
-        let Some(pod) = pin.pod else { return };
-        let mut by_pod = lock(&self.by_pod);
-        let seats = by_pod.entry((key.scope().clone(), pin.revision.clone(), pod)).or_default();
-        if !seats.contains(key) {
-            seats.push(key.clone());
-        }
-    }
-
     /// Live seats of each of `pods` of `revision` in `scope`, pruning the index as it goes.
     pub(super) fn held(
         &self,
@@ -95,16 +84,16 @@ impl LocalSeats {
         pods: &[SocketAddr],
     ) -> Vec<u64> {
         let mut by_pod = lock(&self.by_pod);
-        // Pods no longer asked about (gone, or the revision left) are forgotten.
-        by_pod.retain(|(s, r, pod), _| s != scope || r != revision || pods.contains(pod));
+        // A pod not ready now (a readiness flap) keeps its seats while its pins live; the index
+        // forgets a pod once none of its pins does.
+        by_pod.retain(|(s, r, pod), seats| {
+            if s == scope && r == revision {
+                Self::prune(memory, seats, revision, *pod);
+            }
+            !seats.is_empty()
+        });
         pods.iter()
-            .map(|&pod| match by_pod.get_mut(&(scope.clone(), revision.clone(), pod)) {
-                Some(seats) => {
-                    Self::prune(memory, seats, revision, pod);
-                    seats.len() as u64
-                }
-                None => 0,
-            })
+            .map(|&pod| by_pod.get(&(scope.clone(), revision.clone(), pod)).map_or(0, |seats| seats.len() as u64))
             .collect()
     }
 
@@ -113,9 +102,10 @@ impl LocalSeats {
     }
 }
 
-/// The Redis key of a pod's seat set: in the service's hash slot, beside its pins.
+/// The Redis key of a pod's seat set: in the service's hash slot, beside its pins, but outside
+/// the pattern of its pins (`aa:{scope}:*`), which `activator pins` reads as pins.
 pub(super) fn seat_set_key(scope: &str, revision: &str, pod: SocketAddr) -> String {
-    format!("aa:{{{scope}}}:seats:{revision}:{pod}")
+    format!("aa:seats:{{{scope}}}:{revision}:{pod}")
 }
 
 #[cfg(test)]
@@ -158,6 +148,8 @@ mod tests {
             "a pinned session keeps its pin"
         );
         assert_eq!(seats.held(&memory, &scope, &revision, &pods), vec![1, 1]);
+        assert_eq!(seats.held(&memory, &scope, &revision, &pods[1..]), vec![1], "pod 0 not ready for a moment");
+        assert_eq!(seats.held(&memory, &scope, &revision, &pods), vec![1, 1], "and back: its seat was kept");
         memory.remove(&keys[0]);
         assert_eq!(seats.held(&memory, &scope, &revision, &pods), vec![0, 1], "the ended pin's seat is free");
         assert_eq!(

@@ -87,11 +87,23 @@ impl Throttler {
         self.with_ready(addr, |pod| pod.sessions.fetch_add(1, Ordering::Relaxed));
     }
 
-    /// The live session pins per pod, as the pin table counted them; pods it did not name hold none.
+    /// The live session pins per pod, as the pin table counted them; pods it did not name hold
+    /// none. Wakes `sessions_dropped` when a pod now holds fewer than before.
     pub(crate) fn set_sessions(&self, count: impl Fn(SocketAddr) -> u64) {
+        let mut dropped = false;
         for pod in self.pods.load().iter() {
-            pod.sessions.store(count(pod.addr), Ordering::Relaxed);
+            let now = count(pod.addr);
+            dropped |= pod.sessions.swap(now, Ordering::Relaxed) > now;
         }
+        if dropped {
+            self.sessions_dropped.notify_waiters();
+        }
+    }
+
+    /// Completes when a count of `set_sessions` drops (a seat may be free). Enable it before
+    /// reading the counts, so a drop in between is not missed.
+    pub(crate) fn sessions_dropped(&self) -> tokio::sync::futures::Notified<'_> {
+        self.sessions_dropped.notified()
     }
 
     /// The ready pods a new session of a revision with a cap on sessions per pod may claim a seat

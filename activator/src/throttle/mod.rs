@@ -130,6 +130,8 @@ pub(crate) struct Throttler {
     queue: Mutex<Queue>,
     /// Woken when pods become ready or leave, for requests waiting for a pod's first probe.
     probed: Notify,
+    /// Woken when a pod's count of live sessions drops (`set_sessions`).
+    sessions_dropped: Notify,
     /// Set while waiters are let go at a pace (`RELEASE_BATCH`).
     releasing: AtomicBool,
     /// Waiters taking any pod let go so far, for the pace's stall check.
@@ -193,6 +195,7 @@ impl Throttler {
             waiting_any: AtomicUsize::new(0),
             queue: Mutex::new(Queue::default()),
             probed: Notify::new(),
+            sessions_dropped: Notify::new(),
             releasing: AtomicBool::new(false),
             released: AtomicU64::new(0),
             me: me.clone(),

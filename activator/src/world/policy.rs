@@ -273,9 +273,10 @@ fn read_threshold(value: &str, report: &mut dyn FnMut(String)) -> Option<usize> 
 }
 
 fn read_sessions_per_pod(value: &str, report: &mut dyn FnMut(String)) -> Option<u32> {
-    let read = value.parse::<u32>().ok().filter(|n| (1..=100_000).contains(n));
+    // A claim reads every seat of the pods it tries, so the cap stays small.
+    let read = value.parse::<u32>().ok().filter(|n| (1..=1000).contains(n));
     if read.is_none() {
-        report(format!("{value:?} is not a number of sessions per pod from 1 to 100000"));
+        report(format!("{value:?} is not a number of sessions per pod from 1 to 1000"));
     }
     read
 }
@@ -831,7 +832,7 @@ pub(crate) mod tests {
         let (a, errors) = annotated(&[("sticky-sessions-per-pod", "1"), ("sticky-session-reserve", "2")]);
         assert_eq!((a.sessions_per_pod(), a.session_reserve(), errors.len()), (Some(1), 2, 0));
         assert_eq!(annotated(&[("sticky-session-reserve", "2")]).0.session_reserve(), 0, "a reserve needs a cap");
-        for bad in ["0", "-1", "many", "100001"] {
+        for bad in ["0", "-1", "many", "1001"] {
             let (a, errors) = annotated(&[("sticky-sessions-per-pod", bad)]);
             assert_eq!((a.sessions_per_pod(), errors.len()), (None, 1), "{bad}");
         }

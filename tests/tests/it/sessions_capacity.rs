@@ -151,6 +151,13 @@ async fn replicas_sharing_redis_never_seat_racing_sessions_together() {
     let clients = [Client::new(a.addr("proxy")), Client::new(b.addr("proxy"))];
     let seen = five_sessions(&clients, "r").await;
 
+    // The operator's view of the service reads its pins alone, not the seats beside them.
+    let (listed, out, err) =
+        activator_pins(&["list", "--redis-url", &redis.url(), "--namespace", "default", "--service", "kernels"]).await;
+    assert!(listed, "{out}{err}");
+    assert!(out.contains("5 pins for default/kernels"), "{out}");
+    assert_eq!(out.lines().filter(|l| l.ends_with(" 1 sessions")).count(), 5, "one session a pod: {out}");
+
     // The operator ends a session: a session waiting through the other replica gets its pod.
     let sixth = {
         let client = clients[1].clone();
@@ -393,10 +400,10 @@ async fn pod_deletion_cost_follows_live_sessions_written_by_one_replica() {
         by_pod.entry(reply.pod().to_owned()).or_default().push(id);
     }
     let expected = |by_pod: &BTreeMap<String, Vec<String>>| -> Vec<Option<String>> {
-        (0..3).map(|i| by_pod.get(&format!("scaled-00001-pod-{i}")).map(|ids| ids.len().to_string())).collect()
+        (0..3).map(|i| Some(by_pod.get(&format!("scaled-00001-pod-{i}")).map_or(0, Vec::len).to_string())).collect()
     };
     let want = expected(&by_pod);
-    wait_until(Duration::from_secs(10), "each pinned pod's deletion cost is its sessions", || async {
+    wait_until(Duration::from_secs(10), "each pod's deletion cost is its sessions, zero included", || async {
         deletion_costs(&c, "scaled-00001", &addrs) == want
     })
     .await;
@@ -481,4 +488,63 @@ async fn without_the_rbac_rule_pod_deletion_cost_says_so_once_and_changes_nothin
     assert_eq!(refused, Some(1.0), "paused after the refusal, not hammering the API server");
     assert!(c.api.patches(Kind::Pod).is_empty());
     assert_eq!(knative_session(&client, "scaled-00001", "f0").await.body.trim(), "session=f0, count=3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_moved_without_a_claim_take_their_seats_on_their_new_pod() {
+    let env = Env::new();
+    let redis = Redis::start(env.dir.path()).await;
+    let pods = env.pods("kernels-1", 2).await;
+    let addrs = integration_tests::addrs(&pods);
+    let service = Service::new("kernels").revision("kernels-1", 100, &addrs).annotation(PER_POD, "2");
+    env.write_topology(&yaml(&[service]));
+    let activator = env.shared_activator(&redis).await;
+    let (client, admin) = (Client::new(activator.addr("proxy")), activator.addr("admin"));
+    let url = redis.url();
+
+    // Two sessions, one a pod; then the operator moves the first pod's session onto the second,
+    // which fills it (2 of 2) without any claim.
+    let (a, b) = (session(&client, "a").await, session(&client, "b").await);
+    assert_ne!(a.pod(), b.pod(), "the pod with fewer sessions first");
+    let (from, to) = if a.pod() == "kernels-1-pod-0" { (addrs[0], addrs[1]) } else { (addrs[1], addrs[0]) };
+    let (from, to) = (from.to_string(), to.to_string());
+    let (drained, out, err) = activator_pins(&[
+        "drain",
+        "--redis-url",
+        &url,
+        "--namespace",
+        "default",
+        "--service",
+        "kernels",
+        "--pod",
+        &from,
+        "--to",
+        &to,
+    ])
+    .await;
+    assert!(drained, "{out}{err}");
+    let held_by = |pod: String| async move {
+        let metrics = Metrics::scrape(admin).await;
+        metrics.value("activator_sessions_held_by_pod", &[("pod", pod.as_str())]).unwrap_or(-1.0)
+    };
+    wait_until(Duration::from_secs(20), "the moved pin is counted on its new pod", || async {
+        held_by(to.clone()).await == 2.0 && held_by(from.clone()).await == 0.0
+    })
+    .await;
+
+    // The emptied pod takes the next two; the fifth waits, though the full pod's seat set held
+    // one session before the moved pin was counted.
+    for id in ["c", "d"] {
+        assert_eq!(session(&client, id).await.pod(), a.pod(), "{id} on the emptied pod");
+    }
+    let fifth = {
+        let client = client.clone();
+        tokio::spawn(async move { session(&client, "e").await })
+    };
+    wait_until(Duration::from_secs(10), "the fifth session waits for a seat", || async {
+        Metrics::scrape(admin).await.value("activator_sessions_waiting", &[("revision", "kernels-1")]) == Some(1.0)
+    })
+    .await;
+    assert!(!fifth.is_finished(), "no pod has a free seat");
+    fifth.abort();
 }

@@ -20,17 +20,19 @@ use crate::pins::{Pin, millis};
 /// pod that left goes by itself.
 const SEAT_SET_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// Counts a seat set's live members into `live`, pruning the others: a member counts while its
-/// pin names the set's target (`<revision> <pod>`), and `skip` (the claiming key) never does.
+/// Counts a seat set's live members, pruning the others: a member counts while its pin names the
+/// set's target (`<revision> <pod>`). `skip` (the claiming key) is neither counted nor pruned.
 const COUNT_SEATS: &str = r"
 local function live_seats(set, target, skip)
   local live = 0
   for _, member in ipairs(redis.call('SMEMBERS', set)) do
-    local value = redis.call('GET', member)
-    if member ~= skip and value and string.match(value, '^(%S+ %S+) ') == target then
-      live = live + 1
-    else
-      redis.call('SREM', set, member)
+    if member ~= skip then
+      local value = redis.call('GET', member)
+      if value and string.match(value, '^(%S+ %S+) ') == target then
+        live = live + 1
+      else
+        redis.call('SREM', set, member)
+      end
     end
   end
   return live
@@ -41,9 +43,11 @@ end
 /// pin must still name ('' for none), the cap, the pin's TTL in ms, the revision, the written
 /// time in ms, the seat sets' TTL in ms, the invalidation channel, this replica, then the
 /// candidate pods. Returns `{0, value}` when it pinned the session, `{1, value}` with the pin
-/// that holds instead, `{2}` when every candidate is full.
+/// that holds instead, `{2, false}` when every candidate is full.
 const CLAIM_SCRIPT: &str = r"
 local current = redis.call('GET', KEYS[1])
+-- A value no activator wrote reads as no pin, and is replaced.
+if current and not string.match(current, '^%S+ %S+ %d+$') then current = false end
 if current and (ARGV[1] == '' or string.match(current, '^(%S+ %S+) ') ~= ARGV[1]) then
   return {1, current}
 end
@@ -102,7 +106,7 @@ impl Default for SeatScripts {
 
 impl SharedPins {
     /// Claims a seat in Redis and pins the session there (see `CLAIM_SCRIPT`); `None` if Redis
-    /// cannot be asked now, for the caller to claim among this replica's pins.
+    /// cannot be asked now.
     pub(crate) async fn claim_seat(&self, claim: &SeatClaim<'_>) -> Option<Claim> {
         let (mut conn, granted) = self.available()?;
         let scope = claim.key.scope();
@@ -136,8 +140,8 @@ impl SharedPins {
                 self.memory.put_verified(claim.key, pin.clone(), claim.lifetime, written);
                 Some(Claim::Taken(pin))
             }
-            // Garbage under the key reads as no pin: the claim treats it as one to replace.
-            (1, None) => None,
+            // The script replaces what does not read as a pin; a pin this replica cannot read
+            // (an address it cannot parse) is left alone, and the session waits.
             _ => Some(Claim::Full),
         }
     }
@@ -184,6 +188,32 @@ impl SharedPins {
                 }
             }
             Ok(counts)
+        })
+        .await
+    }
+
+    /// Puts every live session pin of the service `scope` into `revisions` in its pod's seat set:
+    /// pins that reached Redis without a claim (written back after Redis lost its data, moved by
+    /// `activator pins drain`, seated by a replica that could not reach Redis) count from now on.
+    /// An error if Redis did not answer.
+    pub(crate) async fn reindex_seats(&self, scope: &Arc<str>, revisions: &[Arc<str>]) -> Result<(), String> {
+        let pattern = format!("aa:{{{scope}}}:s:*");
+        let revisions = revisions.to_vec();
+        let scope = scope.clone();
+        self.lend(Purpose::Seats, |mut conn: RedisConnection| async move {
+            let keys = conn.scan_one_slot(&pattern).await?;
+            for chunk in keys.chunks(1000) {
+                let mut add = redis::pipe();
+                for (key, found) in chunk.iter().zip(pin_targets(&mut conn, chunk).await?) {
+                    let Some((pin, _)) = found.filter(|(pin, _)| revisions.contains(&pin.revision)) else { continue };
+                    let Some(pod) = pin.pod else { continue };
+                    let set = seat_set_key(&scope, &pin.revision, pod);
+                    add.cmd("SADD").arg(&set).arg(key).ignore();
+                    add.cmd("PEXPIRE").arg(&set).arg(millis(SEAT_SET_TTL)).ignore();
+                }
+                add.query_async::<()>(&mut conn).await?;
+            }
+            Ok(())
         })
         .await
     }

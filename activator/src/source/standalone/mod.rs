@@ -127,6 +127,8 @@ pub(crate) struct StandaloneSource {
     slices: Reflected<SliceInfo>,
     /// Resources RBAC forbids, each said once.
     forbidden: BTreeSet<&'static str>,
+    /// What was said about the objects, each once.
+    noted: BTreeSet<String>,
 }
 
 impl StandaloneSource {
@@ -151,6 +153,7 @@ impl StandaloneSource {
             deployments: Reflected::new("deployments.apps"),
             slices: Reflected::new("endpointslices.discovery.k8s.io"),
             forbidden: BTreeSet::new(),
+            noted: BTreeSet::new(),
         })
     }
 
@@ -247,6 +250,11 @@ impl StandaloneSource {
                 metrics.rejected.with_label_values(&["services"]).inc();
                 publisher.rejected();
                 tracing::warn!(service = %format!("{namespace}/{name}"), %reason, "not serving a service that does not validate");
+            },
+            &mut |(namespace, name), note| {
+                if self.noted.insert(format!("{namespace}/{name}: {note}")) {
+                    tracing::warn!(service = %format!("{namespace}/{name}"), "{note}");
+                }
             },
         );
         self.publisher.apply(&world);

@@ -9,8 +9,12 @@
 //! controller), on the Service's first port, each named by its `targetRef`.
 //!
 //! Trust: a Service names a Deployment only in its own namespace, and an EndpointSlice counts only
-//! for the Service of its own namespace that its label names, so nothing one tenant writes steers
-//! another's traffic. Pure functions, no I/O.
+//! for the Service of its own namespace that its label names, and only its endpoints whose Pod is
+//! in that namespace. What an EndpointSlice lists is as trustworthy as whoever may write
+//! EndpointSlices: Kubernetes took that right from the `edit` and `admin` roles (CVE-2021-25740)
+//! for this reason, leaving it to the EndpointSlice controller; a cluster that gives it back to
+//! tenants lets them point any Service, ours or kube-proxy's, anywhere. A pod listed twice (a
+//! dual-stack Service has a slice per family) is one pod. Pure functions, no I/O.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -30,6 +34,14 @@ pub(crate) const DEPLOYMENT: &str = "activator.knative.dev/deployment";
 pub(crate) const CONTAINER_CONCURRENCY: &str = "activator.knative.dev/container-concurrency";
 /// How long a request may take, waiting for a pod included (Knative's `timeoutSeconds`).
 pub(crate) const TIMEOUT_SECONDS: &str = "activator.knative.dev/timeout-seconds";
+/// The annotations autoscaler-shim scales by, which it reads from the Deployment.
+const SCALING: [&str; 5] = [
+    "autoscaling.knative.dev/min-scale",
+    "autoscaling.knative.dev/max-scale",
+    "autoscaling.knative.dev/target",
+    "activator.knative.dev/sticky-sessions-per-pod",
+    "activator.knative.dev/sticky-session-reserve",
+];
 const SERVICE_NAME: &str = "kubernetes.io/service-name";
 const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 const ENDPOINTSLICE_CONTROLLER: &str = "endpointslice-controller.k8s.io";
@@ -103,8 +115,12 @@ pub(crate) fn endpoint_slice(slice: &EndpointSlice) -> Result<Option<(Key, Slice
         if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
             continue;
         }
-        let pod =
-            endpoint.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| r.name.clone());
+        let pod = endpoint.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod"));
+        // A Pod of another namespace is never this Service's.
+        if pod.is_some_and(|r| r.namespace.as_ref().is_some_and(|ns| *ns != key.0)) {
+            continue;
+        }
+        let pod = pod.and_then(|r| r.name.clone());
         for address in &endpoint.addresses {
             let ip = address.parse().map_err(|_| format!("{address:?} is not an IP address"))?;
             ready.push((ip, pod.clone()));
@@ -114,13 +130,16 @@ pub(crate) fn endpoint_slice(slice: &EndpointSlice) -> Result<Option<(Key, Slice
 }
 
 /// The world the opted-in Services make. A service that does not validate is left out and
-/// reported to `rejected`; the others are published.
+/// reported to `rejected`; the others are published. A Service's annotation that says how to
+/// scale, which the Deployment does not repeat, is reported to `noted`: autoscaler-shim reads the
+/// Deployment alone.
 pub(crate) fn world(
     services: &BTreeMap<Key, ServiceInfo>,
     deployments: &BTreeMap<Key, BTreeMap<String, String>>,
     slices: &BTreeMap<Key, SliceInfo>,
     cluster_domain: &str,
     rejected: &mut dyn FnMut(&Key, String),
+    noted: &mut dyn FnMut(&Key, String),
 ) -> WorldSpec {
     let mut world = WorldSpec::default();
     for ((namespace, name), svc) in services {
@@ -131,13 +150,24 @@ pub(crate) fn world(
             let Some(port) = slice.ports.get(&svc.port_name).or_else(|| slice.ports.values().next()) else { continue };
             for (ip, pod) in &slice.ready {
                 let addr = SocketAddr::new(*ip, *port);
-                if !backends.trusted.contains(&addr) {
-                    backends.trusted.push(addr);
+                let named_already = pod.as_ref().is_some_and(|pod| backends.pod_names.values().any(|p| p == pod));
+                if backends.trusted.contains(&addr) || named_already {
+                    continue;
                 }
+                backends.trusted.push(addr);
                 if let Some(pod) = pod {
                     backends.pod_names.insert(addr, pod.clone());
                 }
             }
+        }
+        for key in SCALING.iter().filter(|k| svc.annotations.contains_key(**k) && !annotations.contains_key(**k)) {
+            noted(
+                &(namespace.clone(), name.clone()),
+                format!(
+                    "{key} on the Service is not seen by autoscaler-shim, which reads the Deployment's: set it on Deployment {}",
+                    svc.deployment
+                ),
+            );
         }
         let setting = |key: &str| {
             annotations.get(key).or_else(|| svc.annotations.get(key)).and_then(|v| v.trim().parse::<u64>().ok())
@@ -244,9 +274,16 @@ mod tests {
                 slices.insert(key, info);
             }
         }
-        let mut rejected = Vec::new();
-        let world = world(&services, &deployments, &slices, "cluster.local", &mut |k, e| rejected.push((k.clone(), e)));
-        assert!(rejected.is_empty(), "{rejected:?}");
+        let (mut rejected, mut noted) = (Vec::new(), Vec::new());
+        let world = world(
+            &services,
+            &deployments,
+            &slices,
+            "cluster.local",
+            &mut |k, e| rejected.push((k.clone(), e)),
+            &mut |k, e| noted.push((k.clone(), e)),
+        );
+        assert!(rejected.is_empty() && noted.is_empty(), "{rejected:?} {noted:?}");
         let [service] = world.services.as_slice() else { panic!("one service: {world:?}") };
         assert_eq!(service.hosts, ["cart.shop", "cart.shop.svc", "cart.shop.svc.cluster.local"]);
         let revision = &service.revisions[0];
@@ -254,5 +291,39 @@ mod tests {
         let addrs: Vec<String> = revision.backends.trusted.iter().map(ToString::to_string).collect();
         assert_eq!(addrs, ["10.1.0.1:8080", "10.1.0.2:8080"], "ready pods of its own slices only");
         assert_eq!(revision.backends.pod_names.values().collect::<Vec<_>>(), ["cart-v1-a", "cart-v1-b"]);
+    }
+
+    #[test]
+    fn a_pod_of_another_namespace_or_listed_twice_counts_once_or_not_at_all() {
+        let mut foreign =
+            slice("shop", "cart", true, &[("10.1.0.1", Some(true), "cart-a"), ("10.7.0.1", Some(true), "theirs")]);
+        foreign.endpoints[1].target_ref.as_mut().unwrap().namespace = Some("bank".into());
+        let (_, read) = endpoint_slice(&foreign).unwrap().unwrap();
+        assert_eq!(read.ready, [("10.1.0.1".parse().unwrap(), Some("cart-a".to_owned()))]);
+        // Dual stack: the same pod in an IPv4 and an IPv6 slice.
+        let v6 = {
+            let mut s = slice("shop", "cart", true, &[("fd00::1", Some(true), "cart-a")]);
+            s.metadata.name = Some("cart-v6".into());
+            s
+        };
+        let slices: BTreeMap<Key, SliceInfo> =
+            [foreign, v6].iter().map(|s| endpoint_slice(s).unwrap().unwrap()).collect();
+        let (key, info) = service(&svc("shop", "cart", json!({DEPLOYMENT: "cart"}))).unwrap().unwrap();
+        let scaled = BTreeMap::from([(
+            key,
+            ServiceInfo {
+                annotations: [
+                    (DEPLOYMENT.to_owned(), "cart".to_owned()),
+                    ("autoscaling.knative.dev/min-scale".to_owned(), "2".to_owned()),
+                ]
+                .into(),
+                ..info
+            },
+        )]);
+        let mut noted = Vec::new();
+        let world =
+            world(&scaled, &BTreeMap::new(), &slices, "cluster.local", &mut |_, _| {}, &mut |_, e| noted.push(e));
+        assert_eq!(world.services[0].revisions[0].backends.trusted.len(), 1, "one pod, once");
+        assert_eq!(noted.len(), 1, "min-scale on the Service alone is said: {noted:?}");
     }
 }
