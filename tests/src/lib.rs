@@ -592,7 +592,7 @@ pub async fn wait_pin_store_up(admin: SocketAddr) {
 pub async fn pin_store_round_trips(admin: SocketAddr) -> f64 {
     let text = Metrics::scrape(admin).await;
     let calls = |op| text.value("activator_pin_store_duration_seconds_count", &[("op", op)]).unwrap_or(0.0);
-    calls("get") + calls("create") + calls("replace")
+    calls("get") + calls("create") + calls("replace") + calls("claim")
 }
 
 /// The command that starts a demo-service pod, for `autoscaler-shim --command`, with `extra`

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use integration_tests::redis::Redis;
 use integration_tests::topology::{Service, yaml};
-use integration_tests::{Client, Env, Metrics, Reply, activator_pins, wait_until};
+use integration_tests::{Client, Env, Metrics, Reply, activator_pins, pin_store_round_trips, wait_until};
 
 const PER_POD: &str = "activator.knative.dev/sticky-sessions-per-pod";
 const RESERVE: &str = "activator.knative.dev/sticky-session-reserve";
@@ -504,7 +504,13 @@ async fn pins_moved_without_a_claim_take_their_seats_on_their_new_pod() {
 
     // Two sessions, one a pod; then the operator moves the first pod's session onto the second,
     // which fills it (2 of 2) without any claim.
-    let (a, b) = (session(&client, "a").await, session(&client, "b").await);
+    let before = pin_store_round_trips(admin).await;
+    let a = session(&client, "a").await;
+    let seated = pin_store_round_trips(admin).await;
+    assert_eq!(seated - before, 2.0, "a new capped session: the lookup, then the claim");
+    assert_eq!(session(&client, "a").await.body.trim(), "session=a, count=2");
+    assert_eq!(pin_store_round_trips(admin).await, seated, "a known pin costs no round trip");
+    let b = session(&client, "b").await;
     assert_ne!(a.pod(), b.pod(), "the pod with fewer sessions first");
     let (from, to) = if a.pod() == "kernels-1-pod-0" { (addrs[0], addrs[1]) } else { (addrs[1], addrs[0]) };
     let (from, to) = (from.to_string(), to.to_string());
