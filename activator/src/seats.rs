@@ -12,7 +12,6 @@
 //! Must not decide which revision a session goes to (`affinity` does) nor hand out request slots
 //! (`throttle` does).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -184,9 +183,10 @@ pub(crate) async fn census_loop(census: Census, pins: &Pins) {
         let mut now_published_revisions = Vec::new();
         for (scope, revision) in &capped {
             let throttler = &revision.throttler;
-            let pods: Vec<SocketAddr> = throttler.sessions_by_pod().into_iter().map(|(pod, _)| pod).collect();
+            let pods = throttler.ready_addrs();
             let held = pins.seats_held(scope, &revision.name, &pods).await;
-            throttler.set_sessions(|pod| pods.iter().position(|p| *p == pod).map_or(0, |i| held[i]));
+            // Sorted, as the throttler keeps them; a pod that joined since holds none yet.
+            throttler.set_sessions(|pod| pods.binary_search(&pod).map_or(0, |i| held[i]));
             let total: u64 = held.iter().sum();
             let per_pod = u64::from(revision.affinity.sessions_per_pod().unwrap_or(1));
             let reserve =

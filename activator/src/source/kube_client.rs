@@ -12,6 +12,13 @@ use tower::{Layer, Service};
 
 use crate::stats::knative::KnativeMetrics;
 
+/// Whether a watch failed because RBAC forbids listing or watching its resource (403).
+pub(crate) fn forbidden(error: &kube::runtime::watcher::Error) -> bool {
+    use kube::runtime::watcher::Error;
+    matches!(error, Error::InitialListFailed(kube::Error::Api(status))
+        | Error::WatchStartFailed(kube::Error::Api(status)) if status.code == 403)
+}
+
 pub(crate) async fn connect(metrics: KnativeMetrics) -> anyhow::Result<kube::Client> {
     let config = kube::Config::infer()
         .await

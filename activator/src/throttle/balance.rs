@@ -116,9 +116,9 @@ impl Throttler {
         order.into_iter().take(limit).map(|p| p.addr).collect()
     }
 
-    /// Each ready pod with the live sessions last counted for it.
-    pub(crate) fn sessions_by_pod(&self) -> Vec<(SocketAddr, u64)> {
-        self.pods.load().iter().map(|p| (p.addr, p.sessions.load(Ordering::Relaxed))).collect()
+    /// The ready pods' addresses, sorted.
+    pub(crate) fn ready_addrs(&self) -> Vec<SocketAddr> {
+        self.pods.load().iter().map(|p| p.addr).collect()
     }
 
     /// The ready pod `hash` picks by rendezvous hashing: replicas that list the same pods pick

@@ -247,7 +247,7 @@ fn reported(autoscaler: &integration_tests::Process, revision: &str) -> Vec<f64>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_knative_mode_the_stats_make_the_kpa_add_a_pod_per_waiting_session() {
-    use integration_tests::knative::{Cluster, Revision, Target, ingress, private_endpoints};
+    use integration_tests::knative::{Cluster, Revision, Target, private_endpoints};
     use integration_tests::kube_api::Kind;
     let c = Cluster::new().await;
     let mut revision = Revision::new("kernels", "kernels-00001");
@@ -273,18 +273,7 @@ async fn in_knative_mode_the_stats_make_the_kpa_add_a_pod_per_waiting_session() 
     let sessions: Vec<_> = (0..5)
         .map(|i| {
             let client = client.clone();
-            tokio::spawn(async move {
-                let id = format!("n{i}");
-                let mut req = client.request(
-                    reqwest::Method::GET,
-                    "kernels.default.example.com",
-                    &format!("/incr?session_id={id}"),
-                );
-                for (k, v) in ingress("kernels-00001").into_iter().chain([("K-Session", id.clone())]) {
-                    req = req.header(k, v);
-                }
-                client.send(req).await
-            })
+            tokio::spawn(async move { knative_session(&client, "kernels-00001", &format!("n{i}")).await })
         })
         .collect();
     let waiting_now = || async {
@@ -356,8 +345,12 @@ fn deletion_costs(c: &integration_tests::knative::Cluster, revision: &str, pods:
         .collect()
 }
 
+/// A session's request as Knative's ingress forwards it to `revision` (`<service>-<n>`), at its
+/// service's host.
 async fn knative_session(client: &Client, revision: &str, id: &str) -> Reply {
-    let mut req = client.request(reqwest::Method::GET, "scaled.default.example.com", &format!("/incr?session_id={id}"));
+    let service = revision.rsplit_once('-').map_or(revision, |(service, _)| service);
+    let host = format!("{service}.default.example.com");
+    let mut req = client.request(reqwest::Method::GET, &host, &format!("/incr?session_id={id}"));
     for (k, v) in integration_tests::knative::ingress(revision).into_iter().chain([("K-Session", id.to_owned())]) {
         req = req.header(k, v);
     }

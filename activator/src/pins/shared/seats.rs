@@ -86,6 +86,23 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 ";
 
+/// Every live session pin of the service `scope`, with its key and pod: its keys scanned (one
+/// slot), then read a thousand at a time in pipelines.
+async fn session_pins(conn: &mut RedisConnection, scope: &str) -> RedisResult<Vec<(String, Pin, SocketAddr)>> {
+    let keys = conn.scan_one_slot(&format!("aa:{{{scope}}}:s:*")).await?;
+    let mut pins = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(1000) {
+        for (key, found) in chunk.iter().zip(pin_targets(conn, chunk).await?) {
+            if let Some((pin, _)) = found
+                && let Some(pod) = pin.pod
+            {
+                pins.push((key.clone(), pin, pod));
+            }
+        }
+    }
+    Ok(pins)
+}
+
 /// The scripts, built once.
 #[derive(Clone)]
 pub(super) struct SeatScripts {
@@ -176,16 +193,11 @@ impl SharedPins {
         &self,
         scope: &Arc<str>,
     ) -> Result<std::collections::HashMap<(Arc<str>, SocketAddr), u64>, String> {
-        let pattern = format!("aa:{{{scope}}}:s:*");
+        let scope = scope.clone();
         self.lend(Purpose::Seats, |mut conn: RedisConnection| async move {
-            let keys = conn.scan_one_slot(&pattern).await?;
             let mut counts = std::collections::HashMap::new();
-            for chunk in keys.chunks(1000) {
-                for (pin, _) in pin_targets(&mut conn, chunk).await?.into_iter().flatten() {
-                    if let Some(pod) = pin.pod {
-                        *counts.entry((pin.revision, pod)).or_default() += 1;
-                    }
-                }
+            for (_, pin, pod) in session_pins(&mut conn, &scope).await? {
+                *counts.entry((pin.revision, pod)).or_default() += 1;
             }
             Ok(counts)
         })
@@ -197,23 +209,18 @@ impl SharedPins {
     /// `activator pins drain`, seated by a replica that could not reach Redis) count from now on.
     /// An error if Redis did not answer.
     pub(crate) async fn reindex_seats(&self, scope: &Arc<str>, revisions: &[Arc<str>]) -> Result<(), String> {
-        let pattern = format!("aa:{{{scope}}}:s:*");
         let revisions = revisions.to_vec();
         let scope = scope.clone();
         self.lend(Purpose::Seats, |mut conn: RedisConnection| async move {
-            let keys = conn.scan_one_slot(&pattern).await?;
-            for chunk in keys.chunks(1000) {
-                let mut add = redis::pipe();
-                for (key, found) in chunk.iter().zip(pin_targets(&mut conn, chunk).await?) {
-                    let Some((pin, _)) = found.filter(|(pin, _)| revisions.contains(&pin.revision)) else { continue };
-                    let Some(pod) = pin.pod else { continue };
+            let mut add = redis::pipe();
+            for (key, pin, pod) in session_pins(&mut conn, &scope).await? {
+                if revisions.contains(&pin.revision) {
                     let set = seat_set_key(&scope, &pin.revision, pod);
                     add.cmd("SADD").arg(&set).arg(key).ignore();
                     add.cmd("PEXPIRE").arg(&set).arg(millis(SEAT_SET_TTL)).ignore();
                 }
-                add.query_async::<()>(&mut conn).await?;
             }
-            Ok(())
+            add.query_async::<()>(&mut conn).await
         })
         .await
     }

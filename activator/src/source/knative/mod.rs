@@ -561,9 +561,7 @@ impl KnativeSource {
         let watched = kind.watched();
         let resource = watched.resource();
         self.metrics.errors.with_label_values(&[&resource]).inc();
-        let forbidden = matches!(&error, watcher::Error::InitialListFailed(kube::Error::Api(status))
-            | watcher::Error::WatchStartFailed(kube::Error::Api(status)) if status.code == 403);
-        if !forbidden {
+        if !super::kube_client::forbidden(&error) {
             tracing::warn!(%resource, error = %error, "watch failed; listing again after a back-off, the last view keeps serving");
             return;
         }

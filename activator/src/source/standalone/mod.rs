@@ -216,9 +216,7 @@ impl StandaloneSource {
     /// rule that grants it; the activator stays unready until every watch has listed.
     fn failed(&mut self, resource: &'static str, error: &watcher::Error) -> bool {
         self.metrics.errors.with_label_values(&[resource]).inc();
-        let forbidden = matches!(error, watcher::Error::InitialListFailed(kube::Error::Api(status))
-            | watcher::Error::WatchStartFailed(kube::Error::Api(status)) if status.code == 403);
-        if !forbidden {
+        if !super::kube_client::forbidden(error) {
             tracing::warn!(%resource, %error, "watch failed; listing again after a back-off, the last view keeps serving");
         } else if self.forbidden.insert(resource) {
             self.metrics.forbidden.with_label_values(&[resource]).set(1);
