@@ -272,13 +272,25 @@ async fn metrics_carry_upstreams_names_and_client_input_adds_no_series() {
     };
     traffic(20, 0).await;
     // Pins per pod are counted every few seconds: their series (one per pod) must be there before
-    // the count of series is taken.
-    wait_until(Duration::from_secs(15), "the autoscaler connection, a concurrency report, pins per pod", || async {
-        let m = Metrics::scrape(admin).await;
-        m.value("kn_activator_stats_conn_reachable", &[("peer", "autoscaler")]) == Some(1.0)
-            && m.value("kn_revision_request_concurrency", &[("kn_revision_name", "counter-1")]).is_some()
-            && m.sum("activator_pins") >= 20.0
-    })
+    // the count of series is taken. New sessions are placed by rendezvous over the pods ready for
+    // two seconds, so on a loaded machine the first ones may all land on one pod: more sessions
+    // (ids after the later traffic's) go until both pods hold some.
+    let extra = std::sync::atomic::AtomicUsize::new(10_000);
+    wait_until(
+        Duration::from_secs(15),
+        "the autoscaler connection, a concurrency report, pins on both pods",
+        || async {
+            let m = Metrics::scrape(admin).await;
+            let pods_with_pins = m.0.lines().filter(|l| l.starts_with("activator_pins{")).count();
+            if pods_with_pins < 2 {
+                traffic(10, extra.fetch_add(10, std::sync::atomic::Ordering::Relaxed)).await;
+            }
+            m.value("kn_activator_stats_conn_reachable", &[("peer", "autoscaler")]) == Some(1.0)
+                && m.value("kn_revision_request_concurrency", &[("kn_revision_name", "counter-1")]).is_some()
+                && m.sum("activator_pins") >= 20.0
+                && pods_with_pins == 2
+        },
+    )
     .await;
     let before = Metrics::scrape(admin).await;
     let found = families(&before);
